@@ -1,1 +1,17 @@
-//! placeholder
+//! Driver-side virtio core of vireo: DMA memory, split virtqueues, feature negotiation
+//! and the transports (vhost-user front-end; virtio-pci to come).
+//!
+//! The layers above (the virtio-blk and virtio-scsi drivers) see a [`transport::Transport`]
+//! for the control plane and one [`ring::SplitQueue`] per request queue for the data
+//! plane.
+
+pub mod error;
+pub mod features;
+pub mod memory;
+pub mod notify;
+pub mod ring;
+
+pub use error::{Error, Result};
+pub use memory::{DmaBuf, DmaConfig, DmaMemory, DmaRegionInfo, RegionListener, Translator};
+pub use notify::Notifier;
+pub use ring::{QueueFull, QueueOptions, RingLayout, Segment, SplitQueue, Used};

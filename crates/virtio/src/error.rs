@@ -1,0 +1,97 @@
+//! Errors of the virtio core.
+
+use std::io;
+
+/// Errors from DMA memory, virtqueues and transports.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// memfd_create failed.
+    #[error("cannot create DMA memory region of {size} bytes (memfd_create{hint}): {source}")]
+    MemfdCreate {
+        /// Requested size.
+        size: usize,
+        /// Extra hint (hugetlb).
+        hint: &'static str,
+        /// OS error.
+        source: io::Error,
+    },
+    /// ftruncate of the memfd failed.
+    #[error("cannot size DMA memory region to {size} bytes: {source} (with hugepages, reserve enough: /proc/sys/vm/nr_hugepages)")]
+    MemfdSize {
+        /// Requested size.
+        size: usize,
+        /// OS error.
+        source: io::Error,
+    },
+    /// mmap of a region failed.
+    #[error("cannot map DMA memory region of {size} bytes: {source}")]
+    Mmap {
+        /// Requested size.
+        size: usize,
+        /// OS error.
+        source: io::Error,
+    },
+    /// The allocator could not satisfy a request and may not grow.
+    #[error("DMA memory exhausted: cannot allocate {size} bytes (limit {limit} bytes; raise the memory limit)")]
+    OutOfMemory {
+        /// Requested size.
+        size: usize,
+        /// Configured limit.
+        limit: usize,
+    },
+    /// A request was malformed (zero or huge size, bad alignment).
+    #[error("invalid DMA allocation: {0}")]
+    InvalidAllocation(String),
+    /// A listener (transport) refused a new region.
+    #[error("transport refused new DMA region: {0}")]
+    RegionRejected(String),
+    /// Bad virtqueue parameters.
+    #[error("invalid virtqueue: {0}")]
+    InvalidQueue(String),
+    /// The device did something the spec forbids.
+    #[error("device error: {0} (the controller is marked failed; detach and re-attach it)")]
+    Device(String),
+    /// Feature negotiation failed.
+    #[error("feature negotiation failed: {0}")]
+    Features(String),
+    /// Transport-level failure (socket, protocol).
+    #[error("{context}: {source}")]
+    Transport {
+        /// What we were doing.
+        context: String,
+        /// Underlying error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// An I/O error of an eventfd or similar.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// OS error.
+        source: io::Error,
+    },
+}
+
+/// Result alias of the virtio core.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wrap an error of a transport with context.
+    pub fn transport<E: std::error::Error + Send + Sync + 'static>(
+        context: impl Into<String>,
+        source: E,
+    ) -> Self {
+        Error::Transport {
+            context: context.into(),
+            source: Box::new(source),
+        }
+    }
+
+    /// Wrap an OS error with context.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,477 @@
+//! Driver side of a split virtqueue (virtio 1.2 section 2.7).
+//!
+//! The ring memory lives in [`DmaMemory`]; the driver keeps its own shadow of everything
+//! it needs (free list, chain lengths, tokens), so nothing the device writes into shared
+//! memory is trusted except the used ring, and every used entry is validated.
+//!
+//! Ordering: descriptors and avail entries are written first, then the avail index is
+//! stored with `Release`; the notification decision reads the device's event index or
+//! flags after a `SeqCst` fence; the used index is loaded with `Acquire` before entries
+//! are read.
+
+use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::memory::{DmaBuf, DmaMemory};
+use crate::notify::Notifier;
+
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+const DESC_F_INDIRECT: u16 = 4;
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+const USED_F_NO_NOTIFY: u16 = 1;
+const DESC_SIZE: usize = 16;
+/// Largest queue size the spec allows for split rings.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// One buffer segment of a request: device address and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Device address (IOVA) of the first byte.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// Addresses of the three parts of a split ring, for the transport to hand to the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingLayout {
+    /// Queue size (number of descriptors).
+    pub size: u16,
+    /// Virtual address of the descriptor table.
+    pub desc_va: u64,
+    /// Virtual address of the available ring.
+    pub avail_va: u64,
+    /// Virtual address of the used ring.
+    pub used_va: u64,
+    /// Device address of the descriptor table.
+    pub desc_iova: u64,
+    /// Device address of the available ring.
+    pub avail_iova: u64,
+    /// Device address of the used ring.
+    pub used_iova: u64,
+}
+
+/// Options of a queue that come from feature negotiation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueOptions {
+    /// `VIRTIO_RING_F_EVENT_IDX` was negotiated.
+    pub event_idx: bool,
+    /// `VIRTIO_RING_F_INDIRECT_DESC` was negotiated: chains of more than one
+    /// descriptor and at most this many segments go in an indirect table (0: off).
+    pub indirect_max: u16,
+}
+
+/// Returned by [`SplitQueue::add`] when the ring has no room; nothing was consumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueFull;
+
+/// One validated completion from the used ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Used {
+    /// The token given to [`SplitQueue::add`].
+    pub token: u64,
+    /// Bytes the device says it wrote (at most the device-writable length).
+    pub len: u32,
+}
+
+/// Layout sizes per the spec (legacy-compatible: used ring 4 KiB aligned).
+fn ring_sizes(size: usize) -> (usize, usize, usize) {
+    let desc = DESC_SIZE * size;
+    let avail = 6 + 2 * size;
+    let used_off = (desc + avail).div_ceil(4096) * 4096;
+    let used = 6 + 8 * size;
+    (desc, used_off, used_off + used)
+}
+
+/// Driver side of one split virtqueue. Owned by one thread (`Send`, not `Sync`).
+pub struct SplitQueue {
+    index: u16,
+    size: u16,
+    _ring: DmaBuf,
+    desc: *mut u8,
+    avail: *mut u8,
+    used: *const u8,
+    indirect: Option<DmaBuf>,
+    indirect_max: u16,
+    event_idx: bool,
+    /// Shadow free list: `next[i]` is the descriptor after `i` in the free chain.
+    next: Box<[u16]>,
+    free_head: u16,
+    num_free: u16,
+    /// For each in-flight head: descriptors used in the ring (0: not in flight).
+    chain_len: Box<[u16]>,
+    /// For each in-flight head: device-writable bytes, to validate used lengths.
+    writable: Box<[u32]>,
+    tokens: Box<[u64]>,
+    avail_idx: u16,
+    /// Avail index at the last notification decision.
+    kicked_idx: u16,
+    last_used: u16,
+    in_flight: u16,
+    notifier: Notifier,
+    notifications: u64,
+}
+
+// SAFETY: the raw pointers point into `_ring`/`indirect`, DMA memory owned by this queue;
+// moving the queue to another thread moves that ownership along. It is not Sync.
+unsafe impl Send for SplitQueue {}
+
+impl std::fmt::Debug for SplitQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SplitQueue")
+            .field("index", &self.index)
+            .field("size", &self.size)
+            .field("in_flight", &self.in_flight)
+            .finish()
+    }
+}
+
+impl SplitQueue {
+    /// Allocate a queue of `size` descriptors (a power of two) in `mem`.
+    pub fn new(
+        mem: &Arc<DmaMemory>,
+        index: u16,
+        size: u16,
+        opts: QueueOptions,
+        notifier: Notifier,
+    ) -> Result<SplitQueue> {
+        if size == 0 || !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
+            return Err(Error::InvalidQueue(format!(
+                "queue size {size} must be a power of two between 1 and {MAX_QUEUE_SIZE}"
+            )));
+        }
+        let n = size as usize;
+        let (_, used_off, total) = ring_sizes(n);
+        let mut ring = mem.alloc(total, 4096)?;
+        ring.as_mut_slice().fill(0);
+        let base = ring.as_ptr();
+        let indirect = if opts.indirect_max > 1 {
+            let len = n * opts.indirect_max as usize * DESC_SIZE;
+            let mut t = mem.alloc(len, 4096)?;
+            t.as_mut_slice().fill(0);
+            Some(t)
+        } else {
+            None
+        };
+        let next: Box<[u16]> = (0..size).map(|i| i.wrapping_add(1)).collect();
+        // SAFETY: offsets are within the `total` bytes of `ring` (see ring_sizes).
+        let (avail, used) = unsafe { (base.add(DESC_SIZE * n), base.add(used_off)) };
+        let mut q = SplitQueue {
+            index,
+            size,
+            _ring: ring,
+            desc: base,
+            avail,
+            used,
+            indirect_max: if indirect.is_some() {
+                opts.indirect_max
+            } else {
+                0
+            },
+            indirect,
+            event_idx: opts.event_idx,
+            next,
+            free_head: 0,
+            num_free: size,
+            chain_len: vec![0; n].into_boxed_slice(),
+            writable: vec![0; n].into_boxed_slice(),
+            tokens: vec![0; n].into_boxed_slice(),
+            avail_idx: 0,
+            kicked_idx: 0,
+            last_used: 0,
+            in_flight: 0,
+            notifier,
+            notifications: 0,
+        };
+        q.disable_interrupts();
+        Ok(q)
+    }
+
+    /// Queue index within the device.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// Number of descriptors.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Requests submitted and not yet completed.
+    pub fn in_flight(&self) -> u16 {
+        self.in_flight
+    }
+
+    /// Free descriptors.
+    pub fn num_free(&self) -> u16 {
+        self.num_free
+    }
+
+    /// Notifications (kicks) sent so far.
+    pub fn notifications(&self) -> u64 {
+        self.notifications
+    }
+
+    /// Largest number of segments one request may have.
+    pub fn max_segments(&self) -> usize {
+        if self.indirect_max > 1 {
+            self.indirect_max as usize
+        } else {
+            self.size as usize
+        }
+    }
+
+    /// Addresses of the ring parts.
+    pub fn layout(&self) -> RingLayout {
+        let d = self.desc as u64;
+        let a = self.avail as u64;
+        let u = self.used as u64;
+        RingLayout {
+            size: self.size,
+            desc_va: d,
+            avail_va: a,
+            used_va: u,
+            desc_iova: d,
+            avail_iova: a,
+            used_iova: u,
+        }
+    }
+
+    /// The notifier of this queue.
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    #[inline]
+    fn avail_u16(&self, i: usize) -> &AtomicU16 {
+        // SAFETY: `i` indexes flags(0), idx(1), ring (2..2+size) or used_event(2+size), all
+        // inside the avail area, 2-byte aligned; AtomicU16 has u16's layout.
+        unsafe { &*(self.avail.add(2 * i) as *const AtomicU16) }
+    }
+
+    #[inline]
+    fn used_u16(&self, byte_off: usize) -> &AtomicU16 {
+        // SAFETY: callers pass offsets of flags(0), idx(2) or avail_event(4+8*size), inside
+        // the used area and 2-byte aligned.
+        unsafe { &*(self.used.add(byte_off) as *const AtomicU16) }
+    }
+
+    #[inline]
+    fn write_desc(table: *mut u8, i: usize, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut d = [0u8; DESC_SIZE];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        // SAFETY: callers pass a table of at least `i+1` descriptors in memory owned by
+        // this queue; the device does not read it until the avail index is published.
+        unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), table.add(i * DESC_SIZE), DESC_SIZE) }
+    }
+
+    /// Queue a request: `segs[..n_out]` are read by the device, the rest written by it.
+    /// Nothing is visible to the device until [`SplitQueue::publish`].
+    pub fn add(
+        &mut self,
+        segs: &[Segment],
+        n_out: usize,
+        token: u64,
+    ) -> std::result::Result<(), QueueFull> {
+        debug_assert!(!segs.is_empty() && n_out <= segs.len());
+        let use_indirect = segs.len() > 1 && segs.len() <= self.indirect_max as usize;
+        let need = if use_indirect { 1 } else { segs.len() };
+        if need > self.num_free as usize || segs.is_empty() {
+            return Err(QueueFull);
+        }
+        let head = self.free_head;
+        let mut writable: u32 = 0;
+        for s in &segs[n_out..] {
+            writable = writable.saturating_add(s.len);
+        }
+        if use_indirect {
+            let table_len = self.indirect_max as usize;
+            let table_bytes = table_len * DESC_SIZE;
+            let ind = self
+                .indirect
+                .as_ref()
+                .map(|b| b.as_ptr())
+                .unwrap_or(self.desc);
+            // SAFETY: head < size, and the indirect buffer holds size*indirect_max descriptors.
+            let table = unsafe { ind.add(head as usize * table_bytes) };
+            let last = segs.len() - 1;
+            for (i, s) in segs.iter().enumerate() {
+                let mut flags = if i >= n_out { DESC_F_WRITE } else { 0 };
+                if i < last {
+                    flags |= DESC_F_NEXT;
+                }
+                Self::write_desc(table, i, s.addr, s.len, flags, (i + 1) as u16);
+            }
+            Self::write_desc(
+                self.desc,
+                head as usize,
+                table as u64,
+                (segs.len() * DESC_SIZE) as u32,
+                DESC_F_INDIRECT,
+                0,
+            );
+            self.free_head = self.next[head as usize];
+        } else {
+            let mut idx = head;
+            let last = segs.len() - 1;
+            for (i, s) in segs.iter().enumerate() {
+                let mut flags = if i >= n_out { DESC_F_WRITE } else { 0 };
+                let nxt = self.next[idx as usize];
+                if i < last {
+                    flags |= DESC_F_NEXT;
+                }
+                Self::write_desc(self.desc, idx as usize, s.addr, s.len, flags, nxt);
+                if i < last {
+                    idx = nxt;
+                }
+            }
+            self.free_head = self.next[idx as usize];
+        }
+        self.num_free -= need as u16;
+        self.chain_len[head as usize] = need as u16;
+        self.writable[head as usize] = writable;
+        self.tokens[head as usize] = token;
+        let slot = 2 + (self.avail_idx & (self.size - 1)) as usize;
+        self.avail_u16(slot).store(head, Ordering::Relaxed);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Make queued requests visible and notify the device if it asked for it. One call
+    /// per batch. Returns whether a notification was sent.
+    pub fn publish(&mut self) -> Result<bool> {
+        if self.avail_idx == self.kicked_idx {
+            return Ok(false);
+        }
+        self.avail_u16(1).store(self.avail_idx, Ordering::Release);
+        // Order the index store before reading the device's suppression state.
+        fence(Ordering::SeqCst);
+        let old = self.kicked_idx;
+        let new = self.avail_idx;
+        self.kicked_idx = new;
+        let kick = if self.event_idx {
+            let event = self
+                .used_u16(4 + 8 * self.size as usize)
+                .load(Ordering::Relaxed);
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            self.used_u16(0).load(Ordering::Relaxed) & USED_F_NO_NOTIFY == 0
+        };
+        if kick {
+            self.notifications += 1;
+            self.notifier.notify(self.index)?;
+        }
+        Ok(kick)
+    }
+
+    /// Whether the device has completions that `poll` would return.
+    #[inline]
+    pub fn has_used(&self) -> bool {
+        self.used_u16(2).load(Ordering::Acquire) != self.last_used
+    }
+
+    /// Reap completions. Each entry is validated: a head that is out of range or not in
+    /// flight, a used index that runs ahead of what was submitted, or a length beyond
+    /// the device-writable bytes is a device error; the queue must then be abandoned.
+    pub fn poll(&mut self, mut on_used: impl FnMut(Used)) -> Result<usize> {
+        let used_idx = self.used_u16(2).load(Ordering::Acquire);
+        let pending = used_idx.wrapping_sub(self.last_used);
+        if pending == 0 {
+            return Ok(0);
+        }
+        if pending > self.in_flight {
+            return Err(Error::Device(format!(
+                "queue {}: used index {} is {} ahead, but only {} requests are in flight",
+                self.index, used_idx, pending, self.in_flight
+            )));
+        }
+        let mut n = 0;
+        while self.last_used != used_idx {
+            let slot = (self.last_used & (self.size - 1)) as usize;
+            let mut e = [0u8; 8];
+            // SAFETY: `slot < size`; used ring entries start at byte 4 of the used area and
+            // the area holds `size` entries. The Acquire load above ordered this read.
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.used.add(4 + 8 * slot), e.as_mut_ptr(), 8)
+            };
+            let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+            let len = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+            if id >= self.size as u32 || self.chain_len[id as usize] == 0 {
+                return Err(Error::Device(format!(
+                    "queue {}: used id {} is out of range or not in flight",
+                    self.index, id
+                )));
+            }
+            let head = id as usize;
+            if len > self.writable[head] {
+                return Err(Error::Device(format!(
+                    "queue {}: used length {} exceeds the {} device-writable bytes of request {}",
+                    self.index, len, self.writable[head], id
+                )));
+            }
+            self.free_chain(id as u16);
+            self.last_used = self.last_used.wrapping_add(1);
+            self.in_flight -= 1;
+            n += 1;
+            on_used(Used {
+                token: self.tokens[head],
+                len,
+            });
+        }
+        if self.event_idx {
+            // Keep the used event one behind so the device never interrupts.
+            let slot = 2 + self.size as usize;
+            self.avail_u16(slot)
+                .store(self.last_used.wrapping_sub(1), Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+
+    fn free_chain(&mut self, head: u16) {
+        let count = self.chain_len[head as usize];
+        self.chain_len[head as usize] = 0;
+        // Walk our own shadow list (the ring descriptors may have been altered).
+        let mut last = head;
+        for _ in 1..count {
+            last = self.next[last as usize];
+        }
+        self.next[last as usize] = self.free_head;
+        self.free_head = head;
+        self.num_free += count;
+    }
+
+    /// Ask the device not to interrupt (the default: completions are polled).
+    pub fn disable_interrupts(&mut self) {
+        if self.event_idx {
+            let slot = 2 + self.size as usize;
+            self.avail_u16(slot)
+                .store(self.last_used.wrapping_sub(1), Ordering::Relaxed);
+        } else {
+            self.avail_u16(0)
+                .store(AVAIL_F_NO_INTERRUPT, Ordering::Relaxed);
+        }
+    }
+
+    /// Ask the device to interrupt on the next completion. Returns `true` when
+    /// completions are already pending (do not sleep then).
+    pub fn enable_interrupts(&mut self) -> bool {
+        if self.event_idx {
+            let slot = 2 + self.size as usize;
+            self.avail_u16(slot)
+                .store(self.last_used, Ordering::Relaxed);
+        } else {
+            self.avail_u16(0).store(0, Ordering::Relaxed);
+        }
+        fence(Ordering::SeqCst);
+        self.has_used()
+    }
+}
+
+#[cfg(test)]
+mod tests;
