@@ -66,7 +66,10 @@ fn harness(size: u16, opts: QueueOptions) -> Harness {
 }
 
 /// Pop every available chain: (head, [(addr, len, write)]).
-fn pop_all(h: &mut Harness) -> Vec<(u16, Vec<(u64, u32, bool)>)> {
+/// A chain as the device saw it: head and (addr, len, device-writable) per descriptor.
+type Chain = (u16, Vec<(u64, u32, bool)>);
+
+fn pop_all(h: &mut Harness) -> Vec<Chain> {
     let mut out = Vec::new();
     let gm = &h.gm;
     for chain in h.dev.iter(gm).unwrap() {
