@@ -10,8 +10,12 @@ pub mod features;
 pub mod memory;
 pub mod notify;
 pub mod ring;
+pub mod transport;
+pub mod vhost_user;
 
 pub use error::{Error, Result};
 pub use memory::{DmaBuf, DmaConfig, DmaMemory, DmaRegionInfo, RegionListener, Translator};
 pub use notify::Notifier;
 pub use ring::{QueueFull, QueueOptions, RingLayout, Segment, SplitQueue, Used};
+pub use transport::{negotiate, Transport, COMMON_FEATURES};
+pub use vhost_user::VhostUserTransport;

@@ -1,0 +1,72 @@
+//! The control plane of a virtio device, whatever carries it.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::features::transport as tf;
+use crate::memory::DmaMemory;
+use crate::notify::Notifier;
+use crate::ring::RingLayout;
+
+/// What a driver needs from a transport (vhost-user, virtio-pci) to bring a device up.
+///
+/// Call order: [`device_features`](Transport::device_features),
+/// [`read_config`](Transport::read_config) as needed,
+/// [`set_driver_features`](Transport::set_driver_features), one
+/// [`setup_queue`](Transport::setup_queue) per queue, [`start`](Transport::start).
+pub trait Transport: Send {
+    /// A short name of the transport and its address, for messages.
+    fn describe(&self) -> String;
+
+    /// Features the device offers (transport-internal bits such as vhost-user's protocol
+    /// feature bit are removed).
+    fn device_features(&mut self) -> Result<u64>;
+
+    /// Accept `features` (a subset of the offered ones). The device may still refuse.
+    fn set_driver_features(&mut self, features: u64) -> Result<()>;
+
+    /// Largest number of queues the device supports, if the transport can tell.
+    fn max_queues(&mut self) -> Result<Option<u16>>;
+
+    /// Largest size of queue `index`, if the transport can tell.
+    fn max_queue_size(&mut self, index: u16) -> Result<Option<u16>>;
+
+    /// Read `buf.len()` bytes of the device-specific configuration at `offset`.
+    fn read_config(&mut self, offset: u32, buf: &mut [u8]) -> Result<()>;
+
+    /// Hand queue `index` with `layout` to the device; returns its doorbell.
+    fn setup_queue(&mut self, index: u16, layout: &RingLayout) -> Result<Notifier>;
+
+    /// All queues are set up: the device may start processing.
+    fn start(&mut self) -> Result<()>;
+
+    /// Stop the device; queues must not be used afterwards.
+    fn shutdown(&mut self) -> Result<()>;
+
+    /// The DMA memory the device can address.
+    fn memory(&self) -> &Arc<DmaMemory>;
+
+    /// Whether the device is gone (peer closed, surprise removal). Cheap: may be
+    /// called on the I/O path when no progress is seen.
+    fn is_broken(&self) -> bool;
+
+    /// A shared flag that turns true when the device is gone, for I/O channels.
+    fn broken_flag(&self) -> Arc<std::sync::atomic::AtomicBool>;
+}
+
+/// Features vireo accepts on every device: modern interface, event index, indirect.
+pub const COMMON_FEATURES: u64 = tf::VERSION_1 | tf::RING_EVENT_IDX | tf::RING_INDIRECT_DESC;
+
+/// Negotiate: accept the offered subset of `wanted`; `VERSION_1` is required.
+pub fn negotiate(t: &mut dyn Transport, wanted: u64) -> Result<u64> {
+    let offered = t.device_features()?;
+    if offered & tf::VERSION_1 == 0 {
+        return Err(Error::Features(format!(
+            "{} does not offer VIRTIO_F_VERSION_1 (legacy-only devices are not supported); offered {offered:#x}",
+            t.describe()
+        )));
+    }
+    let accepted = offered & wanted;
+    t.set_driver_features(accepted)?;
+    Ok(accepted)
+}

@@ -1,0 +1,471 @@
+//! vhost-user front-end transport: vireo drives a vhost-user back-end over a unix
+//! socket. The control plane is rust-vmm's `vhost` crate; the data plane (rings, kicks)
+//! is ours.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::error::{Error, Result};
+use crate::features::transport as tf;
+use crate::memory::{DmaMemory, DmaRegionInfo, RegionListener};
+use crate::notify::Notifier;
+use crate::ring::RingLayout;
+use crate::transport::Transport;
+
+/// Regions `SET_MEM_TABLE` can carry.
+pub const MAX_MEM_TABLE_REGIONS: usize = 8;
+/// How long to wait for the back-end to answer one control message.
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Queue index limit of the vhost-user protocol.
+const MAX_VRINGS: u64 = 0x8000;
+
+/// Protocol features vireo understands and acks when offered.
+fn wanted_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+struct Vring {
+    _kick: Arc<EventFd>,
+    _call: EventFd,
+}
+
+/// Shares new DMA regions with the back-end as the memory grows.
+struct MemoryShare {
+    frontend: Mutex<Frontend>,
+    mem_slots: Option<u64>,
+    regions: Mutex<Vec<DmaRegionInfo>>,
+    broken: Arc<AtomicBool>,
+}
+
+fn region_msg(r: &DmaRegionInfo) -> VhostUserMemoryRegionInfo {
+    VhostUserMemoryRegionInfo {
+        guest_phys_addr: r.iova,
+        memory_size: r.len,
+        userspace_addr: r.va,
+        mmap_offset: r.fd_offset,
+        mmap_handle: r.fd,
+    }
+}
+
+impl MemoryShare {
+    fn share(&self, r: &DmaRegionInfo) -> Result<()> {
+        let mut regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut fe = self.frontend.lock().unwrap_or_else(|e| e.into_inner());
+        match self.mem_slots {
+            Some(slots) => {
+                if regions.len() as u64 >= slots {
+                    return Err(Error::RegionRejected(format!(
+                        "the back-end has {slots} memory slots, all in use"
+                    )));
+                }
+                fe.add_mem_region(&region_msg(r))
+                    .map_err(|e| Error::transport("vhost-user ADD_MEM_REG", e))?;
+                regions.push(*r);
+            }
+            None => {
+                if regions.len() >= MAX_MEM_TABLE_REGIONS {
+                    return Err(Error::RegionRejected(format!(
+                        "SET_MEM_TABLE carries at most {MAX_MEM_TABLE_REGIONS} regions and the back-end does not offer CONFIGURE_MEM_SLOTS; use a larger initial DMA region or hugepages"
+                    )));
+                }
+                regions.push(*r);
+                let msgs: Vec<_> = regions.iter().map(region_msg).collect();
+                if let Err(e) = fe.set_mem_table(&msgs) {
+                    regions.pop();
+                    return Err(Error::transport("vhost-user SET_MEM_TABLE", e));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RegionListener for MemoryShare {
+    fn region_added(&self, region: &DmaRegionInfo) -> Result<()> {
+        if self.broken.load(Ordering::Relaxed) {
+            // A dead back-end does not need the region; its I/O fails anyway.
+            return Ok(());
+        }
+        self.share(region)
+    }
+
+    fn region_removed(&self, region: &DmaRegionInfo) {
+        let mut regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pos) = regions.iter().position(|r| r.index == region.index) {
+            regions.remove(pos);
+            let mut fe = self.frontend.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = match self.mem_slots {
+                Some(_) => fe.remove_mem_region(&region_msg(region)),
+                None => {
+                    let msgs: Vec<_> = regions.iter().map(region_msg).collect();
+                    fe.set_mem_table(&msgs).map(|_| ())
+                }
+            };
+        }
+    }
+}
+
+/// A connection to a vhost-user back-end.
+pub struct VhostUserTransport {
+    path: PathBuf,
+    frontend: Frontend,
+    mem: Arc<DmaMemory>,
+    protocol: VhostUserProtocolFeatures,
+    offered: u64,
+    queue_num: Option<u64>,
+    vrings: Vec<Option<Vring>>,
+    share: Option<Arc<MemoryShare>>,
+    broken: Arc<AtomicBool>,
+    monitor: Option<std::thread::JoinHandle<()>>,
+    stop_monitor: Arc<EventFd>,
+    started: bool,
+}
+
+impl std::fmt::Debug for VhostUserTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserTransport")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl VhostUserTransport {
+    /// Connect to the back-end listening on `path` and negotiate the protocol.
+    pub fn connect(path: &Path, mem: Arc<DmaMemory>) -> Result<VhostUserTransport> {
+        Self::connect_with_timeout(path, mem, DEFAULT_REPLY_TIMEOUT)
+    }
+
+    /// As [`connect`](Self::connect), with a bound on every control-message reply.
+    pub fn connect_with_timeout(
+        path: &Path,
+        mem: Arc<DmaMemory>,
+        timeout: Duration,
+    ) -> Result<VhostUserTransport> {
+        let ctx = |what: &str| format!("vhost-user {}: {what}", path.display());
+        let stream = UnixStream::connect(path).map_err(|e| {
+            Error::io(
+                format!(
+                    "cannot connect to vhost-user socket {} (is the target running and the path right?)",
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| Error::io(ctx("cannot set socket timeout"), e))?;
+        stream
+            .set_write_timeout(Some(timeout))
+            .map_err(|e| Error::io(ctx("cannot set socket timeout"), e))?;
+        let monitor_stream = stream
+            .try_clone()
+            .map_err(|e| Error::io(ctx("cannot duplicate socket"), e))?;
+        let mut frontend = Frontend::from_stream(stream, MAX_VRINGS);
+        let not_vhost = |e: vhost::Error| {
+            Error::transport(
+                format!(
+                    "{}: no valid vhost-user reply (is this a vhost-user back-end socket?)",
+                    ctx("handshake")
+                ),
+                e,
+            )
+        };
+        frontend.set_owner().map_err(not_vhost)?;
+        let offered = frontend.get_features().map_err(not_vhost)?;
+        let mut protocol = VhostUserProtocolFeatures::empty();
+        if offered & tf::VHOST_USER_PROTOCOL_FEATURES != 0 {
+            let theirs = frontend
+                .get_protocol_features()
+                .map_err(|e| Error::transport(ctx("GET_PROTOCOL_FEATURES"), e))?;
+            protocol = theirs & wanted_protocol_features();
+            frontend
+                .set_protocol_features(protocol)
+                .map_err(|e| Error::transport(ctx("SET_PROTOCOL_FEATURES"), e))?;
+            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+        }
+        let queue_num = if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            Some(
+                frontend
+                    .get_queue_num()
+                    .map_err(|e| Error::transport(ctx("GET_QUEUE_NUM"), e))?,
+            )
+        } else {
+            None
+        };
+        let broken = Arc::new(AtomicBool::new(false));
+        let stop_monitor = Arc::new(
+            EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(ctx("cannot create eventfd"), e))?,
+        );
+        let monitor = {
+            let broken = broken.clone();
+            let stop = stop_monitor.clone();
+            std::thread::Builder::new()
+                .name("vhost-user-monitor".into())
+                .spawn(move || monitor_socket(monitor_stream, &stop, &broken))
+                .map_err(|e| Error::io(ctx("cannot start monitor thread"), e))?
+        };
+        Ok(VhostUserTransport {
+            path: path.to_path_buf(),
+            frontend,
+            mem,
+            protocol,
+            offered,
+            queue_num,
+            vrings: Vec::new(),
+            share: None,
+            broken,
+            monitor: Some(monitor),
+            stop_monitor,
+            started: false,
+        })
+    }
+
+    /// Protocol features both sides agreed on.
+    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.protocol
+    }
+
+    fn ctx(&self, what: &str) -> String {
+        format!("vhost-user {}: {what}", self.path.display())
+    }
+
+    fn share_memory(&mut self) -> Result<()> {
+        let mem_slots = if self
+            .protocol
+            .contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+        {
+            Some(
+                self.frontend
+                    .get_max_mem_slots()
+                    .map_err(|e| Error::transport(self.ctx("GET_MAX_MEM_SLOTS"), e))?,
+            )
+        } else {
+            None
+        };
+        let share = Arc::new(MemoryShare {
+            frontend: Mutex::new(self.frontend.clone()),
+            mem_slots,
+            regions: Mutex::new(Vec::new()),
+            broken: self.broken.clone(),
+        });
+        let weak: std::sync::Weak<dyn RegionListener> =
+            Arc::downgrade(&(share.clone() as Arc<dyn RegionListener>));
+        let initial = self.mem.add_listener(weak);
+        match mem_slots {
+            Some(_) => {
+                for r in initial.iter() {
+                    share.share(r)?;
+                }
+            }
+            None => {
+                if initial.len() > MAX_MEM_TABLE_REGIONS {
+                    return Err(Error::RegionRejected(format!(
+                        "DMA memory has {} regions but SET_MEM_TABLE carries at most {MAX_MEM_TABLE_REGIONS}",
+                        initial.len()
+                    )));
+                }
+                let msgs: Vec<_> = initial.iter().map(region_msg).collect();
+                self.frontend
+                    .set_mem_table(&msgs)
+                    .map_err(|e| Error::transport(self.ctx("SET_MEM_TABLE"), e))?;
+                *share.regions.lock().unwrap_or_else(|e| e.into_inner()) = initial.to_vec();
+            }
+        }
+        self.share = Some(share);
+        Ok(())
+    }
+}
+
+/// Wait until the peer hangs up (or we are told to stop) and raise the broken flag.
+fn monitor_socket(stream: UnixStream, stop: &EventFd, broken: &AtomicBool) {
+    use std::os::fd::AsRawFd;
+    let mut fds = [
+        libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        if fds[0].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            tracing::warn!("vhost-user back-end closed the connection");
+            broken.store(true, Ordering::Release);
+            return;
+        }
+    }
+}
+
+impl Transport for VhostUserTransport {
+    fn describe(&self) -> String {
+        format!("vhost-user back-end at {}", self.path.display())
+    }
+
+    fn device_features(&mut self) -> Result<u64> {
+        Ok(self.offered & !tf::VHOST_USER_PROTOCOL_FEATURES)
+    }
+
+    fn set_driver_features(&mut self, features: u64) -> Result<()> {
+        let extra = self.offered & tf::VHOST_USER_PROTOCOL_FEATURES;
+        let ack = (features & self.offered) | extra;
+        self.frontend
+            .set_features(ack)
+            .map_err(|e| Error::transport(self.ctx("SET_FEATURES"), e))?;
+        self.share_memory()
+    }
+
+    fn max_queues(&mut self) -> Result<Option<u16>> {
+        Ok(self.queue_num.map(|n| n.min(u16::MAX as u64) as u16))
+    }
+
+    fn max_queue_size(&mut self, _index: u16) -> Result<Option<u16>> {
+        Ok(None)
+    }
+
+    fn read_config(&mut self, offset: u32, buf: &mut [u8]) -> Result<()> {
+        if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(Error::Features(format!(
+                "{} does not offer the CONFIG protocol feature, so the device configuration cannot be read",
+                self.describe()
+            )));
+        }
+        let zero = vec![0u8; buf.len()];
+        let (_, payload) = self
+            .frontend
+            .get_config(offset, buf.len() as u32, VhostUserConfigFlags::WRITABLE, &zero)
+            .map_err(|e| Error::transport(self.ctx("GET_CONFIG"), e))?;
+        if payload.len() != buf.len() {
+            return Err(Error::Device(format!(
+                "GET_CONFIG returned {} bytes, asked for {}",
+                payload.len(),
+                buf.len()
+            )));
+        }
+        buf.copy_from_slice(&payload);
+        Ok(())
+    }
+
+    fn setup_queue(&mut self, index: u16, layout: &RingLayout) -> Result<Notifier> {
+        if let Some(n) = self.queue_num {
+            if index as u64 >= n {
+                return Err(Error::InvalidQueue(format!(
+                    "queue {index} does not exist: the back-end has {n} queues"
+                )));
+            }
+        }
+        let i = index as usize;
+        let fe = &self.frontend;
+        let q = |what: &str| format!("vhost-user {}: {what} (queue {index})", self.path.display());
+        fe.set_vring_num(i, layout.size)
+            .map_err(|e| Error::transport(q("SET_VRING_NUM"), e))?;
+        let cfg = VringConfigData {
+            queue_max_size: layout.size,
+            queue_size: layout.size,
+            flags: 0,
+            desc_table_addr: layout.desc_va,
+            used_ring_addr: layout.used_va,
+            avail_ring_addr: layout.avail_va,
+            log_addr: None,
+        };
+        fe.set_vring_addr(i, &cfg)
+            .map_err(|e| Error::transport(q("SET_VRING_ADDR"), e))?;
+        fe.set_vring_base(i, 0)
+            .map_err(|e| Error::transport(q("SET_VRING_BASE"), e))?;
+        let call = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(q("eventfd"), e))?;
+        let kick = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(q("eventfd"), e))?);
+        fe.set_vring_call(i, &call)
+            .map_err(|e| Error::transport(q("SET_VRING_CALL"), e))?;
+        fe.set_vring_kick(i, &kick)
+            .map_err(|e| Error::transport(q("SET_VRING_KICK"), e))?;
+        if self.vrings.len() <= i {
+            self.vrings.resize_with(i + 1, || None);
+        }
+        self.vrings[i] = Some(Vring {
+            _kick: kick.clone(),
+            _call: call,
+        });
+        Ok(Notifier::EventFd(kick))
+    }
+
+    fn start(&mut self) -> Result<()> {
+        if self.offered & tf::VHOST_USER_PROTOCOL_FEATURES != 0 {
+            for i in 0..self.vrings.len() {
+                if self.vrings[i].is_some() {
+                    self.frontend
+                        .set_vring_enable(i, true)
+                        .map_err(|e| Error::transport(self.ctx("SET_VRING_ENABLE"), e))?;
+                }
+            }
+        }
+        self.started = true;
+        Ok(())
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if self.started && !self.broken.load(Ordering::Relaxed) {
+            self.started = false;
+            for i in 0..self.vrings.len() {
+                if self.vrings[i].is_none() {
+                    continue;
+                }
+                if self.offered & tf::VHOST_USER_PROTOCOL_FEATURES != 0 {
+                    let _ = self.frontend.set_vring_enable(i, false);
+                }
+                // GET_VRING_BASE stops the ring on the back-end side.
+                let _ = self.frontend.get_vring_base(i);
+            }
+        }
+        self.vrings.clear();
+        Ok(())
+    }
+
+    fn memory(&self) -> &Arc<DmaMemory> {
+        &self.mem
+    }
+
+    fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+
+    fn broken_flag(&self) -> Arc<AtomicBool> {
+        self.broken.clone()
+    }
+}
+
+impl Drop for VhostUserTransport {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+        let _ = self.stop_monitor.write(1);
+        if let Some(m) = self.monitor.take() {
+            let _ = m.join();
+        }
+    }
+}
