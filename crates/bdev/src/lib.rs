@@ -1,1 +1,19 @@
-//! placeholder
+//! The bdev layer of vireo: named block devices over virtio controllers, per-thread
+//! I/O channels with splitting and queue-full waiting, statistics, and the SPDK JSON
+//! configuration.
+
+pub mod bdev;
+pub mod blk;
+pub mod config;
+pub mod error;
+pub mod io;
+pub mod registry;
+pub mod stats;
+
+pub use bdev::{Bdev, BdevInfo, IoChannel, Limits, OpSupport, ScsiAddress};
+pub use blk::{BlkConfig, BlkController, BlkParams};
+pub use error::{BdevError, IoError};
+pub use io::{Completion, IoBuf, IoOp, IoRequest, Rejected};
+pub use stats::IoStats;
+pub use config::{load_config, parse_config, AttachParams, ConfigCall, DevType, TrType};
+pub use registry::{Controller, Registry};

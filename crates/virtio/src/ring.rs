@@ -244,6 +244,11 @@ impl SplitQueue {
         &self.notifier
     }
 
+    /// Replace the notifier (the transport hands it out after it learned the layout).
+    pub fn set_notifier(&mut self, notifier: Notifier) {
+        self.notifier = notifier;
+    }
+
     #[inline]
     fn avail_u16(&self, i: usize) -> &AtomicU16 {
         // SAFETY: `i` indexes flags(0), idx(1), ring (2..2+size) or used_event(2+size), all

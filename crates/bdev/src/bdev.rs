@@ -1,0 +1,614 @@
+//! Block devices and the per-thread I/O channel.
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use vireo_virtio::{DmaBuf, DmaMemory, Translator};
+
+use crate::error::{BdevError, IoError};
+use crate::io::{Completion, IoBuf, IoOp, IoRequest, Rejected};
+use crate::stats::{BdevStats, ChannelStats, IoStats};
+
+/// Which operations a bdev supports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct OpSupport {
+    /// Reads.
+    pub read: bool,
+    /// Writes.
+    pub write: bool,
+    /// Flush (a volatile cache exists and can be flushed).
+    pub flush: bool,
+    /// Unmap / discard.
+    pub unmap: bool,
+    /// Write zeroes.
+    pub write_zeroes: bool,
+    /// Reset.
+    pub reset: bool,
+}
+
+/// Per-request limits of the device, in blocks unless named otherwise.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    /// Largest read or write one device request may carry.
+    pub max_rw_blocks: u64,
+    /// Largest number of data segments in one device request.
+    pub max_segments: u32,
+    /// Largest data segment in bytes.
+    pub max_segment_bytes: u32,
+    /// Largest unmap one device request may carry.
+    pub max_unmap_blocks: u64,
+    /// Largest number of ranges in one unmap request.
+    pub max_unmap_segments: u32,
+    /// Largest write-zeroes one device request may carry.
+    pub max_write_zeroes_blocks: u64,
+    /// Optimal I/O size reported by the device (0: unknown).
+    pub optimal_io_blocks: u32,
+    /// Physical block size in bytes.
+    pub physical_block_size: u32,
+}
+
+/// SCSI address of a LUN bdev.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ScsiAddress {
+    /// Target id.
+    pub target: u8,
+    /// Logical unit number.
+    pub lun: u16,
+}
+
+/// What a bdev is.
+#[derive(Debug, Clone, Serialize)]
+pub struct BdevInfo {
+    /// Bdev name.
+    pub name: String,
+    /// Name of the controller it belongs to.
+    pub controller: String,
+    /// `virtio_blk` or `virtio_scsi`.
+    pub driver: &'static str,
+    /// Logical block size in bytes.
+    pub block_size: u32,
+    /// Number of blocks.
+    pub num_blocks: u64,
+    /// Writes are refused.
+    pub read_only: bool,
+    /// Supported operations.
+    pub ops: OpSupport,
+    /// Device limits.
+    pub limits: Limits,
+    /// Request queues of the controller.
+    pub num_queues: u16,
+    /// Descriptors per queue.
+    pub queue_size: u16,
+    /// Serial number, when the device reports one.
+    pub serial: Option<String>,
+    /// Vendor (SCSI).
+    pub vendor: Option<String>,
+    /// Product (SCSI).
+    pub product: Option<String>,
+    /// SCSI address (SCSI).
+    pub scsi: Option<ScsiAddress>,
+}
+
+impl BdevInfo {
+    /// Capacity in bytes.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.num_blocks * self.block_size as u64
+    }
+}
+
+/// One request as the device sees it, after splitting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Child {
+    /// Parent I/O slot in the channel.
+    pub parent: u32,
+    /// Operation.
+    pub op: IoOp,
+    /// First block.
+    pub lba: u64,
+    /// Blocks (0 for flush).
+    pub blocks: u64,
+    /// Device address of the data (read/write).
+    pub addr: u64,
+    /// Data bytes (read/write).
+    pub len: u32,
+}
+
+/// A finished device request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildDone {
+    /// Parent I/O slot.
+    pub parent: u32,
+    /// Outcome.
+    pub result: Result<(), IoError>,
+}
+
+/// The device-specific part of a channel: one request queue owned by one thread.
+pub trait ChannelDriver: Send {
+    /// Put a request on the ring; give it back when the ring is full. Nothing is
+    /// visible to the device until [`publish`](ChannelDriver::publish).
+    fn queue(&mut self, child: Child) -> Result<(), Child>;
+    /// Make queued requests visible; notify the device if it asks for it.
+    fn publish(&mut self);
+    /// Reap completions into `out`; returns how many. A broken device completes
+    /// every in-flight request with an error.
+    fn poll(&mut self, out: &mut Vec<ChildDone>) -> usize;
+    /// Requests on the ring.
+    fn in_flight(&self) -> usize;
+}
+
+/// A device driver's handle to the bdev's device.
+pub trait BdevDriver: Send + Sync {
+    /// Take a request queue for a new channel.
+    fn open_channel(&self) -> Result<Box<dyn ChannelDriver>, BdevError>;
+}
+
+/// A named block device.
+pub struct Bdev {
+    info: BdevInfo,
+    driver: Arc<dyn BdevDriver>,
+    memory: Arc<DmaMemory>,
+    stats: BdevStats,
+}
+
+impl std::fmt::Debug for Bdev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bdev").field("info", &self.info).finish()
+    }
+}
+
+impl Bdev {
+    /// A bdev served by `driver`.
+    pub fn new(info: BdevInfo, driver: Arc<dyn BdevDriver>, memory: Arc<DmaMemory>) -> Bdev {
+        Bdev {
+            info,
+            driver,
+            memory,
+            stats: BdevStats::default(),
+        }
+    }
+
+    /// The bdev's description.
+    pub fn info(&self) -> &BdevInfo {
+        &self.info
+    }
+
+    /// The bdev's name.
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+
+    /// DMA memory the device can address: buffers from here are used without a copy.
+    pub fn memory(&self) -> &Arc<DmaMemory> {
+        &self.memory
+    }
+
+    /// Allocate a zero-copy I/O buffer of `len` bytes, aligned to the block size.
+    pub fn alloc_buf(&self, len: usize) -> Result<DmaBuf, IoError> {
+        self.memory
+            .alloc(len, (self.info.block_size as usize).clamp(512, 4096))
+            .map_err(|e| IoError::NoMemory(e.to_string()))
+    }
+
+    /// Totals of all channels.
+    pub fn iostat(&self) -> IoStats {
+        self.stats.total()
+    }
+
+    /// Open an I/O channel for the calling thread.
+    pub fn open_channel(self: &Arc<Self>) -> Result<IoChannel, BdevError> {
+        let drv = self.driver.open_channel()?;
+        let stats = self.stats.register();
+        Ok(IoChannel {
+            bdev: self.clone(),
+            drv,
+            parents: Vec::new(),
+            free_parents: Vec::new(),
+            pending: VecDeque::new(),
+            translator: self.memory.translator(),
+            bounce_pool: Vec::new(),
+            local: IoStats::default(),
+            published: stats,
+            done_scratch: Vec::new(),
+            completions: 0,
+            _not_sync: PhantomData,
+        })
+    }
+}
+
+struct Parent {
+    user_data: u64,
+    op: IoOp,
+    bytes: u64,
+    remaining: u32,
+    error: Option<IoError>,
+    buf: Option<IoBuf>,
+    bounce: Option<DmaBuf>,
+    start: Instant,
+}
+
+/// A thread's I/O path to a bdev: submit and poll, no locks. `Send` (it can be
+/// created on one thread and moved to another) but not `Sync`.
+pub struct IoChannel {
+    bdev: Arc<Bdev>,
+    drv: Box<dyn ChannelDriver>,
+    parents: Vec<Option<Parent>>,
+    free_parents: Vec<u32>,
+    pending: VecDeque<Child>,
+    translator: Translator,
+    /// Bounce buffers by size class (power of two, from 4 KiB).
+    bounce_pool: Vec<Vec<DmaBuf>>,
+    local: IoStats,
+    published: Arc<ChannelStats>,
+    done_scratch: Vec<ChildDone>,
+    completions: u64,
+    _not_sync: PhantomData<Cell<()>>,
+}
+
+impl std::fmt::Debug for IoChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoChannel")
+            .field("bdev", &self.bdev.info.name)
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+fn size_class(len: usize) -> usize {
+    (len.max(4096).next_power_of_two().trailing_zeros() - 12) as usize
+}
+
+impl IoChannel {
+    /// The bdev this channel serves.
+    pub fn bdev(&self) -> &Arc<Bdev> {
+        &self.bdev
+    }
+
+    /// I/Os submitted and not yet returned by `poll`.
+    pub fn in_flight(&self) -> usize {
+        self.parents.len() - self.free_parents.len()
+    }
+
+    /// Counters of this channel.
+    pub fn stats(&self) -> IoStats {
+        self.local
+    }
+
+    fn validate(&self, req: &IoRequest) -> Result<(), IoError> {
+        let info = &self.bdev.info;
+        let ops = &info.ops;
+        let supported = match req.op {
+            IoOp::Read => ops.read,
+            IoOp::Write => ops.write,
+            IoOp::Flush => ops.flush,
+            IoOp::Unmap => ops.unmap,
+            IoOp::WriteZeroes => ops.write_zeroes,
+        };
+        if info.read_only && req.op != IoOp::Read && req.op != IoOp::Flush {
+            return Err(IoError::ReadOnly(info.name.clone()));
+        }
+        if !supported {
+            return Err(IoError::Unsupported {
+                op: req.op.name(),
+                bdev: info.name.clone(),
+            });
+        }
+        if req.op == IoOp::Flush {
+            return Ok(());
+        }
+        if req.num_blocks == 0 {
+            return Err(IoError::InvalidRequest(format!(
+                "{} of zero blocks",
+                req.op.name()
+            )));
+        }
+        let end = req.offset_blocks.checked_add(req.num_blocks);
+        match end {
+            Some(end) if end <= info.num_blocks => {}
+            _ => {
+                return Err(IoError::OutOfRange {
+                    offset: req.offset_blocks,
+                    end: end.unwrap_or(u64::MAX),
+                    num_blocks: info.num_blocks,
+                })
+            }
+        }
+        if req.op.has_data() {
+            let want = req.num_blocks as u128 * info.block_size as u128;
+            match &req.buf {
+                Some(b) if b.len() as u128 == want => {}
+                Some(b) => {
+                    return Err(IoError::InvalidBuffer(format!(
+                        "{} of {} blocks needs {} bytes, the buffer has {}",
+                        req.op.name(),
+                        req.num_blocks,
+                        want,
+                        b.len()
+                    )))
+                }
+                None => {
+                    return Err(IoError::InvalidBuffer(format!(
+                        "{} without a buffer",
+                        req.op.name()
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn take_bounce(&mut self, len: usize) -> Result<DmaBuf, IoError> {
+        let class = size_class(len);
+        if let Some(b) = self.bounce_pool.get_mut(class).and_then(Vec::pop) {
+            return Ok(b);
+        }
+        self.bdev
+            .memory
+            .alloc(4096usize << class, 4096)
+            .map_err(|e| IoError::NoMemory(e.to_string()))
+    }
+
+    fn give_bounce(&mut self, b: DmaBuf) {
+        let class = size_class(b.len());
+        if self.bounce_pool.len() <= class {
+            self.bounce_pool.resize_with(class + 1, Vec::new);
+        }
+        // Keep a bounded pool per class.
+        if self.bounce_pool[class].len() < 256 {
+            self.bounce_pool[class].push(b);
+        }
+    }
+
+    /// Submit an I/O. It reaches the device on the next [`poll`](Self::poll) (or
+    /// [`flush`](Self::flush)); a full ring makes it wait in the channel, never fail.
+    /// A request that is invalid for this bdev is refused at once.
+    pub fn submit(&mut self, mut req: IoRequest) -> Result<(), Rejected> {
+        if let Err(error) = self.validate(&req) {
+            return Err(Rejected {
+                error,
+                user_data: req.user_data,
+                buf: req.buf.take(),
+            });
+        }
+        let bs = self.bdev.info.block_size as u64;
+        let bytes = req.num_blocks * bs;
+        // Where the data lives for the device.
+        let mut bounce = None;
+        let mut addr = 0u64;
+        if req.op.has_data() {
+            let buf = req.buf.as_ref().expect("validated");
+            let direct = match buf {
+                IoBuf::Dma(b) => self.translator.translate(b.addr(), b.len() as u64),
+                IoBuf::Heap(_) => None,
+            };
+            match direct {
+                Some(a) => addr = a,
+                None => {
+                    let mut b = match self.take_bounce(buf.len()) {
+                        Ok(b) => b,
+                        Err(error) => {
+                            return Err(Rejected {
+                                error,
+                                user_data: req.user_data,
+                                buf: req.buf.take(),
+                            })
+                        }
+                    };
+                    if req.op == IoOp::Write {
+                        b.as_mut_slice()[..buf.len()].copy_from_slice(buf.as_slice());
+                    }
+                    addr = b.iova();
+                    bounce = Some(b);
+                }
+            }
+        }
+        let parent = Parent {
+            user_data: req.user_data,
+            op: req.op,
+            bytes,
+            remaining: 0,
+            error: None,
+            buf: req.buf.take(),
+            bounce,
+            start: Instant::now(),
+        };
+        let slot = match self.free_parents.pop() {
+            Some(s) => {
+                self.parents[s as usize] = Some(parent);
+                s
+            }
+            None => {
+                self.parents.push(Some(parent));
+                (self.parents.len() - 1) as u32
+            }
+        };
+        // Split to the device's limits.
+        let limits = &self.bdev.info.limits;
+        let per_child = match req.op {
+            IoOp::Read | IoOp::Write => limits.max_rw_blocks,
+            IoOp::Unmap => limits.max_unmap_blocks,
+            IoOp::WriteZeroes => limits.max_write_zeroes_blocks,
+            IoOp::Flush => 0,
+        }
+        .max(1);
+        let mut children = 0u32;
+        if req.op == IoOp::Flush {
+            self.enqueue(Child {
+                parent: slot,
+                op: IoOp::Flush,
+                lba: 0,
+                blocks: 0,
+                addr: 0,
+                len: 0,
+            });
+            children = 1;
+        } else {
+            let mut lba = req.offset_blocks;
+            let mut left = req.num_blocks;
+            let mut a = addr;
+            while left > 0 {
+                let n = left.min(per_child);
+                let len = if req.op.has_data() { (n * bs) as u32 } else { 0 };
+                self.enqueue(Child {
+                    parent: slot,
+                    op: req.op,
+                    lba,
+                    blocks: n,
+                    addr: a,
+                    len,
+                });
+                children += 1;
+                lba += n;
+                left -= n;
+                if req.op.has_data() {
+                    a += n * bs;
+                }
+            }
+        }
+        if let Some(p) = self.parents[slot as usize].as_mut() {
+            p.remaining = children;
+        }
+        Ok(())
+    }
+
+    fn enqueue(&mut self, child: Child) {
+        self.local.device_requests += 1;
+        if !self.pending.is_empty() {
+            self.pending.push_back(child);
+            return;
+        }
+        if let Err(c) = self.drv.queue(child) {
+            self.local.queue_full_waits += 1;
+            self.pending.push_back(c);
+        }
+    }
+
+    /// Make submitted I/Os visible to the device now.
+    pub fn flush(&mut self) {
+        self.drv.publish();
+    }
+
+    /// Reap finished I/Os into `out`; returns how many were added. Also moves waiting
+    /// requests onto the ring as space frees up, and publishes submissions.
+    pub fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        self.drv.publish();
+        let mut done = std::mem::take(&mut self.done_scratch);
+        done.clear();
+        self.drv.poll(&mut done);
+        let mut n = 0;
+        for d in done.drain(..) {
+            if self.child_done(d, out) {
+                n += 1;
+            }
+        }
+        self.done_scratch = done;
+        if !self.pending.is_empty() {
+            while let Some(c) = self.pending.pop_front() {
+                if let Err(c) = self.drv.queue(c) {
+                    self.pending.push_front(c);
+                    break;
+                }
+            }
+            self.drv.publish();
+        }
+        if n > 0 {
+            self.completions += n as u64;
+            if self.completions.is_multiple_of(64) || self.in_flight() == 0 {
+                self.published.publish(&self.local);
+            }
+        }
+        n
+    }
+
+    fn child_done(&mut self, d: ChildDone, out: &mut Vec<Completion>) -> bool {
+        let Some(p) = self.parents.get_mut(d.parent as usize).and_then(Option::as_mut) else {
+            return false;
+        };
+        if let Err(e) = d.result {
+            if p.error.is_none() {
+                p.error = Some(e);
+            }
+        }
+        p.remaining -= 1;
+        if p.remaining > 0 {
+            return false;
+        }
+        let mut p = self.parents[d.parent as usize].take().expect("present");
+        self.free_parents.push(d.parent);
+        if let Some(b) = p.bounce.take() {
+            if p.op == IoOp::Read && p.error.is_none() {
+                if let Some(buf) = p.buf.as_mut() {
+                    let n = buf.len();
+                    buf.as_mut_slice().copy_from_slice(&b.as_slice()[..n]);
+                }
+            }
+            self.give_bounce(b);
+        }
+        let ok = p.error.is_none();
+        let lat = p.start.elapsed().as_nanos() as u64;
+        self.local.record(p.op, p.bytes, lat, ok);
+        out.push(Completion {
+            user_data: p.user_data,
+            op: p.op,
+            result: match p.error {
+                None => Ok(()),
+                Some(e) => Err(e),
+            },
+            buf: p.buf,
+        });
+        true
+    }
+
+    /// Submit one I/O and poll until it completes (for control paths and tests).
+    pub fn run(&mut self, req: IoRequest) -> Completion {
+        let ud = req.user_data;
+        let op = req.op;
+        if let Err(r) = self.submit(req) {
+            return Completion {
+                user_data: r.user_data,
+                op,
+                result: Err(r.error),
+                buf: r.buf,
+            };
+        }
+        let mut out = Vec::new();
+        loop {
+            self.poll(&mut out);
+            if let Some(pos) = out.iter().position(|c| c.user_data == ud) {
+                return out.swap_remove(pos);
+            }
+            std::hint::spin_loop();
+        }
+    }
+}
+
+impl Drop for IoChannel {
+    fn drop(&mut self) {
+        // Let in-flight I/O finish so buffers are not in use by the device when freed;
+        // the driver fails everything at once if the device is gone.
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let mut out = Vec::new();
+        while self.in_flight() > 0 && Instant::now() < deadline {
+            self.poll(&mut out);
+            out.clear();
+            std::thread::yield_now();
+        }
+        if self.in_flight() > 0 {
+            // The device still owns these buffers: never hand them back to the allocator.
+            tracing::error!(
+                bdev = %self.bdev.info.name,
+                in_flight = self.in_flight(),
+                "channel closed with I/O still on the device; leaking its buffers"
+            );
+            for p in self.parents.iter_mut().filter_map(Option::take) {
+                std::mem::forget(p.buf);
+                std::mem::forget(p.bounce);
+            }
+        }
+        self.published.publish(&self.local);
+        self.bdev.stats.retire(&self.published, &self.local);
+    }
+}

@@ -1,0 +1,797 @@
+//! virtio-blk driver (virtio 1.2 section 5.2).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vireo_virtio::features::blk as bf;
+use vireo_virtio::features::transport as tf;
+use vireo_virtio::{
+    negotiate, DmaBuf, DmaMemory, Notifier, QueueOptions, Segment, SplitQueue, Transport,
+    COMMON_FEATURES,
+};
+
+use crate::bdev::{Bdev, BdevDriver, BdevInfo, ChannelDriver, Child, ChildDone, Limits, OpSupport};
+use crate::error::{BdevError, IoError};
+use crate::io::IoOp;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+/// Written before submission: a device that completes without writing a status is caught.
+const S_UNSET: u8 = 0xff;
+const ID_BYTES: usize = 20;
+/// Ranges per discard / write-zeroes request we are prepared to send.
+const MAX_RANGE_SEGS: u32 = 64;
+const SECTOR: u64 = 512;
+/// Bytes of `struct virtio_blk_config` vireo reads (through `write_zeroes_may_unmap`).
+const CONFIG_LEN: usize = 60;
+
+/// Parsed `struct virtio_blk_config`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlkConfig {
+    /// Capacity in 512-byte sectors.
+    pub capacity: u64,
+    /// Largest segment in bytes (SIZE_MAX).
+    pub size_max: u32,
+    /// Largest number of data segments (SEG_MAX).
+    pub seg_max: u32,
+    /// Logical block size (BLK_SIZE).
+    pub blk_size: u32,
+    /// log2(physical block / logical block) (TOPOLOGY).
+    pub physical_block_exp: u8,
+    /// Suggested minimum I/O size in blocks (TOPOLOGY).
+    pub min_io_size: u16,
+    /// Optimal I/O size in blocks (TOPOLOGY).
+    pub opt_io_size: u32,
+    /// Request queues (MQ).
+    pub num_queues: u16,
+    /// Largest discard in sectors per segment (DISCARD).
+    pub max_discard_sectors: u32,
+    /// Largest number of discard segments (DISCARD).
+    pub max_discard_seg: u32,
+    /// Discard alignment in sectors (DISCARD).
+    pub discard_sector_alignment: u32,
+    /// Largest write-zeroes in sectors per segment (WRITE_ZEROES).
+    pub max_write_zeroes_sectors: u32,
+    /// Largest number of write-zeroes segments (WRITE_ZEROES).
+    pub max_write_zeroes_seg: u32,
+    /// Write-zeroes may deallocate (WRITE_ZEROES).
+    pub write_zeroes_may_unmap: bool,
+}
+
+impl BlkConfig {
+    /// Parse the first 60 bytes of the device configuration.
+    pub fn parse(b: &[u8]) -> Option<BlkConfig> {
+        if b.len() < CONFIG_LEN {
+            return None;
+        }
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+        Some(BlkConfig {
+            capacity: u64_at(0),
+            size_max: u32_at(8),
+            seg_max: u32_at(12),
+            blk_size: u32_at(20),
+            physical_block_exp: b[24],
+            min_io_size: u16_at(26),
+            opt_io_size: u32_at(28),
+            num_queues: u16_at(34),
+            max_discard_sectors: u32_at(36),
+            max_discard_seg: u32_at(40),
+            discard_sector_alignment: u32_at(44),
+            max_write_zeroes_sectors: u32_at(48),
+            max_write_zeroes_seg: u32_at(52),
+            write_zeroes_may_unmap: b[56] != 0,
+        })
+    }
+}
+
+/// Parameters of a virtio-blk controller.
+#[derive(Debug, Clone)]
+pub struct BlkParams {
+    /// Controller (and bdev) name.
+    pub name: String,
+    /// Request queues to use.
+    pub vq_count: u16,
+    /// Descriptors per queue (a power of two).
+    pub vq_size: u16,
+}
+
+/// What channels need to know, fixed at attach time.
+#[derive(Debug)]
+struct Shared {
+    name: String,
+    sectors_per_block: u64,
+    max_segments: usize,
+    segment_bytes: u64,
+    range_sectors_unmap: u64,
+    range_sectors_wz: u64,
+    slot_stride: usize,
+    mem: Arc<DmaMemory>,
+    broken: Arc<AtomicBool>,
+    failed: AtomicBool,
+    failure: Mutex<Option<String>>,
+    queues: Mutex<Vec<SplitQueue>>,
+    total_queues: usize,
+    channels_open: AtomicU64,
+}
+
+impl Shared {
+    fn fail(&self, why: &str) {
+        self.failed.store(true, Ordering::Release);
+        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            tracing::error!(controller = %self.name, "controller failed: {why}");
+            *f = Some(why.to_string());
+        }
+    }
+}
+
+/// An attached virtio-blk controller; serves one bdev.
+pub struct BlkController {
+    transport: Mutex<Box<dyn Transport>>,
+    shared: Arc<Shared>,
+    bdev: Arc<Bdev>,
+    features: u64,
+    config: BlkConfig,
+}
+
+impl std::fmt::Debug for BlkController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlkController")
+            .field("name", &self.shared.name)
+            .field("features", &format_args!("{:#x}", self.features))
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+struct Driver(Arc<Shared>);
+
+impl BdevDriver for Driver {
+    fn open_channel(&self) -> Result<Box<dyn ChannelDriver>, BdevError> {
+        if self.0.failed.load(Ordering::Acquire) {
+            return Err(BdevError::Failed(self.0.name.clone()));
+        }
+        let q = self
+            .0
+            .queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .ok_or_else(|| BdevError::NoFreeQueue {
+                bdev: self.0.name.clone(),
+                queues: self.0.total_queues,
+            })?;
+        let ch = BlkChannel::new(self.0.clone(), q).map_err(|e| BdevError::Io {
+            name: self.0.name.clone(),
+            what: "allocate request slots".into(),
+            source: e,
+        })?;
+        Ok(Box::new(ch))
+    }
+}
+
+fn bad(name: &str, reason: impl Into<String>) -> BdevError {
+    BdevError::BadDevice {
+        name: name.to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl BlkController {
+    /// Bring up the device behind `transport` and create its bdev.
+    pub fn attach(
+        params: &BlkParams,
+        mut transport: Box<dyn Transport>,
+    ) -> Result<BlkController, BdevError> {
+        let name = params.name.as_str();
+        let verr = |source| BdevError::Virtio {
+            name: name.to_string(),
+            source,
+        };
+        if !params.vq_size.is_power_of_two() || params.vq_size < 4 {
+            return Err(BdevError::Config(format!(
+                "controller {name}: vq_size {} must be a power of two of at least 4",
+                params.vq_size
+            )));
+        }
+        if params.vq_count == 0 {
+            return Err(BdevError::Config(format!(
+                "controller {name}: vq_count must be at least 1"
+            )));
+        }
+        let wanted = COMMON_FEATURES
+            | bf::SIZE_MAX
+            | bf::SEG_MAX
+            | bf::BLK_SIZE
+            | bf::TOPOLOGY
+            | bf::FLUSH
+            | bf::MQ
+            | bf::DISCARD
+            | bf::WRITE_ZEROES
+            | bf::RO;
+        let features = negotiate(transport.as_mut(), wanted).map_err(verr)?;
+        let mut raw = [0u8; CONFIG_LEN];
+        transport.read_config(0, &mut raw).map_err(verr)?;
+        let cfg = BlkConfig::parse(&raw).ok_or_else(|| bad(name, "short configuration"))?;
+        let has = |f: u64| features & f != 0;
+
+        let block_size = if has(bf::BLK_SIZE) { cfg.blk_size } else { 512 };
+        if !block_size.is_power_of_two() || !(512..=65536).contains(&block_size) {
+            return Err(bad(
+                name,
+                format!("blk_size {block_size} is not a power of two between 512 and 65536"),
+            ));
+        }
+        let sectors_per_block = block_size as u64 / SECTOR;
+        let num_blocks = cfg.capacity / sectors_per_block;
+
+        // Queues.
+        let dev_queues = if has(bf::MQ) {
+            cfg.num_queues.max(1)
+        } else {
+            1
+        };
+        let transport_queues = transport.max_queues().map_err(verr)?.unwrap_or(u16::MAX);
+        let avail = dev_queues.min(transport_queues);
+        if params.vq_count > avail {
+            return Err(BdevError::Unsatisfiable {
+                name: name.to_string(),
+                reason: format!(
+                    "vq_count={} request queues asked for, but the device offers {avail} (num_queues {}, MQ {}, back-end queues {})",
+                    params.vq_count,
+                    cfg.num_queues,
+                    if has(bf::MQ) { "negotiated" } else { "not offered" },
+                    if transport_queues == u16::MAX { "unknown".to_string() } else { transport_queues.to_string() },
+                ),
+            });
+        }
+        let mut vq_size = params.vq_size;
+        if let Some(max) = transport.max_queue_size(0).map_err(verr)? {
+            if max == 0 {
+                return Err(bad(name, "queue 0 has size 0"));
+            }
+            while vq_size > max {
+                vq_size /= 2;
+            }
+        }
+
+        // Per-request segment limits.
+        let seg_max = if has(bf::SEG_MAX) { cfg.seg_max } else { 1 };
+        if seg_max == 0 {
+            return Err(bad(name, "seg_max is 0"));
+        }
+        let indirect = has(tf::RING_INDIRECT_DESC);
+        let ring_room = vq_size as u32 - 2;
+        let max_segments = seg_max.min(ring_room).max(1) as usize;
+        let indirect_max = if indirect {
+            ((max_segments + 2) as u32).min(vq_size as u32) as u16
+        } else {
+            0
+        };
+        let segment_bytes: u64 = if has(bf::SIZE_MAX) {
+            if cfg.size_max == 0 {
+                return Err(bad(name, "size_max is 0"));
+            }
+            cfg.size_max as u64
+        } else {
+            1 << 22
+        };
+        let max_rw_bytes = (max_segments as u64 * segment_bytes).min(u32::MAX as u64);
+        let max_rw_blocks = max_rw_bytes / block_size as u64;
+        if max_rw_blocks == 0 {
+            return Err(bad(
+                name,
+                format!("seg_max {seg_max} x size_max {segment_bytes} is less than one {block_size}-byte block"),
+            ));
+        }
+        let range = |max_sectors: u32, max_seg: u32| -> (u64, u32, u64) {
+            let per_seg = if max_sectors == 0 { u32::MAX } else { max_sectors } as u64;
+            let per_seg = per_seg / sectors_per_block * sectors_per_block;
+            let segs = max_seg.clamp(1, MAX_RANGE_SEGS);
+            (per_seg, segs, per_seg / sectors_per_block * segs as u64)
+        };
+        let (unmap_sectors, unmap_segs, max_unmap_blocks) =
+            range(cfg.max_discard_sectors, cfg.max_discard_seg);
+        let (wz_sectors, _, max_wz_blocks) =
+            range(cfg.max_write_zeroes_sectors, cfg.max_write_zeroes_seg);
+        let discard = has(bf::DISCARD) && max_unmap_blocks > 0;
+        let write_zeroes = has(bf::WRITE_ZEROES) && max_wz_blocks > 0;
+        let read_only = has(bf::RO);
+
+        let slot_stride = (32 + (MAX_RANGE_SEGS as usize * 16).max(32)).next_multiple_of(64);
+        let opts = QueueOptions {
+            event_idx: has(tf::RING_EVENT_IDX),
+            indirect_max,
+        };
+        let mem = transport.memory().clone();
+        let mut queues = Vec::new();
+        for i in 0..params.vq_count {
+            let placeholder = Notifier::Counter(Arc::new(AtomicU64::new(0)));
+            let mut q = SplitQueue::new(&mem, i, vq_size, opts, placeholder).map_err(verr)?;
+            let n = transport.setup_queue(i, &q.layout()).map_err(verr)?;
+            q.set_notifier(n);
+            queues.push(q);
+        }
+        transport.start().map_err(verr)?;
+        // Channels pop from the end: queue 0 goes first.
+        queues.reverse();
+
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            sectors_per_block,
+            max_segments,
+            segment_bytes,
+            range_sectors_unmap: unmap_sectors,
+            range_sectors_wz: wz_sectors,
+            slot_stride,
+            mem: mem.clone(),
+            broken: transport.broken_flag(),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            queues: Mutex::new(queues),
+            total_queues: params.vq_count as usize,
+            channels_open: AtomicU64::new(0),
+        });
+        let driver = Driver(shared.clone());
+
+        // The serial number (GET_ID); a device that does not support it is fine.
+        let serial = {
+            let q = shared
+                .queues
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop()
+                .ok_or_else(|| bad(name, "queue vanished"))?;
+            let mut ch = BlkChannel::new(shared.clone(), q).map_err(|e| BdevError::Io {
+                name: name.to_string(),
+                what: "allocate request slots".into(),
+                source: e,
+            })?;
+            ch.get_id(Duration::from_secs(5))
+                .map_err(|e| BdevError::Io {
+                    name: name.to_string(),
+                    what: "GET_ID".into(),
+                    source: e,
+                })?
+        };
+
+        let info = BdevInfo {
+            name: name.to_string(),
+            controller: name.to_string(),
+            driver: "virtio_blk",
+            block_size,
+            num_blocks,
+            read_only,
+            ops: OpSupport {
+                read: true,
+                write: !read_only,
+                flush: has(bf::FLUSH),
+                unmap: discard && !read_only,
+                write_zeroes: write_zeroes && !read_only,
+                reset: false,
+            },
+            limits: Limits {
+                max_rw_blocks,
+                max_segments: max_segments as u32,
+                max_segment_bytes: segment_bytes.min(u32::MAX as u64) as u32,
+                max_unmap_blocks: if discard { max_unmap_blocks } else { 0 },
+                max_unmap_segments: if discard { unmap_segs } else { 0 },
+                max_write_zeroes_blocks: if write_zeroes { max_wz_blocks } else { 0 },
+                optimal_io_blocks: if has(bf::TOPOLOGY) { cfg.opt_io_size } else { 0 },
+                physical_block_size: if has(bf::TOPOLOGY) && cfg.physical_block_exp < 16 {
+                    block_size << cfg.physical_block_exp
+                } else {
+                    block_size
+                },
+            },
+            num_queues: params.vq_count,
+            queue_size: vq_size,
+            serial,
+            vendor: None,
+            product: None,
+            scsi: None,
+        };
+        let bdev = Arc::new(Bdev::new(info, Arc::new(driver), mem));
+        tracing::info!(controller = %name, features = format_args!("{features:#x}"), ?cfg, "virtio-blk controller attached");
+        Ok(BlkController {
+            transport: Mutex::new(transport),
+            shared,
+            bdev,
+            features,
+            config: cfg,
+        })
+    }
+
+    /// The controller's bdev.
+    pub fn bdev(&self) -> &Arc<Bdev> {
+        &self.bdev
+    }
+
+    /// Negotiated features.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// The device configuration read at attach time.
+    pub fn config(&self) -> &BlkConfig {
+        &self.config
+    }
+
+    /// Why the controller failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        if self.shared.broken.load(Ordering::Relaxed) {
+            return Some("the back-end closed the connection".into());
+        }
+        self.shared
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Channels currently open on this controller.
+    pub fn open_channels(&self) -> u64 {
+        self.shared.channels_open.load(Ordering::Relaxed)
+    }
+
+    /// Stop the device. Fails while channels are open.
+    pub fn detach(self) -> Result<(), BdevError> {
+        let open = self.open_channels();
+        if open > 0 {
+            return Err(BdevError::Config(format!(
+                "controller {} still has {open} open I/O channels",
+                self.shared.name
+            )));
+        }
+        let mut t = self.transport.lock().unwrap_or_else(|e| e.into_inner());
+        t.shutdown().map_err(|source| BdevError::Virtio {
+            name: self.shared.name.clone(),
+            source,
+        })
+    }
+}
+
+/// One queue of a virtio-blk controller, owned by one channel.
+struct BlkChannel {
+    q: Option<SplitQueue>,
+    shared: Arc<Shared>,
+    /// Request headers, status bytes and range lists, one slot per descriptor.
+    slots: Option<DmaBuf>,
+    /// Address of `slots` (virtual == device address).
+    slots_base: u64,
+    free_slots: Vec<u16>,
+    slot_parent: Box<[u32]>,
+    segs: Vec<Segment>,
+    used: Vec<vireo_virtio::Used>,
+    failed: Option<IoError>,
+    dead: Vec<ChildDone>,
+    /// The device may still touch our memory: never free it.
+    leak: bool,
+}
+
+impl BlkChannel {
+    fn new(shared: Arc<Shared>, q: SplitQueue) -> Result<BlkChannel, IoError> {
+        let n = q.size() as usize;
+        let mut slots = shared
+            .mem
+            .alloc(n * shared.slot_stride, 4096)
+            .map_err(|e| IoError::NoMemory(e.to_string()))?;
+        slots.as_mut_slice().fill(0);
+        shared.channels_open.fetch_add(1, Ordering::Relaxed);
+        Ok(BlkChannel {
+            free_slots: (0..n as u16).rev().collect(),
+            slot_parent: vec![0; n].into_boxed_slice(),
+            segs: Vec::with_capacity(shared.max_segments + 2),
+            used: Vec::with_capacity(n),
+            q: Some(q),
+            shared,
+            slots_base: slots.iova(),
+            slots: Some(slots),
+            failed: None,
+            dead: Vec::new(),
+            leak: false,
+        })
+    }
+
+    #[inline]
+    fn slot_ptr(&self, slot: u16) -> *mut u8 {
+        (self.slots_base + (slot as usize * self.shared.slot_stride) as u64) as *mut u8
+    }
+
+    #[inline]
+    fn write_slot(&self, slot: u16, off: usize, bytes: &[u8]) {
+        debug_assert!(off + bytes.len() <= self.shared.slot_stride);
+        // SAFETY: the slot is owned by this channel and not in flight while written; the
+        // range stays inside the slot (checked above in debug builds, by construction).
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.slot_ptr(slot).add(off), bytes.len())
+        }
+    }
+
+    #[inline]
+    fn read_status(&self, slot: u16) -> u8 {
+        // SAFETY: byte 16 of the slot is the status byte; the device wrote it before
+        // publishing the used entry, which the ring read with Acquire ordering.
+        unsafe { std::ptr::read_volatile(self.slot_ptr(slot).add(16)) }
+    }
+
+    fn header(&self, slot: u16, ty: u32, sector: u64) {
+        let mut h = [0u8; 17];
+        h[0..4].copy_from_slice(&ty.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        h[16] = S_UNSET;
+        self.write_slot(slot, 0, &h);
+    }
+
+    fn fail_all(&mut self, e: IoError) {
+        if self.failed.is_some() {
+            return;
+        }
+        if !matches!(e, IoError::Disconnected) {
+            self.shared.fail(&e.to_string());
+            // A lying device may still write into our rings and buffers.
+            self.leak = true;
+        }
+        let n = self.slot_parent.len() as u16;
+        let mut in_use = vec![true; n as usize];
+        for &s in &self.free_slots {
+            in_use[s as usize] = false;
+        }
+        for (s, used) in in_use.iter().enumerate() {
+            if *used {
+                self.dead.push(ChildDone {
+                    parent: self.slot_parent[s],
+                    result: Err(e.clone()),
+                });
+            }
+        }
+        self.free_slots = (0..n).rev().collect();
+        self.failed = Some(e);
+    }
+
+    /// Fetch the serial number synchronously.
+    fn get_id(&mut self, timeout: Duration) -> Result<Option<String>, IoError> {
+        let slot = self.free_slots.pop().ok_or_else(|| IoError::InvalidRequest("no slot".into()))?;
+        self.header(slot, T_GET_ID, 0);
+        self.write_slot(slot, 32, &[0u8; ID_BYTES]);
+        let base = self.slots_base + (slot as usize * self.shared.slot_stride) as u64;
+        let segs = [
+            Segment { addr: base, len: 16 },
+            Segment { addr: base + 32, len: ID_BYTES as u32 },
+            Segment { addr: base + 16, len: 1 },
+        ];
+        let q = self.q.as_mut().ok_or(IoError::Disconnected)?;
+        q.add(&segs, 1, slot as u64)
+            .map_err(|_| IoError::InvalidRequest("ring full".into()))?;
+        q.publish()
+            .map_err(|e| IoError::ControllerFailed(e.to_string()))?;
+        let start = Instant::now();
+        let mut got = None;
+        while got.is_none() {
+            let q = self.q.as_mut().ok_or(IoError::Disconnected)?;
+            if let Err(e) = q.poll(|u| got = Some(u)) {
+                let e = IoError::ControllerFailed(e.to_string());
+                self.fail_all(e.clone());
+                return Err(e);
+            }
+            if got.is_none() {
+                if self.shared.broken.load(Ordering::Relaxed) {
+                    self.fail_all(IoError::Disconnected);
+                    return Err(IoError::Disconnected);
+                }
+                if start.elapsed() > timeout {
+                    let e = IoError::ControllerFailed("GET_ID did not complete".into());
+                    self.fail_all(e.clone());
+                    return Err(e);
+                }
+                std::thread::yield_now();
+            }
+        }
+        self.free_slots.push(slot);
+        match self.read_status(slot) {
+            S_OK => {
+                let mut id = [0u8; ID_BYTES];
+                // SAFETY: the 20 id bytes at offset 32 of the slot, written by the device
+                // before completion.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(self.slot_ptr(slot).add(32), id.as_mut_ptr(), ID_BYTES)
+                };
+                let end = id.iter().position(|&c| c == 0).unwrap_or(ID_BYTES);
+                let s: String = String::from_utf8_lossy(&id[..end])
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .collect();
+                let s = s.trim().to_string();
+                Ok(if s.is_empty() { None } else { Some(s) })
+            }
+            S_IOERR | S_UNSUPP => Ok(None),
+            other => Err(IoError::ControllerFailed(format!(
+                "invalid virtio-blk status byte {other:#x} for GET_ID"
+            ))),
+        }
+    }
+}
+
+impl ChannelDriver for BlkChannel {
+    fn queue(&mut self, c: Child) -> Result<(), Child> {
+        if let Some(e) = &self.failed {
+            self.dead.push(ChildDone {
+                parent: c.parent,
+                result: Err(e.clone()),
+            });
+            return Ok(());
+        }
+        let Some(slot) = self.free_slots.pop() else {
+            return Err(c);
+        };
+        let sh = &*self.shared;
+        let base = self.slots_base + (slot as usize * sh.slot_stride) as u64;
+        let sector = c.lba * sh.sectors_per_block;
+        let mut segs = std::mem::take(&mut self.segs);
+        segs.clear();
+        segs.push(Segment { addr: base, len: 16 });
+        let n_out;
+        match c.op {
+            IoOp::Read | IoOp::Write => {
+                let ty = if c.op == IoOp::Read { T_IN } else { T_OUT };
+                self.header(slot, ty, sector);
+                let mut addr = c.addr;
+                let mut left = c.len as u64;
+                while left > 0 {
+                    let n = left.min(sh.segment_bytes);
+                    segs.push(Segment { addr, len: n as u32 });
+                    addr += n;
+                    left -= n;
+                }
+                n_out = if c.op == IoOp::Read { 1 } else { segs.len() };
+            }
+            IoOp::Flush => {
+                self.header(slot, T_FLUSH, 0);
+                n_out = 1;
+            }
+            IoOp::Unmap | IoOp::WriteZeroes => {
+                let (ty, per, flags) = if c.op == IoOp::Unmap {
+                    (T_DISCARD, sh.range_sectors_unmap, 0u32)
+                } else {
+                    (T_WRITE_ZEROES, sh.range_sectors_wz, 1u32)
+                };
+                self.header(slot, ty, 0);
+                let mut s = sector;
+                let mut left = c.blocks * sh.sectors_per_block;
+                let mut i = 0usize;
+                while left > 0 {
+                    let n = left.min(per);
+                    let mut r = [0u8; 16];
+                    r[0..8].copy_from_slice(&s.to_le_bytes());
+                    r[8..12].copy_from_slice(&(n as u32).to_le_bytes());
+                    r[12..16].copy_from_slice(&flags.to_le_bytes());
+                    self.write_slot(slot, 32 + 16 * i, &r);
+                    s += n;
+                    left -= n;
+                    i += 1;
+                }
+                segs.push(Segment {
+                    addr: base + 32,
+                    len: (16 * i) as u32,
+                });
+                n_out = 2;
+            }
+        }
+        segs.push(Segment {
+            addr: base + 16,
+            len: 1,
+        });
+        let q = self.q.as_mut().expect("queue present while not failed");
+        let r = q.add(&segs, n_out, slot as u64);
+        self.segs = segs;
+        match r {
+            Ok(()) => {
+                self.slot_parent[slot as usize] = c.parent;
+                Ok(())
+            }
+            Err(_) => {
+                self.free_slots.push(slot);
+                Err(c)
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        if let Some(q) = self.q.as_mut() {
+            if let Err(e) = q.publish() {
+                self.fail_all(IoError::ControllerFailed(e.to_string()));
+            }
+        }
+    }
+
+    fn poll(&mut self, out: &mut Vec<ChildDone>) -> usize {
+        let before = out.len();
+        if !self.dead.is_empty() {
+            out.append(&mut self.dead);
+        }
+        if self.failed.is_some() {
+            return out.len() - before;
+        }
+        let mut used = std::mem::take(&mut self.used);
+        used.clear();
+        let q = self.q.as_mut().expect("queue present while not failed");
+        let r = q.poll(|u| used.push(u));
+        let in_flight = q.in_flight();
+        for u in used.drain(..) {
+            let slot = u.token as u16;
+            let result = match self.read_status(slot) {
+                S_OK => Ok(()),
+                S_IOERR => Err(IoError::Device),
+                S_UNSUPP => Err(IoError::DeviceUnsupported),
+                S_UNSET => Err(IoError::ControllerFailed(
+                    "the device completed a request without writing its status".into(),
+                )),
+                other => Err(IoError::ControllerFailed(format!(
+                    "invalid virtio-blk status byte {other:#x}"
+                ))),
+            };
+            self.free_slots.push(slot);
+            out.push(ChildDone {
+                parent: self.slot_parent[slot as usize],
+                result,
+            });
+        }
+        self.used = used;
+        if let Some(ChildDone {
+            result: Err(IoError::ControllerFailed(why)),
+            ..
+        }) = out[before..].iter().find(|d| matches!(d.result, Err(IoError::ControllerFailed(_))))
+        {
+            let why = why.clone();
+            self.fail_all(IoError::ControllerFailed(why));
+        }
+        if let Err(e) = r {
+            self.fail_all(IoError::ControllerFailed(e.to_string()));
+        } else if out.len() == before && in_flight > 0 && self.shared.broken.load(Ordering::Relaxed)
+        {
+            self.fail_all(IoError::Disconnected);
+        }
+        out.append(&mut self.dead);
+        out.len() - before
+    }
+
+    fn in_flight(&self) -> usize {
+        if self.failed.is_some() {
+            return 0;
+        }
+        self.q.as_ref().map_or(0, |q| q.in_flight() as usize)
+    }
+}
+
+impl Drop for BlkChannel {
+    fn drop(&mut self) {
+        self.shared.channels_open.fetch_sub(1, Ordering::Relaxed);
+        let Some(q) = self.q.take() else { return };
+        if self.leak || q.in_flight() > 0 || self.failed.is_some() {
+            // The device may still use this ring and these slots.
+            if self.failed.is_none() || self.leak {
+                std::mem::forget(q);
+                std::mem::forget(self.slots.take());
+            }
+            return;
+        }
+        self.shared
+            .queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(q);
+    }
+}

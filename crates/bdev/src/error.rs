@@ -1,0 +1,122 @@
+//! Errors of the bdev layer.
+
+use vireo_virtio::Error as VirtioError;
+
+/// Why one I/O failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IoError {
+    /// The bdev does not support the operation.
+    #[error("{op} is not supported by bdev {bdev}")]
+    Unsupported {
+        /// Operation name.
+        op: &'static str,
+        /// Bdev name.
+        bdev: String,
+    },
+    /// The range lies (partly) beyond the end of the bdev.
+    #[error("blocks {offset}..{end} are beyond the end of the bdev ({num_blocks} blocks)")]
+    OutOfRange {
+        /// First block.
+        offset: u64,
+        /// One past the last block.
+        end: u64,
+        /// Size of the bdev.
+        num_blocks: u64,
+    },
+    /// A write to a read-only bdev.
+    #[error("bdev {0} is read-only")]
+    ReadOnly(String),
+    /// The buffer does not match the request.
+    #[error("invalid buffer: {0}")]
+    InvalidBuffer(String),
+    /// A zero-length or otherwise malformed request.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The device reported a media or transport error (virtio-blk `IOERR`).
+    #[error("device reported an I/O error")]
+    Device,
+    /// The device said it does not support the request (virtio-blk `UNSUPP`).
+    #[error("device does not support the request")]
+    DeviceUnsupported,
+    /// A SCSI command failed with CHECK CONDITION.
+    #[error("SCSI check condition: sense key {key:#x}, ASC {asc:#04x}, ASCQ {ascq:#04x}")]
+    Sense {
+        /// Sense key.
+        key: u8,
+        /// Additional sense code.
+        asc: u8,
+        /// Additional sense code qualifier.
+        ascq: u8,
+    },
+    /// A SCSI or virtio-scsi status that is not success.
+    #[error("SCSI failure: {0}")]
+    Scsi(String),
+    /// The device broke the protocol; the controller is marked failed.
+    #[error("controller failed: {0}")]
+    ControllerFailed(String),
+    /// The back-end went away.
+    #[error("controller disconnected (the back-end closed the connection)")]
+    Disconnected,
+    /// No DMA memory for a bounce buffer.
+    #[error("no DMA memory for a bounce buffer: {0}")]
+    NoMemory(String),
+}
+
+/// Errors attaching controllers, opening channels and loading configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BdevError {
+    /// The transport or ring failed.
+    #[error("controller {name}: {source}")]
+    Virtio {
+        /// Controller name.
+        name: String,
+        /// Cause.
+        source: VirtioError,
+    },
+    /// The device's answers make no sense.
+    #[error("controller {name}: invalid device configuration: {reason}")]
+    BadDevice {
+        /// Controller name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The device cannot do what the configuration asks.
+    #[error("controller {name}: {reason}")]
+    Unsatisfiable {
+        /// Controller name.
+        name: String,
+        /// What is missing.
+        reason: String,
+    },
+    /// Every queue is taken by a channel.
+    #[error("bdev {bdev}: all {queues} request queues are in use by other channels (raise vq_count)")]
+    NoFreeQueue {
+        /// Bdev name.
+        bdev: String,
+        /// Queues of the controller.
+        queues: usize,
+    },
+    /// A name is taken.
+    #[error("a controller or bdev named {0} already exists")]
+    NameTaken(String),
+    /// Nothing of that name.
+    #[error("no controller or bdev named {0}")]
+    NotFound(String),
+    /// A configuration file or RPC parameter is wrong.
+    #[error("{0}")]
+    Config(String),
+    /// An I/O during bring-up failed.
+    #[error("controller {name}: {what}: {source}")]
+    Io {
+        /// Controller name.
+        name: String,
+        /// What was being done.
+        what: String,
+        /// Cause.
+        source: IoError,
+    },
+    /// The controller exists but is not usable.
+    #[error("controller {0} has failed; detach and re-attach it")]
+    Failed(String),
+}

@@ -1,0 +1,160 @@
+//! Requests, buffers and completions of the bdev I/O path.
+
+use vireo_virtio::DmaBuf;
+
+use crate::error::IoError;
+
+/// What an I/O does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IoOp {
+    /// Read blocks into the buffer.
+    Read,
+    /// Write the buffer to blocks.
+    Write,
+    /// Make written data durable.
+    Flush,
+    /// Discard (deallocate) blocks.
+    Unmap,
+    /// Write zeroes to blocks (the device may deallocate them).
+    WriteZeroes,
+}
+
+impl IoOp {
+    /// Name used in messages and statistics.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoOp::Read => "read",
+            IoOp::Write => "write",
+            IoOp::Flush => "flush",
+            IoOp::Unmap => "unmap",
+            IoOp::WriteZeroes => "write_zeroes",
+        }
+    }
+
+    /// Whether the op moves data through a buffer.
+    pub fn has_data(self) -> bool {
+        matches!(self, IoOp::Read | IoOp::Write)
+    }
+}
+
+/// A data buffer handed to the I/O path for the duration of one I/O.
+#[derive(Debug)]
+pub enum IoBuf {
+    /// A buffer in DMA memory: used in place, no copy.
+    Dma(DmaBuf),
+    /// Ordinary memory: bounced through DMA memory.
+    Heap(Vec<u8>),
+}
+
+impl IoBuf {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            IoBuf::Dma(b) => b.len(),
+            IoBuf::Heap(v) => v.len(),
+        }
+    }
+
+    /// Whether the buffer has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            IoBuf::Dma(b) => b.as_slice(),
+            IoBuf::Heap(v) => v,
+        }
+    }
+
+    /// The bytes, mutable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            IoBuf::Dma(b) => b.as_mut_slice(),
+            IoBuf::Heap(v) => v,
+        }
+    }
+}
+
+/// One I/O to submit on a channel.
+#[derive(Debug)]
+pub struct IoRequest {
+    /// The operation.
+    pub op: IoOp,
+    /// First block.
+    pub offset_blocks: u64,
+    /// Number of blocks (0 for flush).
+    pub num_blocks: u64,
+    /// Data buffer for reads and writes: exactly `num_blocks * block_size` bytes.
+    pub buf: Option<IoBuf>,
+    /// Returned unchanged in the completion.
+    pub user_data: u64,
+}
+
+impl IoRequest {
+    /// A read of `num_blocks` blocks at `offset_blocks` into `buf`.
+    pub fn read(offset_blocks: u64, num_blocks: u64, buf: IoBuf, user_data: u64) -> Self {
+        IoRequest {
+            op: IoOp::Read,
+            offset_blocks,
+            num_blocks,
+            buf: Some(buf),
+            user_data,
+        }
+    }
+
+    /// A write of `buf` to `num_blocks` blocks at `offset_blocks`.
+    pub fn write(offset_blocks: u64, num_blocks: u64, buf: IoBuf, user_data: u64) -> Self {
+        IoRequest {
+            op: IoOp::Write,
+            offset_blocks,
+            num_blocks,
+            buf: Some(buf),
+            user_data,
+        }
+    }
+
+    /// A request without data (flush, unmap, write-zeroes).
+    pub fn no_data(op: IoOp, offset_blocks: u64, num_blocks: u64, user_data: u64) -> Self {
+        IoRequest {
+            op,
+            offset_blocks,
+            num_blocks,
+            buf: None,
+            user_data,
+        }
+    }
+}
+
+/// A finished I/O.
+#[derive(Debug)]
+pub struct Completion {
+    /// The request's `user_data`.
+    pub user_data: u64,
+    /// The operation.
+    pub op: IoOp,
+    /// Success or why it failed.
+    pub result: Result<(), IoError>,
+    /// The request's buffer, given back (with read data filled in).
+    pub buf: Option<IoBuf>,
+}
+
+/// A request refused before it reached the device; the buffer is given back.
+#[derive(Debug)]
+pub struct Rejected {
+    /// Why.
+    pub error: IoError,
+    /// The request's `user_data`.
+    pub user_data: u64,
+    /// The buffer.
+    pub buf: Option<IoBuf>,
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for Rejected {}

@@ -1,0 +1,210 @@
+//! Attached controllers and their bdevs, by name.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use vireo_virtio::{DmaMemory, VhostUserTransport};
+
+use crate::bdev::Bdev;
+use crate::blk::{BlkController, BlkParams};
+use crate::config::{AttachParams, ConfigCall, DevType, TrType};
+use crate::error::BdevError;
+
+/// An attached controller of any type.
+#[derive(Debug)]
+pub enum Controller {
+    /// virtio-blk.
+    Blk(BlkController),
+}
+
+impl Controller {
+    /// The controller's bdevs.
+    pub fn bdevs(&self) -> Vec<Arc<Bdev>> {
+        match self {
+            Controller::Blk(c) => vec![c.bdev().clone()],
+        }
+    }
+
+    /// Why the controller failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        match self {
+            Controller::Blk(c) => c.failure(),
+        }
+    }
+
+    fn detach(self) -> Result<(), BdevError> {
+        match self {
+            Controller::Blk(c) => c.detach(),
+        }
+    }
+}
+
+struct Entry {
+    params: AttachParams,
+    controller: Controller,
+}
+
+/// All controllers of a process.
+pub struct Registry {
+    memory: Arc<DmaMemory>,
+    entries: Mutex<Vec<Entry>>,
+    hotplug: Mutex<Option<(bool, Option<u64>)>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// An empty registry whose controllers share `memory`.
+    pub fn new(memory: Arc<DmaMemory>) -> Registry {
+        Registry {
+            memory,
+            entries: Mutex::new(Vec::new()),
+            hotplug: Mutex::new(None),
+        }
+    }
+
+    /// The DMA memory shared by all controllers.
+    pub fn memory(&self) -> &Arc<DmaMemory> {
+        &self.memory
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Attach a controller and return its bdevs.
+    pub fn attach(&self, params: &AttachParams) -> Result<Vec<Arc<Bdev>>, BdevError> {
+        {
+            let entries = self.lock();
+            if entries.iter().any(|e| {
+                e.params.name == params.name
+                    || e.controller.bdevs().iter().any(|b| b.name() == params.name)
+            }) {
+                return Err(BdevError::NameTaken(params.name.clone()));
+            }
+        }
+        let controller = match params.trtype {
+            TrType::Pci => {
+                return Err(BdevError::Unsatisfiable {
+                    name: params.name.clone(),
+                    reason: format!(
+                        "trtype \"pci\" ({}) is not available in this build yet; use trtype \"user\"",
+                        params.traddr
+                    ),
+                })
+            }
+            TrType::User => {
+                let t = VhostUserTransport::connect(Path::new(&params.traddr), self.memory.clone())
+                    .map_err(|source| BdevError::Virtio {
+                        name: params.name.clone(),
+                        source,
+                    })?;
+                match params.dev_type {
+                    DevType::Blk => Controller::Blk(BlkController::attach(
+                        &BlkParams {
+                            name: params.name.clone(),
+                            vq_count: params.vq_count,
+                            vq_size: params.vq_size,
+                        },
+                        Box::new(t),
+                    )?),
+                    DevType::Scsi => {
+                        return Err(BdevError::Unsatisfiable {
+                            name: params.name.clone(),
+                            reason: "dev_type \"scsi\" is not available in this build yet".into(),
+                        })
+                    }
+                }
+            }
+        };
+        let bdevs = controller.bdevs();
+        let mut entries = self.lock();
+        if entries.iter().any(|e| e.params.name == params.name) {
+            return Err(BdevError::NameTaken(params.name.clone()));
+        }
+        entries.push(Entry {
+            params: params.clone(),
+            controller,
+        });
+        Ok(bdevs)
+    }
+
+    /// Apply a parsed configuration.
+    pub fn apply(&self, calls: &[ConfigCall]) -> Result<Vec<Arc<Bdev>>, BdevError> {
+        let mut all = Vec::new();
+        for c in calls {
+            match c {
+                ConfigCall::Attach(p) => all.extend(self.attach(p)?),
+                ConfigCall::BlkHotplug { enable, period_us } => {
+                    *self.hotplug.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((*enable, *period_us));
+                }
+            }
+        }
+        Ok(all)
+    }
+
+    /// Detach a controller by name.
+    pub fn detach(&self, name: &str) -> Result<(), BdevError> {
+        let mut entries = self.lock();
+        let pos = entries
+            .iter()
+            .position(|e| e.params.name == name)
+            .ok_or_else(|| BdevError::NotFound(name.to_string()))?;
+        let e = entries.remove(pos);
+        let params = e.params.clone();
+        if let Err(err) = e.controller.detach() {
+            // Not detached: the controller is gone from the registry only if it stopped.
+            tracing::warn!(controller = %params.name, "detach failed: {err}");
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Every bdev, in attach order.
+    pub fn bdevs(&self) -> Vec<Arc<Bdev>> {
+        self.lock()
+            .iter()
+            .flat_map(|e| e.controller.bdevs())
+            .collect()
+    }
+
+    /// A bdev by name.
+    pub fn bdev(&self, name: &str) -> Option<Arc<Bdev>> {
+        self.bdevs().into_iter().find(|b| b.name() == name)
+    }
+
+    /// Controllers: (params, failure).
+    pub fn controllers(&self) -> Vec<(AttachParams, Option<String>)> {
+        self.lock()
+            .iter()
+            .map(|e| (e.params.clone(), e.controller.failure()))
+            .collect()
+    }
+
+    /// The configuration that recreates the current state (SPDK `save_config` shape).
+    pub fn save_config(&self) -> serde_json::Value {
+        let mut config: Vec<serde_json::Value> = self
+            .lock()
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "method": "bdev_virtio_attach_controller",
+                    "params": e.params.to_json(),
+                })
+            })
+            .collect();
+        if let Some((enable, period)) = *self.hotplug.lock().unwrap_or_else(|e| e.into_inner()) {
+            let mut p = serde_json::json!({ "enable": enable });
+            if let Some(us) = period {
+                p["period_us"] = us.into();
+            }
+            config.push(serde_json::json!({"method":"bdev_virtio_blk_set_hotplug","params":p}));
+        }
+        serde_json::json!({"subsystems":[{"subsystem":"bdev","config":config}]})
+    }
+}
