@@ -278,10 +278,8 @@ impl BlkController {
         } else {
             0
         };
-        let segment_bytes: u64 = if has(bf::SIZE_MAX) {
-            if cfg.size_max == 0 {
-                return Err(bad(name, "size_max is 0"));
-            }
+        // A size_max of 0 (offered but unset, as some targets do) means no limit.
+        let segment_bytes: u64 = if has(bf::SIZE_MAX) && cfg.size_max != 0 {
             cfg.size_max as u64
         } else {
             1 << 22

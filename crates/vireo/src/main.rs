@@ -1,1 +1,291 @@
-fn main() {}
+//! `vireo`: a userspace, polled-mode virtio storage initiator.
+
+mod perf;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use vireo_bdev::{load_config, Bdev, Registry};
+use vireo_virtio::{DmaConfig, DmaMemory};
+
+#[derive(Parser, Debug)]
+#[command(name = "vireo", version, about = "Userspace polled-mode virtio storage initiator")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Attach the controllers of a config, scan, and list the bdevs.
+    Bdevs {
+        /// SPDK-style JSON configuration.
+        #[arg(short = 'c', long = "config")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a workload on bdevs (flags as in SPDK's bdevperf).
+    Perf(PerfArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct PerfArgs {
+    /// SPDK-style JSON configuration; without it, an in-process target on RAM is used.
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+    /// Bdev to run on (repeatable); default: every bdev.
+    #[arg(short = 'b', long = "bdev")]
+    bdevs: Vec<String>,
+    /// Workload.
+    #[arg(short = 'w', long = "workload", value_enum, default_value = "verify")]
+    workload: perf::Workload,
+    /// Bytes per I/O (suffixes k, m accepted).
+    #[arg(short = 'o', long = "io-size", default_value = "4096", value_parser = parse_size)]
+    io_size: usize,
+    /// Queue depth per job.
+    #[arg(short = 'q', long = "queue-depth", default_value_t = 32)]
+    queue_depth: usize,
+    /// Seconds to run.
+    #[arg(short = 't', long = "time", default_value_t = 5.0)]
+    time: f64,
+    /// Cores: a mask (0x3), a list (0,1) or ranges (0-3); one thread and channel each.
+    #[arg(short = 'm', long = "cpumask", default_value = "0x1")]
+    cores: String,
+    /// Read percentage of rw and randrw.
+    #[arg(short = 'M', long = "rwmixread", default_value_t = 50)]
+    read_percent: u32,
+    /// Seed for verify stamps and random offsets (default: time-based).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print one JSON document on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(s: &str) -> std::result::Result<usize, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1024),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1024 * 1024),
+        _ => (s, 1),
+    };
+    num.parse::<usize>()
+        .map(|n| n * mult)
+        .map_err(|e| format!("invalid size {s:?}: {e}"))
+}
+
+/// Parse `-m`: `0x3`, `0,1`, `0-3`, `[0,2]`.
+fn parse_cores(s: &str) -> Result<Vec<usize>> {
+    let s = s.trim().trim_start_matches('[').trim_end_matches(']');
+    let mut cores = Vec::new();
+    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        let mask = u128::from_str_radix(hex, 16).with_context(|| format!("invalid core mask {s:?}"))?;
+        for i in 0..128 {
+            if mask & (1u128 << i) != 0 {
+                cores.push(i);
+            }
+        }
+    } else {
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            if let Some((a, b)) = part.split_once('-') {
+                let a: usize = a.trim().parse().with_context(|| format!("invalid core range {part:?}"))?;
+                let b: usize = b.trim().parse().with_context(|| format!("invalid core range {part:?}"))?;
+                if a > b {
+                    bail!("invalid core range {part:?}");
+                }
+                cores.extend(a..=b);
+            } else {
+                cores.push(part.trim().parse().with_context(|| format!("invalid core {part:?}"))?);
+            }
+        }
+    }
+    if cores.is_empty() {
+        bail!("no cores in {s:?}");
+    }
+    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if let Some(&c) = cores.iter().find(|&&c| c >= n.max(1024)) {
+        bail!("core {c} does not exist");
+    }
+    Ok(cores)
+}
+
+fn registry() -> Result<Registry> {
+    let mem = DmaMemory::new(DmaConfig::default()).context("cannot set up DMA memory")?;
+    Ok(Registry::new(mem))
+}
+
+fn attach_config(reg: &Registry, path: &PathBuf) -> Result<Vec<Arc<Bdev>>> {
+    let calls = load_config(path)?;
+    Ok(reg.apply(&calls)?)
+}
+
+fn cmd_bdevs(config: PathBuf, json: bool) -> Result<()> {
+    let reg = registry()?;
+    let bdevs = attach_config(&reg, &config)?;
+    if json {
+        let infos: Vec<_> = bdevs.iter().map(|b| b.info().clone()).collect();
+        println!("{}", serde_json::to_string_pretty(&infos)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:>6} {:>14} {:>12} {:>6} {:>5} {:>5} {:>5} {:>5} {:>10} {:>10}  serial",
+        "name", "bs", "blocks", "capacity", "queues", "qsize", "unmap", "flush", "wzero", "max_io", "max_unmap"
+    );
+    let yn = |b: bool| if b { "yes" } else { "no" };
+    for b in &bdevs {
+        let i = b.info();
+        println!(
+            "{:<16} {:>6} {:>14} {:>12} {:>6} {:>5} {:>5} {:>5} {:>5} {:>10} {:>10}  {}",
+            i.name,
+            i.block_size,
+            i.num_blocks,
+            human(i.capacity_bytes()),
+            i.num_queues,
+            i.queue_size,
+            yn(i.ops.unmap),
+            yn(i.ops.flush),
+            yn(i.ops.write_zeroes),
+            human(i.limits.max_rw_blocks * i.block_size as u64),
+            if i.ops.unmap { human(i.limits.max_unmap_blocks * i.block_size as u64) } else { "-".into() },
+            i.serial.as_deref().unwrap_or("-"),
+        );
+    }
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn cmd_perf(a: PerfArgs) -> Result<bool> {
+    let reg = registry()?;
+    let bdevs = match &a.config {
+        Some(c) => attach_config(&reg, c)?,
+        None => bail!("an in-process target is not available yet: pass -c CONFIG"),
+    };
+    let selected: Vec<Arc<Bdev>> = if a.bdevs.is_empty() {
+        bdevs
+    } else {
+        a.bdevs
+            .iter()
+            .map(|n| {
+                reg.bdev(n).with_context(|| {
+                    let names: Vec<_> = reg.bdevs().iter().map(|b| b.name().to_string()).collect();
+                    format!("no bdev named {n:?} (have: {})", names.join(", "))
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let opts = perf::PerfOptions {
+        workload: a.workload,
+        io_size: a.io_size,
+        queue_depth: a.queue_depth,
+        seconds: a.time,
+        cores: parse_cores(&a.cores)?,
+        read_percent: a.read_percent,
+        seed,
+        progress: !a.json && perf::stderr_is_terminal(),
+    };
+    let rep = perf::run(&selected, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        print_report(&rep);
+    }
+    Ok(rep.ok())
+}
+
+fn print_report(r: &perf::PerfReport) {
+    println!(
+        "{:<16} {:>5} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",
+        "job", "core", "IOPS", "MiB/s", "avg_us", "p50_us", "p99_us", "max_us", "errors", "verify"
+    );
+    for j in r.jobs.iter().chain(std::iter::once(&r.total)) {
+        println!(
+            "{:<16} {:>5} {:>12.0} {:>10.2} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>8} {:>8}",
+            j.bdev,
+            j.core.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+            j.iops,
+            j.mib_per_s,
+            j.latency_us.mean,
+            j.latency_us.p50,
+            j.latency_us.p99,
+            j.latency_us.max,
+            j.errors,
+            j.verify_failures
+        );
+    }
+    if let Some(e) = &r.total.first_error {
+        println!("first error: {e}");
+    }
+    if let Some(l) = r.total.first_mismatch_lba {
+        println!("first verify mismatch at LBA {l}");
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Bdevs { config, json } => cmd_bdevs(config, json).map(|_| true),
+        Cmd::Perf(a) => cmd_perf(a),
+    };
+    match r {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("vireo: error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cores_parse() {
+        assert_eq!(parse_cores("0x3").unwrap(), vec![0, 1]);
+        assert_eq!(parse_cores("0,2").unwrap(), vec![0, 2]);
+        assert_eq!(parse_cores("[0-2]").unwrap(), vec![0, 1, 2]);
+        assert!(parse_cores("0x0").is_err());
+        assert!(parse_cores("3-1").is_err());
+        assert!(parse_cores("x").is_err());
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("4k").unwrap(), 4096);
+        assert_eq!(parse_size("1M").unwrap(), 1 << 20);
+        assert!(parse_size("abc").is_err());
+    }
+}

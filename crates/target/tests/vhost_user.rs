@@ -1,0 +1,631 @@
+//! End-to-end tests of the vhost-user-blk target over its socket, with rust-vmm's vhost-user
+//! front-end for the control plane. The few I/O tests place descriptors in shared memory by
+//! hand (a test harness, not a driver: no free list, no interrupt handling) to check that the
+//! daemon really serves rings, faults included.
+
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vireo_target::{spawn_blk_target, Backing, BlkTargetConfig, TargetError, TargetHandle};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+const PROTOCOL_FEATURES: u64 = 1 << 30;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+fn socket(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("blk.sock")
+}
+
+fn ram_target(path: &Path, size_bytes: u64) -> TargetHandle {
+    spawn_blk_target(
+        path,
+        BlkTargetConfig {
+            backend: Backing::Ram { size_bytes },
+            ..Default::default()
+        },
+    )
+    .expect("target starts")
+}
+
+/// Connects and negotiates everything the target offers.
+fn handshake(path: &Path, queues: u64) -> Frontend {
+    let mut fe = Frontend::connect(path, queues).expect("connect");
+    fe.set_owner().expect("set_owner");
+    let features = fe.get_features().expect("get_features");
+    fe.set_features(features).expect("set_features");
+    let proto = fe.get_protocol_features().expect("get_protocol_features");
+    fe.set_protocol_features(proto)
+        .expect("set_protocol_features");
+    fe
+}
+
+fn read_config(fe: &mut Frontend, offset: u32, size: u32) -> Vec<u8> {
+    let (_, payload) = fe
+        .get_config(
+            offset,
+            size,
+            VhostUserConfigFlags::WRITABLE,
+            &vec![0u8; size as usize],
+        )
+        .expect("get_config");
+    payload
+}
+
+fn le32(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+}
+
+/// Runs `f` on another thread and fails the test if it takes longer than `limit`.
+fn within<T: Send + 'static>(limit: Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("{what} took longer than {limit:?}"))
+}
+
+#[test]
+fn handshake_features_and_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket(&dir);
+    let target = spawn_blk_target(
+        &path,
+        BlkTargetConfig {
+            backend: Backing::Ram { size_bytes: 8 << 20 },
+            block_size: 4096,
+            num_queues: 2,
+            seg_max: 5,
+            size_max: 65536,
+            max_discard_seg: 3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(target.socket_path(), path);
+    assert_eq!(target.capacity_sectors(), (8 << 20) / 512);
+
+    let mut fe = Frontend::connect(&path, 2).unwrap();
+    fe.set_owner().unwrap();
+    let features = fe.get_features().unwrap();
+    for bit in [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_MQ,
+        VIRTIO_BLK_F_DISCARD,
+        PROTOCOL_FEATURES,
+    ] {
+        assert_ne!(features & bit, 0, "feature {bit:#x} offered");
+    }
+    assert_eq!(features & VIRTIO_BLK_F_RO, 0);
+    fe.set_features(features).unwrap();
+
+    let proto = fe.get_protocol_features().unwrap();
+    for f in [
+        VhostUserProtocolFeatures::MQ,
+        VhostUserProtocolFeatures::CONFIG,
+        VhostUserProtocolFeatures::REPLY_ACK,
+        VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+    ] {
+        assert!(proto.contains(f), "{f:?} offered");
+    }
+    fe.set_protocol_features(proto).unwrap();
+    assert_eq!(fe.get_queue_num().unwrap(), 2);
+    assert!(fe.get_max_mem_slots().unwrap() > 8);
+
+    let config = read_config(&mut fe, 0, 60);
+    assert_eq!(
+        u64::from_le_bytes(config[0..8].try_into().unwrap()),
+        (8 << 20) / 512
+    );
+    assert_eq!(le32(&config, 8), 65536);
+    assert_eq!(le32(&config, 12), 5);
+    assert_eq!(le32(&config, 20), 4096);
+    assert_eq!(u16::from_le_bytes([config[34], config[35]]), 2);
+    assert_eq!(le32(&config, 40), 3);
+    // A window in the middle, as a driver reading one field does.
+    assert_eq!(read_config(&mut fe, 20, 4), 4096u32.to_le_bytes());
+    // Bigger than the structure: zero padded.
+    let big = read_config(&mut fe, 0, 256);
+    assert_eq!(&big[..60], &config[..]);
+    assert!(big[96..].iter().all(|&b| b == 0));
+
+    drop(fe);
+    target.stop();
+    assert!(!path.exists(), "socket removed on stop");
+}
+
+#[test]
+fn read_only_is_offered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket(&dir);
+    let _target = spawn_blk_target(
+        &path,
+        BlkTargetConfig {
+            backend: Backing::Ram { size_bytes: 1 << 20 },
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let fe = Frontend::connect(&path, 1).unwrap();
+    fe.set_owner().unwrap();
+    assert_ne!(fe.get_features().unwrap() & VIRTIO_BLK_F_RO, 0);
+}
+
+#[test]
+fn serves_one_front_end_after_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket(&dir);
+    let target = ram_target(&path, 1 << 20);
+    for round in 1..=3u64 {
+        let mut fe = handshake(&path, 1);
+        let config = read_config(&mut fe, 0, 8);
+        assert_eq!(u64::from_le_bytes(config[..8].try_into().unwrap()), 2048);
+        drop(fe);
+        // The next connect succeeds once the target has noticed the disconnect.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while target.stats().connections < round {
+            assert!(Instant::now() < deadline, "connection {round} not counted");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    // A client that connects and leaves without a word does not break the loop.
+    drop(UnixStream::connect(&path).unwrap());
+    let mut fe = handshake(&path, 1);
+    assert_eq!(read_config(&mut fe, 20, 4), 512u32.to_le_bytes());
+    drop(fe);
+    within(Duration::from_secs(5), "stop", move || target.stop());
+}
+
+#[test]
+fn stop_without_any_front_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket(&dir);
+    let target = ram_target(&path, 1 << 20);
+    assert!(path.exists());
+    within(Duration::from_secs(5), "stop", move || target.stop());
+    assert!(!path.exists());
+}
+
+#[test]
+fn stop_with_a_connected_front_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket(&dir);
+    let target = ram_target(&path, 1 << 20);
+    let fe = handshake(&path, 1);
+    // A second client waits in the backlog meanwhile.
+    let _queued = UnixStream::connect(&path).unwrap();
+    let start = Instant::now();
+    within(Duration::from_secs(5), "stop", move || target.stop());
+    assert!(start.elapsed() < Duration::from_secs(2));
+    // The front-end sees the connection gone.
+    assert!(fe.get_features().is_err());
+}
+
+#[test]
+fn drop_stops_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket(&dir);
+    let target = ram_target(&path, 1 << 20);
+    let _fe = handshake(&path, 1);
+    within(Duration::from_secs(5), "drop", move || drop(target));
+    assert!(!path.exists());
+}
+
+#[test]
+fn start_errors_are_typed() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = spawn_blk_target(
+        &dir.path().join("no/such/dir/blk.sock"),
+        BlkTargetConfig::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, TargetError::Listen { .. }), "{e}");
+    assert!(e.to_string().contains("no/such/dir"), "{e}");
+
+    let e = spawn_blk_target(
+        &socket(&dir),
+        BlkTargetConfig {
+            block_size: 1000,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, TargetError::InvalidConfig { field: "block_size", .. }),
+        "{e}"
+    );
+
+    let e = spawn_blk_target(
+        &socket(&dir),
+        BlkTargetConfig {
+            backend: Backing::File {
+                path: dir.path().join("missing.img"),
+                size_bytes: None,
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, TargetError::OpenBacking { .. }), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// I/O over the socket.
+
+const QUEUE_SIZE: u16 = 64;
+const MEM_SIZE: usize = 16 << 20;
+/// Per-request scratch: header at +0, status at +16, data from DATA_BASE.
+const SLOT_BASE: u64 = 0x10_0000;
+const DATA_BASE: u64 = 0x20_0000;
+
+/// Shared guest memory, a connection and hand-placed rings.
+struct Harness {
+    fe: Frontend,
+    mem: GuestMemoryMmap<()>,
+    _file: File,
+    queues: Vec<Ring>,
+}
+
+struct Ring {
+    base: u64,
+    next_desc: u16,
+    avail_idx: u16,
+    used_seen: u16,
+    kick: EventFd,
+    _call: EventFd,
+}
+
+impl Ring {
+    fn desc(&self) -> u64 {
+        self.base
+    }
+    fn avail(&self) -> u64 {
+        self.base + 0x1000
+    }
+    fn used(&self) -> u64 {
+        self.base + 0x2000
+    }
+}
+
+/// A request to place: descriptors as `(guest address, length, device_writable)`.
+type Chain = Vec<(u64, u32, bool)>;
+
+impl Harness {
+    fn connect(path: &Path, queues: usize) -> Self {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(MEM_SIZE as u64).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+            GuestAddress(0),
+            MEM_SIZE,
+            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+        )])
+        .unwrap();
+        let mut fe = handshake(path, queues as u64);
+        let regions: Vec<VhostUserMemoryRegionInfo> = mem
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).unwrap())
+            .collect();
+        fe.set_mem_table(&regions).unwrap();
+        let host = mem.iter().next().unwrap().as_ptr() as u64;
+
+        let mut rings = Vec::new();
+        for q in 0..queues {
+            let ring = Ring {
+                base: (q as u64) * 0x1_0000,
+                next_desc: 0,
+                avail_idx: 0,
+                used_seen: 0,
+                kick: EventFd::new(0).unwrap(),
+                _call: EventFd::new(0).unwrap(),
+            };
+            fe.set_vring_num(q, QUEUE_SIZE).unwrap();
+            fe.set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: QUEUE_SIZE,
+                    queue_size: QUEUE_SIZE,
+                    flags: 0,
+                    desc_table_addr: host + ring.desc(),
+                    used_ring_addr: host + ring.used(),
+                    avail_ring_addr: host + ring.avail(),
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+            fe.set_vring_base(q, 0).unwrap();
+            fe.set_vring_call(q, &ring._call).unwrap();
+            fe.set_vring_kick(q, &ring.kick).unwrap();
+            fe.set_vring_enable(q, true).unwrap();
+            rings.push(ring);
+        }
+        Harness {
+            fe,
+            mem,
+            _file: file,
+            queues: rings,
+        }
+    }
+
+    /// Places the chains on queue `q`, publishes them with one avail index update and kicks.
+    fn submit(&mut self, q: usize, chains: &[Chain]) {
+        let mem = &self.mem;
+        let ring = &mut self.queues[q];
+        for chain in chains {
+            let head = ring.next_desc;
+            for (i, &(addr, len, writable)) in chain.iter().enumerate() {
+                let index = ring.next_desc;
+                ring.next_desc = (ring.next_desc + 1) % QUEUE_SIZE;
+                let last = i + 1 == chain.len();
+                let flags: u16 = u16::from(!last) | if writable { 2 } else { 0 };
+                let at = ring.desc() + u64::from(index) * 16;
+                mem.write_obj(addr, GuestAddress(at)).unwrap();
+                mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+                mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+                mem.write_obj(ring.next_desc, GuestAddress(at + 14))
+                    .unwrap();
+            }
+            let slot = ring.avail() + 4 + u64::from(ring.avail_idx % QUEUE_SIZE) * 2;
+            mem.write_obj(head, GuestAddress(slot)).unwrap();
+            ring.avail_idx = ring.avail_idx.wrapping_add(1);
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        mem.write_obj(ring.avail_idx, GuestAddress(ring.avail() + 2))
+            .unwrap();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        ring.kick.write(1).unwrap();
+    }
+
+    /// Waits for `n` more used entries on queue `q`; returns `(head, len)` in used-ring order.
+    fn wait_used(&mut self, q: usize, n: u16) -> Vec<(u32, u32)> {
+        self.try_wait_used(q, n, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{n} completions on queue {q} did not arrive"))
+    }
+
+    fn try_wait_used(&mut self, q: usize, n: u16, timeout: Duration) -> Option<Vec<(u32, u32)>> {
+        let deadline = Instant::now() + timeout;
+        let ring = &mut self.queues[q];
+        loop {
+            let idx: u16 = self.mem.read_obj(GuestAddress(ring.used() + 2)).unwrap();
+            if idx.wrapping_sub(ring.used_seen) >= n {
+                break;
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let at = ring.used() + 4 + u64::from(ring.used_seen % QUEUE_SIZE) * 8;
+            let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
+            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
+            out.push((id, len));
+            ring.used_seen = ring.used_seen.wrapping_add(1);
+        }
+        Some(out)
+    }
+
+    fn slot(n: u64) -> u64 {
+        SLOT_BASE + n * 32
+    }
+
+    /// A request in scratch slot `n`: header, then `data` segments, then the status byte.
+    fn request(&self, n: u64, t: u32, sector: u64, data: &[(u64, u32)]) -> Chain {
+        let hdr = Self::slot(n);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&t.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+        self.mem.write_obj(0xffu8, GuestAddress(hdr + 16)).unwrap();
+        let device_writes = t != T_OUT;
+        let mut chain = vec![(hdr, 16, false)];
+        chain.extend(data.iter().map(|&(a, l)| (a, l, device_writes)));
+        chain.push((hdr + 16, 1, true));
+        chain
+    }
+
+    fn status(&self, n: u64) -> u8 {
+        self.mem.read_obj(GuestAddress(Self::slot(n) + 16)).unwrap()
+    }
+
+    fn fill(&self, addr: u64, len: usize, seed: u8) -> Vec<u8> {
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect();
+        self.mem.write_slice(&data, GuestAddress(addr)).unwrap();
+        data
+    }
+
+    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+}
+
+#[test]
+fn io_over_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket(&dir);
+    let target = spawn_blk_target(
+        &path,
+        BlkTargetConfig {
+            backend: Backing::File {
+                path: dir.path().join("disk.img"),
+                size_bytes: Some(4 << 20),
+            },
+            seg_max: 4,
+            serial: "e2e-serial".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut h = Harness::connect(&path, 1);
+
+    let a = h.fill(DATA_BASE, 4096, 1);
+    let b = h.fill(DATA_BASE + 0x10000, 8192, 2);
+    let w = h.request(0, T_OUT, 16, &[(DATA_BASE, 4096), (DATA_BASE + 0x10000, 8192)]);
+    h.submit(0, &[w]);
+    assert_eq!(h.wait_used(0, 1), vec![(0, 1)]);
+    assert_eq!(h.status(0), S_OK);
+
+    // The data is in the file.
+    let file = std::fs::read(dir.path().join("disk.img")).unwrap();
+    assert_eq!(&file[16 * 512..16 * 512 + 4096], &a[..]);
+    assert_eq!(&file[16 * 512 + 4096..16 * 512 + 12288], &b[..]);
+
+    // Read it back, get the serial, flush, and an unknown type, in one batch.
+    let r = h.request(1, T_IN, 16, &[(DATA_BASE + 0x40000, 12288)]);
+    let id = h.request(2, T_GET_ID, 0, &[(DATA_BASE + 0x80000, 20)]);
+    let f = h.request(3, T_FLUSH, 0, &[]);
+    let u = h.request(4, 77, 0, &[]);
+    h.submit(0, &[r, id, f, u]);
+    let used = h.wait_used(0, 4);
+    assert_eq!(used, vec![(2, 12289), (5, 21), (8, 1), (10, 1)]);
+    assert_eq!(
+        [h.status(1), h.status(2), h.status(3), h.status(4)],
+        [S_OK, S_OK, S_OK, S_UNSUPP]
+    );
+    let back = h.read(DATA_BASE + 0x40000, 12288);
+    assert_eq!(&back[..4096], &a[..]);
+    assert_eq!(&back[4096..], &b[..]);
+    assert_eq!(&h.read(DATA_BASE + 0x80000, 10), b"e2e-serial");
+
+    // Five segments break seg_max 4.
+    let segs: Vec<(u64, u32)> = (0..5).map(|i| (DATA_BASE + i * 0x1000, 512)).collect();
+    let big = h.request(5, T_IN, 0, &segs);
+    h.submit(0, &[big]);
+    h.wait_used(0, 1);
+    assert_eq!(h.status(5), S_IOERR);
+
+    let s = target.stats();
+    assert_eq!((s.reads, s.writes, s.flushes, s.get_ids), (2, 1, 1, 1));
+    assert_eq!((s.unsupported, s.oversize_rejected, s.io_errors), (1, 1, 1));
+    assert_eq!(s.max_segments, 5);
+    assert_eq!(s.bytes_written, 12288);
+    assert_eq!(s.connections, 1);
+    assert!(s.kicks >= 3);
+}
+
+#[test]
+fn faults_over_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket(&dir);
+    let target = ram_target(&path, 4 << 20);
+    let mut h = Harness::connect(&path, 1);
+    let reads = |h: &Harness, first: u64, n: u64| -> Vec<Chain> {
+        (first..first + n)
+            .map(|i| h.request(i, T_IN, i * 8, &[(DATA_BASE + i * 0x1000, 4096)]))
+            .collect()
+    };
+
+    // Reordering: four requests in one batch come back in reverse.
+    target.faults().set_reorder_window(4);
+    h.submit(0, &reads(&h, 0, 4));
+    let used = h.wait_used(0, 4);
+    assert_eq!(used.iter().map(|u| u.0).collect::<Vec<_>>(), vec![9, 6, 3, 0]);
+    target.faults().set_reorder_window(0);
+    assert_eq!(target.stats().reordered_completions, 4);
+
+    // Injected errors: the next two fail, the third succeeds.
+    target.faults().fail_next(2);
+    h.submit(0, &reads(&h, 4, 3));
+    h.wait_used(0, 3);
+    assert_eq!([h.status(4), h.status(5), h.status(6)], [S_IOERR, S_IOERR, S_OK]);
+    assert_eq!(target.stats().injected_errors, 2);
+
+    // A lying used length.
+    target.faults().lie_used_len_next(1);
+    h.submit(0, &reads(&h, 7, 1));
+    let used = h.wait_used(0, 1);
+    assert_eq!(used[0].1, 4097 + 4096);
+    assert_eq!(h.status(7), S_OK);
+
+    // Delayed completions.
+    target
+        .faults()
+        .set_completion_delay(Duration::from_millis(30));
+    let start = Instant::now();
+    h.submit(0, &reads(&h, 8, 2));
+    h.wait_used(0, 2);
+    assert!(start.elapsed() >= Duration::from_millis(60));
+    target.faults().set_completion_delay(Duration::ZERO);
+
+    // Disconnect after one more request: the second is never completed.
+    target.faults().disconnect_after(1);
+    h.submit(0, &reads(&h, 10, 2));
+    let used = h.wait_used(0, 1);
+    assert_eq!(used[0].1, 4097);
+    assert!(h.try_wait_used(0, 1, Duration::from_millis(300)).is_none());
+    assert!(h.fe.get_features().is_err(), "connection dropped");
+    assert_eq!(target.stats().injected_disconnects, 1);
+    assert!(!target.faults().disconnect_armed());
+
+    // The target serves the next front-end as usual.
+    let mut h = Harness::connect(&path, 1);
+    h.submit(0, &reads(&h, 0, 1));
+    h.wait_used(0, 1);
+    assert_eq!(h.status(0), S_OK);
+    assert_eq!(target.stats().connections, 2);
+    within(Duration::from_secs(5), "stop", move || target.stop());
+}
+
+#[test]
+fn two_queues_in_parallel() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket(&dir);
+    let target = spawn_blk_target(
+        &path,
+        BlkTargetConfig {
+            backend: Backing::Ram { size_bytes: 4 << 20 },
+            num_queues: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut h = Harness::connect(&path, 2);
+    let d0 = h.fill(DATA_BASE, 4096, 7);
+    let d1 = h.fill(DATA_BASE + 0x1000, 4096, 8);
+    let w0 = h.request(0, T_OUT, 0, &[(DATA_BASE, 4096)]);
+    let w1 = h.request(1, T_OUT, 8, &[(DATA_BASE + 0x1000, 4096)]);
+    h.submit(0, &[w0]);
+    h.submit(1, &[w1]);
+    h.wait_used(0, 1);
+    h.wait_used(1, 1);
+    // Read each queue's data through the other queue.
+    let r0 = h.request(2, T_IN, 8, &[(DATA_BASE + 0x10000, 4096)]);
+    let r1 = h.request(3, T_IN, 0, &[(DATA_BASE + 0x20000, 4096)]);
+    h.submit(0, &[r0]);
+    h.submit(1, &[r1]);
+    h.wait_used(0, 1);
+    h.wait_used(1, 1);
+    assert_eq!(h.read(DATA_BASE + 0x10000, 4096), d1);
+    assert_eq!(h.read(DATA_BASE + 0x20000, 4096), d0);
+    assert_eq!(target.stats().ok, 4);
+    // Stop with rings live.
+    within(Duration::from_secs(5), "stop", move || target.stop());
+}

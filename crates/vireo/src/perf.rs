@@ -1,0 +1,637 @@
+//! `vireo perf`: a bdevperf-style load generator with verification.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use vireo_bdev::{Bdev, Completion, IoBuf, IoChannel, IoOp, IoRequest};
+
+/// What each I/O of a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// Sequential reads.
+    Read,
+    /// Sequential writes.
+    Write,
+    /// Random reads.
+    Randread,
+    /// Random writes.
+    Randwrite,
+    /// Sequential mix of reads and writes (-M).
+    Rw,
+    /// Random mix of reads and writes (-M).
+    Randrw,
+    /// Write stamped blocks, read them back and compare.
+    Verify,
+    /// Unmap (discard).
+    Unmap,
+    /// Flush.
+    Flush,
+    /// Write zeroes.
+    #[value(name = "write_zeroes")]
+    WriteZeroes,
+}
+
+impl Workload {
+    fn random(self) -> bool {
+        matches!(self, Workload::Randread | Workload::Randwrite | Workload::Randrw)
+    }
+}
+
+/// Options of one run.
+#[derive(Debug, Clone)]
+pub struct PerfOptions {
+    /// Workload.
+    pub workload: Workload,
+    /// Bytes per I/O.
+    pub io_size: usize,
+    /// Queue depth per job.
+    pub queue_depth: usize,
+    /// Seconds to run.
+    pub seconds: f64,
+    /// CPU cores, one thread each.
+    pub cores: Vec<usize>,
+    /// Read percentage of rw/randrw.
+    pub read_percent: u32,
+    /// Seed of the verify stamps and the random offsets.
+    pub seed: u64,
+    /// Print a progress line each second.
+    pub progress: bool,
+}
+
+/// Latency summary in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyUs {
+    /// Mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+/// Results of a job or of the whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobReport {
+    /// Bdev name (or "total").
+    pub bdev: String,
+    /// Core the job ran on (none for the total).
+    pub core: Option<usize>,
+    /// I/Os per second.
+    pub iops: f64,
+    /// MiB per second.
+    pub mib_per_s: f64,
+    /// Latency.
+    pub latency_us: LatencyUs,
+    /// Completed I/Os.
+    pub ios: u64,
+    /// Failed I/Os.
+    pub errors: u64,
+    /// Reads whose data did not match what was written.
+    pub verify_failures: u64,
+    /// First mismatching LBA, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_mismatch_lba: Option<u64>,
+    /// First error message, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
+    /// Seconds measured.
+    pub seconds: f64,
+}
+
+/// The whole report (`--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct PerfReport {
+    /// Workload name.
+    pub workload: String,
+    /// Bytes per I/O.
+    pub io_size: usize,
+    /// Queue depth per job.
+    pub queue_depth: usize,
+    /// Per job.
+    pub jobs: Vec<JobReport>,
+    /// All jobs together.
+    pub total: JobReport,
+}
+
+impl PerfReport {
+    /// Whether every I/O succeeded and every verify matched.
+    pub fn ok(&self) -> bool {
+        self.total.errors == 0 && self.total.verify_failures == 0 && self.total.ios > 0
+    }
+}
+
+struct JobResult {
+    bdev: String,
+    core: usize,
+    hist: Histogram<u64>,
+    ios: u64,
+    bytes: u64,
+    errors: u64,
+    verify_failures: u64,
+    first_mismatch: Option<u64>,
+    first_error: Option<String>,
+    elapsed: f64,
+}
+
+/// xorshift64*: fast, good enough for offsets and fill patterns.
+#[derive(Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    #[inline]
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// Fill `buf` (starting at `lba`) with blocks stamped with LBA, seed and generation.
+pub fn stamp(buf: &mut [u8], block_size: usize, lba: u64, seed: u64, gen: u64) {
+    for (i, block) in buf.chunks_mut(block_size).enumerate() {
+        let l = lba + i as u64;
+        block[0..8].copy_from_slice(&l.to_le_bytes());
+        block[8..16].copy_from_slice(&seed.to_le_bytes());
+        block[16..24].copy_from_slice(&gen.to_le_bytes());
+        let mut r = Rng::new(l ^ seed.rotate_left(17) ^ gen.rotate_left(41));
+        for w in block[24..].chunks_mut(8) {
+            let v = r.next().to_le_bytes();
+            w.copy_from_slice(&v[..w.len()]);
+        }
+    }
+}
+
+/// The first block of `buf` (starting at `lba`) that does not carry the stamp.
+pub fn check_stamp(buf: &[u8], block_size: usize, lba: u64, seed: u64, gen: u64) -> Option<u64> {
+    let mut want = vec![0u8; block_size];
+    for (i, block) in buf.chunks(block_size).enumerate() {
+        let l = lba + i as u64;
+        stamp(&mut want, block_size, l, seed, gen);
+        if block != &want[..block.len()] {
+            return Some(l);
+        }
+    }
+    None
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Write,
+    Read,
+}
+
+struct Slot {
+    buf: Option<IoBuf>,
+    lba: u64,
+    gen: u64,
+    phase: Phase,
+    start: Instant,
+}
+
+struct Job {
+    bdev: Arc<Bdev>,
+    ch: IoChannel,
+    core: usize,
+    /// Blocks of this job's region.
+    first: u64,
+    region: u64,
+}
+
+fn pin_to(core: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes within it; sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::warn!(core, "cannot pin thread to core");
+        }
+    }
+}
+
+fn run_job(
+    mut job: Job,
+    o: &PerfOptions,
+    stop: &AtomicBool,
+    counter: &AtomicU64,
+    barrier: &Barrier,
+    job_index: u64,
+) -> JobResult {
+    pin_to(job.core);
+    let info = job.bdev.info().clone();
+    let bs = info.block_size as usize;
+    let blocks_per_io = (o.io_size / bs) as u64;
+    let slots_in_region = (job.region / blocks_per_io.max(1)).max(1);
+    let mut rng = Rng::new(o.seed ^ job_index.wrapping_mul(0xA24B_AED4_963E_E407));
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("bounds");
+    let mut res = JobResult {
+        bdev: info.name.clone(),
+        core: job.core,
+        hist: Histogram::new(3).expect("hist"),
+        ios: 0,
+        bytes: 0,
+        errors: 0,
+        verify_failures: 0,
+        first_mismatch: None,
+        first_error: None,
+        elapsed: 0.0,
+    };
+    let qd = o.queue_depth;
+    let mut slots: Vec<Slot> = Vec::with_capacity(qd);
+    for _ in 0..qd {
+        let buf = if matches!(o.workload, Workload::Unmap | Workload::Flush | Workload::WriteZeroes)
+        {
+            None
+        } else {
+            match job.bdev.alloc_buf(o.io_size) {
+                Ok(mut b) => {
+                    b.as_mut_slice().fill(0x5a);
+                    Some(IoBuf::Dma(b))
+                }
+                Err(e) => {
+                    res.errors += 1;
+                    res.first_error = Some(e.to_string());
+                    barrier.wait();
+                    return res;
+                }
+            }
+        };
+        slots.push(Slot {
+            buf,
+            lba: 0,
+            gen: 0,
+            phase: Phase::Write,
+            start: Instant::now(),
+        });
+    }
+    let mut seq_next: u64 = 0;
+    let mut next_offset = |rng: &mut Rng| -> u64 {
+        let idx = if o.workload.random() {
+            rng.next() % slots_in_region
+        } else {
+            let i = seq_next % slots_in_region;
+            seq_next += 1;
+            i
+        };
+        job.first + idx * blocks_per_io
+    };
+    let mut gen_counter: u64 = 0;
+    barrier.wait();
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(o.seconds);
+
+    // Build and submit the I/O of slot `i`.
+    let mut submit = |ch: &mut IoChannel,
+                      slots: &mut Vec<Slot>,
+                      i: usize,
+                      rng: &mut Rng,
+                      res: &mut JobResult,
+                      new_lba: Option<u64>| {
+        let s = &mut slots[i];
+        let op = match o.workload {
+            Workload::Read | Workload::Randread => IoOp::Read,
+            Workload::Write | Workload::Randwrite => IoOp::Write,
+            Workload::Rw | Workload::Randrw => {
+                if (rng.next() % 100) < o.read_percent as u64 {
+                    IoOp::Read
+                } else {
+                    IoOp::Write
+                }
+            }
+            Workload::Verify => match s.phase {
+                Phase::Write => IoOp::Write,
+                Phase::Read => IoOp::Read,
+            },
+            Workload::Unmap => IoOp::Unmap,
+            Workload::Flush => IoOp::Flush,
+            Workload::WriteZeroes => IoOp::WriteZeroes,
+        };
+        if let Some(l) = new_lba {
+            s.lba = l;
+        }
+        if o.workload == Workload::Verify && s.phase == Phase::Write {
+            gen_counter += 1;
+            s.gen = gen_counter;
+            if let Some(b) = s.buf.as_mut() {
+                stamp(b.as_mut_slice(), bs, s.lba, o.seed, s.gen);
+            }
+        }
+        let (lba, n) = if op == IoOp::Flush {
+            (0, 0)
+        } else {
+            (s.lba, blocks_per_io)
+        };
+        let req = IoRequest {
+            op,
+            offset_blocks: lba,
+            num_blocks: n,
+            buf: if op.has_data() { s.buf.take() } else { None },
+            user_data: i as u64,
+        };
+        s.start = Instant::now();
+        if let Err(r) = ch.submit(req) {
+            res.errors += 1;
+            if res.first_error.is_none() {
+                res.first_error = Some(r.error.to_string());
+            }
+            s.buf = r.buf.or(s.buf.take());
+            return false;
+        }
+        true
+    };
+
+    let mut in_flight = 0usize;
+    for i in 0..qd {
+        let l = next_offset(&mut rng);
+        if submit(&mut job.ch, &mut slots, i, &mut rng, &mut res, Some(l)) {
+            in_flight += 1;
+        } else {
+            break;
+        }
+    }
+    let mut done: Vec<Completion> = Vec::with_capacity(qd);
+    let mut stopping = false;
+    let mut polls: u32 = 0;
+    while in_flight > 0 {
+        job.ch.poll(&mut done);
+        polls = polls.wrapping_add(1);
+        if !stopping && (polls & 63 == 0 || !done.is_empty()) {
+            if Instant::now() >= deadline || stop.load(Ordering::Relaxed) {
+                stopping = true;
+            }
+        }
+        for c in done.drain(..) {
+            in_flight -= 1;
+            let i = c.user_data as usize;
+            let lat = slots[i].start.elapsed().as_nanos() as u64;
+            slots[i].buf = c.buf.or(slots[i].buf.take());
+            let mut counted = true;
+            match c.result {
+                Ok(()) => {
+                    if o.workload == Workload::Verify {
+                        let s = &mut slots[i];
+                        match s.phase {
+                            Phase::Write => {
+                                s.phase = Phase::Read;
+                            }
+                            Phase::Read => {
+                                if let Some(b) = s.buf.as_ref() {
+                                    if let Some(bad) =
+                                        check_stamp(b.as_slice(), bs, s.lba, o.seed, s.gen)
+                                    {
+                                        res.verify_failures += 1;
+                                        if res.first_mismatch.is_none() {
+                                            res.first_mismatch = Some(bad);
+                                        }
+                                    }
+                                }
+                                s.phase = Phase::Write;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    res.errors += 1;
+                    counted = false;
+                    if res.first_error.is_none() {
+                        res.first_error = Some(e.to_string());
+                    }
+                    slots[i].phase = Phase::Write;
+                }
+            }
+            if counted {
+                res.ios += 1;
+                res.bytes += if c.op == IoOp::Flush { 0 } else { o.io_size as u64 };
+                let _ = hist.record(lat.max(1));
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            // A failed device fails everything: stop early instead of spinning on errors.
+            if res.errors > 0 && res.errors >= 16 * qd as u64 {
+                stopping = true;
+            }
+            if stopping {
+                continue;
+            }
+            // Verify: a slot reads back the blocks it just wrote before moving on.
+            let new_lba = if o.workload == Workload::Verify && slots[i].phase == Phase::Read {
+                None
+            } else {
+                Some(next_offset(&mut rng))
+            };
+            if submit(&mut job.ch, &mut slots, i, &mut rng, &mut res, new_lba) {
+                in_flight += 1;
+            }
+        }
+    }
+    res.elapsed = start.elapsed().as_secs_f64();
+    res.hist = hist;
+    res
+}
+
+fn latency(h: &Histogram<u64>) -> LatencyUs {
+    let us = |v: u64| v as f64 / 1000.0;
+    if h.is_empty() {
+        return LatencyUs {
+            mean: 0.0,
+            p50: 0.0,
+            p99: 0.0,
+            p999: 0.0,
+            max: 0.0,
+        };
+    }
+    LatencyUs {
+        mean: h.mean() / 1000.0,
+        p50: us(h.value_at_quantile(0.5)),
+        p99: us(h.value_at_quantile(0.99)),
+        p999: us(h.value_at_quantile(0.999)),
+        max: us(h.max()),
+    }
+}
+
+fn report(r: &JobResult, bdev: String, core: Option<usize>, secs: f64) -> JobReport {
+    let secs = secs.max(1e-9);
+    JobReport {
+        bdev,
+        core,
+        iops: r.ios as f64 / secs,
+        mib_per_s: r.bytes as f64 / secs / (1024.0 * 1024.0),
+        latency_us: latency(&r.hist),
+        ios: r.ios,
+        errors: r.errors,
+        verify_failures: r.verify_failures,
+        first_mismatch_lba: r.first_mismatch,
+        first_error: r.first_error.clone(),
+        seconds: secs,
+    }
+}
+
+/// Run the workload on every bdev from every core; one channel per (bdev, core).
+pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
+    if bdevs.is_empty() {
+        bail!("no bdevs to run on");
+    }
+    if o.queue_depth == 0 {
+        bail!("queue depth (-q) must be at least 1");
+    }
+    if !(o.seconds > 0.0) {
+        bail!("run time (-t) must be positive");
+    }
+    if o.read_percent > 100 {
+        bail!("read percentage (-M) must be 0..=100");
+    }
+    let no_data = matches!(o.workload, Workload::Flush);
+    let mut jobs = Vec::new();
+    for b in bdevs {
+        let info = b.info();
+        let bs = info.block_size as usize;
+        if !no_data && (o.io_size == 0 || o.io_size % bs != 0) {
+            bail!(
+                "I/O size (-o) {} must be a non-zero multiple of bdev {}'s block size {}",
+                o.io_size,
+                info.name,
+                bs
+            );
+        }
+        let per_core = info.num_blocks / o.cores.len() as u64;
+        let blocks_per_io = (o.io_size / bs) as u64;
+        if !no_data && per_core < blocks_per_io {
+            bail!(
+                "bdev {} ({} blocks) is too small for {} jobs of {}-byte I/O",
+                info.name,
+                info.num_blocks,
+                o.cores.len(),
+                o.io_size
+            );
+        }
+        for (k, &core) in o.cores.iter().enumerate() {
+            let ch = b
+                .open_channel()
+                .with_context(|| format!("cannot open an I/O channel on bdev {}", info.name))?;
+            jobs.push(Job {
+                bdev: b.clone(),
+                ch,
+                core,
+                first: per_core * k as u64,
+                region: per_core,
+            });
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let counter = Arc::new(AtomicU64::new(0));
+    let barrier = Arc::new(Barrier::new(jobs.len() + 1));
+    let mut handles = Vec::new();
+    for (idx, job) in jobs.into_iter().enumerate() {
+        let o = o.clone();
+        let stop = stop.clone();
+        let counter = counter.clone();
+        let barrier = barrier.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("perf-{idx}"))
+                .spawn(move || run_job(job, &o, &stop, &counter, &barrier, idx as u64))
+                .context("cannot start a perf thread")?,
+        );
+    }
+    barrier.wait();
+    let start = Instant::now();
+    if o.progress {
+        let mut last = 0u64;
+        let mut tick = start;
+        while handles.iter().any(|h| !h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(50));
+            if tick.elapsed() >= Duration::from_secs(1) {
+                let now = counter.load(Ordering::Relaxed);
+                let dt = tick.elapsed().as_secs_f64();
+                eprint!(
+                    "\r[{:>5.1}s] {:>10.0} IOPS {:>9.2} MiB/s   ",
+                    start.elapsed().as_secs_f64(),
+                    (now - last) as f64 / dt,
+                    (now - last) as f64 * o.io_size as f64 / dt / 1048576.0
+                );
+                last = now;
+                tick = Instant::now();
+            }
+        }
+        eprintln!();
+    }
+    let mut results = Vec::new();
+    for h in handles {
+        results.push(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a perf thread panicked"))?,
+        );
+    }
+    let mut total = JobResult {
+        bdev: "total".into(),
+        core: 0,
+        hist: Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("bounds"),
+        ios: 0,
+        bytes: 0,
+        errors: 0,
+        verify_failures: 0,
+        first_mismatch: None,
+        first_error: None,
+        elapsed: 0.0,
+    };
+    let mut job_reports = Vec::new();
+    for r in &results {
+        job_reports.push(report(r, r.bdev.clone(), Some(r.core), r.elapsed));
+        let _ = total.hist.add(&r.hist);
+        total.ios += r.ios;
+        total.bytes += r.bytes;
+        total.errors += r.errors;
+        total.verify_failures += r.verify_failures;
+        total.first_mismatch = total.first_mismatch.or(r.first_mismatch);
+        if total.first_error.is_none() {
+            total.first_error = r.first_error.clone();
+        }
+        total.elapsed = total.elapsed.max(r.elapsed);
+    }
+    let secs = total.elapsed;
+    Ok(PerfReport {
+        workload: format!("{:?}", o.workload).to_lowercase(),
+        io_size: o.io_size,
+        queue_depth: o.queue_depth,
+        jobs: job_reports,
+        total: report(&total, "total".into(), None, secs),
+    })
+}
+
+/// Whether progress lines make sense (stderr is a terminal).
+pub fn stderr_is_terminal() -> bool {
+    std::io::stderr().is_terminal()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_round_trip_and_catch_corruption() {
+        let mut b = vec![0u8; 4096 * 4];
+        stamp(&mut b, 4096, 100, 7, 3);
+        assert_eq!(check_stamp(&b, 4096, 100, 7, 3), None);
+        assert_eq!(check_stamp(&b, 4096, 100, 8, 3), Some(100));
+        assert_eq!(check_stamp(&b, 4096, 100, 7, 4), Some(100));
+        b[2 * 4096 + 1000] ^= 1;
+        assert_eq!(check_stamp(&b, 4096, 100, 7, 3), Some(102));
+        // A block written at another LBA is caught.
+        let mut c = vec![0u8; 512];
+        stamp(&mut c, 512, 5, 7, 3);
+        assert_eq!(check_stamp(&c, 512, 6, 7, 3), Some(6));
+    }
+}
