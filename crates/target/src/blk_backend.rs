@@ -8,11 +8,12 @@ use std::io;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -30,16 +31,28 @@ type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 #[derive(Default)]
 pub(crate) struct ConnectionSlot {
     handle: Mutex<Option<ShutdownHandle>>,
+    /// Set by `shutdown`: queue threads cut injected delays short.
+    closing: AtomicBool,
 }
 
 impl ConnectionSlot {
     pub(crate) fn set(&self, handle: Option<ShutdownHandle>) {
-        *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = handle;
+        let mut slot = self.handle.lock().unwrap_or_else(|p| p.into_inner());
+        if handle.is_some() {
+            self.closing.store(false, Ordering::Release);
+        }
+        *slot = handle;
+    }
+
+    pub(crate) fn closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
     /// Shuts the current connection down; false when there is none.
     pub(crate) fn shutdown(&self) -> bool {
-        match &*self.handle.lock().unwrap_or_else(|p| p.into_inner()) {
+        let slot = self.handle.lock().unwrap_or_else(|p| p.into_inner());
+        self.closing.store(true, Ordering::Release);
+        match &*slot {
             Some(handle) => {
                 handle.shutdown();
                 true
@@ -160,7 +173,7 @@ impl BlkBackend {
         let mut added = false;
         for (head, len) in entries {
             if let Some(delay) = self.faults.completion_delay() {
-                thread::sleep(delay);
+                self.sleep_unless_closing(delay);
                 vring.add_used(head, len).map_err(io::Error::other)?;
                 // A delayed completion must not wait for the ones behind it.
                 self.notify(vring, mem)?;
@@ -173,6 +186,19 @@ impl BlkBackend {
             self.notify(vring, mem)?;
         }
         Ok(())
+    }
+
+    /// Sleeps for an injected delay, cut short when the connection is going away so that
+    /// stopping the target never waits for it.
+    fn sleep_unless_closing(&self, delay: Duration) {
+        let end = Instant::now() + delay;
+        loop {
+            let now = Instant::now();
+            if now >= end || self.connection.closing() {
+                return;
+            }
+            thread::sleep((end - now).min(Duration::from_millis(5)));
+        }
     }
 
     fn notify(&self, vring: &VringRwLock<Memory>, mem: &GuestMemoryMmap<()>) -> io::Result<()> {
@@ -238,13 +264,8 @@ impl VhostUserBackend for BlkBackend {
         self.acked_features.store(0, Ordering::Release);
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        // The vrings track it themselves; only checked for consistency here.
-        let acked = self.acked_features.load(Ordering::Acquire);
-        debug!(
-            "event idx {enabled} (acked: {})",
-            acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0
-        );
+    fn set_event_idx(&self, _enabled: bool) {
+        // The vrings track EVENT_IDX themselves (vhost-user-backend sets it on each queue).
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {

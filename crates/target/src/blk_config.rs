@@ -24,6 +24,9 @@ pub const BLK_CONFIG_SIZE: usize = 96;
 /// Largest configuration space a vhost-user `GET_CONFIG` may address.
 const VHOST_USER_CONFIG_SPACE: u64 = 0x1000;
 
+/// Largest `max_discard_seg` / `max_write_zeroes_seg` (1 MiB of ranges per request).
+pub const MAX_RANGES: u32 = 65536;
+
 /// Largest number of queues: the backend maps queues to worker threads with a 64-bit mask.
 pub const MAX_QUEUES: u16 = 64;
 
@@ -159,8 +162,14 @@ impl BlkTargetConfig {
         }
         let sectors_per_block = self.block_size / SECTOR_SIZE as u32;
         if self.discard {
-            if self.max_discard_seg == 0 {
-                return Err(invalid("max_discard_seg", "must be non-zero with discard"));
+            if self.max_discard_seg == 0 || self.max_discard_seg > MAX_RANGES {
+                return Err(invalid(
+                    "max_discard_seg",
+                    format!(
+                        "{} is not in 1..={MAX_RANGES} with discard",
+                        self.max_discard_seg
+                    ),
+                ));
             }
             if self.max_discard_sectors < sectors_per_block {
                 return Err(invalid(
@@ -173,10 +182,13 @@ impl BlkTargetConfig {
             }
         }
         if self.write_zeroes {
-            if self.max_write_zeroes_seg == 0 {
+            if self.max_write_zeroes_seg == 0 || self.max_write_zeroes_seg > MAX_RANGES {
                 return Err(invalid(
                     "max_write_zeroes_seg",
-                    "must be non-zero with write_zeroes",
+                    format!(
+                        "{} is not in 1..={MAX_RANGES} with write_zeroes",
+                        self.max_write_zeroes_seg
+                    ),
                 ));
             }
             if self.max_write_zeroes_sectors < sectors_per_block {

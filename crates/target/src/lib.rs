@@ -100,6 +100,12 @@ pub enum TargetError {
         /// The error from the vhost crate.
         source: vhost::vhost_user::Error,
     },
+    /// Something other than a socket exists at the socket path (it is left alone).
+    #[error("{} exists and is not a socket; refusing to replace it", path.display())]
+    SocketPathTaken {
+        /// The socket path.
+        path: PathBuf,
+    },
     /// The accept loop's epoll or stop event cannot be set up.
     #[error("cannot set up the accept loop: {0}")]
     Poll(io::Error),

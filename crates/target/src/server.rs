@@ -2,6 +2,7 @@
 //! (and so fresh ring state) per connection, until the target is stopped.
 
 use std::io;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -173,7 +174,19 @@ pub fn spawn_blk_target(
 ) -> Result<TargetHandle, TargetError> {
     let stats = Arc::new(StatCounters::default());
     let device = Arc::new(BlkDevice::new(cfg, Arc::clone(&stats))?);
-    let listener = Listener::new(socket_path, true).map_err(|source| TargetError::Listen {
+    // A stale socket from an earlier run is replaced; anything else at the path is kept.
+    match std::fs::symlink_metadata(socket_path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            let _ = std::fs::remove_file(socket_path);
+        }
+        Ok(_) => {
+            return Err(TargetError::SocketPathTaken {
+                path: socket_path.to_path_buf(),
+            })
+        }
+        Err(_) => {}
+    }
+    let listener = Listener::new(socket_path, false).map_err(|source| TargetError::Listen {
         path: socket_path.to_path_buf(),
         source,
     })?;

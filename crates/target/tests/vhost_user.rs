@@ -251,6 +251,21 @@ fn start_errors_are_typed() {
     assert!(matches!(e, TargetError::Listen { .. }), "{e}");
     assert!(e.to_string().contains("no/such/dir"), "{e}");
 
+    // A regular file where the socket should go is not deleted.
+    let taken = dir.path().join("precious.txt");
+    std::fs::write(&taken, b"keep me").unwrap();
+    let e = spawn_blk_target(&taken, BlkTargetConfig::default()).unwrap_err();
+    assert!(matches!(e, TargetError::SocketPathTaken { .. }), "{e}");
+    assert_eq!(std::fs::read(&taken).unwrap(), b"keep me");
+
+    // A stale socket is replaced.
+    let stale = socket(&dir);
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let target = spawn_blk_target(&stale, BlkTargetConfig::default()).unwrap();
+    drop(handshake(&stale, 1));
+    target.stop();
+
     let e = spawn_blk_target(
         &socket(&dir),
         BlkTargetConfig {
@@ -653,4 +668,24 @@ fn two_queues_in_parallel() {
     assert_eq!(target.stats().ok, 4);
     // Stop with rings live.
     within(Duration::from_secs(5), "stop", move || target.stop());
+}
+
+#[test]
+fn stop_cuts_a_long_injected_delay_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket(&dir);
+    let target = ram_target(&path, 1 << 20);
+    let mut h = Harness::connect(&path, 1);
+    target
+        .faults()
+        .set_completion_delay(Duration::from_secs(60));
+    let reads: Vec<Chain> = (0..4)
+        .map(|i| h.request(i, T_IN, 0, &[(DATA_BASE + i * 0x1000, 512)]))
+        .collect();
+    h.submit(0, &reads);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(h.try_wait_used(0, 1, Duration::from_millis(10)).is_none());
+    let start = Instant::now();
+    within(Duration::from_secs(5), "stop", move || target.stop());
+    assert!(start.elapsed() < Duration::from_secs(2));
 }
