@@ -238,7 +238,9 @@ mod tests {
         let c = ReadCapacity10::for_capacity(1 << 33, 512);
         assert!(c.needs_16());
         assert_eq!(c.block_count(), 1 << 32);
-        let c = ReadCapacity10::for_capacity(1 << 32, 4096);
+        // Exactly 2^32 blocks: the last LBA is FFFFFFFFh, which already means "use 16".
+        assert!(ReadCapacity10::for_capacity(1 << 32, 512).needs_16());
+        let c = ReadCapacity10::for_capacity((1 << 32) - 1, 4096);
         assert_eq!(c.last_lba, u32::MAX - 1);
         assert!(!c.needs_16());
         assert_eq!(ReadCapacity10::parse(&c.encode()).unwrap(), c);

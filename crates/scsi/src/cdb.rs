@@ -380,9 +380,10 @@ impl CdbError {
     /// IN CDB (with a field pointer where one is known).
     pub fn sense(&self) -> Sense {
         match *self {
-            CdbError::Empty | CdbError::UnsupportedOpcode(_) => {
-                Sense::new(SenseKey::IllegalRequest, Asc::INVALID_COMMAND_OPERATION_CODE)
-            }
+            CdbError::Empty | CdbError::UnsupportedOpcode(_) => Sense::new(
+                SenseKey::IllegalRequest,
+                Asc::INVALID_COMMAND_OPERATION_CODE,
+            ),
             CdbError::TooShort { .. } | CdbError::TooLong { .. } => {
                 Sense::new(SenseKey::IllegalRequest, Asc::INVALID_FIELD_IN_CDB)
             }

@@ -235,11 +235,12 @@ impl ReportLuns {
                 max: MAX_REPORTED_LUNS,
             });
         }
-        let list_len = u32::try_from(self.luns.len() * 8).map_err(|_| EncodeError::FieldTooLong {
-            what: "REPORT LUNS list",
-            len: self.luns.len(),
-            max: MAX_REPORTED_LUNS,
-        })?;
+        let list_len =
+            u32::try_from(self.luns.len() * 8).map_err(|_| EncodeError::FieldTooLong {
+                what: "REPORT LUNS list",
+                len: self.luns.len(),
+                max: MAX_REPORTED_LUNS,
+            })?;
         let mut v = Vec::with_capacity(ReportLuns::data_len(self.luns.len()));
         v.extend_from_slice(&list_len.to_be_bytes());
         v.extend_from_slice(&[0; 4]);
@@ -308,10 +309,7 @@ mod tests {
         );
         assert_eq!(l.number(), None);
         // Well-known REPORT LUNS LUN.
-        assert_eq!(
-            Lun::REPORT_LUNS_WLUN.address(),
-            LunAddress::WellKnown(0x01)
-        );
+        assert_eq!(Lun::REPORT_LUNS_WLUN.address(), LunAddress::WellKnown(0x01));
         assert!(Lun::REPORT_LUNS_WLUN.is_well_known());
         assert!(Lun::REPORT_LUNS_WLUN.is_single_level());
         assert_eq!(Lun::REPORT_LUNS_WLUN.number(), None);

@@ -2,7 +2,7 @@
 //! parameter header, block descriptors, mode pages and the caching page.
 
 use crate::cdb::{opcode, Cdb};
-use crate::wire::{be16, be32_at, be64_at, head};
+use crate::wire::{be16, be16_at, be32_at, be64_at, head};
 use crate::{EncodeError, ParseError};
 
 /// Page codes.
@@ -154,7 +154,7 @@ pub const MODE_HEADER_6_LEN: usize = 4;
 pub const MODE_HEADER_10_LEN: usize = 8;
 
 fn device_specific(wp: bool, dpofua: bool) -> u8 {
-    if wp { 0x80 } else { 0 } | if dpofua { 0x10 } else { 0 }
+    (if wp { 0x80 } else { 0 }) | if dpofua { 0x10 } else { 0 }
 }
 
 impl ModeHeader {
@@ -375,7 +375,10 @@ impl CachingPage {
                 got: p.page,
             });
         }
-        let &b = p.data.first().ok_or(ParseError::BadLength { what, value: 0 })?;
+        let &b = p
+            .data
+            .first()
+            .ok_or(ParseError::BadLength { what, value: 0 })?;
         Ok(CachingPage {
             wce: b & 0x04 != 0,
             rcd: b & 0x01 != 0,
@@ -469,8 +472,8 @@ impl ModeParameters {
             let (&b0, &b1) = rest.first().zip(rest.get(1)).ok_or(overrun)?;
             let spf = b0 & 0x40 != 0;
             let (hdr, len, subpage) = if spf {
-                let len = rest.get(2..4).ok_or(overrun)?;
-                (4, usize::from(be16(len[0], len[1])), Some(b1))
+                let len = be16_at(rest, 2).ok_or(overrun)?;
+                (4, usize::from(len), Some(b1))
             } else {
                 (2, usize::from(b1), None)
             };
@@ -749,10 +752,7 @@ mod tests {
     fn encode_errors() {
         let mut m = disk();
         m.block_descriptors[0].block_len = 1 << 24;
-        assert!(matches!(
-            m.encode6(),
-            Err(EncodeError::OutOfRange { .. })
-        ));
+        assert!(matches!(m.encode6(), Err(EncodeError::OutOfRange { .. })));
         let mut m = disk();
         m.pages.push(ModePage {
             page: 1,
@@ -771,10 +771,7 @@ mod tests {
             ps: false,
             data: vec![0; 250],
         });
-        assert!(matches!(
-            m.encode6(),
-            Err(EncodeError::OutOfRange { .. })
-        ));
+        assert!(matches!(m.encode6(), Err(EncodeError::OutOfRange { .. })));
         assert!(m.encode10().is_ok());
         let mut m = disk();
         m.pages.push(ModePage {
@@ -856,7 +853,10 @@ mod tests {
             c.to_cdb().as_bytes(),
             &[0x5a, 0x10, 0xff, 0xff, 0, 0, 0, 0x04, 0x00, 0]
         );
-        assert_eq!(Command::parse(c.to_cdb().as_bytes()), Ok(Command::ModeSense10(c)));
+        assert_eq!(
+            Command::parse(c.to_cdb().as_bytes()),
+            Ok(Command::ModeSense10(c))
+        );
         assert!(matches!(
             Command::parse(&[0x5a, 0, 0]),
             Err(CdbError::TooShort { need: 10, .. })

@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use crate::cdb::{opcode, Cdb};
 use crate::wire::{array_at, be32, be64_at};
 use crate::ParseError;
 
@@ -339,12 +340,15 @@ impl Sense {
     /// ILLEGAL REQUEST / INVALID FIELD IN PARAMETER LIST pointing at `byte`
     /// (and `bit`) of the parameter list.
     pub fn invalid_field_in_parameter_list(byte: u16, bit: Option<u8>) -> Self {
-        Sense::new(SenseKey::IllegalRequest, Asc::INVALID_FIELD_IN_PARAMETER_LIST)
-            .with_field_pointer(FieldPointer {
-                in_cdb: false,
-                byte,
-                bit,
-            })
+        Sense::new(
+            SenseKey::IllegalRequest,
+            Asc::INVALID_FIELD_IN_PARAMETER_LIST,
+        )
+        .with_field_pointer(FieldPointer {
+            in_cdb: false,
+            byte,
+            bit,
+        })
     }
 
     /// Sets the INFORMATION field.
@@ -390,7 +394,10 @@ impl Sense {
 
     /// NOT READY because the unit needs a START STOP UNIT (04/02).
     pub fn needs_start_unit(&self) -> bool {
-        self.is(SenseKey::NotReady, Asc::NOT_READY_INITIALIZING_COMMAND_REQUIRED)
+        self.is(
+            SenseKey::NotReady,
+            Asc::NOT_READY_INITIALIZING_COMMAND_REQUIRED,
+        )
     }
 
     /// Sense key ILLEGAL REQUEST.
@@ -400,7 +407,10 @@ impl Sense {
 
     /// ILLEGAL REQUEST / INVALID COMMAND OPERATION CODE: the command is not supported.
     pub fn is_unsupported_command(&self) -> bool {
-        self.is(SenseKey::IllegalRequest, Asc::INVALID_COMMAND_OPERATION_CODE)
+        self.is(
+            SenseKey::IllegalRequest,
+            Asc::INVALID_COMMAND_OPERATION_CODE,
+        )
     }
 
     /// Sense key MEDIUM ERROR.
@@ -670,6 +680,27 @@ pub struct RequestSenseCdb {
     pub alloc_len: u8,
 }
 
+impl RequestSenseCdb {
+    /// The CDB.
+    pub fn to_cdb(self) -> Cdb {
+        Cdb::from_array([
+            opcode::REQUEST_SENSE,
+            u8::from(self.desc),
+            0,
+            0,
+            self.alloc_len,
+            0,
+        ])
+    }
+
+    pub(crate) fn decode(b: &[u8; 6]) -> Self {
+        RequestSenseCdb {
+            desc: b[1] & 0x01 != 0,
+            alloc_len: b[4],
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -688,6 +719,19 @@ mod tests {
             eom: false,
             ili: true,
         }
+    }
+
+    #[test]
+    fn request_sense_cdb() {
+        let c = RequestSenseCdb {
+            desc: true,
+            alloc_len: 252,
+        };
+        assert_eq!(c.to_cdb().as_bytes(), &[0x03, 1, 0, 0, 252, 0]);
+        assert_eq!(
+            RequestSenseCdb::decode(&[0x03, 0xfe, 0, 0, 18, 0xff]).alloc_len,
+            18
+        );
     }
 
     #[test]
@@ -736,8 +780,7 @@ mod tests {
 
     #[test]
     fn fixed_large_info_is_not_valid() {
-        let s = Sense::new(SenseKey::MediumError, Asc::UNRECOVERED_READ_ERROR)
-            .with_info(1 << 40);
+        let s = Sense::new(SenseKey::MediumError, Asc::UNRECOVERED_READ_ERROR).with_info(1 << 40);
         let b = s.to_fixed();
         assert_eq!(b[0], 0x70);
         assert_eq!(Sense::parse(&b).unwrap().info, None);
@@ -783,11 +826,19 @@ mod tests {
         );
         assert!(matches!(
             Sense::parse(&[0x70, 0, 5]),
-            Err(ParseError::TooShort { need: 8, got: 3, .. })
+            Err(ParseError::TooShort {
+                need: 8,
+                got: 3,
+                ..
+            })
         ));
         assert!(matches!(
             Sense::parse(&[0x72, 5, 0x24]),
-            Err(ParseError::TooShort { need: 8, got: 3, .. })
+            Err(ParseError::TooShort {
+                need: 8,
+                got: 3,
+                ..
+            })
         ));
     }
 
@@ -833,8 +884,8 @@ mod tests {
     fn descriptor_unknown_and_invalid() {
         // Unknown descriptor type 0x80 is skipped; info descriptor with VALID=0 ignored.
         let b = [
-            0x72, 0x03, 0x11, 0x00, 0, 0, 0, 0x10, 0x80, 0x02, 0xaa, 0xbb, 0x00, 0x0a, 0x00, 0,
-            0, 0, 0, 0, 0, 0, 0, 5,
+            0x72, 0x03, 0x11, 0x00, 0, 0, 0, 0x10, 0x80, 0x02, 0xaa, 0xbb, 0x00, 0x0a, 0x00, 0, 0,
+            0, 0, 0, 0, 0, 0, 5,
         ];
         let s = Sense::parse(&b).unwrap();
         assert_eq!(s.info, None);
@@ -918,11 +969,17 @@ mod tests {
 
     #[test]
     fn helpers_and_display() {
-        let s = Sense::new(SenseKey::NotReady, Asc::NOT_READY_INITIALIZING_COMMAND_REQUIRED);
+        let s = Sense::new(
+            SenseKey::NotReady,
+            Asc::NOT_READY_INITIALIZING_COMMAND_REQUIRED,
+        );
         assert!(s.needs_start_unit());
         assert!(!s.is_benign());
         assert!(Sense::new(SenseKey::RecoveredError, Asc::NO_ADDITIONAL_SENSE).is_benign());
-        let s = Sense::new(SenseKey::IllegalRequest, Asc::INVALID_COMMAND_OPERATION_CODE);
+        let s = Sense::new(
+            SenseKey::IllegalRequest,
+            Asc::INVALID_COMMAND_OPERATION_CODE,
+        );
         assert!(s.is_unsupported_command());
         assert!(s.is_illegal_request());
         assert!(!s.is_aborted_command());

@@ -40,7 +40,7 @@ pub fn page_code(buf: &[u8]) -> Result<u8, ParseError> {
 
 /// Checks the header of page `expected` and returns its body (the bytes
 /// after the header that the page length covers).
-fn body(buf: &[u8], expected: u8, what: &'static str) -> Result<&[u8], ParseError> {
+fn body<'a>(buf: &'a [u8], expected: u8, what: &'static str) -> Result<&'a [u8], ParseError> {
     let h = crate::wire::head::<4>(buf, what)?;
     if h[1] != expected {
         return Err(ParseError::WrongPage {
@@ -579,9 +579,7 @@ impl BlockDeviceCharacteristics {
         b[7] = ((self.wabereq & 0x03) << 6)
             | ((self.wacereq & 0x03) << 4)
             | (self.nominal_form_factor & 0x0f);
-        b[8] = ((self.zoned & 0x03) << 4)
-            | if self.fuab { 0x02 } else { 0 }
-            | u8::from(self.vbuls);
+        b[8] = ((self.zoned & 0x03) << 4) | if self.fuab { 0x02 } else { 0 } | u8::from(self.vbuls);
         b.to_vec()
     }
 }
@@ -859,7 +857,9 @@ mod tests {
 
     #[test]
     fn unit_serial() {
-        let b = [0x00, 0x80, 0x00, 0x08, b' ', b' ', b'S', b'N', b'1', b'2', 0, 0];
+        let b = [
+            0x00, 0x80, 0x00, 0x08, b' ', b' ', b'S', b'N', b'1', b'2', 0, 0,
+        ];
         let s = UnitSerialNumber::parse(&b).unwrap();
         assert_eq!(s.serial, "SN12");
         let e = s.encode(P).unwrap();
@@ -867,7 +867,11 @@ mod tests {
         assert_eq!(UnitSerialNumber::parse(&e).unwrap(), s);
         assert!(matches!(
             UnitSerialNumber::parse(&b[..10]),
-            Err(ParseError::Truncated { need: 12, got: 10, .. })
+            Err(ParseError::Truncated {
+                need: 12,
+                got: 10,
+                ..
+            })
         ));
         let bad = UnitSerialNumber {
             serial: "\u{7f}".into(),
@@ -915,10 +919,7 @@ mod tests {
         assert_eq!(&b[34..38], &[0x61, 0x94, 0x00, 4]);
         let p = DeviceIdentification::parse(&b).unwrap();
         assert_eq!(p, ids);
-        assert_eq!(
-            p.preferred().unwrap().designator_type,
-            DesignatorType::Naa
-        );
+        assert_eq!(p.preferred().unwrap().designator_type, DesignatorType::Naa);
         assert_eq!(p.preferred().unwrap().to_text(), "60014050deadbeef");
         assert_eq!(
             p.find(DesignatorType::T10VendorId).unwrap().to_text(),
@@ -963,7 +964,11 @@ mod tests {
         };
         assert!(matches!(
             big.encode(P),
-            Err(EncodeError::FieldTooLong { len: 256, max: 255, .. })
+            Err(EncodeError::FieldTooLong {
+                len: 256,
+                max: 255,
+                ..
+            })
         ));
         assert!(Designator::t10_vendor_id("NINECHARS", "x").is_err());
         // Enough designators to overflow the page length.
@@ -1082,7 +1087,10 @@ mod tests {
             vbuls: true,
         };
         let b = c.encode(P);
-        assert_eq!(&b[..9], &[0x00, 0xb1, 0x00, 0x3c, 0x00, 0x01, 0x00, 0x63, 0x13]);
+        assert_eq!(
+            &b[..9],
+            &[0x00, 0xb1, 0x00, 0x3c, 0x00, 0x01, 0x00, 0x63, 0x13]
+        );
         let p = BlockDeviceCharacteristics::parse(&b).unwrap();
         assert_eq!(p, c);
         assert!(p.is_non_rotating());

@@ -6,7 +6,10 @@
 use crate::ParseError;
 
 /// The first `N` bytes of `buf` as an array, or [`ParseError::TooShort`].
-pub(crate) fn head<const N: usize>(buf: &[u8], what: &'static str) -> Result<&[u8; N], ParseError> {
+pub(crate) fn head<'a, const N: usize>(
+    buf: &'a [u8],
+    what: &'static str,
+) -> Result<&'a [u8; N], ParseError> {
     buf.first_chunk::<N>().ok_or(ParseError::TooShort {
         what,
         need: N,
@@ -71,12 +74,22 @@ pub(crate) fn text(field: &[u8]) -> String {
         .get(start..end)
         .unwrap_or(&[])
         .iter()
-        .map(|&b| if (0x20..=0x7e).contains(&b) { b as char } else { '?' })
+        .map(|&b| {
+            if (0x20..=0x7e).contains(&b) {
+                b as char
+            } else {
+                '?'
+            }
+        })
         .collect()
 }
 
 /// Checks that `s` is printable ASCII of at most `max` bytes.
-pub(crate) fn check_text(s: &str, max: usize, what: &'static str) -> Result<(), crate::EncodeError> {
+pub(crate) fn check_text(
+    s: &str,
+    max: usize,
+    what: &'static str,
+) -> Result<(), crate::EncodeError> {
     if !s.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
         return Err(crate::EncodeError::NotAscii { what });
     }
