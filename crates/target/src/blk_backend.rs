@@ -15,7 +15,9 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -60,6 +62,15 @@ impl ConnectionSlot {
             None => false,
         }
     }
+}
+
+/// A request served, waiting for its used-ring entry.
+#[derive(Debug, Clone, Copy)]
+struct Completion {
+    head: u16,
+    used_len: u32,
+    /// Report an out-of-range id instead of `head` (fault injection).
+    bad_id: bool,
 }
 
 /// vhost-user backend of one connection to a blk target.
@@ -117,7 +128,7 @@ impl BlkBackend {
     fn drain(&self, vring: &VringRwLock<Memory>, mem: &GuestMemoryMmap<()>) -> io::Result<bool> {
         let window = self.faults.reorder_window();
         let acked = self.acked_features.load(Ordering::Acquire);
-        let mut held: Vec<(u16, u32)> = Vec::new();
+        let mut held: Vec<Completion> = Vec::new();
         loop {
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
             let Some(chain) = chain else { break };
@@ -141,7 +152,12 @@ impl BlkBackend {
                 used_len = used_len.saturating_add(LIE_EXTRA_BYTES);
                 bump(&self.device.stats().lied_used_lens);
             }
-            held.push((head, used_len));
+            let bad_id = self.faults.take_bad_id();
+            held.push(Completion {
+                head,
+                used_len,
+                bad_id,
+            });
             if held.len() >= window.max(1) {
                 if held.len() > 1 {
                     add(
@@ -168,17 +184,28 @@ impl BlkBackend {
         &self,
         vring: &VringRwLock<Memory>,
         mem: &GuestMemoryMmap<()>,
-        entries: impl Iterator<Item = (u16, u32)>,
+        entries: impl Iterator<Item = Completion>,
     ) -> io::Result<()> {
         let mut added = false;
-        for (head, len) in entries {
-            if let Some(delay) = self.faults.completion_delay() {
-                self.sleep_unless_closing(delay);
-                vring.add_used(head, len).map_err(io::Error::other)?;
+        for c in entries {
+            let delayed = match self.faults.completion_delay() {
+                Some(delay) => {
+                    self.sleep_unless_closing(delay);
+                    true
+                }
+                None => false,
+            };
+            if c.bad_id {
+                self.add_used_bad_id(vring, mem, c)?;
+                continue;
+            }
+            vring
+                .add_used(c.head, c.used_len)
+                .map_err(io::Error::other)?;
+            if delayed {
                 // A delayed completion must not wait for the ones behind it.
                 self.notify(vring, mem)?;
             } else {
-                vring.add_used(head, len).map_err(io::Error::other)?;
                 added = true;
             }
         }
@@ -186,6 +213,42 @@ impl BlkBackend {
             self.notify(vring, mem)?;
         }
         Ok(())
+    }
+
+    /// Publishes a used entry whose id is outside the ring (virtio-queue refuses to write one)
+    /// and interrupts the driver unconditionally so that it looks at it.
+    fn add_used_bad_id(
+        &self,
+        vring: &VringRwLock<Memory>,
+        mem: &GuestMemoryMmap<()>,
+        c: Completion,
+    ) -> io::Result<()> {
+        {
+            let mut state = vring.get_mut();
+            let queue = state.get_queue_mut();
+            let (size, next) = (queue.size(), queue.next_used());
+            let id = u32::from(size) + u32::from(c.head);
+            let used = GuestAddress(queue.used_ring());
+            let entry = used
+                .checked_add(4 + u64::from(next % size.max(1)) * 8)
+                .ok_or_else(|| io::Error::other("used ring address overflows"))?;
+            let idx_addr = used
+                .checked_add(2)
+                .ok_or_else(|| io::Error::other("used ring address overflows"))?;
+            mem.write_obj(id.to_le(), entry).map_err(io::Error::other)?;
+            mem.write_obj(c.used_len.to_le(), entry.unchecked_add(4))
+                .map_err(io::Error::other)?;
+            // The entry must be visible before the index that publishes it.
+            fence(Ordering::Release);
+            let next = next.wrapping_add(1);
+            mem.write_obj(next.to_le(), idx_addr)
+                .map_err(io::Error::other)?;
+            queue.set_next_used(next);
+        }
+        bump(&self.device.stats().bad_used_ids);
+        fence(Ordering::SeqCst);
+        bump(&self.device.stats().interrupts);
+        vring.signal_used_queue()
     }
 
     /// Sleeps for an injected delay, cut short when the connection is going away so that

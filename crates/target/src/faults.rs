@@ -23,6 +23,7 @@ pub struct Faults {
     reorder_window: AtomicU32,
     disconnect_countdown: AtomicU64,
     lie_used_len_next: AtomicU64,
+    bad_used_id_next: AtomicU64,
 }
 
 impl Default for Faults {
@@ -33,6 +34,7 @@ impl Default for Faults {
             reorder_window: AtomicU32::new(0),
             disconnect_countdown: AtomicU64::new(DISARMED),
             lie_used_len_next: AtomicU64::new(0),
+            bad_used_id_next: AtomicU64::new(0),
         }
     }
 }
@@ -97,6 +99,12 @@ impl Faults {
         self.lie_used_len_next.store(n, Ordering::Release);
     }
 
+    /// The next `n` requests are executed but completed with a used id of `queue_size + head`:
+    /// an id outside the ring, which no driver may accept. The real head is never returned.
+    pub fn bad_used_id_next(&self, n: u64) {
+        self.bad_used_id_next.store(n, Ordering::Release);
+    }
+
     /// Turns every fault off.
     pub fn clear(&self) {
         self.fail_next(0);
@@ -104,6 +112,7 @@ impl Faults {
         self.set_reorder_window(0);
         self.cancel_disconnect();
         self.lie_used_len_next(0);
+        self.bad_used_id_next(0);
     }
 
     pub(crate) fn take_failure(&self) -> bool {
@@ -112,6 +121,10 @@ impl Faults {
 
     pub(crate) fn take_lie(&self) -> bool {
         take_one(&self.lie_used_len_next)
+    }
+
+    pub(crate) fn take_bad_id(&self) -> bool {
+        take_one(&self.bad_used_id_next)
     }
 
     pub(crate) fn completion_delay(&self) -> Option<Duration> {
@@ -177,6 +190,7 @@ pub(crate) struct StatCounters {
     pub injected_errors: AtomicU64,
     pub injected_disconnects: AtomicU64,
     pub lied_used_lens: AtomicU64,
+    pub bad_used_ids: AtomicU64,
     pub reordered_completions: AtomicU64,
 }
 
@@ -261,6 +275,8 @@ pub struct Stats {
     pub injected_disconnects: u64,
     /// Completions that reported a used length beyond the buffers ([`Faults::lie_used_len_next`]).
     pub lied_used_lens: u64,
+    /// Completions reported with an out-of-range id ([`Faults::bad_used_id_next`]).
+    pub bad_used_ids: u64,
     /// Completions put in the used ring out of order by [`Faults::set_reorder_window`].
     pub reordered_completions: u64,
 }
@@ -299,6 +315,7 @@ impl StatCounters {
             injected_errors: get(&self.injected_errors),
             injected_disconnects: get(&self.injected_disconnects),
             lied_used_lens: get(&self.lied_used_lens),
+            bad_used_ids: get(&self.bad_used_ids),
             reordered_completions: get(&self.reordered_completions),
         }
     }
@@ -349,12 +366,14 @@ mod tests {
         f.set_reorder_window(4);
         assert_eq!(f.reorder_window(), 4);
         f.lie_used_len_next(1);
+        f.bad_used_id_next(2);
         f.fail_next(3);
         f.disconnect_after(1);
         f.clear();
         assert_eq!(f.completion_delay(), None);
         assert_eq!(f.reorder_window(), 0);
         assert!(!f.take_lie());
+        assert!(!f.take_bad_id());
         assert!(!f.take_failure());
         assert!(!f.disconnect_armed());
     }

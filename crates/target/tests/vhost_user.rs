@@ -603,6 +603,16 @@ fn faults_over_the_socket() {
     assert_eq!(used[0].1, 4097 + 4096);
     assert_eq!(h.status(7), S_OK);
 
+    // An out-of-range used id; the real head never comes back.
+    target.faults().bad_used_id_next(1);
+    h.submit(0, &reads(&h, 7, 1));
+    let used = h.wait_used(0, 1);
+    assert_eq!(used[0], (u32::from(QUEUE_SIZE) + 24, 4097));
+    assert_eq!(target.stats().bad_used_ids, 1);
+    // The ring goes on normally after it.
+    h.submit(0, &reads(&h, 7, 1));
+    assert_eq!(h.wait_used(0, 1)[0], (27, 4097));
+
     // Delayed completions.
     target
         .faults()
