@@ -451,7 +451,11 @@ impl IoChannel {
             let mut a = addr;
             while left > 0 {
                 let n = left.min(per_child);
-                let len = if req.op.has_data() { (n * bs) as u32 } else { 0 };
+                let len = if req.op.has_data() {
+                    (n * bs) as u32
+                } else {
+                    0
+                };
                 self.enqueue(Child {
                     parent: slot,
                     op: req.op,
@@ -524,7 +528,11 @@ impl IoChannel {
     }
 
     fn child_done(&mut self, d: ChildDone, out: &mut Vec<Completion>) -> bool {
-        let Some(p) = self.parents.get_mut(d.parent as usize).and_then(Option::as_mut) else {
+        let Some(p) = self
+            .parents
+            .get_mut(d.parent as usize)
+            .and_then(Option::as_mut)
+        else {
             return false;
         };
         if let Err(e) = d.result {

@@ -293,7 +293,11 @@ impl BlkController {
             ));
         }
         let range = |max_sectors: u32, max_seg: u32| -> (u64, u32, u64) {
-            let per_seg = if max_sectors == 0 { u32::MAX } else { max_sectors } as u64;
+            let per_seg = if max_sectors == 0 {
+                u32::MAX
+            } else {
+                max_sectors
+            } as u64;
             let per_seg = per_seg / sectors_per_block * sectors_per_block;
             let segs = max_seg.clamp(1, MAX_RANGE_SEGS);
             (per_seg, segs, per_seg / sectors_per_block * segs as u64)
@@ -385,7 +389,11 @@ impl BlkController {
                 max_unmap_blocks: if discard { max_unmap_blocks } else { 0 },
                 max_unmap_segments: if discard { unmap_segs } else { 0 },
                 max_write_zeroes_blocks: if write_zeroes { max_wz_blocks } else { 0 },
-                optimal_io_blocks: if has(bf::TOPOLOGY) { cfg.opt_io_size } else { 0 },
+                optimal_io_blocks: if has(bf::TOPOLOGY) {
+                    cfg.opt_io_size
+                } else {
+                    0
+                },
                 physical_block_size: if has(bf::TOPOLOGY) && cfg.physical_block_exp < 16 {
                     block_size << cfg.physical_block_exp
                 } else {
@@ -559,14 +567,26 @@ impl BlkChannel {
 
     /// Fetch the serial number synchronously.
     fn get_id(&mut self, timeout: Duration) -> Result<Option<String>, IoError> {
-        let slot = self.free_slots.pop().ok_or_else(|| IoError::InvalidRequest("no slot".into()))?;
+        let slot = self
+            .free_slots
+            .pop()
+            .ok_or_else(|| IoError::InvalidRequest("no slot".into()))?;
         self.header(slot, T_GET_ID, 0);
         self.write_slot(slot, 32, &[0u8; ID_BYTES]);
         let base = self.slots_base + (slot as usize * self.shared.slot_stride) as u64;
         let segs = [
-            Segment { addr: base, len: 16 },
-            Segment { addr: base + 32, len: ID_BYTES as u32 },
-            Segment { addr: base + 16, len: 1 },
+            Segment {
+                addr: base,
+                len: 16,
+            },
+            Segment {
+                addr: base + 32,
+                len: ID_BYTES as u32,
+            },
+            Segment {
+                addr: base + 16,
+                len: 1,
+            },
         ];
         let q = self.q.as_mut().ok_or(IoError::Disconnected)?;
         q.add(&segs, 1, slot as u64)
@@ -602,7 +622,11 @@ impl BlkChannel {
                 // SAFETY: the 20 id bytes at offset 32 of the slot, written by the device
                 // before completion.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(self.slot_ptr(slot).add(32), id.as_mut_ptr(), ID_BYTES)
+                    std::ptr::copy_nonoverlapping(
+                        self.slot_ptr(slot).add(32),
+                        id.as_mut_ptr(),
+                        ID_BYTES,
+                    )
                 };
                 let end = id.iter().position(|&c| c == 0).unwrap_or(ID_BYTES);
                 let s: String = String::from_utf8_lossy(&id[..end])
@@ -637,9 +661,11 @@ impl ChannelDriver for BlkChannel {
         let sector = c.lba * sh.sectors_per_block;
         let mut segs = std::mem::take(&mut self.segs);
         segs.clear();
-        segs.push(Segment { addr: base, len: 16 });
-        let n_out;
-        match c.op {
+        segs.push(Segment {
+            addr: base,
+            len: 16,
+        });
+        let n_out = match c.op {
             IoOp::Read | IoOp::Write => {
                 let ty = if c.op == IoOp::Read { T_IN } else { T_OUT };
                 self.header(slot, ty, sector);
@@ -647,15 +673,22 @@ impl ChannelDriver for BlkChannel {
                 let mut left = c.len as u64;
                 while left > 0 {
                     let n = left.min(sh.segment_bytes);
-                    segs.push(Segment { addr, len: n as u32 });
+                    segs.push(Segment {
+                        addr,
+                        len: n as u32,
+                    });
                     addr += n;
                     left -= n;
                 }
-                n_out = if c.op == IoOp::Read { 1 } else { segs.len() };
+                if c.op == IoOp::Read {
+                    1
+                } else {
+                    segs.len()
+                }
             }
             IoOp::Flush => {
                 self.header(slot, T_FLUSH, 0);
-                n_out = 1;
+                1
             }
             IoOp::Unmap | IoOp::WriteZeroes => {
                 let (ty, per, flags) = if c.op == IoOp::Unmap {
@@ -682,9 +715,9 @@ impl ChannelDriver for BlkChannel {
                     addr: base + 32,
                     len: (16 * i) as u32,
                 });
-                n_out = 2;
+                2
             }
-        }
+        };
         segs.push(Segment {
             addr: base + 16,
             len: 1,
@@ -751,7 +784,9 @@ impl ChannelDriver for BlkChannel {
         if let Some(ChildDone {
             result: Err(IoError::ControllerFailed(why)),
             ..
-        }) = out[before..].iter().find(|d| matches!(d.result, Err(IoError::ControllerFailed(_))))
+        }) = out[before..]
+            .iter()
+            .find(|d| matches!(d.result, Err(IoError::ControllerFailed(_))))
         {
             let why = why.clone();
             self.fail_all(IoError::ControllerFailed(why));

@@ -59,7 +59,9 @@ fn get_str(p: &Map<String, Value>, key: &str, ctx: &str) -> Result<Option<String
     match p.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(v) => Err(cfg_err(format!("{ctx}: \"{key}\" must be a string, got {v}"))),
+        Some(v) => Err(cfg_err(format!(
+            "{ctx}: \"{key}\" must be a string, got {v}"
+        ))),
     }
 }
 
@@ -70,8 +72,14 @@ fn get_u16(p: &Map<String, Value>, key: &str, ctx: &str) -> Result<Option<u16>, 
             .as_u64()
             .filter(|&v| v <= u16::MAX as u64)
             .map(|v| Some(v as u16))
-            .ok_or_else(|| cfg_err(format!("{ctx}: \"{key}\" must be an integer 0..=65535, got {n}"))),
-        Some(v) => Err(cfg_err(format!("{ctx}: \"{key}\" must be a number, got {v}"))),
+            .ok_or_else(|| {
+                cfg_err(format!(
+                    "{ctx}: \"{key}\" must be an integer 0..=65535, got {n}"
+                ))
+            }),
+        Some(v) => Err(cfg_err(format!(
+            "{ctx}: \"{key}\" must be a number, got {v}"
+        ))),
     }
 }
 
@@ -96,7 +104,9 @@ impl AttachParams {
             .ok_or_else(|| cfg_err(format!("{ctx}: \"params\" must be an object")))?;
         check_keys(
             p,
-            &["name", "trtype", "traddr", "dev_type", "vq_count", "vq_size"],
+            &[
+                "name", "trtype", "traddr", "dev_type", "vq_count", "vq_size",
+            ],
             ctx,
         )?;
         let name = get_str(p, "name", ctx)?
@@ -183,7 +193,11 @@ pub fn parse_config(doc: &Value) -> Result<Vec<ConfigCall>, BdevError> {
     let subs = match top.get("subsystems") {
         Some(Value::Array(a)) => a,
         Some(_) => return Err(cfg_err("\"subsystems\" must be an array".into())),
-        None => return Err(cfg_err("the configuration has no \"subsystems\" array".into())),
+        None => {
+            return Err(cfg_err(
+                "the configuration has no \"subsystems\" array".into(),
+            ))
+        }
     };
     let mut calls = Vec::new();
     for (i, s) in subs.iter().enumerate() {
@@ -196,7 +210,11 @@ pub fn parse_config(doc: &Value) -> Result<Vec<ConfigCall>, BdevError> {
         let config = match s.get("config") {
             None | Some(Value::Null) => continue,
             Some(Value::Array(a)) => a,
-            Some(_) => return Err(cfg_err(format!("subsystem {name}: \"config\" must be an array"))),
+            Some(_) => {
+                return Err(cfg_err(format!(
+                    "subsystem {name}: \"config\" must be an array"
+                )))
+            }
         };
         if name != "bdev" {
             if config.is_empty() {
@@ -287,7 +305,9 @@ mod tests {
 
     #[test]
     fn spdk_example_parses_with_defaults() {
-        let doc = attach(json!({"name":"VirtioBlk0","trtype":"user","traddr":"/tmp/vhost.0","dev_type":"blk"}));
+        let doc = attach(
+            json!({"name":"VirtioBlk0","trtype":"user","traddr":"/tmp/vhost.0","dev_type":"blk"}),
+        );
         let calls = parse_config(&doc).unwrap();
         assert_eq!(
             calls,
@@ -317,14 +337,38 @@ mod tests {
     #[test]
     fn errors_name_the_offending_key() {
         let cases = [
-            (json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk","vq_cuont":2}), "vq_cuont"),
-            (json!({"trtype":"user","traddr":"/s","dev_type":"blk"}), "\"name\" is required"),
-            (json!({"name":"A","trtype":"tcp","traddr":"/s","dev_type":"blk"}), "trtype"),
-            (json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"nvme"}), "dev_type"),
-            (json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk","vq_size":100}), "vq_size"),
-            (json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk","vq_count":0}), "vq_count"),
-            (json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk","vq_count":"2"}), "vq_count"),
-            (json!({"name":"A","trtype":"user","traddr":5,"dev_type":"blk"}), "traddr"),
+            (
+                json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk","vq_cuont":2}),
+                "vq_cuont",
+            ),
+            (
+                json!({"trtype":"user","traddr":"/s","dev_type":"blk"}),
+                "\"name\" is required",
+            ),
+            (
+                json!({"name":"A","trtype":"tcp","traddr":"/s","dev_type":"blk"}),
+                "trtype",
+            ),
+            (
+                json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"nvme"}),
+                "dev_type",
+            ),
+            (
+                json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk","vq_size":100}),
+                "vq_size",
+            ),
+            (
+                json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk","vq_count":0}),
+                "vq_count",
+            ),
+            (
+                json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk","vq_count":"2"}),
+                "vq_count",
+            ),
+            (
+                json!({"name":"A","trtype":"user","traddr":5,"dev_type":"blk"}),
+                "traddr",
+            ),
         ];
         for (p, needle) in cases {
             let e = parse_config(&attach(p)).unwrap_err().to_string();
@@ -334,11 +378,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("bdev_malloc_create"), "{e}");
-        let e = parse_config(&json!({"subsystems":[{"subsystem":"nvmf","config":[{"method":"x"}]}]}))
+        let e =
+            parse_config(&json!({"subsystems":[{"subsystem":"nvmf","config":[{"method":"x"}]}]}))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("nvmf"), "{e}");
+        let e = parse_config(&json!({"subsystem":[]}))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("nvmf"), "{e}");
-        let e = parse_config(&json!({"subsystem":[]})).unwrap_err().to_string();
         assert!(e.contains("subsystem"), "{e}");
     }
 
@@ -348,7 +395,10 @@ mod tests {
         let doc = json!({"subsystems":[{"subsystem":"bdev","config":[
             {"method":"bdev_virtio_attach_controller","params":p},
             {"method":"bdev_virtio_attach_controller","params":p}]}]});
-        assert!(parse_config(&doc).unwrap_err().to_string().contains("twice"));
+        assert!(parse_config(&doc)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
     }
 
     #[test]
@@ -359,7 +409,9 @@ mod tests {
         std::fs::write(&f, "{ not json").unwrap();
         let e = load_config(&f).unwrap_err().to_string();
         assert!(e.contains("bad.json") && e.contains("invalid JSON"), "{e}");
-        let e = load_config(&dir.join("missing.json")).unwrap_err().to_string();
+        let e = load_config(&dir.join("missing.json"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing.json"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -90,7 +90,9 @@ pub enum BdevError {
         reason: String,
     },
     /// Every queue is taken by a channel.
-    #[error("bdev {bdev}: all {queues} request queues are in use by other channels (raise vq_count)")]
+    #[error(
+        "bdev {bdev}: all {queues} request queues are in use by other channels (raise vq_count)"
+    )]
     NoFreeQueue {
         /// Bdev name.
         bdev: String,

@@ -12,8 +12,8 @@ pub mod stats;
 
 pub use bdev::{Bdev, BdevInfo, IoChannel, Limits, OpSupport, ScsiAddress};
 pub use blk::{BlkConfig, BlkController, BlkParams};
+pub use config::{load_config, parse_config, AttachParams, ConfigCall, DevType, TrType};
 pub use error::{BdevError, IoError};
 pub use io::{Completion, IoBuf, IoOp, IoRequest, Rejected};
-pub use stats::IoStats;
-pub use config::{load_config, parse_config, AttachParams, ConfigCall, DevType, TrType};
 pub use registry::{Controller, Registry};
+pub use stats::IoStats;

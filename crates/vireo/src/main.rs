@@ -11,7 +11,11 @@ use vireo_bdev::{load_config, Bdev, Registry};
 use vireo_virtio::{DmaConfig, DmaMemory};
 
 #[derive(Parser, Debug)]
-#[command(name = "vireo", version, about = "Userspace polled-mode virtio storage initiator")]
+#[command(
+    name = "vireo",
+    version,
+    about = "Userspace polled-mode virtio storage initiator"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -83,7 +87,8 @@ fn parse_cores(s: &str) -> Result<Vec<usize>> {
     let s = s.trim().trim_start_matches('[').trim_end_matches(']');
     let mut cores = Vec::new();
     if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        let mask = u128::from_str_radix(hex, 16).with_context(|| format!("invalid core mask {s:?}"))?;
+        let mask =
+            u128::from_str_radix(hex, 16).with_context(|| format!("invalid core mask {s:?}"))?;
         for i in 0..128 {
             if mask & (1u128 << i) != 0 {
                 cores.push(i);
@@ -92,21 +97,33 @@ fn parse_cores(s: &str) -> Result<Vec<usize>> {
     } else {
         for part in s.split(',').filter(|p| !p.is_empty()) {
             if let Some((a, b)) = part.split_once('-') {
-                let a: usize = a.trim().parse().with_context(|| format!("invalid core range {part:?}"))?;
-                let b: usize = b.trim().parse().with_context(|| format!("invalid core range {part:?}"))?;
+                let a: usize = a
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("invalid core range {part:?}"))?;
+                let b: usize = b
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("invalid core range {part:?}"))?;
                 if a > b {
                     bail!("invalid core range {part:?}");
                 }
                 cores.extend(a..=b);
             } else {
-                cores.push(part.trim().parse().with_context(|| format!("invalid core {part:?}"))?);
+                cores.push(
+                    part.trim()
+                        .parse()
+                        .with_context(|| format!("invalid core {part:?}"))?,
+                );
             }
         }
     }
     if cores.is_empty() {
         bail!("no cores in {s:?}");
     }
-    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     if let Some(&c) = cores.iter().find(|&&c| c >= n.max(1024)) {
         bail!("core {c} does not exist");
     }
@@ -118,7 +135,7 @@ fn registry() -> Result<Registry> {
     Ok(Registry::new(mem))
 }
 
-fn attach_config(reg: &Registry, path: &PathBuf) -> Result<Vec<Arc<Bdev>>> {
+fn attach_config(reg: &Registry, path: &std::path::Path) -> Result<Vec<Arc<Bdev>>> {
     let calls = load_config(path)?;
     Ok(reg.apply(&calls)?)
 }
@@ -133,7 +150,17 @@ fn cmd_bdevs(config: PathBuf, json: bool) -> Result<()> {
     }
     println!(
         "{:<16} {:>6} {:>14} {:>12} {:>6} {:>5} {:>5} {:>5} {:>5} {:>10} {:>10}  serial",
-        "name", "bs", "blocks", "capacity", "queues", "qsize", "unmap", "flush", "wzero", "max_io", "max_unmap"
+        "name",
+        "bs",
+        "blocks",
+        "capacity",
+        "queues",
+        "qsize",
+        "unmap",
+        "flush",
+        "wzero",
+        "max_io",
+        "max_unmap"
     );
     let yn = |b: bool| if b { "yes" } else { "no" };
     for b in &bdevs {
@@ -150,7 +177,11 @@ fn cmd_bdevs(config: PathBuf, json: bool) -> Result<()> {
             yn(i.ops.flush),
             yn(i.ops.write_zeroes),
             human(i.limits.max_rw_blocks * i.block_size as u64),
-            if i.ops.unmap { human(i.limits.max_unmap_blocks * i.block_size as u64) } else { "-".into() },
+            if i.ops.unmap {
+                human(i.limits.max_unmap_blocks * i.block_size as u64)
+            } else {
+                "-".into()
+            },
             i.serial.as_deref().unwrap_or("-"),
         );
     }

@@ -38,7 +38,10 @@ pub enum Workload {
 
 impl Workload {
     fn random(self) -> bool {
-        matches!(self, Workload::Randread | Workload::Randwrite | Workload::Randrw)
+        matches!(
+            self,
+            Workload::Randread | Workload::Randwrite | Workload::Randrw
+        )
     }
 }
 
@@ -253,8 +256,10 @@ fn run_job(
     let qd = o.queue_depth;
     let mut slots: Vec<Slot> = Vec::with_capacity(qd);
     for _ in 0..qd {
-        let buf = if matches!(o.workload, Workload::Unmap | Workload::Flush | Workload::WriteZeroes)
-        {
+        let buf = if matches!(
+            o.workload,
+            Workload::Unmap | Workload::Flush | Workload::WriteZeroes
+        ) {
             None
         } else {
             match job.bdev.alloc_buf(o.io_size) {
@@ -369,10 +374,11 @@ fn run_job(
     while in_flight > 0 {
         job.ch.poll(&mut done);
         polls = polls.wrapping_add(1);
-        if !stopping && (polls & 63 == 0 || !done.is_empty()) {
-            if Instant::now() >= deadline || stop.load(Ordering::Relaxed) {
-                stopping = true;
-            }
+        if !stopping
+            && (polls & 63 == 0 || !done.is_empty())
+            && (Instant::now() >= deadline || stop.load(Ordering::Relaxed))
+        {
+            stopping = true;
         }
         for c in done.drain(..) {
             in_flight -= 1;
@@ -415,7 +421,11 @@ fn run_job(
             }
             if counted {
                 res.ios += 1;
-                res.bytes += if c.op == IoOp::Flush { 0 } else { o.io_size as u64 };
+                res.bytes += if c.op == IoOp::Flush {
+                    0
+                } else {
+                    o.io_size as u64
+                };
                 let _ = hist.record(lat.max(1));
                 counter.fetch_add(1, Ordering::Relaxed);
             }
@@ -487,7 +497,7 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
     if o.queue_depth == 0 {
         bail!("queue depth (-q) must be at least 1");
     }
-    if !(o.seconds > 0.0) {
+    if o.seconds.is_nan() || o.seconds <= 0.0 {
         bail!("run time (-t) must be positive");
     }
     if o.read_percent > 100 {
@@ -498,7 +508,7 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
     for b in bdevs {
         let info = b.info();
         let bs = info.block_size as usize;
-        if !no_data && (o.io_size == 0 || o.io_size % bs != 0) {
+        if !no_data && (o.io_size == 0 || !o.io_size.is_multiple_of(bs)) {
             bail!(
                 "I/O size (-o) {} must be a non-zero multiple of bdev {}'s block size {}",
                 o.io_size,

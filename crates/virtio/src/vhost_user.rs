@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
@@ -46,6 +46,8 @@ struct MemoryShare {
     mem_slots: Option<u64>,
     regions: Mutex<Vec<DmaRegionInfo>>,
     broken: Arc<AtomicBool>,
+    watchdog: Arc<Watchdog>,
+    timeout: Duration,
 }
 
 fn region_msg(r: &DmaRegionInfo) -> VhostUserMemoryRegionInfo {
@@ -97,7 +99,10 @@ impl RegionListener for MemoryShare {
             // A dead back-end does not need the region; its I/O fails anyway.
             return Ok(());
         }
-        self.share(region)
+        self.watchdog.arm(self.timeout);
+        let r = self.share(region);
+        self.watchdog.disarm();
+        r
     }
 
     fn region_removed(&self, region: &DmaRegionInfo) {
@@ -127,6 +132,8 @@ pub struct VhostUserTransport {
     vrings: Vec<Option<Vring>>,
     share: Option<Arc<MemoryShare>>,
     broken: Arc<AtomicBool>,
+    watchdog: Arc<Watchdog>,
+    timeout: Duration,
     monitor: Option<std::thread::JoinHandle<()>>,
     stop_monitor: Arc<EventFd>,
     started: bool,
@@ -171,51 +178,66 @@ impl VhostUserTransport {
         let monitor_stream = stream
             .try_clone()
             .map_err(|e| Error::io(ctx("cannot duplicate socket"), e))?;
-        let mut frontend = Frontend::from_stream(stream, MAX_VRINGS);
-        let not_vhost = |e: vhost::Error| {
-            Error::transport(
-                format!(
-                    "{}: no valid vhost-user reply (is this a vhost-user back-end socket?)",
-                    ctx("handshake")
-                ),
-                e,
-            )
-        };
-        frontend.set_owner().map_err(not_vhost)?;
-        let offered = frontend.get_features().map_err(not_vhost)?;
-        let mut protocol = VhostUserProtocolFeatures::empty();
-        if offered & tf::VHOST_USER_PROTOCOL_FEATURES != 0 {
-            let theirs = frontend
-                .get_protocol_features()
-                .map_err(|e| Error::transport(ctx("GET_PROTOCOL_FEATURES"), e))?;
-            protocol = theirs & wanted_protocol_features();
-            frontend
-                .set_protocol_features(protocol)
-                .map_err(|e| Error::transport(ctx("SET_PROTOCOL_FEATURES"), e))?;
-            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-            }
-        }
-        let queue_num = if protocol.contains(VhostUserProtocolFeatures::MQ) {
-            Some(
-                frontend
-                    .get_queue_num()
-                    .map_err(|e| Error::transport(ctx("GET_QUEUE_NUM"), e))?,
-            )
-        } else {
-            None
-        };
         let broken = Arc::new(AtomicBool::new(false));
+        let watchdog = Arc::new(Watchdog::default());
         let stop_monitor = Arc::new(
             EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(ctx("cannot create eventfd"), e))?,
         );
         let monitor = {
             let broken = broken.clone();
             let stop = stop_monitor.clone();
+            let wd = watchdog.clone();
             std::thread::Builder::new()
                 .name("vhost-user-monitor".into())
-                .spawn(move || monitor_socket(monitor_stream, &stop, &broken))
+                .spawn(move || monitor_socket(monitor_stream, &stop, &broken, &wd))
                 .map_err(|e| Error::io(ctx("cannot start monitor thread"), e))?
+        };
+        let mut frontend = Frontend::from_stream(stream, MAX_VRINGS);
+        let wd = watchdog.clone();
+        let not_vhost = move |e: vhost::Error| {
+            let why = if wd.fired() {
+                format!("no reply within {} ms", timeout.as_millis())
+            } else {
+                "no valid reply".to_string()
+            };
+            Error::transport(
+                format!(
+                    "{}: {why} (is this a vhost-user back-end socket?)",
+                    ctx("handshake")
+                ),
+                e,
+            )
+        };
+        watchdog.arm(timeout);
+        let handshake = (|| -> Result<_> {
+            frontend.set_owner().map_err(&not_vhost)?;
+            let offered = frontend.get_features().map_err(&not_vhost)?;
+            let mut protocol = VhostUserProtocolFeatures::empty();
+            if offered & tf::VHOST_USER_PROTOCOL_FEATURES != 0 {
+                let theirs = frontend.get_protocol_features().map_err(&not_vhost)?;
+                protocol = theirs & wanted_protocol_features();
+                frontend
+                    .set_protocol_features(protocol)
+                    .map_err(&not_vhost)?;
+                if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                    frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+                }
+            }
+            let queue_num = if protocol.contains(VhostUserProtocolFeatures::MQ) {
+                Some(frontend.get_queue_num().map_err(&not_vhost)?)
+            } else {
+                None
+            };
+            Ok((offered, protocol, queue_num))
+        })();
+        watchdog.disarm();
+        let (offered, protocol, queue_num) = match handshake {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = stop_monitor.write(1);
+                let _ = monitor.join();
+                return Err(e);
+            }
         };
         Ok(VhostUserTransport {
             path: path.to_path_buf(),
@@ -227,6 +249,8 @@ impl VhostUserTransport {
             vrings: Vec::new(),
             share: None,
             broken,
+            watchdog,
+            timeout,
             monitor: Some(monitor),
             stop_monitor,
             started: false,
@@ -236,6 +260,27 @@ impl VhostUserTransport {
     /// Protocol features both sides agreed on.
     pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
         self.protocol
+    }
+
+    /// Run a control-plane call under the reply deadline.
+    fn guarded<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let wd = self.watchdog.clone();
+        wd.arm(self.timeout);
+        let r = f(self);
+        wd.disarm();
+        if r.is_err() && wd.fired() {
+            return r.map_err(|e| {
+                Error::transport(
+                    format!(
+                        "vhost-user {}: no reply within {} ms",
+                        self.path.display(),
+                        self.timeout.as_millis()
+                    ),
+                    e,
+                )
+            });
+        }
+        r
     }
 
     fn ctx(&self, what: &str) -> String {
@@ -260,6 +305,8 @@ impl VhostUserTransport {
             mem_slots,
             regions: Mutex::new(Vec::new()),
             broken: self.broken.clone(),
+            watchdog: self.watchdog.clone(),
+            timeout: self.timeout,
         });
         let weak: std::sync::Weak<dyn RegionListener> =
             Arc::downgrade(&(share.clone() as Arc<dyn RegionListener>));
@@ -289,8 +336,36 @@ impl VhostUserTransport {
     }
 }
 
-/// Wait until the peer hangs up (or we are told to stop) and raise the broken flag.
-fn monitor_socket(stream: UnixStream, stop: &EventFd, broken: &AtomicBool) {
+/// Bounds control-plane calls: the `vhost` crate retries a socket that has no data
+/// forever, so a back-end that never answers would hang us. When an armed deadline
+/// passes, the monitor shuts the socket down and the pending call fails.
+#[derive(Debug, Default)]
+struct Watchdog {
+    deadline: Mutex<Option<Instant>>,
+    fired: AtomicBool,
+}
+
+impl Watchdog {
+    fn arm(&self, timeout: Duration) {
+        *self.deadline.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + timeout);
+    }
+
+    fn disarm(&self) {
+        *self.deadline.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
+    }
+
+    fn expired(&self) -> bool {
+        matches!(*self.deadline.lock().unwrap_or_else(|e| e.into_inner()), Some(d) if Instant::now() >= d)
+    }
+}
+
+/// Wait until the peer hangs up (or we are told to stop) and raise the broken flag;
+/// enforce the watchdog's deadline.
+fn monitor_socket(stream: UnixStream, stop: &EventFd, broken: &AtomicBool, wd: &Watchdog) {
     use std::os::fd::AsRawFd;
     let mut fds = [
         libc::pollfd {
@@ -306,7 +381,14 @@ fn monitor_socket(stream: UnixStream, stop: &EventFd, broken: &AtomicBool) {
     ];
     loop {
         // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+        if wd.expired() {
+            tracing::warn!("vhost-user back-end did not answer in time; closing the connection");
+            wd.fired.store(true, Ordering::Release);
+            broken.store(true, Ordering::Release);
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            wd.disarm();
+        }
         if rc < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
@@ -334,12 +416,7 @@ impl Transport for VhostUserTransport {
     }
 
     fn set_driver_features(&mut self, features: u64) -> Result<()> {
-        let extra = self.offered & tf::VHOST_USER_PROTOCOL_FEATURES;
-        let ack = (features & self.offered) | extra;
-        self.frontend
-            .set_features(ack)
-            .map_err(|e| Error::transport(self.ctx("SET_FEATURES"), e))?;
-        self.share_memory()
+        self.guarded(|t| t.set_driver_features_inner(features))
     }
 
     fn max_queues(&mut self) -> Result<Option<u16>> {
@@ -351,6 +428,45 @@ impl Transport for VhostUserTransport {
     }
 
     fn read_config(&mut self, offset: u32, buf: &mut [u8]) -> Result<()> {
+        self.guarded(|t| t.read_config_inner(offset, buf))
+    }
+
+    fn setup_queue(&mut self, index: u16, layout: &RingLayout) -> Result<Notifier> {
+        self.guarded(|t| t.setup_queue_inner(index, layout))
+    }
+
+    fn start(&mut self) -> Result<()> {
+        self.guarded(|t| t.start_inner())
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        self.guarded(|t| t.shutdown_inner())
+    }
+
+    fn memory(&self) -> &Arc<DmaMemory> {
+        &self.mem
+    }
+
+    fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+
+    fn broken_flag(&self) -> Arc<AtomicBool> {
+        self.broken.clone()
+    }
+}
+
+impl VhostUserTransport {
+    fn set_driver_features_inner(&mut self, features: u64) -> Result<()> {
+        let extra = self.offered & tf::VHOST_USER_PROTOCOL_FEATURES;
+        let ack = (features & self.offered) | extra;
+        self.frontend
+            .set_features(ack)
+            .map_err(|e| Error::transport(self.ctx("SET_FEATURES"), e))?;
+        self.share_memory()
+    }
+
+    fn read_config_inner(&mut self, offset: u32, buf: &mut [u8]) -> Result<()> {
         if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(Error::Features(format!(
                 "{} does not offer the CONFIG protocol feature, so the device configuration cannot be read",
@@ -360,7 +476,12 @@ impl Transport for VhostUserTransport {
         let zero = vec![0u8; buf.len()];
         let (_, payload) = self
             .frontend
-            .get_config(offset, buf.len() as u32, VhostUserConfigFlags::WRITABLE, &zero)
+            .get_config(
+                offset,
+                buf.len() as u32,
+                VhostUserConfigFlags::WRITABLE,
+                &zero,
+            )
             .map_err(|e| Error::transport(self.ctx("GET_CONFIG"), e))?;
         if payload.len() != buf.len() {
             return Err(Error::Device(format!(
@@ -373,7 +494,7 @@ impl Transport for VhostUserTransport {
         Ok(())
     }
 
-    fn setup_queue(&mut self, index: u16, layout: &RingLayout) -> Result<Notifier> {
+    fn setup_queue_inner(&mut self, index: u16, layout: &RingLayout) -> Result<Notifier> {
         if let Some(n) = self.queue_num {
             if index as u64 >= n {
                 return Err(Error::InvalidQueue(format!(
@@ -415,7 +536,7 @@ impl Transport for VhostUserTransport {
         Ok(Notifier::EventFd(kick))
     }
 
-    fn start(&mut self) -> Result<()> {
+    fn start_inner(&mut self) -> Result<()> {
         if self.offered & tf::VHOST_USER_PROTOCOL_FEATURES != 0 {
             for i in 0..self.vrings.len() {
                 if self.vrings[i].is_some() {
@@ -429,7 +550,7 @@ impl Transport for VhostUserTransport {
         Ok(())
     }
 
-    fn shutdown(&mut self) -> Result<()> {
+    fn shutdown_inner(&mut self) -> Result<()> {
         if self.started && !self.broken.load(Ordering::Relaxed) {
             self.started = false;
             for i in 0..self.vrings.len() {
@@ -446,23 +567,11 @@ impl Transport for VhostUserTransport {
         self.vrings.clear();
         Ok(())
     }
-
-    fn memory(&self) -> &Arc<DmaMemory> {
-        &self.mem
-    }
-
-    fn is_broken(&self) -> bool {
-        self.broken.load(Ordering::Relaxed)
-    }
-
-    fn broken_flag(&self) -> Arc<AtomicBool> {
-        self.broken.clone()
-    }
 }
 
 impl Drop for VhostUserTransport {
     fn drop(&mut self) {
-        let _ = self.shutdown();
+        let _ = Transport::shutdown(self);
         let _ = self.stop_monitor.write(1);
         if let Some(m) = self.monitor.take() {
             let _ = m.join();

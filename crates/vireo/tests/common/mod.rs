@@ -1,0 +1,166 @@
+//! Test helpers: real peers started on temporary sockets and always cleaned up.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vireo_bdev::{AttachParams, Bdev, DevType, Registry, TrType};
+use vireo_virtio::{DmaConfig, DmaMemory};
+
+/// Backing of a qemu-storage-daemon export.
+pub enum Backend {
+    /// null-co of this many bytes (reads zeroes).
+    Null(u64),
+    /// A raw file (page cache, so the test can look at it).
+    File(PathBuf),
+}
+
+/// Options of a qemu-storage-daemon vhost-user-blk export.
+pub struct QsdOpts {
+    pub backend: Backend,
+    pub queues: u16,
+    pub lbs: u32,
+    pub read_only: bool,
+}
+
+impl Default for QsdOpts {
+    fn default() -> Self {
+        QsdOpts {
+            backend: Backend::Null(1 << 30),
+            queues: 1,
+            lbs: 512,
+            read_only: false,
+        }
+    }
+}
+
+/// A running qemu-storage-daemon; killed on drop.
+pub struct Qsd {
+    child: Option<Child>,
+    pub sock: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Qsd {
+    pub fn start(o: QsdOpts) -> Qsd {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sock = dir.path().join("vhost.sock");
+        let ro = if o.read_only { "on" } else { "off" };
+        let blockdev = match &o.backend {
+            Backend::Null(size) => {
+                format!("driver=null-co,node-name=disk0,size={size},read-zeroes=on")
+            }
+            Backend::File(p) => format!(
+                "driver=file,node-name=disk0,filename={},cache.direct=off,aio=threads,discard=unmap,read-only={ro}",
+                p.display()
+            ),
+        };
+        let export = format!(
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable={},num-queues={},logical-block-size={}",
+            sock.display(),
+            if o.read_only { "off" } else { "on" },
+            o.queues,
+            o.lbs
+        );
+        let log = std::fs::File::create(dir.path().join("qsd.log")).expect("log");
+        let child = Command::new("qemu-storage-daemon")
+            .args(["--blockdev", &blockdev, "--export", &export])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("qemu-storage-daemon must be installed (apt-get install qemu-utils)");
+        let q = Qsd {
+            child: Some(child),
+            sock,
+            dir,
+        };
+        q.wait_for_socket();
+        q
+    }
+
+    fn wait_for_socket(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.sock).is_ok() {
+                // qsd serves one front-end at a time per export and takes the next
+                // after this probe disconnects.
+                std::thread::sleep(Duration::from_millis(20));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "qemu-storage-daemon did not listen on {}: {}",
+            self.sock.display(),
+            std::fs::read_to_string(self.dir.path().join("qsd.log")).unwrap_or_default()
+        );
+    }
+
+    /// Kill the daemon now (a target that goes away mid-run).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A file of `size` bytes in a fresh temporary directory.
+pub fn image(dir: &Path, size: u64) -> PathBuf {
+    let p = dir.join("disk.img");
+    let f = std::fs::File::create(&p).expect("image");
+    f.set_len(size).expect("size image");
+    p
+}
+
+pub fn registry() -> Registry {
+    Registry::new(
+        DmaMemory::new(DmaConfig {
+            initial_region_size: 32 << 20,
+            ..DmaConfig::default()
+        })
+        .expect("DMA memory"),
+    )
+}
+
+pub fn blk_params(name: &str, sock: &Path, vq_count: u16) -> AttachParams {
+    AttachParams {
+        name: name.into(),
+        trtype: TrType::User,
+        traddr: sock.display().to_string(),
+        dev_type: DevType::Blk,
+        vq_count,
+        vq_size: 256,
+    }
+}
+
+pub fn attach_blk(reg: &Registry, sock: &Path, vq_count: u16) -> Arc<Bdev> {
+    let mut b = reg
+        .attach(&blk_params("VirtioBlk0", sock, vq_count))
+        .expect("attach");
+    assert_eq!(b.len(), 1);
+    b.pop().unwrap()
+}
+
+/// Run `f` on a thread and fail the test if it does not finish in time.
+pub fn within<T: Send + 'static>(
+    secs: u64,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("{what} did not finish within {secs} s (hang)"))
+}
