@@ -109,26 +109,39 @@ impl BlkBackend {
     /// so that no kick is lost.
     fn process_queue(&self, vring: &VringRwLock<Memory>) -> io::Result<()> {
         let mem = self.mem.read().unwrap_or_else(|p| p.into_inner()).memory();
+        let mut empty_passes = 0;
         loop {
             if self.dropped.load(Ordering::Acquire) {
                 return Ok(());
             }
             vring.disable_notification().map_err(io::Error::other)?;
-            if self.drain(vring, &mem)? {
+            let Some(served) = self.drain(vring, &mem)? else {
+                return Ok(());
+            };
+            if !vring.enable_notification().map_err(io::Error::other)? {
                 return Ok(());
             }
-            if !vring.enable_notification().map_err(io::Error::other)? {
+            // More is said to be available. A pass that found nothing twice in a row means the
+            // driver's avail index is inconsistent (virtio-queue refuses it): do not spin.
+            empty_passes = if served == 0 { empty_passes + 1 } else { 0 };
+            if empty_passes >= 2 {
+                warn!("available ring index is inconsistent; waiting for the next kick");
                 return Ok(());
             }
         }
     }
 
-    /// Pops and serves chains until the available ring is empty. True when an injected
-    /// disconnect fired.
-    fn drain(&self, vring: &VringRwLock<Memory>, mem: &GuestMemoryMmap<()>) -> io::Result<bool> {
+    /// Pops and serves chains until the available ring is empty; returns how many, or `None`
+    /// when an injected disconnect fired.
+    fn drain(
+        &self,
+        vring: &VringRwLock<Memory>,
+        mem: &GuestMemoryMmap<()>,
+    ) -> io::Result<Option<usize>> {
         let window = self.faults.reorder_window();
         let acked = self.acked_features.load(Ordering::Acquire);
         let mut held: Vec<Completion> = Vec::new();
+        let mut served = 0;
         loop {
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
             let Some(chain) = chain else { break };
@@ -137,8 +150,9 @@ impl BlkBackend {
                 // with it in flight.
                 self.complete(vring, mem, held.drain(..).rev())?;
                 self.inject_disconnect();
-                return Ok(true);
+                return Ok(None);
             }
+            served += 1;
             let head = chain.head_index();
             let inject_failure = self.faults.take_failure();
             let outcome = self.device.execute(
@@ -159,23 +173,27 @@ impl BlkBackend {
                 bad_id,
             });
             if held.len() >= window.max(1) {
-                if held.len() > 1 {
-                    add(
-                        &self.device.stats().reordered_completions,
-                        held.len() as u64,
-                    );
-                }
-                self.complete(vring, mem, held.drain(..).rev())?;
+                self.complete_reversed(vring, mem, &mut held)?;
             }
         }
+        self.complete_reversed(vring, mem, &mut held)?;
+        Ok(Some(served))
+    }
+
+    /// Completes what is held, last first.
+    fn complete_reversed(
+        &self,
+        vring: &VringRwLock<Memory>,
+        mem: &GuestMemoryMmap<()>,
+        held: &mut Vec<Completion>,
+    ) -> io::Result<()> {
         if held.len() > 1 {
             add(
                 &self.device.stats().reordered_completions,
                 held.len() as u64,
             );
         }
-        self.complete(vring, mem, held.drain(..).rev())?;
-        Ok(false)
+        self.complete(vring, mem, held.drain(..).rev())
     }
 
     /// Puts completions in the used ring (after the injected delay) and notifies the driver if

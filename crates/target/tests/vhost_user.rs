@@ -746,3 +746,21 @@ fn throughput() {
         target.stats().interrupts
     );
 }
+
+#[test]
+fn inconsistent_avail_index_does_not_wedge_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket(&dir);
+    let target = ram_target(&path, 1 << 20);
+    let mut h = Harness::connect(&path, 1);
+    // Claim 1000 new entries on a ring of 64.
+    let avail = h.queues[0].avail();
+    h.mem.write_obj(1000u16, GuestAddress(avail + 2)).unwrap();
+    h.queues[0].kick.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(h.try_wait_used(0, 1, Duration::from_millis(10)).is_none());
+    assert_eq!(target.stats().ok, 0);
+    // Still answering on the control plane, and stoppable.
+    assert!(h.fe.get_features().is_ok());
+    within(Duration::from_secs(5), "stop", move || target.stop());
+}
