@@ -203,8 +203,10 @@ impl UnmapParameterList {
         Ok(UnmapParameterList { descriptors })
     }
 
-    /// Encodes the list; more than [`MAX_UNMAP_DESCRIPTORS_PER_LIST`]
-    /// descriptors or a wrapping range is an error.
+    /// Encodes the list as it is (no range checks: a target-side value may
+    /// hold anything the wire can); more than
+    /// [`MAX_UNMAP_DESCRIPTORS_PER_LIST`] descriptors is an error. Initiators
+    /// build lists with [`UnmapListWriter`], which also refuses wrapping ranges.
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         let n = self.descriptors.len();
         if n > MAX_UNMAP_DESCRIPTORS_PER_LIST {
@@ -213,12 +215,17 @@ impl UnmapParameterList {
                 max: MAX_UNMAP_DESCRIPTORS_PER_LIST,
             });
         }
-        let mut v = vec![0u8; unmap_list_len(n)];
-        let mut w = UnmapListWriter::new(&mut v)?;
+        let total = unmap_list_len(n);
+        // n <= 4095, so both lengths fit 16 bits.
+        let mut v = Vec::with_capacity(total);
+        v.extend_from_slice(&((total - 2) as u16).to_be_bytes());
+        v.extend_from_slice(&((total - UNMAP_HEADER_LEN) as u16).to_be_bytes());
+        v.extend_from_slice(&[0; 4]);
         for d in &self.descriptors {
-            w.push(d.lba, u64::from(d.blocks))?;
+            v.extend_from_slice(&d.lba.to_be_bytes());
+            v.extend_from_slice(&d.blocks.to_be_bytes());
+            v.extend_from_slice(&[0; 4]);
         }
-        w.finish();
         Ok(v)
     }
 
@@ -334,16 +341,17 @@ mod tests {
                 max: 4095
             })
         );
+        // A wrapping range is carried as is: the target checks ranges.
         let wraps = UnmapParameterList {
             descriptors: vec![UnmapDescriptor {
                 lba: u64::MAX,
                 blocks: 1,
             }],
         };
-        assert!(matches!(
-            wraps.encode(),
-            Err(EncodeError::LbaOverflow { .. })
-        ));
+        assert_eq!(
+            UnmapParameterList::parse(&wraps.encode().unwrap()).unwrap(),
+            wraps
+        );
     }
 
     #[test]
