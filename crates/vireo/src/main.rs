@@ -34,6 +34,39 @@ enum Cmd {
     },
     /// Run a workload on bdevs (flags as in SPDK's bdevperf).
     Perf(PerfArgs),
+    /// Serve the in-tree vhost-user test target until interrupted.
+    Target(TargetArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TargetArgs {
+    /// Device type (blk; scsi to come).
+    #[arg(long = "type", default_value = "blk")]
+    dev_type: String,
+    /// Socket to listen on.
+    #[arg(short = 's', long)]
+    socket: PathBuf,
+    /// RAM disk size (suffixes k, m, g), unless --file is given.
+    #[arg(long, default_value = "1g", value_parser = parse_size)]
+    size: usize,
+    /// Back the disk with this file instead of RAM (created and sized if needed).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Logical block size (512 or 4096).
+    #[arg(long, default_value_t = 512)]
+    block_size: u32,
+    /// Request queues.
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// Largest segments per request (seg_max).
+    #[arg(long, default_value_t = 126)]
+    seg_max: u32,
+    /// Largest segment in bytes (size_max).
+    #[arg(long, default_value = "1m", value_parser = parse_size)]
+    size_max: usize,
+    /// Export read-only.
+    #[arg(long)]
+    read_only: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -75,6 +108,7 @@ fn parse_size(s: &str) -> std::result::Result<usize, String> {
     let (num, mult) = match s.chars().last() {
         Some('k' | 'K') => (&s[..s.len() - 1], 1024),
         Some('m' | 'M') => (&s[..s.len() - 1], 1024 * 1024),
+        Some('g' | 'G') => (&s[..s.len() - 1], 1024 * 1024 * 1024),
         _ => (s, 1),
     };
     num.parse::<usize>()
@@ -204,10 +238,45 @@ fn human(bytes: u64) -> String {
 }
 
 fn cmd_perf(a: PerfArgs) -> Result<bool> {
+    // Declared first so it is dropped last, after the controllers that use it.
+    let mut _embedded = None;
     let reg = registry()?;
+    let cores = parse_cores(&a.cores)?;
+    // Without a config: an in-process vhost-user-blk target on RAM, one queue per core.
     let bdevs = match &a.config {
         Some(c) => attach_config(&reg, c)?,
-        None => bail!("an in-process target is not available yet: pass -c CONFIG"),
+        None => {
+            let dir = tempdir()?;
+            let sock = dir.join("embedded-blk.sock");
+            let t = vireo_target::spawn_blk_target(
+                &sock,
+                vireo_target::BlkTargetConfig {
+                    backend: vireo_target::Backing::Ram {
+                        size_bytes: 1 << 30,
+                    },
+                    num_queues: cores.len() as u16,
+                    ..Default::default()
+                },
+            )
+            .context("cannot start the embedded vhost-user-blk target")?;
+            if !a.json {
+                eprintln!(
+                    "vireo: no -c given: using an in-process vhost-user-blk target on 1 GiB of RAM ({})",
+                    sock.display()
+                );
+            }
+            let params = vireo_bdev::AttachParams {
+                name: "Embedded0".into(),
+                trtype: vireo_bdev::TrType::User,
+                traddr: sock.display().to_string(),
+                dev_type: vireo_bdev::DevType::Blk,
+                vq_count: cores.len() as u16,
+                vq_size: 256,
+            };
+            let b = reg.attach(&params)?;
+            _embedded = Some((t, TempDirGuard(dir)));
+            b
+        }
     };
     let selected: Vec<Arc<Bdev>> = if a.bdevs.is_empty() {
         bdevs
@@ -233,7 +302,7 @@ fn cmd_perf(a: PerfArgs) -> Result<bool> {
         io_size: a.io_size,
         queue_depth: a.queue_depth,
         seconds: a.time,
-        cores: parse_cores(&a.cores)?,
+        cores,
         read_percent: a.read_percent,
         seed,
         progress: !a.json && perf::stderr_is_terminal(),
@@ -275,6 +344,64 @@ fn print_report(r: &perf::PerfReport) {
     }
 }
 
+/// A private directory for sockets, removed on drop.
+struct TempDirGuard(PathBuf);
+
+impl Drop for TempDirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir() -> Result<PathBuf> {
+    let base = std::env::temp_dir();
+    for i in 0..1000u32 {
+        let d = base.join(format!("vireo-{}-{i}", std::process::id()));
+        match std::fs::create_dir(&d) {
+            Ok(()) => return Ok(d),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", d.display())),
+        }
+    }
+    bail!("cannot create a temporary directory in {}", base.display())
+}
+
+fn cmd_target(a: TargetArgs) -> Result<()> {
+    if a.dev_type != "blk" {
+        bail!(
+            "target type {:?} is not available yet (supported: blk)",
+            a.dev_type
+        );
+    }
+    let backend = match a.file {
+        Some(path) => vireo_target::Backing::File {
+            path,
+            size_bytes: Some(a.size as u64),
+        },
+        None => vireo_target::Backing::Ram {
+            size_bytes: a.size as u64,
+        },
+    };
+    let t = vireo_target::spawn_blk_target(
+        &a.socket,
+        vireo_target::BlkTargetConfig {
+            backend,
+            block_size: a.block_size,
+            num_queues: a.queues,
+            seg_max: a.seg_max,
+            size_max: a.size_max as u32,
+            read_only: a.read_only,
+            ..Default::default()
+        },
+    )?;
+    eprintln!(
+        "vireo: vhost-user-blk target listening on {}",
+        a.socket.display()
+    );
+    t.wait();
+    Ok(())
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -282,11 +409,13 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(perf::stderr_is_terminal())
         .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Bdevs { config, json } => cmd_bdevs(config, json).map(|_| true),
         Cmd::Perf(a) => cmd_perf(a),
+        Cmd::Target(a) => cmd_target(a).map(|_| true),
     };
     match r {
         Ok(true) => {}

@@ -1,0 +1,223 @@
+//! vireo vs libblkio: 4 KiB random reads against one qemu-storage-daemon vhost-user-blk
+//! null-co export, both polling one queue, alternating runs so both see the same noise.
+//!
+//! `cargo bench -p vireo-bench --bench vs_libblkio -- [--seconds S] [--rounds R] [--socket PATH]`
+//! Without `--socket`, the bench starts its own qemu-storage-daemon.
+
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vireo_bdev::{AttachParams, Completion, DevType, IoBuf, IoRequest, Registry, TrType};
+use vireo_virtio::{DmaConfig, DmaMemory};
+
+const IO: usize = 4096;
+const SIZE: u64 = 1 << 30;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn offset(&mut self) -> u64 {
+        (self.next() % (SIZE / IO as u64)) * IO as u64
+    }
+}
+
+fn run_vireo(sock: &Path, qd: usize, secs: f64) -> f64 {
+    let reg = Registry::new(DmaMemory::new(DmaConfig::default()).expect("dma"));
+    let b = reg
+        .attach(&AttachParams {
+            name: "B".into(),
+            trtype: TrType::User,
+            traddr: sock.display().to_string(),
+            dev_type: DevType::Blk,
+            vq_count: 1,
+            vq_size: 256,
+        })
+        .expect("vireo attach")
+        .pop()
+        .expect("bdev");
+    let mut ch = b.open_channel().expect("channel");
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut done: Vec<Completion> = Vec::with_capacity(qd);
+    for i in 0..qd {
+        let buf = IoBuf::Dma(b.alloc_buf(IO).expect("buf"));
+        let lba = rng.offset() / 512;
+        ch.submit(IoRequest::read(lba, (IO / 512) as u64, buf, i as u64))
+            .expect("submit");
+    }
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let mut ios = 0u64;
+    let mut stop = false;
+    while ch.in_flight() > 0 {
+        ch.poll(&mut done);
+        if !done.is_empty() && Instant::now() >= end {
+            stop = true;
+        }
+        for c in done.drain(..) {
+            c.result.expect("vireo read");
+            ios += 1;
+            if !stop {
+                let lba = rng.offset() / 512;
+                ch.submit(IoRequest::read(lba, 8, c.buf.expect("buf"), c.user_data))
+                    .expect("submit");
+            }
+        }
+    }
+    ios as f64 / start.elapsed().as_secs_f64()
+}
+
+fn run_blkio(sock: &Path, qd: usize, secs: f64) -> f64 {
+    let mut b = blkio::Blkio::new("virtio-blk-vhost-user").expect("blkio");
+    b.set_str("path", &sock.display().to_string())
+        .expect("path");
+    b.connect().expect("blkio connect");
+    b.set_i32("num-queues", 0).expect("num-queues");
+    b.set_i32("num-poll-queues", 1).expect("num-poll-queues");
+    let mut out = b.start().expect("blkio start");
+    let mut q = out.poll_queues.pop().expect("poll queue");
+    let region = b.alloc_mem_region(IO * qd).expect("region");
+    b.map_mem_region(&region).expect("map");
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let buf = |i: usize| (region.addr + i * IO) as *mut u8;
+    for i in 0..qd {
+        q.read(rng.offset(), buf(i), IO, i, blkio::ReqFlags::empty());
+    }
+    let mut comps: Vec<MaybeUninit<blkio::Completion>> =
+        (0..qd).map(|_| MaybeUninit::uninit()).collect();
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let mut ios = 0u64;
+    let mut in_flight = qd;
+    let mut stop = false;
+    while in_flight > 0 {
+        let n = q.do_io(&mut comps, 0, None, None).expect("do_io");
+        if n > 0 && Instant::now() >= end {
+            stop = true;
+        }
+        for c in &comps[..n] {
+            // SAFETY: do_io initialised the first `n` completions.
+            let c = unsafe { c.assume_init_ref() };
+            assert_eq!(c.ret, 0, "libblkio read failed");
+            ios += 1;
+            in_flight -= 1;
+            if !stop {
+                q.read(
+                    rng.offset(),
+                    buf(c.user_data),
+                    IO,
+                    c.user_data,
+                    blkio::ReqFlags::empty(),
+                );
+                in_flight += 1;
+            }
+        }
+    }
+    let iops = ios as f64 / start.elapsed().as_secs_f64();
+    drop(q);
+    b.unmap_mem_region(&region);
+    b.free_mem_region(&region);
+    iops
+}
+
+/// The daemon, the directory holding its socket (removed on drop), the socket path.
+struct Qsd(Child, #[allow(dead_code)] tempfile::TempDir, PathBuf);
+
+impl Qsd {
+    fn start() -> Qsd {
+        let dir = tempfile::tempdir().expect("tmp");
+        let sock = dir.path().join("bench.sock");
+        let child = Command::new("qemu-storage-daemon")
+            .args([
+                "--blockdev",
+                &format!("driver=null-co,node-name=disk0,size={SIZE},read-zeroes=on"),
+                "--export",
+                &format!(
+                    "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
+                    sock.display()
+                ),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon");
+        for _ in 0..200 {
+            if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        Qsd(child, dir, sock)
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mut secs = 3.0;
+    let mut rounds = 3;
+    let mut sock: Option<PathBuf> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--seconds" => {
+                secs = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--seconds N")
+            }
+            "--rounds" => {
+                rounds = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--rounds N")
+            }
+            "--socket" => sock = args.next().map(PathBuf::from),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let own = if sock.is_none() {
+        Some(Qsd::start())
+    } else {
+        None
+    };
+    let sock = sock.unwrap_or_else(|| own.as_ref().expect("qsd").2.clone());
+    println!("4 KiB randread, qemu-storage-daemon null-co {} GiB, one polled queue, {secs} s x {rounds} rounds each, alternating", SIZE >> 30);
+    println!(
+        "{:>4} {:>14} {:>14} {:>8}",
+        "QD", "vireo IOPS", "libblkio IOPS", "ratio"
+    );
+    for qd in [1usize, 32] {
+        let mut v = Vec::new();
+        let mut l = Vec::new();
+        for _ in 0..rounds {
+            v.push(run_vireo(&sock, qd, secs));
+            std::thread::sleep(Duration::from_millis(100));
+            l.push(run_blkio(&sock, qd, secs));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (mv, ml) = (median(&mut v), median(&mut l));
+        println!("{qd:>4} {mv:>14.0} {ml:>14.0} {:>8.2}", mv / ml);
+        eprintln!("  QD{qd} runs: vireo {v:.0?}, libblkio {l:.0?}");
+    }
+}
