@@ -56,7 +56,7 @@ pub use mode::{
 pub use sense::{Asc, FieldPointer, RequestSenseCdb, Sense, SenseFormat, SenseKey};
 pub use status::Status;
 pub use unmap::{
-    UnmapCdb, UnmapDescriptor, UnmapListWriter, UnmapParameterList,
+    UnmapCdb, UnmapDescriptor, UnmapLimits, UnmapListWriter, UnmapParameterList,
     MAX_UNMAP_BLOCKS_PER_DESCRIPTOR, MAX_UNMAP_DESCRIPTORS_PER_LIST,
 };
 pub use vpd::{

@@ -76,6 +76,46 @@ pub struct UnmapDescriptor {
 pub struct UnmapListWriter<'a> {
     buf: &'a mut [u8],
     count: usize,
+    blocks: u64,
+}
+
+/// What one UNMAP command may carry, from the block limits VPD page and the
+/// parameter list format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnmapLimits {
+    /// Most blocks, summed over all descriptors (MAXIMUM UNMAP LBA COUNT).
+    pub max_blocks: u64,
+    /// Most descriptors (MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT, at most
+    /// [`MAX_UNMAP_DESCRIPTORS_PER_LIST`]).
+    pub max_descriptors: usize,
+}
+
+impl UnmapLimits {
+    /// Only the limits of the parameter list format.
+    pub const FORMAT: UnmapLimits = UnmapLimits {
+        max_blocks: u64::MAX,
+        max_descriptors: MAX_UNMAP_DESCRIPTORS_PER_LIST,
+    };
+
+    /// Limits from the block limits page; `None` when either count is 0,
+    /// which SBC-4 defines as "UNMAP not implemented". FFFFFFFFh means no
+    /// limit beyond the format.
+    pub fn from_block_limits(bl: &crate::BlockLimits) -> Option<Self> {
+        let (lbas, descs) = (bl.max_unmap_lba_count, bl.max_unmap_descriptor_count);
+        if lbas == 0 || descs == 0 {
+            return None;
+        }
+        Some(UnmapLimits {
+            max_blocks: if lbas == u32::MAX {
+                u64::MAX
+            } else {
+                u64::from(lbas)
+            },
+            max_descriptors: usize::try_from(descs)
+                .unwrap_or(usize::MAX)
+                .min(MAX_UNMAP_DESCRIPTORS_PER_LIST),
+        })
+    }
 }
 
 impl<'a> UnmapListWriter<'a> {
@@ -87,7 +127,11 @@ impl<'a> UnmapListWriter<'a> {
                 got: buf.len(),
             });
         }
-        Ok(UnmapListWriter { buf, count: 0 })
+        Ok(UnmapListWriter {
+            buf,
+            count: 0,
+            blocks: 0,
+        })
     }
 
     /// Appends a descriptor. Refuses a block count above 2^32-1, a range
@@ -116,7 +160,44 @@ impl<'a> UnmapListWriter<'a> {
             });
         }
         self.count += 1;
+        self.blocks += blocks;
         Ok(())
+    }
+
+    /// Appends descriptors covering as much of `blocks` blocks from `lba` as
+    /// one command allows: each descriptor at most 2^32-1 blocks, and the
+    /// list within `limits` (blocks already in the list count) and the
+    /// buffer. Returns the blocks covered; the caller sends the command and
+    /// continues with a new list from `lba` plus that count. A range that
+    /// wraps the address space is refused.
+    pub fn fill(
+        &mut self,
+        lba: u64,
+        blocks: u64,
+        limits: &UnmapLimits,
+    ) -> Result<u64, EncodeError> {
+        if lba.checked_add(blocks).is_none() {
+            return Err(EncodeError::LbaOverflow { lba, blocks });
+        }
+        let max_descriptors = limits.max_descriptors.min(MAX_UNMAP_DESCRIPTORS_PER_LIST);
+        let mut done = 0u64;
+        while done < blocks && self.count < max_descriptors && self.remaining() > 0 {
+            let budget = limits.max_blocks.saturating_sub(self.blocks);
+            let n = (blocks - done)
+                .min(MAX_UNMAP_BLOCKS_PER_DESCRIPTOR)
+                .min(budget);
+            if n == 0 {
+                break;
+            }
+            self.push(lba + done, n)?;
+            done += n;
+        }
+        Ok(done)
+    }
+
+    /// Blocks named by the descriptors written so far.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
     }
 
     /// Descriptors written so far.
@@ -352,6 +433,119 @@ mod tests {
             UnmapParameterList::parse(&wraps.encode().unwrap()).unwrap(),
             wraps
         );
+    }
+
+    #[test]
+    fn limits_from_block_limits() {
+        let mut bl = crate::BlockLimits {
+            max_unmap_lba_count: u32::MAX,
+            max_unmap_descriptor_count: u32::MAX,
+            ..Default::default()
+        };
+        assert_eq!(
+            UnmapLimits::from_block_limits(&bl),
+            Some(UnmapLimits::FORMAT)
+        );
+        bl.max_unmap_lba_count = 1024;
+        bl.max_unmap_descriptor_count = 16;
+        assert_eq!(
+            UnmapLimits::from_block_limits(&bl),
+            Some(UnmapLimits {
+                max_blocks: 1024,
+                max_descriptors: 16
+            })
+        );
+        bl.max_unmap_descriptor_count = 0;
+        assert_eq!(UnmapLimits::from_block_limits(&bl), None);
+        bl.max_unmap_descriptor_count = 1;
+        bl.max_unmap_lba_count = 0;
+        assert_eq!(UnmapLimits::from_block_limits(&bl), None);
+    }
+
+    /// Splits `blocks` at `lba` into UNMAP commands the way a driver would,
+    /// returning (descriptors, blocks) per command after checking each list.
+    fn split(lba: u64, blocks: u64, limits: &UnmapLimits) -> Vec<(usize, u64)> {
+        let mut buf = vec![0u8; unmap_list_len(MAX_UNMAP_DESCRIPTORS_PER_LIST)];
+        let mut cmds = Vec::new();
+        let mut done = 0;
+        while done < blocks {
+            let mut w = UnmapListWriter::new(&mut buf).unwrap();
+            let n = w.fill(lba + done, blocks - done, limits).unwrap();
+            assert!(n > 0);
+            let count = w.len();
+            assert_eq!(w.blocks(), n);
+            let len = usize::from(w.finish());
+            let list = UnmapParameterList::parse(&buf[..len]).unwrap();
+            assert_eq!(list.descriptors.len(), count);
+            assert_eq!(list.total_blocks(), n);
+            assert!(list.total_blocks() <= limits.max_blocks);
+            assert!(count <= limits.max_descriptors);
+            // Descriptors are contiguous from where the last command stopped.
+            let mut next = lba + done;
+            for d in &list.descriptors {
+                assert_eq!(d.lba, next);
+                next += u64::from(d.blocks);
+            }
+            cmds.push((count, n));
+            done += n;
+        }
+        cmds
+    }
+
+    #[test]
+    fn fill_ten_tib_of_512_byte_blocks() {
+        let blocks = (10u64 << 40) / 512;
+        // Format limits only: one command, six descriptors (five full ones).
+        let cmds = split(0, blocks, &UnmapLimits::FORMAT);
+        assert_eq!(cmds, vec![(6, blocks)]);
+        // MAXIMUM UNMAP LBA COUNT of 4 Mi blocks: 5120 commands of one descriptor.
+        let l = UnmapLimits {
+            max_blocks: 4 << 20,
+            max_descriptors: 4095,
+        };
+        let cmds = split(7, blocks, &l);
+        assert_eq!(cmds.len(), 5120);
+        assert!(cmds.iter().all(|&c| c == (1, 4 << 20)));
+        // Two descriptors per command and no block limit: three commands.
+        let l = UnmapLimits {
+            max_blocks: u64::MAX,
+            max_descriptors: 2,
+        };
+        let cmds = split(0, blocks, &l);
+        let full = MAX_UNMAP_BLOCKS_PER_DESCRIPTOR;
+        assert_eq!(
+            cmds,
+            vec![(2, 2 * full), (2, 2 * full), (2, blocks - 4 * full)]
+        );
+    }
+
+    #[test]
+    fn fill_respects_what_is_already_there() {
+        let mut buf = vec![0u8; unmap_list_len(3)];
+        let mut w = UnmapListWriter::new(&mut buf).unwrap();
+        let l = UnmapLimits {
+            max_blocks: 100,
+            max_descriptors: 4095,
+        };
+        assert_eq!(w.fill(0, 60, &l), Ok(60));
+        assert_eq!(w.fill(1000, 60, &l), Ok(40));
+        assert_eq!(w.fill(2000, 60, &l), Ok(0));
+        assert_eq!(w.len(), 2);
+        // The buffer runs out before the limits do.
+        let mut buf = vec![0u8; unmap_list_len(1)];
+        let mut w = UnmapListWriter::new(&mut buf).unwrap();
+        assert_eq!(
+            w.fill(0, 1 << 33, &UnmapLimits::FORMAT),
+            Ok(u64::from(u32::MAX))
+        );
+        assert_eq!(
+            w.fill(u64::MAX, 1, &UnmapLimits::FORMAT),
+            Err(EncodeError::LbaOverflow {
+                lba: u64::MAX,
+                blocks: 1
+            })
+        );
+        assert_eq!(w.fill(5, 0, &UnmapLimits::FORMAT), Ok(0));
     }
 
     #[test]
