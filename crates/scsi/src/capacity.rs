@@ -292,6 +292,22 @@ mod tests {
     }
 
     #[test]
+    fn rc16_thin_provisioned_bytes() {
+        // 2 GiB of 512-byte blocks, LBPME and LBPRZ set, nothing else.
+        let mut b = [0u8; 32];
+        b[..8].copy_from_slice(&0x003f_ffffu64.to_be_bytes());
+        b[8..12].copy_from_slice(&512u32.to_be_bytes());
+        b[14] = 0xc0;
+        let c = ReadCapacity16::parse(&b).unwrap();
+        assert!(c.lbpme);
+        assert!(c.lbprz);
+        assert_eq!(c.block_count(), 1 << 22);
+        assert_eq!(c.lowest_aligned_lba, 0);
+        assert_eq!(c.physical_block_len(), Some(512));
+        assert_eq!(c.encode(), b);
+    }
+
+    #[test]
     fn rc16_short_and_errors() {
         let c = ReadCapacity16::new(1 << 20, 4096);
         let b = c.encode();

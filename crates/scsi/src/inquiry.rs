@@ -332,6 +332,32 @@ mod tests {
     }
 
     #[test]
+    fn full_96_byte_data_with_version_descriptors() {
+        // Layout a vhost-device-scsi LUN returns: 96 bytes, additional length
+        // 91, SPC-6 version, three version descriptors at byte 58.
+        let mut b = vec![0x00, 0x00, 0x07, 0x12, 91, 0, 0, 0];
+        b.extend_from_slice(b"rust-vmmvhost-user-scsi v0  ");
+        b.resize(58, 0);
+        for d in [0x00c0u16, 0x05c0, 0x0600, 0, 0, 0, 0, 0] {
+            b.extend_from_slice(&d.to_be_bytes());
+        }
+        b.resize(96, 0);
+        let i = StandardInquiry::parse(&b).unwrap();
+        assert_eq!(i.version, 7);
+        assert!(i.hisup);
+        assert!(!i.cmdque);
+        assert_eq!(i.vendor, "rust-vmm");
+        assert_eq!(i.product, "vhost-user-scsi");
+        assert_eq!(i.revision, "v0");
+        assert_eq!(i.version_descriptors, vec![0x00c0, 0x05c0, 0x0600]);
+        // Cut by an allocation length of 36: the fixed part still parses.
+        let short = StandardInquiry::parse(&b[..36]).unwrap();
+        assert_eq!(short.product, "vhost-user-scsi");
+        assert!(short.version_descriptors.is_empty());
+        assert_eq!(StandardInquiry::parse(&i.encode().unwrap()).unwrap(), i);
+    }
+
+    #[test]
     fn round_trip_all_fields() {
         let mut i = StandardInquiry::disk("VIREO", "RAM DISK", "0.1");
         i.removable = true;
