@@ -1,0 +1,222 @@
+//! The `vireo` binary end to end.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn vireo() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vireo"))
+}
+
+fn config(dir: &std::path::Path, sock: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let p = dir.join(format!(
+        "vireo-{}.json",
+        sock.file_stem().unwrap().to_string_lossy()
+    ));
+    std::fs::write(
+        &p,
+        format!(
+            r#"{{"subsystems":[{{"subsystem":"bdev","config":[{{"method":"bdev_virtio_attach_controller","params":{{"name":"VirtioBlk0","trtype":"user","traddr":"{}","dev_type":"blk"{extra}}}}}]}}]}}"#,
+            sock.display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn perf_verify_and_randread_against_qsd_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 256 << 20);
+    let q = Qsd::start(QsdOpts {
+        backend: Backend::File(img),
+        ..Default::default()
+    });
+    let conf = config(dir.path(), &q.sock, "");
+    let out = vireo()
+        .args(["perf", "-c"])
+        .arg(&conf)
+        .args([
+            "-w", "verify", "-o", "4096", "-q", "32", "-t", "2", "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["total"]["errors"], 0);
+    assert_eq!(v["total"]["verify_failures"], 0);
+    assert!(v["total"]["ios"].as_u64().unwrap() > 100);
+    for k in ["mean", "p50", "p99", "p999", "max"] {
+        assert!(v["total"]["latency_us"][k].as_f64().unwrap() > 0.0, "{k}");
+    }
+    assert_eq!(v["jobs"].as_array().unwrap().len(), 1);
+
+    let out = vireo()
+        .args(["perf", "-c"])
+        .arg(&conf)
+        .args(["-w", "randread", "-o", "4k", "-q", "8", "-t", "1", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["total"]["iops"].as_f64().unwrap() > 100.0);
+}
+
+#[test]
+fn perf_all_workloads_on_two_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 64 << 20);
+    let q = Qsd::start(QsdOpts {
+        backend: Backend::File(img),
+        queues: 2,
+        ..Default::default()
+    });
+    let conf = config(dir.path(), &q.sock, r#","vq_count":2"#);
+    for w in [
+        "write",
+        "read",
+        "randwrite",
+        "rw",
+        "randrw",
+        "verify",
+        "unmap",
+        "flush",
+        "write_zeroes",
+    ] {
+        let out = vireo()
+            .args(["perf", "-c"])
+            .arg(&conf)
+            .args([
+                "-b",
+                "VirtioBlk0",
+                "-w",
+                w,
+                "-o",
+                "8k",
+                "-q",
+                "4",
+                "-t",
+                "0.3",
+                "-m",
+                "0x3",
+                "-M",
+                "70",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{w}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["jobs"].as_array().unwrap().len(), 2, "{w}");
+        assert_eq!(v["total"]["errors"], 0, "{w}");
+        assert!(v["total"]["ios"].as_u64().unwrap() > 0, "{w}");
+    }
+}
+
+#[test]
+fn perf_without_config_runs_the_embedded_target() {
+    let out = vireo()
+        .args(["perf", "-t", "0.5", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["workload"], "verify");
+    assert_eq!(v["total"]["verify_failures"], 0);
+    assert!(v["total"]["ios"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn bdevs_lists_and_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Qsd::start(QsdOpts {
+        backend: Backend::Null(1 << 30),
+        lbs: 4096,
+        ..Default::default()
+    });
+    let conf = config(dir.path(), &q.sock, "");
+    let out = vireo()
+        .args(["bdevs", "--json", "-c"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["name"], "VirtioBlk0");
+    assert_eq!(v[0]["block_size"], 4096);
+    assert_eq!(v[0]["num_blocks"], (1u64 << 30) / 4096);
+
+    // A bad key in the config: exit 2, the message names key and file.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_virtio_attach_controller","params":{"name":"X","trtype":"user","traddr":"/x","dev_type":"blk","vqcount":2}}]}]}"#).unwrap();
+    let out = vireo().args(["bdevs", "-c"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vqcount") && err.contains("bad.json"), "{err}");
+
+    // A missing socket.
+    let missing = config(dir.path(), &dir.path().join("nothing.sock"), "");
+    let out = vireo()
+        .args(["perf", "-t", "1", "-c"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+
+    // An unknown bdev.
+    let out = vireo()
+        .args(["perf", "-t", "1", "-b", "Nope", "-c"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Nope"));
+}
+
+#[test]
+fn perf_exit_status_is_nonzero_on_io_errors() {
+    // A read-only export: writes are refused, so a write workload must fail.
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 16 << 20);
+    let q = Qsd::start(QsdOpts {
+        backend: Backend::File(img),
+        read_only: true,
+        ..Default::default()
+    });
+    let conf = config(dir.path(), &q.sock, "");
+    let out = vireo()
+        .args(["perf", "-w", "write", "-t", "0.3", "--json", "-c"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["total"]["errors"].as_u64().unwrap() > 0);
+    assert!(v["total"]["first_error"]
+        .as_str()
+        .unwrap()
+        .contains("read-only"));
+}

@@ -1,0 +1,343 @@
+//! vireo against the in-tree vhost-user-blk target: limits and faults that real targets
+//! cannot produce on demand.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use vireo_bdev::{IoBuf, IoError, IoOp, IoRequest};
+use vireo_target::{spawn_blk_target, Backing, BlkTargetConfig, TargetHandle};
+
+fn target(cfg: BlkTargetConfig) -> (TargetHandle, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let t = spawn_blk_target(&dir.path().join("blk.sock"), cfg).unwrap();
+    (t, dir)
+}
+
+fn ram(size: u64) -> BlkTargetConfig {
+    BlkTargetConfig {
+        backend: Backing::Ram { size_bytes: size },
+        ..Default::default()
+    }
+}
+
+fn pattern(len: usize, salt: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13) ^ salt)
+        .collect()
+}
+
+#[test]
+fn io_is_split_to_tiny_seg_max_size_max_and_discard_limits() {
+    let (t, _d) = target(BlkTargetConfig {
+        seg_max: 3,
+        size_max: 4096,
+        max_discard_sectors: 64,
+        max_discard_seg: 2,
+        max_write_zeroes_sectors: 32,
+        max_write_zeroes_seg: 1,
+        ..ram(64 << 20)
+    });
+    let reg = registry();
+    let b = attach_blk(&reg, t.socket_path(), 1);
+    let l = b.info().limits;
+    assert_eq!(l.max_segments, 3);
+    assert_eq!(l.max_segment_bytes, 4096);
+    assert_eq!(l.max_rw_blocks, 3 * 4096 / 512);
+    assert_eq!(l.max_unmap_blocks, 128);
+    assert_eq!(l.max_write_zeroes_blocks, 32);
+    let mut ch = b.open_channel().unwrap();
+    // 1 MiB + 1 block, misaligned start: many device requests, one completion.
+    let len = (1 << 20) + 512;
+    let data = pattern(len, 1);
+    ch.run(IoRequest::write(
+        7,
+        (len / 512) as u64,
+        IoBuf::Heap(data.clone()),
+        1,
+    ))
+    .result
+    .unwrap();
+    let c = ch.run(IoRequest::read(
+        7,
+        (len / 512) as u64,
+        IoBuf::Heap(vec![0; len]),
+        2,
+    ));
+    c.result.unwrap();
+    assert!(c.buf.unwrap().as_slice() == &data[..]);
+    ch.run(IoRequest::no_data(IoOp::Unmap, 100, 1000, 3))
+        .result
+        .unwrap();
+    ch.run(IoRequest::no_data(IoOp::WriteZeroes, 5000, 100, 4))
+        .result
+        .unwrap();
+    let s = t.stats();
+    assert_eq!(s.oversize_rejected, 0, "{s:?}");
+    assert_eq!(s.discard_limit_rejected, 0, "{s:?}");
+    assert_eq!(s.write_zeroes_limit_rejected, 0, "{s:?}");
+    assert!(s.max_segments <= 3 && s.max_segment_bytes <= 4096, "{s:?}");
+    assert_eq!(s.io_errors, 0, "{s:?}");
+    assert!(s.writes >= ((len / 12288) as u64), "{s:?}");
+    assert_eq!(s.discards, 1000u64.div_ceil(128), "{s:?}");
+    assert_eq!(s.write_zeroes, 100u64.div_ceil(32), "{s:?}");
+    // The unmapped and zeroed ranges read as zeroes.
+    let c = ch.run(IoRequest::read(5000, 100, IoBuf::Heap(vec![1; 51200]), 5));
+    assert!(c.buf.unwrap().as_slice().iter().all(|&x| x == 0));
+}
+
+#[test]
+fn polling_suppresses_interrupts() {
+    let (t, _d) = target(ram(64 << 20));
+    let reg = registry();
+    let b = attach_blk(&reg, t.socket_path(), 1);
+    let mut ch = b.open_channel().unwrap();
+    let mut done = Vec::new();
+    for i in 0..32u64 {
+        ch.submit(IoRequest::read(
+            i * 8,
+            8,
+            IoBuf::Dma(b.alloc_buf(4096).unwrap()),
+            i,
+        ))
+        .unwrap();
+    }
+    let mut n = 0;
+    while n < 5000 {
+        ch.poll(&mut done);
+        for c in done.drain(..) {
+            c.result.unwrap();
+            n += 1;
+            let ud = c.user_data;
+            ch.submit(IoRequest::read((ud * 8) % 1000, 8, c.buf.unwrap(), ud))
+                .unwrap();
+        }
+    }
+    drop(ch);
+    let s = t.stats();
+    assert!(s.reads >= 5000);
+    // At most the odd first notification; never one per request.
+    assert!(
+        s.interrupts <= 2,
+        "device interrupted {} times for {} reads",
+        s.interrupts,
+        s.reads
+    );
+    assert!(
+        s.kicks < s.reads,
+        "kicks are batched: {} kicks for {} reads",
+        s.kicks,
+        s.reads
+    );
+}
+
+#[test]
+fn device_errors_fail_only_their_io() {
+    let (t, _d) = target(ram(16 << 20));
+    let reg = registry();
+    let b = attach_blk(&reg, t.socket_path(), 1);
+    let mut ch = b.open_channel().unwrap();
+    t.faults().fail_next(2);
+    let mut errs = 0;
+    for i in 0..6u64 {
+        let c = ch.run(IoRequest::read(i, 1, IoBuf::Heap(vec![0; 512]), i));
+        if let Err(e) = c.result {
+            assert_eq!(e, IoError::Device);
+            errs += 1;
+        }
+    }
+    assert_eq!(errs, 2);
+    assert!(
+        reg.controllers()[0].1.is_none(),
+        "IOERR does not fail the controller"
+    );
+}
+
+#[test]
+fn reordered_and_delayed_completions_are_matched_correctly() {
+    let (t, _d) = target(ram(16 << 20));
+    t.faults().set_reorder_window(8);
+    t.faults().set_completion_delay(Duration::from_micros(200));
+    let reg = registry();
+    let b = attach_blk(&reg, t.socket_path(), 1);
+    let mut ch = b.open_channel().unwrap();
+    let mut done = Vec::new();
+    for i in 0..64u64 {
+        let mut buf = b.alloc_buf(512).unwrap();
+        buf.as_mut_slice().copy_from_slice(&pattern(512, i as u8));
+        ch.submit(IoRequest::write(i, 1, IoBuf::Dma(buf), i))
+            .unwrap();
+    }
+    while done.len() < 64 {
+        ch.poll(&mut done);
+    }
+    assert!(done.iter().all(|c| c.result.is_ok()));
+    let order: Vec<u64> = done.iter().map(|c| c.user_data).collect();
+    assert_ne!(
+        order,
+        (0..64).collect::<Vec<_>>(),
+        "completions came out of order"
+    );
+    t.faults().clear();
+    for i in 0..64u64 {
+        let c = ch.run(IoRequest::read(i, 1, IoBuf::Heap(vec![0; 512]), 100 + i));
+        assert_eq!(c.buf.unwrap().as_slice(), &pattern(512, i as u8)[..]);
+    }
+}
+
+#[test]
+fn lying_used_length_fails_the_controller() {
+    let (t, _d) = target(ram(16 << 20));
+    let reg = registry();
+    let b = attach_blk(&reg, t.socket_path(), 1);
+    let mut ch = b.open_channel().unwrap();
+    ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1))
+        .result
+        .unwrap();
+    t.faults().lie_used_len_next(1);
+    let c = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2));
+    assert!(
+        matches!(c.result, Err(IoError::ControllerFailed(_))),
+        "{:?}",
+        c.result
+    );
+    // Everything after fails fast; the controller reports why.
+    let c = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 3));
+    assert!(matches!(c.result, Err(IoError::ControllerFailed(_))));
+    let why = reg.controllers()[0].1.clone().unwrap();
+    assert!(why.contains("used length"), "{why}");
+    drop(ch);
+    assert!(
+        b.open_channel().is_err(),
+        "a failed controller opens no channels"
+    );
+}
+
+#[test]
+fn bad_used_id_fails_the_controller() {
+    let (t, _d) = target(ram(16 << 20));
+    let reg = registry();
+    let b = attach_blk(&reg, t.socket_path(), 1);
+    let mut ch = b.open_channel().unwrap();
+    t.faults().bad_used_id_next(1);
+    let c = within(20, "bad used id", move || {
+        ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1))
+    });
+    assert!(
+        matches!(c.result, Err(IoError::ControllerFailed(_))),
+        "{:?}",
+        c.result
+    );
+    let why = reg.controllers()[0].1.clone().unwrap();
+    assert!(why.contains("used id"), "{why}");
+}
+
+#[test]
+fn disconnect_mid_run_fails_in_flight_io_and_reattach_works() {
+    let (t, _d) = target(ram(16 << 20));
+    let reg = registry();
+    let b = attach_blk(&reg, t.socket_path(), 1);
+    let mut ch = b.open_channel().unwrap();
+    t.faults().disconnect_after(100);
+    let mut done = Vec::new();
+    for i in 0..16u64 {
+        ch.submit(IoRequest::read(
+            i,
+            1,
+            IoBuf::Dma(b.alloc_buf(512).unwrap()),
+            i,
+        ))
+        .unwrap();
+    }
+    let (ok, errs) = within(30, "I/O across a disconnect", move || {
+        let (mut ok, mut errs) = (0, 0);
+        while ch.in_flight() > 0 {
+            ch.poll(&mut done);
+            for c in done.drain(..) {
+                match c.result {
+                    Ok(()) => {
+                        ok += 1;
+                        let ud = c.user_data;
+                        ch.submit(IoRequest::read(ud, 1, c.buf.unwrap(), ud))
+                            .unwrap();
+                    }
+                    Err(e) => {
+                        assert_eq!(e, IoError::Disconnected);
+                        errs += 1;
+                    }
+                }
+            }
+        }
+        (ok, errs)
+    });
+    assert!(ok >= 90, "{ok} completed before the disconnect");
+    assert!(errs >= 1, "in-flight I/O failed");
+    // The target serves the next connection: detach and attach again.
+    reg.detach("VirtioBlk0").unwrap();
+    let b = attach_blk(&reg, t.socket_path(), 1);
+    let mut ch = b.open_channel().unwrap();
+    ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1))
+        .result
+        .unwrap();
+}
+
+#[test]
+fn queue_full_waits_instead_of_failing() {
+    let (t, _d) = target(ram(64 << 20));
+    t.faults().set_completion_delay(Duration::from_micros(50));
+    let reg = registry();
+    let mut p = blk_params("VirtioBlk0", t.socket_path(), 1);
+    p.vq_size = 8;
+    let b = reg.attach(&p).unwrap().pop().unwrap();
+    let mut ch = b.open_channel().unwrap();
+    // 200 I/Os submitted at once into an 8-slot ring.
+    for i in 0..200u64 {
+        ch.submit(IoRequest::write(
+            i * 8,
+            8,
+            IoBuf::Heap(pattern(4096, i as u8)),
+            i,
+        ))
+        .unwrap();
+    }
+    let mut done = Vec::new();
+    while done.len() < 200 {
+        ch.poll(&mut done);
+    }
+    assert!(done.iter().all(|c| c.result.is_ok()));
+    assert!(ch.stats().queue_full_waits > 0, "{:?}", ch.stats());
+    for i in (0..200u64).step_by(37) {
+        let c = ch.run(IoRequest::read(
+            i * 8,
+            8,
+            IoBuf::Heap(vec![0; 4096]),
+            1000 + i,
+        ));
+        assert_eq!(c.buf.unwrap().as_slice(), &pattern(4096, i as u8)[..]);
+    }
+}
+
+#[test]
+fn dma_memory_grows_through_add_mem_reg() {
+    let (t, _d) = target(ram(256 << 20));
+    let reg = registry(); // 32 MiB first region
+    let b = attach_blk(&reg, t.socket_path(), 1);
+    let mut ch = b.open_channel().unwrap();
+    // 64 MiB does not fit the first region: a new region is shared with the target.
+    let len = 64 << 20;
+    let mut buf = b.alloc_buf(len).unwrap();
+    assert!(reg.memory().regions().len() >= 2);
+    buf.as_mut_slice().copy_from_slice(&pattern(len, 9));
+    ch.run(IoRequest::write(0, (len / 512) as u64, IoBuf::Dma(buf), 1))
+        .result
+        .unwrap();
+    let c = ch.run(IoRequest::read(
+        0,
+        (len / 512) as u64,
+        IoBuf::Dma(b.alloc_buf(len).unwrap()),
+        2,
+    ));
+    c.result.unwrap();
+    assert!(c.buf.unwrap().as_slice() == &pattern(len, 9)[..]);
+}
