@@ -214,6 +214,7 @@ impl Bdev {
             published: stats,
             done_scratch: Vec::new(),
             completions: 0,
+            unpublished: false,
             _not_sync: PhantomData,
         })
     }
@@ -245,6 +246,8 @@ pub struct IoChannel {
     published: Arc<ChannelStats>,
     done_scratch: Vec<ChildDone>,
     completions: u64,
+    /// Requests were queued since the last publish.
+    unpublished: bool,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -480,6 +483,7 @@ impl IoChannel {
 
     fn enqueue(&mut self, child: Child) {
         self.local.device_requests += 1;
+        self.unpublished = true;
         if !self.pending.is_empty() {
             self.pending.push_back(child);
             return;
@@ -492,16 +496,23 @@ impl IoChannel {
 
     /// Make submitted I/Os visible to the device now.
     pub fn flush(&mut self) {
+        self.unpublished = false;
         self.drv.publish();
     }
 
     /// Reap finished I/Os into `out`; returns how many were added. Also moves waiting
     /// requests onto the ring as space frees up, and publishes submissions.
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
-        self.drv.publish();
+        if self.unpublished {
+            self.unpublished = false;
+            self.drv.publish();
+        }
         let mut done = std::mem::take(&mut self.done_scratch);
-        done.clear();
-        self.drv.poll(&mut done);
+        if self.drv.poll(&mut done) == 0 {
+            // Nothing finished, so no ring space was freed for waiting requests either.
+            self.done_scratch = done;
+            return 0;
+        }
         let mut n = 0;
         for d in done.drain(..) {
             if self.child_done(d, out) {

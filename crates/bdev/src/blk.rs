@@ -483,6 +483,7 @@ struct BlkChannel {
     dead: Vec<ChildDone>,
     /// The device may still touch our memory: never free it.
     leak: bool,
+    idle_polls: u32,
 }
 
 impl BlkChannel {
@@ -506,6 +507,7 @@ impl BlkChannel {
             failed: None,
             dead: Vec::new(),
             leak: false,
+            idle_polls: 0,
         })
     }
 
@@ -756,23 +758,39 @@ impl ChannelDriver for BlkChannel {
         if self.failed.is_some() {
             return out.len() - before;
         }
+        let q = self.q.as_mut().expect("queue present while not failed");
+        if !q.has_used() {
+            // Idle: look for a vanished back-end now and then (one relaxed load).
+            self.idle_polls = self.idle_polls.wrapping_add(1);
+            if self.idle_polls % 256 == 0
+                && q.in_flight() > 0
+                && self.shared.broken.load(Ordering::Relaxed)
+            {
+                self.fail_all(IoError::Disconnected);
+                out.append(&mut self.dead);
+            }
+            return out.len() - before;
+        }
         let mut used = std::mem::take(&mut self.used);
         used.clear();
-        let q = self.q.as_mut().expect("queue present while not failed");
         let r = q.poll(|u| used.push(u));
-        let in_flight = q.in_flight();
-        for u in used.drain(..) {
+        let mut bad: Option<String> = None;
+        for u in &used {
             let slot = u.token as u16;
             let result = match self.read_status(slot) {
                 S_OK => Ok(()),
                 S_IOERR => Err(IoError::Device),
                 S_UNSUPP => Err(IoError::DeviceUnsupported),
-                S_UNSET => Err(IoError::ControllerFailed(
-                    "the device completed a request without writing its status".into(),
-                )),
-                other => Err(IoError::ControllerFailed(format!(
-                    "invalid virtio-blk status byte {other:#x}"
-                ))),
+                S_UNSET => {
+                    let why = "the device completed a request without writing its status";
+                    bad.get_or_insert_with(|| why.to_string());
+                    Err(IoError::ControllerFailed(why.into()))
+                }
+                other => {
+                    let why = format!("invalid virtio-blk status byte {other:#x}");
+                    bad.get_or_insert_with(|| why.clone());
+                    Err(IoError::ControllerFailed(why))
+                }
             };
             self.free_slots.push(slot);
             out.push(ChildDone {
@@ -781,21 +799,10 @@ impl ChannelDriver for BlkChannel {
             });
         }
         self.used = used;
-        if let Some(ChildDone {
-            result: Err(IoError::ControllerFailed(why)),
-            ..
-        }) = out[before..]
-            .iter()
-            .find(|d| matches!(d.result, Err(IoError::ControllerFailed(_))))
-        {
-            let why = why.clone();
-            self.fail_all(IoError::ControllerFailed(why));
-        }
         if let Err(e) = r {
             self.fail_all(IoError::ControllerFailed(e.to_string()));
-        } else if out.len() == before && in_flight > 0 && self.shared.broken.load(Ordering::Relaxed)
-        {
-            self.fail_all(IoError::Disconnected);
+        } else if let Some(why) = bad {
+            self.fail_all(IoError::ControllerFailed(why));
         }
         out.append(&mut self.dead);
         out.len() - before

@@ -88,13 +88,15 @@ impl Registry {
             }
         }
         let controller = match params.trtype {
-            TrType::Pci => return Err(BdevError::Unsatisfiable {
-                name: params.name.clone(),
-                reason: format!(
+            TrType::Pci => {
+                return Err(BdevError::Unsatisfiable {
+                    name: params.name.clone(),
+                    reason: format!(
                     "trtype \"pci\" ({}) is not available in this build yet; use trtype \"user\"",
                     params.traddr
                 ),
-            }),
+                })
+            }
             TrType::User => {
                 let t = VhostUserTransport::connect(Path::new(&params.traddr), self.memory.clone())
                     .map_err(|source| BdevError::Virtio {
