@@ -3,6 +3,7 @@
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -144,11 +145,24 @@ pub trait ChannelDriver: Send {
 pub trait BdevDriver: Send + Sync {
     /// Take a request queue for a new channel.
     fn open_channel(&self) -> Result<Box<dyn ChannelDriver>, BdevError>;
+
+    /// Reset the device behind the bdev (SCSI: LOGICAL UNIT RESET). Waits at most
+    /// `timeout`.
+    fn reset(&self, _timeout: std::time::Duration) -> Result<(), IoError> {
+        Err(IoError::Unsupported {
+            op: "reset",
+            bdev: String::new(),
+        })
+    }
 }
 
 /// A named block device.
 pub struct Bdev {
     info: BdevInfo,
+    /// Current size (a device may change capacity at run time).
+    num_blocks: AtomicU64,
+    /// The device is gone (hot-removed): I/O is refused.
+    removed: AtomicBool,
     driver: Arc<dyn BdevDriver>,
     memory: Arc<DmaMemory>,
     stats: BdevStats,
@@ -164,6 +178,8 @@ impl Bdev {
     /// A bdev served by `driver`.
     pub fn new(info: BdevInfo, driver: Arc<dyn BdevDriver>, memory: Arc<DmaMemory>) -> Bdev {
         Bdev {
+            num_blocks: AtomicU64::new(info.num_blocks),
+            removed: AtomicBool::new(false),
             info,
             driver,
             memory,
@@ -171,9 +187,42 @@ impl Bdev {
         }
     }
 
-    /// The bdev's description.
-    pub fn info(&self) -> &BdevInfo {
-        &self.info
+    /// The bdev's description (with its current size).
+    pub fn info(&self) -> BdevInfo {
+        let mut i = self.info.clone();
+        i.num_blocks = self.num_blocks();
+        i
+    }
+
+    /// Current number of blocks.
+    pub fn num_blocks(&self) -> u64 {
+        self.num_blocks.load(Ordering::Relaxed)
+    }
+
+    /// The device reported a new capacity.
+    pub fn set_num_blocks(&self, n: u64) {
+        self.num_blocks.store(n, Ordering::Relaxed);
+    }
+
+    /// The device is gone: refuse further I/O.
+    pub fn mark_removed(&self) {
+        self.removed.store(true, Ordering::Release);
+    }
+
+    /// Whether the device was hot-removed.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    /// Reset the device behind the bdev (not supported by every driver).
+    pub fn reset(&self, timeout: std::time::Duration) -> Result<(), IoError> {
+        self.driver.reset(timeout).map_err(|e| match e {
+            IoError::Unsupported { op, .. } => IoError::Unsupported {
+                op,
+                bdev: self.info.name.clone(),
+            },
+            e => e,
+        })
     }
 
     /// The bdev's name.
@@ -283,6 +332,10 @@ impl IoChannel {
     fn validate(&self, req: &IoRequest) -> Result<(), IoError> {
         let info = &self.bdev.info;
         let ops = &info.ops;
+        if self.bdev.is_removed() {
+            return Err(IoError::Removed(info.name.clone()));
+        }
+        let num_blocks = self.bdev.num_blocks();
         let supported = match req.op {
             IoOp::Read => ops.read,
             IoOp::Write => ops.write,
@@ -310,12 +363,12 @@ impl IoChannel {
         }
         let end = req.offset_blocks.checked_add(req.num_blocks);
         match end {
-            Some(end) if end <= info.num_blocks => {}
+            Some(end) if end <= num_blocks => {}
             _ => {
                 return Err(IoError::OutOfRange {
                     offset: req.offset_blocks,
                     end: end.unwrap_or(u64::MAX),
-                    num_blocks: info.num_blocks,
+                    num_blocks,
                 })
             }
         }

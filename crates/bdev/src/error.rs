@@ -57,6 +57,12 @@ pub enum IoError {
     /// The back-end went away.
     #[error("controller disconnected (the back-end closed the connection)")]
     Disconnected,
+    /// The device was hot-removed.
+    #[error("bdev {0} was removed (the device is gone)")]
+    Removed(String),
+    /// The device did not answer in time.
+    #[error("{0} timed out")]
+    Timeout(String),
     /// No DMA memory for a bounce buffer.
     #[error("no DMA memory for a bounce buffer: {0}")]
     NoMemory(String),

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod io;
 pub mod registry;
+pub mod scsi;
 pub mod stats;
 
 pub use bdev::{Bdev, BdevInfo, IoChannel, Limits, OpSupport, ScsiAddress};
@@ -16,4 +17,5 @@ pub use config::{load_config, parse_config, AttachParams, ConfigCall, DevType, T
 pub use error::{BdevError, IoError};
 pub use io::{Completion, IoBuf, IoOp, IoRequest, Rejected};
 pub use registry::{Controller, Registry};
+pub use scsi::{ScsiController, ScsiParams};
 pub use stats::IoStats;

@@ -9,12 +9,15 @@ use crate::bdev::Bdev;
 use crate::blk::{BlkController, BlkParams};
 use crate::config::{AttachParams, ConfigCall, DevType, TrType};
 use crate::error::BdevError;
+use crate::scsi::{ScsiController, ScsiParams};
 
 /// An attached controller of any type.
 #[derive(Debug)]
 pub enum Controller {
     /// virtio-blk.
     Blk(BlkController),
+    /// virtio-scsi.
+    Scsi(ScsiController),
 }
 
 impl Controller {
@@ -22,6 +25,7 @@ impl Controller {
     pub fn bdevs(&self) -> Vec<Arc<Bdev>> {
         match self {
             Controller::Blk(c) => vec![c.bdev().clone()],
+            Controller::Scsi(c) => c.bdevs(),
         }
     }
 
@@ -29,12 +33,14 @@ impl Controller {
     pub fn failure(&self) -> Option<String> {
         match self {
             Controller::Blk(c) => c.failure(),
+            Controller::Scsi(c) => c.failure(),
         }
     }
 
     fn detach(self) -> Result<(), BdevError> {
         match self {
             Controller::Blk(c) => c.detach(),
+            Controller::Scsi(c) => c.detach(),
         }
     }
 }
@@ -112,12 +118,14 @@ impl Registry {
                         },
                         Box::new(t),
                     )?),
-                    DevType::Scsi => {
-                        return Err(BdevError::Unsatisfiable {
+                    DevType::Scsi => Controller::Scsi(ScsiController::attach(
+                        &ScsiParams {
                             name: params.name.clone(),
-                            reason: "dev_type \"scsi\" is not available in this build yet".into(),
-                        })
-                    }
+                            vq_count: params.vq_count,
+                            vq_size: params.vq_size,
+                        },
+                        Box::new(t),
+                    )?),
                 }
             }
         };
@@ -176,6 +184,14 @@ impl Registry {
     /// A bdev by name.
     pub fn bdev(&self, name: &str) -> Option<Arc<Bdev>> {
         self.bdevs().into_iter().find(|b| b.name() == name)
+    }
+
+    /// Run `f` on the controller named `name`.
+    pub fn with_controller<R>(&self, name: &str, f: impl FnOnce(&Controller) -> R) -> Option<R> {
+        self.lock()
+            .iter()
+            .find(|e| e.params.name == name)
+            .map(|e| f(&e.controller))
     }
 
     /// Controllers: (params, failure).

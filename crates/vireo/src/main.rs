@@ -183,12 +183,13 @@ fn cmd_bdevs(config: PathBuf, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:>6} {:>14} {:>12} {:>6} {:>5} {:>5} {:>5} {:>5} {:>10} {:>10}  serial",
+        "{:<18} {:<11} {:>6} {:>14} {:>11} {:>3} {:>5} {:>5} {:>5} {:>5} {:>10} {:>10}  device",
         "name",
+        "driver",
         "bs",
         "blocks",
         "capacity",
-        "queues",
+        "qs",
         "qsize",
         "unmap",
         "flush",
@@ -199,9 +200,21 @@ fn cmd_bdevs(config: PathBuf, json: bool) -> Result<()> {
     let yn = |b: bool| if b { "yes" } else { "no" };
     for b in &bdevs {
         let i = b.info();
+        let mut device = String::new();
+        if let Some(a) = i.scsi {
+            device.push_str(&format!("target {} lun {} ", a.target, a.lun));
+        }
+        if let (Some(v), Some(p)) = (&i.vendor, &i.product) {
+            device.push_str(&format!("{v} {p} "));
+        }
+        device.push_str(&format!("serial {}", i.serial.as_deref().unwrap_or("-")));
+        if i.read_only {
+            device.push_str(" (read-only)");
+        }
         println!(
-            "{:<16} {:>6} {:>14} {:>12} {:>6} {:>5} {:>5} {:>5} {:>5} {:>10} {:>10}  {}",
+            "{:<18} {:<11} {:>6} {:>14} {:>11} {:>3} {:>5} {:>5} {:>5} {:>5} {:>10} {:>10}  {}",
             i.name,
+            i.driver,
             i.block_size,
             i.num_blocks,
             human(i.capacity_bytes()),
@@ -212,11 +225,15 @@ fn cmd_bdevs(config: PathBuf, json: bool) -> Result<()> {
             yn(i.ops.write_zeroes),
             human(i.limits.max_rw_blocks * i.block_size as u64),
             if i.ops.unmap {
-                human(i.limits.max_unmap_blocks * i.block_size as u64)
+                human(
+                    i.limits
+                        .max_unmap_blocks
+                        .saturating_mul(i.block_size as u64),
+                )
             } else {
                 "-".into()
             },
-            i.serial.as_deref().unwrap_or("-"),
+            device,
         );
     }
     Ok(())
