@@ -762,7 +762,7 @@ impl ChannelDriver for BlkChannel {
         if !q.has_used() {
             // Idle: look for a vanished back-end now and then (one relaxed load).
             self.idle_polls = self.idle_polls.wrapping_add(1);
-            if self.idle_polls % 256 == 0
+            if self.idle_polls.is_multiple_of(256)
                 && q.in_flight() > 0
                 && self.shared.broken.load(Ordering::Relaxed)
             {

@@ -430,10 +430,7 @@ impl SplitQueue {
             });
         }
         if self.event_idx {
-            // Keep the used event one behind so the device never interrupts.
-            let slot = 2 + self.size as usize;
-            self.avail_u16(slot)
-                .store(self.last_used.wrapping_sub(1), Ordering::Relaxed);
+            self.park_used_event();
         }
         Ok(n)
     }
@@ -451,12 +448,21 @@ impl SplitQueue {
         self.num_free += count;
     }
 
+    /// Put the used event half the index space ahead of what we consumed: the device
+    /// interrupts when its used index crosses it, which cannot happen while at most
+    /// `size` (<= 32768) requests are in flight, even for a device that compares
+    /// against an old "last signalled" index.
+    #[inline]
+    fn park_used_event(&self) {
+        let slot = 2 + self.size as usize;
+        self.avail_u16(slot)
+            .store(self.last_used.wrapping_add(0x8000), Ordering::Relaxed);
+    }
+
     /// Ask the device not to interrupt (the default: completions are polled).
     pub fn disable_interrupts(&mut self) {
         if self.event_idx {
-            let slot = 2 + self.size as usize;
-            self.avail_u16(slot)
-                .store(self.last_used.wrapping_sub(1), Ordering::Relaxed);
+            self.park_used_event();
         } else {
             self.avail_u16(0)
                 .store(AVAIL_F_NO_INTERRUPT, Ordering::Relaxed);

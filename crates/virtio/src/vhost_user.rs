@@ -43,6 +43,8 @@ struct Vring {
 /// Shares new DMA regions with the back-end as the memory grows.
 struct MemoryShare {
     frontend: Mutex<Frontend>,
+    /// REPLY_ACK was negotiated: every message is acknowledged.
+    reply_ack: bool,
     mem_slots: Option<u64>,
     regions: Mutex<Vec<DmaRegionInfo>>,
     broken: Arc<AtomicBool>,
@@ -58,6 +60,14 @@ fn region_msg(r: &DmaRegionInfo) -> VhostUserMemoryRegionInfo {
         mmap_offset: r.fd_offset,
         mmap_handle: r.fd,
     }
+}
+
+/// A SET_MEM_TABLE body: regions sorted by guest address (back-ends built on
+/// rust-vmm's vm-memory refuse unsorted tables).
+fn mem_table(regions: &[DmaRegionInfo]) -> Vec<VhostUserMemoryRegionInfo> {
+    let mut v: Vec<_> = regions.iter().map(region_msg).collect();
+    v.sort_by_key(|r| r.guest_phys_addr);
+    v
 }
 
 impl MemoryShare {
@@ -82,12 +92,16 @@ impl MemoryShare {
                     )));
                 }
                 regions.push(*r);
-                let msgs: Vec<_> = regions.iter().map(region_msg).collect();
-                if let Err(e) = fe.set_mem_table(&msgs) {
+                if let Err(e) = fe.set_mem_table(&mem_table(&regions)) {
                     regions.pop();
                     return Err(Error::transport("vhost-user SET_MEM_TABLE", e));
                 }
             }
+        }
+        if !self.reply_ack {
+            // The region must be mapped by the back-end before a buffer in it is used.
+            fe.get_features()
+                .map_err(|e| Error::transport("vhost-user GET_FEATURES (sync)", e))?;
         }
         Ok(())
     }
@@ -112,10 +126,7 @@ impl RegionListener for MemoryShare {
             let mut fe = self.frontend.lock().unwrap_or_else(|e| e.into_inner());
             let _ = match self.mem_slots {
                 Some(_) => fe.remove_mem_region(&region_msg(region)),
-                None => {
-                    let msgs: Vec<_> = regions.iter().map(region_msg).collect();
-                    fe.set_mem_table(&msgs).map(|_| ())
-                }
+                None => fe.set_mem_table(&mem_table(&regions)).map(|_| ()),
             };
         }
     }
@@ -303,6 +314,7 @@ impl VhostUserTransport {
         let share = Arc::new(MemoryShare {
             frontend: Mutex::new(self.frontend.clone()),
             mem_slots,
+            reply_ack: self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK),
             regions: Mutex::new(Vec::new()),
             broken: self.broken.clone(),
             watchdog: self.watchdog.clone(),
@@ -324,9 +336,8 @@ impl VhostUserTransport {
                         initial.len()
                     )));
                 }
-                let msgs: Vec<_> = initial.iter().map(region_msg).collect();
                 self.frontend
-                    .set_mem_table(&msgs)
+                    .set_mem_table(&mem_table(&initial))
                     .map_err(|e| Error::transport(self.ctx("SET_MEM_TABLE"), e))?;
                 *share.regions.lock().unwrap_or_else(|e| e.into_inner()) = initial.to_vec();
             }
@@ -546,7 +557,21 @@ impl VhostUserTransport {
                 }
             }
         }
+        self.sync()?;
         self.started = true;
+        Ok(())
+    }
+
+    /// Make sure the back-end has processed every message sent so far. Without
+    /// REPLY_ACK, messages like SET_VRING_ENABLE get no answer, and a kick sent right
+    /// after could reach a ring the back-end has not enabled yet; a GET_FEATURES
+    /// round trip orders them (as QEMU does).
+    fn sync(&mut self) -> Result<()> {
+        if !self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            self.frontend
+                .get_features()
+                .map_err(|e| Error::transport(self.ctx("GET_FEATURES (sync)"), e))?;
+        }
         Ok(())
     }
 

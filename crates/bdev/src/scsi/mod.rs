@@ -277,13 +277,14 @@ impl ScsiController {
         transport.start().map_err(verr)?;
         queues.reverse();
 
-        // Event buffers.
+        // Event buffers, when the device may send events.
+        let events = has(sf::HOTPLUG) || has(sf::CHANGE);
         let ev_size = (cfg.event_info_size as usize).clamp(16, 64);
         let mut ev_buf = mem
             .alloc(ev_size * EVENT_BUFFERS as usize, 64)
             .map_err(verr)?;
         ev_buf.as_mut_slice().fill(0);
-        for i in 0..EVENT_BUFFERS.min(small) {
+        for i in 0..if events { EVENT_BUFFERS.min(small) } else { 0 } {
             let seg = Segment {
                 addr: ev_buf.iova() + (i as usize * ev_size) as u64,
                 len: ev_size as u32,
@@ -349,7 +350,7 @@ impl ScsiController {
         tracing::info!(controller = %name, luns = luns.len(), skipped = skipped.len(), "virtio-scsi controller attached");
         let luns = Arc::new(Mutex::new(luns));
         let stop_events = Arc::new(AtomicBool::new(false));
-        let event_thread = if has(sf::HOTPLUG) || has(sf::CHANGE) {
+        let event_thread = if events {
             let ctx = EventCtx {
                 shared: shared.clone(),
                 luns: luns.clone(),
@@ -962,7 +963,7 @@ impl ChannelDriver for ScsiChannel {
         };
         if !sq.q.has_used() {
             self.idle_polls = self.idle_polls.wrapping_add(1);
-            if self.idle_polls % 256 == 0
+            if self.idle_polls.is_multiple_of(256)
                 && sq.q.in_flight() > 0
                 && self.shared.broken.load(Ordering::Relaxed)
             {

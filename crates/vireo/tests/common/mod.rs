@@ -164,3 +164,94 @@ pub fn within<T: Send + 'static>(
     rx.recv_timeout(Duration::from_secs(secs))
         .unwrap_or_else(|_| panic!("{what} did not finish within {secs} s (hang)"))
 }
+
+/// Where `cargo install vhost-device-scsi` puts the binary, or `None` when it is missing.
+pub fn vds_binary() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("VHOST_DEVICE_SCSI") {
+        return Some(PathBuf::from(p));
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let candidates = [
+        PathBuf::from(format!("{home}/.cargo/bin/vhost-device-scsi")),
+        PathBuf::from("/usr/local/bin/vhost-device-scsi"),
+        PathBuf::from("/usr/bin/vhost-device-scsi"),
+    ];
+    candidates.into_iter().find(|p| p.exists())
+}
+
+/// A running vhost-device-scsi (one LUN of target 0 per image; serves one connection).
+pub struct Vds {
+    child: Option<Child>,
+    pub sock: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub images: Vec<PathBuf>,
+}
+
+impl Vds {
+    /// Start it on `n` fresh images of `size` bytes. Panics with an install hint when the
+    /// binary is missing (CI installs it; see .ci/run).
+    pub fn start(n: usize, size: u64) -> Vds {
+        let bin = vds_binary()
+            .expect("vhost-device-scsi is not installed: cargo install vhost-device-scsi --locked");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sock = dir.path().join("scsi.sock");
+        let images: Vec<PathBuf> = (0..n)
+            .map(|i| {
+                let p = dir.path().join(format!("lun{i}.img"));
+                std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+                p
+            })
+            .collect();
+        let log = std::fs::File::create(dir.path().join("vds.log")).expect("log");
+        let child = Command::new(bin)
+            .arg("--socket-path")
+            .arg(&sock)
+            .args(&images)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start vhost-device-scsi");
+        // It serves a single connection: wait for the socket file, do not probe it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "vhost-device-scsi did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        Vds {
+            child: Some(child),
+            sock,
+            dir,
+            images,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("vds.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Vds {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn scsi_params(name: &str, sock: &Path, vq_count: u16, vq_size: u16) -> AttachParams {
+    AttachParams {
+        name: name.into(),
+        trtype: TrType::User,
+        traddr: sock.display().to_string(),
+        dev_type: DevType::Scsi,
+        vq_count,
+        vq_size,
+    }
+}

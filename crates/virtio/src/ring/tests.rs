@@ -206,7 +206,7 @@ fn notifications_follow_the_device_event_index() {
     h.q.add(&segs(1, 0), 0, 5).unwrap();
     h.q.publish().unwrap();
     assert_eq!(h.kicks.load(Ordering::Relaxed), before + 1);
-    // The device asks for no interrupt: used_event trails the driver's last used index.
+    // The driver asks for no interrupt: used_event is parked far ahead of its last used index.
     for (head, _) in pop_all(&mut h) {
         h.dev.add_used(&h.gm, head, 0).unwrap();
     }
