@@ -176,6 +176,8 @@ fn main() {
     let mut secs = 3.0;
     let mut rounds = 3;
     let mut sock: Option<PathBuf> = None;
+    let mut only: Option<String> = None;
+    let mut qds = vec![1usize, 32];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -192,6 +194,9 @@ fn main() {
                     .expect("--rounds N")
             }
             "--socket" => sock = args.next().map(PathBuf::from),
+            // For profiling one side: --only vireo|libblkio.
+            "--only" => only = args.next(),
+            "--qd" => qds = vec![args.next().and_then(|v| v.parse().ok()).expect("--qd N")],
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -202,19 +207,33 @@ fn main() {
         None
     };
     let sock = sock.unwrap_or_else(|| own.as_ref().expect("qsd").2.clone());
-    println!("4 KiB randread, qemu-storage-daemon null-co {} GiB, one polled queue, {secs} s x {rounds} rounds each, alternating", SIZE >> 30);
+    println!("4 KiB randread, qemu-storage-daemon null-co {} GiB, one polled queue, {secs} s x {rounds} rounds each, alternating ABBA; median", SIZE >> 30);
     println!(
         "{:>4} {:>14} {:>14} {:>8}",
         "QD", "vireo IOPS", "libblkio IOPS", "ratio"
     );
-    for qd in [1usize, 32] {
+    for qd in qds {
         let mut v = Vec::new();
         let mut l = Vec::new();
-        for _ in 0..rounds {
-            v.push(run_vireo(&sock, qd, secs));
-            std::thread::sleep(Duration::from_millis(100));
-            l.push(run_blkio(&sock, qd, secs));
-            std::thread::sleep(Duration::from_millis(100));
+        // ABBA order, so neither side always runs first after the other.
+        for round in 0..rounds {
+            let order: [bool; 2] = if round % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            };
+            for is_vireo in order {
+                if is_vireo && only.as_deref() != Some("libblkio") {
+                    v.push(run_vireo(&sock, qd, secs));
+                } else if !is_vireo && only.as_deref() != Some("vireo") {
+                    l.push(run_blkio(&sock, qd, secs));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        if v.is_empty() || l.is_empty() {
+            eprintln!("  QD{qd} runs: vireo {v:.0?}, libblkio {l:.0?}");
+            continue;
         }
         let (mv, ml) = (median(&mut v), median(&mut l));
         println!("{qd:>4} {mv:>14.0} {ml:>14.0} {:>8.2}", mv / ml);
