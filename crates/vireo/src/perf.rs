@@ -206,13 +206,16 @@ struct Slot {
     start: Instant,
 }
 
-struct Job {
+/// What one job runs on: a bdev slice, from one core.
+#[derive(Clone)]
+struct JobSpec {
     bdev: Arc<Bdev>,
-    ch: IoChannel,
     core: usize,
-    /// Blocks of this job's region.
+    /// First block of this job's region.
     first: u64,
+    /// Blocks of this job's region.
     region: u64,
+    index: u64,
 }
 
 fn pin_to(core: usize) {
@@ -226,98 +229,116 @@ fn pin_to(core: usize) {
     }
 }
 
-fn run_job(
-    mut job: Job,
-    o: &PerfOptions,
-    stop: &AtomicBool,
-    counter: &AtomicU64,
-    barrier: &Barrier,
-    job_index: u64,
-) -> JobResult {
-    pin_to(job.core);
-    let info = job.bdev.info().clone();
-    let bs = info.block_size as usize;
-    let blocks_per_io = (o.io_size / bs) as u64;
-    let slots_in_region = (job.region / blocks_per_io.max(1)).max(1);
-    let mut rng = Rng::new(o.seed ^ job_index.wrapping_mul(0xA24B_AED4_963E_E407));
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("bounds");
-    let mut res = JobResult {
-        bdev: info.name.clone(),
-        core: job.core,
-        hist: Histogram::new(3).expect("hist"),
-        ios: 0,
-        bytes: 0,
-        errors: 0,
-        verify_failures: 0,
-        first_mismatch: None,
-        first_error: None,
-        elapsed: 0.0,
-    };
-    let qd = o.queue_depth;
-    let mut slots: Vec<Slot> = Vec::with_capacity(qd);
-    for _ in 0..qd {
-        let buf = if matches!(
-            o.workload,
-            Workload::Unmap | Workload::Flush | Workload::WriteZeroes
-        ) {
-            None
-        } else {
-            match job.bdev.alloc_buf(o.io_size) {
-                Ok(mut b) => {
-                    b.as_mut_slice().fill(0x5a);
-                    Some(IoBuf::Dma(b))
-                }
-                Err(e) => {
-                    res.errors += 1;
-                    res.first_error = Some(e.to_string());
-                    barrier.wait();
-                    return res;
-                }
-            }
-        };
-        slots.push(Slot {
-            buf,
-            lba: 0,
-            gen: 0,
-            phase: Phase::Write,
-            start: Instant::now(),
-        });
+/// A running job: its channel, its I/O slots and its counters.
+struct Job<'o> {
+    o: &'o PerfOptions,
+    ch: IoChannel,
+    first: u64,
+    bs: usize,
+    blocks_per_io: u64,
+    slots_in_region: u64,
+    rng: Rng,
+    seq_next: u64,
+    gen_counter: u64,
+    slots: Vec<Slot>,
+    in_flight: usize,
+    stopping: bool,
+    done: Vec<Completion>,
+    hist: Histogram<u64>,
+    res: JobResult,
+}
+
+impl<'o> Job<'o> {
+    fn new(spec: &JobSpec, o: &'o PerfOptions) -> Result<Job<'o>> {
+        let info = spec.bdev.info();
+        let ch = spec
+            .bdev
+            .open_channel()
+            .with_context(|| format!("cannot open an I/O channel on bdev {}", info.name))?;
+        let bs = info.block_size as usize;
+        let blocks_per_io = ((o.io_size / bs) as u64).max(1);
+        let mut slots = Vec::with_capacity(o.queue_depth);
+        for _ in 0..o.queue_depth {
+            let buf = if matches!(
+                o.workload,
+                Workload::Unmap | Workload::Flush | Workload::WriteZeroes
+            ) {
+                None
+            } else {
+                let mut b = spec.bdev.alloc_buf(o.io_size)?;
+                b.as_mut_slice().fill(0x5a);
+                Some(IoBuf::Dma(b))
+            };
+            slots.push(Slot {
+                buf,
+                lba: 0,
+                gen: 0,
+                phase: Phase::Write,
+                start: Instant::now(),
+            });
+        }
+        Ok(Job {
+            o,
+            ch,
+            first: spec.first,
+            bs,
+            blocks_per_io,
+            slots_in_region: (spec.region / blocks_per_io).max(1),
+            rng: Rng::new(o.seed ^ spec.index.wrapping_mul(0xA24B_AED4_963E_E407)),
+            seq_next: 0,
+            gen_counter: 0,
+            slots,
+            in_flight: 0,
+            stopping: false,
+            done: Vec::with_capacity(o.queue_depth),
+            hist: Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("bounds"),
+            res: JobResult {
+                bdev: info.name.clone(),
+                core: spec.core,
+                hist: Histogram::new(3).expect("hist"),
+                ios: 0,
+                bytes: 0,
+                errors: 0,
+                verify_failures: 0,
+                first_mismatch: None,
+                first_error: None,
+                elapsed: 0.0,
+            },
+        })
     }
-    let mut seq_next: u64 = 0;
-    let mut next_offset = |rng: &mut Rng| -> u64 {
-        let idx = if o.workload.random() {
-            rng.next() % slots_in_region
+
+    fn next_offset(&mut self) -> u64 {
+        let idx = if self.o.workload.random() {
+            self.rng.next() % self.slots_in_region
         } else {
-            let i = seq_next % slots_in_region;
-            seq_next += 1;
+            let i = self.seq_next % self.slots_in_region;
+            self.seq_next += 1;
             i
         };
-        job.first + idx * blocks_per_io
-    };
-    let mut gen_counter: u64 = 0;
-    barrier.wait();
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(o.seconds);
+        self.first + idx * self.blocks_per_io
+    }
 
-    // Build and submit the I/O of slot `i`.
-    let mut submit = |ch: &mut IoChannel,
-                      slots: &mut Vec<Slot>,
-                      i: usize,
-                      rng: &mut Rng,
-                      res: &mut JobResult,
-                      new_lba: Option<u64>| {
-        let s = &mut slots[i];
+    fn error(&mut self, e: String) {
+        self.res.errors += 1;
+        if self.res.first_error.is_none() {
+            self.res.first_error = Some(e);
+        }
+    }
+
+    /// Build and submit the I/O of slot `i`.
+    fn submit(&mut self, i: usize, new_lba: Option<u64>) -> bool {
+        let o = self.o;
         let op = match o.workload {
             Workload::Read | Workload::Randread => IoOp::Read,
             Workload::Write | Workload::Randwrite => IoOp::Write,
             Workload::Rw | Workload::Randrw => {
-                if (rng.next() % 100) < o.read_percent as u64 {
+                if (self.rng.next() % 100) < o.read_percent as u64 {
                     IoOp::Read
                 } else {
                     IoOp::Write
                 }
             }
-            Workload::Verify => match s.phase {
+            Workload::Verify => match self.slots[i].phase {
                 Phase::Write => IoOp::Write,
                 Phase::Read => IoOp::Read,
             },
@@ -325,12 +346,17 @@ fn run_job(
             Workload::Flush => IoOp::Flush,
             Workload::WriteZeroes => IoOp::WriteZeroes,
         };
+        let bs = self.bs;
+        if o.workload == Workload::Verify && self.slots[i].phase == Phase::Write {
+            self.gen_counter += 1;
+        }
+        let gen = self.gen_counter;
+        let s = &mut self.slots[i];
         if let Some(l) = new_lba {
             s.lba = l;
         }
         if o.workload == Workload::Verify && s.phase == Phase::Write {
-            gen_counter += 1;
-            s.gen = gen_counter;
+            s.gen = gen;
             if let Some(b) = s.buf.as_mut() {
                 stamp(b.as_mut_slice(), bs, s.lba, o.seed, s.gen);
             }
@@ -338,7 +364,7 @@ fn run_job(
         let (lba, n) = if op == IoOp::Flush {
             (0, 0)
         } else {
-            (s.lba, blocks_per_io)
+            (s.lba, self.blocks_per_io)
         };
         let req = IoRequest {
             op,
@@ -348,108 +374,138 @@ fn run_job(
             user_data: i as u64,
         };
         s.start = Instant::now();
-        if let Err(r) = ch.submit(req) {
-            res.errors += 1;
-            if res.first_error.is_none() {
-                res.first_error = Some(r.error.to_string());
-            }
+        if let Err(r) = self.ch.submit(req) {
+            let s = &mut self.slots[i];
             s.buf = r.buf.or(s.buf.take());
+            self.error(r.error.to_string());
             return false;
         }
+        self.in_flight += 1;
         true
-    };
+    }
 
-    let mut in_flight = 0usize;
-    for i in 0..qd {
-        let l = next_offset(&mut rng);
-        if submit(&mut job.ch, &mut slots, i, &mut rng, &mut res, Some(l)) {
-            in_flight += 1;
-        } else {
-            break;
+    fn start(&mut self) {
+        for i in 0..self.o.queue_depth {
+            let l = self.next_offset();
+            if !self.submit(i, Some(l)) {
+                break;
+            }
         }
     }
-    let mut done: Vec<Completion> = Vec::with_capacity(qd);
-    let mut stopping = false;
-    let mut polls: u32 = 0;
-    while in_flight > 0 {
-        job.ch.poll(&mut done);
-        polls = polls.wrapping_add(1);
-        if !stopping
-            && (polls & 63 == 0 || !done.is_empty())
+
+    /// One polling pass; returns whether the job still has I/O in flight.
+    fn poll(&mut self, deadline: Instant, stop: &AtomicBool, counter: &AtomicU64) -> bool {
+        if self.in_flight == 0 {
+            return false;
+        }
+        let mut done = std::mem::take(&mut self.done);
+        self.ch.poll(&mut done);
+        if !self.stopping
+            && !done.is_empty()
             && (Instant::now() >= deadline || stop.load(Ordering::Relaxed))
         {
-            stopping = true;
+            self.stopping = true;
         }
+        let o = self.o;
+        let bs = self.bs;
         for c in done.drain(..) {
-            in_flight -= 1;
+            self.in_flight -= 1;
             let i = c.user_data as usize;
-            let lat = slots[i].start.elapsed().as_nanos() as u64;
-            slots[i].buf = c.buf.or(slots[i].buf.take());
-            let mut counted = true;
-            match c.result {
+            let lat = self.slots[i].start.elapsed().as_nanos() as u64;
+            self.slots[i].buf = c.buf.or(self.slots[i].buf.take());
+            let ok = match c.result {
                 Ok(()) => {
                     if o.workload == Workload::Verify {
-                        let s = &mut slots[i];
+                        let s = &mut self.slots[i];
                         match s.phase {
-                            Phase::Write => {
-                                s.phase = Phase::Read;
-                            }
+                            Phase::Write => s.phase = Phase::Read,
                             Phase::Read => {
                                 if let Some(b) = s.buf.as_ref() {
                                     if let Some(bad) =
                                         check_stamp(b.as_slice(), bs, s.lba, o.seed, s.gen)
                                     {
-                                        res.verify_failures += 1;
-                                        if res.first_mismatch.is_none() {
-                                            res.first_mismatch = Some(bad);
-                                        }
+                                        self.res.verify_failures += 1;
+                                        self.res.first_mismatch.get_or_insert(bad);
                                     }
                                 }
                                 s.phase = Phase::Write;
                             }
                         }
                     }
+                    true
                 }
                 Err(e) => {
-                    res.errors += 1;
-                    counted = false;
-                    if res.first_error.is_none() {
-                        res.first_error = Some(e.to_string());
-                    }
-                    slots[i].phase = Phase::Write;
+                    self.slots[i].phase = Phase::Write;
+                    self.error(e.to_string());
+                    false
                 }
-            }
-            if counted {
-                res.ios += 1;
-                res.bytes += if c.op == IoOp::Flush {
+            };
+            if ok {
+                self.res.ios += 1;
+                self.res.bytes += if c.op == IoOp::Flush {
                     0
                 } else {
                     o.io_size as u64
                 };
-                let _ = hist.record(lat.max(1));
+                let _ = self.hist.record(lat.max(1));
                 counter.fetch_add(1, Ordering::Relaxed);
             }
             // A failed device fails everything: stop early instead of spinning on errors.
-            if res.errors > 0 && res.errors >= 16 * qd as u64 {
-                stopping = true;
+            if self.res.errors >= 16 * o.queue_depth as u64 {
+                self.stopping = true;
             }
-            if stopping {
+            if self.stopping {
                 continue;
             }
             // Verify: a slot reads back the blocks it just wrote before moving on.
-            let new_lba = if o.workload == Workload::Verify && slots[i].phase == Phase::Read {
+            let new_lba = if o.workload == Workload::Verify && self.slots[i].phase == Phase::Read {
                 None
             } else {
-                Some(next_offset(&mut rng))
+                Some(self.next_offset())
             };
-            if submit(&mut job.ch, &mut slots, i, &mut rng, &mut res, new_lba) {
-                in_flight += 1;
-            }
+            self.submit(i, new_lba);
+        }
+        self.done = done;
+        self.in_flight > 0
+    }
+
+    fn finish(mut self, elapsed: f64) -> JobResult {
+        self.res.elapsed = elapsed;
+        self.res.hist = self.hist;
+        self.res
+    }
+}
+
+/// One thread: every job of one core, polled round robin (jobs on the same controller
+/// may share its queue on this thread).
+fn run_core(
+    specs: &[JobSpec],
+    o: &PerfOptions,
+    stop: &AtomicBool,
+    counter: &AtomicU64,
+    barrier: &Barrier,
+) -> Result<Vec<JobResult>> {
+    if let Some(s) = specs.first() {
+        pin_to(s.core);
+    }
+    let jobs: Result<Vec<Job<'_>>> = specs.iter().map(|s| Job::new(s, o)).collect();
+    // Everybody meets at the barrier, even a thread whose setup failed.
+    barrier.wait();
+    let mut jobs = jobs?;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(o.seconds);
+    for j in &mut jobs {
+        j.start();
+    }
+    let mut active = true;
+    while active {
+        active = false;
+        for j in &mut jobs {
+            active |= j.poll(deadline, stop, counter);
         }
     }
-    res.elapsed = start.elapsed().as_secs_f64();
-    res.hist = hist;
-    res
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(jobs.into_iter().map(|j| j.finish(elapsed)).collect())
 }
 
 fn latency(h: &Histogram<u64>) -> LatencyUs {
@@ -504,7 +560,9 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
         bail!("read percentage (-M) must be 0..=100");
     }
     let no_data = matches!(o.workload, Workload::Flush);
-    let mut jobs = Vec::new();
+    // One job per (bdev, core); each core's jobs run on one thread.
+    let mut per_core: Vec<Vec<JobSpec>> = vec![Vec::new(); o.cores.len()];
+    let mut index = 0u64;
     for b in bdevs {
         let info = b.info();
         let bs = info.block_size as usize;
@@ -516,9 +574,9 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
                 bs
             );
         }
-        let per_core = info.num_blocks / o.cores.len() as u64;
+        let region = info.num_blocks / o.cores.len() as u64;
         let blocks_per_io = (o.io_size / bs) as u64;
-        if !no_data && per_core < blocks_per_io {
+        if !no_data && region < blocks_per_io {
             bail!(
                 "bdev {} ({} blocks) is too small for {} jobs of {}-byte I/O",
                 info.name,
@@ -528,23 +586,21 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
             );
         }
         for (k, &core) in o.cores.iter().enumerate() {
-            let ch = b
-                .open_channel()
-                .with_context(|| format!("cannot open an I/O channel on bdev {}", info.name))?;
-            jobs.push(Job {
+            per_core[k].push(JobSpec {
                 bdev: b.clone(),
-                ch,
                 core,
-                first: per_core * k as u64,
-                region: per_core,
+                first: region * k as u64,
+                region,
+                index,
             });
+            index += 1;
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
     let counter = Arc::new(AtomicU64::new(0));
-    let barrier = Arc::new(Barrier::new(jobs.len() + 1));
+    let barrier = Arc::new(Barrier::new(per_core.len() + 1));
     let mut handles = Vec::new();
-    for (idx, job) in jobs.into_iter().enumerate() {
+    for (idx, specs) in per_core.into_iter().enumerate() {
         let o = o.clone();
         let stop = stop.clone();
         let counter = counter.clone();
@@ -552,7 +608,7 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
         handles.push(
             std::thread::Builder::new()
                 .name(format!("perf-{idx}"))
-                .spawn(move || run_job(job, &o, &stop, &counter, &barrier, idx as u64))
+                .spawn(move || run_core(&specs, &o, &stop, &counter, &barrier))
                 .context("cannot start a perf thread")?,
         );
     }
@@ -579,11 +635,20 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
         eprintln!();
     }
     let mut results = Vec::new();
+    let mut first_err = None;
     for h in handles {
-        results.push(
-            h.join()
-                .map_err(|_| anyhow::anyhow!("a perf thread panicked"))?,
-        );
+        match h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a perf thread panicked"))?
+        {
+            Ok(r) => results.extend(r),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
     }
     let mut total = JobResult {
         bdev: "total".into(),
