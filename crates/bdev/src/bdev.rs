@@ -127,8 +127,8 @@ pub struct ChildDone {
     pub result: Result<(), IoError>,
 }
 
-/// The device-specific part of a channel: one request queue owned by one thread.
-pub trait ChannelDriver: Send {
+/// The device-specific part of a channel: a request queue used by one thread.
+pub trait ChannelDriver {
     /// Put a request on the ring; give it back when the ring is full. Nothing is
     /// visible to the device until [`publish`](ChannelDriver::publish).
     fn queue(&mut self, child: Child) -> Result<(), Child>;
@@ -280,8 +280,9 @@ struct Parent {
     start: Instant,
 }
 
-/// A thread's I/O path to a bdev: submit and poll, no locks. `Send` (it can be
-/// created on one thread and moved to another) but not `Sync`.
+/// A thread's I/O path to a bdev: submit and poll, no locks. It belongs to the thread
+/// that opened it (neither `Send` nor `Sync`): channels of one thread on LUNs of the
+/// same controller may share a queue.
 pub struct IoChannel {
     bdev: Arc<Bdev>,
     drv: Box<dyn ChannelDriver>,

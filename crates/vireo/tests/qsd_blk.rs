@@ -185,9 +185,9 @@ fn two_queues_serve_two_threads_at_once() {
     assert_eq!(b.info().num_queues, 2);
     let mut handles = Vec::new();
     for t in 0..2u64 {
-        let mut ch = b.open_channel().unwrap();
         let b = b.clone();
         handles.push(std::thread::spawn(move || {
+            let mut ch = b.open_channel().unwrap();
             // Each thread verifies its own half with many I/Os in flight.
             let base = t * 32768;
             let mut done = Vec::new();

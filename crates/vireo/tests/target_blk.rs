@@ -219,9 +219,10 @@ fn bad_used_id_fails_the_controller() {
     let (t, _d) = target(ram(16 << 20));
     let reg = registry();
     let b = attach_blk(&reg, t.socket_path(), 1);
-    let mut ch = b.open_channel().unwrap();
     t.faults().bad_used_id_next(1);
+    let b2 = b.clone();
     let c = within(20, "bad used id", move || {
+        let mut ch = b2.open_channel().unwrap();
         ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1))
     });
     assert!(
@@ -238,19 +239,20 @@ fn disconnect_mid_run_fails_in_flight_io_and_reattach_works() {
     let (t, _d) = target(ram(16 << 20));
     let reg = registry();
     let b = attach_blk(&reg, t.socket_path(), 1);
-    let mut ch = b.open_channel().unwrap();
     t.faults().disconnect_after(100);
-    let mut done = Vec::new();
-    for i in 0..16u64 {
-        ch.submit(IoRequest::read(
-            i,
-            1,
-            IoBuf::Dma(b.alloc_buf(512).unwrap()),
-            i,
-        ))
-        .unwrap();
-    }
+    let b2 = b.clone();
     let (ok, errs) = within(30, "I/O across a disconnect", move || {
+        let mut ch = b2.open_channel().unwrap();
+        let mut done = Vec::new();
+        for i in 0..16u64 {
+            ch.submit(IoRequest::read(
+                i,
+                1,
+                IoBuf::Dma(b2.alloc_buf(512).unwrap()),
+                i,
+            ))
+            .unwrap();
+        }
         let (mut ok, mut errs) = (0, 0);
         while ch.in_flight() > 0 {
             ch.poll(&mut done);

@@ -215,3 +215,47 @@ fn cli_perf_verify_on_a_scsi_lun() {
     assert_eq!(j["total"]["verify_failures"], 0);
     assert!(j["total"]["ios"].as_u64().unwrap() > 100);
 }
+
+#[test]
+fn one_queue_serves_every_lun_of_a_thread() {
+    // vhost-device-scsi has a single request queue: channels of one thread on several
+    // LUNs share it, and a second thread finds no free queue.
+    let v = Vds::start(3, 16 << 20);
+    let reg = registry();
+    let bdevs = reg.attach(&scsi_params("S", &v.sock, 1, 128)).unwrap();
+    assert_eq!(bdevs.len(), 3);
+    let mut chans: Vec<_> = bdevs.iter().map(|b| b.open_channel().unwrap()).collect();
+    for (k, ch) in chans.iter_mut().enumerate() {
+        for i in 0..40u64 {
+            ch.submit(IoRequest::write(
+                i * 8,
+                8,
+                IoBuf::Heap(pattern(4096, (k * 40) as u8 + i as u8)),
+                i,
+            ))
+            .unwrap();
+        }
+    }
+    let mut done = vec![Vec::new(), Vec::new(), Vec::new()];
+    while done.iter().map(Vec::len).sum::<usize>() < 120 {
+        for (k, ch) in chans.iter_mut().enumerate() {
+            ch.poll(&mut done[k]);
+        }
+    }
+    for d in &done {
+        assert_eq!(d.len(), 40);
+        assert!(d.iter().all(|c| c.result.is_ok()));
+    }
+    for (k, ch) in chans.iter_mut().enumerate() {
+        let c = ch.run(IoRequest::read(8 * 7, 8, IoBuf::Heap(vec![0; 4096]), 999));
+        assert_eq!(
+            c.buf.unwrap().as_slice(),
+            &pattern(4096, (k * 40) as u8 + 7)[..]
+        );
+    }
+    let b0 = bdevs[0].clone();
+    let e = std::thread::spawn(move || b0.open_channel().map(|_| ()).unwrap_err().to_string())
+        .join()
+        .unwrap();
+    assert!(e.contains("in use"), "{e}");
+}

@@ -9,6 +9,8 @@ mod queue;
 pub mod scan;
 pub mod wire;
 
+use std::cell::RefCell;
+use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -605,39 +607,10 @@ impl BdevDriver for LunDriver {
         if self.shared.failed.load(Ordering::Acquire) {
             return Err(BdevError::Failed(self.shared.name.clone()));
         }
-        let q = self
-            .shared
-            .take_queue()
-            .ok_or_else(|| BdevError::NoFreeQueue {
-                bdev: self.name.clone(),
-                queues: self.shared.total_queues,
-            })?;
-        let sq = match ScsiQueue::new(&self.shared.mem, q, self.shared.geo) {
-            Ok(s) => s,
-            Err(e) => {
-                return Err(BdevError::Io {
-                    name: self.shared.name.clone(),
-                    what: "allocate request slots".into(),
-                    source: e,
-                })
-            }
-        };
-        let n = sq.q.size() as usize;
+        let tq = thread_queue(&self.shared, &self.name)?;
+        let id = tq.borrow_mut().register(self.ctx.clone());
         self.shared.channels_open.fetch_add(1, Ordering::Relaxed);
-        Ok(Box::new(ScsiChannel {
-            sq: Some(sq),
-            shared: self.shared.clone(),
-            ctx: self.ctx.clone(),
-            slot_child: vec![None; n],
-            slot_tries: vec![0; n],
-            slot_unmap: (0..n).map(|_| None).collect(),
-            unmap_pool: Vec::new(),
-            zero: None,
-            dead: Vec::new(),
-            failed: None,
-            idle_polls: 0,
-            leak: false,
-        }))
+        Ok(Box::new(ScsiChannel { tq, id }))
     }
 
     fn reset(&self, timeout: Duration) -> Result<(), IoError> {
@@ -713,23 +686,56 @@ fn lun_reset(shared: &Shared, lun: &[u8; 8], timeout: Duration) -> Result<(), Io
     }
 }
 
-/// One request queue of a virtio-scsi controller, owned by one LUN channel.
-struct ScsiChannel {
+/// A channel's state inside its thread queue.
+struct ChanState {
+    ctx: Arc<LunCtx>,
+    outbox: Vec<ChildDone>,
+    in_flight: usize,
+}
+
+/// One request queue of a virtio-scsi controller, used by every LUN channel of one
+/// thread (so a controller with a single request queue still serves all its LUNs).
+struct ThreadQueue {
     sq: Option<ScsiQueue>,
     shared: Arc<Shared>,
-    ctx: Arc<LunCtx>,
-    slot_child: Vec<Option<Child>>,
+    chans: Vec<Option<ChanState>>,
+    /// The command in each slot: (channel id, request).
+    slot_child: Vec<Option<(u32, Child)>>,
     slot_tries: Vec<u8>,
     slot_unmap: Vec<Option<DmaBuf>>,
     unmap_pool: Vec<DmaBuf>,
     zero: Option<DmaBuf>,
-    dead: Vec<ChildDone>,
+    data_segs: Vec<Segment>,
+    used: Vec<vireo_virtio::Used>,
+    retry: Vec<u16>,
     failed: Option<IoError>,
     idle_polls: u32,
     leak: bool,
 }
 
-impl ScsiChannel {
+impl ThreadQueue {
+    fn register(&mut self, ctx: Arc<LunCtx>) -> u32 {
+        let st = ChanState {
+            ctx,
+            outbox: Vec::new(),
+            in_flight: 0,
+        };
+        if let Some(i) = self.chans.iter().position(Option::is_none) {
+            self.chans[i] = Some(st);
+            return i as u32;
+        }
+        self.chans.push(Some(st));
+        (self.chans.len() - 1) as u32
+    }
+
+    /// Hand a finished command to its channel.
+    fn deliver(&mut self, chan: u32, d: ChildDone) {
+        if let Some(Some(c)) = self.chans.get_mut(chan as usize) {
+            c.in_flight = c.in_flight.saturating_sub(1);
+            c.outbox.push(d);
+        }
+    }
+
     fn fail_all(&mut self, e: IoError) {
         if self.failed.is_some() {
             return;
@@ -738,18 +744,30 @@ impl ScsiChannel {
             self.shared.fail(&e.to_string());
             self.leak = true;
         }
-        for c in self.slot_child.iter_mut().filter_map(Option::take) {
-            self.dead.push(ChildDone {
-                parent: c.parent,
-                result: Err(e.clone()),
-            });
+        let taken: Vec<(u32, Child)> = self
+            .slot_child
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        for (chan, c) in taken {
+            self.deliver(
+                chan,
+                ChildDone {
+                    parent: c.parent,
+                    result: Err(e.clone()),
+                },
+            );
         }
         self.failed = Some(e);
     }
 
-    /// Build and queue the command of `c` in `slot`.
-    fn issue(&mut self, slot: u16, c: &Child) -> Result<(), IoError> {
-        let ctx = &*self.ctx;
+    /// Build and queue the command of `c` (from channel `chan`) in `slot`.
+    fn issue(&mut self, chan: u32, slot: u16, c: &Child) -> Result<(), IoError> {
+        let ctx = match self.chans.get(chan as usize) {
+            Some(Some(st)) => st.ctx.clone(),
+            _ => return Err(IoError::InvalidRequest("unknown channel".into())),
+        };
+        let ctx = &*ctx;
         let bs = ctx.block_size as u64;
         let cdb;
         let mut out_segs: [Segment; 1] = [Segment { addr: 0, len: 0 }];
@@ -846,6 +864,9 @@ impl ScsiChannel {
                 self.slot_unmap[slot as usize] = Some(buf);
             }
             IoOp::WriteZeroes => {
+                if self.zero.as_ref().is_some_and(|z| (z.len() as u64) < bs) {
+                    self.zero = None;
+                }
                 if self.zero.is_none() {
                     let mut z = self
                         .shared
@@ -877,7 +898,8 @@ impl ScsiChannel {
         let sq = self.sq.as_mut().ok_or(IoError::Disconnected)?;
         sq.prepare(slot, &ctx.lun, slot as u64, cdb.as_bytes());
         // Data segments of reads and writes.
-        let mut data: Vec<Segment> = Vec::new();
+        let mut data = std::mem::take(&mut self.data_segs);
+        data.clear();
         if c.op.has_data() {
             let (mut addr, mut left) = (c.addr, c.len as u64);
             while left > 0 {
@@ -895,17 +917,18 @@ impl ScsiChannel {
             (IoOp::Write, _) => sq.add(slot, &data, &[]),
             _ => sq.add(slot, &out_segs[..n_out], &[]),
         };
+        self.data_segs = data;
         r.map_err(|_| IoError::InvalidRequest("ring full".into()))
     }
-}
 
-impl ChannelDriver for ScsiChannel {
-    fn queue(&mut self, c: Child) -> Result<(), Child> {
-        if let Some(e) = &self.failed {
-            self.dead.push(ChildDone {
-                parent: c.parent,
-                result: Err(e.clone()),
-            });
+    fn queue(&mut self, chan: u32, c: Child) -> Result<(), Child> {
+        if let Some(e) = self.failed.clone() {
+            if let Some(Some(st)) = self.chans.get_mut(chan as usize) {
+                st.outbox.push(ChildDone {
+                    parent: c.parent,
+                    result: Err(e),
+                });
+            }
             return Ok(());
         }
         let Some(sq) = self.sq.as_mut() else {
@@ -914,10 +937,13 @@ impl ChannelDriver for ScsiChannel {
         let Some(slot) = sq.free.pop() else {
             return Err(c);
         };
-        match self.issue(slot, &c) {
+        match self.issue(chan, slot, &c) {
             Ok(()) => {
-                self.slot_child[slot as usize] = Some(c);
+                self.slot_child[slot as usize] = Some((chan, c));
                 self.slot_tries[slot as usize] = 0;
+                if let Some(Some(st)) = self.chans.get_mut(chan as usize) {
+                    st.in_flight += 1;
+                }
                 Ok(())
             }
             Err(IoError::InvalidRequest(m)) if m == "ring full" => {
@@ -930,10 +956,12 @@ impl ChannelDriver for ScsiChannel {
                 if let Some(sq) = self.sq.as_mut() {
                     sq.free.push(slot);
                 }
-                self.dead.push(ChildDone {
-                    parent: c.parent,
-                    result: Err(e),
-                });
+                if let Some(Some(st)) = self.chans.get_mut(chan as usize) {
+                    st.outbox.push(ChildDone {
+                        parent: c.parent,
+                        result: Err(e),
+                    });
+                }
                 Ok(())
             }
         }
@@ -950,16 +978,13 @@ impl ChannelDriver for ScsiChannel {
         }
     }
 
-    fn poll(&mut self, out: &mut Vec<ChildDone>) -> usize {
-        let before = out.len();
-        if !self.dead.is_empty() {
-            out.append(&mut self.dead);
-        }
+    /// Reap the queue's completions into the channels' outboxes.
+    fn poll_all(&mut self) {
         if self.failed.is_some() {
-            return out.len() - before;
+            return;
         }
         let Some(sq) = self.sq.as_mut() else {
-            return out.len() - before;
+            return;
         };
         if !sq.q.has_used() {
             self.idle_polls = self.idle_polls.wrapping_add(1);
@@ -968,21 +993,21 @@ impl ChannelDriver for ScsiChannel {
                 && self.shared.broken.load(Ordering::Relaxed)
             {
                 self.fail_all(IoError::Disconnected);
-                out.append(&mut self.dead);
             }
-            return out.len() - before;
+            return;
         }
-        let mut used = std::mem::take(&mut sq.used);
+        let mut used = std::mem::take(&mut self.used);
         used.clear();
         let r = sq.q.poll(|u| used.push(u));
         let mut fatal: Option<IoError> = None;
-        let mut retry: Vec<u16> = Vec::new();
+        let mut retry = std::mem::take(&mut self.retry);
+        retry.clear();
         for u in &used {
             let slot = u.token as u16;
-            let Some(c) = self.slot_child[slot as usize] else {
+            let Some((chan, c)) = self.slot_child.get(slot as usize).copied().flatten() else {
                 continue;
             };
-            let sq = self.sq.as_ref().expect("queue");
+            let Some(sq) = self.sq.as_ref() else { break };
             let resp = sq.response(slot);
             let len = if c.op.has_data() { c.len } else { 0 };
             let result = match evaluate(&resp, len, false) {
@@ -1017,52 +1042,50 @@ impl ChannelDriver for ScsiChannel {
             if let Some(sq) = self.sq.as_mut() {
                 sq.free.push(slot);
             }
-            out.push(ChildDone {
-                parent: c.parent,
-                result,
-            });
+            self.deliver(
+                chan,
+                ChildDone {
+                    parent: c.parent,
+                    result,
+                },
+            );
         }
-        if let Some(sq) = self.sq.as_mut() {
-            sq.used = used;
-        }
+        self.used = used;
         // Retries reuse their slot; the ring has room since their chains were freed.
-        for slot in retry {
+        for &slot in &retry {
             self.slot_tries[slot as usize] += 1;
-            let c = self.slot_child[slot as usize].expect("in flight");
-            if let Err(e) = self.issue(slot, &c) {
+            let Some((chan, c)) = self.slot_child[slot as usize] else {
+                continue;
+            };
+            if let Err(e) = self.issue(chan, slot, &c) {
                 self.slot_child[slot as usize] = None;
                 if let Some(sq) = self.sq.as_mut() {
                     sq.free.push(slot);
                 }
-                out.push(ChildDone {
-                    parent: c.parent,
-                    result: Err(e),
-                });
+                self.deliver(
+                    chan,
+                    ChildDone {
+                        parent: c.parent,
+                        result: Err(e),
+                    },
+                );
             }
         }
+        self.retry = retry;
         if let Err(e) = r {
             self.fail_all(IoError::ControllerFailed(e.to_string()));
         } else if let Some(e) = fatal {
             self.fail_all(e);
         }
-        out.append(&mut self.dead);
-        out.len() - before
-    }
-
-    fn in_flight(&self) -> usize {
-        if self.failed.is_some() {
-            return 0;
-        }
-        self.sq.as_ref().map_or(0, |s| s.q.in_flight() as usize)
     }
 }
 
-impl Drop for ScsiChannel {
+impl Drop for ThreadQueue {
     fn drop(&mut self) {
-        self.shared.channels_open.fetch_sub(1, Ordering::Relaxed);
         let Some(sq) = self.sq.take() else { return };
         if self.leak || sq.q.in_flight() > 0 || self.failed.is_some() {
             if self.failed.is_none() || self.leak {
+                // The device may still use this ring and these buffers.
                 sq.leak();
                 for b in self.slot_unmap.iter_mut().filter_map(Option::take) {
                     std::mem::forget(b);
@@ -1073,6 +1096,106 @@ impl Drop for ScsiChannel {
         }
         self.shared.give_queue(sq.into_queue());
     }
+}
+
+/// A LUN channel: a handle on its thread's queue of the controller.
+struct ScsiChannel {
+    tq: Rc<RefCell<ThreadQueue>>,
+    id: u32,
+}
+
+impl ChannelDriver for ScsiChannel {
+    fn queue(&mut self, c: Child) -> Result<(), Child> {
+        self.tq.borrow_mut().queue(self.id, c)
+    }
+
+    fn publish(&mut self) {
+        self.tq.borrow_mut().publish();
+    }
+
+    fn poll(&mut self, out: &mut Vec<ChildDone>) -> usize {
+        let mut tq = self.tq.borrow_mut();
+        tq.poll_all();
+        match tq.chans.get_mut(self.id as usize) {
+            Some(Some(st)) => {
+                let n = st.outbox.len();
+                out.append(&mut st.outbox);
+                n
+            }
+            _ => 0,
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        let tq = self.tq.borrow();
+        if tq.failed.is_some() {
+            return 0;
+        }
+        match tq.chans.get(self.id as usize) {
+            Some(Some(st)) => st.in_flight,
+            _ => 0,
+        }
+    }
+}
+
+impl Drop for ScsiChannel {
+    fn drop(&mut self) {
+        let mut tq = self.tq.borrow_mut();
+        tq.shared.channels_open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(slot) = tq.chans.get_mut(self.id as usize) {
+            *slot = None;
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's queue of each controller, shared by its LUN channels.
+    static THREAD_QUEUES: RefCell<Vec<(usize, Weak<RefCell<ThreadQueue>>)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+/// The calling thread's queue of the controller: shared if one is open, else a free
+/// queue of the controller's pool.
+fn thread_queue(shared: &Arc<Shared>, bdev: &str) -> Result<Rc<RefCell<ThreadQueue>>, BdevError> {
+    let key = Arc::as_ptr(shared) as usize;
+    let existing = THREAD_QUEUES.with(|t| {
+        let mut t = t.borrow_mut();
+        t.retain(|(_, w)| w.strong_count() > 0);
+        t.iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, w)| w.upgrade())
+    });
+    if let Some(tq) = existing {
+        return Ok(tq);
+    }
+    let q = shared.take_queue().ok_or_else(|| BdevError::NoFreeQueue {
+        bdev: bdev.to_string(),
+        queues: shared.total_queues,
+    })?;
+    let n = q.size() as usize;
+    let sq = ScsiQueue::new(&shared.mem, q, shared.geo).map_err(|e| BdevError::Io {
+        name: shared.name.clone(),
+        what: "allocate request slots".into(),
+        source: e,
+    })?;
+    let tq = Rc::new(RefCell::new(ThreadQueue {
+        sq: Some(sq),
+        shared: shared.clone(),
+        chans: Vec::new(),
+        slot_child: vec![None; n],
+        slot_tries: vec![0; n],
+        slot_unmap: (0..n).map(|_| None).collect(),
+        unmap_pool: Vec::new(),
+        zero: None,
+        data_segs: Vec::new(),
+        used: Vec::with_capacity(n),
+        retry: Vec::new(),
+        failed: None,
+        idle_polls: 0,
+        leak: false,
+    }));
+    THREAD_QUEUES.with(|t| t.borrow_mut().push((key, Rc::downgrade(&tq))));
+    Ok(tq)
 }
 
 /// What the event thread needs.
