@@ -3,4 +3,4 @@
 # (qemu-storage-daemon; vhost-device-scsi when installed) and the in-tree target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --exclude vireo-bench "$@"
