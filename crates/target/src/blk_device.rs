@@ -105,6 +105,10 @@ impl BlkDevice {
         &self.stats
     }
 
+    pub(crate) fn stats_shared(&self) -> Arc<StatCounters> {
+        Arc::clone(&self.stats)
+    }
+
     /// Serves one request. `descriptors` are the chain's `(address, length, device_writable)`
     /// in order; `acked_features` what the driver negotiated; `inject_failure` fails the
     /// request with IOERR without executing it.

@@ -21,7 +21,11 @@ pub(crate) enum Storage {
     /// A private anonymous mapping (`MAP_NORESERVE`): pages appear on first write.
     Ram { region: MmapRegion<()>, size: u64 },
     /// A file or block device, read and written with `pread`/`pwrite`.
-    File { file: File, size: u64 },
+    File {
+        file: File,
+        size: u64,
+        path: PathBuf,
+    },
 }
 
 fn off_t(offset: u64) -> io::Result<libc::off_t> {
@@ -126,7 +130,63 @@ impl Storage {
                 needed: u64::from(block_size),
             });
         }
-        Ok(Storage::File { file, size })
+        Ok(Storage::File {
+            file,
+            size,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Changes the capacity to `size` bytes: a file is grown (sparse) or truncated; a RAM disk
+    /// moves to a new mapping with the data that still fits (all-zero chunks are not copied, so
+    /// untouched pages stay unallocated).
+    pub(crate) fn resize(&mut self, size: u64) -> Result<(), TargetError> {
+        match self {
+            Storage::Ram { region, size: old } => {
+                let len = usize::try_from(size).map_err(|_| TargetError::InvalidConfig {
+                    field: "size_bytes",
+                    reason: format!("{size} does not fit the address space"),
+                })?;
+                let new =
+                    MmapRegion::new(len).map_err(|source| TargetError::MapRam { size, source })?;
+                let keep = usize::try_from((*old).min(size)).unwrap_or(len);
+                let mut buf = vec![0u8; ZEROS.len()];
+                let mut done = 0usize;
+                while done < keep {
+                    let n = (keep - done).min(buf.len());
+                    // Both ranges lie inside their mappings (`keep` is at most either size).
+                    let copied = region.get_slice(done, n).and_then(|src| {
+                        src.copy_to(&mut buf[..n]);
+                        if buf[..n].iter().any(|&b| b != 0) {
+                            new.get_slice(done, n)?.copy_from(&buf[..n]);
+                        }
+                        Ok(())
+                    });
+                    copied.map_err(|e| TargetError::MapRam {
+                        size,
+                        source: vm_memory::mmap::MmapRegionError::Mmap(io::Error::other(e)),
+                    })?;
+                    done += n;
+                }
+                *region = new;
+                *old = size;
+                Ok(())
+            }
+            Storage::File {
+                file,
+                size: old,
+                path,
+            } => {
+                file.set_len(size)
+                    .map_err(|source| TargetError::ResizeBacking {
+                        path: path.clone(),
+                        size,
+                        source,
+                    })?;
+                *old = size;
+                Ok(())
+            }
+        }
     }
 
     /// Capacity in bytes.
