@@ -194,6 +194,21 @@ impl Registry {
             .map(|e| f(&e.controller))
     }
 
+    /// SCSI LUNs that were found but are not disks: (controller, LUN).
+    pub fn skipped_luns(&self) -> Vec<(String, crate::scsi::LunInfo)> {
+        self.lock()
+            .iter()
+            .flat_map(|e| match &e.controller {
+                Controller::Scsi(c) => c
+                    .skipped()
+                    .iter()
+                    .map(|l| (e.params.name.clone(), l.clone()))
+                    .collect(),
+                Controller::Blk(_) => Vec::new(),
+            })
+            .collect()
+    }
+
     /// Controllers: (params, failure).
     pub fn controllers(&self) -> Vec<(AttachParams, Option<String>)> {
         self.lock()

@@ -19,7 +19,18 @@ use vireo_virtio::{DmaConfig, DmaMemory};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Back DMA memory with huge pages (MFD_HUGETLB; reserve them in
+    /// /proc/sys/vm/nr_hugepages first).
+    #[arg(long, global = true)]
+    hugepages: bool,
+    /// Size of the first DMA memory region (suffixes k, m, g); more regions are added
+    /// as needed.
+    #[arg(long, global = true, default_value = "64m", value_parser = parse_size)]
+    dma_region_size: usize,
 }
+
+/// Process-wide DMA memory settings from the command line.
+static DMA: std::sync::OnceLock<DmaConfig> = std::sync::OnceLock::new();
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
@@ -165,7 +176,8 @@ fn parse_cores(s: &str) -> Result<Vec<usize>> {
 }
 
 fn registry() -> Result<Registry> {
-    let mem = DmaMemory::new(DmaConfig::default()).context("cannot set up DMA memory")?;
+    let cfg = DMA.get().cloned().unwrap_or_default();
+    let mem = DmaMemory::new(cfg).context("cannot set up DMA memory")?;
     Ok(Registry::new(mem))
 }
 
@@ -234,6 +246,12 @@ fn cmd_bdevs(config: PathBuf, json: bool) -> Result<()> {
                 "-".into()
             },
             device,
+        );
+    }
+    for (ctrl, l) in reg.skipped_luns() {
+        println!(
+            "skipped: controller {ctrl} target {} lun {}: peripheral device type {:#04x} ({} {}), not a disk",
+            l.target, l.lun, l.device_type, l.vendor, l.product
         );
     }
     Ok(())
@@ -361,6 +379,22 @@ fn print_report(r: &perf::PerfReport) {
     }
 }
 
+/// The error and its causes, skipping causes the message already spells out.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if msg.contains(&c) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&c);
+    }
+    msg
+}
+
 /// A private directory for sockets, removed on drop.
 struct TempDirGuard(PathBuf);
 
@@ -429,6 +463,11 @@ fn main() {
         .with_ansi(perf::stderr_is_terminal())
         .init();
     let cli = Cli::parse();
+    let _ = DMA.set(DmaConfig {
+        initial_region_size: cli.dma_region_size,
+        hugetlb: cli.hugepages,
+        ..DmaConfig::default()
+    });
     let r = match cli.cmd {
         Cmd::Bdevs { config, json } => cmd_bdevs(config, json).map(|_| true),
         Cmd::Perf(a) => cmd_perf(a),
@@ -438,7 +477,7 @@ fn main() {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
         Err(e) => {
-            eprintln!("vireo: error: {e:#}");
+            eprintln!("vireo: error: {}", error_chain(&e));
             std::process::exit(2);
         }
     }

@@ -24,10 +24,12 @@ pub enum Error {
         source: io::Error,
     },
     /// mmap of a region failed.
-    #[error("cannot map DMA memory region of {size} bytes: {source}")]
+    #[error("cannot map DMA memory region of {size} bytes: {source}{hint}")]
     Mmap {
         /// Requested size.
         size: usize,
+        /// Extra hint (hugetlb).
+        hint: &'static str,
         /// OS error.
         source: io::Error,
     },

@@ -128,11 +128,17 @@ impl Region {
         if ptr == libc::MAP_FAILED {
             return Err(Error::Mmap {
                 size: len,
+                hint: if hugetlb {
+                    " (huge pages: reserve enough in /proc/sys/vm/nr_hugepages, or drop --hugepages)"
+                } else {
+                    ""
+                },
                 source: std::io::Error::last_os_error(),
             });
         }
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| Error::Mmap {
             size: len,
+            hint: "",
             source: std::io::Error::other("mmap returned NULL"),
         })?;
         Ok(Region {

@@ -400,6 +400,11 @@ impl ScsiController {
         v
     }
 
+    /// LUNs found but not made bdevs (not disks).
+    pub fn skipped(&self) -> &[LunInfo] {
+        &self.skipped
+    }
+
     /// The device configuration.
     pub fn config(&self) -> &ScsiConfig {
         &self.config
