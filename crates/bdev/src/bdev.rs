@@ -86,6 +86,8 @@ pub struct BdevInfo {
     pub queue_size: u16,
     /// Serial number, when the device reports one.
     pub serial: Option<String>,
+    /// Device identifier (SCSI VPD 83h designator).
+    pub device_id: Option<String>,
     /// Vendor (SCSI).
     pub vendor: Option<String>,
     /// Product (SCSI).

@@ -403,6 +403,7 @@ impl BlkController {
             num_queues: params.vq_count,
             queue_size: vq_size,
             serial,
+            device_id: None,
             vendor: None,
             product: None,
             scsi: None,

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vireo_scsi::{
-    capacity::READ_CAPACITY_16_LEN, read_capacity_10_cdb, BlockLimits, InquiryCdb,
-    LogicalBlockProvisioning, Peripheral, ReadCapacity10, ReadCapacity16, ReadCapacity16Cdb,
-    ReportLuns, ReportLunsCdb, Sense, SenseKey, StandardInquiry, StartStopUnitCdb, SupportedPages,
-    UnitSerialNumber, UnmapCdb,
+    capacity::READ_CAPACITY_16_LEN, read_capacity_10_cdb, BlockLimits, DeviceIdentification,
+    InquiryCdb, LogicalBlockProvisioning, Peripheral, ReadCapacity10, ReadCapacity16,
+    ReadCapacity16Cdb, ReportLuns, ReportLunsCdb, Sense, SenseKey, StandardInquiry,
+    StartStopUnitCdb, SupportedPages, UnitSerialNumber, UnmapCdb,
 };
 use vireo_virtio::{DmaBuf, DmaMemory};
 
@@ -34,6 +34,10 @@ pub struct LunInfo {
     pub product: String,
     /// Unit serial number (VPD 80h).
     pub serial: Option<String>,
+    /// Logical unit designator (VPD 83h: NAA, EUI-64, ... in that preference).
+    pub device_id: Option<String>,
+    /// WRITE SAME(16) is implemented (probed).
+    pub write_same: bool,
     /// Logical block size.
     pub block_size: u32,
     /// Blocks.
@@ -281,6 +285,8 @@ impl Scanner<'_> {
                 vendor: inq.vendor,
                 product: inq.product,
                 serial: None,
+                device_id: None,
+                write_same: false,
                 block_size: 0,
                 num_blocks: 0,
                 physical_block_size: 0,
@@ -303,6 +309,14 @@ impl Scanner<'_> {
             self.inquiry_page(t, l, Some(0x80))?
                 .and_then(|p| UnitSerialNumber::parse(&p).ok())
                 .map(|s| s.serial.trim().to_string())
+                .filter(|s| !s.is_empty())
+        } else {
+            None
+        };
+        let device_id = if has(0x83) {
+            self.inquiry_page(t, l, Some(0x83))?
+                .and_then(|p| DeviceIdentification::parse(&p).ok())
+                .and_then(|d| d.preferred().map(|x| x.to_text()))
                 .filter(|s| !s.is_empty())
         } else {
             None
@@ -353,6 +367,26 @@ impl Scanner<'_> {
                 "{num_blocks} blocks need READ/WRITE(16), which the LUN does not implement"
             )));
         }
+        // WRITE SAME(16): probed one block past the end, which an implementation answers
+        // with LBA OUT OF RANGE (21/00) and a device without it with INVALID COMMAND
+        // OPERATION CODE (20/00); nothing is written either way.
+        let write_same = {
+            let z = self.buf(block_size as usize)?;
+            let cdb = vireo_scsi::WriteSame16Cdb {
+                lba: num_blocks,
+                blocks: 1,
+                unmap: false,
+                anchor: false,
+                ndob: false,
+                protect: 0,
+            }
+            .to_cdb();
+            match self.run(t, l, cdb.as_bytes(), Some(&z), None)? {
+                Cmd::Check(s) => !s.is_unsupported_command(),
+                // A device that accepted a write past its end is not to be trusted with it.
+                Cmd::Ok(_) | Cmd::BadTarget => false,
+            }
+        };
         // Write protection from MODE SENSE(6) (WP bit of the header).
         let read_only = {
             let b = self.buf(255)?;
@@ -378,6 +412,8 @@ impl Scanner<'_> {
             vendor: inq.vendor,
             product: inq.product,
             serial,
+            device_id,
+            write_same,
             block_size,
             num_blocks,
             physical_block_size: phys,
