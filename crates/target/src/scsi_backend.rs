@@ -176,10 +176,12 @@ impl VhostUserBackend for ScsiBackend {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        self.device.set_config(offset, buf).map_err(|e| {
-            debug!("refusing SET_CONFIG: {e}");
-            io::Error::new(io::ErrorKind::InvalidInput, e)
-        })
+        // Like a device ignores writes to read-only fields, a refused write is ignored: an
+        // error here would end the whole connection in vhost-user-backend.
+        if let Err(e) = self.device.set_config(offset, buf) {
+            debug!("ignoring SET_CONFIG: {e}");
+        }
+        Ok(())
     }
 
     fn update_memory(&self, mem: Memory) -> io::Result<()> {

@@ -473,7 +473,7 @@ pub enum ConfigWriteError {
 
 /// Applies a driver's `SET_CONFIG` of `buf` at `offset` to `space`: only `sense_size` and
 /// `cdb_size` are writable (virtio 1.2, 5.6.4), within bounds; anything else is refused and
-/// leaves `space` as it was.
+/// leaves `space` as it was (the backend then ignores the write).
 pub(crate) fn write_config(
     space: &mut [u8; SCSI_CONFIG_SIZE],
     offset: u32,

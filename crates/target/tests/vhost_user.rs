@@ -3,17 +3,20 @@
 //! hand (a test harness, not a driver: no free list, no interrupt handling) to check that the
 //! daemon really serves rings, faults included.
 
-use std::fs::File;
+mod common;
+
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use common::{
+    handshake, le32, read_config, within, Chain, Harness, DATA_BASE, QUEUE_SIZE, SLOT_BASE,
+};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::VhostBackend;
 use vireo_target::{spawn_blk_target, Backing, BlkTargetConfig, TargetError, TargetHandle};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use vm_memory::{Bytes, GuestAddress};
 
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -44,48 +47,6 @@ fn ram_target(path: &Path, size_bytes: u64) -> TargetHandle {
         },
     )
     .expect("target starts")
-}
-
-/// Connects and negotiates everything the target offers.
-fn handshake(path: &Path, queues: u64) -> Frontend {
-    let mut fe = Frontend::connect(path, queues).expect("connect");
-    fe.set_owner().expect("set_owner");
-    let features = fe.get_features().expect("get_features");
-    fe.set_features(features).expect("set_features");
-    let proto = fe.get_protocol_features().expect("get_protocol_features");
-    fe.set_protocol_features(proto)
-        .expect("set_protocol_features");
-    fe
-}
-
-fn read_config(fe: &mut Frontend, offset: u32, size: u32) -> Vec<u8> {
-    let (_, payload) = fe
-        .get_config(
-            offset,
-            size,
-            VhostUserConfigFlags::WRITABLE,
-            &vec![0u8; size as usize],
-        )
-        .expect("get_config");
-    payload
-}
-
-fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
-}
-
-/// Runs `f` on another thread and fails the test if it takes longer than `limit`.
-fn within<T: Send + 'static>(
-    limit: Duration,
-    what: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(limit)
-        .unwrap_or_else(|_| panic!("{what} took longer than {limit:?}"))
 }
 
 #[test]
@@ -302,160 +263,14 @@ fn start_errors_are_typed() {
 // ---------------------------------------------------------------------------------------------
 // I/O over the socket.
 
-const QUEUE_SIZE: u16 = 64;
-const MEM_SIZE: usize = 16 << 20;
-/// Per-request scratch: header at +0, status at +16, data from DATA_BASE.
-const SLOT_BASE: u64 = 0x10_0000;
-const DATA_BASE: u64 = 0x20_0000;
-
-/// Shared guest memory, a connection and hand-placed rings.
-struct Harness {
-    fe: Frontend,
-    mem: GuestMemoryMmap<()>,
-    _file: File,
-    queues: Vec<Ring>,
+/// virtio-blk requests in the harness's scratch slots.
+trait BlkRequests {
+    fn slot(n: u64) -> u64;
+    fn request(&self, n: u64, t: u32, sector: u64, data: &[(u64, u32)]) -> Chain;
+    fn status(&self, n: u64) -> u8;
 }
 
-struct Ring {
-    base: u64,
-    next_desc: u16,
-    avail_idx: u16,
-    used_seen: u16,
-    kick: EventFd,
-    _call: EventFd,
-}
-
-impl Ring {
-    fn desc(&self) -> u64 {
-        self.base
-    }
-    fn avail(&self) -> u64 {
-        self.base + 0x1000
-    }
-    fn used(&self) -> u64 {
-        self.base + 0x2000
-    }
-}
-
-/// A request to place: descriptors as `(guest address, length, device_writable)`.
-type Chain = Vec<(u64, u32, bool)>;
-
-impl Harness {
-    fn connect(path: &Path, queues: usize) -> Self {
-        let file = tempfile::tempfile().unwrap();
-        file.set_len(MEM_SIZE as u64).unwrap();
-        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
-            GuestAddress(0),
-            MEM_SIZE,
-            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-        )])
-        .unwrap();
-        let mut fe = handshake(path, queues as u64);
-        let regions: Vec<VhostUserMemoryRegionInfo> = mem
-            .iter()
-            .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).unwrap())
-            .collect();
-        fe.set_mem_table(&regions).unwrap();
-        let host = mem.iter().next().unwrap().as_ptr() as u64;
-
-        let mut rings = Vec::new();
-        for q in 0..queues {
-            let ring = Ring {
-                base: (q as u64) * 0x1_0000,
-                next_desc: 0,
-                avail_idx: 0,
-                used_seen: 0,
-                kick: EventFd::new(0).unwrap(),
-                _call: EventFd::new(0).unwrap(),
-            };
-            fe.set_vring_num(q, QUEUE_SIZE).unwrap();
-            fe.set_vring_addr(
-                q,
-                &VringConfigData {
-                    queue_max_size: QUEUE_SIZE,
-                    queue_size: QUEUE_SIZE,
-                    flags: 0,
-                    desc_table_addr: host + ring.desc(),
-                    used_ring_addr: host + ring.used(),
-                    avail_ring_addr: host + ring.avail(),
-                    log_addr: None,
-                },
-            )
-            .unwrap();
-            fe.set_vring_base(q, 0).unwrap();
-            fe.set_vring_call(q, &ring._call).unwrap();
-            fe.set_vring_kick(q, &ring.kick).unwrap();
-            fe.set_vring_enable(q, true).unwrap();
-            rings.push(ring);
-        }
-        Harness {
-            fe,
-            mem,
-            _file: file,
-            queues: rings,
-        }
-    }
-
-    /// Places the chains on queue `q`, publishes them with one avail index update and kicks.
-    fn submit(&mut self, q: usize, chains: &[Chain]) {
-        let mem = &self.mem;
-        let ring = &mut self.queues[q];
-        for chain in chains {
-            let head = ring.next_desc;
-            for (i, &(addr, len, writable)) in chain.iter().enumerate() {
-                let index = ring.next_desc;
-                ring.next_desc = (ring.next_desc + 1) % QUEUE_SIZE;
-                let last = i + 1 == chain.len();
-                let flags: u16 = u16::from(!last) | if writable { 2 } else { 0 };
-                let at = ring.desc() + u64::from(index) * 16;
-                mem.write_obj(addr, GuestAddress(at)).unwrap();
-                mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-                mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-                mem.write_obj(ring.next_desc, GuestAddress(at + 14))
-                    .unwrap();
-            }
-            let slot = ring.avail() + 4 + u64::from(ring.avail_idx % QUEUE_SIZE) * 2;
-            mem.write_obj(head, GuestAddress(slot)).unwrap();
-            ring.avail_idx = ring.avail_idx.wrapping_add(1);
-        }
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        mem.write_obj(ring.avail_idx, GuestAddress(ring.avail() + 2))
-            .unwrap();
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        ring.kick.write(1).unwrap();
-    }
-
-    /// Waits for `n` more used entries on queue `q`; returns `(head, len)` in used-ring order.
-    fn wait_used(&mut self, q: usize, n: u16) -> Vec<(u32, u32)> {
-        self.try_wait_used(q, n, Duration::from_secs(5))
-            .unwrap_or_else(|| panic!("{n} completions on queue {q} did not arrive"))
-    }
-
-    fn try_wait_used(&mut self, q: usize, n: u16, timeout: Duration) -> Option<Vec<(u32, u32)>> {
-        let deadline = Instant::now() + timeout;
-        let ring = &mut self.queues[q];
-        loop {
-            let idx: u16 = self.mem.read_obj(GuestAddress(ring.used() + 2)).unwrap();
-            if idx.wrapping_sub(ring.used_seen) >= n {
-                break;
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        let mut out = Vec::new();
-        for _ in 0..n {
-            let at = ring.used() + 4 + u64::from(ring.used_seen % QUEUE_SIZE) * 8;
-            let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
-            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
-            out.push((id, len));
-            ring.used_seen = ring.used_seen.wrapping_add(1);
-        }
-        Some(out)
-    }
-
+impl BlkRequests for Harness {
     fn slot(n: u64) -> u64 {
         SLOT_BASE + n * 32
     }
@@ -477,20 +292,6 @@ impl Harness {
 
     fn status(&self, n: u64) -> u8 {
         self.mem.read_obj(GuestAddress(Self::slot(n) + 16)).unwrap()
-    }
-
-    fn fill(&self, addr: u64, len: usize, seed: u8) -> Vec<u8> {
-        let data: Vec<u8> = (0..len)
-            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
-            .collect();
-        self.mem.write_slice(&data, GuestAddress(addr)).unwrap();
-        data
-    }
-
-    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
-        v
     }
 }
 
