@@ -47,8 +47,9 @@ fn take_one(counter: &AtomicU64) -> bool {
 }
 
 impl Faults {
-    /// Completes the next `n` requests with `VIRTIO_BLK_S_IOERR` without executing them
-    /// (replaces any count still pending).
+    /// Fails the next `n` requests without executing them (replaces any count still pending):
+    /// a blk target completes them with `VIRTIO_BLK_S_IOERR`, a scsi target as its
+    /// [`ScsiFaults`](crate::ScsiFaults) say (CHECK CONDITION / MEDIUM ERROR by default).
     pub fn fail_next(&self, n: u64) {
         self.fail_next.store(n, Ordering::Release);
     }

@@ -292,12 +292,16 @@ impl ScsiDevice {
         Ok(())
     }
 
-    /// REPORTED LUNS DATA HAS CHANGED on the other units of `target`.
-    fn luns_changed(&self, target: u8) {
+    /// REPORTED LUNS DATA HAS CHANGED on the units of `target` other than `lun`.
+    fn luns_changed(&self, target: u8, lun: u16) {
         if !self.cfg.luns_changed_unit_attention {
             return;
         }
-        for (_, unit) in self.units().range((target, 0)..=(target, u16::MAX)) {
+        for (_, unit) in self
+            .units()
+            .range((target, 0)..=(target, u16::MAX))
+            .filter(|(&(_, l), _)| l != lun)
+        {
             unit.raise_unit_attention(Asc::REPORTED_LUNS_DATA_CHANGED);
         }
     }
@@ -309,7 +313,6 @@ impl ScsiDevice {
         }
         let unit = LogicalUnit::new(target, lun, cfg).map_err(LunError::Create)?;
         unit.reset_for_connection(self.cfg.power_on_unit_attention);
-        self.luns_changed(target);
         {
             let mut units = self.units.write().unwrap_or_else(|p| p.into_inner());
             if units.contains_key(&(target, lun)) {
@@ -317,6 +320,7 @@ impl ScsiDevice {
             }
             units.insert((target, lun), Arc::new(unit));
         }
+        self.luns_changed(target, lun);
         if self.acked(VIRTIO_SCSI_F_HOTPLUG) {
             self.post_event(Event::transport_reset(target, lun, ResetReason::Rescan));
         }
@@ -332,7 +336,7 @@ impl ScsiDevice {
         if removed.is_none() {
             return Err(LunError::NotFound { target, lun });
         }
-        self.luns_changed(target);
+        self.luns_changed(target, lun);
         if self.acked(VIRTIO_SCSI_F_HOTPLUG) {
             self.post_event(Event::transport_reset(target, lun, ResetReason::Removed));
         }
