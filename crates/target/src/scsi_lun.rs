@@ -1221,3 +1221,165 @@ fn run_without_unit(
         _ => Err(no_unit()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vireo_scsi::block::RwFlags;
+    use vireo_scsi::{ReadWrite10Cdb, ReadWrite16Cdb, ReportLunsCdb, UnmapCdb, WriteSame16Cdb};
+
+    fn parse(cdb: vireo_scsi::Cdb) -> Command {
+        Command::parse(cdb.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn transfer_sizes_come_from_the_cdb() {
+        let rw10 = ReadWrite10Cdb::new(0, 8, RwFlags::default()).unwrap();
+        assert_eq!(
+            expected_transfer(&parse(rw10.read_cdb()), 4096),
+            (DataDirection::FromDevice, 32768)
+        );
+        assert_eq!(
+            expected_transfer(&parse(rw10.write_cdb()), 512),
+            (DataDirection::ToDevice, 4096)
+        );
+        let rw16 = ReadWrite16Cdb::new(1 << 40, u64::from(u32::MAX), RwFlags::default()).unwrap();
+        assert_eq!(
+            expected_transfer(&parse(rw16.read_cdb()), 4096),
+            (DataDirection::FromDevice, u64::from(u32::MAX) * 4096)
+        );
+        let unmap = UnmapCdb {
+            anchor: false,
+            param_len: 24,
+        };
+        assert_eq!(
+            expected_transfer(&parse(unmap.to_cdb()), 512),
+            (DataDirection::ToDevice, 24)
+        );
+        let ws = WriteSame16Cdb {
+            blocks: 9,
+            ..Default::default()
+        };
+        assert_eq!(
+            expected_transfer(&parse(ws.to_cdb()), 4096),
+            (DataDirection::ToDevice, 4096)
+        );
+        let ws = WriteSame16Cdb { ndob: true, ..ws };
+        assert_eq!(
+            expected_transfer(&parse(ws.to_cdb()), 4096),
+            (DataDirection::None, 0)
+        );
+        let rl = ReportLunsCdb {
+            select_report: 0,
+            alloc_len: 100,
+        };
+        assert_eq!(
+            expected_transfer(&parse(rl.to_cdb()), 512),
+            (DataDirection::FromDevice, 100)
+        );
+        assert_eq!(
+            expected_transfer(&Command::ReadCapacity10, 512),
+            (DataDirection::FromDevice, 8)
+        );
+        assert_eq!(
+            expected_transfer(&Command::TestUnitReady, 512),
+            (DataDirection::None, 0)
+        );
+    }
+
+    #[test]
+    fn buffers_must_hold_what_the_cdb_asks() {
+        let read = parse(
+            ReadWrite10Cdb::new(0, 2, RwFlags::default())
+                .unwrap()
+                .read_cdb(),
+        );
+        assert!(buffers_fit(&read, 512, 0, 1024));
+        assert!(buffers_fit(&read, 512, 0, 4096));
+        assert!(!buffers_fit(&read, 512, 0, 1023));
+        assert!(!buffers_fit(&read, 512, 1024, 0));
+        assert!(buffers_fit(&Command::TestUnitReady, 512, 0, 0));
+        assert!(buffers_fit(&Command::TestUnitReady, 512, 0, 512));
+    }
+
+    #[test]
+    fn command_classes() {
+        for op in [0x28, 0x2a, 0x88, 0x8a, 0x35, 0x91, 0x42, 0x93] {
+            assert!(is_media_access(op), "{op:#x}");
+        }
+        for op in [0x00, 0x03, 0x12, 0x25, 0x9e, 0xa0, 0x1a, 0x5a, 0x1b] {
+            assert!(!is_media_access(op), "{op:#x}");
+        }
+        assert!(!reports_unit_attention(opcode::INQUIRY));
+        assert!(!reports_unit_attention(opcode::REPORT_LUNS));
+        assert!(!reports_unit_attention(opcode::REQUEST_SENSE));
+        assert!(reports_unit_attention(opcode::TEST_UNIT_READY));
+        assert!(reports_unit_attention(0xff));
+    }
+
+    #[test]
+    fn naca_bit_of_the_control_byte() {
+        assert_eq!(naca_set(&[0, 0, 0, 0, 0, 0x04], 0), Some(5));
+        assert_eq!(naca_set(&[0, 0, 0, 0, 0, 0x03], 0), None);
+        let mut rw16 = [0u8; 32];
+        rw16[0] = 0x88;
+        rw16[15] = 0x04;
+        assert_eq!(naca_set(&rw16, 0x88), Some(15));
+        // Past the CDB the byte is not the control byte; short input is no NACA.
+        rw16[15] = 0;
+        rw16[16] = 0x04;
+        assert_eq!(naca_set(&rw16, 0x88), None);
+        assert_eq!(naca_set(&[0x88], 0x88), None);
+        assert_eq!(naca_set(&[0xff; 16], 0xff), None);
+    }
+
+    #[test]
+    fn unit_attention_queue() {
+        let mut s = UnitState::default();
+        assert!(!s.needs_attention());
+        s.raise(Asc::CAPACITY_DATA_CHANGED);
+        s.raise(Asc::CAPACITY_DATA_CHANGED);
+        s.raise(Asc::REPORTED_LUNS_DATA_CHANGED);
+        assert_eq!(s.unit_attentions.len(), 2);
+        // A reset supersedes what is pending.
+        s.raise(Asc::POWER_ON_RESET);
+        assert_eq!(s.unit_attentions, [Asc::POWER_ON_RESET]);
+        for i in 0..20 {
+            s.raise(Asc::new(0x3f, i));
+        }
+        assert_eq!(s.unit_attentions.len(), MAX_QUEUED_UNIT_ATTENTIONS);
+        assert_eq!(s.unit_attentions[0], Asc::POWER_ON_RESET);
+        let mut s = UnitState {
+            stopped: true,
+            not_ready_turs: 3,
+            ..Default::default()
+        };
+        assert!(s.needs_attention());
+        assert!(s.not_ready().unwrap().needs_start_unit());
+        s.stopped = false;
+        assert!(s
+            .not_ready()
+            .unwrap()
+            .is(SenseKey::NotReady, Asc::NOT_READY_BECOMING_READY));
+        s.not_ready_turs = 0;
+        assert!(s.not_ready().is_none());
+    }
+
+    #[test]
+    fn report_luns_select_report() {
+        let all = ReportLuns::parse(&report_luns(0, &[0, 1, 300]).unwrap()).unwrap();
+        assert_eq!(
+            all.luns
+                .iter()
+                .map(|l| l.number().unwrap())
+                .collect::<Vec<_>>(),
+            vec![0, 1, 300]
+        );
+        assert_eq!(all.luns[2].0[..2], [0x41, 0x2c]);
+        let wk = ReportLuns::parse(&report_luns(1, &[0]).unwrap()).unwrap();
+        assert_eq!(wk.luns, vec![Lun::REPORT_LUNS_WLUN]);
+        let both = ReportLuns::parse(&report_luns(2, &[0]).unwrap()).unwrap();
+        assert_eq!(both.luns.len(), 2);
+        assert!(matches!(report_luns(0x42, &[0]), Err(Fail::Check(_))));
+    }
+}

@@ -195,6 +195,15 @@ pub fn encode_lun(target: u8, lun: u16) -> [u8; 8] {
     [1, target, 0x40 | hi, lo, 0, 0, 0, 0]
 }
 
+/// Encodes the LUN field of an event for `lun` of `target` the way REPORT LUNS numbers it:
+/// peripheral device addressing below 256, flat space addressing above, as QEMU does (Linux's
+/// virtio_scsi reads `lun[2..4]` of an event as the number REPORT LUNS gave it).
+pub fn encode_event_lun(target: u8, lun: u16) -> [u8; 8] {
+    let [hi, lo] = (lun & 0x3fff).to_be_bytes();
+    let b2 = if lun >= 256 { 0x40 | hi } else { 0 };
+    [1, target, b2, lo, 0, 0, 0, 0]
+}
+
 /// A request shorter than its fixed part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("{what}: {got} bytes, {need} needed")]
@@ -504,21 +513,21 @@ impl Event {
     /// Flag or-ed into `event` when the device had to drop events for lack of buffers.
     pub const EVENTS_MISSED: u32 = VIRTIO_SCSI_T_EVENTS_MISSED;
 
-    /// `VIRTIO_SCSI_T_TRANSPORT_RESET` for a logical unit.
+    /// `VIRTIO_SCSI_T_TRANSPORT_RESET` for a logical unit (LUN field as [`encode_event_lun`]).
     pub fn transport_reset(target: u8, lun: u16, reason: ResetReason) -> Self {
         Event {
             event: VIRTIO_SCSI_T_TRANSPORT_RESET,
-            lun: encode_lun(target, lun),
+            lun: encode_event_lun(target, lun),
             reason: reason.to_raw(),
         }
     }
 
     /// `VIRTIO_SCSI_T_PARAM_CHANGE` with the unit attention's ASC in bits 0-7 and ASCQ in bits
-    /// 8-15 of `reason`.
+    /// 8-15 of `reason` (LUN field as [`encode_event_lun`]).
     pub fn param_change(target: u8, lun: u16, asc: u8, ascq: u8) -> Self {
         Event {
             event: VIRTIO_SCSI_T_PARAM_CHANGE,
-            lun: encode_lun(target, lun),
+            lun: encode_event_lun(target, lun),
             reason: u32::from(asc) | u32::from(ascq) << 8,
         }
     }
@@ -734,6 +743,16 @@ mod tests {
         assert_eq!(&b[12..16], &2u32.to_le_bytes());
         assert_eq!(Event::parse(&b), Ok(e));
         let p = Event::param_change(0, 1, 0x2a, 0x09);
+        assert_eq!(
+            p.lun,
+            [1, 0, 0, 1, 0, 0, 0, 0],
+            "peripheral addressing below 256"
+        );
+        assert_eq!(
+            decode_lun(&p.lun).unwrap().unit,
+            UnitAddress::Lun(1),
+            "decodes like a command's LUN field"
+        );
         assert_eq!(p.event, 3);
         assert_eq!(p.reason, 0x092a);
         let m = Event::no_event().with_missed();
