@@ -194,10 +194,7 @@ impl BlkController {
         mut transport: Box<dyn Transport>,
     ) -> Result<BlkController, BdevError> {
         let name = params.name.as_str();
-        let verr = |source| BdevError::Virtio {
-            name: name.to_string(),
-            source,
-        };
+        let verr = |source| BdevError::virtio(name, source);
         if !params.vq_size.is_power_of_two() || params.vq_size < 4 {
             return Err(BdevError::Config(format!(
                 "controller {name}: vq_size {} must be a power of two of at least 4",

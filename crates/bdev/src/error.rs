@@ -68,6 +68,22 @@ pub enum IoError {
     NoMemory(String),
 }
 
+impl BdevError {
+    /// Wrap a virtio error of controller `name`.
+    pub fn virtio(name: &str, source: VirtioError) -> BdevError {
+        match source {
+            VirtioError::QueueSizeRefused { size, .. } => BdevError::QueueSizeRefused {
+                name: name.to_string(),
+                size,
+            },
+            source => BdevError::Virtio {
+                name: name.to_string(),
+                source,
+            },
+        }
+    }
+}
+
 /// Errors attaching controllers, opening channels and loading configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum BdevError {
@@ -94,6 +110,14 @@ pub enum BdevError {
         name: String,
         /// What is missing.
         reason: String,
+    },
+    /// The back-end refused the queue size.
+    #[error("controller {name}: the back-end refused queue size {size}; set a smaller vq_size (e.g. 128)")]
+    QueueSizeRefused {
+        /// Controller name.
+        name: String,
+        /// Refused size.
+        size: u16,
     },
     /// Every queue is taken by a channel.
     #[error(

@@ -82,8 +82,26 @@ impl Registry {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Attach a controller and return its bdevs.
+    /// Attach a controller and return its bdevs. A back-end that refuses the queue size
+    /// is tried again, on a new connection, with half the size (down to 16).
     pub fn attach(&self, params: &AttachParams) -> Result<Vec<Arc<Bdev>>, BdevError> {
+        let mut p = params.clone();
+        loop {
+            match self.attach_once(&p) {
+                Err(BdevError::QueueSizeRefused { size, .. }) if size > 16 => {
+                    tracing::warn!(
+                        controller = %p.name,
+                        "the back-end refused queue size {size}; retrying with {}",
+                        size / 2
+                    );
+                    p.vq_size = size / 2;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn attach_once(&self, params: &AttachParams) -> Result<Vec<Arc<Bdev>>, BdevError> {
         {
             let entries = self.lock();
             if entries.iter().any(|e| {

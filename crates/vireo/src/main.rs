@@ -51,9 +51,24 @@ enum Cmd {
 
 #[derive(clap::Args, Debug)]
 struct TargetArgs {
-    /// Device type (blk; scsi to come).
+    /// Device type: blk or scsi.
     #[arg(long = "type", default_value = "blk")]
     dev_type: String,
+    /// scsi: targets (ids 0..N).
+    #[arg(long, default_value_t = 1)]
+    targets: u8,
+    /// scsi: LUNs per target (0..M).
+    #[arg(long, default_value_t = 1)]
+    luns: u16,
+    /// scsi: VPD B0 maximum transfer length in blocks (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_transfer: u32,
+    /// scsi: VPD B0 maximum unmap LBA count (0: unmap unsupported; default no limit).
+    #[arg(long, default_value_t = u32::MAX)]
+    max_unmap_lba: u32,
+    /// scsi: VPD B0 maximum unmap block descriptor count (default no limit).
+    #[arg(long, default_value_t = u32::MAX)]
+    max_unmap_desc: u32,
     /// Socket to listen on.
     #[arg(short = 's', long)]
     socket: PathBuf,
@@ -379,6 +394,58 @@ fn print_report(r: &perf::PerfReport) {
     }
 }
 
+fn cmd_target_scsi(a: TargetArgs) -> Result<()> {
+    if a.targets == 0 || a.luns == 0 {
+        bail!("--targets and --luns must be at least 1");
+    }
+    let mut luns = std::collections::BTreeMap::new();
+    for t in 0..a.targets {
+        for l in 0..a.luns {
+            let backend = match &a.file {
+                Some(base) => vireo_target::Backing::File {
+                    path: base.with_extension(format!("t{t}l{l}.img")),
+                    size_bytes: Some(a.size as u64),
+                },
+                None => vireo_target::Backing::Ram {
+                    size_bytes: a.size as u64,
+                },
+            };
+            luns.insert(
+                (t, l),
+                vireo_target::LunConfig {
+                    backend,
+                    block_size: a.block_size,
+                    read_only: a.read_only,
+                    limits: vireo_target::BlockLimitsConfig {
+                        max_transfer_length: a.max_transfer,
+                        max_unmap_lba_count: a.max_unmap_lba,
+                        max_unmap_descriptor_count: a.max_unmap_desc,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            );
+        }
+    }
+    let t = vireo_target::spawn_scsi_target(
+        &a.socket,
+        vireo_target::ScsiTargetConfig {
+            luns,
+            num_request_queues: a.queues,
+            seg_max: a.seg_max,
+            ..Default::default()
+        },
+    )?;
+    eprintln!(
+        "vireo: vhost-user-scsi target listening on {} ({} targets x {} LUNs)",
+        a.socket.display(),
+        a.targets,
+        a.luns
+    );
+    t.wait();
+    Ok(())
+}
+
 /// The error and its causes, skipping causes the message already spells out.
 fn error_chain(e: &anyhow::Error) -> String {
     let mut msg = String::new();
@@ -418,11 +485,10 @@ fn tempdir() -> Result<PathBuf> {
 }
 
 fn cmd_target(a: TargetArgs) -> Result<()> {
-    if a.dev_type != "blk" {
-        bail!(
-            "target type {:?} is not available yet (supported: blk)",
-            a.dev_type
-        );
+    match a.dev_type.as_str() {
+        "blk" => {}
+        "scsi" => return cmd_target_scsi(a),
+        other => bail!("unknown target type {other:?} (blk or scsi)"),
     }
     let backend = match a.file {
         Some(path) => vireo_target::Backing::File {

@@ -53,6 +53,16 @@ pub enum Error {
     /// The device did something the spec forbids.
     #[error("device error: {0} (the controller is marked failed; detach and re-attach it)")]
     Device(String),
+    /// The back-end refused a queue size (vhost-user has no way to ask for the largest).
+    #[error("the back-end refused {size} descriptors for queue {index}: {cause}")]
+    QueueSizeRefused {
+        /// Queue index.
+        index: u16,
+        /// Size asked for.
+        size: u16,
+        /// What the back-end said.
+        cause: String,
+    },
     /// Feature negotiation failed.
     #[error("feature negotiation failed: {0}")]
     Features(String),

@@ -517,7 +517,11 @@ impl VhostUserTransport {
         let fe = &self.frontend;
         let q = |what: &str| format!("vhost-user {}: {what} (queue {index})", self.path.display());
         fe.set_vring_num(i, layout.size)
-            .map_err(|e| Error::transport(q("SET_VRING_NUM"), e))?;
+            .map_err(|e| Error::QueueSizeRefused {
+                index,
+                size: layout.size,
+                cause: format!("{}: {e}", q("SET_VRING_NUM")),
+            })?;
         let cfg = VringConfigData {
             queue_max_size: layout.size,
             queue_size: layout.size,

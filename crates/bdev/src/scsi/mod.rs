@@ -80,6 +80,8 @@ struct Shared {
     queues: Mutex<Vec<SplitQueue>>,
     total_queues: usize,
     max_segments: usize,
+    /// The device's transfer size hint (`max_sectors`, 512-byte units; 0: none).
+    max_sectors: u32,
     channels_open: AtomicU64,
     control: Mutex<Option<ControlQueue>>,
 }
@@ -164,10 +166,7 @@ impl ScsiController {
         mut transport: Box<dyn Transport>,
     ) -> Result<ScsiController, BdevError> {
         let name = params.name.as_str();
-        let verr = |source| BdevError::Virtio {
-            name: name.to_string(),
-            source,
-        };
+        let verr = |source| BdevError::virtio(name, source);
         if !params.vq_size.is_power_of_two() || params.vq_size < 4 {
             return Err(BdevError::Config(format!(
                 "controller {name}: vq_size {} must be a power of two of at least 4",
@@ -239,17 +238,7 @@ impl ScsiController {
         let placeholder = || Notifier::Counter(Arc::new(AtomicU64::new(0)));
         let mk = |t: &mut Box<dyn Transport>, i: u16, size: u16, o: QueueOptions| {
             let mut q = SplitQueue::new(&mem, i, size, o, placeholder()).map_err(verr)?;
-            let n = t.setup_queue(i, &q.layout()).map_err(|e| {
-                let hint = if size > 128 {
-                    format!(" (queue size {size}: try a smaller vq_size, e.g. 128)")
-                } else {
-                    String::new()
-                };
-                BdevError::Virtio {
-                    name: format!("{name}{hint}"),
-                    source: e,
-                }
-            })?;
+            let n = t.setup_queue(i, &q.layout()).map_err(verr)?;
             q.set_notifier(n);
             Ok::<SplitQueue, BdevError>(q)
         };
@@ -306,6 +295,7 @@ impl ScsiController {
             queues: Mutex::new(queues),
             total_queues: params.vq_count as usize,
             max_segments,
+            max_sectors: cfg.max_sectors,
             channels_open: AtomicU64::new(0),
             control: Mutex::new(Some(ControlQueue {
                 q: control_q,
@@ -521,6 +511,9 @@ fn make_lun(shared: &Arc<Shared>, info: LunInfo, params: &ScsiParams, vq_size: u
     let mut max_rw = (shared.max_segments as u64 * SEGMENT_BYTES / bs).min(u32::MAX as u64);
     if let Some(mt) = info.limits.and_then(|l| l.max_transfer()) {
         max_rw = max_rw.min(mt as u64);
+    }
+    if shared.max_sectors != 0 {
+        max_rw = max_rw.min(shared.max_sectors as u64 * 512 / bs);
     }
     if !info.rw16 {
         max_rw = max_rw.min(vireo_scsi::MAX_RW10_BLOCKS as u64);
@@ -1077,7 +1070,12 @@ impl ThreadQueue {
                 );
             }
         }
+        let retried = !retry.is_empty();
         self.retry = retry;
+        if retried {
+            // Nobody else publishes on behalf of a retry.
+            self.publish();
+        }
         if let Err(e) = r {
             self.fail_all(IoError::ControllerFailed(e.to_string()));
         } else if let Some(e) = fatal {

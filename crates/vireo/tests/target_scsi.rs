@@ -1,0 +1,486 @@
+//! vireo's virtio-scsi driver against the in-tree vhost-user-scsi target: layouts,
+//! limits and events that real targets do not offer on demand.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use vireo_bdev::{IoBuf, IoError, IoOp, IoRequest, Registry};
+use vireo_target::{
+    spawn_scsi_target, Backing, BlockLimitsConfig, LunConfig, ScsiFailure, ScsiTargetConfig,
+    ScsiTargetHandle,
+};
+
+fn target(cfg: ScsiTargetConfig) -> (ScsiTargetHandle, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let t = spawn_scsi_target(&dir.path().join("scsi.sock"), cfg).unwrap();
+    (t, dir)
+}
+
+fn ram_lun(mib: u64) -> LunConfig {
+    LunConfig {
+        backend: Backing::Ram {
+            size_bytes: mib << 20,
+        },
+        ..Default::default()
+    }
+}
+
+fn attach(
+    reg: &Registry,
+    t: &ScsiTargetHandle,
+    vq_count: u16,
+) -> Vec<std::sync::Arc<vireo_bdev::Bdev>> {
+    reg.attach(&scsi_params("S", t.socket_path(), vq_count, 128))
+        .expect("attach")
+}
+
+fn pattern(len: usize, salt: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(7) ^ salt).collect()
+}
+
+fn opcode_count(t: &ScsiTargetHandle, op: u8) -> u64 {
+    t.stats().opcodes.get(&op).copied().unwrap_or(0)
+}
+
+#[test]
+fn four_targets_by_four_luns_are_all_found_with_spdk_names() {
+    let mut luns = BTreeMap::new();
+    for t in 0..4u8 {
+        for l in 0..4u16 {
+            luns.insert((t, l), ram_lun(8));
+        }
+    }
+    let (t, _d) = target(ScsiTargetConfig {
+        luns,
+        max_target: Some(7),
+        ..Default::default()
+    });
+    let reg = registry();
+    let bdevs = attach(&reg, &t, 1);
+    let mut names: Vec<String> = bdevs.iter().map(|b| b.name().to_string()).collect();
+    names.sort();
+    let mut want = Vec::new();
+    for tg in 0..4 {
+        want.push(format!("St{tg}"));
+        for l in 1..4 {
+            want.push(format!("St{tg}l{l}"));
+        }
+    }
+    want.sort();
+    assert_eq!(names, want);
+    // Each LUN is its own disk.
+    for (k, b) in bdevs.iter().enumerate() {
+        let a = b.info().scsi.unwrap();
+        let mut ch = b.open_channel().unwrap();
+        ch.run(IoRequest::write(
+            3,
+            1,
+            IoBuf::Heap(pattern(512, k as u8)),
+            1,
+        ))
+        .result
+        .unwrap();
+        drop(ch);
+        let _ = a;
+    }
+    for (k, b) in bdevs.iter().enumerate() {
+        let mut ch = b.open_channel().unwrap();
+        let c = ch.run(IoRequest::read(3, 1, IoBuf::Heap(vec![0; 512]), 1));
+        assert_eq!(
+            c.buf.unwrap().as_slice(),
+            &pattern(512, k as u8)[..],
+            "{}",
+            b.name()
+        );
+    }
+}
+
+#[test]
+fn lun_beyond_two_to_the_32_blocks_uses_16_byte_cdbs() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocks: u64 = (1 << 32) + 4096;
+    let (t, _d) = target(ScsiTargetConfig {
+        luns: BTreeMap::from([(
+            (0, 0),
+            LunConfig {
+                backend: Backing::File {
+                    path: dir.path().join("big.img"),
+                    size_bytes: Some(blocks * 512),
+                },
+                ..Default::default()
+            },
+        )]),
+        ..Default::default()
+    });
+    let reg = registry();
+    let b = attach(&reg, &t, 1).pop().unwrap();
+    assert_eq!(b.info().num_blocks, blocks);
+    let mut ch = b.open_channel().unwrap();
+    let (r10, r16, w10, w16) = (0x28, 0x88, 0x2a, 0x8a);
+    let before = (
+        opcode_count(&t, r10),
+        opcode_count(&t, r16),
+        opcode_count(&t, w10),
+        opcode_count(&t, w16),
+    );
+    // Low LBAs: 10-byte CDBs.
+    ch.run(IoRequest::write(100, 8, IoBuf::Heap(pattern(4096, 1)), 1))
+        .result
+        .unwrap();
+    ch.run(IoRequest::read(100, 8, IoBuf::Heap(vec![0; 4096]), 2))
+        .result
+        .unwrap();
+    assert_eq!(opcode_count(&t, w10), before.2 + 1);
+    assert_eq!(opcode_count(&t, r10), before.0 + 1);
+    // The last blocks, beyond LBA 2^32: 16-byte CDBs, data intact.
+    let lba = blocks - 8;
+    ch.run(IoRequest::write(lba, 8, IoBuf::Heap(pattern(4096, 2)), 3))
+        .result
+        .unwrap();
+    let c = ch.run(IoRequest::read(lba, 8, IoBuf::Heap(vec![0; 4096]), 4));
+    assert_eq!(c.buf.unwrap().as_slice(), &pattern(4096, 2)[..]);
+    assert_eq!(opcode_count(&t, w16), before.3 + 1);
+    assert_eq!(opcode_count(&t, r16), before.1 + 1);
+    // A flush of such a LUN is SYNCHRONIZE CACHE(16).
+    ch.run(IoRequest::no_data(IoOp::Flush, 0, 0, 5))
+        .result
+        .unwrap();
+    assert!(opcode_count(&t, 0x91) >= 1);
+}
+
+#[test]
+fn small_transfer_and_unmap_limits_are_obeyed() {
+    let lun = LunConfig {
+        limits: BlockLimitsConfig {
+            max_transfer_length: 16,
+            max_unmap_lba_count: 1000,
+            max_unmap_descriptor_count: 3,
+            max_write_same_length: 64,
+            ..Default::default()
+        },
+        ..ram_lun(64)
+    };
+    let (t, _d) = target(ScsiTargetConfig {
+        luns: BTreeMap::from([((0, 0), lun)]),
+        ..Default::default()
+    });
+    let reg = registry();
+    let b = attach(&reg, &t, 1).pop().unwrap();
+    let l = b.info().limits;
+    assert_eq!(l.max_rw_blocks, 16);
+    assert_eq!(l.max_unmap_blocks, 1000);
+    assert_eq!(l.max_write_zeroes_blocks, 64);
+    let mut ch = b.open_channel().unwrap();
+    let len = 1 << 20;
+    let data = pattern(len, 5);
+    ch.run(IoRequest::write(
+        11,
+        (len / 512) as u64,
+        IoBuf::Heap(data.clone()),
+        1,
+    ))
+    .result
+    .unwrap();
+    let c = ch.run(IoRequest::read(
+        11,
+        (len / 512) as u64,
+        IoBuf::Heap(vec![0; len]),
+        2,
+    ));
+    c.result.unwrap();
+    assert!(c.buf.unwrap().as_slice() == &data[..]);
+    // 5000 blocks of unmap: at least 5 UNMAP commands of <= 1000 blocks.
+    let unmaps_before = opcode_count(&t, 0x42);
+    ch.run(IoRequest::no_data(IoOp::Unmap, 20_000, 5000, 3))
+        .result
+        .unwrap();
+    assert_eq!(opcode_count(&t, 0x42) - unmaps_before, 5);
+    ch.run(IoRequest::no_data(IoOp::WriteZeroes, 11, 300, 4))
+        .result
+        .unwrap();
+    let c = ch.run(IoRequest::read(11, 300, IoBuf::Heap(vec![1; 300 * 512]), 5));
+    assert!(c.buf.unwrap().as_slice().iter().all(|&x| x == 0));
+    let s = t.stats();
+    assert_eq!(s.transfer_limit_rejected, 0, "{s:?}");
+    assert_eq!(s.unmap_limit_rejected, 0, "{s:?}");
+    assert_eq!(s.write_same_limit_rejected, 0, "{s:?}");
+    assert!(
+        s.unmap_descriptor_histogram.keys().all(|&d| d <= 3),
+        "{s:?}"
+    );
+    assert!(s.max_data_bytes <= 16 * 512, "{s:?}");
+}
+
+#[test]
+fn unmap_of_10_tib_is_split_into_valid_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let tib: u64 = 1 << 40;
+    let blocks = 11 * tib / 512;
+    let lun = |max_desc: u32| LunConfig {
+        backend: Backing::File {
+            path: dir.path().join(format!("huge{max_desc}.img")),
+            size_bytes: Some(blocks * 512),
+        },
+        limits: BlockLimitsConfig {
+            max_unmap_descriptor_count: max_desc,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (t, _d) = target(ScsiTargetConfig {
+        luns: BTreeMap::from([((0, 0), lun(u32::MAX)), ((0, 1), lun(4))]),
+        ..Default::default()
+    });
+    let reg = registry();
+    let bdevs = attach(&reg, &t, 1);
+    let n = 10 * tib / 512; // 10 x 2^31 = 21,474,836,480 blocks
+    let per_desc = u32::MAX as u64;
+    let descs = n.div_ceil(per_desc); // 6 descriptors of <= 2^32-1 blocks
+    assert_eq!(descs, 6);
+    // Unlimited descriptors: one UNMAP with every descriptor.
+    // (The scan's zero-length UNMAP probe counts as one command of each LUN.)
+    let probe = t.lun_stats(0, 0).unwrap().unmaps;
+    let b0 = bdevs.iter().find(|b| b.name() == "St0").unwrap();
+    let mut ch = b0.open_channel().unwrap();
+    ch.run(IoRequest::no_data(IoOp::Unmap, 0, n, 1))
+        .result
+        .unwrap();
+    drop(ch);
+    let s = t.lun_stats(0, 0).unwrap();
+    assert_eq!(s.unmaps - probe, 1);
+    assert_eq!(s.blocks_unmapped, n);
+    assert_eq!(
+        t.stats().unmap_descriptor_histogram.get(&(descs as usize)),
+        Some(&1)
+    );
+    // At most 4 descriptors per command: ceil(descs / 4) commands.
+    let probe = t.lun_stats(0, 1).unwrap().unmaps;
+    let b1 = bdevs.iter().find(|b| b.name() == "St0l1").unwrap();
+    let mut ch = b1.open_channel().unwrap();
+    ch.run(IoRequest::no_data(IoOp::Unmap, 0, n, 2))
+        .result
+        .unwrap();
+    let s = t.lun_stats(0, 1).unwrap();
+    assert_eq!(s.unmaps - probe, descs.div_ceil(4));
+    assert_eq!(s.blocks_unmapped, n);
+    assert!(t
+        .stats()
+        .unmap_descriptor_histogram
+        .keys()
+        .all(|&d| d <= 4095));
+    assert_eq!(t.stats().unmap_limit_rejected, 0);
+}
+
+#[test]
+fn unit_attention_and_not_ready_at_start_are_handled() {
+    let lun = LunConfig {
+        not_ready_tur_count: 3,
+        start_required: true,
+        ..ram_lun(8)
+    };
+    let (t, _d) = target(ScsiTargetConfig {
+        luns: BTreeMap::from([((0, 0), lun)]),
+        power_on_unit_attention: true,
+        ..Default::default()
+    });
+    let reg = registry();
+    let b = attach(&reg, &t, 1).pop().unwrap();
+    let mut ch = b.open_channel().unwrap();
+    ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1))
+        .result
+        .unwrap();
+    let s = t.stats();
+    assert!(s.unit_attentions >= 1, "{s:?}");
+    assert!(opcode_count(&t, 0x1b) >= 1, "START STOP UNIT was sent");
+}
+
+#[test]
+fn device_errors_are_typed_and_retries_are_bounded() {
+    let (t, _d) = target(ScsiTargetConfig::default());
+    let reg = registry();
+    let b = attach(&reg, &t, 1).pop().unwrap();
+    let mut ch = b.open_channel().unwrap();
+    // MEDIUM ERROR: not retried, typed with sense.
+    t.scsi_faults().set_failure(ScsiFailure::MEDIUM_ERROR);
+    t.faults().fail_next(1);
+    let c = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1));
+    assert_eq!(
+        c.result,
+        Err(IoError::Sense {
+            key: 3,
+            asc: 0x11,
+            ascq: 0
+        })
+    );
+    // BUSY twice: retried, succeeds.
+    t.scsi_faults().set_failure(ScsiFailure::BUSY);
+    t.faults().fail_next(2);
+    ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2))
+        .result
+        .unwrap();
+    // BUSY forever: gives up with a clear error, no hang.
+    t.faults().fail_next(1000);
+    let c = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 3));
+    match c.result {
+        Err(IoError::Scsi(m)) => assert!(m.contains("retries"), "{m}"),
+        r => panic!("{r:?}"),
+    }
+    t.faults().clear();
+    ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 4))
+        .result
+        .unwrap();
+}
+
+#[test]
+fn lun_reset_answered_and_unanswered() {
+    let (t, _d) = target(ScsiTargetConfig::default());
+    let reg = registry();
+    let b = attach(&reg, &t, 1).pop().unwrap();
+    b.reset(Duration::from_secs(5)).unwrap();
+    t.scsi_faults().set_tmf_never_answer(true);
+    let start = Instant::now();
+    let e = b.reset(Duration::from_millis(300)).unwrap_err();
+    assert!(matches!(e, IoError::Timeout(_)), "{e}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // I/O still works after a lost TMF.
+    let mut ch = b.open_channel().unwrap();
+    ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1))
+        .result
+        .unwrap();
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn luns_hot_added_and_removed_while_io_runs_on_another() {
+    let (t, _d) = target(ScsiTargetConfig {
+        num_request_queues: 2,
+        ..Default::default()
+    });
+    let reg = std::sync::Arc::new(registry());
+    let b0 = attach(&reg, &t, 2).pop().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // I/O on LUN 0 from another thread for the whole test.
+    let io = {
+        let b0 = b0.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut ch = b0.open_channel().unwrap();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let c = ch.run(IoRequest::write(
+                    n % 1000,
+                    1,
+                    IoBuf::Heap(vec![n as u8; 512]),
+                    n,
+                ));
+                c.result.unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    t.add_lun(0, 1, ram_lun(8)).unwrap();
+    wait_for("the hot-added LUN", || reg.bdev("St0l1").is_some());
+    let b1 = reg.bdev("St0l1").unwrap();
+    {
+        let mut ch = b1.open_channel().unwrap();
+        ch.run(IoRequest::write(0, 8, IoBuf::Heap(pattern(4096, 3)), 1))
+            .result
+            .unwrap();
+        let c = ch.run(IoRequest::read(0, 8, IoBuf::Heap(vec![0; 4096]), 2));
+        assert_eq!(c.buf.unwrap().as_slice(), &pattern(4096, 3)[..]);
+    }
+    t.remove_lun(0, 1).unwrap();
+    wait_for("the hot-removed LUN", || reg.bdev("St0l1").is_none());
+    assert!(b1.is_removed());
+    let mut ch = b1.open_channel().unwrap();
+    let c = ch.run(IoRequest::read(0, 8, IoBuf::Heap(vec![0; 4096]), 3));
+    assert!(
+        matches!(c.result, Err(IoError::Removed(_))),
+        "{:?}",
+        c.result
+    );
+    drop(ch);
+    // Capacity change.
+    t.resize_lun(0, 0, 128 << 20).unwrap();
+    wait_for("the new capacity", || b0.num_blocks() == (128 << 20) / 512);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let n = io.join().unwrap();
+    assert!(n > 10, "I/O kept running ({n} writes)");
+}
+
+#[test]
+fn cli_target_scsi_and_perf_verify_unmap() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("t.sock");
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _target = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_vireo"))
+            .args([
+                "target",
+                "--type",
+                "scsi",
+                "--targets",
+                "2",
+                "--luns",
+                "2",
+                "--size",
+                "64m",
+                "--max-transfer",
+                "64",
+                "-s",
+            ])
+            .arg(&sock)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the target socket", || sock.exists());
+    let conf = dir.path().join("c.json");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"{{"subsystems":[{{"subsystem":"bdev","config":[{{"method":"bdev_virtio_attach_controller","params":{{"name":"VirtioScsi0","trtype":"user","traddr":"{}","dev_type":"scsi"}}}}]}}]}}"#,
+            sock.display()
+        ),
+    )
+    .unwrap();
+    for w in ["verify", "unmap"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vireo"))
+            .args(["perf", "-c"])
+            .arg(&conf)
+            .args(["-w", w, "-o", "64k", "-q", "16", "-t", "1", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{w}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            j["jobs"].as_array().unwrap().len(),
+            4,
+            "{w}: all four LUNs on one queue"
+        );
+        assert_eq!(j["total"]["errors"], 0, "{w}");
+        assert_eq!(j["total"]["verify_failures"], 0, "{w}");
+    }
+}
