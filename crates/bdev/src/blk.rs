@@ -1,6 +1,6 @@
 //! virtio-blk driver (virtio 1.2 section 5.2).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use vireo_virtio::{
 
 use crate::bdev::{Bdev, BdevDriver, BdevInfo, ChannelDriver, Child, ChildDone, Limits, OpSupport};
 use crate::error::{BdevError, IoError};
+use crate::health::Health;
 use crate::io::IoOp;
 
 const T_IN: u32 = 0;
@@ -116,24 +117,13 @@ struct Shared {
     range_sectors_wz: u64,
     slot_stride: usize,
     mem: Arc<DmaMemory>,
-    broken: Arc<AtomicBool>,
-    failed: AtomicBool,
-    failure: Mutex<Option<String>>,
+    health: Health,
     queues: Mutex<Vec<SplitQueue>>,
     total_queues: usize,
     channels_open: AtomicU64,
 }
 
-impl Shared {
-    fn fail(&self, why: &str) {
-        self.failed.store(true, Ordering::Release);
-        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
-        if f.is_none() {
-            tracing::error!(controller = %self.name, "controller failed: {why}");
-            *f = Some(why.to_string());
-        }
-    }
-}
+impl Shared {}
 
 /// An attached virtio-blk controller; serves one bdev.
 pub struct BlkController {
@@ -158,7 +148,7 @@ struct Driver(Arc<Shared>);
 
 impl BdevDriver for Driver {
     fn open_channel(&self) -> Result<Box<dyn ChannelDriver>, BdevError> {
-        if self.0.failed.load(Ordering::Acquire) {
+        if self.0.health.is_failed() {
             return Err(BdevError::Failed(self.0.name.clone()));
         }
         let q = self
@@ -334,9 +324,7 @@ impl BlkController {
             range_sectors_wz: wz_sectors,
             slot_stride,
             mem: mem.clone(),
-            broken: transport.broken_flag(),
-            failed: AtomicBool::new(false),
-            failure: Mutex::new(None),
+            health: Health::new(name, transport.broken_flag()),
             queues: Mutex::new(queues),
             total_queues: params.vq_count as usize,
             channels_open: AtomicU64::new(0),
@@ -433,14 +421,7 @@ impl BlkController {
 
     /// Why the controller failed, if it did.
     pub fn failure(&self) -> Option<String> {
-        if self.shared.broken.load(Ordering::Relaxed) {
-            return Some("the back-end closed the connection".into());
-        }
-        self.shared
-            .failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.shared.health.failure()
     }
 
     /// Channels currently open on this controller.
@@ -544,7 +525,7 @@ impl BlkChannel {
             return;
         }
         if !matches!(e, IoError::Disconnected) {
-            self.shared.fail(&e.to_string());
+            self.shared.health.fail(&e.to_string());
             // A lying device may still write into our rings and buffers.
             self.leak = true;
         }
@@ -603,7 +584,7 @@ impl BlkChannel {
                 return Err(e);
             }
             if got.is_none() {
-                if self.shared.broken.load(Ordering::Relaxed) {
+                if self.shared.health.is_broken() {
                     self.fail_all(IoError::Disconnected);
                     return Err(IoError::Disconnected);
                 }
@@ -762,7 +743,7 @@ impl ChannelDriver for BlkChannel {
             self.idle_polls = self.idle_polls.wrapping_add(1);
             if self.idle_polls.is_multiple_of(256)
                 && q.in_flight() > 0
-                && self.shared.broken.load(Ordering::Relaxed)
+                && self.shared.health.is_broken()
             {
                 self.fail_all(IoError::Disconnected);
                 out.append(&mut self.dead);

@@ -6,6 +6,7 @@ pub mod bdev;
 pub mod blk;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod io;
 pub mod registry;
 pub mod scsi;

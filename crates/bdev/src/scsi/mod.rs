@@ -30,6 +30,7 @@ use crate::bdev::{
     Bdev, BdevDriver, BdevInfo, ChannelDriver, Child, ChildDone, Limits, OpSupport, ScsiAddress,
 };
 use crate::error::{BdevError, IoError};
+use crate::health::Health;
 use crate::io::IoOp;
 use queue::{Geometry, ScsiQueue};
 pub use scan::LunInfo;
@@ -74,9 +75,7 @@ struct Shared {
     name: String,
     geo: Geometry,
     mem: Arc<DmaMemory>,
-    broken: Arc<AtomicBool>,
-    failed: AtomicBool,
-    failure: Mutex<Option<String>>,
+    health: Health,
     queues: Mutex<Vec<SplitQueue>>,
     total_queues: usize,
     max_segments: usize,
@@ -87,15 +86,6 @@ struct Shared {
 }
 
 impl Shared {
-    fn fail(&self, why: &str) {
-        self.failed.store(true, Ordering::Release);
-        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
-        if f.is_none() {
-            tracing::error!(controller = %self.name, "controller failed: {why}");
-            *f = Some(why.to_string());
-        }
-    }
-
     fn take_queue(&self) -> Option<SplitQueue> {
         self.queues.lock().unwrap_or_else(|e| e.into_inner()).pop()
     }
@@ -243,24 +233,12 @@ impl ScsiController {
             Ok::<SplitQueue, BdevError>(q)
         };
         let small = vq_size.min(64);
-        let control_q = mk(
-            &mut transport,
-            0,
-            small,
-            QueueOptions {
-                event_idx: opts.event_idx,
-                indirect_max: 0,
-            },
-        )?;
-        let mut event_q = mk(
-            &mut transport,
-            1,
-            small,
-            QueueOptions {
-                event_idx: opts.event_idx,
-                indirect_max: 0,
-            },
-        )?;
+        let plain = QueueOptions {
+            event_idx: opts.event_idx,
+            indirect_max: 0,
+        };
+        let control_q = mk(&mut transport, 0, small, plain)?;
+        let mut event_q = mk(&mut transport, 1, small, plain)?;
         let mut queues = Vec::new();
         for i in 0..params.vq_count {
             queues.push(mk(&mut transport, 2 + i, vq_size, opts)?);
@@ -289,9 +267,7 @@ impl ScsiController {
             name: name.to_string(),
             geo,
             mem: mem.clone(),
-            broken: transport.broken_flag(),
-            failed: AtomicBool::new(false),
-            failure: Mutex::new(None),
+            health: Health::new(name, transport.broken_flag()),
             queues: Mutex::new(queues),
             total_queues: params.vq_count as usize,
             max_segments,
@@ -318,7 +294,7 @@ impl ScsiController {
             let mut scanner = Scanner {
                 q: &mut sq,
                 mem: &mem,
-                broken: &shared.broken,
+                broken: shared.health.broken_flag(),
             };
             let r = scan_all(&mut scanner, max_target, name);
             match r {
@@ -412,14 +388,7 @@ impl ScsiController {
 
     /// Why the controller failed, if it did.
     pub fn failure(&self) -> Option<String> {
-        if self.shared.broken.load(Ordering::Relaxed) {
-            return Some("the back-end closed the connection".into());
-        }
-        self.shared
-            .failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.shared.health.failure()
     }
 
     /// Stop the device. Fails while channels are open.
@@ -603,7 +572,7 @@ struct LunDriver {
 
 impl BdevDriver for LunDriver {
     fn open_channel(&self) -> Result<Box<dyn ChannelDriver>, BdevError> {
-        if self.shared.failed.load(Ordering::Acquire) {
+        if self.shared.health.is_failed() {
             return Err(BdevError::Failed(self.shared.name.clone()));
         }
         let tq = thread_queue(&self.shared, &self.name)?;
@@ -668,7 +637,7 @@ fn lun_reset(shared: &Shared, lun: &[u8; 8], timeout: Duration) -> Result<(), Io
                 ))),
             };
         }
-        if shared.broken.load(Ordering::Relaxed) {
+        if shared.health.is_broken() {
             return Err(IoError::Disconnected);
         }
         if start.elapsed() > timeout {
@@ -740,7 +709,7 @@ impl ThreadQueue {
             return;
         }
         if !matches!(e, IoError::Disconnected) {
-            self.shared.fail(&e.to_string());
+            self.shared.health.fail(&e.to_string());
             self.leak = true;
         }
         let taken: Vec<(u32, Child)> = self
@@ -989,7 +958,7 @@ impl ThreadQueue {
             self.idle_polls = self.idle_polls.wrapping_add(1);
             if self.idle_polls.is_multiple_of(256)
                 && sq.q.in_flight() > 0
-                && self.shared.broken.load(Ordering::Relaxed)
+                && self.shared.health.is_broken()
             {
                 self.fail_all(IoError::Disconnected);
             }
@@ -1217,12 +1186,12 @@ struct EventCtx {
 /// Poll the event queue; apply hot-plug and parameter-change events.
 fn event_loop(ctx: EventCtx, mut q: SplitQueue) {
     while !ctx.stop.load(Ordering::Acquire) {
-        if ctx.shared.broken.load(Ordering::Relaxed) || ctx.shared.failed.load(Ordering::Relaxed) {
+        if ctx.shared.health.is_broken() || ctx.shared.health.is_failed() {
             break;
         }
         let mut got = Vec::new();
         if let Err(e) = q.poll(|u| got.push(u)) {
-            ctx.shared.fail(&format!("event queue: {e}"));
+            ctx.shared.health.fail(&format!("event queue: {e}"));
             break;
         }
         for u in got {
@@ -1292,7 +1261,7 @@ fn with_scanner<R>(ctx: &EventCtx, f: impl FnOnce(&mut Scanner<'_>) -> R) -> Opt
         let mut s = Scanner {
             q: &mut sq,
             mem: &ctx.shared.mem,
-            broken: &ctx.shared.broken,
+            broken: ctx.shared.health.broken_flag(),
         };
         f(&mut s)
     };
