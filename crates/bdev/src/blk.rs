@@ -123,8 +123,6 @@ struct Shared {
     channels_open: AtomicU64,
 }
 
-impl Shared {}
-
 /// An attached virtio-blk controller; serves one bdev.
 pub struct BlkController {
     transport: Mutex<Box<dyn Transport>>,
