@@ -484,3 +484,29 @@ fn cli_target_scsi_and_perf_verify_unmap() {
         assert_eq!(j["total"]["verify_failures"], 0, "{w}");
     }
 }
+
+#[test]
+fn a_burst_of_hot_adds_beyond_the_event_buffers_is_caught_by_a_rescan() {
+    let (t, _d) = target(ScsiTargetConfig {
+        num_request_queues: 1,
+        ..Default::default()
+    });
+    let reg = registry();
+    attach(&reg, &t, 1);
+    // More LUNs at once than the driver keeps event buffers (16): some events are
+    // dropped and the device reports EVENTS_MISSED, which triggers a full rescan.
+    for l in 1..=40u16 {
+        t.add_lun(0, l, ram_lun(1)).unwrap();
+    }
+    wait_for("every hot-added LUN", || reg.bdevs().len() == 41);
+    let s = t.stats();
+    assert!(s.events_sent >= 1, "{s:?}");
+    eprintln!("events sent {} dropped {}", s.events_sent, s.events_dropped);
+    for l in [1u16, 17, 40] {
+        let b = reg.bdev(&format!("St0l{l}")).unwrap();
+        let mut ch = b.open_channel().unwrap();
+        ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1))
+            .result
+            .unwrap();
+    }
+}
