@@ -121,6 +121,9 @@ struct PerfArgs {
     /// Read percentage of rw and randrw.
     #[arg(short = 'M', long = "rwmixread", default_value_t = 50)]
     read_percent: u32,
+    /// Seconds without any completion after which outstanding I/O counts as failed.
+    #[arg(long, default_value_t = 30.0)]
+    io_timeout: f64,
     /// Seed for verify stamps and random offsets (default: time-based).
     #[arg(long)]
     seed: Option<u64>,
@@ -356,6 +359,10 @@ fn cmd_perf(a: PerfArgs) -> Result<bool> {
         read_percent: a.read_percent,
         seed,
         progress: !a.json && perf::stderr_is_terminal(),
+        io_timeout: std::time::Duration::try_from_secs_f64(a.io_timeout)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .context("--io-timeout must be a positive number of seconds")?,
     };
     let rep = perf::run(&selected, &opts)?;
     if a.json {

@@ -64,6 +64,8 @@ pub struct PerfOptions {
     pub seed: u64,
     /// Print a progress line each second.
     pub progress: bool,
+    /// Give up on I/O that makes no progress for this long.
+    pub io_timeout: Duration,
 }
 
 /// Latency summary in microseconds.
@@ -243,6 +245,8 @@ struct Job<'o> {
     slots: Vec<Slot>,
     in_flight: usize,
     stopping: bool,
+    last_progress: Instant,
+    idle_polls: u32,
     done: Vec<Completion>,
     hist: Histogram<u64>,
     res: JobResult,
@@ -290,6 +294,8 @@ impl<'o> Job<'o> {
             slots,
             in_flight: 0,
             stopping: false,
+            last_progress: Instant::now(),
+            idle_polls: 0,
             done: Vec::with_capacity(o.queue_depth),
             hist: Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("bounds"),
             res: JobResult {
@@ -400,6 +406,26 @@ impl<'o> Job<'o> {
         }
         let mut done = std::mem::take(&mut self.done);
         self.ch.poll(&mut done);
+        if done.is_empty() {
+            // A device that stops answering must not hang the run (the clock is read
+            // once every 1024 idle polls).
+            self.idle_polls = self.idle_polls.wrapping_add(1);
+            if self.idle_polls.is_multiple_of(1024)
+                && self.last_progress.elapsed() >= self.o.io_timeout
+            {
+                let n = self.in_flight;
+                self.error(format!(
+                    "{n} I/Os did not complete within {} s; giving up on them",
+                    self.o.io_timeout.as_secs_f64()
+                ));
+                self.res.errors += n as u64 - 1;
+                self.in_flight = 0;
+                self.done = done;
+                return false;
+            }
+        } else {
+            self.last_progress = Instant::now();
+        }
         if !self.stopping
             && !done.is_empty()
             && (Instant::now() >= deadline || stop.load(Ordering::Relaxed))

@@ -220,3 +220,61 @@ fn perf_exit_status_is_nonzero_on_io_errors() {
         .unwrap()
         .contains("read-only"));
 }
+
+#[test]
+fn perf_gives_up_on_a_device_that_stops_answering() {
+    // The embedded target cannot be told to stall, so use the in-tree target with a
+    // long completion delay and a short --io-timeout.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("slow.sock");
+    let t = vireo_target::spawn_blk_target(
+        &sock,
+        vireo_target::BlkTargetConfig {
+            backend: vireo_target::Backing::Ram {
+                size_bytes: 16 << 20,
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    t.faults()
+        .set_completion_delay(std::time::Duration::from_secs(3));
+    let conf = config(dir.path(), &sock, "");
+    let start = std::time::Instant::now();
+    let out = vireo()
+        .args([
+            "perf",
+            "-w",
+            "read",
+            "-q",
+            "4",
+            "-t",
+            "0.2",
+            "--io-timeout",
+            "0.5",
+            "--json",
+            "-c",
+        ])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(20),
+        "no hang"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["total"]["first_error"]
+            .as_str()
+            .unwrap()
+            .contains("did not complete"),
+        "{v}"
+    );
+    t.faults().clear();
+}
