@@ -510,3 +510,20 @@ fn a_burst_of_hot_adds_beyond_the_event_buffers_is_caught_by_a_rescan() {
             .unwrap();
     }
 }
+
+#[test]
+fn hot_add_waits_for_a_free_queue_when_channels_hold_them_all() {
+    let (t, _d) = target(ScsiTargetConfig {
+        num_request_queues: 1,
+        ..Default::default()
+    });
+    let reg = registry();
+    let b0 = attach(&reg, &t, 1).pop().unwrap();
+    let ch = b0.open_channel().unwrap();
+    t.add_lun(0, 5, ram_lun(4)).unwrap();
+    // The only request queue is held by `ch`: the scan of the new LUN waits.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(reg.bdev("St0l5").is_none());
+    drop(ch);
+    wait_for("the deferred hot-add", || reg.bdev("St0l5").is_some());
+}

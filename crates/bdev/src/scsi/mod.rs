@@ -1185,6 +1185,7 @@ struct EventCtx {
 
 /// Poll the event queue; apply hot-plug and parameter-change events.
 fn event_loop(ctx: EventCtx, mut q: SplitQueue) {
+    let mut deferred: Vec<wire::Event> = Vec::new();
     while !ctx.stop.load(Ordering::Acquire) {
         if ctx.shared.health.is_broken() || ctx.shared.health.is_failed() {
             break;
@@ -1194,12 +1195,18 @@ fn event_loop(ctx: EventCtx, mut q: SplitQueue) {
             ctx.shared.health.fail(&format!("event queue: {e}"));
             break;
         }
+        // Events that needed a request queue while every queue was held by a channel
+        // are tried again until one is free.
+        deferred.retain(|ev| !handle_event(&ctx, *ev));
         for u in got {
             let i = u.token as usize;
             let off = i * ctx.ev_size;
             let ev = wire::Event::parse(&ctx.ev_buf.as_slice()[off..off + ctx.ev_size]);
             if let Some(ev) = ev {
-                handle_event(&ctx, ev);
+                if !handle_event(&ctx, ev) {
+                    tracing::info!(controller = %ctx.shared.name, "every request queue is held by a channel; the event waits for a free one");
+                    deferred.push(ev);
+                }
             }
             // Give the buffer back to the device.
             let seg = Segment {
@@ -1216,47 +1223,38 @@ fn event_loop(ctx: EventCtx, mut q: SplitQueue) {
     std::mem::forget(ctx.ev_buf);
 }
 
-/// A request queue for control-path commands: wait for one to be free.
-fn borrow_queue(shared: &Shared, stop: &AtomicBool) -> Option<ScsiQueue> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-        if let Some(q) = shared.take_queue() {
-            return ScsiQueue::new(&shared.mem, q, shared.geo).ok();
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    tracing::warn!(controller = %shared.name, "no free request queue to rescan with (all are held by I/O channels)");
-    None
+/// A free request queue for control-path commands, if there is one now.
+fn borrow_queue(shared: &Shared) -> Option<ScsiQueue> {
+    let q = shared.take_queue()?;
+    ScsiQueue::new(&shared.mem, q, shared.geo).ok()
 }
 
-fn handle_event(ctx: &EventCtx, ev: wire::Event) {
+/// Apply one event; `false` when it needs a request queue and none is free.
+fn handle_event(ctx: &EventCtx, ev: wire::Event) -> bool {
     use wire::event::*;
     let missed = ev.event & EVENTS_MISSED != 0;
     let code = ev.event & !EVENTS_MISSED;
     tracing::info!(controller = %ctx.shared.name, event = code, reason = ev.reason, missed, lun = ?ev.address(), "virtio-scsi event");
-    if missed {
-        rescan_all(ctx);
+    if missed && !rescan_all(ctx) {
+        return false;
     }
-    match code {
-        TRANSPORT_RESET => {
-            let Some((t, l)) = ev.address() else { return };
-            match ev.reason {
-                REASON_REMOVED => remove_lun(ctx, t, l),
-                REASON_RESCAN => add_lun(ctx, t, l),
-                _ => {}
-            }
+    let Some((t, l)) = ev.address() else {
+        return true;
+    };
+    match (code, ev.reason) {
+        (TRANSPORT_RESET, REASON_REMOVED) => {
+            remove_lun(ctx, t, l);
+            true
         }
-        PARAM_CHANGE => {
-            let Some((t, l)) = ev.address() else { return };
-            // Capacity data changed (2A/09) or anything else: re-read capacity.
-            refresh_capacity(ctx, t, l);
-        }
-        _ => {}
+        (TRANSPORT_RESET, REASON_RESCAN) => add_lun(ctx, t, l),
+        // Capacity data changed (2A/09) or anything else: re-read capacity.
+        (PARAM_CHANGE, _) => refresh_capacity(ctx, t, l),
+        _ => true,
     }
 }
 
 fn with_scanner<R>(ctx: &EventCtx, f: impl FnOnce(&mut Scanner<'_>) -> R) -> Option<R> {
-    let mut sq = borrow_queue(&ctx.shared, &ctx.stop)?;
+    let mut sq = borrow_queue(&ctx.shared)?;
     let r = {
         let mut s = Scanner {
             q: &mut sq,
@@ -1273,15 +1271,15 @@ fn with_scanner<R>(ctx: &EventCtx, f: impl FnOnce(&mut Scanner<'_>) -> R) -> Opt
     Some(r)
 }
 
-fn add_lun(ctx: &EventCtx, t: u8, l: u16) {
+fn add_lun(ctx: &EventCtx, t: u8, l: u16) -> bool {
     if lock(&ctx.luns)
         .iter()
         .any(|e| e.info.target == t && e.info.lun == l)
     {
-        return;
+        return true;
     }
     let Some(r) = with_scanner(ctx, |s| s.lun(t, l)) else {
-        return;
+        return false;
     };
     match r {
         Ok(Some(info)) if info.device_type == 0 => {
@@ -1294,6 +1292,7 @@ fn add_lun(ctx: &EventCtx, t: u8, l: u16) {
             tracing::warn!(controller = %ctx.shared.name, target = t, lun = l, "hot-added LUN not usable: {e}")
         }
     }
+    true
 }
 
 fn remove_lun(ctx: &EventCtx, t: u8, l: u16) {
@@ -1308,9 +1307,12 @@ fn remove_lun(ctx: &EventCtx, t: u8, l: u16) {
     }
 }
 
-fn refresh_capacity(ctx: &EventCtx, t: u8, l: u16) {
-    let Some(Ok(Some(info))) = with_scanner(ctx, |s| s.lun(t, l)) else {
-        return;
+fn refresh_capacity(ctx: &EventCtx, t: u8, l: u16) -> bool {
+    let Some(r) = with_scanner(ctx, |s| s.lun(t, l)) else {
+        return false;
+    };
+    let Ok(Some(info)) = r else {
+        return true;
     };
     let luns = lock(&ctx.luns);
     if let Some(e) = luns.iter().find(|e| e.info.target == t && e.info.lun == l) {
@@ -1318,14 +1320,15 @@ fn refresh_capacity(ctx: &EventCtx, t: u8, l: u16) {
         e.bdev.set_num_blocks(info.num_blocks);
         tracing::info!(bdev = %e.bdev.name(), blocks = info.num_blocks, "capacity changed");
     }
+    true
 }
 
-fn rescan_all(ctx: &EventCtx) {
+fn rescan_all(ctx: &EventCtx) -> bool {
     let name = ctx.shared.name.clone();
     let Some(r) = with_scanner(ctx, |s| scan_all(s, ctx.max_target, &name)) else {
-        return;
+        return false;
     };
-    let Ok(found) = r else { return };
+    let Ok(found) = r else { return true };
     let mut luns = lock(&ctx.luns);
     luns.retain(|e| {
         let keep = found
@@ -1346,4 +1349,5 @@ fn rescan_all(ctx: &EventCtx) {
         }
         luns.push(make_lun(&ctx.shared, info, &ctx.params, ctx.vq_size));
     }
+    true
 }
