@@ -1,6 +1,7 @@
 //! `vireo`: a userspace, polled-mode virtio storage initiator.
 
 mod perf;
+mod rpc;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,6 +48,32 @@ enum Cmd {
     Perf(PerfArgs),
     /// Serve the in-tree vhost-user test target until interrupted.
     Target(TargetArgs),
+    /// Attach a config's controllers and serve SPDK-compatible JSON-RPC until
+    /// SIGINT/SIGTERM.
+    Serve(ServeArgs),
+    /// Send one JSON-RPC request to `vireo serve` and print the result.
+    Rpc(RpcArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// SPDK-style JSON configuration to attach at start (default: start empty).
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+    /// Unix socket to serve JSON-RPC on.
+    #[arg(short = 'r', long = "rpc-socket")]
+    socket: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct RpcArgs {
+    /// Unix socket of `vireo serve`.
+    #[arg(short = 'r', long = "rpc-socket")]
+    socket: PathBuf,
+    /// Method name (e.g. bdev_get_bdevs).
+    method: String,
+    /// Params as a JSON object.
+    params: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -545,6 +572,10 @@ fn main() {
         Cmd::Bdevs { config, json } => cmd_bdevs(config, json).map(|_| true),
         Cmd::Perf(a) => cmd_perf(a),
         Cmd::Target(a) => cmd_target(a).map(|_| true),
+        Cmd::Serve(a) => registry()
+            .and_then(|reg| rpc::cmd_serve(reg, a.config, a.socket))
+            .map(|_| true),
+        Cmd::Rpc(a) => rpc::cmd_rpc(&a.socket, &a.method, a.params.as_deref()),
     };
     match r {
         Ok(true) => {}

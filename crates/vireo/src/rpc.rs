@@ -1,0 +1,709 @@
+//! `vireo serve` and `vireo rpc`: SPDK-compatible JSON-RPC 2.0 on a unix socket.
+//!
+//! A request is one JSON object; requests may be newline-delimited or sent back to
+//! back. Each response is one JSON object followed by a newline. A client that sends
+//! bytes that are not JSON gets a parse error (-32700) and its connection is closed;
+//! the server carries on.
+
+use std::io::{BufReader, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Map, Value};
+use vireo_bdev::{AttachParams, Bdev, BdevError, ConfigCall, Registry};
+
+/// JSON-RPC 2.0 error codes (and the negative errno values SPDK uses).
+pub const PARSE_ERROR: i64 = -32700;
+/// The request is not a valid JSON-RPC 2.0 request object.
+pub const INVALID_REQUEST: i64 = -32600;
+/// No such method.
+pub const METHOD_NOT_FOUND: i64 = -32601;
+/// Bad params.
+pub const INVALID_PARAMS: i64 = -32602;
+/// Anything else.
+pub const INTERNAL_ERROR: i64 = -32603;
+/// -ENODEV, as SPDK answers for an unknown bdev.
+pub const ENODEV: i64 = -(libc::ENODEV as i64);
+/// -EEXIST: the name is taken.
+pub const EEXIST: i64 = -(libc::EEXIST as i64);
+
+/// The methods the server answers, as `rpc_get_methods` lists them.
+pub const METHODS: &[&str] = &[
+    "bdev_get_bdevs",
+    "bdev_get_iostat",
+    "bdev_virtio_attach_controller",
+    "bdev_virtio_blk_set_hotplug",
+    "bdev_virtio_detach_controller",
+    "bdev_virtio_scsi_get_devices",
+    "framework_get_config",
+    "rpc_get_methods",
+    "save_config",
+];
+
+/// A JSON-RPC error object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RpcError {
+    /// Error code.
+    pub code: i64,
+    /// Message.
+    pub message: String,
+    /// Details.
+    pub data: Option<Value>,
+}
+
+impl RpcError {
+    fn new(code: i64, message: impl Into<String>) -> RpcError {
+        RpcError {
+            code,
+            message: message.into(),
+            data: None,
+        }
+    }
+
+    fn params(message: impl Into<String>) -> RpcError {
+        RpcError::new(INVALID_PARAMS, message)
+    }
+
+    fn no_such_bdev(name: &str) -> RpcError {
+        RpcError {
+            code: ENODEV,
+            message: "No such device".into(),
+            data: Some(Value::String(format!("no bdev named {name}"))),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        let mut e = json!({"code": self.code, "message": self.message});
+        if let Some(d) = &self.data {
+            e["data"] = d.clone();
+        }
+        e
+    }
+}
+
+impl From<BdevError> for RpcError {
+    fn from(e: BdevError) -> RpcError {
+        let code = match &e {
+            BdevError::Config(_) => INVALID_PARAMS,
+            BdevError::NotFound(_) => ENODEV,
+            BdevError::NameTaken(_) => EEXIST,
+            _ => INTERNAL_ERROR,
+        };
+        RpcError::new(code, e.to_string())
+    }
+}
+
+type RpcResult = std::result::Result<Value, RpcError>;
+
+/// The `params` of `method` as an object (absent or null: empty), refusing keys not in
+/// `allowed`.
+fn params_obj<'a>(
+    method: &str,
+    params: &'a Value,
+    allowed: &[&str],
+) -> std::result::Result<std::borrow::Cow<'a, Map<String, Value>>, RpcError> {
+    let p = match params {
+        Value::Null => return Ok(std::borrow::Cow::Owned(Map::new())),
+        Value::Object(m) => m,
+        _ => {
+            return Err(RpcError::params(format!(
+                "{method}: \"params\" must be an object"
+            )))
+        }
+    };
+    for k in p.keys() {
+        if !allowed.contains(&k.as_str()) {
+            return Err(RpcError::params(if allowed.is_empty() {
+                format!("{method}: unknown parameter \"{k}\" ({method} takes no parameters)")
+            } else {
+                format!(
+                    "{method}: unknown parameter \"{k}\" (allowed: {})",
+                    allowed.join(", ")
+                )
+            }));
+        }
+    }
+    Ok(std::borrow::Cow::Borrowed(p))
+}
+
+fn opt_str(
+    method: &str,
+    p: &Map<String, Value>,
+    key: &str,
+) -> std::result::Result<Option<String>, RpcError> {
+    match p.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(v) => Err(RpcError::params(format!(
+            "{method}: \"{key}\" must be a string, got {v}"
+        ))),
+    }
+}
+
+fn req_str(
+    method: &str,
+    p: &Map<String, Value>,
+    key: &str,
+) -> std::result::Result<String, RpcError> {
+    opt_str(method, p, key)?
+        .ok_or_else(|| RpcError::params(format!("{method}: \"{key}\" is required")))
+}
+
+/// Answer one call.
+pub fn dispatch(reg: &Registry, method: &str, params: &Value) -> RpcResult {
+    match method {
+        "rpc_get_methods" => {
+            params_obj(method, params, &["current", "include_aliases"])?;
+            Ok(json!(METHODS))
+        }
+        "bdev_virtio_attach_controller" => {
+            let empty = Value::Object(Map::new());
+            let p = if params.is_null() { &empty } else { params };
+            let a = AttachParams::from_json(p).map_err(|e| RpcError::params(e.to_string()))?;
+            let bdevs = reg.attach(&a)?;
+            Ok(json!(bdevs.iter().map(|b| b.name()).collect::<Vec<_>>()))
+        }
+        "bdev_virtio_detach_controller" => {
+            let p = params_obj(method, params, &["name"])?;
+            let name = req_str(method, &p, "name")?;
+            reg.detach(&name)?;
+            Ok(Value::Bool(true))
+        }
+        "bdev_virtio_scsi_get_devices" => {
+            params_obj(method, params, &[])?;
+            Ok(Value::Array(
+                reg.controllers()
+                    .into_iter()
+                    .filter(|(a, _)| a.dev_type == vireo_bdev::DevType::Scsi)
+                    .map(|(a, failure)| {
+                        let mut d = json!({"name": a.name, "virtio": virtio_json(reg, &a)});
+                        if let Some(f) = failure {
+                            d["failed"] = Value::String(f);
+                        }
+                        d
+                    })
+                    .collect(),
+            ))
+        }
+        "bdev_virtio_blk_set_hotplug" => {
+            let p = params_obj(method, params, &["enable", "period_us"])?;
+            let enable = match p.get("enable") {
+                Some(Value::Bool(b)) => *b,
+                _ => {
+                    return Err(RpcError::params(format!(
+                        "{method}: \"enable\" (a boolean) is required"
+                    )))
+                }
+            };
+            let period_us = match p.get("period_us") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.as_u64().ok_or_else(|| {
+                    RpcError::params(format!(
+                        "{method}: \"period_us\" must be a non-negative integer, got {v}"
+                    ))
+                })?),
+            };
+            reg.apply(&[ConfigCall::BlkHotplug { enable, period_us }])?;
+            Ok(Value::Bool(true))
+        }
+        "bdev_get_bdevs" => {
+            let p = params_obj(method, params, &["name", "timeout"])?;
+            let bdevs = select(reg, opt_str(method, &p, "name")?)?;
+            Ok(Value::Array(
+                bdevs.iter().map(|b| bdev_json(reg, b)).collect(),
+            ))
+        }
+        "bdev_get_iostat" => {
+            let p = params_obj(method, params, &["name", "per_channel"])?;
+            if let Some(v) = p.get("per_channel") {
+                if v != &Value::Bool(false) && !v.is_null() {
+                    return Err(RpcError::params(format!(
+                        "{method}: \"per_channel\" is not supported"
+                    )));
+                }
+            }
+            let bdevs = select(reg, opt_str(method, &p, "name")?)?;
+            Ok(json!({
+                "tick_rate": 1_000_000_000u64,
+                "ticks": monotonic_ns(),
+                "bdevs": bdevs.iter().map(|b| iostat_json(b)).collect::<Vec<_>>(),
+            }))
+        }
+        "framework_get_config" => {
+            let p = params_obj(method, params, &["name"])?;
+            let name = req_str(method, &p, "name")?;
+            let cfg = reg.save_config();
+            cfg["subsystems"]
+                .as_array()
+                .and_then(|s| s.iter().find(|s| s["subsystem"] == name.as_str()))
+                .map(|s| s["config"].clone())
+                .ok_or_else(|| {
+                    RpcError::params(format!(
+                        "{method}: no subsystem named {name:?} (vireo has \"bdev\")"
+                    ))
+                })
+        }
+        "save_config" => {
+            params_obj(method, params, &[])?;
+            Ok(reg.save_config())
+        }
+        other => Err(RpcError::new(
+            METHOD_NOT_FOUND,
+            format!("Method not found: {other}"),
+        )),
+    }
+}
+
+fn select(reg: &Registry, name: Option<String>) -> std::result::Result<Vec<Arc<Bdev>>, RpcError> {
+    match name {
+        None => Ok(reg.bdevs()),
+        Some(n) => reg
+            .bdev(&n)
+            .map(|b| vec![b])
+            .ok_or_else(|| RpcError::no_such_bdev(&n)),
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// SPDK's `virtio` object of a controller: queues and transport.
+fn virtio_json(reg: &Registry, a: &AttachParams) -> Value {
+    // The queue size in use may be smaller than asked (a back-end that refused it).
+    let (vq_count, vq_size) = reg
+        .with_controller(&a.name, |c| {
+            c.bdevs()
+                .first()
+                .map(|b| {
+                    let i = b.info();
+                    (i.num_queues, i.queue_size)
+                })
+                .unwrap_or((a.vq_count, a.vq_size))
+        })
+        .unwrap_or((a.vq_count, a.vq_size));
+    let mut v = json!({"vq_count": vq_count, "vq_size": vq_size});
+    match a.trtype {
+        vireo_bdev::TrType::User => {
+            v["type"] = "user".into();
+            v["socket"] = a.traddr.clone().into();
+        }
+        vireo_bdev::TrType::Pci => {
+            v["type"] = "pci".into();
+            v["pci_address"] = a.traddr.clone().into();
+        }
+    }
+    v
+}
+
+fn bdev_json(reg: &Registry, b: &Bdev) -> Value {
+    let i = b.info();
+    let params = reg
+        .controllers()
+        .into_iter()
+        .find(|(a, _)| a.name == i.controller);
+    let mut virtio = match &params {
+        Some((a, _)) => virtio_json(reg, a),
+        None => json!({"vq_count": i.num_queues, "vq_size": i.queue_size}),
+    };
+    if let Some((_, Some(f))) = &params {
+        virtio["failed"] = f.clone().into();
+    }
+    let (product, driver_specific) = match i.scsi {
+        Some(addr) => {
+            let mut d = json!({
+                "controller": i.controller,
+                "target": addr.target,
+                "lun": addr.lun,
+                "virtio": virtio,
+            });
+            for (k, v) in [
+                ("vendor", &i.vendor),
+                ("product", &i.product),
+                ("serial", &i.serial),
+                ("device_id", &i.device_id),
+            ] {
+                if let Some(v) = v {
+                    d[k] = v.clone().into();
+                }
+            }
+            ("VirtioScsi Disk", json!({ "virtio_scsi": d }))
+        }
+        None => {
+            let mut d = json!({"controller": i.controller, "virtio": virtio});
+            if let Some(s) = &i.serial {
+                d["serial"] = s.clone().into();
+            }
+            ("VirtioBlk Disk", json!({ "virtio_blk": d }))
+        }
+    };
+    let l = i.limits;
+    json!({
+        "name": i.name,
+        "aliases": [],
+        "product_name": product,
+        "block_size": i.block_size,
+        "num_blocks": i.num_blocks,
+        "physical_block_size": l.physical_block_size,
+        "optimal_io_boundary": l.optimal_io_blocks,
+        "md_size": 0,
+        "claimed": false,
+        "zoned": false,
+        "read_only": i.read_only,
+        "supported_io_types": {
+            "read": i.ops.read,
+            "write": i.ops.write && !i.read_only,
+            "unmap": i.ops.unmap,
+            "write_zeroes": i.ops.write_zeroes,
+            "flush": i.ops.flush,
+            "reset": i.ops.reset,
+            "compare": false,
+            "compare_and_write": false,
+            "abort": false,
+            "nvme_admin": false,
+            "nvme_io": false,
+        },
+        "driver_specific": driver_specific,
+    })
+}
+
+fn iostat_json(b: &Bdev) -> Value {
+    let s = b.iostat();
+    json!({
+        "name": b.name(),
+        "bytes_read": s.bytes_read,
+        "num_read_ops": s.num_read_ops,
+        "bytes_written": s.bytes_written,
+        "num_write_ops": s.num_write_ops,
+        "bytes_unmapped": s.bytes_unmapped,
+        "num_unmap_ops": s.num_unmap_ops,
+        "read_latency_ticks": s.read_latency_ns,
+        "write_latency_ticks": s.write_latency_ns,
+        "unmap_latency_ticks": s.unmap_latency_ns,
+        "bytes_write_zeroes": s.bytes_write_zeroes,
+        "num_write_zeroes_ops": s.num_write_zeroes_ops,
+        "num_flush_ops": s.num_flush_ops,
+        "io_errors": s.io_errors,
+    })
+}
+
+/// The response to one request object, or None for a notification (no `id`).
+pub fn handle_request(reg: &Registry, req: &Value) -> Option<Value> {
+    let reply = |id: &Value, r: RpcResult| match r {
+        Ok(v) => json!({"jsonrpc": "2.0", "id": id, "result": v}),
+        Err(e) => json!({"jsonrpc": "2.0", "id": id, "error": e.to_json()}),
+    };
+    let invalid = |msg: &str| {
+        Some(reply(
+            &Value::Null,
+            Err(RpcError::new(
+                INVALID_REQUEST,
+                format!("Invalid request: {msg}"),
+            )),
+        ))
+    };
+    let Some(obj) = req.as_object() else {
+        return invalid("a request must be a JSON object");
+    };
+    let id = match obj.get("id") {
+        None => None,
+        Some(v @ (Value::Null | Value::String(_) | Value::Number(_))) => Some(v.clone()),
+        Some(_) => return invalid("\"id\" must be a string, a number or null"),
+    };
+    for k in obj.keys() {
+        if !["jsonrpc", "method", "params", "id"].contains(&k.as_str()) {
+            return invalid(&format!("unknown member \"{k}\""));
+        }
+    }
+    if obj.get("jsonrpc") != Some(&Value::String("2.0".into())) {
+        return invalid("\"jsonrpc\" must be \"2.0\"");
+    }
+    let Some(method) = obj.get("method").and_then(Value::as_str) else {
+        return invalid("\"method\" must be a string");
+    };
+    let params = obj.get("params").unwrap_or(&Value::Null);
+    let r = if params.is_array() {
+        Err(RpcError::params(format!(
+            "{method}: \"params\" must be an object"
+        )))
+    } else {
+        dispatch(reg, method, params)
+    };
+    if let Err(e) = &r {
+        tracing::info!(method, code = e.code, "rpc error: {}", e.message);
+    }
+    id.map(|id| reply(&id, r))
+}
+
+/// Serve one client until it hangs up or sends something that is not JSON.
+fn serve_client(reg: &Registry, stream: UnixStream) {
+    let mut out = match stream.try_clone() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("rpc: cannot clone the client socket: {e}");
+            return;
+        }
+    };
+    let reader = BufReader::new(stream);
+    let mut send = |v: &Value| -> bool {
+        let mut s = v.to_string();
+        s.push('\n');
+        out.write_all(s.as_bytes())
+            .and_then(|_| out.flush())
+            .is_ok()
+    };
+    for item in serde_json::Deserializer::from_reader(reader).into_iter::<Value>() {
+        let resp = match item {
+            Ok(Value::Array(batch)) if !batch.is_empty() => {
+                let r: Vec<Value> = batch
+                    .iter()
+                    .filter_map(|req| handle_request(reg, req))
+                    .collect();
+                (!r.is_empty()).then_some(Value::Array(r))
+            }
+            Ok(v @ Value::Array(_)) => handle_request(reg, &v),
+            Ok(v) => handle_request(reg, &v),
+            Err(e) if e.is_io() => return,
+            Err(e) => {
+                let _ = send(&json!({"jsonrpc": "2.0", "id": null,
+                    "error": RpcError::new(PARSE_ERROR, format!("Parse error: {e}")).to_json()}));
+                return;
+            }
+        };
+        if let Some(r) = resp {
+            if !send(&r) {
+                return;
+            }
+        }
+    }
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Bind `path`, replacing a stale socket file but never a live server or another file.
+fn bind(path: &Path) -> Result<UnixListener> {
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            bail!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
+        }
+        if UnixStream::connect(path).is_ok() {
+            bail!("{} is in use by a running server", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+}
+
+/// Removes the socket file on drop.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `vireo serve`: attach `config`'s controllers, then serve JSON-RPC on `socket` until
+/// SIGINT or SIGTERM.
+pub fn cmd_serve(reg: Registry, config: Option<PathBuf>, socket: PathBuf) -> Result<()> {
+    let reg = Arc::new(reg);
+    if let Some(c) = &config {
+        let calls = vireo_bdev::load_config(c)?;
+        reg.apply(&calls)?;
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+        // A client that hangs up mid-response must not kill the server.
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let listener = bind(&socket)?;
+    let _guard = SocketFile(socket.clone());
+    listener
+        .set_nonblocking(true)
+        .context("cannot make the RPC socket non-blocking")?;
+    eprintln!(
+        "vireo: serving JSON-RPC on {} ({} bdevs)",
+        socket.display(),
+        reg.bdevs().len()
+    );
+    while !STOP.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if let Err(e) = stream.set_nonblocking(false) {
+                    tracing::warn!("rpc: {e}");
+                    continue;
+                }
+                let reg = reg.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("vireo-rpc-client".into())
+                    .spawn(move || serve_client(&reg, stream));
+                if let Err(e) = spawned {
+                    tracing::warn!("rpc: cannot start a client thread: {e}");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!("rpc: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    eprintln!("vireo: shutting down");
+    for (a, _) in reg.controllers() {
+        if let Err(e) = reg.detach(&a.name) {
+            tracing::warn!(controller = %a.name, "detach at shutdown failed: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// `vireo rpc`: send one request, print the result. Ok(false) on an error response.
+pub fn cmd_rpc(socket: &Path, method: &str, params: Option<&str>) -> Result<bool> {
+    let params: Option<Value> = match params {
+        Some(p) => Some(
+            serde_json::from_str(p)
+                .with_context(|| format!("PARAMS_JSON is not valid JSON: {p}"))?,
+        ),
+        None => None,
+    };
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot connect to the RPC socket {} (is `vireo serve` running?)",
+            socket.display()
+        )
+    })?;
+    let mut req = json!({"jsonrpc": "2.0", "method": method, "id": 1});
+    if let Some(p) = params {
+        req["params"] = p;
+    }
+    stream
+        .write_all(req.to_string().as_bytes())
+        .and_then(|_| stream.write_all(b"\n"))
+        .with_context(|| format!("cannot send the request to {}", socket.display()))?;
+    let resp: Value = serde_json::Deserializer::from_reader(BufReader::new(&stream))
+        .into_iter::<Value>()
+        .next()
+        .context("the server closed the connection without answering")?
+        .context("cannot read the response")?;
+    if let Some(e) = resp.get("error") {
+        let code = e.get("code").and_then(Value::as_i64).unwrap_or(0);
+        let msg = e.get("message").and_then(Value::as_str).unwrap_or("");
+        eprintln!("vireo: {method}: error {code}: {msg}");
+        if let Some(d) = e.get("data") {
+            match d {
+                Value::String(s) => eprintln!("vireo: {s}"),
+                d => eprintln!("vireo: {d}"),
+            }
+        }
+        return Ok(false);
+    }
+    match resp.get("result") {
+        Some(r) => {
+            println!("{}", serde_json::to_string_pretty(r)?);
+            Ok(true)
+        }
+        None => bail!("the response has neither \"result\" nor \"error\": {resp}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg() -> Registry {
+        Registry::new(vireo_virtio::DmaMemory::new(Default::default()).unwrap())
+    }
+
+    fn call(r: &Registry, req: Value) -> Value {
+        handle_request(r, &req).unwrap()
+    }
+
+    #[test]
+    fn errors_have_json_rpc_codes() {
+        let r = reg();
+        let v = call(&r, json!({"jsonrpc":"2.0","id":1,"method":"nope"}));
+        assert_eq!(v["error"]["code"], METHOD_NOT_FOUND);
+        assert_eq!(v["id"], 1);
+        let v = call(
+            &r,
+            json!({"jsonrpc":"2.0","id":"x","method":"bdev_get_bdevs","params":{"nmae":"a"}}),
+        );
+        assert_eq!(v["error"]["code"], INVALID_PARAMS);
+        assert!(v["error"]["message"].as_str().unwrap().contains("nmae"));
+        let v = call(
+            &r,
+            json!({"jsonrpc":"2.0","id":2,"method":"bdev_get_bdevs","params":{"name":"a"}}),
+        );
+        assert_eq!(v["error"]["code"], -19);
+        assert_eq!(v["error"]["message"], "No such device");
+        let v = call(&r, json!({"id":3,"method":"save_config"}));
+        assert_eq!(v["error"]["code"], INVALID_REQUEST);
+        let v = call(&r, json!([1]));
+        assert_eq!(v["error"]["code"], INVALID_REQUEST);
+        let v = call(
+            &r,
+            json!({"jsonrpc":"2.0","id":4,"method":"bdev_virtio_attach_controller","params":{"name":"A","trtype":"user","traddr":"/x","dev_type":"blk","bogus":1}}),
+        );
+        assert_eq!(v["error"]["code"], INVALID_PARAMS);
+        assert!(v["error"]["message"].as_str().unwrap().contains("bogus"));
+        let v = call(
+            &r,
+            json!({"jsonrpc":"2.0","id":5,"method":"bdev_virtio_detach_controller","params":{"name":"A"}}),
+        );
+        assert_eq!(v["error"]["code"], -19);
+        assert!(handle_request(&r, &json!({"jsonrpc":"2.0","method":"save_config"})).is_none());
+    }
+
+    #[test]
+    fn hotplug_shows_in_saved_config() {
+        let r = reg();
+        let v = call(
+            &r,
+            json!({"jsonrpc":"2.0","id":1,"method":"bdev_virtio_blk_set_hotplug","params":{"enable":true,"period_us":5000}}),
+        );
+        assert_eq!(v["result"], true);
+        let v = call(
+            &r,
+            json!({"jsonrpc":"2.0","id":1,"method":"framework_get_config","params":{"name":"bdev"}}),
+        );
+        assert_eq!(
+            v["result"],
+            json!([{"method":"bdev_virtio_blk_set_hotplug","params":{"enable":true,"period_us":5000}}])
+        );
+        let v = call(
+            &r,
+            json!({"jsonrpc":"2.0","id":1,"method":"rpc_get_methods"}),
+        );
+        assert_eq!(v["result"].as_array().unwrap().len(), METHODS.len());
+    }
+}
