@@ -1,0 +1,464 @@
+//! `vireo serve` and `vireo rpc` against the in-tree vhost-user targets.
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vireo_target::{
+    spawn_blk_target, spawn_scsi_target, Backing, BlkTargetConfig, LunConfig, ScsiTargetConfig,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vireo");
+
+/// A running `vireo serve`; killed on drop so a failing test leaves nothing behind.
+struct Server {
+    child: Option<Child>,
+    sock: PathBuf,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path, config: Option<&Path>) -> Server {
+        let sock = dir.join("rpc.sock");
+        let log = dir.join("serve.log");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve").arg("-r").arg(&sock);
+        if let Some(c) = config {
+            cmd.arg("-c").arg(c);
+        }
+        let f = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        let mut s = Server {
+            child: Some(child),
+            sock,
+            log,
+        };
+        let t0 = Instant::now();
+        while UnixStream::connect(&s.sock).is_err() {
+            if let Some(st) = s.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("vireo serve exited with {st}: {}", s.log_text());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "vireo serve did not listen: {}",
+                s.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One request on a fresh connection; the whole response object.
+    fn call(&self, method: &str, params: Option<Value>) -> Value {
+        let mut req = json!({"jsonrpc":"2.0","id":7,"method":method});
+        if let Some(p) = params {
+            req["params"] = p;
+        }
+        raw(&self.sock, req.to_string().as_bytes(), 1).remove(0)
+    }
+
+    fn ok(&self, method: &str, params: Option<Value>) -> Value {
+        let r = self.call(method, params);
+        assert!(r.get("error").is_none(), "{method}: {r}");
+        assert_eq!(r["id"], 7);
+        assert_eq!(r["jsonrpc"], "2.0");
+        r["result"].clone()
+    }
+
+    fn err(&self, method: &str, params: Option<Value>) -> (i64, String) {
+        let r = self.call(method, params);
+        let e = &r["error"];
+        assert!(e.is_object(), "{method} should fail: {r}");
+        (
+            e["code"].as_i64().unwrap(),
+            e["message"].as_str().unwrap().to_string(),
+        )
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("rpc")
+            .arg("-r")
+            .arg(&self.sock)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// SIGTERM and wait; the exit status.
+    fn stop(mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().unwrap();
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("vireo serve ignored SIGTERM: {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Send `bytes` on one connection and read `n` response objects.
+fn raw(sock: &Path, bytes: &[u8], n: usize) -> Vec<Value> {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(bytes).unwrap();
+    serde_json::Deserializer::from_reader(BufReader::new(&s))
+        .into_iter::<Value>()
+        .take(n)
+        .map(|v| v.unwrap())
+        .collect()
+}
+
+fn ram_lun(mib: u64) -> LunConfig {
+    LunConfig {
+        backend: Backing::Ram {
+            size_bytes: mib << 20,
+        },
+        ..Default::default()
+    }
+}
+
+fn attach_params(name: &str, sock: &Path, dev_type: &str) -> Value {
+    json!({"name": name, "trtype": "user", "traddr": sock.to_str().unwrap(),
+           "dev_type": dev_type, "vq_count": 1, "vq_size": 128})
+}
+
+#[test]
+fn attach_query_save_config_and_detach() {
+    let dir = tempfile::tempdir().unwrap();
+    let blk_sock = dir.path().join("blk.sock");
+    let scsi_sock = dir.path().join("scsi.sock");
+    let _blk = spawn_blk_target(
+        &blk_sock,
+        BlkTargetConfig {
+            backend: Backing::Ram {
+                size_bytes: 64 << 20,
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let _scsi = spawn_scsi_target(
+        &scsi_sock,
+        ScsiTargetConfig {
+            luns: BTreeMap::from([((0, 0), ram_lun(32)), ((0, 1), ram_lun(16))]),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let srv = Server::start(dir.path(), None);
+    assert_eq!(srv.ok("bdev_get_bdevs", None), json!([]));
+
+    // Attach through the CLI client: the result is printed as JSON.
+    let out = srv.cli(&[
+        "bdev_virtio_attach_controller",
+        &attach_params("VirtioBlk0", &blk_sock, "blk").to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(names, json!(["VirtioBlk0"]));
+    let mut names = srv.ok(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("VirtioScsi0", &scsi_sock, "scsi")),
+    );
+    names.as_array_mut().unwrap().sort_by_key(|v| v.to_string());
+    assert_eq!(names, json!(["VirtioScsi0t0", "VirtioScsi0t0l1"]));
+
+    // A taken name.
+    let (code, msg) = srv.err(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("VirtioBlk0", &blk_sock, "blk")),
+    );
+    assert_eq!(code, -17, "{msg}");
+    assert!(msg.contains("VirtioBlk0"), "{msg}");
+
+    let bdevs = srv.ok("bdev_get_bdevs", None);
+    assert_eq!(bdevs.as_array().unwrap().len(), 3, "{bdevs}");
+    let b = srv.ok("bdev_get_bdevs", Some(json!({"name":"VirtioBlk0"})));
+    let b = &b[0];
+    assert_eq!(b["name"], "VirtioBlk0");
+    assert_eq!(b["product_name"], "VirtioBlk Disk");
+    assert_eq!(b["block_size"], 512);
+    assert_eq!(b["num_blocks"], (64u64 << 20) / 512);
+    assert_eq!(b["supported_io_types"]["read"], true);
+    assert_eq!(b["supported_io_types"]["write"], true);
+    let v = &b["driver_specific"]["virtio_blk"]["virtio"];
+    assert_eq!(v["vq_count"], 1);
+    assert_eq!(v["type"], "user");
+    assert_eq!(v["socket"], blk_sock.to_str().unwrap());
+    let s = srv.ok("bdev_get_bdevs", Some(json!({"name":"VirtioScsi0t0l1"})));
+    let s = &s[0];
+    assert_eq!(s["product_name"], "VirtioScsi Disk");
+    assert_eq!(s["num_blocks"], (16u64 << 20) / 512);
+    assert_eq!(s["driver_specific"]["virtio_scsi"]["target"], 0);
+    assert_eq!(s["driver_specific"]["virtio_scsi"]["lun"], 1);
+
+    let devs = srv.ok("bdev_virtio_scsi_get_devices", None);
+    assert_eq!(devs.as_array().unwrap().len(), 1, "{devs}");
+    assert_eq!(devs[0]["name"], "VirtioScsi0");
+    assert_eq!(devs[0]["virtio"]["vq_count"], 1);
+    assert!(devs[0]["virtio"]["vq_size"].as_u64().unwrap() >= 16);
+
+    let st = srv.ok("bdev_get_iostat", None);
+    assert_eq!(st["tick_rate"], 1_000_000_000u64);
+    assert!(st["ticks"].as_u64().unwrap() > 0);
+    assert_eq!(st["bdevs"].as_array().unwrap().len(), 3);
+    let st = srv.ok("bdev_get_iostat", Some(json!({"name":"VirtioScsi0t0"})));
+    let one = &st["bdevs"][0];
+    assert_eq!(one["name"], "VirtioScsi0t0");
+    for k in [
+        "bytes_read",
+        "num_read_ops",
+        "bytes_written",
+        "num_write_ops",
+        "bytes_unmapped",
+        "num_unmap_ops",
+        "read_latency_ticks",
+        "write_latency_ticks",
+        "unmap_latency_ticks",
+    ] {
+        assert!(one[k].is_u64(), "{k} in {one}");
+    }
+
+    assert_eq!(
+        srv.ok(
+            "bdev_virtio_blk_set_hotplug",
+            Some(json!({"enable": true, "period_us": 100000}))
+        ),
+        true
+    );
+    let cfg = srv.ok("save_config", None);
+    let bdev_cfg = srv.ok("framework_get_config", Some(json!({"name":"bdev"})));
+    assert_eq!(cfg["subsystems"][0]["config"], bdev_cfg);
+    let methods: Vec<&str> = bdev_cfg
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            "bdev_virtio_attach_controller",
+            "bdev_virtio_attach_controller",
+            "bdev_virtio_blk_set_hotplug"
+        ]
+    );
+    assert_eq!(
+        bdev_cfg[2]["params"],
+        json!({"enable":true,"period_us":100000})
+    );
+
+    // Detach both; the targets are free again for the saved config.
+    assert_eq!(
+        srv.ok(
+            "bdev_virtio_detach_controller",
+            Some(json!({"name":"VirtioBlk0"}))
+        ),
+        true
+    );
+    let out = srv.cli(&["bdev_virtio_detach_controller", r#"{"name":"VirtioScsi0"}"#]);
+    assert!(out.status.success());
+    assert_eq!(srv.ok("bdev_get_bdevs", None), json!([]));
+    assert_eq!(srv.ok("bdev_virtio_scsi_get_devices", None), json!([]));
+    let (code, _) = srv.err(
+        "bdev_virtio_detach_controller",
+        Some(json!({"name":"VirtioBlk0"})),
+    );
+    assert_eq!(code, -19);
+
+    // The saved config re-attaches the same bdevs.
+    let saved = dir.path().join("saved.json");
+    std::fs::write(&saved, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let out = Command::new(BIN)
+        .args(["bdevs", "--json", "-c"])
+        .arg(&saved)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let infos: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut got: Vec<&str> = infos
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    got.sort();
+    assert_eq!(got, ["VirtioBlk0", "VirtioScsi0t0", "VirtioScsi0t0l1"]);
+
+    // And `vireo serve -c` starts with them; SIGTERM detaches and removes the socket.
+    drop(srv);
+    let _ = std::fs::remove_file(dir.path().join("rpc.sock"));
+    let srv = Server::start(dir.path(), Some(&saved));
+    assert_eq!(srv.ok("bdev_get_bdevs", None).as_array().unwrap().len(), 3);
+    let sock = srv.sock.clone();
+    let st = srv.stop();
+    assert!(st.success(), "{st}");
+    assert!(!sock.exists(), "the socket file is removed on exit");
+}
+
+#[test]
+fn bad_requests_get_errors_and_never_kill_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(dir.path(), None);
+
+    let (code, msg) = srv.err("bdev_frobnicate", None);
+    assert_eq!(code, -32601, "{msg}");
+    assert!(msg.contains("bdev_frobnicate"), "{msg}");
+
+    let (code, msg) = srv.err("bdev_get_bdevs", Some(json!({"nmae":"x"})));
+    assert_eq!(code, -32602);
+    assert!(msg.contains("nmae"), "{msg}");
+    let (code, msg) = srv.err(
+        "bdev_virtio_attach_controller",
+        Some(json!({"name":"A","trtype":"user","traddr":"/nonexistent","dev_type":"blk","vq_cuont":2})),
+    );
+    assert_eq!(code, -32602);
+    assert!(msg.contains("vq_cuont"), "{msg}");
+    let (code, msg) = srv.err("bdev_virtio_attach_controller", None);
+    assert_eq!(code, -32602);
+    assert!(msg.contains("name"), "{msg}");
+    let (code, msg) = srv.err("bdev_virtio_blk_set_hotplug", Some(json!({"enable":"yes"})));
+    assert_eq!(code, -32602);
+    assert!(msg.contains("enable"), "{msg}");
+    let (code, _) = srv.err("framework_get_config", Some(json!({"name":"nvmf"})));
+    assert_eq!(code, -32602);
+    let (code, _) = srv.err("save_config", Some(json!([1, 2])));
+    assert_eq!(code, -32602);
+
+    // A back-end that is not there: a failure, not a crash.
+    let (code, msg) = srv.err(
+        "bdev_virtio_attach_controller",
+        Some(attach_params(
+            "Gone0",
+            &dir.path().join("nobody.sock"),
+            "blk",
+        )),
+    );
+    assert!(code < 0, "{code}");
+    assert!(msg.contains("Gone0"), "{msg}");
+
+    let (code, msg) = srv.err("bdev_get_bdevs", Some(json!({"name":"Nope0"})));
+    assert_eq!(code, -19);
+    assert_eq!(msg, "No such device");
+    let (code, _) = srv.err("bdev_get_iostat", Some(json!({"name":"Nope0"})));
+    assert_eq!(code, -19);
+
+    // Not JSON-RPC: invalid request, with the id null.
+    let r = raw(&srv.sock, br#"{"id":1,"method":"save_config"}"#, 1);
+    assert_eq!(r[0]["error"]["code"], -32600);
+    let r = raw(&srv.sock, b"[]", 1);
+    assert_eq!(r[0]["error"]["code"], -32600);
+    let r = raw(&srv.sock, b"42\n", 1);
+    assert_eq!(r[0]["error"]["code"], -32600);
+    // Garbage: parse error, then the connection is closed.
+    let r = raw(&srv.sock, b"{\"jsonrpc\": nope}\n", 1);
+    assert_eq!(r[0]["error"]["code"], -32700);
+    assert_eq!(r[0]["id"], Value::Null);
+    // Back-to-back and newline-delimited requests on one connection.
+    let r = raw(
+        &srv.sock,
+        br#"{"jsonrpc":"2.0","id":1,"method":"rpc_get_methods"}{"jsonrpc":"2.0","id":2,"method":"bdev_get_bdevs"}
+{"jsonrpc":"2.0","id":"three","method":"save_config"}
+"#,
+        3,
+    );
+    assert_eq!(r[0]["id"], 1);
+    assert!(r[0]["result"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("bdev_get_iostat")));
+    assert_eq!(r[1]["id"], 2);
+    assert_eq!(r[1]["result"], json!([]));
+    assert_eq!(r[2]["id"], "three");
+    assert_eq!(
+        r[2]["result"],
+        json!({"subsystems":[{"subsystem":"bdev","config":[]}]})
+    );
+    // A client that hangs up mid-request.
+    {
+        let mut s = UnixStream::connect(&srv.sock).unwrap();
+        s.write_all(br#"{"jsonrpc":"2.0","id":1,"meth"#).unwrap();
+    }
+
+    // The CLI: an error response goes to stderr with a non-zero exit.
+    let out = srv.cli(&["bdev_get_bdevs", r#"{"name":"Nope0"}"#]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No such device"), "{err}");
+    let out = srv.cli(&["bdev_get_bdevs", "{not json"]);
+    assert!(!out.status.success());
+    let out = srv.cli(&["rpc_get_methods"]);
+    assert!(out.status.success());
+    let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(m.as_array().unwrap().contains(&json!("save_config")));
+
+    // Still serving after all that.
+    assert_eq!(srv.ok("bdev_get_bdevs", None), json!([]));
+
+    // No server: exit 2 with a clear message.
+    let out = Command::new(BIN)
+        .args(["rpc", "-r"])
+        .arg(dir.path().join("missing.sock"))
+        .arg("bdev_get_bdevs")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("missing.sock") && err.contains("connect"),
+        "{err}"
+    );
+
+    // A second server on the same socket is refused; the first keeps serving.
+    let out = Command::new(BIN)
+        .args(["serve", "-r"])
+        .arg(&srv.sock)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
+    assert_eq!(srv.ok("bdev_get_bdevs", None), json!([]));
+}
