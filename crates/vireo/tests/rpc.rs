@@ -102,6 +102,7 @@ impl Server {
     /// SIGTERM and wait; the exit status.
     fn stop(mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().unwrap();
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         let t0 = Instant::now();
         loop {
