@@ -41,6 +41,7 @@ pub const METHODS: &[&str] = &[
     "bdev_virtio_detach_controller",
     "bdev_virtio_scsi_get_devices",
     "framework_get_config",
+    "framework_get_subsystems",
     "rpc_get_methods",
     "save_config",
 ];
@@ -247,6 +248,11 @@ pub fn dispatch(reg: &Registry, method: &str, params: &Value) -> RpcResult {
                         "{method}: no subsystem named {name:?} (vireo has \"bdev\")"
                     ))
                 })
+        }
+        // SPDK's `rpc.py save_config` builds the document from these two calls.
+        "framework_get_subsystems" => {
+            params_obj(method, params, &[])?;
+            Ok(json!([{"subsystem": "bdev", "depends_on": []}]))
         }
         "save_config" => {
             params_obj(method, params, &[])?;

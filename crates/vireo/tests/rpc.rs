@@ -264,6 +264,11 @@ fn attach_query_save_config_and_detach() {
     );
     let cfg = srv.ok("save_config", None);
     let bdev_cfg = srv.ok("framework_get_config", Some(json!({"name":"bdev"})));
+    // What SPDK's `rpc.py save_config` asks before framework_get_config.
+    assert_eq!(
+        srv.ok("framework_get_subsystems", None),
+        json!([{"subsystem":"bdev","depends_on":[]}])
+    );
     assert_eq!(cfg["subsystems"][0]["config"], bdev_cfg);
     let methods: Vec<&str> = bdev_cfg
         .as_array()
@@ -451,6 +456,26 @@ fn bad_requests_get_errors_and_never_kill_the_server() {
         err.contains("missing.sock") && err.contains("connect"),
         "{err}"
     );
+
+    // A bad config: exit 2 naming the file and the key, nothing left listening.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_virtio_attach_controller","params":{"name":"A","trtype":"user","traddr":"/x","dev_type":"blk","vq_szie":8}}]}]}"#,
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "-c"])
+        .arg(&bad)
+        .arg("-r")
+        .arg(dir.path().join("other.sock"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.json") && err.contains("vq_szie"), "{err}");
+    assert!(!dir.path().join("other.sock").exists());
 
     // A second server on the same socket is refused; the first keeps serving.
     let out = Command::new(BIN)
