@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use vireo_virtio::{DmaBuf, DmaMemory, Segment, SplitQueue, Used};
 
-use super::wire::{response, Resp, REQ_HEADER, RESP_HEADER};
+use super::wire::{response, Resp, MAX_SENSE, REQ_HEADER, RESP_HEADER};
 use crate::error::IoError;
 
 /// Sizes the device asked for, fixed at attach.
@@ -112,7 +112,10 @@ impl ScsiQueue {
 
     /// Read the response of a completed `slot`.
     pub fn response(&self, slot: u16) -> Resp {
-        let mut b = vec![0u8; self.geo.resp_len()];
+        // On the stack: no allocation per completion (the sense bytes are copied out
+        // only when the device wrote some).
+        let mut buf = [0u8; RESP_HEADER + MAX_SENSE];
+        let b = &mut buf[..self.geo.resp_len().min(RESP_HEADER + MAX_SENSE)];
         // SAFETY: the response lies inside the slot; the device wrote it before it
         // published the used entry, which the ring read with Acquire ordering.
         unsafe {
@@ -122,7 +125,7 @@ impl ScsiQueue {
                 b.len(),
             )
         };
-        Resp::parse(&b).unwrap_or(Resp {
+        Resp::parse(b).unwrap_or(Resp {
             sense_len: 0,
             resid: 0,
             status_qualifier: 0,
