@@ -71,6 +71,33 @@ struct LunCtx {
     num_blocks: AtomicU64,
 }
 
+/// What one command needs of its LUN, copied out of [`LunCtx`].
+#[derive(Clone, Copy)]
+struct LunParams {
+    lun: [u8; 8],
+    block_size: u32,
+    rw16: bool,
+    unmap_per_desc: u64,
+    unmap_max_desc: usize,
+    write_same_unmap: bool,
+    num_blocks: u64,
+}
+
+impl LunParams {
+    #[inline]
+    fn of(c: &LunCtx) -> LunParams {
+        LunParams {
+            lun: c.lun,
+            block_size: c.block_size,
+            rw16: c.rw16,
+            unmap_per_desc: c.unmap_per_desc,
+            unmap_max_desc: c.unmap_max_desc,
+            write_same_unmap: c.write_same_unmap,
+            num_blocks: c.num_blocks.load(Ordering::Relaxed),
+        }
+    }
+}
+
 struct Shared {
     name: String,
     geo: Geometry,
@@ -731,11 +758,11 @@ impl ThreadQueue {
 
     /// Build and queue the command of `c` (from channel `chan`) in `slot`.
     fn issue(&mut self, chan: u32, slot: u16, c: &Child) -> Result<(), IoError> {
+        // A copy of the LUN's parameters (no reference count traffic per I/O).
         let ctx = match self.chans.get(chan as usize) {
-            Some(Some(st)) => st.ctx.clone(),
+            Some(Some(st)) => LunParams::of(&st.ctx),
             _ => return Err(IoError::InvalidRequest("unknown channel".into())),
         };
-        let ctx = &*ctx;
         let bs = ctx.block_size as u64;
         let cdb;
         let mut out_segs: [Segment; 1] = [Segment { addr: 0, len: 0 }];
@@ -769,7 +796,7 @@ impl ThreadQueue {
                 data_in = c.op == IoOp::Read;
             }
             IoOp::Flush => {
-                let n = ctx.num_blocks.load(Ordering::Relaxed);
+                let n = ctx.num_blocks;
                 cdb = if n <= u32::MAX as u64 + 1 {
                     SyncCache10Cdb {
                         immed: false,
