@@ -633,6 +633,7 @@ impl IoChannel {
                 Some(e) => Err(e),
             },
             buf: p.buf,
+            latency_ns: lat,
         });
         true
     }
@@ -647,6 +648,7 @@ impl IoChannel {
                 op,
                 result: Err(r.error),
                 buf: r.buf,
+                latency_ns: 0,
             };
         }
         let mut out = Vec::new();

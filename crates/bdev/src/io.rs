@@ -138,6 +138,8 @@ pub struct Completion {
     pub result: Result<(), IoError>,
     /// The request's buffer, given back (with read data filled in).
     pub buf: Option<IoBuf>,
+    /// Nanoseconds from submit to completion (0 for requests refused at submit).
+    pub latency_ns: u64,
 }
 
 /// A request refused before it reached the device; the buffer is given back.

@@ -205,7 +205,6 @@ struct Slot {
     lba: u64,
     gen: u64,
     phase: Phase,
-    start: Instant,
 }
 
 /// What one job runs on: a bdev slice, from one core.
@@ -278,7 +277,6 @@ impl<'o> Job<'o> {
                 lba: 0,
                 gen: 0,
                 phase: Phase::Write,
-                start: Instant::now(),
             });
         }
         Ok(Job {
@@ -379,7 +377,6 @@ impl<'o> Job<'o> {
             buf: if op.has_data() { s.buf.take() } else { None },
             user_data: i as u64,
         };
-        s.start = Instant::now();
         if let Err(r) = self.ch.submit(req) {
             let s = &mut self.slots[i];
             s.buf = r.buf.or(s.buf.take());
@@ -437,7 +434,7 @@ impl<'o> Job<'o> {
         for c in done.drain(..) {
             self.in_flight -= 1;
             let i = c.user_data as usize;
-            let lat = self.slots[i].start.elapsed().as_nanos() as u64;
+            let lat = c.latency_ns;
             self.slots[i].buf = c.buf.or(self.slots[i].buf.take());
             let ok = match c.result {
                 Ok(()) => {
