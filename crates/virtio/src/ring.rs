@@ -22,6 +22,8 @@ const DESC_F_INDIRECT: u16 = 4;
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 const USED_F_NO_NOTIFY: u16 = 1;
 const DESC_SIZE: usize = 16;
+/// Chains up to this long go directly in the ring when it has room.
+const DIRECT_CHAIN_MAX: usize = 4;
 /// Largest queue size the spec allows for split rings.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 
@@ -284,9 +286,18 @@ impl SplitQueue {
         token: u64,
     ) -> std::result::Result<(), QueueFull> {
         debug_assert!(!segs.is_empty() && n_out <= segs.len());
-        let use_indirect = segs.len() > 1 && segs.len() <= self.indirect_max as usize;
+        if segs.is_empty() {
+            return Err(QueueFull);
+        }
+        // Short chains go in the ring directly while it has room: the device reads them
+        // without the extra table (and, for vhost-user, the extra address translation)
+        // an indirect descriptor costs. Long chains, or a crowded ring, use one
+        // indirect descriptor when negotiated.
+        let can_indirect = segs.len() > 1 && segs.len() <= self.indirect_max as usize;
+        let fits_direct = segs.len() <= self.num_free as usize;
+        let use_indirect = can_indirect && (segs.len() > DIRECT_CHAIN_MAX || !fits_direct);
         let need = if use_indirect { 1 } else { segs.len() };
-        if need > self.num_free as usize || segs.is_empty() {
+        if need > self.num_free as usize {
             return Err(QueueFull);
         }
         let head = self.free_head;

@@ -308,3 +308,33 @@ fn bad_sizes_are_rejected() {
     assert!(SplitQueue::new(&mem, 0, 100, QueueOptions::default(), n()).is_err());
     let _unused: Option<OwnedFd> = None;
 }
+
+#[test]
+fn short_chains_go_direct_until_the_ring_is_crowded() {
+    let opts = QueueOptions {
+        event_idx: false,
+        indirect_max: 16,
+    };
+    let mut h = harness(8, opts);
+    h.q.add(&segs(3, 1), 1, 1).unwrap();
+    h.q.add(&segs(3, 1), 1, 2).unwrap();
+    assert_eq!(h.q.num_free(), 2, "two direct chains of three descriptors");
+    h.q.add(&segs(3, 1), 1, 3).unwrap();
+    assert_eq!(
+        h.q.num_free(),
+        1,
+        "no room for a direct chain: one indirect descriptor"
+    );
+    h.q.add(&segs(6, 1), 1, 4).unwrap();
+    assert_eq!(h.q.num_free(), 0, "long chains are always indirect");
+    h.q.publish().unwrap();
+    let chains = pop_all(&mut h);
+    assert_eq!(chains.len(), 4);
+    assert!(chains.iter().take(3).all(|(_, d)| d.len() == 3));
+    assert_eq!(chains[3].1.len(), 6);
+    for (head, _) in &chains {
+        h.dev.add_used(&h.gm, *head, 0).unwrap();
+    }
+    assert_eq!(h.q.poll(|_| {}).unwrap(), 4);
+    assert_eq!(h.q.num_free(), 8);
+}
