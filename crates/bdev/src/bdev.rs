@@ -564,8 +564,8 @@ impl IoChannel {
             self.drv.publish();
         }
         let mut done = std::mem::take(&mut self.done_scratch);
-        if self.drv.poll(&mut done) == 0 {
-            // Nothing finished, so no ring space was freed for waiting requests either.
+        if self.drv.poll(&mut done) == 0 && self.pending.is_empty() {
+            // Nothing finished and nothing waits for ring space.
             self.done_scratch = done;
             return 0;
         }
@@ -576,6 +576,8 @@ impl IoChannel {
             }
         }
         self.done_scratch = done;
+        // Waiting requests go out as ring space frees up, including space freed by other
+        // channels that share the queue.
         if !self.pending.is_empty() {
             while let Some(c) = self.pending.pop_front() {
                 if let Err(c) = self.drv.queue(c) {

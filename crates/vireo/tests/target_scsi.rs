@@ -527,3 +527,47 @@ fn hot_add_waits_for_a_free_queue_when_channels_hold_them_all() {
     drop(ch);
     wait_for("the deferred hot-add", || reg.bdev("St0l5").is_some());
 }
+
+#[test]
+fn a_channel_waiting_for_ring_space_freed_by_another_lun_gets_it() {
+    let mut luns = BTreeMap::new();
+    luns.insert((0, 0), ram_lun(8));
+    luns.insert((0, 1), ram_lun(8));
+    let (t, _d) = target(ScsiTargetConfig {
+        luns,
+        ..Default::default()
+    });
+    let reg = registry();
+    let bdevs = reg
+        .attach(&scsi_params("S", t.socket_path(), 1, 16))
+        .unwrap();
+    let a = bdevs.iter().find(|b| b.name() == "St0").unwrap();
+    let b = bdevs.iter().find(|b| b.name() == "St0l1").unwrap();
+    let mut ca = a.open_channel().unwrap();
+    let mut cb = b.open_channel().unwrap();
+    // A fills the 16-descriptor ring; everything B submits has to wait for space that
+    // only A's completions free.
+    for i in 0..64u64 {
+        ca.submit(IoRequest::write(i, 1, IoBuf::Heap(vec![1; 512]), i))
+            .unwrap();
+    }
+    ca.flush();
+    for i in 0..8u64 {
+        cb.submit(IoRequest::write(i, 1, IoBuf::Heap(vec![2; 512]), i))
+            .unwrap();
+    }
+    let (mut da, mut db) = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while da.len() < 64 {
+        assert!(Instant::now() < deadline, "A stalled");
+        ca.poll(&mut da);
+    }
+    while db.len() < 8 {
+        assert!(
+            Instant::now() < deadline,
+            "B stalled waiting for ring space"
+        );
+        cb.poll(&mut db);
+    }
+    assert!(da.iter().chain(db.iter()).all(|c| c.result.is_ok()));
+}
