@@ -305,11 +305,15 @@ impl BlkController {
         for i in 0..params.vq_count {
             let placeholder = Notifier::Counter(Arc::new(AtomicU64::new(0)));
             let mut q = SplitQueue::new(&mem, i, vq_size, opts, placeholder).map_err(verr)?;
-            let n = transport.setup_queue(i, &q.layout()).map_err(verr)?;
+            let n = transport
+                .setup_queue(i, &q.layout())
+                .map_err(|e| BdevError::queue_setup(name, vq_size, e))?;
             q.set_notifier(n);
             queues.push(q);
         }
-        transport.start().map_err(verr)?;
+        transport
+            .start()
+            .map_err(|e| BdevError::queue_setup(name, vq_size, e))?;
         // Channels pop from the end: queue 0 goes first.
         queues.reverse();
 

@@ -69,6 +69,25 @@ pub enum IoError {
 }
 
 impl BdevError {
+    /// Wrap an error of queue setup (SET_VRING_* or the start of the device).
+    pub fn queue_setup(name: &str, size: u16, source: VirtioError) -> BdevError {
+        match source {
+            VirtioError::QueueSizeRefused { size, .. } => BdevError::QueueSizeRefused {
+                name: name.to_string(),
+                size,
+            },
+            e @ (VirtioError::Transport { .. } | VirtioError::Io { .. }) => BdevError::QueueSetup {
+                name: name.to_string(),
+                size,
+                cause: e.to_string(),
+            },
+            source => BdevError::Virtio {
+                name: name.to_string(),
+                source,
+            },
+        }
+    }
+
     /// Wrap a virtio error of controller `name`.
     pub fn virtio(name: &str, source: VirtioError) -> BdevError {
         match source {
@@ -118,6 +137,16 @@ pub enum BdevError {
         name: String,
         /// Refused size.
         size: u16,
+    },
+    /// The back-end failed or hung up while queues were being set up.
+    #[error("controller {name}: setting up queues of {size} descriptors failed ({cause}); if the back-end limits queue sizes, set a smaller vq_size (e.g. 128)")]
+    QueueSetup {
+        /// Controller name.
+        name: String,
+        /// Queue size in use.
+        size: u16,
+        /// What failed.
+        cause: String,
     },
     /// Every queue is taken by a channel.
     #[error(

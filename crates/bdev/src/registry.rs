@@ -86,17 +86,32 @@ impl Registry {
     /// is tried again, on a new connection, with half the size (down to 16).
     pub fn attach(&self, params: &AttachParams) -> Result<Vec<Arc<Bdev>>, BdevError> {
         let mut p = params.clone();
+        let mut first: Option<BdevError> = None;
         loop {
             match self.attach_once(&p) {
-                Err(BdevError::QueueSizeRefused { size, .. }) if size > 16 => {
+                Err(e @ (BdevError::QueueSizeRefused { .. } | BdevError::QueueSetup { .. }))
+                    if p.vq_size > 16 =>
+                {
                     tracing::warn!(
                         controller = %p.name,
-                        "the back-end refused queue size {size}; retrying with {}",
-                        size / 2
+                        "{e}; retrying with queue size {}",
+                        p.vq_size / 2
                     );
-                    p.vq_size = size / 2;
+                    first.get_or_insert(e);
+                    p.vq_size /= 2;
                 }
-                r => return r,
+                // A retry that fails otherwise (a single-connection back-end may be gone)
+                // reports the first failure, which says what to change.
+                Err(e) => {
+                    return Err(match first {
+                        Some(f) => BdevError::Config(format!(
+                            "{f} (a retry with queue size {} failed too: {e})",
+                            p.vq_size
+                        )),
+                        None => e,
+                    })
+                }
+                Ok(b) => return Ok(b),
             }
         }
     }

@@ -255,7 +255,9 @@ impl ScsiController {
         let placeholder = || Notifier::Counter(Arc::new(AtomicU64::new(0)));
         let mk = |t: &mut Box<dyn Transport>, i: u16, size: u16, o: QueueOptions| {
             let mut q = SplitQueue::new(&mem, i, size, o, placeholder()).map_err(verr)?;
-            let n = t.setup_queue(i, &q.layout()).map_err(verr)?;
+            let n = t
+                .setup_queue(i, &q.layout())
+                .map_err(|e| BdevError::queue_setup(name, size, e))?;
             q.set_notifier(n);
             Ok::<SplitQueue, BdevError>(q)
         };
@@ -270,7 +272,9 @@ impl ScsiController {
         for i in 0..params.vq_count {
             queues.push(mk(&mut transport, 2 + i, vq_size, opts)?);
         }
-        transport.start().map_err(verr)?;
+        transport
+            .start()
+            .map_err(|e| BdevError::queue_setup(name, vq_size, e))?;
         queues.reverse();
 
         // Event buffers, when the device may send events.
