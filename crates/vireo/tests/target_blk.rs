@@ -343,3 +343,23 @@ fn dma_memory_grows_through_add_mem_reg() {
     c.result.unwrap();
     assert!(c.buf.unwrap().as_slice() == &pattern(len, 9)[..]);
 }
+
+#[test]
+fn a_refused_queue_size_is_halved_until_the_back_end_accepts_it() {
+    let (t, _d) = target(BlkTargetConfig {
+        queue_size: 128,
+        ..ram(16 << 20)
+    });
+    let reg = registry();
+    let mut p = blk_params("VirtioBlk0", t.socket_path(), 1);
+    p.vq_size = 1024;
+    let b = reg.attach(&p).unwrap().pop().unwrap();
+    assert_eq!(b.info().queue_size, 128);
+    let mut ch = b.open_channel().unwrap();
+    ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1))
+        .result
+        .unwrap();
+    // save_config records what works.
+    let saved = reg.save_config().to_string();
+    assert!(saved.contains("\"vq_size\":128"), "{saved}");
+}
