@@ -1,13 +1,12 @@
 //! virtio-blk driver (virtio 1.2 section 5.2).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vireo_virtio::features::blk as bf;
 use vireo_virtio::features::transport as tf;
 use vireo_virtio::{
-    negotiate, DmaBuf, DmaMemory, Notifier, QueueOptions, Segment, SplitQueue, Transport,
+    create_queue, negotiate, DmaBuf, DmaMemory, QueueOptions, Segment, SplitQueue, Transport,
     COMMON_FEATURES,
 };
 
@@ -15,6 +14,7 @@ use crate::bdev::{Bdev, BdevDriver, BdevInfo, ChannelDriver, Child, ChildDone, L
 use crate::error::{BdevError, IoError};
 use crate::health::Health;
 use crate::io::IoOp;
+use crate::pool::QueuePool;
 
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
@@ -118,9 +118,7 @@ struct Shared {
     slot_stride: usize,
     mem: Arc<DmaMemory>,
     health: Health,
-    queues: Mutex<Vec<SplitQueue>>,
-    total_queues: usize,
-    channels_open: AtomicU64,
+    queues: QueuePool,
 }
 
 /// An attached virtio-blk controller; serves one bdev.
@@ -149,16 +147,7 @@ impl BdevDriver for Driver {
         if self.0.health.is_failed() {
             return Err(BdevError::Failed(self.0.name.clone()));
         }
-        let q = self
-            .0
-            .queues
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .ok_or_else(|| BdevError::NoFreeQueue {
-                bdev: self.0.name.clone(),
-                queues: self.0.total_queues,
-            })?;
+        let q = self.0.queues.take_for(&self.0.name)?;
         let ch = BlkChannel::new(self.0.clone(), q).map_err(|e| BdevError::Io {
             name: self.0.name.clone(),
             what: "allocate request slots".into(),
@@ -303,19 +292,14 @@ impl BlkController {
         let mem = transport.memory().clone();
         let mut queues = Vec::new();
         for i in 0..params.vq_count {
-            let placeholder = Notifier::Counter(Arc::new(AtomicU64::new(0)));
-            let mut q = SplitQueue::new(&mem, i, vq_size, opts, placeholder).map_err(verr)?;
-            let n = transport
-                .setup_queue(i, &q.layout())
-                .map_err(|e| BdevError::queue_setup(name, vq_size, e))?;
-            q.set_notifier(n);
-            queues.push(q);
+            queues.push(
+                create_queue(transport.as_mut(), i, vq_size, opts)
+                    .map_err(|e| BdevError::queue_setup(name, vq_size, e))?,
+            );
         }
         transport
             .start()
             .map_err(|e| BdevError::queue_setup(name, vq_size, e))?;
-        // Channels pop from the end: queue 0 goes first.
-        queues.reverse();
 
         let shared = Arc::new(Shared {
             name: name.to_string(),
@@ -327,20 +311,13 @@ impl BlkController {
             slot_stride,
             mem: mem.clone(),
             health: Health::new(name, transport.broken_flag()),
-            queues: Mutex::new(queues),
-            total_queues: params.vq_count as usize,
-            channels_open: AtomicU64::new(0),
+            queues: QueuePool::new(queues),
         });
         let driver = Driver(shared.clone());
 
         // The serial number (GET_ID); a device that does not support it is fine.
         let serial = {
-            let q = shared
-                .queues
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop()
-                .ok_or_else(|| bad(name, "queue vanished"))?;
+            let q = shared.queues.take_for(name)?;
             let mut ch = BlkChannel::new(shared.clone(), q).map_err(|e| BdevError::Io {
                 name: name.to_string(),
                 what: "allocate request slots".into(),
@@ -428,18 +405,12 @@ impl BlkController {
 
     /// Channels currently open on this controller.
     pub fn open_channels(&self) -> u64 {
-        self.shared.channels_open.load(Ordering::Relaxed)
+        self.shared.queues.open_channels()
     }
 
     /// Stop the device. Fails while channels are open.
     pub fn detach(self) -> Result<(), BdevError> {
-        let open = self.open_channels();
-        if open > 0 {
-            return Err(BdevError::Config(format!(
-                "controller {} still has {open} open I/O channels",
-                self.shared.name
-            )));
-        }
+        self.shared.queues.check_idle(&self.shared.name)?;
         let mut t = self.transport.lock().unwrap_or_else(|e| e.into_inner());
         t.shutdown().map_err(|source| BdevError::Virtio {
             name: self.shared.name.clone(),
@@ -475,7 +446,7 @@ impl BlkChannel {
             .alloc(n * shared.slot_stride, 4096)
             .map_err(|e| IoError::NoMemory(e.to_string()))?;
         slots.as_mut_slice().fill(0);
-        shared.channels_open.fetch_add(1, Ordering::Relaxed);
+        shared.queues.opened();
         Ok(BlkChannel {
             free_slots: (0..n as u16).rev().collect(),
             slot_parent: vec![0; n].into_boxed_slice(),
@@ -799,7 +770,7 @@ impl ChannelDriver for BlkChannel {
 
 impl Drop for BlkChannel {
     fn drop(&mut self) {
-        self.shared.channels_open.fetch_sub(1, Ordering::Relaxed);
+        self.shared.queues.closed();
         let Some(q) = self.q.take() else { return };
         if self.leak || q.in_flight() > 0 || self.failed.is_some() {
             // The device may still use this ring and these slots.
@@ -809,10 +780,6 @@ impl Drop for BlkChannel {
             }
             return;
         }
-        self.shared
-            .queues
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(q);
+        self.shared.queues.give(q);
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod io;
+pub mod pool;
 pub mod registry;
 pub mod scsi;
 pub mod stats;

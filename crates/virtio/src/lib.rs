@@ -17,5 +17,5 @@ pub use error::{Error, Result};
 pub use memory::{DmaBuf, DmaConfig, DmaMemory, DmaRegionInfo, RegionListener, Translator};
 pub use notify::Notifier;
 pub use ring::{QueueFull, QueueOptions, RingLayout, Segment, SplitQueue, Used};
-pub use transport::{negotiate, Transport, COMMON_FEATURES};
+pub use transport::{create_queue, negotiate, Transport, COMMON_FEATURES};
 pub use vhost_user::VhostUserTransport;

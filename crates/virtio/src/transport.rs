@@ -6,7 +6,8 @@ use crate::error::{Error, Result};
 use crate::features::transport as tf;
 use crate::memory::DmaMemory;
 use crate::notify::Notifier;
-use crate::ring::RingLayout;
+use crate::ring::{QueueOptions, RingLayout, SplitQueue};
+use std::sync::atomic::AtomicU64;
 
 /// What a driver needs from a transport (vhost-user, virtio-pci) to bring a device up.
 ///
@@ -46,12 +47,24 @@ pub trait Transport: Send {
     /// The DMA memory the device can address.
     fn memory(&self) -> &Arc<DmaMemory>;
 
-    /// Whether the device is gone (peer closed, surprise removal). Cheap: may be
-    /// called on the I/O path when no progress is seen.
-    fn is_broken(&self) -> bool;
-
     /// A shared flag that turns true when the device is gone, for I/O channels.
     fn broken_flag(&self) -> Arc<std::sync::atomic::AtomicBool>;
+}
+
+/// Allocate queue `index` of `size` descriptors in the transport's memory and hand it
+/// to the device.
+pub fn create_queue(
+    t: &mut dyn Transport,
+    index: u16,
+    size: u16,
+    opts: QueueOptions,
+) -> Result<SplitQueue> {
+    let mem = t.memory().clone();
+    let placeholder = Notifier::Counter(Arc::new(AtomicU64::new(0)));
+    let mut q = SplitQueue::new(&mem, index, size, opts, placeholder)?;
+    let notifier = t.setup_queue(index, &q.layout())?;
+    q.set_notifier(notifier);
+    Ok(q)
 }
 
 /// Features vireo accepts on every device: modern interface, event index, indirect.

@@ -458,10 +458,6 @@ impl Transport for VhostUserTransport {
         &self.mem
     }
 
-    fn is_broken(&self) -> bool {
-        self.broken.load(Ordering::Relaxed)
-    }
-
     fn broken_flag(&self) -> Arc<AtomicBool> {
         self.broken.clone()
     }

@@ -22,7 +22,7 @@ use vireo_scsi::{
 use vireo_virtio::features::scsi as sf;
 use vireo_virtio::features::transport as tf;
 use vireo_virtio::{
-    negotiate, DmaBuf, DmaMemory, Notifier, QueueOptions, Segment, SplitQueue, Transport,
+    create_queue, negotiate, DmaBuf, DmaMemory, QueueOptions, Segment, SplitQueue, Transport,
     COMMON_FEATURES,
 };
 
@@ -32,6 +32,7 @@ use crate::bdev::{
 use crate::error::{BdevError, IoError};
 use crate::health::Health;
 use crate::io::IoOp;
+use crate::pool::QueuePool;
 use queue::{Geometry, ScsiQueue};
 pub use scan::LunInfo;
 use scan::Scanner;
@@ -103,26 +104,11 @@ struct Shared {
     geo: Geometry,
     mem: Arc<DmaMemory>,
     health: Health,
-    queues: Mutex<Vec<SplitQueue>>,
-    total_queues: usize,
+    queues: QueuePool,
     max_segments: usize,
     /// The device's transfer size hint (`max_sectors`, 512-byte units; 0: none).
     max_sectors: u32,
-    channels_open: AtomicU64,
     control: Mutex<Option<ControlQueue>>,
-}
-
-impl Shared {
-    fn take_queue(&self) -> Option<SplitQueue> {
-        self.queues.lock().unwrap_or_else(|e| e.into_inner()).pop()
-    }
-
-    fn give_queue(&self, q: SplitQueue) {
-        self.queues
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(q);
-    }
 }
 
 /// The control queue: task management functions, one at a time.
@@ -252,14 +238,8 @@ impl ScsiController {
             indirect_max,
         };
         let mem = transport.memory().clone();
-        let placeholder = || Notifier::Counter(Arc::new(AtomicU64::new(0)));
         let mk = |t: &mut Box<dyn Transport>, i: u16, size: u16, o: QueueOptions| {
-            let mut q = SplitQueue::new(&mem, i, size, o, placeholder()).map_err(verr)?;
-            let n = t
-                .setup_queue(i, &q.layout())
-                .map_err(|e| BdevError::queue_setup(name, size, e))?;
-            q.set_notifier(n);
-            Ok::<SplitQueue, BdevError>(q)
+            create_queue(t.as_mut(), i, size, o).map_err(|e| BdevError::queue_setup(name, size, e))
         };
         let small = vq_size.min(64);
         let plain = QueueOptions {
@@ -275,7 +255,6 @@ impl ScsiController {
         transport
             .start()
             .map_err(|e| BdevError::queue_setup(name, vq_size, e))?;
-        queues.reverse();
 
         // Event buffers, when the device may send events.
         let events = has(sf::HOTPLUG) || has(sf::CHANGE);
@@ -299,11 +278,9 @@ impl ScsiController {
             geo,
             mem: mem.clone(),
             health: Health::new(name, transport.broken_flag()),
-            queues: Mutex::new(queues),
-            total_queues: params.vq_count as usize,
+            queues: QueuePool::new(queues),
             max_segments,
             max_sectors: cfg.max_sectors,
-            channels_open: AtomicU64::new(0),
             control: Mutex::new(Some(ControlQueue {
                 q: control_q,
                 buf: control_buf,
@@ -314,9 +291,7 @@ impl ScsiController {
         let max_target = cfg.max_target.min(MAX_TARGET);
         let found;
         {
-            let q = shared
-                .take_queue()
-                .ok_or_else(|| bad(name, "no request queue"))?;
+            let q = shared.queues.take_for(name)?;
             let mut sq = ScsiQueue::new(&mem, q, geo).map_err(|e| BdevError::Io {
                 name: name.to_string(),
                 what: "allocate request slots".into(),
@@ -335,7 +310,7 @@ impl ScsiController {
                     return Err(e);
                 }
             }
-            shared.give_queue(sq.into_queue());
+            shared.queues.give(sq.into_queue());
         }
         let mut luns = Vec::new();
         let mut skipped = Vec::new();
@@ -424,13 +399,7 @@ impl ScsiController {
 
     /// Stop the device. Fails while channels are open.
     pub fn detach(mut self) -> Result<(), BdevError> {
-        let open = self.shared.channels_open.load(Ordering::Relaxed);
-        if open > 0 {
-            return Err(BdevError::Config(format!(
-                "controller {} still has {open} open I/O channels",
-                self.shared.name
-            )));
-        }
+        self.shared.queues.check_idle(&self.shared.name)?;
         self.stop_event_thread();
         for l in lock(&self.luns).iter() {
             l.bdev.mark_removed();
@@ -608,7 +577,7 @@ impl BdevDriver for LunDriver {
         }
         let tq = thread_queue(&self.shared, &self.name)?;
         let id = tq.borrow_mut().register(self.ctx.clone());
-        self.shared.channels_open.fetch_add(1, Ordering::Relaxed);
+        self.shared.queues.opened();
         Ok(Box::new(ScsiChannel { tq, id }))
     }
 
@@ -1098,7 +1067,7 @@ impl Drop for ThreadQueue {
             }
             return;
         }
-        self.shared.give_queue(sq.into_queue());
+        self.shared.queues.give(sq.into_queue());
     }
 }
 
@@ -1145,7 +1114,7 @@ impl ChannelDriver for ScsiChannel {
 impl Drop for ScsiChannel {
     fn drop(&mut self) {
         let mut tq = self.tq.borrow_mut();
-        tq.shared.channels_open.fetch_sub(1, Ordering::Relaxed);
+        tq.shared.queues.closed();
         if let Some(slot) = tq.chans.get_mut(self.id as usize) {
             *slot = None;
         }
@@ -1172,10 +1141,7 @@ fn thread_queue(shared: &Arc<Shared>, bdev: &str) -> Result<Rc<RefCell<ThreadQue
     if let Some(tq) = existing {
         return Ok(tq);
     }
-    let q = shared.take_queue().ok_or_else(|| BdevError::NoFreeQueue {
-        bdev: bdev.to_string(),
-        queues: shared.total_queues,
-    })?;
+    let q = shared.queues.take_for(bdev)?;
     let n = q.size() as usize;
     let sq = ScsiQueue::new(&shared.mem, q, shared.geo).map_err(|e| BdevError::Io {
         name: shared.name.clone(),
@@ -1256,7 +1222,7 @@ fn event_loop(ctx: EventCtx, mut q: SplitQueue) {
 
 /// A free request queue for control-path commands, if there is one now.
 fn borrow_queue(shared: &Shared) -> Option<ScsiQueue> {
-    let q = shared.take_queue()?;
+    let q = shared.queues.take()?;
     ScsiQueue::new(&shared.mem, q, shared.geo).ok()
 }
 
@@ -1297,7 +1263,7 @@ fn with_scanner<R>(ctx: &EventCtx, f: impl FnOnce(&mut Scanner<'_>) -> R) -> Opt
     if sq.q.in_flight() > 0 {
         sq.leak();
     } else {
-        ctx.shared.give_queue(sq.into_queue());
+        ctx.shared.queues.give(sq.into_queue());
     }
     Some(r)
 }

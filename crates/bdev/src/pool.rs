@@ -1,0 +1,75 @@
+//! A controller's request queues, lent to I/O channels one at a time.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use vireo_virtio::SplitQueue;
+
+use crate::error::BdevError;
+
+/// The request queues not held by a channel, and how many channels are open.
+#[derive(Debug)]
+pub struct QueuePool {
+    free: Mutex<Vec<SplitQueue>>,
+    total: usize,
+    open: AtomicU64,
+}
+
+impl QueuePool {
+    /// A pool of `queues`; the first one is lent first.
+    pub fn new(mut queues: Vec<SplitQueue>) -> QueuePool {
+        queues.reverse();
+        QueuePool {
+            total: queues.len(),
+            free: Mutex::new(queues),
+            open: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<SplitQueue>> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A free queue, if any.
+    pub fn take(&self) -> Option<SplitQueue> {
+        self.lock().pop()
+    }
+
+    /// A free queue, or the error that tells the user to raise `vq_count`.
+    pub fn take_for(&self, bdev: &str) -> Result<SplitQueue, BdevError> {
+        self.take().ok_or_else(|| BdevError::NoFreeQueue {
+            bdev: bdev.to_string(),
+            queues: self.total,
+        })
+    }
+
+    /// Give a queue back (only when the device no longer uses it).
+    pub fn give(&self, q: SplitQueue) {
+        self.lock().push(q);
+    }
+
+    /// A channel was opened.
+    pub fn opened(&self) {
+        self.open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A channel was closed.
+    pub fn closed(&self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Channels currently open.
+    pub fn open_channels(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Refuse to stop controller `name` while channels are open.
+    pub fn check_idle(&self, name: &str) -> Result<(), BdevError> {
+        match self.open_channels() {
+            0 => Ok(()),
+            open => Err(BdevError::Config(format!(
+                "controller {name} still has {open} open I/O channels"
+            ))),
+        }
+    }
+}
