@@ -730,11 +730,11 @@ impl ThreadQueue {
     }
 
     /// Build and queue the command of `c` (from channel `chan`) in `slot`.
-    fn issue(&mut self, chan: u32, slot: u16, c: &Child) -> Result<(), IoError> {
+    fn issue(&mut self, chan: u32, slot: u16, c: &Child) -> Result<(), IssueError> {
         // A copy of the LUN's parameters (no reference count traffic per I/O).
         let ctx = match self.chans.get(chan as usize) {
             Some(Some(st)) => LunParams::of(&st.ctx),
-            _ => return Err(IoError::InvalidRequest("unknown channel".into())),
+            _ => return Err(IoError::InvalidRequest("unknown channel".into()).into()),
         };
         let bs = ctx.block_size as u64;
         let cdb;
@@ -764,7 +764,8 @@ impl ThreadQueue {
                     return Err(IoError::InvalidRequest(format!(
                         "LBA {} / {} blocks need READ/WRITE(16), which the LUN lacks",
                         c.lba, c.blocks
-                    )));
+                    ))
+                    .into());
                 };
                 data_in = c.op == IoOp::Read;
             }
@@ -814,7 +815,8 @@ impl ThreadQueue {
                             return Err(IoError::InvalidRequest(format!(
                                 "unmap of {} blocks needs more than {} descriptors",
                                 c.blocks, ctx.unmap_max_desc
-                            )));
+                            ))
+                            .into());
                         }
                     }
                     w.finish()
@@ -886,7 +888,7 @@ impl ThreadQueue {
             _ => sq.add(slot, &out_segs[..n_out], &[]),
         };
         self.data_segs = data;
-        r.map_err(|_| IoError::InvalidRequest("ring full".into()))
+        r.map_err(|()| IssueError::RingFull)
     }
 
     fn queue(&mut self, chan: u32, c: Child) -> Result<(), Child> {
@@ -914,13 +916,13 @@ impl ThreadQueue {
                 }
                 Ok(())
             }
-            Err(IoError::InvalidRequest(m)) if m == "ring full" => {
+            Err(IssueError::RingFull) => {
                 if let Some(sq) = self.sq.as_mut() {
                     sq.free.push(slot);
                 }
                 Err(c)
             }
-            Err(e) => {
+            Err(IssueError::Failed(e)) => {
                 if let Some(sq) = self.sq.as_mut() {
                     sq.free.push(slot);
                 }
@@ -1026,6 +1028,13 @@ impl ThreadQueue {
                 continue;
             };
             if let Err(e) = self.issue(chan, slot, &c) {
+                // The retried chain was just freed, so the ring has room for it again.
+                let e = match e {
+                    IssueError::Failed(e) => e,
+                    IssueError::RingFull => {
+                        IoError::ControllerFailed("no ring space to retry a command".into())
+                    }
+                };
                 self.slot_child[slot as usize] = None;
                 if let Some(sq) = self.sq.as_mut() {
                     sq.free.push(slot);
@@ -1068,6 +1077,20 @@ impl Drop for ThreadQueue {
             return;
         }
         self.shared.queues.give(sq.into_queue());
+    }
+}
+
+/// Why a command did not go on the ring.
+enum IssueError {
+    /// No room now: the command waits in its channel.
+    RingFull,
+    /// The command cannot be sent at all.
+    Failed(IoError),
+}
+
+impl From<IoError> for IssueError {
+    fn from(e: IoError) -> Self {
+        IssueError::Failed(e)
     }
 }
 
