@@ -266,6 +266,7 @@ impl Bdev {
             done_scratch: Vec::new(),
             completions: 0,
             unpublished: false,
+            stash: Vec::new(),
             _not_sync: PhantomData,
         })
     }
@@ -300,6 +301,8 @@ pub struct IoChannel {
     completions: u64,
     /// Requests were queued since the last publish.
     unpublished: bool,
+    /// Completions `run` reaped for other requests, handed out by the next `poll`.
+    stash: Vec<Completion>,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -559,6 +562,14 @@ impl IoChannel {
     /// Reap finished I/Os into `out`; returns how many were added. Also moves waiting
     /// requests onto the ring as space frees up, and publishes submissions.
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        let stashed = self.stash.len();
+        if stashed > 0 {
+            out.append(&mut self.stash);
+        }
+        stashed + self.poll_device(out)
+    }
+
+    fn poll_device(&mut self, out: &mut Vec<Completion>) -> usize {
         if self.unpublished {
             self.unpublished = false;
             self.drv.publish();
@@ -641,6 +652,8 @@ impl IoChannel {
     }
 
     /// Submit one I/O and poll until it completes (for control paths and tests).
+    /// Completions of other requests that arrive meanwhile are kept for the next
+    /// [`poll`](Self::poll).
     pub fn run(&mut self, req: IoRequest) -> Completion {
         let ud = req.user_data;
         let op = req.op;
@@ -655,9 +668,11 @@ impl IoChannel {
         }
         let mut out = Vec::new();
         loop {
-            self.poll(&mut out);
+            self.poll_device(&mut out);
             if let Some(pos) = out.iter().position(|c| c.user_data == ud) {
-                return out.swap_remove(pos);
+                let c = out.remove(pos);
+                self.stash.append(&mut out);
+                return c;
             }
             std::hint::spin_loop();
         }

@@ -363,3 +363,25 @@ fn a_refused_queue_size_is_halved_until_the_back_end_accepts_it() {
     let saved = reg.save_config().to_string();
     assert!(saved.contains("\"vq_size\":128"), "{saved}");
 }
+
+#[test]
+fn run_keeps_other_completions_for_the_next_poll() {
+    let (t, _d) = target(ram(16 << 20));
+    let reg = registry();
+    let b = attach_blk(&reg, t.socket_path(), 1);
+    let mut ch = b.open_channel().unwrap();
+    for i in 0..8u64 {
+        ch.submit(IoRequest::read(i, 1, IoBuf::Heap(vec![0; 512]), i))
+            .unwrap();
+    }
+    let c = ch.run(IoRequest::read(100, 1, IoBuf::Heap(vec![0; 512]), 100));
+    assert_eq!(c.user_data, 100);
+    c.result.unwrap();
+    let mut done = Vec::new();
+    while done.len() < 8 {
+        ch.poll(&mut done);
+    }
+    let mut ids: Vec<u64> = done.iter().map(|c| c.user_data).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..8).collect::<Vec<_>>());
+}
