@@ -102,6 +102,18 @@ impl Completion {
             data_out: 0,
         }
     }
+
+    /// CHECK CONDITION with sense data.
+    fn is_check_condition(&self) -> bool {
+        matches!(
+            self,
+            Completion::Done {
+                status: Status::CheckCondition,
+                sense: Some(_),
+                ..
+            }
+        )
+    }
 }
 
 /// Why a command stops short.
@@ -472,25 +484,9 @@ impl LogicalUnit {
         bump(&self.stats.commands);
         let op = cdb.first().copied().unwrap_or(0);
         let parsed = Command::parse(cdb);
-        let done = self.run(op, cdb, parsed, bufs, ctx);
-        let completion = match done {
-            Ok(c) => c,
-            Err(Fail::Check(s)) => Completion::check(s),
-            Err(Fail::Response(r)) => {
-                if r == Response::Failure {
-                    bump(&ctx.counters.malformed);
-                }
-                Completion::Response(r)
-            }
-        };
-        if let Completion::Done {
-            status: Status::CheckCondition,
-            sense: Some(s),
-            ..
-        } = &completion
-        {
+        let completion = finish(self.run(op, cdb, parsed, bufs, ctx), ctx);
+        if completion.is_check_condition() {
             bump(&self.stats.check_conditions);
-            count_sense(ctx.counters, s);
         }
         completion
     }
@@ -1124,7 +1120,12 @@ pub(crate) fn execute_without_unit(
     ctx: &ExecContext<'_>,
     well_known: bool,
 ) -> Completion {
-    let out = run_without_unit(cdb, bufs, ctx, well_known);
+    finish(run_without_unit(cdb, bufs, ctx, well_known), ctx)
+}
+
+/// Turn the outcome of a command into its completion, counting malformed requests and
+/// the sense data of CHECK CONDITIONs.
+fn finish(out: Exec<Completion>, ctx: &ExecContext<'_>) -> Completion {
     let completion = match out {
         Ok(c) => c,
         Err(Fail::Check(s)) => Completion::check(s),
@@ -1136,8 +1137,8 @@ pub(crate) fn execute_without_unit(
         }
     };
     if let Completion::Done {
-        sense: Some(s),
         status: Status::CheckCondition,
+        sense: Some(s),
         ..
     } = &completion
     {
