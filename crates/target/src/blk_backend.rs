@@ -12,14 +12,12 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::blk_config::{read_config, BlkTargetConfig};
 use crate::blk_device::BlkDevice;
 use crate::faults::{bump, Faults};
-use crate::queue::{ConnectionSlot, FaultPolicy, Memory, RingServer};
+use crate::queue::{worker_exit_event, ConnectionSlot, FaultPolicy, Memory, RingServer};
 
 /// vhost-user backend of one connection to a blk target.
 pub(crate) struct BlkBackend {
@@ -123,14 +121,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        // Without an exit event the worker threads would never end when the connection goes.
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                warn!("cannot create a worker exit event: {e}");
-                None
-            }
-        }
+        worker_exit_event()
     }
 
     fn handle_event(

@@ -8,6 +8,9 @@ use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use tracing::{info, warn};
 use vhost_user_backend::{ShutdownHandle, VringRwLock, VringT};
@@ -350,6 +353,18 @@ impl RingServer {
         info!("fault injection: dropping the front-end connection");
         if !self.connection.shutdown() {
             warn!("fault injection: no connection to drop");
+        }
+    }
+}
+
+/// The exit event of a back-end's worker threads: without one they would never end
+/// when the connection goes.
+pub(crate) fn worker_exit_event() -> Option<(EventConsumer, EventNotifier)> {
+    match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+        Ok(pair) => Some(pair),
+        Err(e) => {
+            tracing::warn!("cannot create a worker exit event: {e}");
+            None
         }
     }
 }

@@ -15,13 +15,11 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT}
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::chain::{slice_segments, ChainLayout};
 use crate::faults::{bump, Faults};
-use crate::queue::{ConnectionSlot, FaultPolicy, Memory, RingServer};
+use crate::queue::{worker_exit_event, ConnectionSlot, FaultPolicy, Memory, RingServer};
 use crate::scsi_config::{read_config, ScsiTargetConfig};
 use crate::scsi_device::ScsiDevice;
 use crate::scsi_lun::write_stream;
@@ -197,14 +195,7 @@ impl VhostUserBackend for ScsiBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        // Without an exit event the worker threads would never end when the connection goes.
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                warn!("cannot create a worker exit event: {e}");
-                None
-            }
-        }
+        worker_exit_event()
     }
 
     fn handle_event(
