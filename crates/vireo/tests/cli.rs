@@ -2,28 +2,14 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
-fn vireo() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vireo"))
-}
-
-fn config(dir: &std::path::Path, sock: &std::path::Path, extra: &str) -> std::path::PathBuf {
-    let p = dir.join(format!(
-        "vireo-{}.json",
-        sock.file_stem().unwrap().to_string_lossy()
-    ));
-    std::fs::write(
-        &p,
-        format!(
-            r#"{{"subsystems":[{{"subsystem":"bdev","config":[{{"method":"bdev_virtio_attach_controller","params":{{"name":"VirtioBlk0","trtype":"user","traddr":"{}","dev_type":"blk"{extra}}}}}]}}]}}"#,
-            sock.display()
-        ),
-    )
-    .unwrap();
-    p
+/// A config attaching one blk controller `VirtioBlk0` at `sock` with `vq_count` queues.
+fn config(dir: &std::path::Path, sock: &std::path::Path, vq_count: u16) -> std::path::PathBuf {
+    let file = format!("vireo-{}.json", sock.file_stem().unwrap().to_string_lossy());
+    let mut p = blk_params("VirtioBlk0", sock, vq_count);
+    p.vq_size = 512;
+    write_config(dir, &file, &[p])
 }
 
 #[test]
@@ -34,21 +20,11 @@ fn perf_verify_and_randread_against_qsd_file() {
         backend: Backend::File(img),
         ..Default::default()
     });
-    let conf = config(dir.path(), &q.sock, "");
-    let out = vireo()
-        .args(["perf", "-c"])
-        .arg(&conf)
-        .args([
-            "-w", "verify", "-o", "4096", "-q", "32", "-t", "2", "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let conf = config(dir.path(), &q.sock, 1);
+    let v = perf_json(
+        &conf,
+        &["-w", "verify", "-o", "4096", "-q", "32", "-t", "2"],
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["total"]["errors"], 0);
     assert_eq!(v["total"]["verify_failures"], 0);
     assert!(v["total"]["ios"].as_u64().unwrap() > 100);
@@ -57,18 +33,7 @@ fn perf_verify_and_randread_against_qsd_file() {
     }
     assert_eq!(v["jobs"].as_array().unwrap().len(), 1);
 
-    let out = vireo()
-        .args(["perf", "-c"])
-        .arg(&conf)
-        .args(["-w", "randread", "-o", "4k", "-q", "8", "-t", "1", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = perf_json(&conf, &["-w", "randread", "-o", "4k", "-q", "8", "-t", "1"]);
     assert!(v["total"]["iops"].as_f64().unwrap() > 100.0);
 }
 
@@ -81,7 +46,7 @@ fn perf_all_workloads_on_two_threads() {
         queues: 2,
         ..Default::default()
     });
-    let conf = config(dir.path(), &q.sock, r#","vq_count":2"#);
+    let conf = config(dir.path(), &q.sock, 2);
     for w in [
         "write",
         "read",
@@ -93,10 +58,9 @@ fn perf_all_workloads_on_two_threads() {
         "flush",
         "write_zeroes",
     ] {
-        let out = vireo()
-            .args(["perf", "-c"])
-            .arg(&conf)
-            .args([
+        let v = perf_json(
+            &conf,
+            &[
                 "-b",
                 "VirtioBlk0",
                 "-w",
@@ -111,16 +75,8 @@ fn perf_all_workloads_on_two_threads() {
                 "0x3",
                 "-M",
                 "70",
-                "--json",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{w}: {}",
-            String::from_utf8_lossy(&out.stderr)
+            ],
         );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["jobs"].as_array().unwrap().len(), 2, "{w}");
         assert_eq!(v["total"]["errors"], 0, "{w}");
         assert!(v["total"]["ios"].as_u64().unwrap() > 0, "{w}");
@@ -152,7 +108,7 @@ fn bdevs_lists_and_errors_are_clear() {
         lbs: 4096,
         ..Default::default()
     });
-    let conf = config(dir.path(), &q.sock, "");
+    let conf = config(dir.path(), &q.sock, 1);
     let out = vireo()
         .args(["bdevs", "--json", "-c"])
         .arg(&conf)
@@ -177,7 +133,7 @@ fn bdevs_lists_and_errors_are_clear() {
     assert!(err.contains("vqcount") && err.contains("bad.json"), "{err}");
 
     // A missing socket.
-    let missing = config(dir.path(), &dir.path().join("nothing.sock"), "");
+    let missing = config(dir.path(), &dir.path().join("nothing.sock"), 1);
     let out = vireo()
         .args(["perf", "-t", "1", "-c"])
         .arg(&missing)
@@ -206,7 +162,7 @@ fn perf_exit_status_is_nonzero_on_io_errors() {
         read_only: true,
         ..Default::default()
     });
-    let conf = config(dir.path(), &q.sock, "");
+    let conf = config(dir.path(), &q.sock, 1);
     let out = vireo()
         .args(["perf", "-w", "write", "-t", "0.3", "--json", "-c"])
         .arg(&conf)
@@ -239,7 +195,7 @@ fn perf_gives_up_on_a_device_that_stops_answering() {
     .unwrap();
     t.faults()
         .set_completion_delay(std::time::Duration::from_secs(3));
-    let conf = config(dir.path(), &sock, "");
+    let conf = config(dir.path(), &sock, 1);
     let start = std::time::Instant::now();
     let out = vireo()
         .args([

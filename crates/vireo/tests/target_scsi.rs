@@ -453,28 +453,13 @@ fn cli_target_scsi_and_perf_verify_unmap() {
             .unwrap(),
     );
     wait_for("the target socket", || sock.exists());
-    let conf = dir.path().join("c.json");
-    std::fs::write(
-        &conf,
-        format!(
-            r#"{{"subsystems":[{{"subsystem":"bdev","config":[{{"method":"bdev_virtio_attach_controller","params":{{"name":"VirtioScsi0","trtype":"user","traddr":"{}","dev_type":"scsi"}}}}]}}]}}"#,
-            sock.display()
-        ),
-    )
-    .unwrap();
+    let conf = write_config(
+        dir.path(),
+        "c.json",
+        &[scsi_params("VirtioScsi0", &sock, 1, 512)],
+    );
     for w in ["verify", "unmap"] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vireo"))
-            .args(["perf", "-c"])
-            .arg(&conf)
-            .args(["-w", w, "-o", "64k", "-q", "16", "-t", "1", "--json"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{w}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let j = perf_json(&conf, &["-w", w, "-o", "64k", "-q", "16", "-t", "1"]);
         assert_eq!(
             j["jobs"].as_array().unwrap().len(),
             4,

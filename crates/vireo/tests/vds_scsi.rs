@@ -177,19 +177,14 @@ fn unanswered_reset_times_out_cleanly() {
 #[test]
 fn cli_perf_verify_on_a_scsi_lun() {
     let v = Vds::start(1, 64 << 20);
-    let conf = v.dir.path().join("scsi.json");
-    std::fs::write(
+    let conf = write_config(
+        v.dir.path(),
+        "scsi.json",
+        &[scsi_params("VirtioScsi0", &v.sock, 1, 128)],
+    );
+    let j = perf_json(
         &conf,
-        format!(
-            r#"{{"subsystems":[{{"subsystem":"bdev","config":[{{"method":"bdev_virtio_attach_controller","params":{{"name":"VirtioScsi0","trtype":"user","traddr":"{}","dev_type":"scsi","vq_size":128}}}}]}}]}}"#,
-            v.sock.display()
-        ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vireo"))
-        .args(["perf", "-c"])
-        .arg(&conf)
-        .args([
+        &[
             "-b",
             "VirtioScsi0t0",
             "-w",
@@ -200,17 +195,9 @@ fn cli_perf_verify_on_a_scsi_lun() {
             "32",
             "-t",
             "2",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        v.log()
+        ],
     );
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
     assert_eq!(j["total"]["errors"], 0);
     assert_eq!(j["total"]["verify_failures"], 0);
     assert!(j["total"]["ios"].as_u64().unwrap() > 100);

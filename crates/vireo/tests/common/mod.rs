@@ -255,3 +255,37 @@ pub fn scsi_params(name: &str, sock: &Path, vq_count: u16, vq_size: u16) -> Atta
         vq_size,
     }
 }
+
+/// Write an SPDK JSON config that attaches `controllers`; returns its path.
+pub fn write_config(dir: &Path, file: &str, controllers: &[AttachParams]) -> PathBuf {
+    let calls: Vec<serde_json::Value> = controllers
+        .iter()
+        .map(|p| serde_json::json!({"method": "bdev_virtio_attach_controller", "params": p.to_json()}))
+        .collect();
+    let doc = serde_json::json!({"subsystems": [{"subsystem": "bdev", "config": calls}]});
+    let path = dir.join(file);
+    std::fs::write(&path, doc.to_string()).expect("write config");
+    path
+}
+
+/// The `vireo` binary under test.
+pub fn vireo() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vireo"))
+}
+
+/// Run `vireo perf -c CONF ARGS... --json`, require success, return the report.
+pub fn perf_json(conf: &Path, args: &[&str]) -> serde_json::Value {
+    let out = vireo()
+        .args(["perf", "-c"])
+        .arg(conf)
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run vireo perf");
+    assert!(
+        out.status.success(),
+        "vireo perf {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("perf --json output")
+}
