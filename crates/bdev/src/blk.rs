@@ -3,11 +3,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::mem::offset_of;
 use vireo_virtio::features::blk as bf;
 use vireo_virtio::features::transport as tf;
+use vireo_virtio::wire::blk::{
+    Range, ReqHeader, RequestSlot, ID_BYTES, SLOT_RANGES, S_IOERR, S_OK, S_UNSET, S_UNSUPP,
+    T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES, WRITE_ZEROES_FLAG_UNMAP,
+};
 use vireo_virtio::{
-    create_queue, negotiate, DmaBuf, DmaMemory, QueueOptions, Segment, SplitQueue, Transport,
-    COMMON_FEATURES,
+    create_queue, negotiate, DmaMemory, QueueFailure, QueueOptions, RequestQueue, Segment,
+    SplitQueue, Transport, COMMON_FEATURES,
 };
 
 use crate::bdev::{Bdev, BdevDriver, BdevInfo, ChannelDriver, Child, ChildDone, Limits, OpSupport};
@@ -16,20 +21,8 @@ use crate::health::Health;
 use crate::io::IoOp;
 use crate::pool::QueuePool;
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
-/// Written before submission: a device that completes without writing a status is caught.
-const S_UNSET: u8 = 0xff;
-const ID_BYTES: usize = 20;
 /// Ranges per discard / write-zeroes request we are prepared to send.
-const MAX_RANGE_SEGS: u32 = 64;
+const MAX_RANGE_SEGS: u32 = SLOT_RANGES as u32;
 const SECTOR: u64 = 512;
 /// Bytes of `struct virtio_blk_config` vireo reads (through `write_zeroes_may_unmap`).
 const CONFIG_LEN: usize = 60;
@@ -115,7 +108,6 @@ struct Shared {
     segment_bytes: u64,
     range_sectors_unmap: u64,
     range_sectors_wz: u64,
-    slot_stride: usize,
     mem: Arc<DmaMemory>,
     health: Health,
     queues: QueuePool,
@@ -284,7 +276,6 @@ impl BlkController {
         let write_zeroes = has(bf::WRITE_ZEROES) && max_wz_blocks > 0;
         let read_only = has(bf::RO);
 
-        let slot_stride = (32 + (MAX_RANGE_SEGS as usize * 16).max(32)).next_multiple_of(64);
         let opts = QueueOptions {
             event_idx: has(tf::RING_EVENT_IDX),
             indirect_max,
@@ -308,7 +299,6 @@ impl BlkController {
             segment_bytes,
             range_sectors_unmap: unmap_sectors,
             range_sectors_wz: wz_sectors,
-            slot_stride,
             mem: mem.clone(),
             health: Health::new(name, transport.broken_flag()),
             queues: QueuePool::new(queues),
@@ -421,167 +411,138 @@ impl BlkController {
 
 /// One queue of a virtio-blk controller, owned by one channel.
 struct BlkChannel {
-    q: Option<SplitQueue>,
+    rq: RequestQueue<RequestSlot>,
     shared: Arc<Shared>,
-    /// Request headers, status bytes and range lists, one slot per descriptor.
-    slots: Option<DmaBuf>,
-    /// Address of `slots` (virtual == device address).
-    slots_base: u64,
-    free_slots: Vec<u16>,
+    /// The parent I/O of each slot's request.
     slot_parent: Box<[u32]>,
     segs: Vec<Segment>,
-    used: Vec<vireo_virtio::Used>,
-    failed: Option<IoError>,
+    /// Requests failed without reaching the device, handed out by the next poll.
     dead: Vec<ChildDone>,
-    /// The device may still touch our memory: never free it.
-    leak: bool,
-    idle_polls: u32,
+    failed: Option<IoError>,
+}
+
+const HDR_OFF: u64 = offset_of!(RequestSlot, hdr) as u64;
+const STATUS_OFF: usize = offset_of!(RequestSlot, status);
+const RANGES_OFF: u64 = offset_of!(RequestSlot, ranges) as u64;
+
+fn queue_error(f: &QueueFailure) -> IoError {
+    match f {
+        QueueFailure::Disconnected => IoError::Disconnected,
+        QueueFailure::Device(why) => IoError::ControllerFailed(why.clone()),
+    }
 }
 
 impl BlkChannel {
     fn new(shared: Arc<Shared>, q: SplitQueue) -> Result<BlkChannel, IoError> {
         let n = q.size() as usize;
-        let mut slots = shared
-            .mem
-            .alloc(n * shared.slot_stride, 4096)
+        let rq = RequestQueue::new(&shared.mem, q, shared.health.broken_arc())
             .map_err(|e| IoError::NoMemory(e.to_string()))?;
-        slots.as_mut_slice().fill(0);
         shared.queues.opened();
         Ok(BlkChannel {
-            free_slots: (0..n as u16).rev().collect(),
+            rq,
             slot_parent: vec![0; n].into_boxed_slice(),
             segs: Vec::with_capacity(shared.max_segments + 2),
-            used: Vec::with_capacity(n),
-            q: Some(q),
             shared,
-            slots_base: slots.iova(),
-            slots: Some(slots),
-            failed: None,
             dead: Vec::new(),
-            leak: false,
-            idle_polls: 0,
+            failed: None,
         })
     }
 
-    #[inline]
-    fn slot_ptr(&self, slot: u16) -> *mut u8 {
-        (self.slots_base + (slot as usize * self.shared.slot_stride) as u64) as *mut u8
-    }
-
-    #[inline]
-    fn write_slot(&self, slot: u16, off: usize, bytes: &[u8]) {
-        debug_assert!(off + bytes.len() <= self.shared.slot_stride);
-        // SAFETY: the slot is owned by this channel and not in flight while written; the
-        // range stays inside the slot (checked above in debug builds, by construction).
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.slot_ptr(slot).add(off), bytes.len())
-        }
-    }
-
-    #[inline]
-    fn read_status(&self, slot: u16) -> u8 {
-        // SAFETY: byte 16 of the slot is the status byte; the device wrote it before
-        // publishing the used entry, which the ring read with Acquire ordering.
-        unsafe { std::ptr::read_volatile(self.slot_ptr(slot).add(16)) }
-    }
-
-    fn header(&self, slot: u16, ty: u32, sector: u64) {
-        let mut h = [0u8; 17];
-        h[0..4].copy_from_slice(&ty.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        h[16] = S_UNSET;
-        self.write_slot(slot, 0, &h);
-    }
-
-    fn fail_all(&mut self, e: IoError) {
+    /// The queue failed: fail every request it held, mark the controller failed when
+    /// the device broke the protocol.
+    fn fail_all(&mut self, f: QueueFailure) {
         if self.failed.is_some() {
             return;
         }
-        if !matches!(e, IoError::Disconnected) {
-            self.shared.health.fail(&e.to_string());
-            // A lying device may still write into our rings and buffers.
-            self.leak = true;
+        if let QueueFailure::Device(why) = &f {
+            self.shared.health.fail(why);
         }
-        let n = self.slot_parent.len() as u16;
-        let mut in_use = vec![true; n as usize];
-        for &s in &self.free_slots {
-            in_use[s as usize] = false;
+        self.rq.fail(f.clone());
+        let e = queue_error(&f);
+        for slot in self.rq.drain_in_flight() {
+            self.dead.push(ChildDone {
+                parent: self.slot_parent[slot as usize],
+                result: Err(e.clone()),
+            });
         }
-        for (s, used) in in_use.iter().enumerate() {
-            if *used {
-                self.dead.push(ChildDone {
-                    parent: self.slot_parent[s],
-                    result: Err(e.clone()),
-                });
-            }
-        }
-        self.free_slots = (0..n).rev().collect();
         self.failed = Some(e);
     }
 
     /// Fetch the serial number synchronously.
     fn get_id(&mut self, timeout: Duration) -> Result<Option<String>, IoError> {
+        let mut id = self
+            .shared
+            .mem
+            .alloc(ID_BYTES, 64)
+            .map_err(|e| IoError::NoMemory(e.to_string()))?;
+        id.as_mut_slice().fill(0);
         let slot = self
-            .free_slots
-            .pop()
+            .rq
+            .take_slot()
             .ok_or_else(|| IoError::InvalidRequest("no slot".into()))?;
-        self.header(slot, T_GET_ID, 0);
-        self.write_slot(slot, 32, &[0u8; ID_BYTES]);
-        let base = self.slots_base + (slot as usize * self.shared.slot_stride) as u64;
+        let s = self.rq.slot_mut(slot);
+        s.hdr = ReqHeader {
+            type_: T_GET_ID.into(),
+            ioprio: 0.into(),
+            sector: 0.into(),
+        };
+        s.status = S_UNSET;
+        let base = self.rq.slot_addr(slot);
         let segs = [
             Segment {
-                addr: base,
+                addr: base + HDR_OFF,
                 len: 16,
             },
             Segment {
-                addr: base + 32,
+                addr: id.iova(),
                 len: ID_BYTES as u32,
             },
             Segment {
-                addr: base + 16,
+                addr: base + STATUS_OFF as u64,
                 len: 1,
             },
         ];
-        let q = self.q.as_mut().ok_or(IoError::Disconnected)?;
-        q.add(&segs, 1, slot as u64)
+        self.rq
+            .submit(slot, &segs, 1)
             .map_err(|_| IoError::InvalidRequest("ring full".into()))?;
-        q.publish()
-            .map_err(|e| IoError::ControllerFailed(e.to_string()))?;
+        if let Err(f) = self.rq.publish() {
+            self.fail_all(f.clone());
+            return Err(queue_error(&f));
+        }
         let start = Instant::now();
-        let mut got = None;
-        while got.is_none() {
-            let q = self.q.as_mut().ok_or(IoError::Disconnected)?;
-            if let Err(e) = q.poll(|u| got = Some(u)) {
-                let e = IoError::ControllerFailed(e.to_string());
-                self.fail_all(e.clone());
-                return Err(e);
+        let mut status = None;
+        while status.is_none() {
+            match self
+                .rq
+                .poll(|rq, s, _| status = Some(rq.read_at::<u8>(s, STATUS_OFF)))
+            {
+                Ok(_) => {}
+                Err(f) => {
+                    std::mem::forget(id);
+                    self.fail_all(f.clone());
+                    return Err(queue_error(&f));
+                }
             }
-            if got.is_none() {
+            if status.is_none() {
                 if self.shared.health.is_broken() {
-                    self.fail_all(IoError::Disconnected);
+                    std::mem::forget(id);
+                    self.fail_all(QueueFailure::Disconnected);
                     return Err(IoError::Disconnected);
                 }
                 if start.elapsed() > timeout {
-                    let e = IoError::ControllerFailed("GET_ID did not complete".into());
-                    self.fail_all(e.clone());
-                    return Err(e);
+                    // The device still owns the id buffer.
+                    std::mem::forget(id);
+                    let why = "GET_ID did not complete".to_string();
+                    self.fail_all(QueueFailure::Device(why.clone()));
+                    return Err(IoError::ControllerFailed(why));
                 }
                 std::thread::yield_now();
             }
         }
-        self.free_slots.push(slot);
-        match self.read_status(slot) {
-            S_OK => {
-                let mut id = [0u8; ID_BYTES];
-                // SAFETY: the 20 id bytes at offset 32 of the slot, written by the device
-                // before completion.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        self.slot_ptr(slot).add(32),
-                        id.as_mut_ptr(),
-                        ID_BYTES,
-                    )
-                };
+        self.rq.release_slot(slot);
+        match status {
+            Some(S_OK) => {
+                let id = id.as_slice();
                 let end = id.iter().position(|&c| c == 0).unwrap_or(ID_BYTES);
                 let s: String = String::from_utf8_lossy(&id[..end])
                     .chars()
@@ -590,9 +551,10 @@ impl BlkChannel {
                 let s = s.trim().to_string();
                 Ok(if s.is_empty() { None } else { Some(s) })
             }
-            S_IOERR | S_UNSUPP => Ok(None),
+            Some(S_IOERR | S_UNSUPP) => Ok(None),
             other => Err(IoError::ControllerFailed(format!(
-                "invalid virtio-blk status byte {other:#x} for GET_ID"
+                "invalid virtio-blk status byte {:#x} for GET_ID",
+                other.unwrap_or(S_UNSET)
             ))),
         }
     }
@@ -607,22 +569,28 @@ impl ChannelDriver for BlkChannel {
             });
             return Ok(());
         }
-        let Some(slot) = self.free_slots.pop() else {
+        let Some(slot) = self.rq.take_slot() else {
             return Err(c);
         };
         let sh = &*self.shared;
-        let base = self.slots_base + (slot as usize * sh.slot_stride) as u64;
+        let base = self.rq.slot_addr(slot);
         let sector = c.lba * sh.sectors_per_block;
         let mut segs = std::mem::take(&mut self.segs);
         segs.clear();
         segs.push(Segment {
-            addr: base,
+            addr: base + HDR_OFF,
             len: 16,
         });
+        let s = self.rq.slot_mut(slot);
+        s.status = S_UNSET;
         let n_out = match c.op {
             IoOp::Read | IoOp::Write => {
                 let ty = if c.op == IoOp::Read { T_IN } else { T_OUT };
-                self.header(slot, ty, sector);
+                s.hdr = ReqHeader {
+                    type_: ty.into(),
+                    ioprio: 0.into(),
+                    sector: sector.into(),
+                };
                 let mut addr = c.addr;
                 let mut left = c.len as u64;
                 while left > 0 {
@@ -641,43 +609,52 @@ impl ChannelDriver for BlkChannel {
                 }
             }
             IoOp::Flush => {
-                self.header(slot, T_FLUSH, 0);
+                s.hdr = ReqHeader {
+                    type_: T_FLUSH.into(),
+                    ioprio: 0.into(),
+                    sector: 0.into(),
+                };
                 1
             }
             IoOp::Unmap | IoOp::WriteZeroes => {
                 let (ty, per, flags) = if c.op == IoOp::Unmap {
                     (T_DISCARD, sh.range_sectors_unmap, 0u32)
                 } else {
-                    (T_WRITE_ZEROES, sh.range_sectors_wz, 1u32)
+                    (T_WRITE_ZEROES, sh.range_sectors_wz, WRITE_ZEROES_FLAG_UNMAP)
                 };
-                self.header(slot, ty, 0);
-                let mut s = sector;
+                s.hdr = ReqHeader {
+                    type_: ty.into(),
+                    ioprio: 0.into(),
+                    sector: 0.into(),
+                };
+                let mut sec = sector;
                 let mut left = c.blocks * sh.sectors_per_block;
                 let mut i = 0usize;
-                while left > 0 {
+                // The bdev layer splits to max_unmap_segments x range_sectors, at most
+                // SLOT_RANGES ranges.
+                while left > 0 && i < SLOT_RANGES {
                     let n = left.min(per);
-                    let mut r = [0u8; 16];
-                    r[0..8].copy_from_slice(&s.to_le_bytes());
-                    r[8..12].copy_from_slice(&(n as u32).to_le_bytes());
-                    r[12..16].copy_from_slice(&flags.to_le_bytes());
-                    self.write_slot(slot, 32 + 16 * i, &r);
-                    s += n;
+                    s.ranges[i] = Range {
+                        sector: sec.into(),
+                        num_sectors: (n as u32).into(),
+                        flags: flags.into(),
+                    };
+                    sec += n;
                     left -= n;
                     i += 1;
                 }
                 segs.push(Segment {
-                    addr: base + 32,
+                    addr: base + RANGES_OFF,
                     len: (16 * i) as u32,
                 });
                 2
             }
         };
         segs.push(Segment {
-            addr: base + 16,
+            addr: base + STATUS_OFF as u64,
             len: 1,
         });
-        let q = self.q.as_mut().expect("queue present while not failed");
-        let r = q.add(&segs, n_out, slot as u64);
+        let r = self.rq.submit(slot, &segs, n_out);
         self.segs = segs;
         match r {
             Ok(()) => {
@@ -685,7 +662,7 @@ impl ChannelDriver for BlkChannel {
                 Ok(())
             }
             Err(_) => {
-                self.free_slots.push(slot);
+                self.rq.release_slot(slot);
                 Err(c)
             }
         }
@@ -695,10 +672,8 @@ impl ChannelDriver for BlkChannel {
         if self.failed.is_some() {
             return;
         }
-        if let Some(q) = self.q.as_mut() {
-            if let Err(e) = q.publish() {
-                self.fail_all(IoError::ControllerFailed(e.to_string()));
-            }
+        if let Err(f) = self.rq.publish() {
+            self.fail_all(f);
         }
     }
 
@@ -710,26 +685,10 @@ impl ChannelDriver for BlkChannel {
         if self.failed.is_some() {
             return out.len() - before;
         }
-        let q = self.q.as_mut().expect("queue present while not failed");
-        if !q.has_used() {
-            // Idle: look for a vanished back-end now and then (one relaxed load).
-            self.idle_polls = self.idle_polls.wrapping_add(1);
-            if self.idle_polls.is_multiple_of(256)
-                && q.in_flight() > 0
-                && self.shared.health.is_broken()
-            {
-                self.fail_all(IoError::Disconnected);
-                out.append(&mut self.dead);
-            }
-            return out.len() - before;
-        }
-        let mut used = std::mem::take(&mut self.used);
-        used.clear();
-        let r = q.poll(|u| used.push(u));
         let mut bad: Option<String> = None;
-        for u in &used {
-            let slot = u.token as u16;
-            let result = match self.read_status(slot) {
+        let parents = &self.slot_parent;
+        let r = self.rq.poll(|rq, slot, _len| {
+            let result = match rq.read_at::<u8>(slot, STATUS_OFF) {
                 S_OK => Ok(()),
                 S_IOERR => Err(IoError::Device),
                 S_UNSUPP => Err(IoError::DeviceUnsupported),
@@ -744,17 +703,19 @@ impl ChannelDriver for BlkChannel {
                     Err(IoError::ControllerFailed(why))
                 }
             };
-            self.free_slots.push(slot);
+            rq.release_slot(slot);
             out.push(ChildDone {
-                parent: self.slot_parent[slot as usize],
+                parent: parents[slot as usize],
                 result,
             });
-        }
-        self.used = used;
-        if let Err(e) = r {
-            self.fail_all(IoError::ControllerFailed(e.to_string()));
-        } else if let Some(why) = bad {
-            self.fail_all(IoError::ControllerFailed(why));
+        });
+        match r {
+            Err(f) => self.fail_all(f),
+            Ok(_) => {
+                if let Some(why) = bad {
+                    self.fail_all(QueueFailure::Device(why));
+                }
+            }
         }
         out.append(&mut self.dead);
         out.len() - before
@@ -764,22 +725,17 @@ impl ChannelDriver for BlkChannel {
         if self.failed.is_some() {
             return 0;
         }
-        self.q.as_ref().map_or(0, |q| q.in_flight() as usize)
+        self.rq.in_flight()
     }
 }
 
 impl Drop for BlkChannel {
     fn drop(&mut self) {
         self.shared.queues.closed();
-        let Some(q) = self.q.take() else { return };
-        if self.leak || q.in_flight() > 0 || self.failed.is_some() {
-            // The device may still use this ring and these slots.
-            if self.failed.is_none() || self.leak {
-                std::mem::forget(q);
-                std::mem::forget(self.slots.take());
-            }
-            return;
+        // A working queue with nothing on the device goes back to the pool; otherwise
+        // the request queue keeps (leaks) what the device may still use.
+        if let Some(q) = self.rq.take_ring() {
+            self.shared.queues.give(q);
         }
-        self.shared.queues.give(q);
     }
 }

@@ -11,8 +11,9 @@ use crate::error::BdevError;
 
 /// Default number of request queues.
 pub const DEFAULT_VQ_COUNT: u16 = 1;
-/// Default descriptors per queue.
-pub const DEFAULT_VQ_SIZE: u16 = 512;
+/// Default descriptors per queue: QEMU's size for vhost-user devices, accepted by every
+/// back-end we test (vhost-device-scsi allows at most 128).
+pub const DEFAULT_VQ_SIZE: u16 = 128;
 
 /// How the controller is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -317,7 +318,7 @@ mod tests {
                 traddr: "/tmp/vhost.0".into(),
                 dev_type: DevType::Blk,
                 vq_count: 1,
-                vq_size: 512,
+                vq_size: 128,
             })]
         );
     }

@@ -51,6 +51,11 @@ impl Health {
         &self.broken
     }
 
+    /// The transport's hang-up flag, shared (for request queues).
+    pub fn broken_arc(&self) -> Arc<AtomicBool> {
+        self.broken.clone()
+    }
+
     /// Why the controller is unusable, if it is.
     pub fn failure(&self) -> Option<String> {
         if self.is_broken() {

@@ -158,7 +158,7 @@ impl VhostUserBackend for ScsiBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        ScsiTargetConfig::protocol_features()
+        self.cfg().protocol_features()
     }
 
     fn reset_device(&self) {

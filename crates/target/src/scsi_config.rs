@@ -198,6 +198,10 @@ pub struct ScsiTargetConfig {
     /// Never complete task management functions (some real targets never answer them); can
     /// also be switched at run time with [`ScsiFaults`](crate::ScsiFaults).
     pub tmf_never_answer: bool,
+    /// Offer the vhost-user `CONFIG` protocol feature. `false` behaves like SPDK's
+    /// vhost-scsi, which has no readable configuration space: the front-end must make do
+    /// with `GET_QUEUE_NUM` and the spec's defaults.
+    pub config_space: bool,
 }
 
 impl Default for ScsiTargetConfig {
@@ -220,6 +224,7 @@ impl Default for ScsiTargetConfig {
             luns_changed_unit_attention: true,
             sense_format: SenseFormat::Fixed,
             tmf_never_answer: false,
+            config_space: true,
         }
     }
 }
@@ -412,12 +417,17 @@ impl ScsiTargetConfig {
         f
     }
 
-    /// The vhost-user protocol features the device offers.
-    pub fn protocol_features() -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
+    /// The vhost-user protocol features the device offers (`CONFIG` only with
+    /// [`config_space`](Self::config_space)).
+    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        let f = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        if self.config_space {
+            f | VhostUserProtocolFeatures::CONFIG
+        } else {
+            f
+        }
     }
 
     /// Encodes `struct virtio_scsi_config` (little endian) with the default sense and CDB sizes.

@@ -120,6 +120,10 @@ struct TargetArgs {
     /// Export read-only.
     #[arg(long)]
     read_only: bool,
+    /// scsi: do not offer the vhost-user CONFIG protocol feature (no readable
+    /// configuration space, like SPDK's vhost-scsi).
+    #[arg(long)]
+    no_config_space: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -143,8 +147,9 @@ struct PerfArgs {
     #[arg(short = 't', long = "time", default_value_t = 5.0)]
     time: f64,
     /// Cores: a mask (0x3), a list (0,1) or ranges (0-3); one thread and channel each.
-    #[arg(short = 'm', long = "cpumask", default_value = "0x1")]
-    cores: String,
+    /// Default: the first CPU this process may run on (it respects `taskset`).
+    #[arg(short = 'm', long = "cpumask")]
+    cores: Option<String>,
     /// Read percentage of rw and randrw.
     #[arg(short = 'M', long = "rwmixread", default_value_t = 50)]
     read_percent: u32,
@@ -170,6 +175,63 @@ fn parse_size(s: &str) -> std::result::Result<usize, String> {
     num.parse::<usize>()
         .map(|n| n * mult)
         .map_err(|e| format!("invalid size {s:?}: {e}"))
+}
+
+/// The CPUs this process may run on (its inherited affinity, as `taskset` sets it).
+fn allowed_cpus() -> Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size into it.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("cannot read this process's CPU affinity (sched_getaffinity)");
+        }
+        set
+    };
+    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: CPU_ISSET reads bit `i` < CPU_SETSIZE of the set filled above.
+    let cpus: Vec<usize> = (0..max)
+        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+        .collect();
+    if cpus.is_empty() {
+        bail!("this process may run on no CPU at all (empty affinity)");
+    }
+    Ok(cpus)
+}
+
+/// The cores of `-m`, or the first allowed CPU; every core must be in `allowed`.
+fn select_cores(arg: Option<&str>, allowed: &[usize]) -> Result<Vec<usize>> {
+    let Some(s) = arg else {
+        return Ok(vec![allowed[0]]);
+    };
+    let cores = parse_cores(s)?;
+    if let Some(&c) = cores.iter().find(|c| !allowed.contains(c)) {
+        bail!(
+            "-m {s}: CPU {c} is not one this process may run on (allowed: {}); \
+             pick CPUs from that set or change the affinity (taskset)",
+            cpu_list(allowed)
+        );
+    }
+    Ok(cores)
+}
+
+/// `0-3,6` style list of CPUs.
+fn cpu_list(cpus: &[usize]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            cpus[i].to_string()
+        } else {
+            format!("{}-{}", cpus[i], cpus[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
 }
 
 /// Parse `-m`: `0x3`, `0,1`, `0-3`, `[0,2]`.
@@ -321,7 +383,7 @@ fn cmd_perf(a: PerfArgs) -> Result<bool> {
     // Declared first so it is dropped last, after the controllers that use it.
     let mut _embedded = None;
     let reg = registry()?;
-    let cores = parse_cores(&a.cores)?;
+    let cores = select_cores(a.cores.as_deref(), &allowed_cpus()?)?;
     // Without a config: an in-process vhost-user-blk target on RAM, one queue per core.
     let bdevs = match &a.config {
         Some(c) => attach_config(&reg, c)?,
@@ -467,6 +529,7 @@ fn cmd_target_scsi(a: TargetArgs) -> Result<()> {
             luns,
             num_request_queues: a.queues,
             seg_max: a.seg_max,
+            config_space: !a.no_config_space,
             ..Default::default()
         },
     )?;

@@ -234,3 +234,49 @@ fn perf_gives_up_on_a_device_that_stops_answering() {
     );
     t.faults().clear();
 }
+
+/// `vireo` under `taskset -c CPU`.
+fn vireo_on_cpu(cpu: usize) -> std::process::Command {
+    let mut c = std::process::Command::new("taskset");
+    c.args(["-c", &cpu.to_string()])
+        .arg(env!("CARGO_BIN_EXE_vireo"));
+    c
+}
+
+#[test]
+fn perf_runs_on_the_first_allowed_cpu_and_refuses_others() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2
+        || std::process::Command::new("taskset")
+            .arg("-V")
+            .output()
+            .is_err()
+    {
+        eprintln!("SKIPPED: needs 2 CPUs and taskset (util-linux)");
+        return;
+    }
+    // Without -m the I/O thread runs on the CPU taskset allows, not on CPU 0.
+    let out = vireo_on_cpu(1)
+        .args(["perf", "-t", "0.3", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["jobs"][0]["core"], 1, "{v}");
+    assert_eq!(v["total"]["verify_failures"], 0);
+    // -m naming a CPU outside the allowed set is a clear error.
+    let out = vireo_on_cpu(1)
+        .args(["perf", "-t", "0.3", "-m", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CPU 0 is not one this process may run on (allowed: 1)"),
+        "{err}"
+    );
+}

@@ -556,3 +556,55 @@ fn a_channel_waiting_for_ring_space_freed_by_another_lun_gets_it() {
     }
     assert!(da.iter().chain(db.iter()).all(|c| c.result.is_ok()));
 }
+
+#[test]
+fn a_target_without_a_config_space_is_scanned_with_spec_defaults() {
+    // Like SPDK's vhost-scsi: no CONFIG protocol feature, so no num_queues, max_target
+    // or sense/CDB sizes; vireo takes the queue count from GET_QUEUE_NUM and scans
+    // targets 0..=63.
+    let mut luns = BTreeMap::new();
+    for t in [0u8, 5, 63] {
+        luns.insert((t, 0), ram_lun(8));
+    }
+    luns.insert((5, 2), ram_lun(8));
+    let (t, _d) = target(ScsiTargetConfig {
+        luns,
+        num_request_queues: 2,
+        config_space: false,
+        ..Default::default()
+    });
+    // More request queues than GET_QUEUE_NUM allows is refused with the count.
+    let e = registry()
+        .attach(&scsi_params("S", t.socket_path(), 3, 128))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("vq_count=3") && e.contains("offers 2"), "{e}");
+    let reg = registry();
+    let bdevs = reg
+        .attach(&scsi_params("S", t.socket_path(), 2, 128))
+        .expect("attach without a config space");
+    let mut names: Vec<_> = bdevs.iter().map(|b| b.name().to_string()).collect();
+    names.sort();
+    assert_eq!(names, ["St0", "St5", "St5l2", "St63"]);
+    // Data goes to the right LUN through both queues.
+    let threads: Vec<_> = bdevs
+        .iter()
+        .take(2)
+        .cloned()
+        .enumerate()
+        .map(|(i, b)| {
+            std::thread::spawn(move || {
+                let mut ch = b.open_channel().unwrap();
+                let data = pattern(4096, i as u8);
+                let c = ch.run(IoRequest::write(8, 8, IoBuf::Heap(data.clone()), 1));
+                assert_eq!(c.result, Ok(()));
+                let c = ch.run(IoRequest::read(8, 8, IoBuf::Heap(vec![0; 4096]), 2));
+                assert_eq!(c.result, Ok(()));
+                assert_eq!(c.buf.unwrap().as_slice(), &data[..]);
+            })
+        })
+        .collect();
+    for h in threads {
+        h.join().unwrap();
+    }
+}

@@ -177,11 +177,14 @@ fn unanswered_reset_times_out_cleanly() {
 #[test]
 fn cli_perf_verify_on_a_scsi_lun() {
     let v = Vds::start(1, 64 << 20);
-    let conf = write_config(
-        v.dir.path(),
-        "scsi.json",
-        &[scsi_params("VirtioScsi0", &v.sock, 1, 128)],
-    );
+    // No vq_size: the default must be one vhost-device-scsi accepts (at most 128; it
+    // serves one connection, so a refused size cannot be retried).
+    let conf = v.dir.path().join("scsi.json");
+    let doc = serde_json::json!({"subsystems": [{"subsystem": "bdev", "config": [
+        {"method": "bdev_virtio_attach_controller", "params": {
+            "name": "VirtioScsi0", "trtype": "user",
+            "traddr": v.sock.display().to_string(), "dev_type": "scsi"}}]}]});
+    std::fs::write(&conf, doc.to_string()).unwrap();
     let j = perf_json(
         &conf,
         &[

@@ -5,17 +5,21 @@
 //! for the control plane and one [`ring::SplitQueue`] per request queue for the data
 //! plane.
 
+pub mod clock;
 pub mod error;
 pub mod features;
 pub mod memory;
 pub mod notify;
+pub mod request_queue;
 pub mod ring;
 pub mod transport;
 pub mod vhost_user;
+pub mod wire;
 
 pub use error::{Error, Result};
 pub use memory::{DmaBuf, DmaConfig, DmaMemory, DmaRegionInfo, RegionListener, Translator};
 pub use notify::Notifier;
+pub use request_queue::{QueueFailure, RequestQueue};
 pub use ring::{QueueFull, QueueOptions, RingLayout, Segment, SplitQueue, Used};
 pub use transport::{create_queue, negotiate, Transport, COMMON_FEATURES};
 pub use vhost_user::VhostUserTransport;

@@ -32,6 +32,11 @@ pub trait Transport: Send {
     /// Largest size of queue `index`, if the transport can tell.
     fn max_queue_size(&mut self, index: u16) -> Result<Option<u16>>;
 
+    /// Whether [`read_config`](Transport::read_config) can work: a vhost-user back-end
+    /// without the `CONFIG` protocol feature (SPDK's vhost-scsi, for one) has no readable
+    /// configuration space, and drivers then fall back to parameters and spec defaults.
+    fn has_config(&self) -> bool;
+
     /// Read `buf.len()` bytes of the device-specific configuration at `offset`.
     fn read_config(&mut self, offset: u32, buf: &mut [u8]) -> Result<()>;
 

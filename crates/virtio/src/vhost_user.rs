@@ -438,6 +438,10 @@ impl Transport for VhostUserTransport {
         Ok(None)
     }
 
+    fn has_config(&self) -> bool {
+        self.protocol.contains(VhostUserProtocolFeatures::CONFIG)
+    }
+
     fn read_config(&mut self, offset: u32, buf: &mut [u8]) -> Result<()> {
         self.guarded(|t| t.read_config_inner(offset, buf))
     }

@@ -1,12 +1,21 @@
-//! One virtio-scsi request queue with its request/response slots.
+//! One virtio-scsi request queue: the generic [`RequestQueue`] with command slots, and
+//! what the device's CDB and sense sizes make of them.
 
+use std::mem::offset_of;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vireo_virtio::{DmaBuf, DmaMemory, Segment, SplitQueue, Used};
+use vireo_virtio::wire::scsi::{
+    CmdReq, CmdSlot, RespHeader, CDB_SIZE, MAX_SENSE, REQ_HEADER, RESP_HEADER,
+};
+use vireo_virtio::{DmaBuf, DmaMemory, QueueFailure, RequestQueue, Segment, SplitQueue};
 
-use super::wire::{response, Resp, MAX_SENSE, REQ_HEADER, RESP_HEADER};
+use super::wire::{response, Resp};
 use crate::error::IoError;
+
+const REQ_OFF: u64 = offset_of!(CmdSlot, req) as u64;
+const RESP_OFF: usize = offset_of!(CmdSlot, resp);
 
 /// Sizes the device asked for, fixed at attach.
 #[derive(Debug, Clone, Copy)]
@@ -15,148 +24,122 @@ pub struct Geometry {
     pub cdb_size: usize,
     /// Sense bytes in a response.
     pub sense_size: usize,
-    /// Bytes per slot: request header at 0, response at `resp_off`.
-    pub stride: usize,
-    /// Offset of the response in a slot.
-    pub resp_off: usize,
 }
 
 impl Geometry {
-    /// Layout for the device's CDB and sense sizes.
+    /// Layout for the device's CDB and sense sizes (at most 32 and [`MAX_SENSE`]).
     pub fn new(cdb_size: usize, sense_size: usize) -> Geometry {
-        let resp_off = (REQ_HEADER + cdb_size).next_multiple_of(16);
-        let stride = (resp_off + RESP_HEADER + sense_size).next_multiple_of(64);
         Geometry {
-            cdb_size,
-            sense_size,
-            stride,
-            resp_off,
+            cdb_size: cdb_size.min(CDB_SIZE),
+            sense_size: sense_size.min(MAX_SENSE),
         }
     }
 
-    /// Request bytes.
+    /// Request bytes the device reads.
     pub fn req_len(&self) -> usize {
         REQ_HEADER + self.cdb_size
     }
 
-    /// Response bytes.
+    /// Response bytes the device writes.
     pub fn resp_len(&self) -> usize {
         RESP_HEADER + self.sense_size
     }
 }
 
-/// A request queue and its slots (one per descriptor).
+/// The virtio-level error of a failed queue.
+pub fn queue_error(f: &QueueFailure) -> IoError {
+    match f {
+        QueueFailure::Disconnected => IoError::Disconnected,
+        QueueFailure::Device(why) => IoError::ControllerFailed(why.clone()),
+    }
+}
+
+/// A request queue with command slots.
 pub struct ScsiQueue {
-    pub q: SplitQueue,
+    pub rq: RequestQueue<CmdSlot>,
     pub geo: Geometry,
-    slots: Option<DmaBuf>,
-    base: u64,
-    pub free: Vec<u16>,
-    pub used: Vec<Used>,
-    pub segs: Vec<Segment>,
+    segs: Vec<Segment>,
 }
 
 impl ScsiQueue {
-    pub fn new(mem: &Arc<DmaMemory>, q: SplitQueue, geo: Geometry) -> Result<ScsiQueue, IoError> {
-        let n = q.size() as usize;
-        let mut slots = mem
-            .alloc(n * geo.stride, 4096)
-            .map_err(|e| IoError::NoMemory(e.to_string()))?;
-        slots.as_mut_slice().fill(0);
+    pub fn new(
+        mem: &Arc<DmaMemory>,
+        q: SplitQueue,
+        geo: Geometry,
+        broken: Arc<AtomicBool>,
+    ) -> Result<ScsiQueue, IoError> {
+        let rq = RequestQueue::new(mem, q, broken).map_err(|e| IoError::NoMemory(e.to_string()))?;
         Ok(ScsiQueue {
-            base: slots.iova(),
-            slots: Some(slots),
-            free: (0..n as u16).rev().collect(),
-            used: Vec::with_capacity(n),
-            segs: Vec::new(),
-            q,
+            rq,
             geo,
+            segs: Vec::new(),
         })
     }
 
-    fn slot_ptr(&self, slot: u16) -> *mut u8 {
-        (self.base + (slot as usize * self.geo.stride) as u64) as *mut u8
-    }
-
-    /// Device address of the request header of `slot`.
-    pub fn req_addr(&self, slot: u16) -> u64 {
-        self.base + (slot as usize * self.geo.stride) as u64
-    }
-
-    /// Device address of the response of `slot`.
-    pub fn resp_addr(&self, slot: u16) -> u64 {
-        self.req_addr(slot) + self.geo.resp_off as u64
-    }
-
-    /// Write the request header and arm the response of `slot`.
+    /// Write the request of `slot` and arm its response (response code UNSET: a
+    /// device that completes without writing one is caught).
+    #[inline]
     pub fn prepare(&mut self, slot: u16, lun: &[u8; 8], tag: u64, cdb: &[u8]) {
-        let mut h = [0u8; REQ_HEADER + 32];
-        h[0..8].copy_from_slice(lun);
-        h[8..16].copy_from_slice(&tag.to_le_bytes());
-        // task_attr SIMPLE (0), prio 0, crn 0.
-        let n = cdb.len().min(self.geo.cdb_size).min(32);
-        h[REQ_HEADER..REQ_HEADER + n].copy_from_slice(&cdb[..n]);
-        let len = self.geo.req_len().min(h.len());
-        let resp_off = self.geo.resp_off;
-        let p = self.slot_ptr(slot);
-        // SAFETY: the slot is owned by this queue and not in flight; the header and the
-        // response header lie inside the slot's `stride` bytes (Geometry::new), and a
-        // CDB area beyond 32 bytes was zeroed at allocation.
-        unsafe {
-            std::ptr::copy_nonoverlapping(h.as_ptr(), p, len);
-            // Response: sense_len 0, resid 0, status 0, response UNSET.
-            std::ptr::write_bytes(p.add(resp_off), 0, RESP_HEADER);
-            std::ptr::write_volatile(p.add(resp_off + 11), response::UNSET);
-        }
+        let s = self.rq.slot_mut(slot);
+        let mut req = CmdReq {
+            lun: *lun,
+            tag: tag.into(),
+            ..CmdReq::default()
+        };
+        let n = cdb.len().min(CDB_SIZE);
+        req.cdb[..n].copy_from_slice(&cdb[..n]);
+        s.req = req;
+        s.resp.header = RespHeader {
+            response: response::UNSET,
+            ..RespHeader::default()
+        };
     }
 
-    /// Read the response of a completed `slot`.
+    /// The response of a completed `slot` (sense bytes copied only when present).
+    #[inline]
     pub fn response(&self, slot: u16) -> Resp {
-        // On the stack: no allocation per completion (the sense bytes are copied out
-        // only when the device wrote some).
-        let mut buf = [0u8; RESP_HEADER + MAX_SENSE];
-        let b = &mut buf[..self.geo.resp_len().min(RESP_HEADER + MAX_SENSE)];
-        // SAFETY: the response lies inside the slot; the device wrote it before it
-        // published the used entry, which the ring read with Acquire ordering.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.slot_ptr(slot).add(self.geo.resp_off),
-                b.as_mut_ptr(),
-                b.len(),
-            )
-        };
-        Resp::parse(b).unwrap_or(Resp {
-            sense_len: 0,
-            resid: 0,
-            status_qualifier: 0,
-            status: 0,
-            response: response::UNSET,
+        let h: RespHeader = self.rq.read_at(slot, RESP_OFF);
+        let mut r = Resp {
+            sense_len: h.sense_len.get(),
+            resid: h.resid.get(),
+            status_qualifier: h.status_qualifier.get(),
+            status: h.status,
+            response: h.response,
             sense: Vec::new(),
-        })
+        };
+        let n = (r.sense_len as usize).min(self.geo.sense_size);
+        if n > 0 {
+            let sense: [u8; MAX_SENSE] = self.rq.read_at(slot, RESP_OFF + RESP_HEADER);
+            r.sense = sense[..n].to_vec();
+        }
+        r
     }
 
     /// Put `slot`'s command on the ring: request, data-out, response, data-in.
+    #[inline]
     pub fn add(&mut self, slot: u16, data_out: &[Segment], data_in: &[Segment]) -> Result<(), ()> {
+        let base = self.rq.slot_addr(slot);
         let mut segs = std::mem::take(&mut self.segs);
         segs.clear();
         segs.push(Segment {
-            addr: self.req_addr(slot),
+            addr: base + REQ_OFF,
             len: self.geo.req_len() as u32,
         });
         segs.extend_from_slice(data_out);
         segs.push(Segment {
-            addr: self.resp_addr(slot),
+            addr: base + RESP_OFF as u64,
             len: self.geo.resp_len() as u32,
         });
         segs.extend_from_slice(data_in);
         let n_out = 1 + data_out.len();
-        let r = self.q.add(&segs, n_out, slot as u64).map_err(|_| ());
+        let r = self.rq.submit(slot, &segs, n_out).map_err(|_| ());
         self.segs = segs;
         r
     }
 
-    /// Run one command synchronously (control path): returns the response and the used
-    /// length, or an error if the device fails or does not answer in time.
+    /// Run one command synchronously (control path): returns the response, or an error
+    /// if the device fails or does not answer in time (the slot then stays the
+    /// device's).
     pub fn exec(
         &mut self,
         lun: &[u8; 8],
@@ -164,12 +147,17 @@ impl ScsiQueue {
         data_out: Option<&DmaBuf>,
         data_in: Option<&DmaBuf>,
         timeout: Duration,
-        broken: &std::sync::atomic::AtomicBool,
+        broken: &AtomicBool,
     ) -> Result<Resp, IoError> {
-        let slot = self
-            .free
-            .pop()
-            .ok_or_else(|| IoError::InvalidRequest("no free slot".into()))?;
+        let slot = match self.rq.take_slot() {
+            Some(s) => s,
+            None => {
+                return Err(match self.rq.failure() {
+                    Some(f) => queue_error(f),
+                    None => IoError::InvalidRequest("no free slot".into()),
+                })
+            }
+        };
         self.prepare(slot, lun, 0x5ca0_0000 | slot as u64, cdb);
         let seg = |b: &DmaBuf| Segment {
             addr: b.iova(),
@@ -178,33 +166,36 @@ impl ScsiQueue {
         let out: Vec<Segment> = data_out.map(seg).into_iter().collect();
         let inn: Vec<Segment> = data_in.map(seg).into_iter().collect();
         if self.add(slot, &out, &inn).is_err() {
-            self.free.push(slot);
+            self.rq.release_slot(slot);
             return Err(IoError::InvalidRequest("ring full".into()));
         }
-        self.q
-            .publish()
-            .map_err(|e| IoError::ControllerFailed(e.to_string()))?;
+        self.rq.publish().map_err(|f| queue_error(&f))?;
         let start = Instant::now();
         loop {
             let mut got = None;
-            self.q
-                .poll(|u| got = Some(u))
-                .map_err(|e| IoError::ControllerFailed(e.to_string()))?;
-            if let Some(u) = got {
-                if u.token != slot as u64 {
-                    return Err(IoError::ControllerFailed(format!(
-                        "completion for slot {} while only {slot} was in flight",
-                        u.token
-                    )));
+            self.rq
+                .poll(|_, s, _| got = Some(s))
+                .map_err(|f| queue_error(&f))?;
+            if let Some(s) = got {
+                if s != slot {
+                    let why = format!("completion for slot {s} while only {slot} was in flight");
+                    self.rq.fail(QueueFailure::Device(why.clone()));
+                    return Err(IoError::ControllerFailed(why));
                 }
-                self.free.push(slot);
-                return Ok(self.response(slot));
+                let r = self.response(slot);
+                self.rq.release_slot(slot);
+                return Ok(r);
             }
             if broken.load(std::sync::atomic::Ordering::Relaxed) {
+                self.rq.fail(QueueFailure::Disconnected);
                 return Err(IoError::Disconnected);
             }
             if start.elapsed() > timeout {
-                // The slot stays owned by the device.
+                // The slot stays the device's: the queue is never reused.
+                self.rq.fail(QueueFailure::Device(format!(
+                    "SCSI command {:#04x} got no answer",
+                    cdb.first().copied().unwrap_or(0)
+                )));
                 return Err(IoError::Timeout(format!(
                     "SCSI command {:#04x}",
                     cdb.first().copied().unwrap_or(0)
@@ -216,18 +207,9 @@ impl ScsiQueue {
         }
     }
 
-    /// Give the memory up for good (the device may still use it).
-    pub fn leak(mut self) {
-        std::mem::forget(self.slots.take());
-        std::mem::forget(self);
-    }
-}
-
-impl ScsiQueue {
-    /// Give the ring back (for the controller's pool), freeing the slots.
-    pub fn into_queue(mut self) -> SplitQueue {
-        self.slots.take();
-        let ScsiQueue { q, .. } = self;
-        q
+    /// Give the ring back (for the controller's pool) when the queue works and the
+    /// device holds nothing; otherwise the memory is kept from reuse.
+    pub fn into_queue(mut self) -> Option<SplitQueue> {
+        self.rq.take_ring()
     }
 }

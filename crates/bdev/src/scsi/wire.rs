@@ -71,7 +71,31 @@ pub struct ScsiConfig {
     pub max_lun: u32,
 }
 
+/// Highest target id scanned when the configuration cannot be read (SPDK's initiator
+/// scans 0..63 then too).
+pub const DEFAULT_MAX_TARGET: u16 = 63;
+
 impl ScsiConfig {
+    /// What a driver assumes when the transport cannot read the configuration space
+    /// (a vhost-user back-end without the `CONFIG` protocol feature): the spec's
+    /// defaults for the CDB (32) and sense (96) sizes, `num_queues` request queues,
+    /// no segment or transfer limit beyond the ring's, 16-byte events, targets
+    /// 0..=[`DEFAULT_MAX_TARGET`] and LUNs as REPORT LUNS lists them.
+    pub fn assumed(num_queues: u32) -> ScsiConfig {
+        ScsiConfig {
+            num_queues,
+            seg_max: 0,
+            max_sectors: 0,
+            cmd_per_lun: 0,
+            event_info_size: 16,
+            sense_size: 96,
+            cdb_size: 32,
+            max_channel: 0,
+            max_target: DEFAULT_MAX_TARGET,
+            max_lun: 16383,
+        }
+    }
+
     /// Parse the first 36 bytes of the configuration.
     pub fn parse(b: &[u8]) -> Option<ScsiConfig> {
         let u32_at = |o: usize| -> Option<u32> {

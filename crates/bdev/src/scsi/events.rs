@@ -1,0 +1,183 @@
+//! The event thread: hot-plug, capacity changes and rescans.
+
+use super::*;
+
+/// What the event thread needs.
+pub(super) struct EventCtx {
+    pub(super) shared: Arc<Shared>,
+    pub(super) luns: Arc<Mutex<Vec<LunEntry>>>,
+    pub(super) params: ScsiParams,
+    pub(super) vq_size: u16,
+    pub(super) max_target: u16,
+    pub(super) ev_buf: DmaBuf,
+    pub(super) ev_size: usize,
+    pub(super) stop: Arc<AtomicBool>,
+}
+
+/// Poll the event queue; apply hot-plug and parameter-change events.
+pub(super) fn event_loop(ctx: EventCtx, mut q: SplitQueue) {
+    let mut deferred: Vec<wire::Event> = Vec::new();
+    while !ctx.stop.load(Ordering::Acquire) {
+        if ctx.shared.health.is_broken() || ctx.shared.health.is_failed() {
+            break;
+        }
+        let mut got = Vec::new();
+        if let Err(e) = q.poll(|u| got.push(u)) {
+            ctx.shared.health.fail(&format!("event queue: {e}"));
+            break;
+        }
+        // Events that needed a request queue while every queue was held by a channel
+        // are tried again until one is free.
+        deferred.retain(|ev| !handle_event(&ctx, *ev));
+        for u in got {
+            let i = u.token as usize;
+            let off = i * ctx.ev_size;
+            let ev = wire::Event::parse(&ctx.ev_buf.as_slice()[off..off + ctx.ev_size]);
+            if let Some(ev) = ev {
+                if !handle_event(&ctx, ev) {
+                    tracing::info!(controller = %ctx.shared.name, "every request queue is held by a channel; the event waits for a free one");
+                    deferred.push(ev);
+                }
+            }
+            // Give the buffer back to the device.
+            let seg = Segment {
+                addr: ctx.ev_buf.iova() + off as u64,
+                len: ctx.ev_size as u32,
+            };
+            let _ = q.add(&[seg], 0, u.token);
+        }
+        let _ = q.publish();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The device may still hold the event buffers.
+    std::mem::forget(q);
+    std::mem::forget(ctx.ev_buf);
+}
+
+/// A free request queue for control-path commands, if there is one now.
+fn borrow_queue(shared: &Shared) -> Option<ScsiQueue> {
+    let q = shared.queues.take()?;
+    ScsiQueue::new(&shared.mem, q, shared.geo, shared.health.broken_arc()).ok()
+}
+
+/// Apply one event; `false` when it needs a request queue and none is free.
+fn handle_event(ctx: &EventCtx, ev: wire::Event) -> bool {
+    use wire::event::*;
+    let missed = ev.event & EVENTS_MISSED != 0;
+    let code = ev.event & !EVENTS_MISSED;
+    tracing::info!(controller = %ctx.shared.name, event = code, reason = ev.reason, missed, lun = ?ev.address(), "virtio-scsi event");
+    if missed && !rescan_all(ctx) {
+        return false;
+    }
+    let Some((t, l)) = ev.address() else {
+        return true;
+    };
+    match (code, ev.reason) {
+        (TRANSPORT_RESET, REASON_REMOVED) => {
+            remove_lun(ctx, t, l);
+            true
+        }
+        (TRANSPORT_RESET, REASON_RESCAN) => add_lun(ctx, t, l),
+        // Capacity data changed (2A/09) or anything else: re-read capacity.
+        (PARAM_CHANGE, _) => refresh_capacity(ctx, t, l),
+        _ => true,
+    }
+}
+
+fn with_scanner<R>(ctx: &EventCtx, f: impl FnOnce(&mut Scanner<'_>) -> R) -> Option<R> {
+    let mut sq = borrow_queue(&ctx.shared)?;
+    let r = {
+        let mut s = Scanner {
+            q: &mut sq,
+            mem: &ctx.shared.mem,
+            broken: ctx.shared.health.broken_flag(),
+        };
+        f(&mut s)
+    };
+    // A queue the device may still use is kept from reuse (see RequestQueue).
+    if let Some(q) = sq.into_queue() {
+        ctx.shared.queues.give(q);
+    }
+    Some(r)
+}
+
+fn add_lun(ctx: &EventCtx, t: u8, l: u16) -> bool {
+    if lock(&ctx.luns)
+        .iter()
+        .any(|e| e.info.target == t && e.info.lun == l)
+    {
+        return true;
+    }
+    let Some(r) = with_scanner(ctx, |s| s.lun(t, l)) else {
+        return false;
+    };
+    match r {
+        Ok(Some(info)) if info.device_type == 0 => {
+            let entry = make_lun(&ctx.shared, info, &ctx.params, ctx.vq_size);
+            tracing::info!(bdev = %entry.bdev.name(), "LUN added");
+            lock(&ctx.luns).push(entry);
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(controller = %ctx.shared.name, target = t, lun = l, "hot-added LUN not usable: {e}")
+        }
+    }
+    true
+}
+
+fn remove_lun(ctx: &EventCtx, t: u8, l: u16) {
+    let mut luns = lock(&ctx.luns);
+    if let Some(pos) = luns
+        .iter()
+        .position(|e| e.info.target == t && e.info.lun == l)
+    {
+        let e = luns.remove(pos);
+        e.bdev.mark_removed();
+        tracing::info!(bdev = %e.bdev.name(), "LUN removed");
+    }
+}
+
+fn refresh_capacity(ctx: &EventCtx, t: u8, l: u16) -> bool {
+    let Some(r) = with_scanner(ctx, |s| s.lun(t, l)) else {
+        return false;
+    };
+    let Ok(Some(info)) = r else {
+        return true;
+    };
+    let luns = lock(&ctx.luns);
+    if let Some(e) = luns.iter().find(|e| e.info.target == t && e.info.lun == l) {
+        e.ctx.num_blocks.store(info.num_blocks, Ordering::Relaxed);
+        e.bdev.set_num_blocks(info.num_blocks);
+        tracing::info!(bdev = %e.bdev.name(), blocks = info.num_blocks, "capacity changed");
+    }
+    true
+}
+
+fn rescan_all(ctx: &EventCtx) -> bool {
+    let name = ctx.shared.name.clone();
+    let Some(r) = with_scanner(ctx, |s| scan_all(s, ctx.max_target, &name)) else {
+        return false;
+    };
+    let Ok(found) = r else { return true };
+    let mut luns = lock(&ctx.luns);
+    luns.retain(|e| {
+        let keep = found
+            .iter()
+            .any(|f| f.target == e.info.target && f.lun == e.info.lun);
+        if !keep {
+            e.bdev.mark_removed();
+        }
+        keep
+    });
+    for info in found {
+        if info.device_type != 0
+            || luns
+                .iter()
+                .any(|e| e.info.target == info.target && e.info.lun == info.lun)
+        {
+            continue;
+        }
+        luns.push(make_lun(&ctx.shared, info, &ctx.params, ctx.vq_size));
+    }
+    true
+}

@@ -1,0 +1,539 @@
+//! The I/O path: one request queue per thread and controller, shared by that thread's
+//! LUN channels.
+
+use super::*;
+
+/// A channel's state inside its thread queue.
+struct ChanState {
+    ctx: Arc<LunCtx>,
+    outbox: Vec<ChildDone>,
+    in_flight: usize,
+}
+
+/// One request queue of a virtio-scsi controller, used by every LUN channel of one
+/// thread (so a controller with a single request queue still serves all its LUNs).
+pub(super) struct ThreadQueue {
+    sq: ScsiQueue,
+    shared: Arc<Shared>,
+    chans: Vec<Option<ChanState>>,
+    /// The command in each slot: (channel id, request).
+    slot_child: Vec<Option<(u32, Child)>>,
+    slot_tries: Vec<u8>,
+    /// Bytes the residual of each slot's command is measured against, and whether a
+    /// residual is acceptable.
+    slot_xfer: Vec<(u32, bool)>,
+    slot_unmap: Vec<Option<DmaBuf>>,
+    unmap_pool: Vec<DmaBuf>,
+    zero: Option<DmaBuf>,
+    data_segs: Vec<Segment>,
+    completed: Vec<u16>,
+    retry: Vec<u16>,
+    failed: Option<IoError>,
+}
+
+impl ThreadQueue {
+    fn register(&mut self, ctx: Arc<LunCtx>) -> u32 {
+        let st = ChanState {
+            ctx,
+            outbox: Vec::new(),
+            in_flight: 0,
+        };
+        if let Some(i) = self.chans.iter().position(Option::is_none) {
+            self.chans[i] = Some(st);
+            return i as u32;
+        }
+        self.chans.push(Some(st));
+        (self.chans.len() - 1) as u32
+    }
+
+    /// Hand a finished command to its channel.
+    fn deliver(&mut self, chan: u32, d: ChildDone) {
+        if let Some(Some(c)) = self.chans.get_mut(chan as usize) {
+            c.in_flight = c.in_flight.saturating_sub(1);
+            c.outbox.push(d);
+        }
+    }
+
+    /// The queue failed: fail every command on it; a device that broke the protocol
+    /// fails the controller.
+    fn fail_all(&mut self, f: QueueFailure) {
+        if self.failed.is_some() {
+            return;
+        }
+        if let QueueFailure::Device(why) = &f {
+            self.shared.health.fail(why);
+        }
+        self.sq.rq.fail(f.clone());
+        let e = queue_error(&f);
+        for slot in self.sq.rq.drain_in_flight() {
+            if let Some((chan, c)) = self.slot_child[slot as usize].take() {
+                self.deliver(
+                    chan,
+                    ChildDone {
+                        parent: c.parent,
+                        result: Err(e.clone()),
+                    },
+                );
+            }
+        }
+        self.failed = Some(e);
+    }
+
+    /// Build and queue the command of `c` (from channel `chan`) in `slot`.
+    fn issue(&mut self, chan: u32, slot: u16, c: &Child) -> Result<(), IssueError> {
+        // A copy of the LUN's parameters (no reference count traffic per I/O).
+        let ctx = match self.chans.get(chan as usize) {
+            Some(Some(st)) => LunParams::of(&st.ctx),
+            _ => return Err(IoError::InvalidRequest("unknown channel".into()).into()),
+        };
+        let bs = ctx.block_size as u64;
+        let cdb;
+        let mut out_segs: [Segment; 1] = [Segment { addr: 0, len: 0 }];
+        let mut n_out = 0usize;
+        let mut data_in = false;
+        match c.op {
+            IoOp::Read | IoOp::Write => {
+                let flags = RwFlags::default();
+                cdb = if rw10_fits(c.lba, c.blocks) {
+                    let x = ReadWrite10Cdb::new(c.lba, c.blocks, flags)
+                        .map_err(|e| IoError::InvalidRequest(e.to_string()))?;
+                    if c.op == IoOp::Read {
+                        x.read_cdb()
+                    } else {
+                        x.write_cdb()
+                    }
+                } else if ctx.rw16 {
+                    let x = ReadWrite16Cdb::new(c.lba, c.blocks, flags)
+                        .map_err(|e| IoError::InvalidRequest(e.to_string()))?;
+                    if c.op == IoOp::Read {
+                        x.read_cdb()
+                    } else {
+                        x.write_cdb()
+                    }
+                } else {
+                    return Err(IoError::InvalidRequest(format!(
+                        "LBA {} / {} blocks need READ/WRITE(16), which the LUN lacks",
+                        c.lba, c.blocks
+                    ))
+                    .into());
+                };
+                data_in = c.op == IoOp::Read;
+            }
+            IoOp::Flush => {
+                let n = ctx.num_blocks;
+                cdb = if n <= u32::MAX as u64 + 1 {
+                    SyncCache10Cdb {
+                        immed: false,
+                        lba: 0,
+                        blocks: 0,
+                    }
+                    .to_cdb()
+                } else {
+                    SyncCache16Cdb {
+                        immed: false,
+                        lba: 0,
+                        blocks: 0,
+                    }
+                    .to_cdb()
+                };
+            }
+            IoOp::Unmap => {
+                let mut buf = match self.slot_unmap[slot as usize].take() {
+                    Some(b) => b,
+                    None => match self.unmap_pool.pop() {
+                        Some(b) => b,
+                        None => self
+                            .shared
+                            .mem
+                            .alloc(UNMAP_LIST_BYTES, 4096)
+                            .map_err(|e| IoError::NoMemory(e.to_string()))?,
+                    },
+                };
+                let len = {
+                    let mut w = vireo_scsi::UnmapListWriter::new(buf.as_mut_slice())
+                        .map_err(|e| IoError::InvalidRequest(e.to_string()))?;
+                    let (mut lba, mut left) = (c.lba, c.blocks);
+                    let mut n = 0usize;
+                    while left > 0 {
+                        let k = left.min(ctx.unmap_per_desc);
+                        w.push(lba, k)
+                            .map_err(|e| IoError::InvalidRequest(e.to_string()))?;
+                        lba += k;
+                        left -= k;
+                        n += 1;
+                        if n > ctx.unmap_max_desc {
+                            return Err(IoError::InvalidRequest(format!(
+                                "unmap of {} blocks needs more than {} descriptors",
+                                c.blocks, ctx.unmap_max_desc
+                            ))
+                            .into());
+                        }
+                    }
+                    w.finish()
+                };
+                cdb = UnmapCdb {
+                    anchor: false,
+                    param_len: len,
+                }
+                .to_cdb();
+                out_segs[0] = Segment {
+                    addr: buf.iova(),
+                    len: len as u32,
+                };
+                n_out = 1;
+                self.slot_unmap[slot as usize] = Some(buf);
+            }
+            IoOp::WriteZeroes => {
+                if self.zero.as_ref().is_some_and(|z| (z.len() as u64) < bs) {
+                    self.zero = None;
+                }
+                if self.zero.is_none() {
+                    let mut z = self
+                        .shared
+                        .mem
+                        .alloc(bs as usize, 4096)
+                        .map_err(|e| IoError::NoMemory(e.to_string()))?;
+                    z.as_mut_slice().fill(0);
+                    self.zero = Some(z);
+                }
+                let z = self.zero.as_ref().map_or(0, |z| z.iova());
+                cdb = WriteSame16Cdb {
+                    lba: c.lba,
+                    blocks: u32::try_from(c.blocks).map_err(|_| {
+                        IoError::InvalidRequest("WRITE SAME of more than 2^32-1 blocks".into())
+                    })?,
+                    unmap: ctx.write_same_unmap,
+                    anchor: false,
+                    ndob: false,
+                    protect: 0,
+                }
+                .to_cdb();
+                out_segs[0] = Segment {
+                    addr: z,
+                    len: bs as u32,
+                };
+                n_out = 1;
+            }
+        }
+        let sq = &mut self.sq;
+        sq.prepare(slot, &ctx.lun, slot as u64, cdb.as_bytes());
+        // Data segments of reads and writes.
+        let mut data = std::mem::take(&mut self.data_segs);
+        data.clear();
+        if c.op.has_data() {
+            let (mut addr, mut left) = (c.addr, c.len as u64);
+            while left > 0 {
+                let k = left.min(SEGMENT_BYTES);
+                data.push(Segment {
+                    addr,
+                    len: k as u32,
+                });
+                addr += k;
+                left -= k;
+            }
+        }
+        // What the response's residual is measured against: the data of reads and
+        // writes (a residual there is a short transfer, an error), the parameter data of
+        // UNMAP and WRITE SAME (GOOD status says the command was done; some targets
+        // report the parameter bytes as a residual).
+        self.slot_xfer[slot as usize] = match c.op {
+            IoOp::Read | IoOp::Write => (c.len, false),
+            _ => (out_segs[..n_out].iter().map(|s| s.len).sum(), true),
+        };
+        let r = match (c.op, data_in) {
+            (IoOp::Read, _) => sq.add(slot, &[], &data),
+            (IoOp::Write, _) => sq.add(slot, &data, &[]),
+            _ => sq.add(slot, &out_segs[..n_out], &[]),
+        };
+        self.data_segs = data;
+        r.map_err(|()| IssueError::RingFull)
+    }
+
+    fn queue(&mut self, chan: u32, c: Child) -> Result<(), Child> {
+        if let Some(e) = self.failed.clone() {
+            if let Some(Some(st)) = self.chans.get_mut(chan as usize) {
+                st.outbox.push(ChildDone {
+                    parent: c.parent,
+                    result: Err(e),
+                });
+            }
+            return Ok(());
+        }
+        let Some(slot) = self.sq.rq.take_slot() else {
+            return Err(c);
+        };
+        match self.issue(chan, slot, &c) {
+            Ok(()) => {
+                self.slot_child[slot as usize] = Some((chan, c));
+                self.slot_tries[slot as usize] = 0;
+                if let Some(Some(st)) = self.chans.get_mut(chan as usize) {
+                    st.in_flight += 1;
+                }
+                Ok(())
+            }
+            Err(IssueError::RingFull) => {
+                self.sq.rq.release_slot(slot);
+                Err(c)
+            }
+            Err(IssueError::Failed(e)) => {
+                self.sq.rq.release_slot(slot);
+                if let Some(Some(st)) = self.chans.get_mut(chan as usize) {
+                    st.outbox.push(ChildDone {
+                        parent: c.parent,
+                        result: Err(e),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        if let Err(f) = self.sq.rq.publish() {
+            self.fail_all(f);
+        }
+    }
+
+    /// Reap the queue's completions into the channels' outboxes.
+    fn poll_all(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        let mut completed = std::mem::take(&mut self.completed);
+        completed.clear();
+        let r = self.sq.rq.poll(|_, slot, _| completed.push(slot));
+        let mut fatal: Option<String> = None;
+        let mut retry = std::mem::take(&mut self.retry);
+        retry.clear();
+        for &slot in &completed {
+            let Some((chan, c)) = self.slot_child.get(slot as usize).copied().flatten() else {
+                // Not ours (cannot happen: the ring checks ids); keep the slot.
+                self.sq.rq.release_slot(slot);
+                continue;
+            };
+            let resp = self.sq.response(slot);
+            let (len, short_ok) = self.slot_xfer[slot as usize];
+            let result = match evaluate(&resp, len, short_ok) {
+                Outcome::Done { .. } => Ok(()),
+                Outcome::Retry(why) => {
+                    if self.slot_tries[slot as usize] < MAX_RETRIES {
+                        retry.push(slot);
+                        continue;
+                    }
+                    Err(IoError::Scsi(format!(
+                        "gave up after {MAX_RETRIES} retries: {why}"
+                    )))
+                }
+                Outcome::Check(s) => {
+                    if sense_is_retryable(&s) && self.slot_tries[slot as usize] < MAX_RETRIES {
+                        retry.push(slot);
+                        continue;
+                    }
+                    Err(sense_error(&s))
+                }
+                Outcome::Fail(e) => {
+                    if let IoError::ControllerFailed(why) = &e {
+                        fatal.get_or_insert_with(|| why.clone());
+                    }
+                    Err(e)
+                }
+            };
+            self.slot_child[slot as usize] = None;
+            if let Some(b) = self.slot_unmap[slot as usize].take() {
+                self.unmap_pool.push(b);
+            }
+            self.sq.rq.release_slot(slot);
+            self.deliver(
+                chan,
+                ChildDone {
+                    parent: c.parent,
+                    result,
+                },
+            );
+        }
+        self.completed = completed;
+        // Retries reuse their slot; the ring has room since their chains were freed.
+        for &slot in &retry {
+            self.slot_tries[slot as usize] += 1;
+            let Some((chan, c)) = self.slot_child[slot as usize] else {
+                continue;
+            };
+            if let Err(e) = self.issue(chan, slot, &c) {
+                let e = match e {
+                    IssueError::Failed(e) => e,
+                    IssueError::RingFull => {
+                        IoError::ControllerFailed("no ring space to retry a command".into())
+                    }
+                };
+                self.slot_child[slot as usize] = None;
+                self.sq.rq.release_slot(slot);
+                self.deliver(
+                    chan,
+                    ChildDone {
+                        parent: c.parent,
+                        result: Err(e),
+                    },
+                );
+            }
+        }
+        let retried = !retry.is_empty();
+        self.retry = retry;
+        if retried {
+            // Nobody else publishes on behalf of a retry.
+            self.publish();
+        }
+        if let Err(f) = r {
+            self.fail_all(f);
+        } else if let Some(why) = fatal {
+            self.fail_all(QueueFailure::Device(why));
+        }
+    }
+}
+
+impl Drop for ThreadQueue {
+    fn drop(&mut self) {
+        match self.sq.rq.take_ring() {
+            Some(q) => self.shared.queues.give(q),
+            None => {
+                if self.sq.rq.failure() != Some(&QueueFailure::Disconnected) {
+                    // The device may still read these buffers.
+                    for b in self.slot_unmap.iter_mut().filter_map(Option::take) {
+                        std::mem::forget(b);
+                    }
+                    std::mem::forget(self.zero.take());
+                }
+            }
+        }
+    }
+}
+
+/// Why a command did not go on the ring.
+enum IssueError {
+    /// No room now: the command waits in its channel.
+    RingFull,
+    /// The command cannot be sent at all.
+    Failed(IoError),
+}
+
+impl From<IoError> for IssueError {
+    fn from(e: IoError) -> Self {
+        IssueError::Failed(e)
+    }
+}
+
+/// A LUN channel: a handle on its thread's queue of the controller.
+pub(super) struct ScsiChannel {
+    tq: Rc<RefCell<ThreadQueue>>,
+    id: u32,
+}
+
+/// Open a channel on `ctx`'s LUN for the calling thread.
+pub(super) fn open_channel(
+    shared: &Arc<Shared>,
+    ctx: &Arc<LunCtx>,
+    bdev: &str,
+) -> Result<Box<dyn ChannelDriver>, BdevError> {
+    if shared.health.is_failed() {
+        return Err(BdevError::Failed(shared.name.clone()));
+    }
+    let tq = thread_queue(shared, bdev)?;
+    let id = tq.borrow_mut().register(ctx.clone());
+    shared.queues.opened();
+    Ok(Box::new(ScsiChannel { tq, id }))
+}
+
+impl ChannelDriver for ScsiChannel {
+    fn queue(&mut self, c: Child) -> Result<(), Child> {
+        self.tq.borrow_mut().queue(self.id, c)
+    }
+
+    fn publish(&mut self) {
+        self.tq.borrow_mut().publish();
+    }
+
+    fn poll(&mut self, out: &mut Vec<ChildDone>) -> usize {
+        let mut tq = self.tq.borrow_mut();
+        tq.poll_all();
+        match tq.chans.get_mut(self.id as usize) {
+            Some(Some(st)) => {
+                let n = st.outbox.len();
+                out.append(&mut st.outbox);
+                n
+            }
+            _ => 0,
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        let tq = self.tq.borrow();
+        if tq.failed.is_some() {
+            return 0;
+        }
+        match tq.chans.get(self.id as usize) {
+            Some(Some(st)) => st.in_flight,
+            _ => 0,
+        }
+    }
+}
+
+impl Drop for ScsiChannel {
+    fn drop(&mut self) {
+        let mut tq = self.tq.borrow_mut();
+        tq.shared.queues.closed();
+        if let Some(slot) = tq.chans.get_mut(self.id as usize) {
+            *slot = None;
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's queue of each controller, shared by its LUN channels.
+    static THREAD_QUEUES: RefCell<Vec<(usize, Weak<RefCell<ThreadQueue>>)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+/// The calling thread's queue of the controller: shared if one is open, else a free
+/// queue of the controller's pool.
+fn thread_queue(shared: &Arc<Shared>, bdev: &str) -> Result<Rc<RefCell<ThreadQueue>>, BdevError> {
+    let key = Arc::as_ptr(shared) as usize;
+    let existing = THREAD_QUEUES.with(|t| {
+        let mut t = t.borrow_mut();
+        t.retain(|(_, w)| w.strong_count() > 0);
+        t.iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, w)| w.upgrade())
+    });
+    if let Some(tq) = existing {
+        return Ok(tq);
+    }
+    let q = shared.queues.take_for(bdev)?;
+    let n = q.size() as usize;
+    let sq =
+        ScsiQueue::new(&shared.mem, q, shared.geo, shared.health.broken_arc()).map_err(|e| {
+            BdevError::Io {
+                name: shared.name.clone(),
+                what: "allocate request slots".into(),
+                source: e,
+            }
+        })?;
+    let tq = Rc::new(RefCell::new(ThreadQueue {
+        sq,
+        shared: shared.clone(),
+        chans: Vec::new(),
+        slot_child: vec![None; n],
+        slot_tries: vec![0; n],
+        slot_xfer: vec![(0, false); n],
+        slot_unmap: (0..n).map(|_| None).collect(),
+        unmap_pool: Vec::new(),
+        zero: None,
+        data_segs: Vec::new(),
+        completed: Vec::with_capacity(n),
+        retry: Vec::new(),
+        failed: None,
+    }));
+    THREAD_QUEUES.with(|t| t.borrow_mut().push((key, Rc::downgrade(&tq))));
+    Ok(tq)
+}

@@ -1,0 +1,410 @@
+//! One request queue as both device drivers use it: a split ring, one device-shared
+//! slot per descriptor (the request header the device reads and the status or response
+//! it writes, a typed `#[repr(C)]` struct `T`), and the failure policy.
+//!
+//! The policy, the same for every driver:
+//! - a used entry that breaks the protocol (bad id, length, index) fails the queue with
+//!   [`QueueFailure::Device`]; the device may still write into the queue's memory, so
+//!   the ring and slots are never freed (leaked on drop);
+//! - a back-end that hung up (the transport's broken flag, checked every 256 idle polls
+//!   while requests are in flight, one relaxed load) fails the queue with
+//!   [`QueueFailure::Disconnected`];
+//! - after a failure the driver takes the in-flight slots back with
+//!   [`RequestQueue::drain_in_flight`] and fails their requests; nothing more is queued.
+//!
+//! Slots and ring descriptors are separate: a slot is taken with
+//! [`take_slot`](RequestQueue::take_slot), filled through
+//! [`slot_mut`](RequestQueue::slot_mut), and submitted as a chain whose segments point
+//! into it (at [`slot_addr`](RequestQueue::slot_addr) + a field offset) and into data
+//! buffers. The slot stays the driver's after its completion until it gives it back
+//! with [`release_slot`](RequestQueue::release_slot) or submits it again (a retry).
+
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::memory::{DmaBuf, DmaMemory};
+use crate::ring::{QueueFull, Segment, SplitQueue, Used};
+use crate::wire::DeviceShared;
+
+/// Why a request queue stopped working.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueFailure {
+    /// The back-end went away.
+    Disconnected,
+    /// The device broke the protocol (the message says how); its memory is never reused.
+    Device(String),
+}
+
+impl std::fmt::Display for QueueFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QueueFailure::Disconnected => f.write_str("the back-end closed the connection"),
+            QueueFailure::Device(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Idle polls between two looks at the transport's broken flag.
+const BROKEN_CHECK_INTERVAL: u32 = 256;
+
+/// A request queue with device-shared slots of type `T`. Owned by one thread.
+pub struct RequestQueue<T: DeviceShared> {
+    ring: Option<SplitQueue>,
+    slots: Option<DmaBuf>,
+    base: *mut T,
+    size: u16,
+    free: Vec<u16>,
+    /// The device holds the slot (submitted, not yet completed).
+    on_device: Box<[bool]>,
+    broken: Arc<AtomicBool>,
+    failure: Option<QueueFailure>,
+    /// The device may still write into this memory: never free it.
+    leak: bool,
+    idle_polls: u32,
+    used: Vec<Used>,
+    _t: PhantomData<T>,
+}
+
+// SAFETY: `base` points into `slots`, owned by this queue; moving the queue moves that
+// ownership (SplitQueue is Send for the same reason). Not Sync.
+unsafe impl<T: DeviceShared> Send for RequestQueue<T> {}
+
+impl<T: DeviceShared> std::fmt::Debug for RequestQueue<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestQueue")
+            .field("size", &self.size)
+            .field("free_slots", &self.free.len())
+            .field("failure", &self.failure)
+            .finish()
+    }
+}
+
+impl<T: DeviceShared + Default> RequestQueue<T> {
+    /// Slots for every descriptor of `ring`, in `mem`; `broken` is the transport's flag.
+    pub fn new(
+        mem: &Arc<DmaMemory>,
+        ring: SplitQueue,
+        broken: Arc<AtomicBool>,
+    ) -> Result<RequestQueue<T>> {
+        let n = ring.size() as usize;
+        let stride = std::mem::size_of::<T>();
+        let align = std::mem::align_of::<T>().max(64);
+        let mut slots = mem.alloc((n * stride).max(1), align)?;
+        let base = slots.as_mut_slice().as_mut_ptr() as *mut T;
+        for i in 0..n {
+            // SAFETY: `i < n` slots of `T` fit in the allocation, which is aligned for T;
+            // the device has no request yet, so nothing else accesses it.
+            unsafe { base.add(i).write(T::default()) };
+        }
+        Ok(RequestQueue {
+            size: ring.size(),
+            ring: Some(ring),
+            slots: Some(slots),
+            base,
+            free: (0..n as u16).rev().collect(),
+            on_device: vec![false; n].into_boxed_slice(),
+            broken,
+            failure: None,
+            leak: false,
+            idle_polls: 0,
+            used: Vec::with_capacity(n),
+            _t: PhantomData,
+        })
+    }
+}
+
+impl<T: DeviceShared> RequestQueue<T> {
+    /// Slots (= descriptors of the ring).
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// The ring (index, statistics).
+    pub fn ring(&self) -> Option<&SplitQueue> {
+        self.ring.as_ref()
+    }
+
+    /// Requests the device holds.
+    pub fn in_flight(&self) -> usize {
+        self.ring.as_ref().map_or(0, |r| r.in_flight() as usize)
+    }
+
+    /// Why the queue stopped working, if it did.
+    pub fn failure(&self) -> Option<&QueueFailure> {
+        self.failure.as_ref()
+    }
+
+    /// Largest number of segments one request may have on the ring.
+    pub fn max_segments(&self) -> usize {
+        self.ring.as_ref().map_or(0, |r| r.max_segments())
+    }
+
+    /// A free slot, if any (and the queue works).
+    #[inline]
+    pub fn take_slot(&mut self) -> Option<u16> {
+        if self.failure.is_some() {
+            return None;
+        }
+        self.free.pop()
+    }
+
+    /// Give back a slot the device does not hold.
+    #[inline]
+    pub fn release_slot(&mut self, slot: u16) {
+        debug_assert!(!self.on_device[slot as usize]);
+        self.free.push(slot);
+    }
+
+    /// Device address of slot `slot` (add `offset_of!` a field for that field).
+    #[inline]
+    pub fn slot_addr(&self, slot: u16) -> u64 {
+        self.base as u64 + slot as u64 * std::mem::size_of::<T>() as u64
+    }
+
+    /// The slot, to fill in before submitting it.
+    ///
+    /// # Panics
+    /// If the device holds the slot (a driver bug).
+    #[inline]
+    pub fn slot_mut(&mut self, slot: u16) -> &mut T {
+        assert!(
+            !self.on_device[slot as usize],
+            "slot {slot} is in use by the device"
+        );
+        // SAFETY: `slot < size` (indexing above), the slot lies inside `slots`, aligned;
+        // the device does not hold it, so this is the only access; T is plain data.
+        unsafe { &mut *self.base.add(slot as usize) }
+    }
+
+    /// The slot as the device left it (after its completion).
+    #[inline]
+    pub fn slot(&self, slot: u16) -> T {
+        assert!((slot as usize) < self.size as usize);
+        // SAFETY: inside `slots`, aligned; the device published its writes before the
+        // used entry the ring read with Acquire ordering. A volatile read: a device that
+        // keeps writing can only produce another bit pattern, and every one is valid
+        // for T (DeviceShared).
+        unsafe { std::ptr::read_volatile(self.base.add(slot as usize)) }
+    }
+
+    /// One field of the slot as the device left it: `offset` is the field's
+    /// `offset_of!` in `T` (checked to lie inside `T` and to be aligned for `F`).
+    #[inline]
+    pub fn read_at<F: DeviceShared>(&self, slot: u16, offset: usize) -> F {
+        assert!(
+            (slot as usize) < self.size as usize
+                && offset + std::mem::size_of::<F>() <= std::mem::size_of::<T>()
+                && offset.is_multiple_of(std::mem::align_of::<F>()),
+            "field at {offset} does not fit slot {slot}"
+        );
+        // SAFETY: checked above: the field lies inside slot `slot` of `slots` and is
+        // aligned for F. Volatile, and every bit pattern is a valid F (see `slot`).
+        unsafe {
+            let p = (self.base.add(slot as usize) as *const u8).add(offset) as *const F;
+            std::ptr::read_volatile(p)
+        }
+    }
+
+    /// Put `slot`'s chain on the ring: `segs[..n_out]` are read by the device, the rest
+    /// written. Visible to the device after [`publish`](Self::publish).
+    #[inline]
+    pub fn submit(
+        &mut self,
+        slot: u16,
+        segs: &[Segment],
+        n_out: usize,
+    ) -> std::result::Result<(), QueueFull> {
+        if self.failure.is_some() {
+            return Err(QueueFull);
+        }
+        let ring = self.ring.as_mut().ok_or(QueueFull)?;
+        ring.add(segs, n_out, slot as u64)?;
+        self.on_device[slot as usize] = true;
+        Ok(())
+    }
+
+    /// Make submitted requests visible and kick the device if it asks for it.
+    #[inline]
+    pub fn publish(&mut self) -> std::result::Result<(), QueueFailure> {
+        if let Some(f) = &self.failure {
+            return Err(f.clone());
+        }
+        let Some(ring) = self.ring.as_mut() else {
+            return Ok(());
+        };
+        if let Err(e) = ring.publish() {
+            let f = QueueFailure::Device(format!("cannot notify the device: {e}"));
+            self.fail(f.clone());
+            return Err(f);
+        }
+        Ok(())
+    }
+
+    /// Reap completions: `on_done(slot, used_len)` for each, in the device's order; the
+    /// slot stays the caller's. An error means the queue failed (now or before).
+    #[inline]
+    pub fn poll(
+        &mut self,
+        mut on_done: impl FnMut(&mut Self, u16, u32),
+    ) -> std::result::Result<usize, QueueFailure> {
+        if let Some(f) = &self.failure {
+            return Err(f.clone());
+        }
+        let Some(ring) = self.ring.as_mut() else {
+            return Ok(0);
+        };
+        if !ring.has_used() {
+            self.idle_polls = self.idle_polls.wrapping_add(1);
+            if self.idle_polls.is_multiple_of(BROKEN_CHECK_INTERVAL)
+                && ring.in_flight() > 0
+                && self.broken.load(Ordering::Relaxed)
+            {
+                self.fail(QueueFailure::Disconnected);
+                return Err(QueueFailure::Disconnected);
+            }
+            return Ok(0);
+        }
+        let mut used = std::mem::take(&mut self.used);
+        used.clear();
+        let r = ring.poll(|u| used.push(u));
+        for u in &used {
+            self.on_device[u.token as usize] = false;
+        }
+        for u in &used {
+            on_done(self, u.token as u16, u.len);
+        }
+        let n = used.len();
+        self.used = used;
+        match r {
+            Ok(_) => Ok(n),
+            Err(e) => {
+                let f = QueueFailure::Device(e.to_string());
+                self.fail(f.clone());
+                Err(f)
+            }
+        }
+    }
+
+    /// Fail the queue (the first failure sticks). A device failure leaks its memory.
+    pub fn fail(&mut self, f: QueueFailure) {
+        if self.failure.is_some() {
+            return;
+        }
+        if matches!(f, QueueFailure::Device(_)) {
+            self.leak = true;
+        }
+        self.failure = Some(f);
+    }
+
+    /// Take back every slot the device holds (after a failure: their requests are
+    /// failed by the caller). Returns them; they are free again.
+    pub fn drain_in_flight(&mut self) -> Vec<u16> {
+        let mut v = Vec::new();
+        for (i, d) in self.on_device.iter_mut().enumerate() {
+            if *d {
+                *d = false;
+                v.push(i as u16);
+                self.free.push(i as u16);
+            }
+        }
+        v
+    }
+
+    /// Take the ring out for reuse by another channel, freeing the slots: only when the
+    /// queue works and the device holds nothing (otherwise `None`, and the memory stays
+    /// with this queue, which leaks it when dropped if the device may still use it).
+    pub fn take_ring(&mut self) -> Option<SplitQueue> {
+        if self.failure.is_some() || self.in_flight() > 0 {
+            return None;
+        }
+        self.slots.take();
+        self.ring.take()
+    }
+}
+
+impl<T: DeviceShared> Drop for RequestQueue<T> {
+    fn drop(&mut self) {
+        let in_flight = self.ring.as_ref().is_some_and(|r| r.in_flight() > 0);
+        let disconnected = self.failure == Some(QueueFailure::Disconnected);
+        if self.leak || (in_flight && !disconnected) {
+            // The device may still read or write the ring and the slots.
+            std::mem::forget(self.ring.take());
+            std::mem::forget(self.slots.take());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::DmaConfig;
+    use crate::notify::Notifier;
+    use crate::ring::QueueOptions;
+    use crate::wire::blk::ReqHeader;
+    use std::sync::atomic::AtomicU64;
+
+    fn queue(size: u16) -> (RequestQueue<ReqHeader>, Arc<AtomicBool>) {
+        let mem = DmaMemory::new(DmaConfig::default()).unwrap();
+        let ring = SplitQueue::new(
+            &mem,
+            0,
+            size,
+            QueueOptions::default(),
+            Notifier::Counter(Arc::new(AtomicU64::new(0))),
+        )
+        .unwrap();
+        let broken = Arc::new(AtomicBool::new(false));
+        (
+            RequestQueue::new(&mem, ring, broken.clone()).unwrap(),
+            broken,
+        )
+    }
+
+    #[test]
+    fn slots_are_typed_and_addressed() {
+        let (mut q, _) = queue(8);
+        let s = q.take_slot().unwrap();
+        q.slot_mut(s).sector = 42u64.into();
+        assert_eq!(q.slot(s).sector.get(), 42);
+        assert_eq!(q.slot_addr(1) - q.slot_addr(0), 16);
+        // A slot on the device cannot be written.
+        let seg = Segment {
+            addr: q.slot_addr(s),
+            len: 16,
+        };
+        q.submit(s, &[seg], 1).unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            q.slot_mut(s);
+        }));
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn a_hung_up_backend_fails_the_queue_and_returns_its_slots() {
+        let (mut q, broken) = queue(8);
+        let s = q.take_slot().unwrap();
+        let seg = Segment {
+            addr: q.slot_addr(s),
+            len: 16,
+        };
+        q.submit(s, &[seg], 1).unwrap();
+        q.publish().unwrap();
+        for _ in 0..BROKEN_CHECK_INTERVAL {
+            assert_eq!(q.poll(|_, _, _| {}), Ok(0));
+        }
+        broken.store(true, Ordering::Relaxed);
+        let mut r = Ok(0);
+        for _ in 0..BROKEN_CHECK_INTERVAL {
+            r = q.poll(|_, _, _| {});
+            if r.is_err() {
+                break;
+            }
+        }
+        assert_eq!(r, Err(QueueFailure::Disconnected));
+        assert_eq!(q.take_slot(), None, "a failed queue hands out no slots");
+        assert_eq!(q.drain_in_flight(), vec![s]);
+        assert_eq!(q.publish(), Err(QueueFailure::Disconnected));
+    }
+}
