@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use vireo_virtio::{DmaBuf, DmaMemory, Translator};
+use vireo_virtio::{clock, DmaBuf, DmaMemory, Translator};
 
 use crate::error::{BdevError, IoError};
 use crate::io::{Completion, IoBuf, IoOp, IoRequest, Rejected};
@@ -21,7 +21,9 @@ pub struct OpSupport {
     pub read: bool,
     /// Writes.
     pub write: bool,
-    /// Flush (a volatile cache exists and can be flushed).
+    /// Flush. Accepted by every bdev: on a device without a volatile write cache
+    /// (see [`BdevInfo::volatile_write_cache`]) writes are durable when they complete,
+    /// and a flush completes at once without a device request.
     pub flush: bool,
     /// Unmap / discard.
     pub unmap: bool,
@@ -76,6 +78,10 @@ pub struct BdevInfo {
     pub num_blocks: u64,
     /// Writes are refused.
     pub read_only: bool,
+    /// The device has a volatile write cache: writes are durable only after a flush
+    /// (virtio-blk: `VIRTIO_BLK_F_FLUSH` offered; SCSI: WCE in the caching mode page,
+    /// assumed when the page is not reported). Flushes reach the device only then.
+    pub volatile_write_cache: bool,
     /// Supported operations.
     pub ops: OpSupport,
     /// Device limits.
@@ -252,6 +258,7 @@ impl Bdev {
     /// Open an I/O channel for the calling thread.
     pub fn open_channel(self: &Arc<Self>) -> Result<IoChannel, BdevError> {
         let drv = self.driver.open_channel()?;
+        clock::init();
         let stats = self.stats.register();
         Ok(IoChannel {
             bdev: self.clone(),
@@ -272,15 +279,20 @@ impl Bdev {
     }
 }
 
+/// One submitted I/O, kept in place in the channel's slot table until it completes
+/// (no moves of the whole record on the I/O path).
 struct Parent {
     user_data: u64,
     op: IoOp,
+    /// The slot holds an I/O.
+    active: bool,
     bytes: u64,
     remaining: u32,
     error: Option<IoError>,
     buf: Option<IoBuf>,
     bounce: Option<DmaBuf>,
-    start: Instant,
+    /// Submission time in [`clock`] ticks.
+    start: u64,
 }
 
 /// A thread's I/O path to a bdev: submit and poll, no locks. It belongs to the thread
@@ -289,7 +301,7 @@ struct Parent {
 pub struct IoChannel {
     bdev: Arc<Bdev>,
     drv: Box<dyn ChannelDriver>,
-    parents: Vec<Option<Parent>>,
+    parents: Vec<Parent>,
     free_parents: Vec<u32>,
     pending: VecDeque<Child>,
     translator: Translator,
@@ -467,26 +479,47 @@ impl IoChannel {
                 }
             }
         }
-        let parent = Parent {
-            user_data: req.user_data,
-            op: req.op,
-            bytes,
-            remaining: 0,
-            error: None,
-            buf: req.buf.take(),
-            bounce,
-            start: Instant::now(),
-        };
+        if req.op == IoOp::Flush && !self.bdev.info.volatile_write_cache {
+            // Write-through device: every completed write is already durable.
+            self.local.record(IoOp::Flush, 0, 0, true);
+            self.stash.push(Completion {
+                user_data: req.user_data,
+                op: IoOp::Flush,
+                result: Ok(()),
+                buf: req.buf.take(),
+                latency_ns: 0,
+            });
+            return Ok(());
+        }
         let slot = match self.free_parents.pop() {
-            Some(s) => {
-                self.parents[s as usize] = Some(parent);
-                s
-            }
+            Some(s) => s,
             None => {
-                self.parents.push(Some(parent));
+                self.parents.push(Parent {
+                    user_data: 0,
+                    op: IoOp::Read,
+                    active: false,
+                    bytes: 0,
+                    remaining: 0,
+                    error: None,
+                    buf: None,
+                    bounce: None,
+                    start: 0,
+                });
                 (self.parents.len() - 1) as u32
             }
         };
+        {
+            let p = &mut self.parents[slot as usize];
+            p.user_data = req.user_data;
+            p.op = req.op;
+            p.active = true;
+            p.bytes = bytes;
+            p.remaining = 0;
+            p.error = None;
+            p.buf = req.buf.take();
+            p.bounce = bounce;
+            p.start = clock::ticks();
+        }
         // Split to the device's limits.
         let limits = &self.bdev.info.limits;
         let per_child = match req.op {
@@ -534,9 +567,7 @@ impl IoChannel {
                 }
             }
         }
-        if let Some(p) = self.parents[slot as usize].as_mut() {
-            p.remaining = children;
-        }
+        self.parents[slot as usize].remaining = children;
         Ok(())
     }
 
@@ -580,9 +611,11 @@ impl IoChannel {
             self.done_scratch = done;
             return 0;
         }
+        // One clock reading for every completion of this pass.
+        let now = if done.is_empty() { 0 } else { clock::ticks() };
         let mut n = 0;
         for d in done.drain(..) {
-            if self.child_done(d, out) {
+            if self.child_done(d, now, out) {
                 n += 1;
             }
         }
@@ -607,12 +640,8 @@ impl IoChannel {
         n
     }
 
-    fn child_done(&mut self, d: ChildDone, out: &mut Vec<Completion>) -> bool {
-        let Some(p) = self
-            .parents
-            .get_mut(d.parent as usize)
-            .and_then(Option::as_mut)
-        else {
+    fn child_done(&mut self, d: ChildDone, now: u64, out: &mut Vec<Completion>) -> bool {
+        let Some(p) = self.parents.get_mut(d.parent as usize).filter(|p| p.active) else {
             return false;
         };
         if let Err(e) = d.result {
@@ -624,28 +653,30 @@ impl IoChannel {
         if p.remaining > 0 {
             return false;
         }
-        let mut p = self.parents[d.parent as usize].take().expect("present");
-        self.free_parents.push(d.parent);
+        p.active = false;
+        let mut buf = p.buf.take();
+        let error = p.error.take();
+        let (op, bytes, user_data) = (p.op, p.bytes, p.user_data);
+        let lat = clock::ticks_to_ns(now.saturating_sub(p.start));
         if let Some(b) = p.bounce.take() {
-            if p.op == IoOp::Read && p.error.is_none() {
-                if let Some(buf) = p.buf.as_mut() {
+            if op == IoOp::Read && error.is_none() {
+                if let Some(buf) = buf.as_mut() {
                     let n = buf.len();
                     buf.as_mut_slice().copy_from_slice(&b.as_slice()[..n]);
                 }
             }
             self.give_bounce(b);
         }
-        let ok = p.error.is_none();
-        let lat = p.start.elapsed().as_nanos() as u64;
-        self.local.record(p.op, p.bytes, lat, ok);
+        self.free_parents.push(d.parent);
+        self.local.record(op, bytes, lat, error.is_none());
         out.push(Completion {
-            user_data: p.user_data,
-            op: p.op,
-            result: match p.error {
+            user_data,
+            op,
+            result: match error {
                 None => Ok(()),
                 Some(e) => Err(e),
             },
-            buf: p.buf,
+            buf,
             latency_ns: lat,
         });
         true
@@ -665,6 +696,9 @@ impl IoChannel {
                 buf: r.buf,
                 latency_ns: 0,
             };
+        }
+        if let Some(pos) = self.stash.iter().position(|c| c.user_data == ud) {
+            return self.stash.remove(pos);
         }
         let mut out = Vec::new();
         loop {
@@ -697,9 +731,9 @@ impl Drop for IoChannel {
                 in_flight = self.in_flight(),
                 "channel closed with I/O still on the device; leaking its buffers"
             );
-            for p in self.parents.iter_mut().filter_map(Option::take) {
-                std::mem::forget(p.buf);
-                std::mem::forget(p.bounce);
+            for p in self.parents.iter_mut().filter(|p| p.active) {
+                std::mem::forget(p.buf.take());
+                std::mem::forget(p.bounce.take());
             }
         }
         self.published.publish(&self.local);

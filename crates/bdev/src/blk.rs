@@ -108,6 +108,9 @@ struct Shared {
     segment_bytes: u64,
     range_sectors_unmap: u64,
     range_sectors_wz: u64,
+    /// Flags of write-zeroes ranges: UNMAP only where the device said it may
+    /// deallocate (`write_zeroes_may_unmap`); elsewhere the flag means nothing.
+    write_zeroes_flags: u32,
     mem: Arc<DmaMemory>,
     health: Health,
     queues: QueuePool,
@@ -299,6 +302,11 @@ impl BlkController {
             segment_bytes,
             range_sectors_unmap: unmap_sectors,
             range_sectors_wz: wz_sectors,
+            write_zeroes_flags: if cfg.write_zeroes_may_unmap {
+                WRITE_ZEROES_FLAG_UNMAP
+            } else {
+                0
+            },
             mem: mem.clone(),
             health: Health::new(name, transport.broken_flag()),
             queues: QueuePool::new(queues),
@@ -328,10 +336,13 @@ impl BlkController {
             block_size,
             num_blocks,
             read_only,
+            // Without FLUSH (and CONFIG_WCE, not negotiated) the device is write-through
+            // (virtio 1.2, 5.2.6.2): a flush completes at once.
+            volatile_write_cache: has(bf::FLUSH),
             ops: OpSupport {
                 read: true,
                 write: !read_only,
-                flush: has(bf::FLUSH),
+                flush: true,
                 unmap: discard && !read_only,
                 write_zeroes: write_zeroes && !read_only,
                 reset: false,
@@ -620,7 +631,7 @@ impl ChannelDriver for BlkChannel {
                 let (ty, per, flags) = if c.op == IoOp::Unmap {
                     (T_DISCARD, sh.range_sectors_unmap, 0u32)
                 } else {
-                    (T_WRITE_ZEROES, sh.range_sectors_wz, WRITE_ZEROES_FLAG_UNMAP)
+                    (T_WRITE_ZEROES, sh.range_sectors_wz, sh.write_zeroes_flags)
                 };
                 s.hdr = ReqHeader {
                     type_: ty.into(),

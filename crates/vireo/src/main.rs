@@ -311,7 +311,7 @@ fn cmd_bdevs(config: PathBuf, json: bool) -> Result<()> {
         "qs",
         "qsize",
         "unmap",
-        "flush",
+        "cache",
         "wzero",
         "max_io",
         "max_unmap"
@@ -340,7 +340,8 @@ fn cmd_bdevs(config: PathBuf, json: bool) -> Result<()> {
             i.num_queues,
             i.queue_size,
             yn(i.ops.unmap),
-            yn(i.ops.flush),
+            // Write-back (flushes reach the device) or write-through.
+            if i.volatile_write_cache { "wb" } else { "wt" },
             yn(i.ops.write_zeroes),
             human(i.limits.max_rw_blocks * i.block_size as u64),
             if i.ops.unmap {

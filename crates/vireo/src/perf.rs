@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use vireo_bdev::{Bdev, Completion, IoBuf, IoChannel, IoOp, IoRequest};
+use vireo_virtio::clock;
 
 /// What each I/O of a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -244,7 +245,8 @@ struct Job<'o> {
     slots: Vec<Slot>,
     in_flight: usize,
     stopping: bool,
-    last_progress: Instant,
+    /// Clock ticks ([`clock`]) of the last completion.
+    last_progress: u64,
     idle_polls: u32,
     done: Vec<Completion>,
     hist: Histogram<u64>,
@@ -292,7 +294,7 @@ impl<'o> Job<'o> {
             slots,
             in_flight: 0,
             stopping: false,
-            last_progress: Instant::now(),
+            last_progress: clock::ticks(),
             idle_polls: 0,
             done: Vec::with_capacity(o.queue_depth),
             hist: Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("bounds"),
@@ -359,10 +361,16 @@ impl<'o> Job<'o> {
         if let Some(l) = new_lba {
             s.lba = l;
         }
-        if o.workload == Workload::Verify && s.phase == Phase::Write {
-            s.gen = gen;
+        if o.workload == Workload::Verify {
             if let Some(b) = s.buf.as_mut() {
-                stamp(b.as_mut_slice(), bs, s.lba, o.seed, s.gen);
+                if s.phase == Phase::Write {
+                    s.gen = gen;
+                    stamp(b.as_mut_slice(), bs, s.lba, o.seed, s.gen);
+                } else {
+                    // Poison the buffer: a device that completes a read without
+                    // returning data must not pass for one that stored it.
+                    b.as_mut_slice().fill(0xdb);
+                }
             }
         }
         let (lba, n) = if op == IoOp::Flush {
@@ -397,7 +405,8 @@ impl<'o> Job<'o> {
     }
 
     /// One polling pass; returns whether the job still has I/O in flight.
-    fn poll(&mut self, deadline: Instant, stop: &AtomicBool, counter: &AtomicU64) -> bool {
+    /// `deadline` is in clock ticks.
+    fn poll(&mut self, deadline: u64, stop: &AtomicBool, counter: &AtomicU64) -> bool {
         if self.in_flight == 0 {
             return false;
         }
@@ -408,7 +417,8 @@ impl<'o> Job<'o> {
             // once every 1024 idle polls).
             self.idle_polls = self.idle_polls.wrapping_add(1);
             if self.idle_polls.is_multiple_of(1024)
-                && self.last_progress.elapsed() >= self.o.io_timeout
+                && clock::ticks_to_ns(clock::ticks().saturating_sub(self.last_progress))
+                    >= self.o.io_timeout.as_nanos() as u64
             {
                 let n = self.in_flight;
                 self.error(format!(
@@ -421,13 +431,11 @@ impl<'o> Job<'o> {
                 return false;
             }
         } else {
-            self.last_progress = Instant::now();
-        }
-        if !self.stopping
-            && !done.is_empty()
-            && (Instant::now() >= deadline || stop.load(Ordering::Relaxed))
-        {
-            self.stopping = true;
+            // One clock reading per pass with completions.
+            self.last_progress = clock::ticks();
+            if !self.stopping && (self.last_progress >= deadline || stop.load(Ordering::Relaxed)) {
+                self.stopping = true;
+            }
         }
         let o = self.o;
         let bs = self.bs;
@@ -516,7 +524,7 @@ fn run_core(
     barrier.wait();
     let mut jobs = jobs?;
     let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(o.seconds);
+    let deadline = clock::ticks() + clock::ns_to_ticks((o.seconds * 1e9) as u64);
     for j in &mut jobs {
         j.start();
     }

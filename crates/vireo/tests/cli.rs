@@ -280,3 +280,26 @@ fn perf_runs_on_the_first_allowed_cpu_and_refuses_others() {
         "{err}"
     );
 }
+
+#[test]
+fn verify_catches_a_device_that_returns_no_data() {
+    // null-co with read-zeroes=off completes reads without touching the buffer: the
+    // data of the write before is still there unless verify poisons it before reading.
+    let dir = tempfile::tempdir().unwrap();
+    let q = Qsd::start(QsdOpts {
+        backend: Backend::NullNoData(64 << 20),
+        ..Default::default()
+    });
+    let conf = config(dir.path(), &q.sock, 1);
+    let out = vireo()
+        .args([
+            "perf", "-w", "verify", "-q", "4", "-t", "0.3", "--json", "-c",
+        ])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "verify must fail");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["total"]["verify_failures"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["total"]["errors"], 0);
+}

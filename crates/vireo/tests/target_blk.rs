@@ -385,3 +385,32 @@ fn run_keeps_other_completions_for_the_next_poll() {
     ids.sort_unstable();
     assert_eq!(ids, (0..8).collect::<Vec<_>>());
 }
+
+#[test]
+fn flush_reaches_only_a_device_with_a_write_cache() {
+    // Without VIRTIO_BLK_F_FLUSH the device is write-through: a flush completes at once
+    // and no request reaches it.
+    let (t, _d) = target(BlkTargetConfig {
+        flush: false,
+        ..ram(8 << 20)
+    });
+    let reg = registry();
+    let b = attach_blk(&reg, t.socket_path(), 1);
+    assert!(b.info().ops.flush && !b.info().volatile_write_cache);
+    let mut ch = b.open_channel().unwrap();
+    for i in 0..3 {
+        let c = ch.run(IoRequest::no_data(IoOp::Flush, 0, 0, i));
+        assert_eq!(c.result, Ok(()));
+    }
+    assert_eq!(t.stats().flushes, 0);
+    assert_eq!(ch.stats().num_flush_ops, 3);
+    // With it, every flush is a device request.
+    let (t, _d) = target(ram(8 << 20));
+    let reg = registry();
+    let b = attach_blk(&reg, t.socket_path(), 1);
+    assert!(b.info().volatile_write_cache);
+    let mut ch = b.open_channel().unwrap();
+    let c = ch.run(IoRequest::no_data(IoOp::Flush, 0, 0, 1));
+    assert_eq!(c.result, Ok(()));
+    assert_eq!(t.stats().flushes, 1);
+}

@@ -608,3 +608,42 @@ fn a_target_without_a_config_space_is_scanned_with_spec_defaults() {
         h.join().unwrap();
     }
 }
+
+#[test]
+fn flush_reaches_only_a_lun_with_a_write_cache() {
+    // WCE=0 in the caching mode page: writes are durable when they complete, a flush
+    // completes at once without SYNCHRONIZE CACHE; WCE=1 sends one.
+    let mut luns = BTreeMap::new();
+    luns.insert(
+        (0, 0),
+        LunConfig {
+            write_cache: false,
+            ..ram_lun(8)
+        },
+    );
+    luns.insert((0, 1), ram_lun(8));
+    let (t, _d) = target(ScsiTargetConfig {
+        luns,
+        ..Default::default()
+    });
+    let reg = registry();
+    let bdevs = attach(&reg, &t, 1);
+    let by_name = |n: &str| bdevs.iter().find(|b| b.name() == n).unwrap().clone();
+    let (wt, wb) = (by_name("St0"), by_name("St0l1"));
+    assert!(!wt.info().volatile_write_cache && wb.info().volatile_write_cache);
+    let sync10 = 0x35;
+    let before = opcode_count(&t, sync10);
+    let mut ch = wt.open_channel().unwrap();
+    assert_eq!(
+        ch.run(IoRequest::no_data(IoOp::Flush, 0, 0, 1)).result,
+        Ok(())
+    );
+    assert_eq!(opcode_count(&t, sync10), before);
+    drop(ch);
+    let mut ch = wb.open_channel().unwrap();
+    assert_eq!(
+        ch.run(IoRequest::no_data(IoOp::Flush, 0, 0, 1)).result,
+        Ok(())
+    );
+    assert_eq!(opcode_count(&t, sync10), before + 1);
+}

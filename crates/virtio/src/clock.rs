@@ -100,6 +100,12 @@ pub fn ticks_to_ns(ticks: u64) -> u64 {
     ((ticks as u128 * c.ns_per_tick_q32 as u128) >> 32) as u64
 }
 
+/// Ticks in `ns` nanoseconds (for deadlines).
+pub fn ns_to_ticks(ns: u64) -> u64 {
+    let c = calibration();
+    (((ns as u128) << 32) / c.ns_per_tick_q32.max(1) as u128).min(u64::MAX as u128) as u64
+}
+
 /// Whether the TSC is the clock.
 pub fn uses_tsc() -> bool {
     calibration().tsc
@@ -120,6 +126,13 @@ mod tests {
         // Within 5% of the OS clock (calibration spans 20 ms).
         let diff = ns.abs_diff(wall);
         assert!(diff * 20 < wall, "clock says {ns} ns, OS clock {wall} ns");
+    }
+
+    #[test]
+    fn conversions_round_trip() {
+        let t = ns_to_ticks(1_000_000_000);
+        let ns = ticks_to_ns(t);
+        assert!(ns.abs_diff(1_000_000_000) < 1000, "{ns}");
     }
 
     #[test]

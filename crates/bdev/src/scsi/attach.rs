@@ -310,6 +310,7 @@ pub(super) fn make_lun(
         block_size: info.block_size,
         num_blocks: info.num_blocks,
         read_only: info.read_only,
+        volatile_write_cache: info.write_cache.unwrap_or(true),
         ops: OpSupport {
             read: true,
             write: !info.read_only,

@@ -54,6 +54,8 @@ pub struct LunInfo {
     pub rw16: bool,
     /// The medium is write-protected.
     pub read_only: bool,
+    /// WCE of the caching mode page (`None`: the page was not reported).
+    pub write_cache: Option<bool>,
 }
 
 /// Sends scan commands on one queue.
@@ -295,6 +297,7 @@ impl Scanner<'_> {
                 unmap: false,
                 rw16: false,
                 read_only: false,
+                write_cache: None,
             }));
         }
         self.make_ready(t, l)?;
@@ -387,8 +390,9 @@ impl Scanner<'_> {
                 Cmd::Ok(_) | Cmd::BadTarget => false,
             }
         };
-        // Write protection from MODE SENSE(6) (WP bit of the header).
-        let read_only = {
+        // Write protection (WP bit of the header) and the write cache (WCE of the
+        // caching page) from MODE SENSE(6) of all pages.
+        let (read_only, write_cache) = {
             let b = self.buf(255)?;
             let cdb = vireo_scsi::ModeSense6Cdb {
                 dbd: true,
@@ -399,10 +403,18 @@ impl Scanner<'_> {
             }
             .to_cdb();
             match self.run(t, l, cdb.as_bytes(), None, Some(&b))? {
-                Cmd::Ok(n) if n >= 4 => vireo_scsi::ModeHeader::parse6(&b.as_slice()[..n as usize])
-                    .map(|h| h.write_protect)
-                    .unwrap_or(false),
-                _ => false,
+                Cmd::Ok(n) if n >= 4 => {
+                    let data = &b.as_slice()[..n as usize];
+                    let wp = vireo_scsi::ModeHeader::parse6(data)
+                        .map(|h| h.write_protect)
+                        .unwrap_or(false);
+                    let wce = vireo_scsi::ModeParameters::parse6(data)
+                        .ok()
+                        .and_then(|m| m.caching())
+                        .map(|c| c.wce);
+                    (wp, wce)
+                }
+                _ => (false, None),
             }
         };
         Ok(Some(LunInfo {
@@ -422,6 +434,7 @@ impl Scanner<'_> {
             unmap,
             rw16,
             read_only,
+            write_cache,
         }))
     }
 }

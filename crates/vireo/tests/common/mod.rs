@@ -13,6 +13,8 @@ use vireo_virtio::{DmaConfig, DmaMemory};
 pub enum Backend {
     /// null-co of this many bytes (reads zeroes).
     Null(u64),
+    /// null-co that leaves read buffers untouched (stores and returns nothing).
+    NullNoData(u64),
     /// A raw file (page cache, so the test can look at it).
     File(PathBuf),
 }
@@ -51,6 +53,9 @@ impl Qsd {
         let blockdev = match &o.backend {
             Backend::Null(size) => {
                 format!("driver=null-co,node-name=disk0,size={size},read-zeroes=on")
+            }
+            Backend::NullNoData(size) => {
+                format!("driver=null-co,node-name=disk0,size={size},read-zeroes=off")
             }
             Backend::File(p) => format!(
                 "driver=file,node-name=disk0,filename={},cache.direct=off,aio=threads,discard=unmap,read-only={ro}",
