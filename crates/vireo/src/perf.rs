@@ -249,6 +249,8 @@ struct Job<'o> {
     last_progress: u64,
     idle_polls: u32,
     done: Vec<Completion>,
+    /// Latencies of one pass, recorded after its new I/Os are published.
+    lats: Vec<u64>,
     hist: Histogram<u64>,
     res: JobResult,
 }
@@ -297,6 +299,7 @@ impl<'o> Job<'o> {
             last_progress: clock::ticks(),
             idle_polls: 0,
             done: Vec::with_capacity(o.queue_depth),
+            lats: Vec::with_capacity(o.queue_depth),
             hist: Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("bounds"),
             res: JobResult {
                 bdev: info.name.clone(),
@@ -439,6 +442,8 @@ impl<'o> Job<'o> {
         }
         let o = self.o;
         let bs = self.bs;
+        let mut completed = 0u64;
+        let mut lats = std::mem::take(&mut self.lats);
         for c in done.drain(..) {
             self.in_flight -= 1;
             let i = c.user_data as usize;
@@ -478,8 +483,8 @@ impl<'o> Job<'o> {
                 } else {
                     o.io_size as u64
                 };
-                let _ = self.hist.record(lat.max(1));
-                counter.fetch_add(1, Ordering::Relaxed);
+                lats.push(lat.max(1));
+                completed += 1;
             }
             // A failed device fails everything: stop early instead of spinning on errors.
             if self.res.errors >= 16 * o.queue_depth as u64 {
@@ -495,6 +500,16 @@ impl<'o> Job<'o> {
                 Some(self.next_offset())
             };
             self.submit(i, new_lba);
+        }
+        // The new I/Os go to the device before the bookkeeping of the old ones.
+        self.ch.flush();
+        for &l in &lats {
+            let _ = self.hist.record(l);
+        }
+        lats.clear();
+        self.lats = lats;
+        if completed > 0 {
+            counter.fetch_add(completed, Ordering::Relaxed);
         }
         self.done = done;
         self.in_flight > 0

@@ -1,0 +1,194 @@
+//! vireo vs SPDK's own virtio initiator (bdevperf) on SPDK's polled vhost target.
+//!
+//! SPDK v25.09's vhost target runs on CPU 0 with Null bdevs behind a virtio-blk and a
+//! virtio-scsi controller; `vireo perf` and SPDK's `bdevperf` take turns (ABBA order)
+//! on CPU 1 with 4 KiB random reads, one queue each, and the bench prints the median
+//! IOPS of each, the ratio, every run, and the resident memory of each process (vireo
+//! without hugepages; bdevperf's hugepages counted separately).
+//!
+//! `cargo bench -p vireo-bench --bench vs_spdk -- [--seconds S] [--rounds R] [--qd 1,32,128] [--dev blk,scsi]`
+//!
+//! Needs an SPDK build (`SPDK_DIR` or `VIREO_SPDK_DIR`); without one it says SKIPPED
+//! and exits 0. It builds `vireo` in release mode first (`cargo build --release -p vireo`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use vireo_peers::spdk::{self, SpdkBuild, SpdkVhost};
+
+/// Resident memory of `pid` in KiB: (VmRSS, HugetlbPages).
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("HugetlbPages:"))
+}
+
+/// One run: IOPS and memory sampled in the middle of it.
+struct Run {
+    iops: f64,
+    rss_kib: u64,
+    huge_kib: u64,
+}
+
+fn run(mut cmd: Command, secs: f64, parse: impl Fn(&str) -> Option<f64>) -> Run {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    std::thread::sleep(Duration::from_secs_f64(0.3 + secs * 0.6));
+    let (rss_kib, huge_kib) = memory_kib(pid);
+    let out = child.wait_with_output().expect("wait");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let iops = parse(&text).unwrap_or_else(|| {
+        panic!(
+            "no IOPS in the output of {cmd:?}:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    Run {
+        iops,
+        rss_kib,
+        huge_kib,
+    }
+}
+
+fn vireo_iops(text: &str) -> Option<f64> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    if v["total"]["errors"] != 0 {
+        return None;
+    }
+    v["total"]["iops"].as_f64()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn vireo_binary() -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let ok = Command::new(cargo)
+        .args(["build", "--release", "-p", "vireo", "--bin", "vireo"])
+        .status()
+        .expect("cargo build")
+        .success();
+    assert!(ok, "cargo build --release -p vireo failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    target.join("release/vireo")
+}
+
+fn main() {
+    let mut secs = 3.0;
+    let mut rounds = 3;
+    let mut qds = vec![1usize, 32, 128];
+    let mut devs = vec!["blk".to_string(), "scsi".to_string()];
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut list = || {
+            args.next()
+                .expect("a value")
+                .split(',')
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        match a.as_str() {
+            "--seconds" => secs = list()[0].parse().expect("--seconds N"),
+            "--rounds" => rounds = list()[0].parse().expect("--rounds N"),
+            "--qd" => {
+                qds = list()
+                    .iter()
+                    .map(|q| q.parse().expect("--qd N,M"))
+                    .collect()
+            }
+            "--dev" => devs = list(),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let build = match SpdkBuild::from_env() {
+        Ok(b) => b,
+        Err(why) => {
+            spdk::skipped("bench vs_spdk", &why);
+            return;
+        }
+    };
+    let vireo = vireo_binary();
+    let target = SpdkVhost::start(&build, 0).expect("SPDK vhost");
+    println!(
+        "4 KiB randread on SPDK v25.09 vhost (Null bdev, target on CPU 0), one queue, initiator on CPU 1, {secs} s x {rounds} rounds each, ABBA; medians"
+    );
+    println!(
+        "{:>5} {:>4} {:>14} {:>14} {:>6}   {:>10} {:>22}",
+        "dev", "QD", "vireo IOPS", "SPDK IOPS", "ratio", "vireo RSS", "bdevperf RSS (+huge)"
+    );
+    for dev in &devs {
+        let sock = target.socket(&format!("{dev}.null"));
+        let vconf = target.dir().join(format!("vireo-{dev}.json"));
+        std::fs::write(&vconf, spdk::attach_config("V", &sock, dev, None)).unwrap();
+        // SPDK's virtio-blk initiator wants a second queue in its config.
+        let bconf = target.dir().join(format!("bdevperf-{dev}.json"));
+        let vq = if dev == "blk" { 2 } else { 1 };
+        std::fs::write(&bconf, spdk::attach_config("VirtioX", &sock, dev, Some(vq))).unwrap();
+        for &qd in &qds {
+            let (mut v, mut s) = (Vec::new(), Vec::new());
+            let (mut vmem, mut smem) = ((0, 0), (0, 0));
+            for round in 0..rounds {
+                let order = if round % 2 == 0 {
+                    [true, false]
+                } else {
+                    [false, true]
+                };
+                for is_vireo in order {
+                    let q = qd.to_string();
+                    let t = secs.to_string();
+                    let args = [
+                        "-q",
+                        q.as_str(),
+                        "-o",
+                        "4096",
+                        "-w",
+                        "randread",
+                        "-t",
+                        t.as_str(),
+                    ];
+                    if is_vireo {
+                        let mut c = Command::new(&vireo);
+                        c.args(["perf", "--json", "-m", "1", "-c"])
+                            .arg(&vconf)
+                            .args(args);
+                        let r = run(c, secs, vireo_iops);
+                        v.push(r.iops);
+                        vmem = (r.rss_kib, r.huge_kib);
+                    } else {
+                        let mut c = build.bdevperf_on(1);
+                        c.arg("--json").arg(&bconf).args(args);
+                        let r = run(c, secs, spdk::bdevperf_total_iops);
+                        s.push(r.iops);
+                        smem = (r.rss_kib, r.huge_kib);
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+            let (mv, ms) = (median(&mut v), median(&mut s));
+            println!(
+                "{dev:>5} {qd:>4} {mv:>14.0} {ms:>14.0} {:>6.2}   {:>7} MiB {:>9} MiB (+{} MiB)",
+                mv / ms,
+                vmem.0 / 1024,
+                smem.0 / 1024,
+                smem.1 / 1024
+            );
+            eprintln!("  {dev} QD{qd} runs: vireo {v:.0?}, SPDK {s:.0?}");
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! SPDK's vhost target and bdevperf, started from an existing build.
+//!
+//! The target busy-polls its core; an initiator must never poll on the same core (every
+//! I/O would then wait for a scheduler slice). Tests pin the target to CPU 0 and the
+//! initiator to CPU 1.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// The environment variables that point at an SPDK build, in order of preference.
+pub const ENV_VARS: [&str; 2] = ["VIREO_SPDK_DIR", "SPDK_DIR"];
+
+/// 2 MiB hugepages the target (1 GiB) and one bdevperf (512 MiB) need, with margin.
+const HUGEPAGES: u64 = 1536;
+
+/// The controllers [`SpdkVhost::start`] creates: (socket name, type, backing bdev).
+pub const CONTROLLERS: [(&str, &str, &str); 4] = [
+    ("blk.null", "blk", "Null1"),
+    ("scsi.null", "scsi", "Null0"),
+    ("blk.mal", "blk", "Malloc1"),
+    ("scsi.mal", "scsi", "Malloc0"),
+];
+
+/// An SPDK build: `build/bin/vhost`, `build/examples/bdevperf`, `scripts/rpc.py`.
+#[derive(Debug, Clone)]
+pub struct SpdkBuild {
+    dir: PathBuf,
+}
+
+impl SpdkBuild {
+    /// The build named by `VIREO_SPDK_DIR` or `SPDK_DIR`; `Err` says why there is none.
+    pub fn from_env() -> Result<SpdkBuild, String> {
+        let Some((var, dir)) = ENV_VARS
+            .iter()
+            .find_map(|v| std::env::var_os(v).map(|d| (*v, PathBuf::from(d))))
+        else {
+            return Err(format!(
+                "no SPDK build: set {} to an SPDK v25.09 tree built with vhost and virtio",
+                ENV_VARS.join(" or ")
+            ));
+        };
+        let b = SpdkBuild { dir };
+        for p in [b.vhost(), b.bdevperf(), b.rpc_py()] {
+            if !p.exists() {
+                return Err(format!(
+                    "{var}={}: {} is missing",
+                    b.dir.display(),
+                    p.display()
+                ));
+            }
+        }
+        Ok(b)
+    }
+
+    /// The vhost target binary.
+    pub fn vhost(&self) -> PathBuf {
+        self.dir.join("build/bin/vhost")
+    }
+
+    /// The bdevperf binary.
+    pub fn bdevperf(&self) -> PathBuf {
+        self.dir.join("build/examples/bdevperf")
+    }
+
+    /// SPDK's JSON-RPC client.
+    pub fn rpc_py(&self) -> PathBuf {
+        self.dir.join("scripts/rpc.py")
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new(program);
+        let lib = self.dir.join("build/lib");
+        let ld = match std::env::var_os("LD_LIBRARY_PATH") {
+            Some(old) => {
+                let mut v = lib.into_os_string();
+                v.push(":");
+                v.push(old);
+                v
+            }
+            None => lib.into_os_string(),
+        };
+        c.env("LD_LIBRARY_PATH", ld);
+        c
+    }
+
+    /// `bdevperf` pinned to `core` (`-m`), with 512 MiB of hugepage memory in one file
+    /// (`-s 512 -g`, so SPDK's memory fits a vhost-user memory table) and no PCI
+    /// (`-u`); add the workload arguments.
+    pub fn bdevperf_on(&self, core: usize) -> Command {
+        let mut c = self.command(&self.bdevperf());
+        c.args([
+            "-m",
+            &format!("{:#x}", 1u64 << core),
+            "-s",
+            "512",
+            "-u",
+            "-g",
+        ]);
+        c
+    }
+}
+
+/// Print a loud notice that `what` was skipped and why.
+pub fn skipped(what: &str, why: &str) {
+    eprintln!(
+        "\n********************************************************************\n\
+         SKIPPED: {what}\n  {why}\n\
+         ********************************************************************\n"
+    );
+}
+
+/// One SPDK peer at a time per process: each wants the same core and hugepages.
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reserve 2 MiB hugepages and mount hugetlbfs where DPDK looks (needs root).
+pub fn ensure_hugepages() -> Result<(), String> {
+    let nr = "/proc/sys/vm/nr_hugepages";
+    let have: u64 = std::fs::read_to_string(nr)
+        .map_err(|e| format!("{nr}: {e}"))?
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    if have < HUGEPAGES {
+        std::fs::write(nr, HUGEPAGES.to_string())
+            .map_err(|e| format!("cannot reserve {HUGEPAGES} hugepages in {nr}: {e}"))?;
+    }
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("hugetlbfs"));
+    if !mounted {
+        std::fs::create_dir_all("/dev/hugepages").map_err(|e| e.to_string())?;
+        let ok = Command::new("mount")
+            .args(["-t", "hugetlbfs", "none", "/dev/hugepages"])
+            .status()
+            .map_err(|e| e.to_string())?
+            .success();
+        if !ok {
+            return Err("cannot mount hugetlbfs on /dev/hugepages".into());
+        }
+    }
+    Ok(())
+}
+
+/// A running SPDK vhost target with the [`CONTROLLERS`]; killed on drop.
+pub struct SpdkVhost {
+    child: Child,
+    build: SpdkBuild,
+    dir: tempfile::TempDir,
+    core: usize,
+}
+
+impl SpdkVhost {
+    /// Start the target pinned to `core` and create Null and Malloc bdevs (4 KiB
+    /// blocks; Null 1 GiB, Malloc 256 MiB) behind a blk and a scsi controller each.
+    pub fn start(build: &SpdkBuild, core: usize) -> Result<SpdkVhost, String> {
+        ensure_hugepages()?;
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let log = std::fs::File::create(dir.path().join("vhost.log")).map_err(|e| e.to_string())?;
+        let mask = format!("{:#x}", 1u64 << core);
+        let rpc = dir.path().join("spdk.rpc");
+        let child = build
+            .command(&build.vhost())
+            .arg("-S")
+            .arg(dir.path())
+            .args(["-m", &mask, "-s", "1024", "-u", "-r"])
+            .arg(&rpc)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", build.vhost().display()))?;
+        let mut v = SpdkVhost {
+            child,
+            build: build.clone(),
+            dir,
+            core,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !rpc.exists() {
+            if Instant::now() > deadline || v.child.try_wait().ok().flatten().is_some() {
+                return Err(format!("SPDK vhost did not start: {}", v.log()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The socket exists before the RPC server accepts: retry the first call.
+        let mut first = Err(String::new());
+        for _ in 0..100 {
+            first = v.rpc(&["bdev_null_create", "Null0", "1024", "4096"]);
+            if first.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        first?;
+        v.rpc(&["bdev_null_create", "Null1", "1024", "4096"])?;
+        v.rpc(&["bdev_malloc_create", "-b", "Malloc0", "256", "4096"])?;
+        v.rpc(&["bdev_malloc_create", "-b", "Malloc1", "256", "4096"])?;
+        for (sock, ty, bdev) in CONTROLLERS {
+            if ty == "scsi" {
+                v.rpc(&["vhost_create_scsi_controller", "--cpumask", &mask, sock])?;
+                v.rpc(&["vhost_scsi_controller_add_target", sock, "0", bdev])?;
+            } else {
+                v.rpc(&[
+                    "vhost_create_blk_controller",
+                    "--cpumask",
+                    &mask,
+                    sock,
+                    bdev,
+                ])?;
+            }
+        }
+        Ok(v)
+    }
+
+    /// The core the target polls on.
+    pub fn core(&self) -> usize {
+        self.core
+    }
+
+    /// The socket of controller `name` (one of [`CONTROLLERS`]).
+    pub fn socket(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A directory that lives as long as the target (for configs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Run one SPDK RPC; its output, or an error with it.
+    pub fn rpc(&self, args: &[&str]) -> Result<String, String> {
+        let out = self
+            .build
+            .command(Path::new("python3"))
+            .arg(self.build.rpc_py())
+            .arg("-s")
+            .arg(self.dir.path().join("spdk.rpc"))
+            .args(args)
+            .output()
+            .map_err(|e| format!("rpc.py: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "rpc.py {}: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// What the target logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("vhost.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for SpdkVhost {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An SPDK JSON config attaching one virtio controller (for bdevperf or vireo).
+pub fn attach_config(name: &str, socket: &Path, dev_type: &str, vq_count: Option<u16>) -> String {
+    let mut params = format!(
+        r#""name":"{name}","trtype":"user","traddr":"{}","dev_type":"{dev_type}""#,
+        socket.display()
+    );
+    if let Some(n) = vq_count {
+        params.push_str(&format!(r#","vq_count":{n}"#));
+    }
+    format!(
+        r#"{{"subsystems":[{{"subsystem":"bdev","config":[{{"method":"bdev_virtio_attach_controller","params":{{{params}}}}}]}}]}}"#
+    )
+}
+
+/// The total IOPS of a bdevperf run, from its "Total" line.
+pub fn bdevperf_total_iops(output: &str) -> Option<f64> {
+    output
+        .lines()
+        .find(|l| l.trim_start().starts_with("Total") && l.contains(':') && !l.contains("cores"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bdevperf_totals() {
+        let out = "[2026-11-29 05:08:59.654893] app.c: 964:spdk_app_start: *NOTICE*: Total cores available: 1\n Device Information          : runtime(s)       IOPS      MiB/s\n Total                       :            4878224.48   19055.56       0.00\n";
+        assert_eq!(bdevperf_total_iops(out), Some(4878224.48));
+        assert_eq!(bdevperf_total_iops("nothing"), None);
+    }
+
+    #[test]
+    fn config_names_the_controller() {
+        let c = attach_config("V", Path::new("/s"), "blk", Some(2));
+        assert!(c.contains(r#""traddr":"/s""#) && c.contains(r#""vq_count":2"#));
+        assert!(!attach_config("V", Path::new("/s"), "scsi", None).contains("vq_count"));
+    }
+}
