@@ -112,6 +112,11 @@ impl Cdb {
         }
     }
 
+    /// The CDB zero-padded to [`Cdb::MAX_LEN`] bytes (a fixed-size copy for a request).
+    pub fn padded(&self) -> &[u8; Cdb::MAX_LEN] {
+        &self.bytes
+    }
+
     /// The CDB bytes.
     pub fn as_bytes(&self) -> &[u8] {
         self.bytes.get(..usize::from(self.len)).unwrap_or(&[])

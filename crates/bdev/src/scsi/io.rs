@@ -2,6 +2,7 @@
 //! LUN channels.
 
 use super::*;
+use wire::response;
 
 /// A channel's state inside its thread queue.
 struct ChanState {
@@ -216,7 +217,7 @@ impl ThreadQueue {
             }
         }
         let sq = &mut self.sq;
-        sq.prepare(slot, &ctx.lun, slot as u64, cdb.as_bytes());
+        sq.prepare_padded(slot, &ctx.lun, slot as u64, cdb.padded());
         // Data segments of reads and writes.
         let mut data = std::mem::take(&mut self.data_segs);
         data.clear();
@@ -250,7 +251,7 @@ impl ThreadQueue {
     }
 
     fn queue(&mut self, chan: u32, c: Child) -> Result<(), Child> {
-        if let Some(e) = self.failed.clone() {
+        if let Some(e) = self.failed.as_ref().map(IoError::clone) {
             if let Some(Some(st)) = self.chans.get_mut(chan as usize) {
                 st.outbox.push(ChildDone {
                     parent: c.parent,
@@ -314,9 +315,16 @@ impl ThreadQueue {
                 self.sq.rq.release_slot(slot);
                 continue;
             };
-            let resp = self.sq.response(slot);
+            // The common case first: GOOD, nothing left over.
+            let h = self.sq.response_header(slot);
+            let good = h.response == response::OK && h.status == 0 && h.resid.get() == 0;
             let (len, short_ok) = self.slot_xfer[slot as usize];
-            let result = match evaluate(&resp, len, short_ok) {
+            let outcome = if good {
+                Outcome::Done { transferred: len }
+            } else {
+                evaluate(&self.sq.response(slot), len, short_ok)
+            };
+            let result = match outcome {
                 Outcome::Done { .. } => Ok(()),
                 Outcome::Retry(why) => {
                     if self.slot_tries[slot as usize] < MAX_RETRIES {

@@ -95,6 +95,31 @@ impl ScsiQueue {
         };
     }
 
+    /// Write the request of `slot` from a zero-padded CDB (a fixed-size copy: the I/O
+    /// path's variant of [`prepare`](Self::prepare)).
+    #[inline]
+    pub fn prepare_padded(&mut self, slot: u16, lun: &[u8; 8], tag: u64, cdb: &[u8; CDB_SIZE]) {
+        let s = self.rq.slot_mut(slot);
+        s.req = CmdReq {
+            lun: *lun,
+            tag: tag.into(),
+            task_attr: 0,
+            prio: 0,
+            crn: 0,
+            cdb: *cdb,
+        };
+        s.resp.header = RespHeader {
+            response: response::UNSET,
+            ..RespHeader::default()
+        };
+    }
+
+    /// The response header of a completed `slot`.
+    #[inline]
+    pub fn response_header(&self, slot: u16) -> RespHeader {
+        self.rq.read_at(slot, RESP_OFF)
+    }
+
     /// The response of a completed `slot` (sense bytes copied only when present).
     #[inline]
     pub fn response(&self, slot: u16) -> Resp {
