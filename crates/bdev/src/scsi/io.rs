@@ -251,7 +251,7 @@ impl ThreadQueue {
     }
 
     fn queue(&mut self, chan: u32, c: Child) -> Result<(), Child> {
-        if let Some(e) = self.failed.as_ref().map(IoError::clone) {
+        if let Some(e) = self.failed.clone() {
             if let Some(Some(st)) = self.chans.get_mut(chan as usize) {
                 st.outbox.push(ChildDone {
                     parent: c.parent,
