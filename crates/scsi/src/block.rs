@@ -12,6 +12,43 @@ pub const MAX_RW10_LBA: u64 = u32::MAX as u64;
 /// Most blocks one READ(16)/WRITE(16) can move (32-bit TRANSFER LENGTH).
 pub const MAX_RW16_BLOCKS: u32 = u32::MAX;
 
+/// READ or WRITE of `blocks` at `lba` with default flags, zero-padded to
+/// [`Cdb::MAX_LEN`] bytes, built without intermediate copies (the I/O path's encoder):
+/// (10) when it fits, else (16) when `allow16`, else `None`. A zero-block transfer
+/// (which a 10-byte CDB does not mean literally) or one beyond (16) is `None`.
+#[inline]
+pub fn read_write_padded(
+    write: bool,
+    lba: u64,
+    blocks: u64,
+    allow16: bool,
+) -> Option<[u8; Cdb::MAX_LEN]> {
+    let mut c = [0u8; Cdb::MAX_LEN];
+    if blocks == 0 {
+        return None;
+    }
+    if rw10_fits(lba, blocks) {
+        c[0] = if write {
+            opcode::WRITE_10
+        } else {
+            opcode::READ_10
+        };
+        c[2..6].copy_from_slice(&(lba as u32).to_be_bytes());
+        c[7..9].copy_from_slice(&(blocks as u16).to_be_bytes());
+    } else if allow16 && blocks <= MAX_RW16_BLOCKS as u64 {
+        c[0] = if write {
+            opcode::WRITE_16
+        } else {
+            opcode::READ_16
+        };
+        c[2..10].copy_from_slice(&lba.to_be_bytes());
+        c[10..14].copy_from_slice(&(blocks as u32).to_be_bytes());
+    } else {
+        return None;
+    }
+    Some(c)
+}
+
 /// True when a transfer of `blocks` at `lba` fits a 10-byte CDB: the LBA
 /// fits 32 bits and the length 16 bits.
 pub const fn rw10_fits(lba: u64, blocks: u64) -> bool {
@@ -353,6 +390,39 @@ impl StartStopUnitCdb {
             loej: b[4] & 0x02 != 0,
             start: b[4] & 0x01 != 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod padded_tests {
+    use super::*;
+
+    #[test]
+    fn padded_encoder_matches_the_builders() {
+        for &(lba, blocks) in &[(0u64, 1u64), (7, 8), (u32::MAX as u64, 65535), (1 << 33, 9)] {
+            for write in [false, true] {
+                let p = read_write_padded(write, lba, blocks, true).unwrap();
+                let want = if rw10_fits(lba, blocks) {
+                    let x = ReadWrite10Cdb::new(lba, blocks, RwFlags::default()).unwrap();
+                    if write {
+                        x.write_cdb()
+                    } else {
+                        x.read_cdb()
+                    }
+                } else {
+                    let x = ReadWrite16Cdb::new(lba, blocks, RwFlags::default()).unwrap();
+                    if write {
+                        x.write_cdb()
+                    } else {
+                        x.read_cdb()
+                    }
+                };
+                assert_eq!(&p, want.padded(), "lba {lba} blocks {blocks} write {write}");
+            }
+        }
+        assert_eq!(read_write_padded(false, 1 << 33, 1, false), None);
+        assert_eq!(read_write_padded(false, 0, 0, true), None);
+        assert_eq!(read_write_padded(false, 0, 1 << 32, true), None);
     }
 }
 

@@ -18,7 +18,9 @@ pub(super) struct ThreadQueue {
     shared: Arc<Shared>,
     chans: Vec<Option<ChanState>>,
     /// The command in each slot: (channel id, request).
-    slot_child: Vec<Option<(u32, Child)>>,
+    slot_child: Vec<Child>,
+    /// The channel of each slot's command ([`NO_CHAN`]: the slot holds none).
+    slot_chan: Vec<u32>,
     slot_tries: Vec<u8>,
     /// Bytes the residual of each slot's command is measured against, and whether a
     /// residual is acceptable.
@@ -32,7 +34,26 @@ pub(super) struct ThreadQueue {
     failed: Option<IoError>,
 }
 
+/// `slot_chan` of a slot without a command.
+const NO_CHAN: u32 = u32::MAX;
+
 impl ThreadQueue {
+    /// The command in `slot` and its channel, if any.
+    #[inline]
+    fn child(&self, slot: u16) -> Option<(u32, Child)> {
+        let chan = *self.slot_chan.get(slot as usize)?;
+        (chan != NO_CHAN).then(|| (chan, self.slot_child[slot as usize]))
+    }
+
+    /// Take the command out of `slot`.
+    fn take_child(&mut self, slot: u16) -> Option<(u32, Child)> {
+        let c = self.child(slot);
+        if c.is_some() {
+            self.slot_chan[slot as usize] = NO_CHAN;
+        }
+        c
+    }
+
     fn register(&mut self, ctx: Arc<LunCtx>) -> u32 {
         let st = ChanState {
             ctx,
@@ -67,7 +88,7 @@ impl ThreadQueue {
         self.sq.rq.fail(f.clone());
         let e = queue_error(&f);
         for slot in self.sq.rq.drain_in_flight() {
-            if let Some((chan, c)) = self.slot_child[slot as usize].take() {
+            if let Some((chan, c)) = self.take_child(slot) {
                 self.deliver(
                     chan,
                     ChildDone {
@@ -88,41 +109,25 @@ impl ThreadQueue {
             _ => return Err(IoError::InvalidRequest("unknown channel".into()).into()),
         };
         let bs = ctx.block_size as u64;
-        let cdb;
+        let padded: [u8; 32];
         let mut out_segs: [Segment; 1] = [Segment { addr: 0, len: 0 }];
         let mut n_out = 0usize;
         let mut data_in = false;
         match c.op {
             IoOp::Read | IoOp::Write => {
-                let flags = RwFlags::default();
-                cdb = if rw10_fits(c.lba, c.blocks) {
-                    let x = ReadWrite10Cdb::new(c.lba, c.blocks, flags)
-                        .map_err(|e| IoError::InvalidRequest(e.to_string()))?;
-                    if c.op == IoOp::Read {
-                        x.read_cdb()
-                    } else {
-                        x.write_cdb()
-                    }
-                } else if ctx.rw16 {
-                    let x = ReadWrite16Cdb::new(c.lba, c.blocks, flags)
-                        .map_err(|e| IoError::InvalidRequest(e.to_string()))?;
-                    if c.op == IoOp::Read {
-                        x.read_cdb()
-                    } else {
-                        x.write_cdb()
-                    }
-                } else {
-                    return Err(IoError::InvalidRequest(format!(
-                        "LBA {} / {} blocks need READ/WRITE(16), which the LUN lacks",
-                        c.lba, c.blocks
-                    ))
-                    .into());
-                };
+                padded =
+                    vireo_scsi::read_write_padded(c.op == IoOp::Write, c.lba, c.blocks, ctx.rw16)
+                        .ok_or_else(|| {
+                        IoError::InvalidRequest(format!(
+                            "LBA {} / {} blocks need READ/WRITE(16), which the LUN lacks",
+                            c.lba, c.blocks
+                        ))
+                    })?;
                 data_in = c.op == IoOp::Read;
             }
             IoOp::Flush => {
                 let n = ctx.num_blocks;
-                cdb = if n <= u32::MAX as u64 + 1 {
+                let cdb = if n <= u32::MAX as u64 + 1 {
                     SyncCache10Cdb {
                         immed: false,
                         lba: 0,
@@ -137,6 +142,7 @@ impl ThreadQueue {
                     }
                     .to_cdb()
                 };
+                padded = *cdb.padded();
             }
             IoOp::Unmap => {
                 let mut buf = match self.slot_unmap[slot as usize].take() {
@@ -172,11 +178,12 @@ impl ThreadQueue {
                     }
                     w.finish()
                 };
-                cdb = UnmapCdb {
+                let cdb = UnmapCdb {
                     anchor: false,
                     param_len: len,
                 }
                 .to_cdb();
+                padded = *cdb.padded();
                 out_segs[0] = Segment {
                     addr: buf.iova(),
                     len: len as u32,
@@ -198,7 +205,7 @@ impl ThreadQueue {
                     self.zero = Some(z);
                 }
                 let z = self.zero.as_ref().map_or(0, |z| z.iova());
-                cdb = WriteSame16Cdb {
+                let cdb = WriteSame16Cdb {
                     lba: c.lba,
                     blocks: u32::try_from(c.blocks).map_err(|_| {
                         IoError::InvalidRequest("WRITE SAME of more than 2^32-1 blocks".into())
@@ -209,6 +216,7 @@ impl ThreadQueue {
                     protect: 0,
                 }
                 .to_cdb();
+                padded = *cdb.padded();
                 out_segs[0] = Segment {
                     addr: z,
                     len: bs as u32,
@@ -217,7 +225,7 @@ impl ThreadQueue {
             }
         }
         let sq = &mut self.sq;
-        sq.prepare_padded(slot, &ctx.lun, slot as u64, cdb.padded());
+        sq.prepare_padded(slot, &ctx.lun, slot as u64, &padded);
         // Data segments of reads and writes.
         let mut data = std::mem::take(&mut self.data_segs);
         data.clear();
@@ -265,7 +273,8 @@ impl ThreadQueue {
         };
         match self.issue(chan, slot, &c) {
             Ok(()) => {
-                self.slot_child[slot as usize] = Some((chan, c));
+                self.slot_child[slot as usize] = c;
+                self.slot_chan[slot as usize] = chan;
                 self.slot_tries[slot as usize] = 0;
                 if let Some(Some(st)) = self.chans.get_mut(chan as usize) {
                     st.in_flight += 1;
@@ -310,7 +319,7 @@ impl ThreadQueue {
         let mut retry = std::mem::take(&mut self.retry);
         retry.clear();
         for &slot in &completed {
-            let Some((chan, c)) = self.slot_child.get(slot as usize).copied().flatten() else {
+            let Some((chan, c)) = self.child(slot) else {
                 // Not ours (cannot happen: the ring checks ids); keep the slot.
                 self.sq.rq.release_slot(slot);
                 continue;
@@ -349,7 +358,7 @@ impl ThreadQueue {
                     Err(e)
                 }
             };
-            self.slot_child[slot as usize] = None;
+            self.slot_chan[slot as usize] = NO_CHAN;
             if let Some(b) = self.slot_unmap[slot as usize].take() {
                 self.unmap_pool.push(b);
             }
@@ -366,7 +375,7 @@ impl ThreadQueue {
         // Retries reuse their slot; the ring has room since their chains were freed.
         for &slot in &retry {
             self.slot_tries[slot as usize] += 1;
-            let Some((chan, c)) = self.slot_child[slot as usize] else {
+            let Some((chan, c)) = self.child(slot) else {
                 continue;
             };
             if let Err(e) = self.issue(chan, slot, &c) {
@@ -376,7 +385,7 @@ impl ThreadQueue {
                         IoError::ControllerFailed("no ring space to retry a command".into())
                     }
                 };
-                self.slot_child[slot as usize] = None;
+                self.slot_chan[slot as usize] = NO_CHAN;
                 self.sq.rq.release_slot(slot);
                 self.deliver(
                     chan,
@@ -531,7 +540,18 @@ fn thread_queue(shared: &Arc<Shared>, bdev: &str) -> Result<Rc<RefCell<ThreadQue
         sq,
         shared: shared.clone(),
         chans: Vec::new(),
-        slot_child: vec![None; n],
+        slot_child: vec![
+            Child {
+                parent: 0,
+                op: IoOp::Read,
+                lba: 0,
+                blocks: 0,
+                addr: 0,
+                len: 0,
+            };
+            n
+        ],
+        slot_chan: vec![NO_CHAN; n],
         slot_tries: vec![0; n],
         slot_xfer: vec![(0, false); n],
         slot_unmap: (0..n).map(|_| None).collect(),

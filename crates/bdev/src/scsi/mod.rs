@@ -27,8 +27,7 @@ use std::time::{Duration, Instant};
 
 use queue::queue_error;
 use vireo_scsi::{
-    rw10_fits, ReadWrite10Cdb, ReadWrite16Cdb, RwFlags, SyncCache10Cdb, SyncCache16Cdb, UnmapCdb,
-    WriteSame16Cdb, MAX_UNMAP_DESCRIPTORS_PER_LIST,
+    SyncCache10Cdb, SyncCache16Cdb, UnmapCdb, WriteSame16Cdb, MAX_UNMAP_DESCRIPTORS_PER_LIST,
 };
 use vireo_virtio::features::scsi as sf;
 use vireo_virtio::features::transport as tf;
