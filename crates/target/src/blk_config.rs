@@ -59,7 +59,8 @@ pub struct BlkTargetConfig {
     pub block_size: u32,
     /// Request queues, 1..=64. More than one offers `VIRTIO_BLK_F_MQ`.
     pub num_queues: u16,
-    /// Largest queue size the driver may set (a power of two, at most 32768).
+    /// Largest queue size the driver may set (a power of two, at most 32768; default 1024,
+    /// QEMU's largest, so front-ends with larger defaults than 128 are served, e.g. SPDK's 512).
     pub queue_size: u16,
     /// Offer `VIRTIO_BLK_F_RO` and fail every write, discard and write-zeroes with IOERR.
     pub read_only: bool,
@@ -103,7 +104,7 @@ impl Default for BlkTargetConfig {
             },
             block_size: 512,
             num_queues: 1,
-            queue_size: 256,
+            queue_size: 1024,
             read_only: false,
             seg_max: 126,
             size_max: 1 << 20,

@@ -67,6 +67,7 @@ pub mod scsi_request;
 mod blk_backend;
 mod blk_device;
 mod queue;
+mod relay;
 mod scsi_backend;
 mod scsi_device;
 mod scsi_handle;

@@ -165,7 +165,8 @@ pub struct ScsiTargetConfig {
     /// Request queues (`num_queues` of the config space), 1..=62; the device has two more, the
     /// control and the event queue.
     pub num_request_queues: u16,
-    /// Largest queue size the driver may set (a power of two, at most 32768).
+    /// Largest queue size the driver may set (a power of two, at most 32768; default 1024,
+    /// QEMU's largest, so front-ends with larger defaults than 128 are served, e.g. SPDK's 512).
     pub queue_size: u16,
     /// `seg_max`: most data segments (descriptors of data-in or data-out) in one command; a
     /// command with more ends with `VIRTIO_SCSI_S_FAILURE` and is counted. At least 1.
@@ -211,7 +212,7 @@ impl Default for ScsiTargetConfig {
             max_target: None,
             max_lun: u32::from(MAX_LUN),
             num_request_queues: 1,
-            queue_size: 256,
+            queue_size: 1024,
             seg_max: 254,
             max_sectors: 0xffff,
             cmd_per_lun: 128,

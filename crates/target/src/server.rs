@@ -26,6 +26,7 @@ use crate::blk_config::BlkTargetConfig;
 use crate::blk_device::BlkDevice;
 use crate::faults::{bump, Faults, StatCounters, Stats};
 use crate::queue::{ConnectionSlot, Memory};
+use crate::relay::Relay;
 use crate::TargetError;
 
 const LISTENER_TOKEN: u64 = 0;
@@ -342,6 +343,13 @@ pub fn spawn_blk_target(
     })
 }
 
+/// A fresh path for the socket between the relay and the daemon.
+fn private_socket_path() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("vireo-target-{}-{n}.sock", std::process::id()))
+}
+
 struct AcceptLoop<F> {
     listener: Listener,
     epoll: Epoll,
@@ -401,9 +409,27 @@ impl<F: BackendFactory> AcceptLoop<F> {
         let mut daemon = VhostUserDaemon::new(self.name.clone(), Arc::clone(&backend), mem)
             .map_err(|e| format!("cannot create the vhost-user daemon: {e}"))?;
         self.factory.attach(&backend, &daemon)?;
+        let Some(front) = self
+            .listener
+            .accept()
+            .map_err(|e| format!("cannot accept a front-end: {e}"))?
+        else {
+            return Ok(());
+        };
+        // The daemon is served through a relay (see relay.rs) on a private socket pair:
+        // bind, connect, and the daemon accepts the connection already queued.
+        let private_path = private_socket_path();
+        let mut private = Listener::new(&private_path, true)
+            .map_err(|e| format!("cannot bind {}: {e}", private_path.display()))?;
+        let back = UnixStream::connect(&private_path)
+            .map_err(|e| format!("cannot connect {}: {e}", private_path.display()))?;
         daemon
-            .start(&mut self.listener)
-            .map_err(|e| format!("cannot accept a front-end: {e}"))?;
+            .start(&mut private)
+            .map_err(|e| format!("cannot hand the front-end to the daemon: {e}"))?;
+        drop(private);
+        let _ = std::fs::remove_file(&private_path);
+        let relay = Relay::spawn(front, back)
+            .map_err(|e| format!("cannot start the vhost-user relay: {e}"))?;
         bump(&self.stats.connections);
         info!("{}: front-end connected", self.name);
         self.factory.connected(true);
@@ -416,8 +442,10 @@ impl<F: BackendFactory> AcceptLoop<F> {
         let result = daemon.wait();
         connection.set(None);
         self.factory.connected(false);
-        // Dropping the daemon ends and joins the queue threads.
+        // Dropping the daemon ends and joins the queue threads and closes its end of the
+        // relay, which then closes the front-end's.
         drop(daemon);
+        relay.join();
         match result {
             Ok(())
             | Err(DaemonError::HandleRequest(

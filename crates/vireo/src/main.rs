@@ -111,6 +111,9 @@ struct TargetArgs {
     /// Request queues.
     #[arg(long, default_value_t = 1)]
     queues: u16,
+    /// Largest queue size (descriptors) a front-end may set.
+    #[arg(long, default_value_t = 1024)]
+    queue_size: u16,
     /// Largest segments per request (seg_max).
     #[arg(long, default_value_t = 126)]
     seg_max: u32,
@@ -124,6 +127,41 @@ struct TargetArgs {
     /// configuration space, like SPDK's vhost-scsi).
     #[arg(long)]
     no_config_space: bool,
+    /// Fault: delay every completion by this many microseconds.
+    #[arg(long, default_value_t = 0)]
+    delay_us: u64,
+    /// Fault: hold back up to N completions of a queue and complete them in reverse order.
+    #[arg(long, default_value_t = 0)]
+    reorder: u32,
+    /// Fault: fail the first N requests (blk: IOERR; scsi: CHECK CONDITION, MEDIUM ERROR).
+    #[arg(long, default_value_t = 0)]
+    fail_next: u64,
+    /// Fault: serve N requests, then drop the front-end with the next one in flight (once).
+    #[arg(long)]
+    disconnect_after: Option<u64>,
+    /// Fault: report a used length beyond the request's buffers for the first N requests.
+    #[arg(long, default_value_t = 0)]
+    lie_used_len: u64,
+    /// Fault: complete the first N requests with a used id outside the ring.
+    #[arg(long, default_value_t = 0)]
+    bad_used_id: u64,
+    /// scsi fault: never answer task management functions.
+    #[arg(long)]
+    tmf_never_answer: bool,
+}
+
+impl TargetArgs {
+    /// Arm the faults given on the command line.
+    fn arm(&self, f: &vireo_target::Faults) {
+        f.set_completion_delay(std::time::Duration::from_micros(self.delay_us));
+        f.set_reorder_window(self.reorder);
+        f.fail_next(self.fail_next);
+        if let Some(n) = self.disconnect_after {
+            f.disconnect_after(n);
+        }
+        f.lie_used_len_next(self.lie_used_len);
+        f.bad_used_id_next(self.bad_used_id);
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -529,11 +567,14 @@ fn cmd_target_scsi(a: TargetArgs) -> Result<()> {
         vireo_target::ScsiTargetConfig {
             luns,
             num_request_queues: a.queues,
+            queue_size: a.queue_size,
             seg_max: a.seg_max,
             config_space: !a.no_config_space,
+            tmf_never_answer: a.tmf_never_answer,
             ..Default::default()
         },
     )?;
+    a.arm(t.faults());
     eprintln!(
         "vireo: vhost-user-scsi target listening on {} ({} targets x {} LUNs)",
         a.socket.display(),
@@ -588,9 +629,9 @@ fn cmd_target(a: TargetArgs) -> Result<()> {
         "scsi" => return cmd_target_scsi(a),
         other => bail!("unknown target type {other:?} (blk or scsi)"),
     }
-    let backend = match a.file {
+    let backend = match &a.file {
         Some(path) => vireo_target::Backing::File {
-            path,
+            path: path.clone(),
             size_bytes: Some(a.size as u64),
         },
         None => vireo_target::Backing::Ram {
@@ -603,12 +644,14 @@ fn cmd_target(a: TargetArgs) -> Result<()> {
             backend,
             block_size: a.block_size,
             num_queues: a.queues,
+            queue_size: a.queue_size,
             seg_max: a.seg_max,
             size_max: a.size_max as u32,
             read_only: a.read_only,
             ..Default::default()
         },
     )?;
+    a.arm(t.faults());
     eprintln!(
         "vireo: vhost-user-blk target listening on {}",
         a.socket.display()

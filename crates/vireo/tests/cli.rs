@@ -303,3 +303,52 @@ fn verify_catches_a_device_that_returns_no_data() {
     assert!(v["total"]["verify_failures"].as_u64().unwrap() > 0, "{v}");
     assert_eq!(v["total"]["errors"], 0);
 }
+
+#[test]
+fn target_faults_are_reachable_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("t.sock");
+    let mut t = vireo()
+        .args([
+            "target",
+            "--type",
+            "blk",
+            "--size",
+            "64m",
+            "--fail-next",
+            "5",
+            "-s",
+        ])
+        .arg(&sock)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "target did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let conf = config(dir.path(), &sock, 1);
+    let out = vireo()
+        .args([
+            "perf", "-w", "randread", "-q", "1", "-t", "0.3", "--json", "-c",
+        ])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    let _ = t.kill();
+    let _ = t.wait();
+    assert!(
+        !out.status.success(),
+        "failed I/O makes the exit status non-zero"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The first of the 5 failed requests is attach's GET_ID (an IOERR there just means
+    // no serial number); the other 4 are reads.
+    assert_eq!(v["total"]["errors"], 4, "{v}");
+    assert!(v["total"]["ios"].as_u64().unwrap() > 5);
+}

@@ -153,3 +153,75 @@ fn spdk_bdevperf_runs_against_the_same_target() {
         );
     }
 }
+
+/// `vireo target` as a user runs it; killed on drop.
+struct Target(std::process::Child);
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn spdk_bdevperf_verifies_against_vireo_target() {
+    // Another initiator than vireo's own: SPDK's reads the whole config region, sets
+    // 512-entry queues by default and checks every byte it wrote.
+    let build = match SpdkBuild::from_env() {
+        Ok(b) => b,
+        Err(why) => {
+            spdk::skipped("spdk::spdk_bdevperf_verifies_against_vireo_target", &why);
+            return;
+        }
+    };
+    let _g = spdk::exclusive();
+    spdk::ensure_hugepages().expect("hugepages");
+    let dir = tempfile::tempdir().unwrap();
+    for (ty, queues) in [("blk", 2u16), ("scsi", 4)] {
+        let sock = dir.path().join(format!("{ty}.sock"));
+        let _t = Target(
+            std::process::Command::new(env!("CARGO_BIN_EXE_vireo"))
+                .args(["target", "--type", ty, "--size", "256m", "--queues"])
+                .arg(queues.to_string())
+                .arg("-s")
+                .arg(&sock)
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "vireo target did not listen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let conf = dir.path().join(format!("bp-{ty}.json"));
+        std::fs::write(
+            &conf,
+            spdk::attach_config("VirtioX", &sock, ty, Some(queues)),
+        )
+        .unwrap();
+        let out = build
+            .bdevperf_on(1)
+            .arg("--json")
+            .arg(&conf)
+            .args(["-q", "32", "-o", "4096", "-w", "verify", "-t", "2"])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{ty}: {text}");
+        assert!(!text.contains("mismatch"), "{ty}: {text}");
+        assert!(
+            spdk::bdevperf_total_iops(&text).unwrap_or(0.0) > 100.0,
+            "{ty}: {text}"
+        );
+    }
+}
