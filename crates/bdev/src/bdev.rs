@@ -171,6 +171,8 @@ pub struct Bdev {
     num_blocks: AtomicU64,
     /// The device is gone (hot-removed): I/O is refused.
     removed: AtomicBool,
+    /// The device has a volatile write cache (may change at run time: SCSI mode pages).
+    volatile_write_cache: Arc<AtomicBool>,
     driver: Arc<dyn BdevDriver>,
     memory: Arc<DmaMemory>,
     stats: BdevStats,
@@ -188,6 +190,7 @@ impl Bdev {
         Bdev {
             num_blocks: AtomicU64::new(info.num_blocks),
             removed: AtomicBool::new(false),
+            volatile_write_cache: Arc::new(AtomicBool::new(info.volatile_write_cache)),
             info,
             driver,
             memory,
@@ -195,11 +198,18 @@ impl Bdev {
         }
     }
 
-    /// The bdev's description (with its current size).
+    /// The bdev's description (with its current size and write cache state).
     pub fn info(&self) -> BdevInfo {
         let mut i = self.info.clone();
         i.num_blocks = self.num_blocks();
+        i.volatile_write_cache = self.volatile_write_cache.load(Ordering::Relaxed);
         i
+    }
+
+    /// The flag that says whether flushes must reach the device; a driver that learns
+    /// the device's write cache changed (or may have) updates it.
+    pub fn write_cache_flag(&self) -> Arc<AtomicBool> {
+        self.volatile_write_cache.clone()
     }
 
     /// Current number of blocks.
@@ -337,9 +347,10 @@ impl IoChannel {
         &self.bdev
     }
 
-    /// I/Os submitted and not yet returned by `poll`.
+    /// I/Os submitted and not yet returned by `poll` (including completions already
+    /// reaped and waiting to be handed out).
     pub fn in_flight(&self) -> usize {
-        self.parents.len() - self.free_parents.len()
+        self.parents.len() - self.free_parents.len() + self.stash.len()
     }
 
     /// Counters of this channel.
@@ -479,7 +490,7 @@ impl IoChannel {
                 }
             }
         }
-        if req.op == IoOp::Flush && !self.bdev.info.volatile_write_cache {
+        if req.op == IoOp::Flush && !self.bdev.volatile_write_cache.load(Ordering::Relaxed) {
             // Write-through device: every completed write is already durable.
             self.local.record(IoOp::Flush, 0, 0, true);
             self.stash.push(Completion {
@@ -688,6 +699,7 @@ impl IoChannel {
     pub fn run(&mut self, req: IoRequest) -> Completion {
         let ud = req.user_data;
         let op = req.op;
+        let stashed_before = self.stash.len();
         if let Err(r) = self.submit(req) {
             return Completion {
                 user_data: r.user_data,
@@ -697,8 +709,12 @@ impl IoChannel {
                 latency_ns: 0,
             };
         }
-        if let Some(pos) = self.stash.iter().position(|c| c.user_data == ud) {
-            return self.stash.remove(pos);
+        if self.stash.len() > stashed_before {
+            // Completed at once by submit (a flush on a write-through device): it is
+            // the entry just pushed, whatever other stashed completions carry.
+            if let Some(c) = self.stash.pop() {
+                return c;
+            }
         }
         let mut out = Vec::new();
         loop {

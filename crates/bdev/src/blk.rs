@@ -517,6 +517,8 @@ impl BlkChannel {
             .submit(slot, &segs, 1)
             .map_err(|_| IoError::InvalidRequest("ring full".into()))?;
         if let Err(f) = self.rq.publish() {
+            // The avail index may already be visible: the device may write the id.
+            std::mem::forget(id);
             self.fail_all(f.clone());
             return Err(queue_error(&f));
         }
@@ -653,6 +655,20 @@ impl ChannelDriver for BlkChannel {
                     sec += n;
                     left -= n;
                     i += 1;
+                }
+                if left > 0 {
+                    // The bdev layer's split keeps this unreachable; never send less.
+                    self.rq.release_slot(slot);
+                    self.segs = segs;
+                    self.dead.push(ChildDone {
+                        parent: c.parent,
+                        result: Err(IoError::InvalidRequest(format!(
+                            "{} of {} blocks needs more than {SLOT_RANGES} ranges",
+                            c.op.name(),
+                            c.blocks
+                        ))),
+                    });
+                    return Ok(());
                 }
                 segs.push(Segment {
                     addr: base + RANGES_OFF,

@@ -539,7 +539,7 @@ fn run_core(
     barrier.wait();
     let mut jobs = jobs?;
     let start = Instant::now();
-    let deadline = clock::ticks() + clock::ns_to_ticks((o.seconds * 1e9) as u64);
+    let deadline = clock::ticks().saturating_add(clock::ns_to_ticks((o.seconds * 1e9) as u64));
     for j in &mut jobs {
         j.start();
     }

@@ -404,6 +404,33 @@ fn flush_reaches_only_a_device_with_a_write_cache() {
     }
     assert_eq!(t.stats().flushes, 0);
     assert_eq!(ch.stats().num_flush_ops, 3);
+    // Completed at once, but counted in flight until poll hands it out.
+    ch.submit(IoRequest::no_data(IoOp::Flush, 0, 0, 7)).unwrap();
+    assert_eq!(ch.in_flight(), 1);
+    let mut out = Vec::new();
+    assert_eq!(ch.poll(&mut out), 1);
+    assert_eq!((out[0].user_data, out[0].op), (7, IoOp::Flush));
+    assert_eq!(ch.in_flight(), 0);
+    // run() returns its own flush even when another completion with the same
+    // user_data waits in the channel.
+    ch.submit(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 9))
+        .unwrap();
+    while ch
+        .run(IoRequest::read(8, 1, IoBuf::Heap(vec![0; 512]), 1))
+        .user_data
+        == 1
+    {
+        if ch.in_flight() == 1 {
+            break; // the first read is done and waits for poll
+        }
+    }
+    let c = ch.run(IoRequest::no_data(IoOp::Flush, 0, 0, 9));
+    assert_eq!((c.user_data, c.op), (9, IoOp::Flush));
+    let mut out = Vec::new();
+    while ch.in_flight() > 0 {
+        ch.poll(&mut out);
+    }
+    assert_eq!((out[0].user_data, out[0].op), (9, IoOp::Read));
     // With it, every flush is a device request.
     let (t, _d) = target(ram(8 << 20));
     let reg = registry();

@@ -646,4 +646,16 @@ fn flush_reaches_only_a_lun_with_a_write_cache() {
         Ok(())
     );
     assert_eq!(opcode_count(&t, sync10), before + 1);
+    drop(ch);
+    // MODE PARAMETERS CHANGED on the write-through LUN: its cache may be on now, so
+    // flushes reach it from then on.
+    t.raise_unit_attention(0, 0, vireo_scsi::Asc::MODE_PARAMETERS_CHANGED)
+        .unwrap();
+    let mut ch = wt.open_channel().unwrap();
+    let c = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2));
+    assert_eq!(c.result, Ok(()), "the unit attention is retried");
+    assert!(wt.info().volatile_write_cache);
+    let c = ch.run(IoRequest::no_data(IoOp::Flush, 0, 0, 3));
+    assert_eq!(c.result, Ok(()));
+    assert_eq!(opcode_count(&t, sync10), before + 2);
 }

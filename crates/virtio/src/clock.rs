@@ -33,14 +33,28 @@ fn calibration() -> Calibration {
                 ns_per_tick_q32: 1 << 32,
             };
         }
-        // Count ticks over 20 ms of wall time (spinning, so no sleep granularity).
-        let t0 = Instant::now();
-        let c0 = rdtsc();
+        // Count ticks over 20 ms of wall time (spinning, so no sleep granularity). Each
+        // end is the tightest of a few (TSC, OS clock, TSC) readings, so a preemption
+        // between two readings cannot skew the factor.
+        let pair = || {
+            let mut best = (u64::MAX, 0u64, Instant::now());
+            for _ in 0..16 {
+                let a = rdtsc();
+                let t = Instant::now();
+                let b = rdtsc();
+                let width = b.wrapping_sub(a);
+                if width < best.0 {
+                    best = (width, a + width / 2, t);
+                }
+            }
+            (best.1, best.2)
+        };
+        let (c0, t0) = pair();
         while t0.elapsed() < Duration::from_millis(20) {
             std::hint::spin_loop();
         }
-        let c1 = rdtsc();
-        let ns = t0.elapsed().as_nanos() as u64;
+        let (c1, t1) = pair();
+        let ns = t1.duration_since(t0).as_nanos() as u64;
         let ticks = c1.wrapping_sub(c0).max(1);
         Calibration {
             tsc: true,
@@ -97,7 +111,7 @@ pub fn ticks() -> u64 {
 #[inline]
 pub fn ticks_to_ns(ticks: u64) -> u64 {
     let c = calibration();
-    ((ticks as u128 * c.ns_per_tick_q32 as u128) >> 32) as u64
+    ((ticks as u128 * c.ns_per_tick_q32 as u128) >> 32).min(u64::MAX as u128) as u64
 }
 
 /// Ticks in `ns` nanoseconds (for deadlines).

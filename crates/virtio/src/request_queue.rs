@@ -8,7 +8,8 @@
 //!   the ring and slots are never freed (leaked on drop);
 //! - a back-end that hung up (the transport's broken flag, checked every 256 idle polls
 //!   while requests are in flight, one relaxed load) fails the queue with
-//!   [`QueueFailure::Disconnected`];
+//!   [`QueueFailure::Disconnected`]; its memory is not reused either (the flag also rises
+//!   when vireo gives up on a silent back-end, which may still be alive and writing);
 //! - after a failure the driver takes the in-flight slots back with
 //!   [`RequestQueue::drain_in_flight`] and fails their requests; nothing more is queued.
 //!
@@ -151,9 +152,16 @@ impl<T: DeviceShared> RequestQueue<T> {
     }
 
     /// Give back a slot the device does not hold.
+    ///
+    /// # Panics
+    /// If the device holds the slot (a driver bug that would hand one slot to two
+    /// requests).
     #[inline]
     pub fn release_slot(&mut self, slot: u16) {
-        debug_assert!(!self.on_device[slot as usize]);
+        assert!(
+            !self.on_device[slot as usize],
+            "slot {slot} released while the device holds it"
+        );
         self.free.push(slot);
     }
 
@@ -195,7 +203,10 @@ impl<T: DeviceShared> RequestQueue<T> {
     pub fn read_at<F: DeviceShared>(&self, slot: u16, offset: usize) -> F {
         assert!(
             (slot as usize) < self.size as usize
-                && offset + std::mem::size_of::<F>() <= std::mem::size_of::<T>()
+                && offset
+                    .checked_add(std::mem::size_of::<F>())
+                    .is_some_and(|end| end <= std::mem::size_of::<T>())
+                && std::mem::align_of::<F>() <= std::mem::align_of::<T>()
                 && offset.is_multiple_of(std::mem::align_of::<F>()),
             "field at {offset} does not fit slot {slot}"
         );
@@ -219,6 +230,10 @@ impl<T: DeviceShared> RequestQueue<T> {
         if self.failure.is_some() {
             return Err(QueueFull);
         }
+        assert!(
+            !self.on_device[slot as usize],
+            "slot {slot} submitted while the device holds it"
+        );
         let ring = self.ring.as_mut().ok_or(QueueFull)?;
         ring.add(segs, n_out, slot as u64)?;
         self.on_device[slot as usize] = true;
@@ -287,14 +302,14 @@ impl<T: DeviceShared> RequestQueue<T> {
         }
     }
 
-    /// Fail the queue (the first failure sticks). A device failure leaks its memory.
+    /// Fail the queue (the first failure sticks). Its memory is never reused: a device
+    /// that broke the protocol may still write it, and so may a back-end that vireo
+    /// stopped waiting for.
     pub fn fail(&mut self, f: QueueFailure) {
         if self.failure.is_some() {
             return;
         }
-        if matches!(f, QueueFailure::Device(_)) {
-            self.leak = true;
-        }
+        self.leak = true;
         self.failure = Some(f);
     }
 
@@ -327,8 +342,7 @@ impl<T: DeviceShared> RequestQueue<T> {
 impl<T: DeviceShared> Drop for RequestQueue<T> {
     fn drop(&mut self) {
         let in_flight = self.ring.as_ref().is_some_and(|r| r.in_flight() > 0);
-        let disconnected = self.failure == Some(QueueFailure::Disconnected);
-        if self.leak || (in_flight && !disconnected) {
+        if self.leak || in_flight {
             // The device may still read or write the ring and the slots.
             std::mem::forget(self.ring.take());
             std::mem::forget(self.slots.take());

@@ -348,6 +348,7 @@ pub(super) fn make_lun(
         unmap_max_desc: max_desc,
         write_same_unmap: lbprz && lbpws,
         num_blocks: AtomicU64::new(info.num_blocks),
+        write_cache: std::sync::OnceLock::new(),
     });
     let driver = Arc::new(LunDriver {
         shared: shared.clone(),
@@ -355,5 +356,6 @@ pub(super) fn make_lun(
         name,
     });
     let bdev = Arc::new(Bdev::new(bdev_info, driver, shared.mem.clone()));
+    let _ = ctx.write_cache.set(bdev.write_cache_flag());
     LunEntry { info, bdev, ctx }
 }

@@ -148,6 +148,10 @@ fn refresh_capacity(ctx: &EventCtx, t: u8, l: u16) -> bool {
     if let Some(e) = luns.iter().find(|e| e.info.target == t && e.info.lun == l) {
         e.ctx.num_blocks.store(info.num_blocks, Ordering::Relaxed);
         e.bdev.set_num_blocks(info.num_blocks);
+        // Mode parameters (the write cache) may have changed too.
+        e.bdev
+            .write_cache_flag()
+            .store(info.write_cache.unwrap_or(true), Ordering::Relaxed);
         tracing::info!(bdev = %e.bdev.name(), blocks = info.num_blocks, "capacity changed");
     }
     true

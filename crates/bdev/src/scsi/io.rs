@@ -9,6 +9,9 @@ struct ChanState {
     ctx: Arc<LunCtx>,
     outbox: Vec<ChildDone>,
     in_flight: usize,
+    /// The channel was dropped with commands still on the device: its id is not reused
+    /// (their late completions must not reach another channel) until they are back.
+    closed: bool,
 }
 
 /// One request queue of a virtio-scsi controller, used by every LUN channel of one
@@ -59,6 +62,7 @@ impl ThreadQueue {
             ctx,
             outbox: Vec::new(),
             in_flight: 0,
+            closed: false,
         };
         if let Some(i) = self.chans.iter().position(Option::is_none) {
             self.chans[i] = Some(st);
@@ -68,11 +72,28 @@ impl ThreadQueue {
         (self.chans.len() - 1) as u32
     }
 
+    /// Send flushes of `chan`'s LUN to the device from now on.
+    fn assume_write_cache(&self, chan: u32) {
+        if let Some(Some(st)) = self.chans.get(chan as usize) {
+            if let Some(f) = st.ctx.write_cache.get() {
+                f.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Hand a finished command to its channel.
     fn deliver(&mut self, chan: u32, d: ChildDone) {
-        if let Some(Some(c)) = self.chans.get_mut(chan as usize) {
+        let Some(entry) = self.chans.get_mut(chan as usize) else {
+            return;
+        };
+        if let Some(c) = entry.as_mut() {
             c.in_flight = c.in_flight.saturating_sub(1);
-            c.outbox.push(d);
+            if !c.closed {
+                c.outbox.push(d);
+            } else if c.in_flight == 0 {
+                // The last late completion of a dropped channel: the id is free now.
+                *entry = None;
+            }
         }
     }
 
@@ -345,6 +366,10 @@ impl ThreadQueue {
                     )))
                 }
                 Outcome::Check(s) => {
+                    if s.is_unit_attention() && s.asc == 0x2a && s.ascq == 0x01 {
+                        // MODE PARAMETERS CHANGED: the write cache may be on now.
+                        self.assume_write_cache(chan);
+                    }
                     if sense_is_retryable(&s) && self.slot_tries[slot as usize] < MAX_RETRIES {
                         retry.push(slot);
                         continue;
@@ -415,13 +440,11 @@ impl Drop for ThreadQueue {
         match self.sq.rq.take_ring() {
             Some(q) => self.shared.queues.give(q),
             None => {
-                if self.sq.rq.failure() != Some(&QueueFailure::Disconnected) {
-                    // The device may still read these buffers.
-                    for b in self.slot_unmap.iter_mut().filter_map(Option::take) {
-                        std::mem::forget(b);
-                    }
-                    std::mem::forget(self.zero.take());
+                // The device may still read these buffers.
+                for b in self.slot_unmap.iter_mut().filter_map(Option::take) {
+                    std::mem::forget(b);
                 }
+                std::mem::forget(self.zero.take());
             }
         }
     }
@@ -500,8 +523,16 @@ impl Drop for ScsiChannel {
     fn drop(&mut self) {
         let mut tq = self.tq.borrow_mut();
         tq.shared.queues.closed();
-        if let Some(slot) = tq.chans.get_mut(self.id as usize) {
-            *slot = None;
+        let failed = tq.failed.is_some();
+        if let Some(entry) = tq.chans.get_mut(self.id as usize) {
+            match entry.as_mut() {
+                // Commands still on the device (a working queue): keep the id taken.
+                Some(c) if c.in_flight > 0 && !failed => {
+                    c.closed = true;
+                    c.outbox.clear();
+                }
+                _ => *entry = None,
+            }
         }
     }
 }

@@ -84,6 +84,9 @@ struct LunCtx {
     unmap_max_desc: usize,
     write_same_unmap: bool,
     num_blocks: AtomicU64,
+    /// The bdev's write cache flag (set once the bdev exists): raised when the LUN
+    /// reports MODE PARAMETERS CHANGED, so flushes reach it until a rescan says otherwise.
+    write_cache: std::sync::OnceLock<Arc<AtomicBool>>,
 }
 
 /// What one command needs of its LUN, copied out of [`LunCtx`].
