@@ -282,6 +282,8 @@ impl Bdev {
             published: stats,
             done_scratch: Vec::new(),
             completions: 0,
+            stats_dirty: false,
+            last_completion: clock::ticks(),
             unpublished: false,
             stash: Vec::new(),
             _not_sync: PhantomData,
@@ -321,6 +323,10 @@ pub struct IoChannel {
     published: Arc<ChannelStats>,
     done_scratch: Vec<ChildDone>,
     completions: u64,
+    /// Counters changed since they were last published.
+    stats_dirty: bool,
+    /// Clock ticks of the last polling pass that found completions.
+    last_completion: u64,
     /// Requests were queued since the last publish.
     unpublished: bool,
     /// Completions `run` reaped for other requests, handed out by the next `poll`.
@@ -351,6 +357,12 @@ impl IoChannel {
     /// reaped and waiting to be handed out).
     pub fn in_flight(&self) -> usize {
         self.parents.len() - self.free_parents.len() + self.stash.len()
+    }
+
+    /// When the last polling pass that found completions ran, in [`clock`] ticks
+    /// (`vireo_virtio::clock`): a free timestamp for callers that track progress.
+    pub fn last_completion_ticks(&self) -> u64 {
+        self.last_completion
     }
 
     /// Counters of this channel.
@@ -618,12 +630,20 @@ impl IoChannel {
         }
         let mut done = std::mem::take(&mut self.done_scratch);
         if self.drv.poll(&mut done) == 0 && self.pending.is_empty() {
-            // Nothing finished and nothing waits for ring space.
+            // Nothing finished and nothing waits for ring space: idle time, when
+            // statistics are published for readers on other threads.
             self.done_scratch = done;
+            if self.stats_dirty {
+                self.stats_dirty = false;
+                self.published.publish(&self.local);
+            }
             return 0;
         }
         // One clock reading for every completion of this pass.
         let now = if done.is_empty() { 0 } else { clock::ticks() };
+        if now != 0 {
+            self.last_completion = now;
+        }
         let mut n = 0;
         for d in done.drain(..) {
             if self.child_done(d, now, out) {
@@ -643,8 +663,12 @@ impl IoChannel {
             self.drv.publish();
         }
         if n > 0 {
+            // Published every 64 completions, and by the next idle poll (not on the way
+            // from a completion to the next submission).
             self.completions += n as u64;
-            if self.completions.is_multiple_of(64) || self.in_flight() == 0 {
+            self.stats_dirty = true;
+            if self.completions.is_multiple_of(64) {
+                self.stats_dirty = false;
                 self.published.publish(&self.local);
             }
         }

@@ -434,8 +434,8 @@ impl<'o> Job<'o> {
                 return false;
             }
         } else {
-            // One clock reading per pass with completions.
-            self.last_progress = clock::ticks();
+            // The channel's clock reading of this pass (no extra one).
+            self.last_progress = self.ch.last_completion_ticks();
             if !self.stopping && (self.last_progress >= deadline || stop.load(Ordering::Relaxed)) {
                 self.stopping = true;
             }
