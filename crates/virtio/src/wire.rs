@@ -121,7 +121,7 @@ pub mod blk {
 
     /// One request slot of vireo's virtio-blk driver: the header the device reads, the
     /// status byte it writes, and the ranges of a discard or write-zeroes.
-    #[repr(C)]
+    #[repr(C, align(64))]
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct RequestSlot {
         /// Request header.
@@ -145,7 +145,11 @@ pub mod blk {
         }
     }
 
-    const _: () = assert!(size_of::<ReqHeader>() == 16 && size_of::<Range>() == 16);
+    const _: () = assert!(
+        size_of::<ReqHeader>() == 16
+            && size_of::<Range>() == 16
+            && size_of::<RequestSlot>().is_multiple_of(64)
+    );
     // SAFETY: repr(C) struct of the plain-data structs above and bytes.
     unsafe impl DeviceShared for RequestSlot {}
     // SAFETY: repr(C) structs of little-endian integers.
@@ -223,12 +227,16 @@ pub mod scsi {
     }
 
     /// One request slot of vireo's virtio-scsi driver: the command the device reads and
-    /// the response it writes.
-    #[repr(C)]
+    /// the response it writes, each starting a cache line of its own (the device's
+    /// writes never share a line with the driver's, and the response header is one
+    /// line).
+    #[repr(C, align(64))]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct CmdSlot {
         /// Command.
         pub req: CmdReq,
+        /// Keeps the response on the next cache line.
+        pub _pad: [u8; 8],
         /// Response (device-written).
         pub resp: CmdResp,
     }
@@ -285,6 +293,8 @@ pub mod scsi {
         std::mem::offset_of!(CmdReq, cdb) == REQ_HEADER
             && std::mem::offset_of!(CmdResp, sense) == RESP_HEADER
             && size_of::<RespHeader>() == RESP_HEADER
+            && std::mem::offset_of!(CmdSlot, resp) == 64
+            && size_of::<CmdSlot>().is_multiple_of(64)
             && size_of::<TmfReq>() == 24
             && size_of::<Event>() == 16
     );
