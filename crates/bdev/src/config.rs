@@ -66,16 +66,22 @@ fn get_str(p: &Map<String, Value>, key: &str, ctx: &str) -> Result<Option<String
     }
 }
 
-fn get_u16(p: &Map<String, Value>, key: &str, ctx: &str) -> Result<Option<u16>, BdevError> {
+/// An integer param in `min..=65535`.
+fn get_u16(
+    p: &Map<String, Value>,
+    key: &str,
+    min: u16,
+    ctx: &str,
+) -> Result<Option<u16>, BdevError> {
     match p.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => n
             .as_u64()
-            .filter(|&v| v <= u16::MAX as u64)
+            .filter(|&v| v >= min as u64 && v <= u16::MAX as u64)
             .map(|v| Some(v as u16))
             .ok_or_else(|| {
                 cfg_err(format!(
-                    "{ctx}: \"{key}\" must be an integer 0..=65535, got {n}"
+                    "{ctx}: \"{key}\" must be an integer {min}..=65535, got {n}"
                 ))
             }),
         Some(v) => Err(cfg_err(format!(
@@ -145,11 +151,11 @@ impl AttachParams {
                 )))
             }
         };
-        let vq_count = get_u16(p, "vq_count", ctx)?.unwrap_or(DEFAULT_VQ_COUNT);
+        let vq_count = get_u16(p, "vq_count", 1, ctx)?.unwrap_or(DEFAULT_VQ_COUNT);
         if vq_count == 0 {
             return Err(cfg_err(format!("{ctx}: \"vq_count\" must be at least 1")));
         }
-        let vq_size = get_u16(p, "vq_size", ctx)?.unwrap_or(DEFAULT_VQ_SIZE);
+        let vq_size = get_u16(p, "vq_size", 4, ctx)?.unwrap_or(DEFAULT_VQ_SIZE);
         if !vq_size.is_power_of_two() || vq_size < 4 {
             return Err(cfg_err(format!(
                 "{ctx}: \"vq_size\" must be a power of two of at least 4, got {vq_size}"

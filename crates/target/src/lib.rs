@@ -185,6 +185,12 @@ pub enum TargetError {
         /// The socket path.
         path: PathBuf,
     },
+    /// Another server is listening on the socket path (it is left alone).
+    #[error("{} is in use by a running server; stop it or choose another path", path.display())]
+    SocketInUse {
+        /// The socket path.
+        path: PathBuf,
+    },
     /// The accept loop's epoll or stop event cannot be set up.
     #[error("cannot set up the accept loop: {0}")]
     Poll(io::Error),

@@ -107,6 +107,14 @@ impl Server {
     ) -> Result<Self, TargetError> {
         // A stale socket from an earlier run is replaced; anything else at the path is kept.
         match std::fs::symlink_metadata(socket_path) {
+            // A socket someone still listens on belongs to a running server: keep it.
+            Ok(meta)
+                if meta.file_type().is_socket() && UnixStream::connect(socket_path).is_ok() =>
+            {
+                return Err(TargetError::SocketInUse {
+                    path: socket_path.to_path_buf(),
+                })
+            }
             Ok(meta) if meta.file_type().is_socket() => {
                 let _ = std::fs::remove_file(socket_path);
             }
@@ -121,6 +129,16 @@ impl Server {
             path: socket_path.to_path_buf(),
             source,
         })?;
+        // A front-end gets the target's memory and data: the owner only, whatever the umask.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(0o600)).map_err(
+                |source| TargetError::Listen {
+                    path: socket_path.to_path_buf(),
+                    source: vhost::vhost_user::Error::SocketError(source),
+                },
+            )?;
+        }
         let (stop_consumer, stop_event) =
             new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
                 .map_err(TargetError::Poll)?;

@@ -74,6 +74,9 @@ struct RpcArgs {
     method: String,
     /// Params as a JSON object.
     params: Option<String>,
+    /// Seconds to wait for the answer (attaching a controller can take a while).
+    #[arg(short = 't', long = "timeout", default_value_t = 60.0)]
+    timeout: f64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -682,7 +685,11 @@ fn main() {
         Cmd::Serve(a) => registry()
             .and_then(|reg| rpc::cmd_serve(reg, a.config, a.socket))
             .map(|_| true),
-        Cmd::Rpc(a) => rpc::cmd_rpc(&a.socket, &a.method, a.params.as_deref()),
+        Cmd::Rpc(a) => std::time::Duration::try_from_secs_f64(a.timeout)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .context("--timeout must be a positive number of seconds")
+            .and_then(|t| rpc::cmd_rpc(&a.socket, &a.method, a.params.as_deref(), t)),
     };
     match r {
         Ok(true) => {}

@@ -206,6 +206,8 @@ struct Slot {
     lba: u64,
     gen: u64,
     phase: Phase,
+    /// Verify: the region index this slot holds (no other slot may use it meanwhile).
+    held: Option<u64>,
 }
 
 /// What one job runs on: a bdev slice, from one core.
@@ -239,6 +241,8 @@ struct Job<'o> {
     bs: usize,
     blocks_per_io: u64,
     slots_in_region: u64,
+    /// Verify: region indices held by a slot.
+    busy: Vec<bool>,
     rng: Rng,
     seq_next: u64,
     gen_counter: u64,
@@ -281,6 +285,7 @@ impl<'o> Job<'o> {
                 lba: 0,
                 gen: 0,
                 phase: Phase::Write,
+                held: None,
             });
         }
         Ok(Job {
@@ -290,6 +295,11 @@ impl<'o> Job<'o> {
             bs,
             blocks_per_io,
             slots_in_region: (spec.region / blocks_per_io).max(1),
+            busy: if o.workload == Workload::Verify {
+                vec![false; (spec.region / blocks_per_io).max(1) as usize]
+            } else {
+                Vec::new()
+            },
             rng: Rng::new(o.seed ^ spec.index.wrapping_mul(0xA24B_AED4_963E_E407)),
             seq_next: 0,
             gen_counter: 0,
@@ -316,16 +326,34 @@ impl<'o> Job<'o> {
         })
     }
 
-    fn next_offset(&mut self) -> u64 {
-        let idx = if self.o.workload.random() {
+    /// The next offset for slot `slot`. Verify never hands a block range that another
+    /// slot is still writing or reading back to a second slot (it would report its own
+    /// race as corruption); `run` makes sure there are enough ranges for every slot.
+    fn next_offset(&mut self, slot: usize) -> u64 {
+        let mut idx = self.pick_index();
+        if self.o.workload == Workload::Verify {
+            if let Some(old) = self.slots[slot].held.take() {
+                self.busy[old as usize] = false;
+            }
+            // At most queue_depth - 1 ranges are busy, fewer than the region holds.
+            while self.busy[idx as usize] {
+                idx = (idx + 1) % self.slots_in_region;
+            }
+            self.busy[idx as usize] = true;
+            self.slots[slot].held = Some(idx);
+        }
+        self.first + idx * self.blocks_per_io
+    }
+
+    fn pick_index(&mut self) -> u64 {
+        if self.o.workload.random() {
             // Multiply-shift range reduction: uniform enough, and no division.
             ((self.rng.next() as u128 * self.slots_in_region as u128) >> 64) as u64
         } else {
             let i = self.seq_next % self.slots_in_region;
             self.seq_next += 1;
             i
-        };
-        self.first + idx * self.blocks_per_io
+        }
     }
 
     fn error(&mut self, e: String) {
@@ -401,7 +429,7 @@ impl<'o> Job<'o> {
 
     fn start(&mut self) {
         for i in 0..self.o.queue_depth {
-            let l = self.next_offset();
+            let l = self.next_offset(i);
             if !self.submit(i, Some(l)) {
                 break;
             }
@@ -498,7 +526,7 @@ impl<'o> Job<'o> {
             let new_lba = if o.workload == Workload::Verify && self.slots[i].phase == Phase::Read {
                 None
             } else {
-                Some(self.next_offset())
+                Some(self.next_offset(i))
             };
             self.submit(i, new_lba);
         }
@@ -623,6 +651,19 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
         }
         let region = info.num_blocks / o.cores.len() as u64;
         let blocks_per_io = (o.io_size / bs) as u64;
+        if o.workload == Workload::Verify
+            && blocks_per_io > 0
+            && (o.queue_depth as u64) > region / blocks_per_io
+        {
+            bail!(
+                "verify needs a block range per queued I/O: -q {} exceeds the {} ranges of {} bytes in bdev {}'s {} per job; lower -q or -o",
+                o.queue_depth,
+                region / blocks_per_io,
+                o.io_size,
+                info.name,
+                if o.cores.len() > 1 { "share" } else { "capacity" }
+            );
+        }
         if !no_data && region < blocks_per_io {
             bail!(
                 "bdev {} ({} blocks) is too small for {} jobs of {}-byte I/O",
@@ -641,6 +682,27 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
                 index,
             });
             index += 1;
+        }
+    }
+    // Every job allocates -q buffers of -o bytes before the run: refuse what the
+    // machine cannot hold instead of growing memory for a long time first.
+    if !matches!(
+        o.workload,
+        Workload::Unmap | Workload::Flush | Workload::WriteZeroes
+    ) {
+        let jobs = (bdevs.len() * o.cores.len()) as u128;
+        let need = jobs * o.queue_depth as u128 * o.io_size as u128;
+        if let Some(avail) = mem_available() {
+            if need > avail as u128 / 2 {
+                bail!(
+                    "{} jobs x -q {} x -o {} need {} MiB of I/O buffers, more than half of the {} MiB of available memory; lower -q or -o",
+                    jobs,
+                    o.queue_depth,
+                    o.io_size,
+                    need >> 20,
+                    avail >> 20
+                );
+            }
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -731,6 +793,19 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
         jobs: job_reports,
         total: report(&total, "total".into(), None, secs),
     })
+}
+
+/// MemAvailable of /proc/meminfo, in bytes.
+fn mem_available() -> Option<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = m
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// Whether progress lines make sense (stderr is a terminal).

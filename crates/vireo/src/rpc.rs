@@ -7,6 +7,7 @@
 
 use std::io::{BufReader, Write};
 use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -516,7 +517,12 @@ fn bind(path: &Path) -> Result<UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
-    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+    let l =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    // Whoever connects controls every controller: the owner only, whatever the umask.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot make {} private (mode 0600)", path.display()))?;
+    Ok(l)
 }
 
 /// Removes the socket file on drop.
@@ -594,7 +600,12 @@ pub fn cmd_serve(reg: Registry, config: Option<PathBuf>, socket: PathBuf) -> Res
 }
 
 /// `vireo rpc`: send one request, print the result. Ok(false) on an error response.
-pub fn cmd_rpc(socket: &Path, method: &str, params: Option<&str>) -> Result<bool> {
+pub fn cmd_rpc(
+    socket: &Path,
+    method: &str,
+    params: Option<&str>,
+    timeout: std::time::Duration,
+) -> Result<bool> {
     let params: Option<Value> = match params {
         Some(p) => Some(
             serde_json::from_str(p)
@@ -608,6 +619,10 @@ pub fn cmd_rpc(socket: &Path, method: &str, params: Option<&str>) -> Result<bool
             socket.display()
         )
     })?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|_| stream.set_write_timeout(Some(timeout)))
+        .context("cannot set the socket timeout")?;
     let mut req = json!({"jsonrpc": "2.0", "method": method, "id": 1});
     if let Some(p) = params {
         req["params"] = p;
@@ -620,7 +635,13 @@ pub fn cmd_rpc(socket: &Path, method: &str, params: Option<&str>) -> Result<bool
         .into_iter::<Value>()
         .next()
         .context("the server closed the connection without answering")?
-        .context("cannot read the response")?;
+        .with_context(|| {
+            format!(
+                "no answer from {} within {} s (raise --timeout if the server is busy)",
+                socket.display(),
+                timeout.as_secs_f64()
+            )
+        })?;
     if let Some(e) = resp.get("error") {
         let code = e.get("code").and_then(Value::as_i64).unwrap_or(0);
         let msg = e.get("message").and_then(Value::as_str).unwrap_or("");

@@ -352,3 +352,150 @@ fn target_faults_are_reachable_from_the_command_line() {
     assert_eq!(v["total"]["errors"], 4, "{v}");
     assert!(v["total"]["ios"].as_u64().unwrap() > 5);
 }
+
+/// Start `vireo target ARGS -s SOCK` and wait until it listens.
+fn start_target(sock: &std::path::Path, args: &[&str]) -> std::process::Child {
+    let child = vireo()
+        .arg("target")
+        .args(args)
+        .arg("-s")
+        .arg(sock)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "target did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    child
+}
+
+#[test]
+fn verify_never_gives_a_block_range_to_two_slots() {
+    // 64 KiB = 16 ranges of 4 KiB; completions reordered so slots overtake each other.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("small.sock");
+    let mut t = start_target(&sock, &["--type", "blk", "--size", "64k", "--reorder", "8"]);
+    let conf = config(dir.path(), &sock, 1);
+    let v = perf_json(
+        &conf,
+        &["-w", "verify", "-o", "4096", "-q", "16", "-t", "1"],
+    );
+    assert_eq!(v["total"]["verify_failures"], 0, "{v}");
+    assert_eq!(v["total"]["errors"], 0, "{v}");
+    // One more slot than ranges: refused up front instead of reporting its own race.
+    let out = vireo()
+        .args([
+            "perf", "-w", "verify", "-o", "4096", "-q", "17", "-t", "1", "-c",
+        ])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    let _ = t.kill();
+    let _ = t.wait();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("-q 17 exceeds the 16 ranges of 4096 bytes"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sockets_are_private_and_a_live_one_is_never_taken_over() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("t.sock");
+    let mut t = start_target(&sock, &["--type", "blk", "--size", "1m"]);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "target socket mode {mode:o}");
+    // A second target on the same path is refused; the first keeps serving.
+    let out = vireo()
+        .args(["target", "--type", "blk", "--size", "1m", "-s"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by a running server"), "{err}");
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_ok());
+    let _ = t.kill();
+    let _ = t.wait();
+
+    // The RPC socket too.
+    let rpc = dir.path().join("rpc.sock");
+    let mut s = vireo()
+        .args(["serve", "-r"])
+        .arg(&rpc)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&rpc).is_err() {
+        assert!(std::time::Instant::now() < deadline, "serve did not listen");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mode = std::fs::metadata(&rpc).unwrap().permissions().mode() & 0o777;
+    let _ = s.kill();
+    let _ = s.wait();
+    assert_eq!(mode, 0o600, "rpc socket mode {mode:o}");
+}
+
+#[test]
+fn rpc_gives_up_on_a_silent_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("silent.sock");
+    let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let start = std::time::Instant::now();
+    let out = vireo()
+        .args(["rpc", "--timeout", "1", "-r"])
+        .arg(&sock)
+        .arg("bdev_get_bdevs")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no answer") && err.contains("within 1 s"),
+        "{err}"
+    );
+}
+
+#[test]
+fn impossible_cpu_memory_and_queue_parameters_are_refused() {
+    // A CPU this process cannot run on.
+    let out = vireo()
+        .args(["perf", "-t", "0.1", "-m", "0x100"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CPU 8 is not one this process may run on"),
+        "{err}"
+    );
+    // More I/O buffers than the machine holds: refused before allocating them.
+    let out = vireo()
+        .args(["perf", "-t", "1", "-o", "1g", "-q", "64", "-w", "randread"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("MiB of I/O buffers"), "{err}");
+    // vq_count 0: the range the message gives is the one accepted.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("q0.json");
+    std::fs::write(&bad, r#"{"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_virtio_attach_controller","params":{"name":"X","trtype":"user","traddr":"/x","dev_type":"blk","vq_count":0}}]}]}"#).unwrap();
+    let out = vireo().args(["bdevs", "-c"]).arg(&bad).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("\"vq_count\" must be an integer 1..=65535"),
+        "{err}"
+    );
+}
