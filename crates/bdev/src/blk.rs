@@ -19,7 +19,7 @@ use crate::bdev::{Bdev, BdevDriver, BdevInfo, ChannelDriver, Child, ChildDone, L
 use crate::error::{BdevError, IoError};
 use crate::health::Health;
 use crate::io::IoOp;
-use crate::pool::QueuePool;
+use crate::pool::{check_queue_params, QueuePool};
 
 /// Ranges per discard / write-zeroes request we are prepared to send.
 const MAX_RANGE_SEGS: u32 = SLOT_RANGES as u32;
@@ -167,17 +167,7 @@ impl BlkController {
     ) -> Result<BlkController, BdevError> {
         let name = params.name.as_str();
         let verr = |source| BdevError::virtio(name, source);
-        if !params.vq_size.is_power_of_two() || params.vq_size < 4 {
-            return Err(BdevError::Config(format!(
-                "controller {name}: vq_size {} must be a power of two of at least 4",
-                params.vq_size
-            )));
-        }
-        if params.vq_count == 0 {
-            return Err(BdevError::Config(format!(
-                "controller {name}: vq_count must be at least 1"
-            )));
-        }
+        check_queue_params(name, params.vq_count, params.vq_size)?;
         let wanted = COMMON_FEATURES
             | bf::SIZE_MAX
             | bf::SEG_MAX

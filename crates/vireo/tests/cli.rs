@@ -85,16 +85,7 @@ fn perf_all_workloads_on_two_threads() {
 
 #[test]
 fn perf_without_config_runs_the_embedded_target() {
-    let out = vireo()
-        .args(["perf", "-t", "0.5", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = json_output(vireo().args(["perf", "-t", "0.5", "--json"]));
     assert_eq!(v["workload"], "verify");
     assert_eq!(v["total"]["verify_failures"], 0);
     assert!(v["total"]["ios"].as_u64().unwrap() > 0);
@@ -109,17 +100,7 @@ fn bdevs_lists_and_errors_are_clear() {
         ..Default::default()
     });
     let conf = config(dir.path(), &q.sock, 1);
-    let out = vireo()
-        .args(["bdevs", "--json", "-c"])
-        .arg(&conf)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = json_output(vireo().args(["bdevs", "--json", "-c"]).arg(&conf));
     assert_eq!(v[0]["name"], "VirtioBlk0");
     assert_eq!(v[0]["block_size"], 4096);
     assert_eq!(v[0]["num_blocks"], (1u64 << 30) / 4096);
@@ -256,16 +237,7 @@ fn perf_runs_on_the_first_allowed_cpu_and_refuses_others() {
         return;
     }
     // Without -m the I/O thread runs on the CPU taskset allows, not on CPU 0.
-    let out = vireo_on_cpu(1)
-        .args(["perf", "-t", "0.3", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = json_output(vireo_on_cpu(1).args(["perf", "-t", "0.3", "--json"]));
     assert_eq!(v["jobs"][0]["core"], 1, "{v}");
     assert_eq!(v["total"]["verify_failures"], 0);
     // -m naming a CPU outside the allowed set is a clear error.
@@ -273,11 +245,9 @@ fn perf_runs_on_the_first_allowed_cpu_and_refuses_others() {
         .args(["perf", "-t", "0.3", "-m", "0"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("CPU 0 is not one this process may run on (allowed: 1)"),
-        "{err}"
+    assert_fails_with(
+        &out,
+        "CPU 0 is not one this process may run on (allowed: 1)",
     );
 }
 
@@ -398,12 +368,7 @@ fn verify_never_gives_a_block_range_to_two_slots() {
         .unwrap();
     let _ = t.kill();
     let _ = t.wait();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("-q 17 exceeds the 16 ranges of 4096 bytes"),
-        "{err}"
-    );
+    assert_fails_with(&out, "-q 17 exceeds the 16 ranges of 4096 bytes");
 }
 
 #[test]
@@ -420,9 +385,7 @@ fn sockets_are_private_and_a_live_one_is_never_taken_over() {
         .arg(&sock)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("in use by a running server"), "{err}");
+    assert_fails_with(&out, "in use by a running server");
     assert!(std::os::unix::net::UnixStream::connect(&sock).is_ok());
     let _ = t.kill();
     let _ = t.wait();
@@ -435,11 +398,7 @@ fn sockets_are_private_and_a_live_one_is_never_taken_over() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&rpc).is_err() {
-        assert!(std::time::Instant::now() < deadline, "serve did not listen");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_socket(&rpc);
     let mode = std::fs::metadata(&rpc).unwrap().permissions().mode() & 0o777;
     let _ = s.kill();
     let _ = s.wait();
@@ -474,20 +433,13 @@ fn impossible_cpu_memory_and_queue_parameters_are_refused() {
         .args(["perf", "-t", "0.1", "-m", "0x100"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("CPU 8 is not one this process may run on"),
-        "{err}"
-    );
+    assert_fails_with(&out, "CPU 8 is not one this process may run on");
     // More I/O buffers than the machine holds: refused before allocating them.
     let out = vireo()
         .args(["perf", "-t", "1", "-o", "1g", "-q", "64", "-w", "randread"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("MiB of I/O buffers"), "{err}");
+    assert_fails_with(&out, "MiB of I/O buffers");
     // vq_count 0: the range the message gives is the one accepted.
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("q0.json");

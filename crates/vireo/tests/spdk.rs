@@ -60,17 +60,7 @@ fn every_controller_attaches_with_defaults() {
     for (sock, ty, _) in spdk::CONTROLLERS {
         let conf = v.dir().join(format!("{sock}.json"));
         std::fs::write(&conf, spdk::attach_config("V", &v.socket(sock), ty, None)).unwrap();
-        let out = vireo()
-            .args(["bdevs", "--json", "-c"])
-            .arg(&conf)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{sock}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let b: serde_json::Value = json_output(vireo().args(["bdevs", "--json", "-c"]).arg(&conf));
         let name = if ty == "scsi" { "Vt0" } else { "V" };
         assert_eq!(b[0]["name"], name, "{sock}: {b}");
         assert_eq!(b[0]["block_size"], 4096, "{sock}");
@@ -190,15 +180,7 @@ fn spdk_bdevperf_verifies_against_vireo_target() {
                 .spawn()
                 .unwrap(),
         );
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "vireo target did not listen"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        wait_for_socket(&sock);
         let conf = dir.path().join(format!("bp-{ty}.json"));
         std::fs::write(
             &conf,

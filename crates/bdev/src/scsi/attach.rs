@@ -10,12 +10,7 @@ impl ScsiController {
     ) -> Result<ScsiController, BdevError> {
         let name = params.name.as_str();
         let verr = |source| BdevError::virtio(name, source);
-        if !params.vq_size.is_power_of_two() || params.vq_size < 4 {
-            return Err(BdevError::Config(format!(
-                "controller {name}: vq_size {} must be a power of two of at least 4",
-                params.vq_size
-            )));
-        }
+        crate::pool::check_queue_params(name, params.vq_count, params.vq_size)?;
         let wanted = COMMON_FEATURES | sf::HOTPLUG | sf::CHANGE;
         let features = negotiate(transport.as_mut(), wanted).map_err(verr)?;
         let cfg = if transport.has_config() {
