@@ -619,6 +619,9 @@ impl IoChannel {
         let stashed = self.stash.len();
         if stashed > 0 {
             out.append(&mut self.stash);
+            // Completions that needed no device (flush on a write-through device) are
+            // progress too.
+            self.last_completion = clock::ticks();
         }
         stashed + self.poll_device(out)
     }

@@ -147,6 +147,22 @@ pub fn ensure_hugepages() -> Result<(), String> {
     Ok(())
 }
 
+/// Make the child die with the thread that started it: a test killed by a timeout
+/// must not leave a target polling a core (and holding its core lock) behind.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl,
+    // which is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A running SPDK vhost target with the [`CONTROLLERS`]; killed on drop.
 pub struct SpdkVhost {
     child: Child,
@@ -164,8 +180,9 @@ impl SpdkVhost {
         let log = std::fs::File::create(dir.path().join("vhost.log")).map_err(|e| e.to_string())?;
         let mask = format!("{:#x}", 1u64 << core);
         let rpc = dir.path().join("spdk.rpc");
-        let child = build
-            .command(&build.vhost())
+        let mut cmd = build.command(&build.vhost());
+        die_with_parent(&mut cmd);
+        let child = cmd
             .arg("-S")
             .arg(dir.path())
             .args(["-m", &mask, "-s", "1024", "-u", "-r"])

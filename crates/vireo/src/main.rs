@@ -126,6 +126,9 @@ struct TargetArgs {
     /// Export read-only.
     #[arg(long)]
     read_only: bool,
+    /// blk: do not offer VIRTIO_BLK_F_FLUSH (a write-through device).
+    #[arg(long)]
+    no_flush: bool,
     /// scsi: do not offer the vhost-user CONFIG protocol feature (no readable
     /// configuration space, like SPDK's vhost-scsi).
     #[arg(long)]
@@ -651,6 +654,7 @@ fn cmd_target(a: TargetArgs) -> Result<()> {
             seg_max: a.seg_max,
             size_max: a.size_max as u32,
             read_only: a.read_only,
+            flush: !a.no_flush,
             ..Default::default()
         },
     )?;

@@ -451,3 +451,19 @@ fn impossible_cpu_memory_and_queue_parameters_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn flush_workload_ends_on_a_write_through_device() {
+    // Flushes complete without the device there: the run must still end on time.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("wt.sock");
+    let mut t = start_target(&sock, &["--type", "blk", "--size", "8m", "--no-flush"]);
+    let conf = config(dir.path(), &sock, 1);
+    let start = std::time::Instant::now();
+    let v = perf_json(&conf, &["-w", "flush", "-q", "4", "-t", "0.5"]);
+    let _ = t.kill();
+    let _ = t.wait();
+    assert!(start.elapsed() < std::time::Duration::from_secs(20));
+    assert_eq!(v["total"]["errors"], 0, "{v}");
+    assert!(v["total"]["ios"].as_u64().unwrap() > 0, "{v}");
+}
