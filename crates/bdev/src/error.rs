@@ -106,6 +106,19 @@ impl BdevError {
 /// Errors attaching controllers, opening channels and loading configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum BdevError {
+    /// The device did not behave like the `dev_type` asked for; it may be the other type
+    /// (vhost-user does not tell the device type, so this is the likely explanation).
+    #[error("{source} (the device does not behave like a virtio-{asked} device: if {traddr} serves a virtio-{other} device, set \"dev_type\": \"{other}\")")]
+    WrongDeviceType {
+        /// What failed.
+        source: Box<BdevError>,
+        /// The type asked for.
+        asked: &'static str,
+        /// The other type.
+        other: &'static str,
+        /// The socket or address.
+        traddr: String,
+    },
     /// The transport or ring failed.
     #[error("controller {name}: {source}")]
     Virtio {

@@ -8,7 +8,7 @@ use vireo_virtio::{DmaMemory, VhostUserTransport};
 use crate::bdev::Bdev;
 use crate::blk::{BlkController, BlkParams};
 use crate::config::{AttachParams, ConfigCall, DevType, TrType};
-use crate::error::BdevError;
+use crate::error::{BdevError, IoError};
 use crate::scsi::{ScsiController, ScsiParams};
 
 /// An attached controller of any type.
@@ -54,6 +54,9 @@ struct Entry {
 pub struct Registry {
     memory: Arc<DmaMemory>,
     entries: Mutex<Vec<Entry>>,
+    /// Names of controllers being attached (taken before connecting, so concurrent
+    /// attaches of one name fail at once instead of queueing on the back-end).
+    attaching: Mutex<Vec<String>>,
     hotplug: Mutex<Option<(bool, Option<u64>)>>,
 }
 
@@ -69,6 +72,7 @@ impl Registry {
         Registry {
             memory,
             entries: Mutex::new(Vec::new()),
+            attaching: Mutex::new(Vec::new()),
             hotplug: Mutex::new(None),
         }
     }
@@ -85,6 +89,7 @@ impl Registry {
     /// Attach a controller and return its bdevs. A back-end that refuses the queue size
     /// is tried again, on a new connection, with half the size (down to 16).
     pub fn attach(&self, params: &AttachParams) -> Result<Vec<Arc<Bdev>>, BdevError> {
+        let _name = self.reserve(&params.name)?;
         let mut p = params.clone();
         let mut first: Option<BdevError> = None;
         loop {
@@ -116,6 +121,25 @@ impl Registry {
         }
     }
 
+    /// Take `name` for an attach in progress: refused while a controller or bdev has it
+    /// or another attach holds it.
+    fn reserve(&self, name: &str) -> Result<NameReservation<'_>, BdevError> {
+        let entries = self.lock();
+        let mut attaching = self.attaching.lock().unwrap_or_else(|e| e.into_inner());
+        let taken = attaching.iter().any(|n| n == name)
+            || entries.iter().any(|e| {
+                e.params.name == name || e.controller.bdevs().iter().any(|b| b.name() == name)
+            });
+        if taken {
+            return Err(BdevError::NameTaken(name.to_string()));
+        }
+        attaching.push(name.to_string());
+        Ok(NameReservation {
+            registry: self,
+            name: name.to_string(),
+        })
+    }
+
     fn attach_once(&self, params: &AttachParams) -> Result<Vec<Arc<Bdev>>, BdevError> {
         {
             let entries = self.lock();
@@ -142,24 +166,27 @@ impl Registry {
                         name: params.name.clone(),
                         source,
                     })?;
-                match params.dev_type {
-                    DevType::Blk => Controller::Blk(BlkController::attach(
+                let r = match params.dev_type {
+                    DevType::Blk => BlkController::attach(
                         &BlkParams {
                             name: params.name.clone(),
                             vq_count: params.vq_count,
                             vq_size: params.vq_size,
                         },
                         Box::new(t),
-                    )?),
-                    DevType::Scsi => Controller::Scsi(ScsiController::attach(
+                    )
+                    .map(Controller::Blk),
+                    DevType::Scsi => ScsiController::attach(
                         &ScsiParams {
                             name: params.name.clone(),
                             vq_count: params.vq_count,
                             vq_size: params.vq_size,
                         },
                         Box::new(t),
-                    )?),
-                }
+                    )
+                    .map(Controller::Scsi),
+                };
+                r.map_err(|e| wrong_type_hint(e, params))?
             }
         };
         let bdevs = controller.bdevs();
@@ -270,5 +297,49 @@ impl Registry {
             config.push(serde_json::json!({"method":"bdev_virtio_blk_set_hotplug","params":p}));
         }
         serde_json::json!({"subsystems":[{"subsystem":"bdev","config":config}]})
+    }
+}
+
+/// Errors that a device of the other type produces (a scsi back-end read as blk has no
+/// request queues in the blk layout and does not answer GET_ID; a blk back-end read as
+/// scsi has no queues beyond 2 or answers no SCSI command) get a hint about `dev_type`.
+fn wrong_type_hint(e: BdevError, params: &AttachParams) -> BdevError {
+    let suspicious = match &e {
+        BdevError::Unsatisfiable { .. } | BdevError::BadDevice { .. } => true,
+        BdevError::Io { source, .. } => matches!(
+            source,
+            IoError::ControllerFailed(_) | IoError::Timeout(_) | IoError::Scsi(_)
+        ),
+        _ => false,
+    };
+    if !suspicious {
+        return e;
+    }
+    let (asked, other) = match params.dev_type {
+        DevType::Blk => ("blk", "scsi"),
+        DevType::Scsi => ("scsi", "blk"),
+    };
+    BdevError::WrongDeviceType {
+        source: Box::new(e),
+        asked,
+        other,
+        traddr: params.traddr.clone(),
+    }
+}
+
+/// A name taken by an attach in progress; given back on drop.
+struct NameReservation<'a> {
+    registry: &'a Registry,
+    name: String,
+}
+
+impl Drop for NameReservation<'_> {
+    fn drop(&mut self) {
+        let mut a = self
+            .registry
+            .attaching
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        a.retain(|n| n != &self.name);
     }
 }

@@ -441,3 +441,40 @@ fn flush_reaches_only_a_device_with_a_write_cache() {
     assert_eq!(c.result, Ok(()));
     assert_eq!(t.stats().flushes, 1);
 }
+
+#[test]
+fn concurrent_attaches_of_one_name_fail_at_once() {
+    // The name is taken before connecting: the losers do not queue on the back-end
+    // (which serves one front-end at a time) and time out, they fail right away.
+    let (t, _d) = target(ram(8 << 20));
+    let reg = std::sync::Arc::new(registry());
+    let start = std::time::Instant::now();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let reg = reg.clone();
+            let sock = t.socket_path().to_path_buf();
+            std::thread::spawn(move || reg.attach(&blk_params("Same", &sock, 1)))
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(r.to_string().contains("Same"), "{r}");
+        assert!(matches!(r, vireo_bdev::BdevError::NameTaken(_)), "{r}");
+    }
+}
+
+#[test]
+fn a_wrong_dev_type_is_named_in_the_error() {
+    let (t, _d) = target(ram(8 << 20));
+    let e = registry()
+        .attach(&scsi_params("X", t.socket_path(), 1, 128))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(r#"set "dev_type": "blk""#), "{e}");
+}

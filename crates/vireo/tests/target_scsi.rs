@@ -659,3 +659,13 @@ fn flush_reaches_only_a_lun_with_a_write_cache() {
     assert_eq!(c.result, Ok(()));
     assert_eq!(opcode_count(&t, sync10), before + 2);
 }
+
+#[test]
+fn a_wrong_dev_type_is_named_in_the_error() {
+    let (t, _d) = target(ScsiTargetConfig::default());
+    let e = registry()
+        .attach(&blk_params("X", t.socket_path(), 1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(r#"set "dev_type": "scsi""#), "{e}");
+}
