@@ -2,6 +2,7 @@
 
 mod perf;
 mod rpc;
+mod signals;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -425,6 +426,8 @@ fn human(bytes: u64) -> String {
 }
 
 fn cmd_perf(a: PerfArgs) -> Result<bool> {
+    // SIGINT/SIGTERM: stop, let in-flight I/O finish, report, clean up, exit non-zero.
+    signals::install();
     // Declared first so it is dropped last, after the controllers that use it.
     let mut _embedded = None;
     let reg = registry()?;
@@ -533,6 +536,9 @@ fn print_report(r: &perf::PerfReport) {
     if let Some(l) = r.total.first_mismatch_lba {
         println!("first verify mismatch at LBA {l}");
     }
+    if r.interrupted {
+        println!("interrupted: the run was stopped early (partial results)");
+    }
 }
 
 fn cmd_target_scsi(a: TargetArgs) -> Result<()> {
@@ -587,7 +593,8 @@ fn cmd_target_scsi(a: TargetArgs) -> Result<()> {
         a.targets,
         a.luns
     );
-    t.wait();
+    wait_for_stop_signal();
+    t.stop();
     Ok(())
 }
 
@@ -629,7 +636,16 @@ fn tempdir() -> Result<PathBuf> {
     bail!("cannot create a temporary directory in {}", base.display())
 }
 
+/// Serve until SIGINT or SIGTERM (then the caller stops the target, which removes its
+/// socket).
+fn wait_for_stop_signal() {
+    while !signals::stop_requested() {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 fn cmd_target(a: TargetArgs) -> Result<()> {
+    signals::install();
     match a.dev_type.as_str() {
         "blk" => {}
         "scsi" => return cmd_target_scsi(a),
@@ -663,7 +679,8 @@ fn cmd_target(a: TargetArgs) -> Result<()> {
         "vireo: vhost-user-blk target listening on {}",
         a.socket.display()
     );
-    t.wait();
+    wait_for_stop_signal();
+    t.stop();
     Ok(())
 }
 

@@ -126,12 +126,17 @@ pub struct PerfReport {
     pub jobs: Vec<JobReport>,
     /// All jobs together.
     pub total: JobReport,
+    /// The run was stopped early by SIGINT or SIGTERM.
+    pub interrupted: bool,
 }
 
 impl PerfReport {
     /// Whether every I/O succeeded and every verify matched.
     pub fn ok(&self) -> bool {
-        self.total.errors == 0 && self.total.verify_failures == 0 && self.total.ios > 0
+        self.total.errors == 0
+            && self.total.verify_failures == 0
+            && self.total.ios > 0
+            && !self.interrupted
     }
 }
 
@@ -465,7 +470,11 @@ impl<'o> Job<'o> {
         } else {
             // The channel's clock reading of this pass (no extra one).
             self.last_progress = self.ch.last_completion_ticks();
-            if !self.stopping && (self.last_progress >= deadline || stop.load(Ordering::Relaxed)) {
+            if !self.stopping
+                && (self.last_progress >= deadline
+                    || stop.load(Ordering::Relaxed)
+                    || crate::signals::stop_requested())
+            {
                 self.stopping = true;
             }
         }
@@ -792,6 +801,7 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
         queue_depth: o.queue_depth,
         jobs: job_reports,
         total: report(&total, "total".into(), None, secs),
+        interrupted: crate::signals::stop_requested(),
     })
 }
 

@@ -10,7 +10,6 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -496,12 +495,6 @@ fn serve_client(reg: &Registry, stream: UnixStream) {
     }
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
 /// Bind `path`, replacing a stale socket file but never a live server or another file.
 fn bind(path: &Path) -> Result<UnixListener> {
     if let Ok(m) = std::fs::symlink_metadata(path) {
@@ -542,19 +535,7 @@ pub fn cmd_serve(reg: Registry, config: Option<PathBuf>, socket: PathBuf) -> Res
         let calls = vireo_bdev::load_config(c)?;
         reg.apply(&calls)?;
     }
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGTERM,
-            on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-        );
-        // A client that hangs up mid-response must not kill the server.
-        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-    }
+    crate::signals::install();
     let listener = bind(&socket)?;
     let _guard = SocketFile(socket.clone());
     listener
@@ -565,7 +546,7 @@ pub fn cmd_serve(reg: Registry, config: Option<PathBuf>, socket: PathBuf) -> Res
         socket.display(),
         reg.bdevs().len()
     );
-    while !STOP.load(Ordering::SeqCst) {
+    while !crate::signals::stop_requested() {
         match listener.accept() {
             Ok((stream, _)) => {
                 if let Err(e) = stream.set_nonblocking(false) {

@@ -467,3 +467,45 @@ fn flush_workload_ends_on_a_write_through_device() {
     assert_eq!(v["total"]["errors"], 0, "{v}");
     assert!(v["total"]["ios"].as_u64().unwrap() > 0, "{v}");
 }
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+#[test]
+fn sigint_stops_perf_with_a_partial_report_and_sigterm_stops_the_target_cleanly() {
+    let start = std::time::Instant::now();
+    let child = vireo()
+        .args(["perf", "-t", "60", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    signal(&child, "-INT");
+    let out = child.wait_with_output().unwrap();
+    assert!(start.elapsed() < std::time::Duration::from_secs(30));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["interrupted"], true);
+    assert!(v["total"]["ios"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["total"]["verify_failures"], 0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("t.sock");
+    let mut t = start_target(&sock, &["--type", "scsi", "--size", "1m"]);
+    signal(&t, "-TERM");
+    let status = t.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!sock.exists(), "the target removes its socket");
+}
