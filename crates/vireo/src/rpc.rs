@@ -452,7 +452,34 @@ pub fn handle_request(reg: &Registry, req: &Value) -> Option<Value> {
     id.map(|id| reply(&id, r))
 }
 
-/// Serve one client until it hangs up or sends something that is not JSON.
+/// Largest request (or batch) a client may send.
+pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
+/// Clients served at once; more are turned away.
+pub const MAX_CLIENTS: usize = 64;
+/// A client that sends nothing for this long is dropped.
+pub const CLIENT_IDLE: Duration = Duration::from_secs(60);
+
+/// Counts the bytes of the request being read; refuses to read past the limit.
+struct Limited<R> {
+    inner: R,
+    used: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl<R: std::io::Read> std::io::Read for Limited<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let used = self.used.get();
+        if used >= MAX_REQUEST_BYTES {
+            return Err(std::io::Error::other("request too large"));
+        }
+        let room = (MAX_REQUEST_BYTES - used).min(buf.len() as u64) as usize;
+        let n = self.inner.read(&mut buf[..room])?;
+        self.used.set(used + n as u64);
+        Ok(n)
+    }
+}
+
+/// Serve one client until it hangs up, sends something that is not JSON, sends a
+/// request over [`MAX_REQUEST_BYTES`] or stays silent for [`CLIENT_IDLE`].
 fn serve_client(reg: &Registry, stream: UnixStream) {
     let mut out = match stream.try_clone() {
         Ok(s) => s,
@@ -461,7 +488,12 @@ fn serve_client(reg: &Registry, stream: UnixStream) {
             return;
         }
     };
-    let reader = BufReader::new(stream);
+    let _ = stream.set_read_timeout(Some(CLIENT_IDLE));
+    let used = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let reader = BufReader::new(Limited {
+        inner: stream,
+        used: used.clone(),
+    });
     let mut send = |v: &Value| -> bool {
         let mut s = v.to_string();
         s.push('\n');
@@ -470,6 +502,19 @@ fn serve_client(reg: &Registry, stream: UnixStream) {
             .is_ok()
     };
     for item in serde_json::Deserializer::from_reader(reader).into_iter::<Value>() {
+        if item.is_ok() {
+            // The next request starts counting from zero (bytes read ahead of it are
+            // counted to it, which only makes the limit slightly stricter).
+            used.set(0);
+        }
+        if let Err(e) = &item {
+            if e.is_io() && used.get() >= MAX_REQUEST_BYTES {
+                let _ = send(&json!({"jsonrpc": "2.0", "id": null,
+                    "error": RpcError::new(INVALID_REQUEST, format!(
+                        "Invalid request: larger than {MAX_REQUEST_BYTES} bytes")).to_json()}));
+                return;
+            }
+        }
         let resp = match item {
             Ok(Value::Array(batch)) if !batch.is_empty() => {
                 let r: Vec<Value> = batch
@@ -546,18 +591,33 @@ pub fn cmd_serve(reg: Registry, config: Option<PathBuf>, socket: PathBuf) -> Res
         socket.display(),
         reg.bdevs().len()
     );
+    let clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while !crate::signals::stop_requested() {
         match listener.accept() {
-            Ok((stream, _)) => {
+            Ok((mut stream, _)) => {
                 if let Err(e) = stream.set_nonblocking(false) {
                     tracing::warn!("rpc: {e}");
                     continue;
                 }
+                if clients.load(std::sync::atomic::Ordering::Acquire) >= MAX_CLIENTS {
+                    let msg = json!({"jsonrpc": "2.0", "id": null, "error": RpcError::new(
+                        INTERNAL_ERROR,
+                        format!("too many clients (at most {MAX_CLIENTS} at once); try again later"),
+                    ).to_json()});
+                    let _ = stream.write_all(format!("{msg}\n").as_bytes());
+                    continue;
+                }
+                clients.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 let reg = reg.clone();
+                let count = clients.clone();
                 let spawned = std::thread::Builder::new()
                     .name("vireo-rpc-client".into())
-                    .spawn(move || serve_client(&reg, stream));
+                    .spawn(move || {
+                        serve_client(&reg, stream);
+                        count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                    });
                 if let Err(e) = spawned {
+                    clients.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                     tracing::warn!("rpc: cannot start a client thread: {e}");
                 }
             }

@@ -488,3 +488,47 @@ fn bad_requests_get_errors_and_never_kill_the_server() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
     assert_eq!(srv.ok("bdev_get_bdevs", None), json!([]));
 }
+
+#[test]
+fn oversized_requests_and_too_many_clients_are_turned_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(dir.path(), None);
+    // A request that never ends: an error after 1 MiB, not an ever-growing buffer.
+    let mut huge = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"".to_vec();
+    huge.extend(std::iter::repeat_n(b'x', 2 << 20));
+    let mut s = UnixStream::connect(&srv.sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // The server stops reading at the limit; the rest may not fit in the socket.
+    let _ = s.write_all(&huge);
+    let r: Value = serde_json::Deserializer::from_reader(BufReader::new(&s))
+        .into_iter::<Value>()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r["error"]["code"], -32600, "{r}");
+    assert!(r["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("larger than"));
+    // Idle clients beyond the cap are turned away with an error; the server still
+    // answers once they leave.
+    let idle: Vec<UnixStream> = (0..64)
+        .map(|_| UnixStream::connect(&srv.sock).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let r = raw(
+        &srv.sock,
+        b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"bdev_get_bdevs\"}",
+        1,
+    );
+    assert!(
+        r[0]["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("too many clients"),
+        "{r:?}"
+    );
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(srv.ok("bdev_get_bdevs", None), json!([]));
+}
