@@ -283,6 +283,7 @@ impl Bdev {
             done_scratch: Vec::new(),
             completions: 0,
             stats_dirty: false,
+            abandoned: false,
             last_completion: clock::ticks(),
             unpublished: false,
             stash: Vec::new(),
@@ -325,6 +326,8 @@ pub struct IoChannel {
     completions: u64,
     /// Counters changed since they were last published.
     stats_dirty: bool,
+    /// Closed without waiting for in-flight I/O (see [`IoChannel::abandon`]).
+    abandoned: bool,
     /// Clock ticks of the last polling pass that found completions.
     last_completion: u64,
     /// Requests were queued since the last publish.
@@ -363,6 +366,13 @@ impl IoChannel {
     /// (`vireo_virtio::clock`): a free timestamp for callers that track progress.
     pub fn last_completion_ticks(&self) -> u64 {
         self.last_completion
+    }
+
+    /// Close the channel without waiting for its in-flight I/O (the caller gave up on a
+    /// device that stopped answering). Their buffers are leaked, never reused: the
+    /// device may still write them.
+    pub fn abandon(mut self) {
+        self.abandoned = true;
     }
 
     /// Counters of this channel.
@@ -760,7 +770,12 @@ impl Drop for IoChannel {
     fn drop(&mut self) {
         // Let in-flight I/O finish so buffers are not in use by the device when freed;
         // the driver fails everything at once if the device is gone.
-        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let wait = if self.abandoned {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs(5)
+        };
+        let deadline = Instant::now() + wait;
         let mut out = Vec::new();
         while self.in_flight() > 0 && Instant::now() < deadline {
             self.poll(&mut out);

@@ -507,6 +507,16 @@ fn cmd_perf(a: PerfArgs) -> Result<bool> {
     } else {
         print_report(&rep);
     }
+    if rep.stalled {
+        // A device that stopped answering would hold an orderly detach for the whole
+        // control-message timeout: leave it (the socket closes with the process), clean
+        // up what is ours, and go.
+        eprintln!("vireo: a device stopped answering; exiting without detaching it");
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        drop(_embedded);
+        std::process::exit(1);
+    }
     Ok(rep.ok())
 }
 

@@ -128,6 +128,8 @@ pub struct PerfReport {
     pub total: JobReport,
     /// The run was stopped early by SIGINT or SIGTERM.
     pub interrupted: bool,
+    /// A device stopped answering and its I/O was given up on (`--io-timeout`).
+    pub stalled: bool,
 }
 
 impl PerfReport {
@@ -151,6 +153,8 @@ struct JobResult {
     first_mismatch: Option<u64>,
     first_error: Option<String>,
     elapsed: f64,
+    /// I/O outstanding past --io-timeout was given up on.
+    gave_up: bool,
 }
 
 /// xorshift64*: fast, good enough for offsets and fill patterns.
@@ -327,6 +331,7 @@ impl<'o> Job<'o> {
                 first_mismatch: None,
                 first_error: None,
                 elapsed: 0.0,
+                gave_up: false,
             },
         })
     }
@@ -464,6 +469,7 @@ impl<'o> Job<'o> {
                 ));
                 self.res.errors += n as u64 - 1;
                 self.in_flight = 0;
+                self.res.gave_up = true;
                 self.done = done;
                 return false;
             }
@@ -553,10 +559,17 @@ impl<'o> Job<'o> {
         self.in_flight > 0
     }
 
-    fn finish(mut self, elapsed: f64) -> JobResult {
-        self.res.elapsed = elapsed;
-        self.res.hist = self.hist;
-        self.res
+    fn finish(self, elapsed: f64) -> JobResult {
+        let Job {
+            ch, hist, mut res, ..
+        } = self;
+        if res.gave_up {
+            // The device stopped answering: do not wait for it again on the way out.
+            ch.abandon();
+        }
+        res.elapsed = elapsed;
+        res.hist = hist;
+        res
     }
 }
 
@@ -779,6 +792,7 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
         first_mismatch: None,
         first_error: None,
         elapsed: 0.0,
+        gave_up: false,
     };
     let mut job_reports = Vec::new();
     for r in &results {
@@ -793,6 +807,7 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
             total.first_error = r.first_error.clone();
         }
         total.elapsed = total.elapsed.max(r.elapsed);
+        total.gave_up |= r.gave_up;
     }
     let secs = total.elapsed;
     Ok(PerfReport {
@@ -802,6 +817,7 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
         jobs: job_reports,
         total: report(&total, "total".into(), None, secs),
         interrupted: crate::signals::stop_requested(),
+        stalled: total.gave_up,
     })
 }
 

@@ -509,3 +509,45 @@ fn sigint_stops_perf_with_a_partial_report_and_sigterm_stops_the_target_cleanly(
     assert!(status.success(), "{status:?}");
     assert!(!sock.exists(), "the target removes its socket");
 }
+
+#[test]
+fn a_frozen_target_holds_perf_no_longer_than_its_io_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("frozen.sock");
+    let mut t = start_target(&sock, &["--type", "blk", "--size", "16m"]);
+    let conf = config(dir.path(), &sock, 1);
+    let start = std::time::Instant::now();
+    let perf = vireo()
+        .args([
+            "perf",
+            "-w",
+            "randread",
+            "-q",
+            "8",
+            "-t",
+            "30",
+            "--io-timeout",
+            "1",
+            "--json",
+            "-c",
+        ])
+        .arg(&conf)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    signal(&t, "-STOP");
+    let out = perf.wait_with_output().unwrap();
+    let took = start.elapsed();
+    signal(&t, "-CONT");
+    let _ = t.kill();
+    let _ = t.wait();
+    // 0.7 s of running, 1 s of --io-timeout, and some slack: never the 5 s channel
+    // close plus 10 s control-message timeout of an orderly detach.
+    assert!(took < std::time::Duration::from_secs(8), "took {took:?}");
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stalled"], true, "{v}");
+    assert!(v["total"]["errors"].as_u64().unwrap() > 0);
+}
