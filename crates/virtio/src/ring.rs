@@ -87,6 +87,17 @@ fn ring_sizes(size: usize) -> (usize, usize, usize) {
     (desc, used_off, used_off + used)
 }
 
+/// The driver's record of one in-flight chain head.
+#[derive(Debug, Clone, Copy, Default)]
+struct HeadInfo {
+    /// The token given to `add`.
+    token: u64,
+    /// Device-writable bytes, to validate used lengths.
+    writable: u32,
+    /// Descriptors used in the ring (0: not in flight).
+    chain_len: u16,
+}
+
 /// Driver side of one split virtqueue. Owned by one thread (`Send`, not `Sync`).
 pub struct SplitQueue {
     index: u16,
@@ -102,11 +113,9 @@ pub struct SplitQueue {
     next: Box<[u16]>,
     free_head: u16,
     num_free: u16,
-    /// For each in-flight head: descriptors used in the ring (0: not in flight).
-    chain_len: Box<[u16]>,
-    /// For each in-flight head: device-writable bytes, to validate used lengths.
-    writable: Box<[u32]>,
-    tokens: Box<[u64]>,
+    /// What the driver knows of each in-flight head (one record: one cache line touched
+    /// per request).
+    heads: Box<[HeadInfo]>,
     avail_idx: u16,
     /// Avail index at the last notification decision.
     kicked_idx: u16,
@@ -177,9 +186,7 @@ impl SplitQueue {
             next,
             free_head: 0,
             num_free: size,
-            chain_len: vec![0; n].into_boxed_slice(),
-            writable: vec![0; n].into_boxed_slice(),
-            tokens: vec![0; n].into_boxed_slice(),
+            heads: vec![HeadInfo::default(); n].into_boxed_slice(),
             avail_idx: 0,
             kicked_idx: 0,
             last_used: 0,
@@ -349,9 +356,11 @@ impl SplitQueue {
             self.free_head = self.next[idx as usize];
         }
         self.num_free -= need as u16;
-        self.chain_len[head as usize] = need as u16;
-        self.writable[head as usize] = writable;
-        self.tokens[head as usize] = token;
+        self.heads[head as usize] = HeadInfo {
+            token,
+            writable,
+            chain_len: need as u16,
+        };
         let slot = 2 + (self.avail_idx & (self.size - 1)) as usize;
         self.avail_u16(slot).store(head, Ordering::Relaxed);
         self.avail_idx = self.avail_idx.wrapping_add(1);
@@ -434,17 +443,17 @@ impl SplitQueue {
             };
             let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
             let len = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
-            if id >= self.size as u32 || self.chain_len[id as usize] == 0 {
+            if id >= self.size as u32 || self.heads[id as usize].chain_len == 0 {
                 return Err(Error::Device(format!(
                     "queue {}: used id {} is out of range or not in flight",
                     self.index, id
                 )));
             }
-            let head = id as usize;
-            if len > self.writable[head] {
+            let info = self.heads[id as usize];
+            if len > info.writable {
                 return Err(Error::Device(format!(
                     "queue {}: used length {} exceeds the {} device-writable bytes of request {}",
-                    self.index, len, self.writable[head], id
+                    self.index, len, info.writable, id
                 )));
             }
             self.free_chain(id as u16);
@@ -452,7 +461,7 @@ impl SplitQueue {
             self.in_flight -= 1;
             n += 1;
             on_used(Used {
-                token: self.tokens[head],
+                token: info.token,
                 len,
             });
         }
@@ -463,8 +472,8 @@ impl SplitQueue {
     }
 
     fn free_chain(&mut self, head: u16) {
-        let count = self.chain_len[head as usize];
-        self.chain_len[head as usize] = 0;
+        let count = self.heads[head as usize].chain_len;
+        self.heads[head as usize].chain_len = 0;
         // Walk our own shadow list (the ring descriptors may have been altered).
         let mut last = head;
         for _ in 1..count {
