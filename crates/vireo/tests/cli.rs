@@ -278,30 +278,10 @@ fn verify_catches_a_device_that_returns_no_data() {
 fn target_faults_are_reachable_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("t.sock");
-    let mut t = vireo()
-        .args([
-            "target",
-            "--type",
-            "blk",
-            "--size",
-            "64m",
-            "--fail-next",
-            "5",
-            "-s",
-        ])
-        .arg(&sock)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "target did not listen"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    let mut t = start_target(
+        &sock,
+        &["--type", "blk", "--size", "64m", "--fail-next", "5"],
+    );
     let conf = config(dir.path(), &sock, 1);
     let out = vireo()
         .args([

@@ -33,6 +33,17 @@ fn spdk(test: &str) -> Option<(SpdkVhost, std::sync::MutexGuard<'static, ()>)> {
     Some((v, guard))
 }
 
+/// SPDK's bdevperf on CPU 1 with `conf`: `-q 32 -o 4096 -w WORKLOAD -t SECS`.
+fn bdevperf(build: &SpdkBuild, conf: &Path, workload: &str, secs: &str) -> std::process::Output {
+    build
+        .bdevperf_on(1)
+        .arg("--json")
+        .arg(conf)
+        .args(["-q", "32", "-o", "4096", "-w", workload, "-t", secs])
+        .output()
+        .unwrap()
+}
+
 /// `vireo perf` on CPU 1 with a config of one controller (default vq_size).
 fn perf(dir: &Path, sock: &Path, dev_type: &str, args: &[&str]) -> serde_json::Value {
     let conf = dir.join(format!("{dev_type}.json"));
@@ -128,13 +139,7 @@ fn spdk_bdevperf_runs_against_the_same_target() {
             spdk::attach_config("VirtioX", &v.socket(sock), ty, Some(vq)),
         )
         .unwrap();
-        let out = build
-            .bdevperf_on(1)
-            .arg("--json")
-            .arg(&conf)
-            .args(["-q", "32", "-o", "4096", "-w", "randread", "-t", "1"])
-            .output()
-            .unwrap();
+        let out = bdevperf(&build, &conf, "randread", "1");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             spdk::bdevperf_total_iops(&text).unwrap_or(0.0) > 1000.0,
@@ -187,13 +192,7 @@ fn spdk_bdevperf_verifies_against_vireo_target() {
             spdk::attach_config("VirtioX", &sock, ty, Some(queues)),
         )
         .unwrap();
-        let out = build
-            .bdevperf_on(1)
-            .arg("--json")
-            .arg(&conf)
-            .args(["-q", "32", "-o", "4096", "-w", "verify", "-t", "2"])
-            .output()
-            .unwrap();
+        let out = bdevperf(&build, &conf, "verify", "2");
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
