@@ -44,6 +44,7 @@ pub const METHODS: &[&str] = &[
     "framework_get_subsystems",
     "rpc_get_methods",
     "save_config",
+    "spdk_get_version",
 ];
 
 /// A JSON-RPC error object.
@@ -161,6 +162,23 @@ pub fn dispatch(reg: &Registry, method: &str, params: &Value) -> RpcResult {
         "rpc_get_methods" => {
             params_obj(method, params, &["current", "include_aliases"])?;
             Ok(json!(METHODS))
+        }
+        // SPDK's tools ask this first; the shape is SPDK's, the version vireo's.
+        "spdk_get_version" => {
+            params_obj(method, params, &[])?;
+            let v = env!("CARGO_PKG_VERSION");
+            let mut parts = v.split(['.', '-']);
+            let mut num = || {
+                parts
+                    .next()
+                    .and_then(|p| p.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            let (major, minor, patch) = (num(), num(), num());
+            Ok(json!({
+                "version": format!("vireo v{v}"),
+                "fields": {"major": major, "minor": minor, "patch": patch, "suffix": ""}
+            }))
         }
         "bdev_virtio_attach_controller" => {
             let empty = Value::Object(Map::new());

@@ -441,6 +441,13 @@ fn bad_requests_get_errors_and_never_kill_the_server() {
 
     // Still serving after all that.
     assert_eq!(srv.ok("bdev_get_bdevs", None), json!([]));
+    // What SPDK's tools ask first, in SPDK's shape.
+    let v = srv.ok("spdk_get_version", None);
+    assert!(v["version"].as_str().unwrap().starts_with("vireo v"), "{v}");
+    assert!(
+        v["fields"]["major"].is_u64() && v["fields"]["suffix"].is_string(),
+        "{v}"
+    );
 
     // No server: exit 2 with a clear message.
     let out = Command::new(BIN)
