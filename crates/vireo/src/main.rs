@@ -1,5 +1,6 @@
 //! `vireo`: a userspace, polled-mode virtio storage initiator.
 
+mod ini;
 mod perf;
 mod rpc;
 mod signals;
@@ -9,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use vireo_bdev::{load_config, Bdev, Registry};
+use vireo_bdev::{Bdev, Registry};
 use vireo_virtio::{DmaConfig, DmaMemory};
 
 #[derive(Parser, Debug)]
@@ -54,6 +55,14 @@ enum Cmd {
     Serve(ServeArgs),
     /// Send one JSON-RPC request to `vireo serve` and print the result.
     Rpc(RpcArgs),
+    /// Print the SPDK JSON equivalent of a config file (INI or JSON).
+    Config {
+        /// `convert`.
+        #[arg(value_parser = ["convert"])]
+        action: String,
+        /// The config file.
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -334,7 +343,7 @@ fn registry() -> Result<Registry> {
 }
 
 fn attach_config(reg: &Registry, path: &std::path::Path) -> Result<Vec<Arc<Bdev>>> {
-    let calls = load_config(path)?;
+    let calls = ini::load(path)?;
     Ok(reg.apply(&calls)?)
 }
 
@@ -716,6 +725,10 @@ fn main() {
         Cmd::Serve(a) => registry()
             .and_then(|reg| rpc::cmd_serve(reg, a.config, a.socket))
             .map(|_| true),
+        Cmd::Config { file, .. } => ini::load(&file).and_then(|calls| {
+            println!("{}", serde_json::to_string_pretty(&ini::to_json(&calls))?);
+            Ok(true)
+        }),
         Cmd::Rpc(a) => std::time::Duration::try_from_secs_f64(a.timeout)
             .ok()
             .filter(|d| !d.is_zero())

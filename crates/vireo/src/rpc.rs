@@ -595,7 +595,7 @@ impl Drop for SocketFile {
 pub fn cmd_serve(reg: Registry, config: Option<PathBuf>, socket: PathBuf) -> Result<()> {
     let reg = Arc::new(reg);
     if let Some(c) = &config {
-        let calls = vireo_bdev::load_config(c)?;
+        let calls = crate::ini::load(c)?;
         reg.apply(&calls)?;
     }
     crate::signals::install();

@@ -531,3 +531,21 @@ fn a_frozen_target_holds_perf_no_longer_than_its_io_timeout() {
     assert_eq!(v["stalled"], true, "{v}");
     assert!(v["total"]["errors"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn the_seeds_ini_config_attaches() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("scsi.sock");
+    let mut t = start_target(&sock, &["--type", "scsi", "--size", "8m"]);
+    let ini = dir.path().join("virtio.ini");
+    std::fs::write(&ini, format!("[Virtio]\n  Dev User {}\n", sock.display())).unwrap();
+    let v = json_output(vireo().args(["bdevs", "--json", "-c"]).arg(&ini));
+    let _ = t.kill();
+    let _ = t.wait();
+    assert_eq!(v[0]["name"], "VirtioScsi0t0", "{v}");
+    // `vireo config convert` prints the JSON equivalent, which parses back.
+    let j = json_output(vireo().args(["config", "convert"]).arg(&ini));
+    let p = &j["subsystems"][0]["config"][0]["params"];
+    assert_eq!(p["dev_type"], "scsi");
+    assert_eq!(p["traddr"], sock.display().to_string());
+}

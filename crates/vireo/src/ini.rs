@@ -1,0 +1,309 @@
+//! The INI configuration of SPDK's first virtio bdev module (the seed's format), read
+//! beside the JSON one:
+//!
+//! ```ini
+//! [Virtio]
+//!   Dev User /tmp/vhost.0     # a vhost-user virtio-scsi controller
+//!   Dev Pci                   # every virtio-scsi PCI function
+//!
+//! [VirtioUser0]               # one vhost-user controller per section
+//!   Path /tmp/vhost.1
+//!   Queues 2                  # request queues (vq_count)
+//!   Type Blk                  # SCSI (default) or Blk
+//!   Name VirtioBlk0           # default VirtioScsiN / VirtioBlkN
+//!
+//! [VirtioPci]
+//!   Enable Yes                # every virtio-scsi PCI function
+//! ```
+//!
+//! `Dev Pci` and `[VirtioPci] Enable Yes` become an attach with `trtype` "pci" and
+//! `traddr` "*" (every function).
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use vireo_bdev::config::DEFAULT_VQ_SIZE;
+use vireo_bdev::{AttachParams, ConfigCall, DevType, TrType};
+
+/// Whether `text` is INI rather than JSON (JSON configs are objects).
+pub fn is_ini(text: &str) -> bool {
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
+        .is_some_and(|l| l.starts_with('['))
+}
+
+fn scsi(name: String, traddr: String, trtype: TrType) -> AttachParams {
+    AttachParams {
+        name,
+        trtype,
+        traddr,
+        dev_type: DevType::Scsi,
+        vq_count: 1,
+        vq_size: DEFAULT_VQ_SIZE,
+    }
+}
+
+/// One `[VirtioUserN]` section being read.
+struct UserSection {
+    line: usize,
+    index: String,
+    path: Option<String>,
+    queues: u16,
+    dev_type: DevType,
+    name: Option<String>,
+}
+
+impl UserSection {
+    fn finish(self, file: &str) -> Result<AttachParams> {
+        let Some(path) = self.path else {
+            bail!(
+                "{file}:{}: [VirtioUser{}] has no Path (the vhost-user socket)",
+                self.line,
+                self.index
+            );
+        };
+        let kind = if self.dev_type == DevType::Blk {
+            "Blk"
+        } else {
+            "Scsi"
+        };
+        Ok(AttachParams {
+            name: self
+                .name
+                .unwrap_or_else(|| format!("Virtio{kind}{}", self.index)),
+            trtype: TrType::User,
+            traddr: path,
+            dev_type: self.dev_type,
+            vq_count: self.queues,
+            vq_size: DEFAULT_VQ_SIZE,
+        })
+    }
+}
+
+/// Parse INI `text` (from `file`, for messages) into attach calls.
+pub fn parse(text: &str, file: &str) -> Result<Vec<ConfigCall>> {
+    enum Section {
+        None,
+        Virtio,
+        Pci,
+        User(UserSection),
+    }
+    let mut out = Vec::new();
+    let mut section = Section::None;
+    let mut scsi_n = 0usize;
+    let close = |s: Section, out: &mut Vec<AttachParams>| -> Result<()> {
+        if let Section::User(u) = s {
+            out.push(u.finish(file)?);
+        }
+        Ok(())
+    };
+    for (i, raw) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() || line.starts_with(';') {
+            continue;
+        }
+        if let Some(head) = line.strip_prefix('[') {
+            let Some(name) = head.strip_suffix(']') else {
+                bail!("{file}:{n}: section header {line:?} lacks its closing ']'");
+            };
+            let old = std::mem::replace(&mut section, Section::None);
+            close(old, &mut out)?;
+            section = match name.trim() {
+                "Virtio" => Section::Virtio,
+                "VirtioPci" => Section::Pci,
+                s if s.starts_with("VirtioUser") => {
+                    let index = &s["VirtioUser".len()..];
+                    if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+                        bail!("{file}:{n}: section [{s}] must be VirtioUser followed by a number");
+                    }
+                    Section::User(UserSection {
+                        line: n,
+                        index: index.to_string(),
+                        path: None,
+                        queues: 1,
+                        dev_type: DevType::Scsi,
+                        name: None,
+                    })
+                }
+                other => bail!(
+                    "{file}:{n}: unknown section [{other}] (known: [Virtio], [VirtioUserN], [VirtioPci])"
+                ),
+            };
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let key = words.next().unwrap_or("");
+        let rest: Vec<&str> = words.collect();
+        let one = |what: &str| -> Result<&str> {
+            match rest.as_slice() {
+                [v] => Ok(v),
+                _ => bail!(
+                    "{file}:{n}: {key} takes one value ({what}), got {:?}",
+                    rest.join(" ")
+                ),
+            }
+        };
+        match &mut section {
+            Section::None => bail!("{file}:{n}: {key:?} outside a section"),
+            Section::Virtio => match (key, rest.as_slice()) {
+                ("Dev", ["User", path]) => {
+                    out.push(scsi(
+                        format!("VirtioScsi{scsi_n}"),
+                        path.to_string(),
+                        TrType::User,
+                    ));
+                    scsi_n += 1;
+                }
+                ("Dev", ["Pci"]) => {
+                    out.push(scsi(format!("VirtioScsi{scsi_n}"), "*".into(), TrType::Pci));
+                    scsi_n += 1;
+                }
+                _ => bail!(
+                    "{file}:{n}: [Virtio] takes \"Dev User PATH\" or \"Dev Pci\", got {line:?}"
+                ),
+            },
+            Section::Pci => match key {
+                "Enable" => match one("Yes or No")?.to_ascii_lowercase().as_str() {
+                    "yes" | "true" | "1" => {
+                        out.push(scsi(format!("VirtioScsi{scsi_n}"), "*".into(), TrType::Pci));
+                        scsi_n += 1;
+                    }
+                    "no" | "false" | "0" => {}
+                    v => bail!("{file}:{n}: Enable must be Yes or No, got {v:?}"),
+                },
+                _ => bail!("{file}:{n}: [VirtioPci] takes Enable, got {key:?}"),
+            },
+            Section::User(u) => match key {
+                "Path" => u.path = Some(one("the socket path")?.to_string()),
+                "Queues" => {
+                    let v = one("a number")?;
+                    u.queues = v.parse().ok().filter(|&q: &u16| q >= 1).with_context(|| {
+                        format!("{file}:{n}: Queues must be 1..=65535, got {v:?}")
+                    })?;
+                }
+                "Type" => {
+                    u.dev_type = match one("SCSI or Blk")?.to_ascii_lowercase().as_str() {
+                        "scsi" => DevType::Scsi,
+                        "blk" => DevType::Blk,
+                        v => bail!("{file}:{n}: Type must be SCSI or Blk, got {v:?}"),
+                    }
+                }
+                "Name" => u.name = Some(one("the controller name")?.to_string()),
+                other => bail!(
+                    "{file}:{n}: [VirtioUser{}] takes Path, Queues, Type and Name, got {other:?}",
+                    u.index
+                ),
+            },
+        }
+    }
+    close(section, &mut out)?;
+    Ok(out.into_iter().map(ConfigCall::Attach).collect())
+}
+
+/// Read `path`, INI or JSON.
+pub fn load(path: &Path) -> Result<Vec<ConfigCall>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    if is_ini(&text) {
+        return parse(&text, &path.display().to_string());
+    }
+    Ok(vireo_bdev::load_config(path)?)
+}
+
+/// The SPDK JSON document equivalent to `calls`.
+pub fn to_json(calls: &[ConfigCall]) -> serde_json::Value {
+    let config: Vec<serde_json::Value> = calls
+        .iter()
+        .map(|c| match c {
+            ConfigCall::Attach(p) => serde_json::json!({
+                "method": "bdev_virtio_attach_controller",
+                "params": p.to_json(),
+            }),
+            ConfigCall::BlkHotplug { enable, period_us } => {
+                let mut params = serde_json::json!({"enable": enable});
+                if let Some(p) = period_us {
+                    params["period_us"] = serde_json::json!(p);
+                }
+                serde_json::json!({
+                    "method": "bdev_virtio_blk_set_hotplug",
+                    "params": params,
+                })
+            }
+        })
+        .collect();
+    serde_json::json!({"subsystems": [{"subsystem": "bdev", "config": config}]})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attach(calls: &[ConfigCall]) -> Vec<AttachParams> {
+        calls
+            .iter()
+            .map(|c| match c {
+                ConfigCall::Attach(p) => p.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_seeds_snippets_parse() {
+        let a = attach(&parse("[Virtio]\nDev User /tmp/vhost.0\n", "s.ini").unwrap());
+        assert_eq!(a.len(), 1);
+        assert_eq!(
+            (
+                a[0].name.as_str(),
+                a[0].trtype,
+                a[0].traddr.as_str(),
+                a[0].dev_type
+            ),
+            ("VirtioScsi0", TrType::User, "/tmp/vhost.0", DevType::Scsi)
+        );
+        let a = attach(&parse("[Virtio]\n  Dev Pci\n", "s.ini").unwrap());
+        assert_eq!((a[0].trtype, a[0].traddr.as_str()), (TrType::Pci, "*"));
+        let text = "# two\n[VirtioUser0]\n Path /tmp/a\n Queues 2\n Type Blk\n Name B0\n\n[VirtioUser1]\n Path /tmp/b\n[VirtioPci]\n Enable No\n";
+        let a = attach(&parse(text, "s.ini").unwrap());
+        assert_eq!(a.len(), 2);
+        assert_eq!(
+            (a[0].name.as_str(), a[0].vq_count, a[0].dev_type),
+            ("B0", 2, DevType::Blk)
+        );
+        assert_eq!(
+            (a[1].name.as_str(), a[1].dev_type),
+            ("VirtioScsi1", DevType::Scsi)
+        );
+        assert!(is_ini(text) && !is_ini("{\"subsystems\":[]}"));
+    }
+
+    #[test]
+    fn bad_ini_gets_line_numbers() {
+        for (text, want) in [
+            ("[Virtio]\nDev Usr /x\n", "s.ini:2:"),
+            ("[Nope]\n", "s.ini:1: unknown section [Nope]"),
+            ("Dev User /x\n", "s.ini:1: \"Dev\" outside a section"),
+            (
+                "[VirtioUser0]\nQueues 0\nPath /x\n",
+                "s.ini:2: Queues must be 1..=65535",
+            ),
+            (
+                "[VirtioUser3]\nQueues 2\n",
+                "s.ini:1: [VirtioUser3] has no Path",
+            ),
+            ("[VirtioUser0\n", "s.ini:1: section header"),
+        ] {
+            let e = parse(text, "s.ini").unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn json_equivalent_round_trips() {
+        let calls = parse("[VirtioUser0]\nPath /tmp/a\nType Blk\n", "s.ini").unwrap();
+        let doc = to_json(&calls);
+        assert_eq!(vireo_bdev::parse_config(&doc).unwrap(), calls);
+    }
+}
