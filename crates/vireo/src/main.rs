@@ -30,6 +30,29 @@ struct Cli {
     /// as needed.
     #[arg(long, global = true, default_value = "64m", value_parser = parse_size)]
     dma_region_size: usize,
+    /// Debug log of a component, as SPDK's -L: virtio (rings, vhost-user), virtio_blk,
+    /// virtio_scsi, bdev, rpc, target, or all (repeatable; VIREO_LOG takes tracing
+    /// filter directives too).
+    #[arg(short = 'L', long = "log", global = true, value_parser = parse_log_flag)]
+    log: Vec<&'static str>,
+}
+
+/// The tracing filter directive of a `-L` component.
+fn parse_log_flag(s: &str) -> std::result::Result<&'static str, String> {
+    Ok(match s {
+        "virtio" => "vireo_virtio=debug",
+        "virtio_blk" => "vireo_bdev::blk=debug",
+        "virtio_scsi" => "vireo_bdev::scsi=debug",
+        "bdev" => "vireo_bdev=debug",
+        "rpc" => "vireo::rpc=debug",
+        "target" => "vireo_target=debug",
+        "all" => "debug",
+        other => {
+            return Err(format!(
+                "unknown log component {other:?} (virtio, virtio_blk, virtio_scsi, bdev, rpc, target, all)"
+            ))
+        }
+    })
 }
 
 /// Process-wide DMA memory settings from the command line.
@@ -704,15 +727,19 @@ fn cmd_target(a: TargetArgs) -> Result<()> {
 }
 
 fn main() {
+    let cli = Cli::parse();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    for d in &cli.log {
+        if let Ok(d) = d.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(perf::stderr_is_terminal())
         .init();
-    let cli = Cli::parse();
     let _ = DMA.set(DmaConfig {
         initial_region_size: cli.dma_region_size,
         hugetlb: cli.hugepages,

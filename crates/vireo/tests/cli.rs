@@ -549,3 +549,21 @@ fn the_seeds_ini_config_attaches() {
     assert_eq!(p["dev_type"], "scsi");
     assert_eq!(p["traddr"], sock.display().to_string());
 }
+
+#[test]
+fn log_flags_turn_on_a_component() {
+    let out = vireo()
+        .args(["-L", "virtio_blk", "perf", "-t", "0.2", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("virtio-blk controller attached"), "{err}");
+    let out = vireo()
+        .args(["perf", "-t", "0.2", "--json"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("controller attached"));
+    let out = vireo().args(["-L", "nope", "perf"]).output().unwrap();
+    assert_fails_with(&out, "unknown log component \"nope\"");
+}
