@@ -328,3 +328,19 @@ pub fn json_output(cmd: &mut Command) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).expect("JSON on stdout")
 }
+
+/// `vireo perf -c CONF ARGS --json` that is expected to fail: its report.
+pub fn failing_perf_json(conf: &Path, args: &[&str]) -> serde_json::Value {
+    let out = vireo()
+        .args(["perf", "-c"])
+        .arg(conf)
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run vireo perf");
+    assert!(
+        !out.status.success(),
+        "vireo perf {args:?} should have failed"
+    );
+    serde_json::from_slice(&out.stdout).expect("a JSON report on stdout")
+}
