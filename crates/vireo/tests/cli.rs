@@ -441,12 +441,7 @@ fn signal(child: &std::process::Child, sig: &str) {
 #[test]
 fn sigint_stops_perf_with_a_partial_report_and_sigterm_stops_the_target_cleanly() {
     let start = std::time::Instant::now();
-    let child = vireo()
-        .args(["perf", "-t", "60", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_vireo(&["perf", "-t", "60", "--json"]);
     std::thread::sleep(std::time::Duration::from_millis(1500));
     signal(&child, "-INT");
     let out = child.wait_with_output().unwrap();
@@ -478,25 +473,21 @@ fn a_frozen_target_holds_perf_no_longer_than_its_io_timeout() {
     let mut t = start_target(&sock, &["--type", "blk", "--size", "16m"]);
     let conf = config(dir.path(), &sock, 1);
     let start = std::time::Instant::now();
-    let perf = vireo()
-        .args([
-            "perf",
-            "-w",
-            "randread",
-            "-q",
-            "8",
-            "-t",
-            "30",
-            "--io-timeout",
-            "1",
-            "--json",
-            "-c",
-        ])
-        .arg(&conf)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let conf_arg = conf.display().to_string();
+    let perf = spawn_vireo(&[
+        "perf",
+        "-w",
+        "randread",
+        "-q",
+        "8",
+        "-t",
+        "30",
+        "--io-timeout",
+        "1",
+        "--json",
+        "-c",
+        &conf_arg,
+    ]);
     std::thread::sleep(std::time::Duration::from_millis(700));
     signal(&t, "-STOP");
     let out = perf.wait_with_output().unwrap();

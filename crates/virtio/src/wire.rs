@@ -255,16 +255,15 @@ pub mod scsi {
         pub tag: Le64,
     }
 
-    /// `struct virtio_scsi_event`.
+    /// One task management request slot: the request the device reads and the one-byte
+    /// response it writes (`struct virtio_scsi_ctrl_tmf_resp`).
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-    pub struct Event {
-        /// Event code (bit 31: events missed).
-        pub event: Le32,
-        /// LUN address.
-        pub lun: [u8; 8],
-        /// Reason.
-        pub reason: Le32,
+    pub struct TmfSlot {
+        /// Request.
+        pub req: TmfReq,
+        /// Response code (device-written).
+        pub response: u8,
     }
 
     impl Default for CmdReq {
@@ -296,7 +295,7 @@ pub mod scsi {
             && std::mem::offset_of!(CmdSlot, resp) == 64
             && size_of::<CmdSlot>().is_multiple_of(64)
             && size_of::<TmfReq>() == 24
-            && size_of::<Event>() == 16
+            && std::mem::offset_of!(TmfSlot, response) == 24
     );
     // SAFETY: repr(C) structs of little-endian integers and byte arrays.
     unsafe impl DeviceShared for CmdReq {}
@@ -309,7 +308,7 @@ pub mod scsi {
     // SAFETY: as above.
     unsafe impl DeviceShared for TmfReq {}
     // SAFETY: as above.
-    unsafe impl DeviceShared for Event {}
+    unsafe impl DeviceShared for TmfSlot {}
 }
 
 #[cfg(test)]

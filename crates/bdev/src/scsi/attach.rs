@@ -119,7 +119,7 @@ impl ScsiController {
             let _ = event_q.add(&[seg], 0, i as u64);
         }
         event_q.publish().map_err(verr)?;
-        let control_buf = mem.alloc(64, 64).map_err(verr)?;
+        let control = ControlQueue::new(&mem, control_q, transport.broken_flag()).map_err(verr)?;
 
         let shared = Arc::new(Shared {
             name: name.to_string(),
@@ -129,10 +129,7 @@ impl ScsiController {
             queues: QueuePool::new(queues),
             max_segments,
             max_sectors: cfg.max_sectors,
-            control: Mutex::new(Some(ControlQueue {
-                q: control_q,
-                buf: control_buf,
-            })),
+            control: Mutex::new(Some(control)),
         });
 
         // Scan.

@@ -32,8 +32,8 @@ use vireo_scsi::{
 use vireo_virtio::features::scsi as sf;
 use vireo_virtio::features::transport as tf;
 use vireo_virtio::{
-    create_queue, negotiate, DmaBuf, DmaMemory, QueueFailure, QueueOptions, Segment, SplitQueue,
-    Transport, COMMON_FEATURES,
+    create_queue, negotiate, DmaBuf, DmaMemory, QueueFailure, QueueOptions, RequestQueue, Segment,
+    SplitQueue, Transport, COMMON_FEATURES,
 };
 
 use crate::bdev::{
@@ -129,10 +129,7 @@ struct Shared {
 }
 
 /// The control queue: task management functions, one at a time.
-struct ControlQueue {
-    q: SplitQueue,
-    buf: DmaBuf,
-}
+type ControlQueue = RequestQueue<vireo_virtio::wire::scsi::TmfSlot>;
 
 /// One LUN's bdev and driver.
 struct LunEntry {

@@ -1,50 +1,61 @@
 //! Task management functions on the control queue.
 
+use std::mem::offset_of;
+
+use vireo_virtio::wire::scsi::{TmfReq, TmfSlot, TMF_LOGICAL_UNIT_RESET, T_TMF};
+
+use super::queue::queue_error;
 use super::*;
+
+const REQ_OFF: u64 = offset_of!(TmfSlot, req) as u64;
+const RESP_OFF: usize = offset_of!(TmfSlot, response);
 
 /// Send a LOGICAL UNIT RESET on the control queue and wait for its answer.
 pub(super) fn lun_reset(shared: &Shared, lun: &[u8; 8], timeout: Duration) -> Result<(), IoError> {
-    const TMF: u32 = 0;
-    const LOGICAL_UNIT_RESET: u32 = 5;
     let mut guard = lock(&shared.control);
     let Some(ctl) = guard.as_mut() else {
         return Err(IoError::ControllerFailed(
             "the control queue is unusable after an unanswered task management request".into(),
         ));
     };
-    // Request: type, subtype, lun[8], tag (24 bytes); response: 1 byte at offset 32.
-    let mut req = [0u8; 24];
-    req[0..4].copy_from_slice(&TMF.to_le_bytes());
-    req[4..8].copy_from_slice(&LOGICAL_UNIT_RESET.to_le_bytes());
-    req[8..16].copy_from_slice(lun);
-    let b = ctl.buf.as_mut_slice();
-    b[..24].copy_from_slice(&req);
-    b[32] = wire::response::UNSET;
-    let base = ctl.buf.iova();
+    let slot = ctl.take_slot().ok_or_else(|| match ctl.failure() {
+        Some(f) => queue_error(f),
+        None => IoError::ControllerFailed("control queue full".into()),
+    })?;
+    *ctl.slot_mut(slot) = TmfSlot {
+        req: TmfReq {
+            type_: T_TMF.into(),
+            subtype: TMF_LOGICAL_UNIT_RESET.into(),
+            lun: *lun,
+            tag: 0.into(),
+        },
+        response: wire::response::UNSET,
+    };
+    let base = ctl.slot_addr(slot);
     let segs = [
         Segment {
-            addr: base,
-            len: 24,
+            addr: base + REQ_OFF,
+            len: std::mem::size_of::<TmfReq>() as u32,
         },
         Segment {
-            addr: base + 32,
+            addr: base + RESP_OFF as u64,
             len: 1,
         },
     ];
-    ctl.q
-        .add(&segs, 1, 0)
-        .map_err(|_| IoError::ControllerFailed("control queue full".into()))?;
-    ctl.q
-        .publish()
-        .map_err(|e| IoError::ControllerFailed(e.to_string()))?;
+    if ctl.submit(slot, &segs, 1).is_err() {
+        ctl.release_slot(slot);
+        return Err(IoError::ControllerFailed("control queue full".into()));
+    }
+    ctl.publish().map_err(|f| queue_error(&f))?;
     let start = Instant::now();
     loop {
-        let mut got = false;
-        ctl.q
-            .poll(|_| got = true)
-            .map_err(|e| IoError::ControllerFailed(e.to_string()))?;
-        if got {
-            let r = ctl.buf.as_slice()[32];
+        let mut response = None;
+        ctl.poll(|q, s, _| {
+            response = Some(q.read_at::<u8>(s, RESP_OFF));
+            q.release_slot(s);
+        })
+        .map_err(|f| queue_error(&f))?;
+        if let Some(r) = response {
             return match r {
                 wire::response::OK | wire::response::FUNCTION_SUCCEEDED => Ok(()),
                 other => Err(IoError::Scsi(format!(
@@ -57,10 +68,12 @@ pub(super) fn lun_reset(shared: &Shared, lun: &[u8; 8], timeout: Duration) -> Re
             return Err(IoError::Disconnected);
         }
         if start.elapsed() > timeout {
-            // The device still owns the request: never reuse or free this queue.
-            if let Some(c) = guard.take() {
-                std::mem::forget(c);
-            }
+            // The device still owns the request: the queue is failed (its memory is
+            // never reused) and dropped.
+            ctl.fail(QueueFailure::Device(
+                "a task management request got no answer".into(),
+            ));
+            guard.take();
             return Err(IoError::Timeout(format!(
                 "LOGICAL UNIT RESET (no answer within {} ms; some targets never answer task management)",
                 timeout.as_millis()

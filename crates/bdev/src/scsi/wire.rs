@@ -5,14 +5,10 @@ use vireo_scsi::{Sense, SenseKey, Status};
 
 use crate::error::IoError;
 
-/// Bytes of a command request before the CDB: lun[8], id, task_attr, prio, crn.
-pub const REQ_HEADER: usize = 19;
-/// Bytes of a command response before the sense data.
-pub const RESP_HEADER: usize = 12;
+pub use vireo_virtio::wire::scsi::{MAX_SENSE, REQ_HEADER, RESP_HEADER};
+
 /// Bytes of `virtio_scsi_config` vireo reads.
 pub const CONFIG_LEN: usize = 36;
-/// Largest sense buffer vireo offers, whatever the device asks for.
-pub const MAX_SENSE: usize = 252;
 
 /// virtio-scsi response codes.
 pub mod response {

@@ -280,6 +280,15 @@ pub fn vireo() -> Command {
 
 /// Run `vireo perf -c CONF ARGS... --json`, require success, return the report.
 pub fn perf_json(conf: &Path, args: &[&str]) -> serde_json::Value {
+    perf_report(conf, args, true)
+}
+
+/// `vireo perf -c CONF ARGS... --json` that is expected to fail: its report.
+pub fn failing_perf_json(conf: &Path, args: &[&str]) -> serde_json::Value {
+    perf_report(conf, args, false)
+}
+
+fn perf_report(conf: &Path, args: &[&str], succeed: bool) -> serde_json::Value {
     let out = vireo()
         .args(["perf", "-c"])
         .arg(conf)
@@ -287,12 +296,23 @@ pub fn perf_json(conf: &Path, args: &[&str]) -> serde_json::Value {
         .arg("--json")
         .output()
         .expect("run vireo perf");
-    assert!(
+    assert_eq!(
         out.status.success(),
-        "vireo perf {args:?} failed: {}",
+        succeed,
+        "vireo perf {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("perf --json output")
+}
+
+/// `vireo ARGS` in the background, stdout and stderr captured.
+pub fn spawn_vireo(args: &[&str]) -> std::process::Child {
+    vireo()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vireo")
 }
 
 /// Wait until something listens on the unix socket `path` (at most 10 s).
@@ -327,20 +347,4 @@ pub fn json_output(cmd: &mut Command) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("JSON on stdout")
-}
-
-/// `vireo perf -c CONF ARGS --json` that is expected to fail: its report.
-pub fn failing_perf_json(conf: &Path, args: &[&str]) -> serde_json::Value {
-    let out = vireo()
-        .args(["perf", "-c"])
-        .arg(conf)
-        .args(args)
-        .arg("--json")
-        .output()
-        .expect("run vireo perf");
-    assert!(
-        !out.status.success(),
-        "vireo perf {args:?} should have failed"
-    );
-    serde_json::from_slice(&out.stdout).expect("a JSON report on stdout")
 }
