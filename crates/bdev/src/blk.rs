@@ -508,7 +508,7 @@ impl BlkChannel {
             .map_err(|_| IoError::InvalidRequest("ring full".into()))?;
         if let Err(f) = self.rq.publish() {
             // The avail index may already be visible: the device may write the id.
-            std::mem::forget(id);
+            id.retire();
             self.fail_all(f.clone());
             return Err(queue_error(&f));
         }
@@ -521,20 +521,20 @@ impl BlkChannel {
             {
                 Ok(_) => {}
                 Err(f) => {
-                    std::mem::forget(id);
+                    id.retire();
                     self.fail_all(f.clone());
                     return Err(queue_error(&f));
                 }
             }
             if status.is_none() {
                 if self.shared.health.is_broken() {
-                    std::mem::forget(id);
+                    id.retire();
                     self.fail_all(QueueFailure::Disconnected);
                     return Err(IoError::Disconnected);
                 }
                 if start.elapsed() > timeout {
                     // The device still owns the id buffer.
-                    std::mem::forget(id);
+                    id.retire();
                     let why = "GET_ID did not complete".to_string();
                     self.fail_all(QueueFailure::Device(why.clone()));
                     return Err(IoError::ControllerFailed(why));

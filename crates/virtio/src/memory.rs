@@ -14,7 +14,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use crate::error::{Error, Result};
@@ -373,6 +373,7 @@ impl DmaMemory {
             offset: off,
             len: size,
             ptr,
+            retired: AtomicBool::new(false),
         }
     }
 
@@ -399,6 +400,8 @@ pub struct DmaBuf {
     offset: usize,
     len: usize,
     ptr: NonNull<u8>,
+    /// The device may still use the extent: never hand it out again.
+    retired: AtomicBool,
 }
 
 // SAFETY: a DmaBuf exclusively owns its extent of shared memory, like a Box<[u8]>.
@@ -416,6 +419,12 @@ impl std::fmt::Debug for DmaBuf {
 }
 
 impl DmaBuf {
+    /// A device may still read or write this buffer (a request it was given never
+    /// completed): its extent is never freed or handed out again, whoever drops it.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
     /// Length in bytes.
     #[inline]
     pub fn len(&self) -> usize {
@@ -470,7 +479,9 @@ impl DmaBuf {
 
 impl Drop for DmaBuf {
     fn drop(&mut self) {
-        self.mem.release(self.region, self.offset, self.len);
+        if !self.retired.load(Ordering::Relaxed) {
+            self.mem.release(self.region, self.offset, self.len);
+        }
     }
 }
 
@@ -526,6 +537,19 @@ mod tests {
         assert_eq!(t.translate(b.addr() + 1, 4096 + (1 << 20)), None);
         let heap = [0u8; 16];
         assert_eq!(t.translate(heap.as_ptr() as u64, 16), None);
+    }
+
+    #[test]
+    fn a_retired_buffer_is_never_handed_out_again() {
+        let mem = small();
+        let before = mem.free_bytes();
+        let a = mem.alloc(65536, 4096).unwrap();
+        let addr = a.addr();
+        a.retire();
+        drop(a);
+        assert_eq!(mem.free_bytes(), before - 65536);
+        let b = mem.alloc(65536, 4096).unwrap();
+        assert_ne!(b.addr(), addr);
     }
 
     #[test]

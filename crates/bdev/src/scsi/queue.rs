@@ -174,6 +174,24 @@ impl ScsiQueue {
         timeout: Duration,
         broken: &AtomicBool,
     ) -> Result<Resp, IoError> {
+        let r = self.exec_inner(lun, cdb, data_out, data_in, timeout, broken);
+        if r.is_err() && self.rq.failure().is_some() {
+            // The command may still be on the device: its buffers stay allocated.
+            data_out.map(DmaBuf::retire);
+            data_in.map(DmaBuf::retire);
+        }
+        r
+    }
+
+    fn exec_inner(
+        &mut self,
+        lun: &[u8; 8],
+        cdb: &[u8],
+        data_out: Option<&DmaBuf>,
+        data_in: Option<&DmaBuf>,
+        timeout: Duration,
+        broken: &AtomicBool,
+    ) -> Result<Resp, IoError> {
         let slot = match self.rq.take_slot() {
             Some(s) => s,
             None => {
