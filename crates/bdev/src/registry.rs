@@ -3,7 +3,11 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use vireo_virtio::{DmaMemory, VhostUserTransport};
+use vireo_virtio::pci::{virtio_functions, Binding, VirtioKind};
+use vireo_virtio::{DmaMemory, PciAddress, PciTransport, Transport, VhostUserTransport};
+
+/// First DMA region of a PCI controller's own memory.
+const PCI_INITIAL_DMA: usize = 16 << 20;
 
 use crate::bdev::Bdev;
 use crate::blk::{BlkController, BlkParams};
@@ -88,7 +92,14 @@ impl Registry {
 
     /// Attach a controller and return its bdevs. A back-end that refuses the queue size
     /// is tried again, on a new connection, with half the size (down to 16).
+    ///
+    /// `trtype` "pci" with `traddr` "*" attaches every virtio PCI function of
+    /// `dev_type` that is bound to vfio-pci or uio_pci_generic, as controllers named
+    /// `NAME-BDF` (the seed's `Dev Pci`).
     pub fn attach(&self, params: &AttachParams) -> Result<Vec<Arc<Bdev>>, BdevError> {
+        if params.trtype == TrType::Pci && params.traddr == "*" {
+            return self.attach_all_pci(params);
+        }
         let _name = self.reserve(&params.name)?;
         let mut p = params.clone();
         let mut first: Option<BdevError> = None;
@@ -121,6 +132,44 @@ impl Registry {
         }
     }
 
+    fn attach_all_pci(&self, params: &AttachParams) -> Result<Vec<Arc<Bdev>>, BdevError> {
+        let want = match params.dev_type {
+            DevType::Blk => VirtioKind::Blk,
+            DevType::Scsi => VirtioKind::Scsi,
+        };
+        let all = virtio_functions().map_err(|source| BdevError::Virtio {
+            name: params.name.clone(),
+            source,
+        })?;
+        let usable: Vec<_> = all
+            .iter()
+            .filter(|f| f.kind == Some(want) && matches!(f.binding, Binding::Vfio | Binding::Uio))
+            .collect();
+        if usable.is_empty() {
+            let seen: Vec<String> = all
+                .iter()
+                .filter(|f| f.kind == Some(want))
+                .map(|f| format!("{} ({:?})", f.addr, f.binding))
+                .collect();
+            return Err(BdevError::Unsatisfiable {
+                name: params.name.clone(),
+                reason: format!(
+                    "traddr \"*\": no virtio-{} PCI function is bound to vfio-pci or uio_pci_generic (found: {}); bind them with `vireo setup bind BDF`",
+                    want.name(),
+                    if seen.is_empty() { "none".to_string() } else { seen.join(", ") }
+                ),
+            });
+        }
+        let mut bdevs = Vec::new();
+        for f in usable {
+            let mut p = params.clone();
+            p.name = format!("{}-{}", params.name, f.addr);
+            p.traddr = f.addr.to_string();
+            bdevs.extend(self.attach(&p)?);
+        }
+        Ok(bdevs)
+    }
+
     /// Take `name` for an attach in progress: refused while a controller or bdev has it
     /// or another attach holds it.
     fn reserve(&self, name: &str) -> Result<NameReservation<'_>, BdevError> {
@@ -150,45 +199,54 @@ impl Registry {
                 return Err(BdevError::NameTaken(params.name.clone()));
             }
         }
-        let controller = match params.trtype {
+        let transport: Box<dyn Transport> = match params.trtype {
             TrType::Pci => {
-                return Err(BdevError::Unsatisfiable {
-                    name: params.name.clone(),
-                    reason: format!(
-                    "trtype \"pci\" ({}) is not available in this build yet; use trtype \"user\"",
-                    params.traddr
-                ),
-                })
-            }
-            TrType::User => {
-                let t = VhostUserTransport::connect(Path::new(&params.traddr), self.memory.clone())
-                    .map_err(|source| BdevError::Virtio {
+                let addr: PciAddress =
+                    params.traddr.parse().map_err(|source| BdevError::Virtio {
                         name: params.name.clone(),
                         source,
                     })?;
-                let r = match params.dev_type {
-                    DevType::Blk => BlkController::attach(
-                        &BlkParams {
-                            name: params.name.clone(),
-                            vq_count: params.vq_count,
-                            vq_size: params.vq_size,
-                        },
-                        Box::new(t),
-                    )
-                    .map(Controller::Blk),
-                    DevType::Scsi => ScsiController::attach(
-                        &ScsiParams {
-                            name: params.name.clone(),
-                            vq_count: params.vq_count,
-                            vq_size: params.vq_size,
-                        },
-                        Box::new(t),
-                    )
-                    .map(Controller::Scsi),
-                };
-                r.map_err(|e| wrong_type_hint(e, params))?
+                // A PCI controller has memory of its own: its addressing (IOMMU windows or
+                // physical addresses) depends on how the function is reached. It starts
+                // small and grows like the shared memory.
+                let mut dma = self.memory.config().clone();
+                dma.initial_region_size = dma.initial_region_size.min(PCI_INITIAL_DMA);
+                Box::new(
+                    PciTransport::open(addr, &dma).map_err(|source| BdevError::Virtio {
+                        name: params.name.clone(),
+                        source,
+                    })?,
+                )
             }
+            TrType::User => Box::new(
+                VhostUserTransport::connect(Path::new(&params.traddr), self.memory.clone())
+                    .map_err(|source| BdevError::Virtio {
+                        name: params.name.clone(),
+                        source,
+                    })?,
+            ),
         };
+        let r = match params.dev_type {
+            DevType::Blk => BlkController::attach(
+                &BlkParams {
+                    name: params.name.clone(),
+                    vq_count: params.vq_count,
+                    vq_size: params.vq_size,
+                },
+                transport,
+            )
+            .map(Controller::Blk),
+            DevType::Scsi => ScsiController::attach(
+                &ScsiParams {
+                    name: params.name.clone(),
+                    vq_count: params.vq_count,
+                    vq_size: params.vq_size,
+                },
+                transport,
+            )
+            .map(Controller::Scsi),
+        };
+        let controller = r.map_err(|e| wrong_type_hint(e, params))?;
         let bdevs = controller.bdevs();
         let mut entries = self.lock();
         if entries.iter().any(|e| e.params.name == params.name) {

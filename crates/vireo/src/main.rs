@@ -1,6 +1,7 @@
 //! `vireo`: a userspace, polled-mode virtio storage initiator.
 
 mod ini;
+mod pcisetup;
 mod perf;
 mod rpc;
 mod signals;
@@ -78,6 +79,28 @@ enum Cmd {
     Serve(ServeArgs),
     /// Send one JSON-RPC request to `vireo serve` and print the result.
     Rpc(RpcArgs),
+    /// List virtio PCI functions: type, driver, IOMMU group, how vireo reaches them.
+    Pci {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bind virtio PCI functions to vfio-pci or uio_pci_generic for vireo, or give them
+    /// back to the kernel (like SPDK's setup.sh).
+    Setup {
+        /// `bind` or `unbind`.
+        #[arg(value_parser = ["bind", "unbind"])]
+        action: String,
+        /// PCI addresses (0000:00:04.0), or `all` for every virtio-blk/scsi function.
+        #[arg(required = true)]
+        bdfs: Vec<String>,
+        /// Driver to bind to: vfio-pci (IOMMU or no-IOMMU mode) or uio_pci_generic.
+        #[arg(long, default_value = "vfio-pci")]
+        driver: String,
+        /// Bind even if a disk of the function is mounted or otherwise in use.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the SPDK JSON equivalent of a config file (INI or JSON).
     Config {
         /// `convert`.
@@ -752,6 +775,13 @@ fn main() {
         Cmd::Serve(a) => registry()
             .and_then(|reg| rpc::cmd_serve(reg, a.config, a.socket))
             .map(|_| true),
+        Cmd::Pci { json } => pcisetup::cmd_pci(json).map(|_| true),
+        Cmd::Setup {
+            action,
+            bdfs,
+            driver,
+            force,
+        } => pcisetup::cmd_setup(&action, &bdfs, &driver, force),
         Cmd::Config { file, .. } => ini::load(&file).and_then(|calls| {
             println!("{}", serde_json::to_string_pretty(&ini::to_json(&calls))?);
             Ok(true)

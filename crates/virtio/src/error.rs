@@ -41,6 +41,9 @@ pub enum Error {
         /// Configured limit.
         limit: usize,
     },
+    /// Physical addresses (for a device without an IOMMU) are not available.
+    #[error("physical DMA addressing: {0}")]
+    Physical(String),
     /// A request was malformed (zero or huge size, bad alignment).
     #[error("invalid DMA allocation: {0}")]
     InvalidAllocation(String),

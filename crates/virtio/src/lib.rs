@@ -1,5 +1,5 @@
 //! Driver-side virtio core of vireo: DMA memory, split virtqueues, feature negotiation
-//! and the transports (vhost-user front-end; virtio-pci to come).
+//! and the transports (vhost-user front-end, virtio-pci through VFIO or uio).
 //!
 //! The layers above (the virtio-blk and virtio-scsi drivers) see a [`transport::Transport`]
 //! for the control plane and one [`ring::SplitQueue`] per request queue for the data
@@ -10,6 +10,7 @@ pub mod error;
 pub mod features;
 pub mod memory;
 pub mod notify;
+pub mod pci;
 pub mod request_queue;
 pub mod ring;
 pub mod transport;
@@ -17,8 +18,11 @@ pub mod vhost_user;
 pub mod wire;
 
 pub use error::{Error, Result};
-pub use memory::{DmaBuf, DmaConfig, DmaMemory, DmaRegionInfo, RegionListener, Translator};
+pub use memory::{
+    Addressing, DmaBuf, DmaConfig, DmaMemory, DmaRegionInfo, RegionListener, Translator,
+};
 pub use notify::Notifier;
+pub use pci::{PciAddress, PciTransport};
 pub use request_queue::{QueueFailure, RequestQueue};
 pub use ring::{QueueFull, QueueOptions, RingLayout, Segment, SplitQueue, Used};
 pub use transport::{create_queue, negotiate, Transport, COMMON_FEATURES};

@@ -6,9 +6,21 @@
 //! is shared with the device (vhost-user `SET_MEM_TABLE` / `ADD_MEM_REG`, VFIO DMA map)
 //! before a buffer in it is handed out.
 //!
-//! Device addresses (IOVAs) are identical to the process's virtual addresses: a region
-//! is registered with `guest_phys_addr == userspace_addr`, so translation is a bounds
-//! check, not an offset computation. Regions are never removed while the memory lives,
+//! How a device addresses the memory is the memory's [`Addressing`]:
+//! - [`Addressing::Virtual`] (vhost-user): device addresses (IOVAs) are the process's
+//!   virtual addresses, a region is registered with `guest_phys_addr == userspace_addr`.
+//! - [`Addressing::Linear`] (VFIO with an IOMMU): each region gets a window of a compact
+//!   IOVA space starting at `base`, so the addresses fit IOMMUs narrower than the
+//!   process's 47-bit address space (QEMU's vIOMMU has 39 bits).
+//! - [`Addressing::Physical`] (uio_pci_generic, VFIO no-IOMMU): the device sees physical
+//!   addresses. Regions are hugetlb-backed (a huge page never moves and is physically
+//!   contiguous), their physical addresses come from `/proc/self/pagemap`, and a region
+//!   is split into *runs* of physically contiguous pages.
+//!
+//! Every region (every run of a physical region) is linear in device addresses, so
+//! translation stays a bounds check plus an offset, and no buffer is ever handed out
+//! across a run boundary: a buffer from this memory is always one contiguous device
+//! extent, whatever the addressing. Regions are never removed while the memory lives,
 //! so a [`Translator`]'s cached snapshot can only miss, never be wrong.
 
 use std::fs::File;
@@ -24,6 +36,21 @@ const HUGE_PAGE_SIZE: usize = 2 << 20;
 /// Largest region the memory adds at once when growing.
 const MAX_REGION_SIZE: usize = 1 << 30;
 
+/// How a device addresses DMA memory (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Addressing {
+    /// Device addresses are virtual addresses (vhost-user).
+    #[default]
+    Virtual,
+    /// A compact IOVA space from `base` (VFIO type-1 IOMMU mappings).
+    Linear {
+        /// Device address of the first region.
+        base: u64,
+    },
+    /// Physical addresses (no IOMMU): hugetlb-backed, pinned, split at discontinuities.
+    Physical,
+}
+
 /// How DMA memory is backed and how large it may grow.
 #[derive(Debug, Clone)]
 pub struct DmaConfig {
@@ -33,6 +60,8 @@ pub struct DmaConfig {
     pub hugetlb: bool,
     /// Upper bound of all regions together, in bytes.
     pub max_total_size: usize,
+    /// How the device addresses the memory. [`Addressing::Physical`] implies `hugetlb`.
+    pub addressing: Addressing,
 }
 
 impl Default for DmaConfig {
@@ -41,6 +70,7 @@ impl Default for DmaConfig {
             initial_region_size: 64 << 20,
             hugetlb: false,
             max_total_size: 64 << 30,
+            addressing: Addressing::Virtual,
         }
     }
 }
@@ -48,11 +78,12 @@ impl Default for DmaConfig {
 /// What a transport needs to know of one region to share it with a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DmaRegionInfo {
-    /// Index of the region within its memory (stable for the memory's life).
+    /// Index of the region within its memory (stable for the memory's life). Runs of one
+    /// physically addressed region share the index.
     pub index: u32,
     /// Start virtual address in this process.
     pub va: u64,
-    /// Device address of the first byte (equal to `va`).
+    /// Device address of the first byte (`va` itself with [`Addressing::Virtual`]).
     pub iova: u64,
     /// Length in bytes.
     pub len: u64,
@@ -78,11 +109,21 @@ pub trait RegionListener: Send + Sync {
     fn region_removed(&self, region: &DmaRegionInfo);
 }
 
+/// A device-linear piece of a region.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    off: usize,
+    len: usize,
+    iova: u64,
+}
+
 struct Region {
     fd: OwnedFd,
     ptr: NonNull<u8>,
     len: usize,
-    /// Free extents `(offset, len)` sorted by offset, coalesced.
+    /// Device-linear runs, sorted, covering the region.
+    runs: Vec<Run>,
+    /// Free extents `(offset, len)` sorted by offset, coalesced within runs.
     free: Vec<(usize, usize)>,
 }
 
@@ -145,20 +186,56 @@ impl Region {
             fd,
             ptr,
             len,
+            runs: vec![Run {
+                off: 0,
+                len,
+                iova: ptr.as_ptr() as u64,
+            }],
             free: vec![(0, len)],
         })
     }
 
-    fn info(&self, index: u32) -> DmaRegionInfo {
-        let va = self.ptr.as_ptr() as u64;
-        DmaRegionInfo {
+    /// Give the region its device addresses: one run at `iova`, or runs of physically
+    /// contiguous pages read from `/proc/self/pagemap`.
+    fn set_addressing(&mut self, addressing: Addressing, linear_iova: u64) -> Result<()> {
+        self.runs = match addressing {
+            Addressing::Virtual => return Ok(()),
+            Addressing::Linear { .. } => vec![Run {
+                off: 0,
+                len: self.len,
+                iova: linear_iova,
+            }],
+            Addressing::Physical => physical_runs(self.ptr.as_ptr() as u64, self.len)?,
+        };
+        self.free = self.runs.iter().map(|r| (r.off, r.len)).collect();
+        Ok(())
+    }
+
+    fn infos(&self, index: u32) -> impl Iterator<Item = DmaRegionInfo> + '_ {
+        let base = self.ptr.as_ptr() as u64;
+        self.runs.iter().map(move |r| DmaRegionInfo {
             index,
-            va,
-            iova: va,
-            len: self.len as u64,
+            va: base + r.off as u64,
+            iova: r.iova,
+            len: r.len as u64,
             fd: self.fd.as_raw_fd(),
-            fd_offset: 0,
-        }
+            fd_offset: r.off as u64,
+        })
+    }
+
+    /// Device address of byte `off`.
+    fn iova_of(&self, off: usize) -> u64 {
+        let i = self
+            .runs
+            .partition_point(|r| r.off <= off)
+            .saturating_sub(1);
+        let r = &self.runs[i];
+        r.iova + (off - r.off) as u64
+    }
+
+    /// Whether `off` starts a run (so free extents must not merge across it).
+    fn is_run_boundary(&self, off: usize) -> bool {
+        off != 0 && self.runs.binary_search_by_key(&off, |r| r.off).is_ok()
     }
 
     /// First-fit allocation of `size` bytes aligned to `align` (a power of two).
@@ -190,12 +267,19 @@ impl Region {
     fn release(&mut self, off: usize, size: usize) {
         let pos = self.free.partition_point(|&(o, _)| o < off);
         self.free.insert(pos, (off, size));
-        // Coalesce with the next, then the previous extent.
-        if pos + 1 < self.free.len() && off + size == self.free[pos + 1].0 {
+        // Coalesce with the next, then the previous extent (never across a run boundary:
+        // the device addresses there are not contiguous).
+        if pos + 1 < self.free.len()
+            && off + size == self.free[pos + 1].0
+            && !self.is_run_boundary(off + size)
+        {
             self.free[pos].1 += self.free[pos + 1].1;
             self.free.remove(pos + 1);
         }
-        if pos > 0 && self.free[pos - 1].0 + self.free[pos - 1].1 == off {
+        if pos > 0
+            && self.free[pos - 1].0 + self.free[pos - 1].1 == off
+            && !self.is_run_boundary(off)
+        {
             self.free[pos - 1].1 += self.free[pos].1;
             self.free.remove(pos);
         }
@@ -218,6 +302,8 @@ impl Drop for Region {
 
 struct State {
     regions: Vec<Region>,
+    /// Next free device address of [`Addressing::Linear`].
+    next_iova: u64,
     listeners: Vec<Weak<dyn RegionListener>>,
     snapshot: Arc<[DmaRegionInfo]>,
 }
@@ -240,7 +326,10 @@ impl std::fmt::Debug for DmaMemory {
 
 impl DmaMemory {
     /// Create memory with its first region.
-    pub fn new(config: DmaConfig) -> Result<Arc<DmaMemory>> {
+    pub fn new(mut config: DmaConfig) -> Result<Arc<DmaMemory>> {
+        if config.addressing == Addressing::Physical {
+            config.hugetlb = true;
+        }
         let unit = if config.hugetlb {
             HUGE_PAGE_SIZE
         } else {
@@ -253,17 +342,27 @@ impl DmaMemory {
             )));
         }
         let size = round_up(config.initial_region_size, unit);
-        let first = Region::create(size, config.hugetlb, 0)?;
-        let snapshot: Arc<[DmaRegionInfo]> = Arc::from(vec![first.info(0)]);
+        let mut next_iova = match config.addressing {
+            Addressing::Linear { base } => base,
+            _ => 0,
+        };
+        let first = Region::create_addressed(size, &config, 0, &mut next_iova)?;
+        let snapshot: Arc<[DmaRegionInfo]> = first.infos(0).collect();
         Ok(Arc::new(DmaMemory {
             config,
             state: Mutex::new(State {
                 regions: vec![first],
+                next_iova,
                 listeners: Vec::new(),
                 snapshot,
             }),
             generation: AtomicU64::new(1),
         }))
+    }
+
+    /// The configuration the memory was created with.
+    pub fn config(&self) -> &DmaConfig {
+        &self.config
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -339,25 +438,33 @@ impl DmaMemory {
             });
         }
         let index = st.regions.len();
-        let mut region = Region::create(len, self.config.hugetlb, index)?;
-        let info = region.info(index as u32);
+        let mut next_iova = st.next_iova;
+        let mut region = Region::create_addressed(len, &self.config, index, &mut next_iova)?;
+        let off = region.alloc(size, align).ok_or_else(|| {
+            Error::InvalidAllocation(format!(
+                "no physically contiguous extent of {size} bytes in a new region of {len} bytes; allocate smaller buffers"
+            ))
+        })?;
+        let infos: Vec<DmaRegionInfo> = region.infos(index as u32).collect();
         let listeners: Vec<Arc<dyn RegionListener>> =
             st.listeners.iter().filter_map(Weak::upgrade).collect();
-        for (n, l) in listeners.iter().enumerate() {
-            if let Err(e) = l.region_added(&info) {
-                for done in &listeners[..n] {
-                    done.region_removed(&info);
+        let mut announced: Vec<(&Arc<dyn RegionListener>, &DmaRegionInfo)> = Vec::new();
+        for l in &listeners {
+            for info in &infos {
+                if let Err(e) = l.region_added(info) {
+                    for (done, i) in announced {
+                        done.region_removed(i);
+                    }
+                    return Err(Error::RegionRejected(e.to_string()));
                 }
-                return Err(Error::RegionRejected(e.to_string()));
+                announced.push((l, info));
             }
         }
-        let off = region
-            .alloc(size, align)
-            .ok_or_else(|| Error::InvalidAllocation("new region too small".into()))?;
+        st.next_iova = next_iova;
         let buf = self.make_buf(&region, index, off, size);
         st.regions.push(region);
         let mut snap: Vec<DmaRegionInfo> = st.snapshot.to_vec();
-        snap.push(info);
+        snap.extend(infos);
         st.snapshot = Arc::from(snap);
         self.generation.fetch_add(1, Ordering::Release);
         Ok(buf)
@@ -373,6 +480,7 @@ impl DmaMemory {
             offset: off,
             len: size,
             ptr,
+            iova: r.iova_of(off),
             retired: AtomicBool::new(false),
         }
     }
@@ -383,6 +491,71 @@ impl DmaMemory {
             r.release(off, len);
         }
     }
+}
+
+impl Region {
+    /// Create region `index` of `len` bytes with device addresses per `config`;
+    /// [`Addressing::Linear`] windows are taken from `next_iova` (2 MiB aligned).
+    fn create_addressed(
+        len: usize,
+        config: &DmaConfig,
+        index: usize,
+        next_iova: &mut u64,
+    ) -> Result<Region> {
+        let mut r = Region::create(len, config.hugetlb, index).map_err(|e| {
+            if config.addressing == Addressing::Physical {
+                Error::Physical(format!(
+                    "{e}. Without an IOMMU the device needs physical addresses, which vireo takes from huge pages: reserve them (echo 512 > /proc/sys/vm/nr_hugepages: 1 GiB of 2 MiB pages), or bind the function to vfio-pci with an IOMMU"
+                ))
+            } else {
+                e
+            }
+        })?;
+        r.set_addressing(config.addressing, *next_iova)?;
+        if let Addressing::Linear { .. } = config.addressing {
+            *next_iova += round_up(len, HUGE_PAGE_SIZE) as u64;
+        }
+        Ok(r)
+    }
+}
+
+/// Runs of physically contiguous pages of the mapping `[va, va+len)` (populated,
+/// hugetlb-backed), from `/proc/self/pagemap`.
+fn physical_runs(va: u64, len: usize) -> Result<Vec<Run>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open("/proc/self/pagemap")
+        .map_err(|e| Error::Physical(format!("cannot open /proc/self/pagemap: {e}")))?;
+    let mut runs: Vec<Run> = Vec::new();
+    let mut off = 0usize;
+    while off < len {
+        let page = (va + off as u64) / PAGE_SIZE as u64;
+        let mut entry = [0u8; 8];
+        f.seek(SeekFrom::Start(page * 8))
+            .and_then(|_| f.read_exact(&mut entry))
+            .map_err(|e| Error::Physical(format!("cannot read /proc/self/pagemap: {e}")))?;
+        let phys = pagemap_phys(u64::from_le_bytes(entry)).ok_or_else(|| {
+            Error::Physical(
+                "/proc/self/pagemap shows no page frame numbers: physical addresses need root (CAP_SYS_ADMIN)".into(),
+            )
+        })?;
+        match runs.last_mut() {
+            Some(r) if r.iova + r.len as u64 == phys => r.len += HUGE_PAGE_SIZE,
+            _ => runs.push(Run {
+                off,
+                len: HUGE_PAGE_SIZE,
+                iova: phys,
+            }),
+        }
+        off += HUGE_PAGE_SIZE;
+    }
+    Ok(runs)
+}
+
+/// Physical address of the page a pagemap entry describes, if present with a frame number.
+fn pagemap_phys(entry: u64) -> Option<u64> {
+    let present = entry & (1 << 63) != 0;
+    let pfn = entry & ((1 << 55) - 1);
+    (present && pfn != 0).then_some(pfn * PAGE_SIZE as u64)
 }
 
 fn round_up(v: usize, unit: usize) -> usize {
@@ -400,6 +573,8 @@ pub struct DmaBuf {
     offset: usize,
     len: usize,
     ptr: NonNull<u8>,
+    /// Device address of the first byte (the extent is device-contiguous).
+    iova: u64,
     /// The device may still use the extent: never hand it out again.
     retired: AtomicBool,
 }
@@ -446,7 +621,7 @@ impl DmaBuf {
     /// Device address of the first byte.
     #[inline]
     pub fn iova(&self) -> u64 {
-        self.addr()
+        self.iova
     }
 
     /// Raw pointer to the first byte, for code that shares the buffer with a device.
@@ -521,8 +696,111 @@ mod tests {
             initial_region_size: 1 << 20,
             hugetlb: false,
             max_total_size: 8 << 20,
+            addressing: Addressing::Virtual,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn linear_addressing_gives_each_region_a_window_from_the_base() {
+        let mem = DmaMemory::new(DmaConfig {
+            initial_region_size: 1 << 20,
+            hugetlb: false,
+            max_total_size: 8 << 20,
+            addressing: Addressing::Linear { base: 1 << 32 },
+        })
+        .unwrap();
+        let a = mem.alloc(4096, 4096).unwrap();
+        assert_eq!(a.iova(), 1 << 32);
+        let b = mem.alloc(1 << 20, 4096).unwrap();
+        // The second region starts at the next 2 MiB boundary of the IOVA space.
+        assert_eq!(b.iova(), (1 << 32) + (2 << 20));
+        let mut t = mem.translator();
+        assert_eq!(t.translate(a.addr() + 8, 16), Some(a.iova() + 8));
+        assert_eq!(t.translate(b.addr(), 1 << 20), Some(b.iova()));
+        let regions = mem.regions();
+        assert!(regions
+            .iter()
+            .all(|r| r.iova >= 1 << 32 && r.iova < (1 << 32) + (8 << 20)));
+    }
+
+    #[test]
+    fn buffers_never_cross_a_physical_discontinuity() {
+        // A region whose second half is not contiguous with its first in device space.
+        let mut r = Region::create(1 << 20, false, 0).unwrap();
+        r.runs = vec![
+            Run {
+                off: 0,
+                len: 512 << 10,
+                iova: 0x4000_0000,
+            },
+            Run {
+                off: 512 << 10,
+                len: 512 << 10,
+                iova: 0x1000_0000,
+            },
+        ];
+        r.free = r.runs.iter().map(|x| (x.off, x.len)).collect();
+        // Too big for either run, though the region has room.
+        assert_eq!(r.alloc(600 << 10, 4096), None);
+        let a = r.alloc(300 << 10, 4096).unwrap();
+        let b = r.alloc(300 << 10, 4096).unwrap();
+        assert_eq!(a, 0);
+        assert_eq!(b, 512 << 10, "the second buffer starts in the second run");
+        assert_eq!(r.iova_of(b + 8), 0x1000_0008);
+        assert_eq!(r.iova_of(a + 4096), 0x4000_1000);
+        // Freed extents coalesce within each run only.
+        r.release(a, 300 << 10);
+        r.release(b, 300 << 10);
+        assert_eq!(r.free, vec![(0, 512 << 10), (512 << 10, 512 << 10)]);
+        assert_eq!(r.alloc(600 << 10, 4096), None);
+        let infos: Vec<_> = r.infos(3).collect();
+        assert_eq!(infos.len(), 2);
+        assert_eq!(infos[1].fd_offset, 512 << 10);
+        assert_eq!(infos[1].iova, 0x1000_0000);
+        assert_eq!(infos[1].va, r.ptr.as_ptr() as u64 + (512 << 10));
+    }
+
+    #[test]
+    fn pagemap_entries_are_decoded() {
+        assert_eq!(pagemap_phys(0), None, "not present");
+        assert_eq!(
+            pagemap_phys(1 << 63),
+            None,
+            "present without a frame number (no CAP_SYS_ADMIN)"
+        );
+        assert_eq!(pagemap_phys((1 << 63) | 0x1234), Some(0x1234 << 12));
+        assert_eq!(
+            pagemap_phys((1 << 63) | (1 << 61) | 0x10),
+            Some(0x10000),
+            "flags above bit 54 are not the frame"
+        );
+    }
+
+    /// Physical addressing needs root and reserved huge pages: where they exist (CI's
+    /// guest tests reserve them), the runs must describe the pages the kernel gave.
+    #[test]
+    fn physical_addressing_reads_pagemap_or_says_what_to_reserve() {
+        let r = DmaMemory::new(DmaConfig {
+            initial_region_size: 4 << 20,
+            hugetlb: false,
+            max_total_size: 64 << 20,
+            addressing: Addressing::Physical,
+        });
+        match r {
+            Ok(mem) => {
+                let b = mem.alloc(8192, 4096).unwrap();
+                assert_ne!(b.iova(), b.addr());
+                assert_eq!(b.iova() % 4096, 0);
+            }
+            Err(e) => {
+                let m = e.to_string();
+                assert!(
+                    m.contains("nr_hugepages") || m.contains("CAP_SYS_ADMIN"),
+                    "the error says what to do: {m}"
+                );
+            }
+        }
     }
 
     #[test]

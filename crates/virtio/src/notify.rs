@@ -7,9 +7,17 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{Error, Result};
 
+/// A device doorbell that is not an eventfd (a virtio-pci notification register).
+pub trait Kick: Send + Sync + std::fmt::Debug {
+    /// Tell the device that queue `index` has new requests.
+    fn kick(&self, index: u16) -> Result<()>;
+}
+
 /// The doorbell of a queue.
 #[derive(Debug, Clone)]
 pub enum Notifier {
+    /// virtio-pci: write the queue index to its notification register.
+    Kick(Arc<dyn Kick>),
     /// vhost-user: write to the queue's kick eventfd.
     EventFd(Arc<EventFd>),
     /// For tests: count notifications.
@@ -19,8 +27,9 @@ pub enum Notifier {
 impl Notifier {
     /// Ring the doorbell of queue `index`.
     #[inline]
-    pub fn notify(&self, _index: u16) -> Result<()> {
+    pub fn notify(&self, index: u16) -> Result<()> {
         match self {
+            Notifier::Kick(k) => k.kick(index),
             Notifier::EventFd(fd) => fd
                 .write(1)
                 .map_err(|e| Error::io("cannot kick the device (eventfd write)", e)),

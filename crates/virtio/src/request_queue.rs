@@ -55,6 +55,8 @@ pub struct RequestQueue<T: DeviceShared> {
     ring: Option<SplitQueue>,
     slots: Option<DmaBuf>,
     base: *mut T,
+    /// Device address of slot 0.
+    base_iova: u64,
     size: u16,
     free: Vec<u16>,
     /// The device holds the slot (submitted, not yet completed).
@@ -94,6 +96,7 @@ impl<T: DeviceShared + Default> RequestQueue<T> {
         let align = std::mem::align_of::<T>().max(64);
         let mut slots = mem.alloc((n * stride).max(1), align)?;
         let base = slots.as_mut_slice().as_mut_ptr() as *mut T;
+        let base_iova = slots.iova();
         for i in 0..n {
             // SAFETY: `i < n` slots of `T` fit in the allocation, which is aligned for T;
             // the device has no request yet, so nothing else accesses it.
@@ -104,6 +107,7 @@ impl<T: DeviceShared + Default> RequestQueue<T> {
             ring: Some(ring),
             slots: Some(slots),
             base,
+            base_iova,
             free: (0..n as u16).rev().collect(),
             on_device: vec![false; n].into_boxed_slice(),
             broken,
@@ -168,7 +172,7 @@ impl<T: DeviceShared> RequestQueue<T> {
     /// Device address of slot `slot` (add `offset_of!` a field for that field).
     #[inline]
     pub fn slot_addr(&self, slot: u16) -> u64 {
-        self.base as u64 + slot as u64 * std::mem::size_of::<T>() as u64
+        self.base_iova + slot as u64 * std::mem::size_of::<T>() as u64
     }
 
     /// The slot, to fill in before submitting it.

@@ -104,6 +104,8 @@ pub struct SplitQueue {
     size: u16,
     _ring: DmaBuf,
     desc: *mut u8,
+    /// Device address of the descriptor table (the start of the ring buffer).
+    desc_iova: u64,
     avail: *mut u8,
     used: *const u8,
     indirect: Option<DmaBuf>,
@@ -158,6 +160,7 @@ impl SplitQueue {
         let mut ring = mem.alloc(total, 4096)?;
         ring.as_mut_slice().fill(0);
         let base = ring.as_ptr();
+        let desc_iova = ring.iova();
         let indirect = if opts.indirect_max > 1 {
             let len = n * opts.indirect_max as usize * DESC_SIZE;
             let mut t = mem.alloc(len, 4096)?;
@@ -174,6 +177,7 @@ impl SplitQueue {
             size,
             _ring: ring,
             desc: base,
+            desc_iova,
             avail,
             used,
             indirect_max: if indirect.is_some() {
@@ -237,14 +241,15 @@ impl SplitQueue {
         let d = self.desc as u64;
         let a = self.avail as u64;
         let u = self.used as u64;
+        // The ring is one device-contiguous buffer: its parts keep their offsets.
         RingLayout {
             size: self.size,
             desc_va: d,
             avail_va: a,
             used_va: u,
-            desc_iova: d,
-            avail_iova: a,
-            used_iova: u,
+            desc_iova: self.desc_iova,
+            avail_iova: self.desc_iova + (a - d),
+            used_iova: self.desc_iova + (u - d),
         }
     }
 
@@ -315,13 +320,14 @@ impl SplitQueue {
         if use_indirect {
             let table_len = self.indirect_max as usize;
             let table_bytes = table_len * DESC_SIZE;
-            let ind = self
+            let (ind, ind_iova) = self
                 .indirect
                 .as_ref()
-                .map(|b| b.as_ptr())
-                .unwrap_or(self.desc);
+                .map(|b| (b.as_ptr(), b.iova()))
+                .unwrap_or((self.desc, self.desc_iova));
             // SAFETY: head < size, and the indirect buffer holds size*indirect_max descriptors.
             let table = unsafe { ind.add(head as usize * table_bytes) };
+            let table_iova = ind_iova + (head as usize * table_bytes) as u64;
             let last = segs.len() - 1;
             for (i, s) in segs.iter().enumerate() {
                 let mut flags = if i >= n_out { DESC_F_WRITE } else { 0 };
@@ -333,7 +339,7 @@ impl SplitQueue {
             Self::write_desc(
                 self.desc,
                 head as usize,
-                table as u64,
+                table_iova,
                 (segs.len() * DESC_SIZE) as u32,
                 DESC_F_INDIRECT,
                 0,

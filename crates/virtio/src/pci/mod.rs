@@ -1,0 +1,642 @@
+//! The virtio-pci transport (virtio 1.2 section 4.1): vireo drives a virtio PCI
+//! function itself, through VFIO (with an IOMMU, or in no-IOMMU mode) or
+//! uio_pci_generic, chosen from what the function is bound to. Polled: no interrupts
+//! are set up (MSI-X vectors are left at `NO_VECTOR`).
+//!
+//! Every PCI controller has its own [`DmaMemory`]: with an IOMMU its regions are mapped
+//! at compact IOVAs ([`Addressing::Linear`]); without one (uio_pci_generic, VFIO
+//! no-IOMMU) the device sees physical addresses of huge pages
+//! ([`Addressing::Physical`]).
+
+pub mod bar;
+pub mod caps;
+pub mod sysfs;
+pub mod vfio;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::features::transport as tf;
+use crate::memory::{Addressing, DmaConfig, DmaMemory, RegionListener};
+use crate::notify::{Kick, Notifier};
+use crate::ring::RingLayout;
+use crate::transport::Transport;
+
+pub use bar::Bar;
+pub use caps::VirtioCaps;
+pub use sysfs::{virtio_functions, Binding, PciAddress, PciFunction, VirtioKind};
+
+/// First IOVA of a PCI controller's DMA memory behind an IOMMU: above 4 GiB, clear of
+/// the x86 MSI window and low reserved ranges, and far below a 39-bit IOMMU's limit.
+pub const IOVA_BASE: u64 = 1 << 32;
+
+// Device status bits (virtio 1.2 section 2.1).
+const S_ACKNOWLEDGE: u8 = 1;
+const S_DRIVER: u8 = 2;
+const S_DRIVER_OK: u8 = 4;
+const S_FEATURES_OK: u8 = 8;
+const S_NEEDS_RESET: u8 = 0x40;
+const S_FAILED: u8 = 0x80;
+
+// Common configuration registers (virtio 1.2 section 4.1.4.3).
+const DEVICE_FEATURE_SELECT: u64 = 0x00;
+const DEVICE_FEATURE: u64 = 0x04;
+const DRIVER_FEATURE_SELECT: u64 = 0x08;
+const DRIVER_FEATURE: u64 = 0x0c;
+const CONFIG_MSIX_VECTOR: u64 = 0x10;
+const NUM_QUEUES: u64 = 0x12;
+const DEVICE_STATUS: u64 = 0x14;
+const CONFIG_GENERATION: u64 = 0x15;
+const QUEUE_SELECT: u64 = 0x16;
+const QUEUE_SIZE: u64 = 0x18;
+const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+const QUEUE_ENABLE: u64 = 0x1c;
+const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+const QUEUE_DESC: u64 = 0x20;
+const QUEUE_DRIVER: u64 = 0x28;
+const QUEUE_DEVICE: u64 = 0x30;
+const NO_VECTOR: u16 = 0xffff;
+
+/// Features the transport accepts on the driver's behalf when offered:
+/// `ACCESS_PLATFORM` (addresses go through the platform's IOMMU, or are physical) and
+/// `ORDER_PLATFORM` (vireo's ring uses real memory barriers).
+const PLATFORM_FEATURES: u64 = tf::ACCESS_PLATFORM | (1 << 36);
+
+/// A window of a BAR holding one virtio structure.
+#[derive(Debug, Clone)]
+struct Window {
+    bar: Arc<Bar>,
+    base: u64,
+    len: u64,
+}
+
+impl Window {
+    fn at(&self, off: u64, size: u64) -> Result<u64> {
+        if off.checked_add(size).is_none_or(|e| e > self.len) {
+            return Err(Error::Device(format!(
+                "register at {off:#x} outside a virtio structure of {} bytes",
+                self.len
+            )));
+        }
+        Ok(self.base + off)
+    }
+    fn r8(&self, off: u64) -> Result<u8> {
+        self.bar.read8(self.at(off, 1)?)
+    }
+    fn r16(&self, off: u64) -> Result<u16> {
+        self.bar.read16(self.at(off, 2)?)
+    }
+    fn r32(&self, off: u64) -> Result<u32> {
+        self.bar.read32(self.at(off, 4)?)
+    }
+    fn w8(&self, off: u64, v: u8) -> Result<()> {
+        self.bar.write8(self.at(off, 1)?, v)
+    }
+    fn w16(&self, off: u64, v: u16) -> Result<()> {
+        self.bar.write16(self.at(off, 2)?, v)
+    }
+    fn w32(&self, off: u64, v: u32) -> Result<()> {
+        self.bar.write32(self.at(off, 4)?, v)
+    }
+    /// A 64-bit register as two 32-bit writes, low half first (the spec's rule).
+    fn w64(&self, off: u64, v: u64) -> Result<()> {
+        self.w32(off, v as u32)?;
+        self.w32(off + 4, (v >> 32) as u32)
+    }
+}
+
+/// The doorbell of one queue: a 16-bit write of the queue index.
+#[derive(Debug)]
+struct Doorbell {
+    window: Window,
+    off: u64,
+}
+
+impl Kick for Doorbell {
+    fn kick(&self, index: u16) -> Result<()> {
+        self.window.w16(self.off, index)
+    }
+}
+
+/// PCI configuration space of the function (VFIO region 7 or sysfs `config`).
+#[derive(Debug)]
+struct ConfigSpace {
+    file: Arc<File>,
+    offset: u64,
+}
+
+impl ConfigSpace {
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.file
+            .read_exact_at(buf, self.offset + off)
+            .map_err(|e| Error::io("PCI configuration space read", e))
+    }
+    fn write(&self, off: u64, buf: &[u8]) -> Result<()> {
+        self.file
+            .write_all_at(buf, self.offset + off)
+            .map_err(|e| Error::io("PCI configuration space write", e))
+    }
+}
+
+/// How the function is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessMode {
+    /// VFIO with an IOMMU (type-1).
+    VfioIommu,
+    /// VFIO in no-IOMMU mode.
+    VfioNoIommu,
+    /// uio_pci_generic.
+    Uio,
+}
+
+impl AccessMode {
+    /// A short name for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AccessMode::VfioIommu => "vfio (IOMMU)",
+            AccessMode::VfioNoIommu => "vfio (no-IOMMU)",
+            AccessMode::Uio => "uio_pci_generic",
+        }
+    }
+}
+
+/// A virtio PCI function driven by vireo.
+pub struct PciTransport {
+    function: PciFunction,
+    mode: AccessMode,
+    mem: Arc<DmaMemory>,
+    common: Window,
+    notify: Window,
+    notify_mult: u32,
+    device_cfg: Option<Window>,
+    config: ConfigSpace,
+    gone: Arc<AtomicBool>,
+    vfio: Arc<Mutex<Option<vfio::VfioDevice>>>,
+    _mapper: Option<Arc<dyn RegionListener>>,
+    bars: Vec<Arc<Bar>>,
+    offered: u64,
+    monitor: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+    started: bool,
+}
+
+impl std::fmt::Debug for PciTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PciTransport")
+            .field("addr", &self.function.addr.to_string())
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+fn bind_hint(bdf: &str) -> String {
+    format!(
+        "bind it first: `vireo setup bind {bdf}` (vfio-pci; with an IOMMU, or in no-IOMMU mode) or `vireo setup bind {bdf} --driver uio_pci_generic`"
+    )
+}
+
+impl PciTransport {
+    /// Open function `addr`; DMA memory is created from `dma` (sizes, limits) with the
+    /// addressing the access mode needs.
+    pub fn open(addr: PciAddress, dma: &DmaConfig) -> Result<PciTransport> {
+        let function = PciFunction::probe(addr)?;
+        let bdf = addr.to_string();
+        if function.kind.is_none() {
+            return Err(Error::Features(format!(
+                "{bdf} is not a virtio function (vendor {:#06x}, device {:#06x}); list virtio functions with `vireo pci`",
+                function.vendor, function.device
+            )));
+        }
+        let gone = Arc::new(AtomicBool::new(false));
+        let mut bars: Vec<Option<Arc<Bar>>> = vec![None; 6];
+        let vfio_dev;
+        let config;
+        let mode;
+        match &function.binding {
+            Binding::Vfio => {
+                let group = function.iommu_group.ok_or_else(|| {
+                    Error::Features(format!("{bdf} is bound to vfio-pci but has no IOMMU group"))
+                })?;
+                let dev = vfio::VfioDevice::open(&bdf, group)?;
+                mode = if dev.iommu {
+                    AccessMode::VfioIommu
+                } else {
+                    AccessMode::VfioNoIommu
+                };
+                let cr = dev.region(vfio::CONFIG_REGION)?;
+                config = ConfigSpace {
+                    file: dev.device.clone(),
+                    offset: cr.offset,
+                };
+                vfio_dev = Some(dev);
+            }
+            Binding::Uio => {
+                mode = AccessMode::Uio;
+                let path = function.sysfs_dir().join("config");
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| {
+                        Error::io(format!("cannot open {} (root needed)", path.display()), e)
+                    })?;
+                config = ConfigSpace {
+                    file: Arc::new(f),
+                    offset: 0,
+                };
+                vfio_dev = None;
+            }
+            Binding::Kernel(drv) => {
+                return Err(Error::Features(format!(
+                    "{bdf} is bound to the kernel driver {drv}; {}",
+                    bind_hint(&bdf)
+                )))
+            }
+            Binding::None => {
+                return Err(Error::Features(format!(
+                    "{bdf} is bound to no driver; {}",
+                    bind_hint(&bdf)
+                )))
+            }
+        }
+        // Memory space and bus mastering on.
+        let mut cmd = [0u8; 2];
+        config.read(0x04, &mut cmd)?;
+        let c = u16::from_le_bytes(cmd) | 0x2 | 0x4;
+        config.write(0x04, &c.to_le_bytes())?;
+        let mut image = [0u8; 256];
+        config.read(0, &mut image)?;
+        let caps = caps::parse(&image, &bdf)?;
+
+        let mut open_bar = |index: u8| -> Result<Arc<Bar>> {
+            if let Some(b) = &bars[index as usize] {
+                return Ok(b.clone());
+            }
+            let bar = match &vfio_dev {
+                Some(dev) => {
+                    let r = dev.region(index as u32)?;
+                    if r.size == 0 {
+                        return Err(Error::Device(format!("{bdf}: BAR {index} does not exist")));
+                    }
+                    if r.mmap {
+                        Bar::map(&dev.device, r.offset, r.size as usize, &gone)?
+                    } else {
+                        Bar::file(dev.device.clone(), r.offset, r.size)
+                    }
+                }
+                None => {
+                    let path = function.sysfs_dir().join(format!("resource{index}"));
+                    let f = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&path)
+                        .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+                    let len = f
+                        .metadata()
+                        .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
+                        .len();
+                    Bar::map(&f, 0, len as usize, &gone)?
+                }
+            };
+            let bar = Arc::new(bar);
+            bars[index as usize] = Some(bar.clone());
+            Ok(bar)
+        };
+        let mut window = |loc: caps::Location| -> Result<Window> {
+            let bar = open_bar(loc.bar)?;
+            if (loc.offset as u64)
+                .checked_add(loc.length as u64)
+                .is_none_or(|e| e > bar.len())
+            {
+                return Err(Error::Device(format!(
+                    "{bdf}: a virtio structure at {:#x}+{:#x} lies outside BAR {} ({} bytes)",
+                    loc.offset,
+                    loc.length,
+                    loc.bar,
+                    bar.len()
+                )));
+            }
+            Ok(Window {
+                bar,
+                base: loc.offset as u64,
+                len: loc.length as u64,
+            })
+        };
+        let common = window(caps.common)?;
+        let notify = window(caps.notify)?;
+        let device_cfg = caps.device.map(&mut window).transpose()?;
+
+        let mut cfg = dma.clone();
+        cfg.addressing = match mode {
+            AccessMode::VfioIommu => Addressing::Linear { base: IOVA_BASE },
+            AccessMode::VfioNoIommu | AccessMode::Uio => Addressing::Physical,
+        };
+        let mem = DmaMemory::new(cfg).map_err(|e| match e {
+            Error::Physical(m) => Error::Physical(format!("{bdf} ({}): {m}", mode.name())),
+            e => e,
+        })?;
+        let mapper: Option<Arc<dyn RegionListener>> = match (&vfio_dev, mode) {
+            (Some(dev), AccessMode::VfioIommu) => {
+                let m = dev.dma_mapper(gone.clone());
+                let l: Arc<dyn RegionListener> = m.clone();
+                for r in mem.add_listener(Arc::downgrade(&l)).iter() {
+                    m.map(r)?;
+                }
+                Some(l)
+            }
+            _ => None,
+        };
+        let t = PciTransport {
+            function,
+            mode,
+            mem,
+            common,
+            notify,
+            notify_mult: caps.notify_off_multiplier,
+            device_cfg,
+            config,
+            gone,
+            vfio: Arc::new(Mutex::new(vfio_dev)),
+            _mapper: mapper,
+            bars: bars.into_iter().flatten().collect(),
+            offered: 0,
+            monitor: None,
+            started: false,
+        };
+        t.reset()?;
+        t.set_status(S_ACKNOWLEDGE)?;
+        t.set_status(S_ACKNOWLEDGE | S_DRIVER)?;
+        Ok(t)
+    }
+
+    /// The function's description.
+    pub fn function(&self) -> &PciFunction {
+        &self.function
+    }
+
+    /// How the function is reached.
+    pub fn mode(&self) -> AccessMode {
+        self.mode
+    }
+
+    fn status(&self) -> Result<u8> {
+        self.common.r8(DEVICE_STATUS)
+    }
+
+    fn set_status(&self, s: u8) -> Result<()> {
+        self.common.w8(DEVICE_STATUS, s)
+    }
+
+    /// Reset the device and wait (at most a second) until it reads back 0.
+    fn reset(&self) -> Result<()> {
+        self.set_status(0)?;
+        let t0 = Instant::now();
+        loop {
+            let s = self.status()?;
+            if s == 0 {
+                return Ok(());
+            }
+            if t0.elapsed() > Duration::from_secs(1) {
+                return Err(Error::Device(format!(
+                    "{}: device status is {s:#x} a second after reset (it must read 0)",
+                    self.function.addr
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn fail_status(&self) {
+        let s = self.status().unwrap_or(0);
+        let _ = self.set_status(s | S_FAILED);
+    }
+}
+
+impl Transport for PciTransport {
+    fn describe(&self) -> String {
+        format!("virtio-pci {} ({})", self.function.addr, self.mode.name())
+    }
+
+    fn device_features(&mut self) -> Result<u64> {
+        self.common.w32(DEVICE_FEATURE_SELECT, 0)?;
+        let lo = self.common.r32(DEVICE_FEATURE)? as u64;
+        self.common.w32(DEVICE_FEATURE_SELECT, 1)?;
+        let hi = self.common.r32(DEVICE_FEATURE)? as u64;
+        self.offered = lo | (hi << 32);
+        Ok(self.offered)
+    }
+
+    fn set_driver_features(&mut self, features: u64) -> Result<()> {
+        if self.offered == 0 {
+            self.device_features()?;
+        }
+        let f = features | (self.offered & PLATFORM_FEATURES);
+        self.common.w32(DRIVER_FEATURE_SELECT, 0)?;
+        self.common.w32(DRIVER_FEATURE, f as u32)?;
+        self.common.w32(DRIVER_FEATURE_SELECT, 1)?;
+        self.common.w32(DRIVER_FEATURE, (f >> 32) as u32)?;
+        self.set_status(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK)?;
+        if self.status()? & S_FEATURES_OK == 0 {
+            self.fail_status();
+            return Err(Error::Features(format!(
+                "{} refused the features {f:#x} (FEATURES_OK not kept)",
+                self.describe()
+            )));
+        }
+        // Config vector off: vireo polls.
+        self.common.w16(CONFIG_MSIX_VECTOR, NO_VECTOR)?;
+        Ok(())
+    }
+
+    fn max_queues(&mut self) -> Result<Option<u16>> {
+        Ok(Some(self.common.r16(NUM_QUEUES)?))
+    }
+
+    fn max_queue_size(&mut self, index: u16) -> Result<Option<u16>> {
+        self.common.w16(QUEUE_SELECT, index)?;
+        Ok(Some(self.common.r16(QUEUE_SIZE)?))
+    }
+
+    fn has_config(&self) -> bool {
+        self.device_cfg.is_some()
+    }
+
+    fn read_config(&mut self, offset: u32, buf: &mut [u8]) -> Result<()> {
+        let w = self.device_cfg.clone().ok_or_else(|| {
+            Error::Features(format!("{} has no device configuration", self.describe()))
+        })?;
+        // Re-read until the generation is stable (the device may change the
+        // configuration between accesses).
+        for _ in 0..16 {
+            let g0 = self.common.r8(CONFIG_GENERATION)?;
+            let mut i = 0usize;
+            while i < buf.len() {
+                let off = offset as u64 + i as u64;
+                let left = buf.len() - i;
+                if off.is_multiple_of(4) && left >= 4 {
+                    buf[i..i + 4].copy_from_slice(&w.r32(off)?.to_le_bytes());
+                    i += 4;
+                } else if off.is_multiple_of(2) && left >= 2 {
+                    buf[i..i + 2].copy_from_slice(&w.r16(off)?.to_le_bytes());
+                    i += 2;
+                } else {
+                    buf[i] = w.r8(off)?;
+                    i += 1;
+                }
+            }
+            if self.common.r8(CONFIG_GENERATION)? == g0 {
+                return Ok(());
+            }
+        }
+        Err(Error::Device(format!(
+            "{}: configuration generation kept changing during 16 reads",
+            self.describe()
+        )))
+    }
+
+    fn setup_queue(&mut self, index: u16, layout: &RingLayout) -> Result<Notifier> {
+        self.common.w16(QUEUE_SELECT, index)?;
+        let max = self.common.r16(QUEUE_SIZE)?;
+        if max == 0 {
+            return Err(Error::InvalidQueue(format!(
+                "{}: queue {index} does not exist (size 0)",
+                self.describe()
+            )));
+        }
+        if layout.size > max {
+            return Err(Error::QueueSizeRefused {
+                index,
+                size: layout.size,
+                cause: format!("the device's maximum is {max}"),
+            });
+        }
+        self.common.w16(QUEUE_SIZE, layout.size)?;
+        self.common.w16(QUEUE_MSIX_VECTOR, NO_VECTOR)?;
+        self.common.w64(QUEUE_DESC, layout.desc_iova)?;
+        self.common.w64(QUEUE_DRIVER, layout.avail_iova)?;
+        self.common.w64(QUEUE_DEVICE, layout.used_iova)?;
+        let off = self.common.r16(QUEUE_NOTIFY_OFF)? as u64 * self.notify_mult as u64;
+        // The doorbell must lie inside the notification structure.
+        self.notify.at(off, 2).map_err(|_| {
+            Error::Device(format!(
+                "{}: queue {index}'s doorbell at {off:#x} lies outside the notification area ({} bytes)",
+                self.describe(),
+                self.notify.len
+            ))
+        })?;
+        self.common.w16(QUEUE_ENABLE, 1)?;
+        Ok(Notifier::Kick(Arc::new(Doorbell {
+            window: self.notify.clone(),
+            off,
+        })))
+    }
+
+    fn start(&mut self) -> Result<()> {
+        self.set_status(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK)?;
+        let s = self.status()?;
+        if s & S_NEEDS_RESET != 0 || s & S_DRIVER_OK == 0 {
+            return Err(Error::Device(format!(
+                "{}: device status {s:#x} after DRIVER_OK",
+                self.describe()
+            )));
+        }
+        self.started = true;
+        let stop = Arc::new(AtomicBool::new(false));
+        let m = Monitor {
+            common: self.common.clone(),
+            gone: self.gone.clone(),
+            stop: stop.clone(),
+            vfio: self.vfio.clone(),
+            name: self.describe(),
+        };
+        let h = std::thread::Builder::new()
+            .name("vireo-pci-mon".into())
+            .spawn(move || m.run())
+            .map_err(|e| Error::io("cannot start the PCI monitor thread", e))?;
+        self.monitor = Some((stop, h));
+        Ok(())
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if let Some((stop, h)) = self.monitor.take() {
+            stop.store(true, Ordering::Release);
+            let _ = h.join();
+        }
+        if self.gone.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.reset()
+    }
+
+    fn memory(&self) -> &Arc<DmaMemory> {
+        &self.mem
+    }
+
+    fn broken_flag(&self) -> Arc<AtomicBool> {
+        self.gone.clone()
+    }
+}
+
+impl Drop for PciTransport {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+        // Bus mastering off: the device must not touch memory that is about to be freed.
+        let mut cmd = [0u8; 2];
+        if !self.gone.load(Ordering::Acquire) && self.config.read(0x04, &mut cmd).is_ok() {
+            let c = u16::from_le_bytes(cmd) & !0x4;
+            let _ = self.config.write(0x04, &c.to_le_bytes());
+        }
+        self.bars.clear();
+    }
+}
+
+/// Watches the function: the kernel asking for it back (VFIO request), a device that
+/// needs a reset, or one that vanished (status reads 0 or all ones).
+struct Monitor {
+    common: Window,
+    gone: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    vfio: Arc<Mutex<Option<vfio::VfioDevice>>>,
+    name: String,
+}
+
+impl Monitor {
+    fn run(self) {
+        while !self.stop.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(50));
+            if self.gone.load(Ordering::Acquire) {
+                continue;
+            }
+            let requested = self
+                .vfio
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .and_then(|d| d.request.as_ref())
+                .is_some_and(|e| e.read().is_ok());
+            let why = if requested {
+                Some("the kernel asks for the device back (hot-unplug or unbind)".to_string())
+            } else {
+                match self.common.r8(DEVICE_STATUS) {
+                    Err(e) => Some(format!("status register unreadable: {e}")),
+                    Ok(0xff) => Some("status reads all ones: the function is gone".into()),
+                    Ok(s) if s & S_NEEDS_RESET != 0 => {
+                        Some("the device needs a reset (DEVICE_NEEDS_RESET)".into())
+                    }
+                    Ok(s) if s & S_DRIVER_OK == 0 => Some(format!(
+                        "the device was reset under the driver (status {s:#x})"
+                    )),
+                    Ok(_) => None,
+                }
+            };
+            if let Some(why) = why {
+                tracing::error!(transport = %self.name, "{why}; failing its I/O");
+                self.gone.store(true, Ordering::Release);
+            }
+        }
+    }
+}
