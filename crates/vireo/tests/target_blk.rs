@@ -186,32 +186,29 @@ fn reordered_and_delayed_completions_are_matched_correctly() {
     }
 }
 
+/// A used length beyond the request's writable bytes is the device's mistake about
+/// what it wrote (QEMU's virtio-scsi counts data-out bytes in it): the length is
+/// clamped and the I/O, whose status the device did write, completes.
 #[test]
-fn lying_used_length_fails_the_controller() {
+fn a_used_length_beyond_the_buffers_is_clamped_not_fatal() {
     let (t, _d) = target(ram(16 << 20));
     let reg = registry();
     let b = attach_blk(&reg, t.socket_path(), 1);
     let mut ch = b.open_channel().unwrap();
-    ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1))
-        .result
-        .unwrap();
-    t.faults().lie_used_len_next(1);
+    let w = ch.run(IoRequest::write(0, 1, IoBuf::Heap(pattern(512, 7)), 1));
+    w.result.unwrap();
+    t.faults().lie_used_len_next(2);
     let c = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2));
+    c.result.unwrap();
+    assert_eq!(c.buf.unwrap().as_slice(), &pattern(512, 7)[..]);
+    let c = ch.run(IoRequest::write(1, 1, IoBuf::Heap(pattern(512, 8)), 3));
+    c.result.unwrap();
     assert!(
-        matches!(c.result, Err(IoError::ControllerFailed(_))),
-        "{:?}",
-        c.result
+        reg.controllers()[0].1.is_none(),
+        "the controller stays healthy"
     );
-    // Everything after fails fast; the controller reports why.
-    let c = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 3));
-    assert!(matches!(c.result, Err(IoError::ControllerFailed(_))));
-    let why = reg.controllers()[0].1.clone().unwrap();
-    assert!(why.contains("used length"), "{why}");
-    drop(ch);
-    assert!(
-        b.open_channel().is_err(),
-        "a failed controller opens no channels"
-    );
+    let c = ch.run(IoRequest::read(1, 1, IoBuf::Heap(vec![0; 512]), 4));
+    assert_eq!(c.buf.unwrap().as_slice(), &pattern(512, 8)[..]);
 }
 
 #[test]

@@ -125,6 +125,7 @@ pub struct SplitQueue {
     in_flight: u16,
     notifier: Notifier,
     notifications: u64,
+    len_overruns: u64,
 }
 
 // SAFETY: the raw pointers point into `_ring`/`indirect`, DMA memory owned by this queue;
@@ -197,6 +198,7 @@ impl SplitQueue {
             in_flight: 0,
             notifier,
             notifications: 0,
+            len_overruns: 0,
         };
         q.disable_interrupts();
         Ok(q)
@@ -220,6 +222,11 @@ impl SplitQueue {
     /// Free descriptors.
     pub fn num_free(&self) -> u16 {
         self.num_free
+    }
+
+    /// Completions whose used length exceeded the request's device-writable bytes.
+    pub fn len_overruns(&self) -> u64 {
+        self.len_overruns
     }
 
     /// Notifications (kicks) sent so far.
@@ -424,8 +431,9 @@ impl SplitQueue {
     }
 
     /// Reap completions. Each entry is validated: a head that is out of range or not in
-    /// flight, a used index that runs ahead of what was submitted, or a length beyond
-    /// the device-writable bytes is a device error; the queue must then be abandoned.
+    /// flight, or a used index that runs ahead of what was submitted, is a device error;
+    /// the queue must then be abandoned. A length beyond the device-writable bytes is
+    /// clamped to them and counted ([`len_overruns`](Self::len_overruns)).
     pub fn poll(&mut self, mut on_used: impl FnMut(Used)) -> Result<usize> {
         let used_idx = self.used_u16(2).load(Ordering::Acquire);
         let pending = used_idx.wrapping_sub(self.last_used);
@@ -456,11 +464,21 @@ impl SplitQueue {
                 )));
             }
             let info = self.heads[id as usize];
+            let mut len = len;
             if len > info.writable {
-                return Err(Error::Device(format!(
-                    "queue {}: used length {} exceeds the {} device-writable bytes of request {}",
-                    self.index, len, info.writable, id
-                )));
+                // The length is the device's claim of what it wrote; no device can write
+                // beyond the chain, and drivers must not rely on it beyond the writable
+                // bytes. QEMU's virtio-scsi, for one, counts data-out bytes in it. Clamp
+                // it (so no consumer reads past the buffers), count it, say so once.
+                if self.len_overruns == 0 {
+                    tracing::warn!(
+                        queue = self.index,
+                        "the device reported a used length of {len} for a request with {} device-writable bytes; lengths are clamped to the writable bytes",
+                        info.writable
+                    );
+                }
+                self.len_overruns += 1;
+                len = info.writable;
             }
             self.free_chain(id as u16);
             self.last_used = self.last_used.wrapping_add(1);

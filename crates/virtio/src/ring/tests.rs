@@ -259,12 +259,16 @@ fn lying_device_is_caught() {
     write_used(&h, 0, 5, 0, 1);
     assert!(matches!(h.q.poll(|_| {}), Err(Error::Device(_))));
 
-    // A length beyond the writable bytes (segment 2 is 1024 bytes).
+    // A length beyond the writable bytes (segment 2 is 1024 bytes) is clamped and
+    // counted: the request completes.
     let mut h = harness(8, QueueOptions::default());
     h.q.add(&segs(2, 1), 1, 1).unwrap();
     h.q.publish().unwrap();
     write_used(&h, 0, 0, 1025, 1);
-    assert!(matches!(h.q.poll(|_| {}), Err(Error::Device(_))));
+    let mut lens = Vec::new();
+    assert_eq!(h.q.poll(|u| lens.push(u.len)).unwrap(), 1);
+    assert_eq!(lens, vec![1024]);
+    assert_eq!(h.q.len_overruns(), 1);
 
     // A used index that runs ahead of what was submitted.
     let mut h = harness(8, QueueOptions::default());
