@@ -128,16 +128,25 @@ fn disks_in_use(disks: &[String]) -> Vec<String> {
                 })
         })
     };
-    for (file, what) in [("/proc/mounts", "mounted on"), ("/proc/swaps", "swap")] {
-        if let Ok(text) = std::fs::read_to_string(file) {
-            for line in text.lines() {
-                let mut it = line.split_whitespace();
-                let (Some(dev), Some(target)) = (it.next(), it.next()) else {
-                    continue;
-                };
-                if uses(dev) {
-                    users.push(format!("{dev} {what} {target}"));
-                }
+    if let Ok(text) = std::fs::read_to_string("/proc/mounts") {
+        for line in text.lines() {
+            let mut it = line.split_whitespace();
+            let (Some(dev), Some(target)) = (it.next(), it.next()) else {
+                continue;
+            };
+            if uses(dev) {
+                users.push(format!("{dev} mounted on {target}"));
+            }
+        }
+    }
+    if let Ok(text) = std::fs::read_to_string("/proc/swaps") {
+        for dev in text
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next())
+        {
+            if uses(dev) {
+                users.push(format!("{dev} used as swap"));
             }
         }
     }

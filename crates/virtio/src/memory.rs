@@ -503,13 +503,19 @@ impl Region {
         next_iova: &mut u64,
     ) -> Result<Region> {
         let mut r = Region::create(len, config.hugetlb, index).map_err(|e| {
-            if config.addressing == Addressing::Physical {
-                Error::Physical(format!(
-                    "{e}. Without an IOMMU the device needs physical addresses, which vireo takes from huge pages: reserve them (echo 512 > /proc/sys/vm/nr_hugepages: 1 GiB of 2 MiB pages), or bind the function to vfio-pci with an IOMMU"
-                ))
-            } else {
-                e
+            if config.addressing != Addressing::Physical {
+                return e;
             }
+            let cause = match &e {
+                Error::MemfdCreate { source, .. }
+                | Error::MemfdSize { source, .. }
+                | Error::Mmap { source, .. } => source.to_string(),
+                other => other.to_string(),
+            };
+            Error::Physical(format!(
+                "cannot get {} MiB of huge pages ({cause}). Without an IOMMU the device needs physical addresses, which vireo takes from huge pages: reserve them (echo 512 > /proc/sys/vm/nr_hugepages: 1 GiB of 2 MiB pages), or bind the function to vfio-pci with an IOMMU",
+                len >> 20
+            ))
         })?;
         r.set_addressing(config.addressing, *next_iova)?;
         if let Addressing::Linear { .. } = config.addressing {
