@@ -394,6 +394,16 @@ impl BlkController {
         self.shared.health.failure()
     }
 
+    /// The device is gone (back-end hung up, PCI function removed).
+    pub fn is_gone(&self) -> bool {
+        self.shared.health.is_broken()
+    }
+
+    /// I/O channels open on the controller.
+    pub fn channels_open(&self) -> u64 {
+        self.shared.queues.open_channels()
+    }
+
     /// Channels currently open on this controller.
     pub fn open_channels(&self) -> u64 {
         self.shared.queues.open_channels()

@@ -55,7 +55,7 @@ pub enum IoError {
     #[error("controller failed: {0}")]
     ControllerFailed(String),
     /// The back-end went away.
-    #[error("controller disconnected (the back-end closed the connection)")]
+    #[error("controller disconnected (the back-end closed the connection or the PCI function was removed)")]
     Disconnected,
     /// The device was hot-removed.
     #[error("bdev {0} was removed (the device is gone)")]

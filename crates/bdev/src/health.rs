@@ -59,7 +59,9 @@ impl Health {
     /// Why the controller is unusable, if it is.
     pub fn failure(&self) -> Option<String> {
         if self.is_broken() {
-            return Some("the back-end closed the connection".into());
+            return Some(
+                "the back-end closed the connection or the PCI function was removed".into(),
+            );
         }
         self.failure
             .lock()

@@ -13,6 +13,8 @@ pub struct QueuePool {
     free: Mutex<Vec<SplitQueue>>,
     total: usize,
     open: AtomicU64,
+    /// Queues lent to the control path right now.
+    borrowed: AtomicU64,
 }
 
 impl QueuePool {
@@ -23,6 +25,7 @@ impl QueuePool {
             total: queues.len(),
             free: Mutex::new(queues),
             open: AtomicU64::new(0),
+            borrowed: AtomicU64::new(0),
         }
     }
 
@@ -35,12 +38,44 @@ impl QueuePool {
         self.lock().pop()
     }
 
-    /// A free queue, or the error that tells the user to raise `vq_count`.
+    /// A free queue, or the error that tells the user to raise `vq_count`. A queue the
+    /// control path has borrowed (a rescan after a hot-plug event) is waited for, a
+    /// few seconds at most: that borrow is short and not the user's doing.
     pub fn take_for(&self, bdev: &str) -> Result<SplitQueue, BdevError> {
-        self.take().ok_or_else(|| BdevError::NoFreeQueue {
-            bdev: bdev.to_string(),
-            queues: self.total,
-        })
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            if let Some(q) = self.take() {
+                return Ok(q);
+            }
+            if self.borrowed.load(Ordering::Acquire) == 0 || std::time::Instant::now() > deadline {
+                return Err(BdevError::NoFreeQueue {
+                    bdev: bdev.to_string(),
+                    queues: self.total,
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// A free queue for a short control-path job, given back with
+    /// [`give_borrowed`](Self::give_borrowed) (or kept from reuse if the device may still
+    /// use it, with [`lost_borrowed`](Self::lost_borrowed)).
+    pub fn borrow(&self) -> Option<SplitQueue> {
+        let mut free = self.lock();
+        let q = free.pop()?;
+        self.borrowed.fetch_add(1, Ordering::AcqRel);
+        Some(q)
+    }
+
+    /// Return a borrowed queue.
+    pub fn give_borrowed(&self, q: SplitQueue) {
+        self.lock().push(q);
+        self.borrowed.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// A borrowed queue will not come back (the device may still use it).
+    pub fn lost_borrowed(&self) {
+        self.borrowed.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Give a queue back (only when the device no longer uses it).

@@ -41,6 +41,16 @@ impl Controller {
         }
     }
 
+    /// The device is gone and nothing uses the controller: a removed PCI function is
+    /// released (the kernel waits for that to complete the removal).
+    fn reapable(&self, trtype: TrType) -> bool {
+        let (gone, open) = match self {
+            Controller::Blk(c) => (c.is_gone(), c.channels_open()),
+            Controller::Scsi(c) => (c.is_gone(), c.channels_open()),
+        };
+        trtype == TrType::Pci && gone && open == 0
+    }
+
     fn detach(self) -> Result<(), BdevError> {
         match self {
             Controller::Blk(c) => c.detach(),
@@ -291,8 +301,31 @@ impl Registry {
         Ok(())
     }
 
-    /// Every bdev, in attach order.
+    /// Detach PCI controllers whose function was removed (hot-unplug, unbind) once no
+    /// channel is open on them: their bdevs go away and the function is released.
+    /// Returns the names of the controllers removed.
+    pub fn reap_removed(&self) -> Vec<String> {
+        let mut entries = self.lock();
+        let mut reaped = Vec::new();
+        let mut i = 0;
+        while i < entries.len() {
+            if entries[i].controller.reapable(entries[i].params.trtype) {
+                let e = entries.remove(i);
+                tracing::warn!(controller = %e.params.name, "PCI function {} is gone: controller and its bdevs removed", e.params.traddr);
+                if let Err(err) = e.controller.detach() {
+                    tracing::warn!(controller = %e.params.name, "release after removal: {err}");
+                }
+                reaped.push(e.params.name);
+            } else {
+                i += 1;
+            }
+        }
+        reaped
+    }
+
+    /// Every bdev, in attach order (removed PCI functions are reaped first).
     pub fn bdevs(&self) -> Vec<Arc<Bdev>> {
+        self.reap_removed();
         self.lock()
             .iter()
             .flat_map(|e| e.controller.bdevs())
@@ -329,6 +362,7 @@ impl Registry {
 
     /// Controllers: (params, failure).
     pub fn controllers(&self) -> Vec<(AttachParams, Option<String>)> {
+        self.reap_removed();
         self.lock()
             .iter()
             .map(|e| (e.params.clone(), e.controller.failure()))

@@ -222,6 +222,10 @@ fn vfio_iommu_every_function_form() {
     let run = run_guest(
         &[
             "--viommu",
+            "--qemu-arg",
+            "-global",
+            "--qemu-arg",
+            "intel-iommu.aw-bits=39",
             "--scsi-img",
             s0.to_str().unwrap(),
             "--scsi-img",
@@ -300,11 +304,7 @@ fn pci_errors_say_what_to_do() {
         run.out
     );
     run.expect_rc("in-use", 1);
-    assert!(
-        section("in-use").contains("used as swap"),
-        "{}",
-        run.out
-    );
+    assert!(section("in-use").contains("used as swap"), "{}", run.out);
     run.expect_rc("nohuge", 2);
     assert!(section("nohuge").contains("nr_hugepages"), "{}", run.out);
     run.expect_rc("legacy", 2);
@@ -317,4 +317,110 @@ fn pci_errors_say_what_to_do() {
     );
     run.expect_rc("unbind", 0);
     assert!(section("unbind").contains("virtio-pci"), "{}", run.out);
+}
+
+const HOT_REMOVE_SCRIPT: &str = r#"
+echo 1 > /proc/sys/kernel/printk
+vireo setup bind all --driver DRIVER >/dev/null; echo "RC bind=$?"
+S=$(vireo pci | awk '$2=="scsi"{print $1}'); B=$(vireo pci | awk '$2=="blk"{print $1}')
+cat > /tmp/c.json <<EOF
+{"subsystems":[{"subsystem":"bdev","config":[
+ {"method":"bdev_virtio_attach_controller","params":{"name":"S0","trtype":"pci","traddr":"$S","dev_type":"scsi"}},
+ {"method":"bdev_virtio_attach_controller","params":{"name":"B0","trtype":"pci","traddr":"$B","dev_type":"blk"}}]}]}
+EOF
+vireo perf -c /tmp/c.json -w verify -q 8 -o 4096 -t 8 --json > /tmp/p.json 2>/tmp/p.err &
+P=$!
+sleep 3
+echo 1 > /sys/bus/pci/devices/$B/remove &
+wait $P; echo "RC perf=$?"
+cat /tmp/p.json; tail -5 /tmp/p.err
+sleep 1; ls /sys/bus/pci/devices/ | grep -c "$B" | sed 's/^/REMAINING /'
+# The daemon: a removed function's controller and bdevs go away, the function is released.
+cat > /tmp/s.json <<EOF
+{"subsystems":[{"subsystem":"bdev","config":[
+ {"method":"bdev_virtio_attach_controller","params":{"name":"S0","trtype":"pci","traddr":"$S","dev_type":"scsi"}}]}]}
+EOF
+vireo serve -c /tmp/s.json -r /tmp/rpc.sock 2>/tmp/serve.err &
+V=$!
+i=0; while [ ! -S /tmp/rpc.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+echo "BEFORE $(vireo rpc -r /tmp/rpc.sock bdev_get_bdevs | grep -c '"name": "S0t0"')"
+echo 1 > /sys/bus/pci/devices/$S/remove &
+R=$!
+sleep 2
+echo "AFTER $(vireo rpc -r /tmp/rpc.sock bdev_get_bdevs | grep -c '"name": "S0t0"')"
+wait $R; ls /sys/bus/pci/devices/ | grep -c "$S" | sed 's/^/SREMAINING /'
+kill $V; wait $V; echo "RC serve=$?"
+"#;
+
+/// Hot-remove during I/O: the guest kernel removes the virtio-blk function while vireo
+/// runs a verify on it and on a virtio-scsi function. The blk job fails its I/O with an
+/// error (no SIGBUS from the vanished BAR mapping, no hang), the scsi job runs on
+/// without a single error, and the process exits with status 1 (I/O errors), after
+/// which the kernel has the function back.
+fn hot_remove(driver: &str, extra: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let s0 = image(dir.path(), "s0", 32);
+    let b0 = image(dir.path(), "b0", 32);
+    let mut args = vec![
+        "--scsi-img",
+        s0.to_str().unwrap(),
+        "--blk-img",
+        b0.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let run = run_guest(&args, &HOT_REMOVE_SCRIPT.replace("DRIVER", driver));
+    assert_eq!(run.rc, 0, "{}", run.console);
+    run.expect_rc("bind", 0);
+    run.expect_rc("perf", 1);
+    let json_start = run.out.find('{').expect("perf printed JSON");
+    let report: serde_json::Value = serde_json::Deserializer::from_str(&run.out[json_start..])
+        .into_iter::<serde_json::Value>()
+        .next()
+        .expect("one JSON document")
+        .unwrap_or_else(|e| panic!("perf JSON: {e}\n{}", run.console));
+    let jobs = report["jobs"].as_array().expect("jobs");
+    let job = |prefix: &str| {
+        jobs.iter()
+            .find(|j| j["bdev"].as_str().is_some_and(|b| b.starts_with(prefix)))
+            .unwrap_or_else(|| panic!("job on {prefix}\n{report}"))
+    };
+    let (s, b) = (job("S0"), job("B0"));
+    assert_eq!(s["errors"], 0, "the scsi controller is untouched\n{report}");
+    assert_eq!(s["verify_failures"], 0, "{report}");
+    assert!(s["ios"].as_u64().unwrap_or(0) > 0, "{report}");
+    assert!(
+        b["errors"].as_u64().unwrap_or(0) > 0,
+        "the removed function's I/O failed\n{report}"
+    );
+    assert!(
+        run.out.contains("\nREMAINING 0"),
+        "the kernel removed the function\n{}",
+        run.console
+    );
+    assert!(
+        run.out.contains("BEFORE 1"),
+        "the daemon serves the LUN\n{}",
+        run.console
+    );
+    assert!(
+        run.out.contains("AFTER 0"),
+        "the removed function's bdev went away\n{}",
+        run.console
+    );
+    assert!(
+        run.out.contains("SREMAINING 0"),
+        "the daemon released the function\n{}",
+        run.console
+    );
+    run.expect_rc("serve", 0);
+}
+
+#[test]
+fn hot_remove_under_uio_fails_its_io_and_nothing_else() {
+    hot_remove("uio_pci_generic", &["--append", "hugepages=64"]);
+}
+
+#[test]
+fn hot_remove_under_vfio_fails_its_io_and_nothing_else() {
+    hot_remove("vfio-pci", &["--viommu"]);
 }

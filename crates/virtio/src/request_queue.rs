@@ -41,7 +41,9 @@ pub enum QueueFailure {
 impl std::fmt::Display for QueueFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            QueueFailure::Disconnected => f.write_str("the back-end closed the connection"),
+            QueueFailure::Disconnected => {
+                f.write_str("the back-end closed the connection or the PCI function was removed")
+            }
             QueueFailure::Device(why) => f.write_str(why),
         }
     }

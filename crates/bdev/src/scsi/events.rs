@@ -56,8 +56,13 @@ pub(super) fn event_loop(ctx: EventCtx, mut q: SplitQueue) {
 
 /// A free request queue for control-path commands, if there is one now.
 fn borrow_queue(shared: &Shared) -> Option<ScsiQueue> {
-    let q = shared.queues.take()?;
-    ScsiQueue::new(&shared.mem, q, shared.geo, shared.health.broken_arc()).ok()
+    let q = shared.queues.borrow()?;
+    let sq = ScsiQueue::new(&shared.mem, q, shared.geo, shared.health.broken_arc()).ok();
+    if sq.is_none() {
+        // The queue went into the failed ScsiQueue::new and is dropped with it.
+        shared.queues.lost_borrowed();
+    }
+    sq
 }
 
 /// Apply one event; `false` when it needs a request queue and none is free.
@@ -95,8 +100,9 @@ fn with_scanner<R>(ctx: &EventCtx, f: impl FnOnce(&mut Scanner<'_>) -> R) -> Opt
         f(&mut s)
     };
     // A queue the device may still use is kept from reuse (see RequestQueue).
-    if let Some(q) = sq.into_queue() {
-        ctx.shared.queues.give(q);
+    match sq.into_queue() {
+        Some(q) => ctx.shared.queues.give_borrowed(q),
+        None => ctx.shared.queues.lost_borrowed(),
     }
     Some(r)
 }

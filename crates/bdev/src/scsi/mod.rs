@@ -214,6 +214,16 @@ impl ScsiController {
         self.shared.health.failure()
     }
 
+    /// The device is gone (back-end hung up, PCI function removed).
+    pub fn is_gone(&self) -> bool {
+        self.shared.health.is_broken()
+    }
+
+    /// I/O channels open on the controller.
+    pub fn channels_open(&self) -> u64 {
+        self.shared.queues.open_channels()
+    }
+
     /// Stop the device. Fails while channels are open.
     pub fn detach(mut self) -> Result<(), BdevError> {
         self.shared.queues.check_idle(&self.shared.name)?;

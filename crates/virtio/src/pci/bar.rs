@@ -83,6 +83,31 @@ impl Bar {
         Bar::File { file, offset, len }
     }
 
+    /// Let go of the device: a mapping is replaced by anonymous memory (reads see zeros,
+    /// writes go nowhere), a file-backed BAR's descriptor by /dev/null. Accesses racing
+    /// with this hit one or the other, never freed memory or a reused descriptor. The
+    /// kernel then sees no user of the device file left through this BAR.
+    pub fn revoke(&self) {
+        match self {
+            Bar::Mapped { ptr, len, .. } => {
+                // SAFETY: replaces exactly this BAR's mapping (owned by self) with private
+                // anonymous memory of the same size at the same address; the pointer stays
+                // valid for the accessors and for munmap in Drop.
+                unsafe {
+                    libc::mmap(
+                        ptr.as_ptr().cast(),
+                        *len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+            }
+            Bar::File { file, .. } => revoke_file(file),
+        }
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> u64 {
         match self {
@@ -114,6 +139,21 @@ impl Bar {
     fn file_write(file: &File, at: u64, buf: &[u8]) -> Result<()> {
         file.write_all_at(buf, at)
             .map_err(|e| Error::io("device register write (VFIO region)", e))
+    }
+}
+
+/// Point `file`'s descriptor at /dev/null (dup2), dropping its reference to the device
+/// while every holder keeps a valid descriptor number: later reads fail (end of file),
+/// writes vanish.
+pub fn revoke_file(file: &File) {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        // SAFETY: dup2 between two descriptors this process owns; the target stays open
+        // (now on /dev/null) and is still owned by `file`.
+        unsafe { libc::dup2(null.as_raw_fd(), file.as_raw_fd()) };
     }
 }
 

@@ -551,6 +551,8 @@ impl Transport for PciTransport {
             gone: self.gone.clone(),
             stop: stop.clone(),
             vfio: self.vfio.clone(),
+            bars: self.bars.clone(),
+            config: self.config.file.clone(),
             name: self.describe(),
         };
         let h = std::thread::Builder::new()
@@ -601,10 +603,26 @@ struct Monitor {
     gone: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     vfio: Arc<Mutex<Option<vfio::VfioDevice>>>,
+    bars: Vec<Arc<Bar>>,
+    config: Arc<File>,
     name: String,
 }
 
 impl Monitor {
+    /// The kernel waits for every user of a VFIO device to let go before it completes a
+    /// removal: revoke the BAR mappings and the device descriptor now, whoever still
+    /// holds the transport's queues (they see a gone device and fail their I/O).
+    fn release(&self) {
+        for b in &self.bars {
+            b.revoke();
+        }
+        bar::revoke_file(&self.config);
+        if let Some(dev) = self.vfio.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            bar::revoke_file(&dev.device);
+        }
+        tracing::warn!(transport = %self.name, "device released to the kernel");
+    }
+
     fn run(self) {
         while !self.stop.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(50));
@@ -636,6 +654,9 @@ impl Monitor {
             if let Some(why) = why {
                 tracing::error!(transport = %self.name, "{why}; failing its I/O");
                 self.gone.store(true, Ordering::Release);
+                if requested {
+                    self.release();
+                }
             }
         }
     }
