@@ -6,6 +6,8 @@
 //! Needs qemu-system-x86_64 and cpio (`.ci/run` installs them); without them the tests
 //! fail with what to install.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -423,4 +425,147 @@ fn hot_remove_under_uio_fails_its_io_and_nothing_else() {
 #[test]
 fn hot_remove_under_vfio_fails_its_io_and_nothing_else() {
     hot_remove("vfio-pci", &["--viommu"]);
+}
+
+/// `vireo target` on the host, killed on drop.
+struct HostTarget(std::process::Child);
+
+impl HostTarget {
+    fn start(kind: &str, sock: &Path, file: &Path, log: &Path) -> HostTarget {
+        let log = std::fs::File::create(log).unwrap();
+        let child = common::vireo()
+            .args(["target", "--type", kind, "-s"])
+            .arg(sock)
+            .arg("--file")
+            .arg(file)
+            .args(["--size", "32m"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("vireo target starts");
+        common::wait_for_socket(sock);
+        HostTarget(child)
+    }
+}
+
+impl Drop for HostTarget {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// PCI front, vhost-user back: vireo in the guest drives QEMU's vhost-user-blk-pci
+/// (qemu-storage-daemon on the host) and vhost-user-scsi-pci (the in-tree target on the
+/// host); the host files hold what the guest wrote.
+#[test]
+fn vhost_user_pci_devices_backed_on_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = image(dir.path(), "b.img", 32);
+    let s = dir.path().join("s.img");
+    let qsd = common::Qsd::start(common::QsdOpts {
+        backend: common::Backend::File(b.clone()),
+        ..Default::default()
+    });
+    let ssock = dir.path().join("scsi.sock");
+    let _t = HostTarget::start("scsi", &ssock, &s, &dir.path().join("target.log"));
+    // The target keeps LUN t0l0 in s.t0l0.img.
+    let s = dir.path().join("s.t0l0.img");
+    let cmd = format!(
+        "vireo setup bind all --driver uio_pci_generic; echo \"RC bind=$?\"\nvireo pci\n{ALL_CONFIG}\nvireo bdevs -c /tmp/c.json; echo \"RC bdevs=$?\"\n{}",
+        workloads("/tmp/c.json")
+    );
+    let run = run_guest(
+        &[
+            "--vhost-user-blk",
+            qsd.sock.to_str().unwrap(),
+            "--vhost-user-scsi",
+            ssock.to_str().unwrap(),
+            "--append",
+            "hugepages=64",
+        ],
+        &cmd,
+    );
+    assert_eq!(run.rc, 0, "{}", run.console);
+    run.expect_rc("bind", 0);
+    run.expect_rc("bdevs", 0);
+    check_images(&run, &[&b, &s]);
+}
+
+const LINUX_CLIENT_SCRIPT: &str = r#"
+S=$(ls /sys/bus/virtio/drivers/virtio_scsi/*/host*/target*/*/block/ | head -1)
+V=$(ls /sys/bus/virtio/drivers/virtio_blk/*/block/ | head -1)
+echo "disks $S $V"
+yes VIREO-LINUX-CLIENT | head -c 1048576 > /tmp/pat
+for d in $S $V; do
+  dd if=/tmp/pat of=/dev/$d bs=4096 seek=256 oflag=direct conv=fsync 2>/dev/null; echo "RC write-$d=$?"
+  dd if=/tmp/pat of=/dev/$d bs=4096 seek=0 count=64 oflag=direct 2>/dev/null
+  blkdiscard -o 0 -l 131072 /dev/$d; echo "RC discard-$d=$?"
+  sync
+  dd if=/dev/$d of=/tmp/back bs=4096 skip=256 count=256 iflag=direct 2>/dev/null
+  cmp /tmp/pat /tmp/back; echo "RC readback-$d=$?"
+  dd if=/dev/$d of=/tmp/z bs=4096 count=32 iflag=direct 2>/dev/null
+  head -c 131072 /dev/zero | cmp - /tmp/z; echo "RC zeroed-$d=$?"
+done
+"#;
+
+/// An independent client for the in-tree target: the guest's own Linux virtio_scsi + sd
+/// and virtio_blk drivers on vhost-user-scsi-pci / vhost-user-blk-pci backed by
+/// `vireo target`: data written with dd is read back and lands in the host files,
+/// discarded ranges read as zeros.
+#[test]
+fn linux_guest_drivers_against_the_in_tree_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, b) = (dir.path().join("s.img"), dir.path().join("b.img"));
+    let ssock = dir.path().join("scsi.sock");
+    let bsock = dir.path().join("blk.sock");
+    let _ts = HostTarget::start("scsi", &ssock, &s, &dir.path().join("scsi.log"));
+    let s = dir.path().join("s.t0l0.img");
+    let _tb = HostTarget::start("blk", &bsock, &b, &dir.path().join("blk.log"));
+    let run = run_guest(
+        &[
+            "--vhost-user-scsi",
+            ssock.to_str().unwrap(),
+            "--vhost-user-blk",
+            bsock.to_str().unwrap(),
+        ],
+        LINUX_CLIENT_SCRIPT,
+    );
+    assert_eq!(run.rc, 0, "{}", run.console);
+    let rcs = run.rcs();
+    assert_eq!(
+        rcs.len(),
+        8,
+        "both disks went through every step\n{}",
+        run.console
+    );
+    for (k, v) in &rcs {
+        assert_eq!(*v, 0, "{k}\n{}", run.console);
+    }
+    let pat: Vec<u8> = b"VIREO-LINUX-CLIENT\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(1 << 20)
+        .collect();
+    for img in [&s, &b] {
+        let data = std::fs::read(img).unwrap();
+        assert_eq!(
+            &data[256 * 4096..256 * 4096 + (1 << 20)],
+            &pat[..],
+            "{}",
+            img.display()
+        );
+        assert!(
+            data[..131072].iter().all(|&x| x == 0),
+            "{}: discarded range",
+            img.display()
+        );
+        assert_eq!(
+            &data[131072..262144],
+            &pat[131072..262144],
+            "{}: data after the discard",
+            img.display()
+        );
+    }
 }
