@@ -1,6 +1,7 @@
 //! `vireo`: a userspace, polled-mode virtio storage initiator.
 
 mod ini;
+mod nbd;
 mod pcisetup;
 mod perf;
 mod rpc;
@@ -119,6 +120,10 @@ struct ServeArgs {
     /// Unix socket to serve JSON-RPC on.
     #[arg(short = 'r', long = "rpc-socket")]
     socket: PathBuf,
+    /// Also export every bdev over NBD under its own name: unix:PATH or tcp:HOST:PORT
+    /// (nbd_start_disk / nbd_stop_disk / nbd_get_disks manage the exports).
+    #[arg(long)]
+    nbd: Option<nbd::Listen>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -773,7 +778,7 @@ fn main() {
         Cmd::Perf(a) => cmd_perf(a),
         Cmd::Target(a) => cmd_target(a).map(|_| true),
         Cmd::Serve(a) => registry()
-            .and_then(|reg| rpc::cmd_serve(reg, a.config, a.socket))
+            .and_then(|reg| rpc::cmd_serve(reg, a.config, a.socket, a.nbd))
             .map(|_| true),
         Cmd::Pci { json } => pcisetup::cmd_pci(json).map(|_| true),
         Cmd::Setup {

@@ -42,6 +42,9 @@ pub const METHODS: &[&str] = &[
     "bdev_virtio_scsi_get_devices",
     "framework_get_config",
     "framework_get_subsystems",
+    "nbd_get_disks",
+    "nbd_start_disk",
+    "nbd_stop_disk",
     "rpc_get_methods",
     "save_config",
     "spdk_get_version",
@@ -154,6 +157,18 @@ fn req_str(
 ) -> std::result::Result<String, RpcError> {
     opt_str(method, p, key)?
         .ok_or_else(|| RpcError::params(format!("{method}: \"{key}\" is required")))
+}
+
+/// The NBD server of `vireo serve --nbd`, when there is one.
+pub(crate) static NBD: std::sync::OnceLock<Arc<crate::nbd::NbdServer>> = std::sync::OnceLock::new();
+
+fn nbd_server() -> std::result::Result<&'static Arc<crate::nbd::NbdServer>, RpcError> {
+    NBD.get().ok_or_else(|| {
+        RpcError::new(
+            INTERNAL_ERROR,
+            "no NBD listener: start vireo serve with --nbd unix:PATH or --nbd tcp:HOST:PORT",
+        )
+    })
 }
 
 /// Answer one call.
@@ -275,6 +290,36 @@ pub fn dispatch(reg: &Registry, method: &str, params: &Value) -> RpcResult {
         "save_config" => {
             params_obj(method, params, &[])?;
             Ok(reg.save_config())
+        }
+        // SPDK's NBD RPCs, adapted: `nbd_device` is an export name, not /dev/nbdX.
+        "nbd_start_disk" => {
+            let p = params_obj(method, params, &["bdev_name", "nbd_device"])?;
+            let bdev = req_str(method, &p, "bdev_name")?;
+            let export = opt_str(method, &p, "nbd_device")?;
+            nbd_server()?
+                .start_disk(&bdev, export.as_deref())
+                .map(Value::String)
+                .map_err(|e| RpcError::new(INTERNAL_ERROR, format!("{e:#}")))
+        }
+        "nbd_stop_disk" => {
+            let p = params_obj(method, params, &["nbd_device"])?;
+            let export = req_str(method, &p, "nbd_device")?;
+            nbd_server()?
+                .stop_disk(&export)
+                .map(|_| Value::Bool(true))
+                .map_err(|e| RpcError::new(INTERNAL_ERROR, format!("{e:#}")))
+        }
+        "nbd_get_disks" => {
+            let p = params_obj(method, params, &["nbd_device"])?;
+            let only = opt_str(method, &p, "nbd_device")?;
+            let exports = NBD.get().map(|n| n.exports()).unwrap_or_default();
+            Ok(Value::Array(
+                exports
+                    .into_iter()
+                    .filter(|(e, _)| only.as_ref().is_none_or(|o| o == e))
+                    .map(|(e, b)| json!({"nbd_device": e, "bdev_name": b}))
+                    .collect(),
+            ))
         }
         other => Err(RpcError::new(
             METHOD_NOT_FOUND,
@@ -559,7 +604,7 @@ fn serve_client(reg: &Registry, stream: UnixStream) {
 }
 
 /// Bind `path`, replacing a stale socket file but never a live server or another file.
-fn bind(path: &Path) -> Result<UnixListener> {
+pub(crate) fn bind(path: &Path) -> Result<UnixListener> {
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if !m.file_type().is_socket() {
             bail!(
@@ -582,7 +627,7 @@ fn bind(path: &Path) -> Result<UnixListener> {
 }
 
 /// Removes the socket file on drop.
-struct SocketFile(PathBuf);
+pub(crate) struct SocketFile(pub(crate) PathBuf);
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
@@ -592,13 +637,42 @@ impl Drop for SocketFile {
 
 /// `vireo serve`: attach `config`'s controllers, then serve JSON-RPC on `socket` until
 /// SIGINT or SIGTERM.
-pub fn cmd_serve(reg: Registry, config: Option<PathBuf>, socket: PathBuf) -> Result<()> {
+pub fn cmd_serve(
+    reg: Registry,
+    config: Option<PathBuf>,
+    socket: PathBuf,
+    nbd: Option<crate::nbd::Listen>,
+) -> Result<()> {
     let reg = Arc::new(reg);
     if let Some(c) = &config {
         let calls = crate::ini::load(c)?;
         reg.apply(&calls)?;
     }
     crate::signals::install();
+    let mut nbd_thread = None;
+    if let Some(listen) = nbd {
+        let server = crate::nbd::NbdServer::new(reg.clone(), true, true);
+        let _ = NBD.set(server.clone());
+        // Bind now, so a bad address fails the command instead of a thread.
+        let (tx, rx) = std::sync::mpsc::channel();
+        nbd_thread = Some(
+            std::thread::Builder::new()
+                .name("vireo-nbd".into())
+                .spawn(move || {
+                    crate::nbd::serve(server, listen, crate::signals::stop_requested, tx)
+                })
+                .context("cannot start the NBD server thread")?,
+        );
+        match rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(anyhow::anyhow!(e)),
+            Err(_) => {
+                if let Some(Err(e)) = nbd_thread.take().map(|t| t.join().unwrap_or(Ok(()))) {
+                    return Err(e);
+                }
+            }
+        }
+    }
     let listener = bind(&socket)?;
     let _guard = SocketFile(socket.clone());
     listener
@@ -650,6 +724,11 @@ pub fn cmd_serve(reg: Registry, config: Option<PathBuf>, socket: PathBuf) -> Res
         }
     }
     eprintln!("vireo: shutting down");
+    if let Some(t) = nbd_thread {
+        let _ = t.join();
+        // NBD I/O threads close their channels within their 200 ms receive timeout.
+        std::thread::sleep(Duration::from_millis(300));
+    }
     for (a, _) in reg.controllers() {
         if let Err(e) = reg.detach(&a.name) {
             tracing::warn!(controller = %a.name, "detach at shutdown failed: {e}");

@@ -1,0 +1,313 @@
+//! vireo's NBD export (`vireo serve --nbd`) with QEMU's own NBD client (`qemu-img`,
+//! `qemu-io`) in front and qemu-storage-daemon behind.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use common::*;
+
+struct Serve {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Serve {
+    fn start(qsd: &Qsd, nbd: &str) -> Serve {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = write_config(
+            dir.path(),
+            "c.json",
+            &[blk_params("VirtioBlk0", &qsd.sock, 1)],
+        );
+        let rpc = dir.path().join("rpc.sock");
+        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+        let child = vireo()
+            .args(["serve", "-c"])
+            .arg(&conf)
+            .arg("-r")
+            .arg(&rpc)
+            .args(["--nbd", nbd])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_for_socket(&rpc);
+        Serve { child, dir }
+    }
+
+    fn rpc(&self, method: &str, params: &str) -> Output {
+        vireo()
+            .args(["rpc", "-r"])
+            .arg(self.dir.path().join("rpc.sock"))
+            .arg(method)
+            .arg(params)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nbd_sock(dir: &Path) -> PathBuf {
+    dir.join("nbd.sock")
+}
+
+fn url(sock: &Path, export: &str) -> String {
+    format!("nbd+unix:///{export}?socket={}", sock.display())
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let o = cmd.output().expect("runs");
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn qemu_io(target: &str, cmds: &[&str]) -> Output {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    c.arg(target);
+    c.output().expect("qemu-io runs")
+}
+
+fn ok_io(target: &str, cmds: &[&str]) -> String {
+    let o = qemu_io(target, cmds);
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && !text.contains("failed") && !text.contains("Pattern verification"),
+        "{cmds:?}: {text}"
+    );
+    text
+}
+
+/// The issue's acceptance: a 256 MiB image copied in through the export of a
+/// qemu-storage-daemon bdev compares identical (through the export and in the backing
+/// file); a discard punches a hole in the backing file; write-zeroes reads back zeros.
+#[test]
+fn qemu_img_copies_through_the_export_and_discard_punches_a_hole() {
+    let back_dir = tempfile::tempdir().unwrap();
+    let back = back_dir.path().join("back.img");
+    std::fs::File::create(&back)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let qsd = Qsd::start(QsdOpts {
+        backend: Backend::File(back.clone()),
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    // A source image: random data, a pattern, zeros.
+    let src = dir.path().join("src.raw");
+    let mut data = vec![0u8; 256 << 20];
+    let mut x = 0x1234_5678_9abc_def0u64;
+    for (i, b) in data[..(96 << 20)].iter_mut().enumerate() {
+        if i % 8 == 0 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+        }
+        *b = (x >> ((i % 8) * 8)) as u8;
+    }
+    data[(128 << 20)..(130 << 20)].fill(0xa5);
+    std::fs::write(&src, &data).unwrap();
+    let u = url(&sock, "VirtioBlk0");
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&src)
+        .arg(&u));
+    let o = run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&src)
+        .arg(&u));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Images are identical"));
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "the backing file holds the image"
+    );
+
+    let before = std::fs::metadata(&back).unwrap().blocks();
+    ok_io(
+        &u,
+        &[
+            "discard 0 64M",
+            "write -z 128M 1M",
+            "read -P 0 128M 1M",
+            "read -P 0xa5 129M 1M",
+        ],
+    );
+    let after = std::fs::metadata(&back).unwrap().blocks();
+    assert!(
+        after + (60 << 20) / 512 <= before,
+        "discard punched a hole: {before} -> {after} blocks"
+    );
+    let back_data = std::fs::read(&back).unwrap();
+    assert!(back_data[..(64 << 20)].iter().all(|&b| b == 0));
+    assert!(back_data[(128 << 20)..(129 << 20)].iter().all(|&b| b == 0));
+    drop(s);
+}
+
+/// Several clients at once (each writes and verifies its own region with FUA and
+/// flush), a client that disconnects with requests in flight, a garbage handshake,
+/// exports managed by RPC, and TCP.
+#[test]
+fn many_clients_rude_clients_rpc_and_tcp() {
+    let back_dir = tempfile::tempdir().unwrap();
+    let back = back_dir.path().join("back.img");
+    std::fs::File::create(&back)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    let qsd = Qsd::start(QsdOpts {
+        backend: Backend::File(back.clone()),
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    let u = url(&sock, "VirtioBlk0");
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            let u = u.clone();
+            std::thread::spawn(move || {
+                let off = format!("{}M", i * 64);
+                for k in 0..20u32 {
+                    let p = (i * 20 + k) % 250 + 1;
+                    ok_io(
+                        &u,
+                        &[
+                            &format!("write -f -P {p} {off} 4M"),
+                            "flush",
+                            &format!("read -P {p} {off} 4M"),
+                        ],
+                    );
+                }
+            })
+        })
+        .collect();
+    // A client that leaves mid-request.
+    for _ in 0..5 {
+        let mut c = UnixStream::connect(&sock).unwrap();
+        let mut hello = [0u8; 18];
+        c.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        c.write_all(&3u32.to_be_bytes()).unwrap();
+        let name = b"VirtioBlk0";
+        let mut opt = Vec::new();
+        opt.extend_from_slice(b"IHAVEOPT");
+        opt.extend_from_slice(&7u32.to_be_bytes());
+        opt.extend_from_slice(&((4 + name.len() + 2) as u32).to_be_bytes());
+        opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        opt.extend_from_slice(name);
+        opt.extend_from_slice(&0u16.to_be_bytes());
+        c.write_all(&opt).unwrap();
+        for k in 0..8u64 {
+            let mut r = Vec::new();
+            r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+            r.extend_from_slice(&0u16.to_be_bytes());
+            r.extend_from_slice(&0u16.to_be_bytes()); // READ
+            r.extend_from_slice(&k.to_be_bytes());
+            r.extend_from_slice(&(k << 20).to_be_bytes());
+            r.extend_from_slice(&(1u32 << 20).to_be_bytes());
+            c.write_all(&r).unwrap();
+        }
+        drop(c);
+    }
+    // Garbage instead of a handshake.
+    let mut c = UnixStream::connect(&sock).unwrap();
+    let _ = c.write_all(&[0xff; 64]);
+    drop(c);
+    for t in clients {
+        t.join().unwrap();
+    }
+    // Still serving.
+    ok_io(&u, &["write -P 0x33 300M 64k", "read -P 0x33 300M 64k"]);
+    // Every client's last pattern is in the backing file.
+    let data = std::fs::read(&back).unwrap();
+    for i in 0..4u32 {
+        let p = ((i * 20 + 19) % 250 + 1) as u8;
+        let at = (i as usize * 64) << 20;
+        assert!(
+            data[at..at + (4 << 20)].iter().all(|&b| b == p),
+            "client {i}'s region"
+        );
+    }
+    // RPC: stop the export, it is gone; start it under another name.
+    let o = s.rpc("nbd_stop_disk", r#"{"nbd_device":"VirtioBlk0"}"#);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !qemu_io(&u, &["read 0 4k"]).status.success(),
+        "a stopped export is refused"
+    );
+    let o = s.rpc(
+        "nbd_start_disk",
+        r#"{"bdev_name":"VirtioBlk0","nbd_device":"disk-a"}"#,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok_io(
+        &url(&sock, "disk-a"),
+        &["write -P 0x44 0 64k", "read 0 64k"],
+    );
+    let o = s.rpc("nbd_get_disks", "{}");
+    let listed = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        listed.contains("disk-a") && !listed.contains("\"nbd_device\": \"VirtioBlk0\""),
+        "{listed}"
+    );
+    let o = s.rpc("nbd_start_disk", r#"{"bdev_name":"nope"}"#);
+    assert!(!o.status.success());
+    drop(s);
+
+    // TCP.
+    let port = 20000 + (std::process::id() % 20000);
+    let s = Serve::start(&qsd, &format!("tcp:127.0.0.1:{port}"));
+    ok_io(
+        &format!("nbd://127.0.0.1:{port}/VirtioBlk0"),
+        &["write -P 0x55 1M 64k", "read 1M 64k"],
+    );
+    drop(s);
+}
+
+#[test]
+fn bad_nbd_addresses_are_clear_errors() {
+    let o = vireo()
+        .args(["serve", "-r", "/tmp/x.sock", "--nbd", "ftp:x"])
+        .output()
+        .unwrap();
+    assert_fails_with(&o, "unix:PATH or tcp:HOST:PORT");
+    let o = vireo()
+        .args([
+            "serve",
+            "-r",
+            "/tmp/vireo-nbd-test-rpc.sock",
+            "--nbd",
+            "unix:/nonexistent-dir/x.sock",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
