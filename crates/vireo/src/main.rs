@@ -4,6 +4,7 @@ mod ini;
 mod nbd;
 mod pcisetup;
 mod perf;
+mod plot;
 mod rpc;
 mod signals;
 
@@ -267,6 +268,10 @@ struct PerfArgs {
     /// Print one JSON document on stdout.
     #[arg(long)]
     json: bool,
+    /// Draw the latency CDF of each job and IOPS over time (one point per second) to
+    /// this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
 }
 
 fn parse_size(s: &str) -> std::result::Result<usize, String> {
@@ -561,7 +566,19 @@ fn cmd_perf(a: PerfArgs) -> Result<bool> {
             .filter(|d| !d.is_zero())
             .context("--io-timeout must be a positive number of seconds")?,
     };
+    if let Some(p) = &a.plot {
+        if p.extension().and_then(|e| e.to_str()) != Some("svg") {
+            bail!(
+                "--plot writes SVG: give a file name ending in .svg (got {})",
+                p.display()
+            );
+        }
+    }
     let rep = perf::run(&selected, &opts)?;
+    if let Some(p) = &a.plot {
+        plot::write_svg(p, &rep)?;
+        eprintln!("vireo: plot written to {}", p.display());
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {

@@ -111,6 +111,12 @@ pub struct JobReport {
     pub first_error: Option<String>,
     /// Seconds measured.
     pub seconds: f64,
+    /// Completions in each second of the run (one point per second).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub iops_per_second: Vec<f64>,
+    /// Latency distribution: (latency in µs, fraction of I/Os at or below it).
+    #[serde(skip)]
+    pub latency_cdf: Vec<(f64, f64)>,
 }
 
 /// The whole report (`--json`).
@@ -145,6 +151,8 @@ impl PerfReport {
 struct JobResult {
     bdev: String,
     core: usize,
+    /// The job's index (its counter and timeline).
+    index: usize,
     hist: Histogram<u64>,
     ios: u64,
     bytes: u64,
@@ -323,6 +331,7 @@ impl<'o> Job<'o> {
             res: JobResult {
                 bdev: info.name.clone(),
                 core: spec.core,
+                index: spec.index as usize,
                 hist: Histogram::new(3).expect("hist"),
                 ios: 0,
                 bytes: 0,
@@ -579,7 +588,7 @@ fn run_core(
     specs: &[JobSpec],
     o: &PerfOptions,
     stop: &AtomicBool,
-    counter: &AtomicU64,
+    counters: &[AtomicU64],
     barrier: &Barrier,
 ) -> Result<Vec<JobResult>> {
     if let Some(s) = specs.first() {
@@ -598,7 +607,8 @@ fn run_core(
     while active {
         active = false;
         for j in &mut jobs {
-            active |= j.poll(deadline, stop, counter);
+            let c = &counters[j.res.index];
+            active |= j.poll(deadline, stop, c);
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
@@ -639,7 +649,29 @@ fn report(r: &JobResult, bdev: String, core: Option<usize>, secs: f64) -> JobRep
         first_mismatch_lba: r.first_mismatch,
         first_error: r.first_error.clone(),
         seconds: secs,
+        iops_per_second: Vec::new(),
+        latency_cdf: cdf(&r.hist),
     }
+}
+
+/// The latency distribution as (µs, fraction) points, one per histogram step.
+fn cdf(h: &Histogram<u64>) -> Vec<(f64, f64)> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    let n = h.len() as f64;
+    h.iter_quantiles(10)
+        .map(|v| {
+            (
+                v.value_iterated_to() as f64 / 1000.0,
+                v.count_since_last_iteration() as f64,
+            )
+        })
+        .scan(0.0, |acc, (us, c)| {
+            *acc += c;
+            Some((us.max(0.001), (*acc / n).min(1.0)))
+        })
+        .collect()
 }
 
 /// Run the workload on every bdev from every core; one channel per (bdev, core).
@@ -728,41 +760,52 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let counter = Arc::new(AtomicU64::new(0));
+    let njobs = per_core.iter().map(Vec::len).sum::<usize>();
+    let counters: Arc<Vec<AtomicU64>> = Arc::new((0..njobs).map(|_| AtomicU64::new(0)).collect());
     let barrier = Arc::new(Barrier::new(per_core.len() + 1));
     let mut handles = Vec::new();
     for (idx, specs) in per_core.into_iter().enumerate() {
         let o = o.clone();
         let stop = stop.clone();
-        let counter = counter.clone();
+        let counters = counters.clone();
         let barrier = barrier.clone();
         handles.push(
             std::thread::Builder::new()
                 .name(format!("perf-{idx}"))
-                .spawn(move || run_core(&specs, &o, &stop, &counter, &barrier))
+                .spawn(move || run_core(&specs, &o, &stop, &counters, &barrier))
                 .context("cannot start a perf thread")?,
         );
     }
     barrier.wait();
     let start = Instant::now();
-    if o.progress {
-        let mut last = 0u64;
-        let mut tick = start;
-        while handles.iter().any(|h| !h.is_finished()) {
-            std::thread::sleep(Duration::from_millis(50));
-            if tick.elapsed() >= Duration::from_secs(1) {
-                let now = counter.load(Ordering::Relaxed);
-                let dt = tick.elapsed().as_secs_f64();
+    // Once a second: each job's completions (the timeline), and the progress line.
+    let mut timeline: Vec<Vec<f64>> = vec![Vec::new(); njobs];
+    let mut last: Vec<u64> = vec![0; njobs];
+    let mut tick = start;
+    while handles.iter().any(|h| !h.is_finished()) {
+        std::thread::sleep(Duration::from_millis(50));
+        if tick.elapsed() >= Duration::from_secs(1) {
+            let dt = tick.elapsed().as_secs_f64();
+            tick = Instant::now();
+            let mut sum = 0.0;
+            for (k, c) in counters.iter().enumerate() {
+                let now = c.load(Ordering::Relaxed);
+                let rate = (now - last[k]) as f64 / dt;
+                last[k] = now;
+                timeline[k].push(rate);
+                sum += rate;
+            }
+            if o.progress {
                 eprint!(
                     "\r[{:>5.1}s] {:>10.0} IOPS {:>9.2} MiB/s   ",
                     start.elapsed().as_secs_f64(),
-                    (now - last) as f64 / dt,
-                    (now - last) as f64 * o.io_size as f64 / dt / 1048576.0
+                    sum,
+                    sum * o.io_size as f64 / 1048576.0
                 );
-                last = now;
-                tick = Instant::now();
             }
         }
+    }
+    if o.progress {
         eprintln!();
     }
     let mut results = Vec::new();
@@ -784,6 +827,7 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
     let mut total = JobResult {
         bdev: "total".into(),
         core: 0,
+        index: usize::MAX,
         hist: Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("bounds"),
         ios: 0,
         bytes: 0,
@@ -796,7 +840,9 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
     };
     let mut job_reports = Vec::new();
     for r in &results {
-        job_reports.push(report(r, r.bdev.clone(), Some(r.core), r.elapsed));
+        let mut jr = report(r, r.bdev.clone(), Some(r.core), r.elapsed);
+        jr.iops_per_second = timeline.get(r.index).cloned().unwrap_or_default();
+        job_reports.push(jr);
         let _ = total.hist.add(&r.hist);
         total.ios += r.ios;
         total.bytes += r.bytes;

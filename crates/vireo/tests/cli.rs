@@ -539,3 +539,42 @@ fn log_flags_turn_on_a_component() {
     let out = vireo().args(["-L", "nope", "perf"]).output().unwrap();
     assert_fails_with(&out, "unknown log component \"nope\"");
 }
+
+/// `--plot` draws both charts (a line per job) and the JSON carries the per-second
+/// timeline; anything but an .svg name is refused before the run.
+#[test]
+fn perf_plot_draws_latency_cdf_and_iops_over_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("run.svg");
+    let out = vireo()
+        .args(["perf", "-t", "2.5", "-q", "4", "--json", "--plot"])
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tl = v["jobs"][0]["iops_per_second"]
+        .as_array()
+        .expect("timeline");
+    assert!(tl.len() >= 2, "{tl:?}");
+    assert!(tl.iter().all(|x| x.as_f64().unwrap() > 0.0), "{tl:?}");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg"), "an SVG document");
+    assert!(text.contains("latency CDF") && text.contains("IOPS over time"));
+    assert!(text.contains("Embedded0"), "the job is in the legend");
+    assert!(
+        text.matches("<polyline").count() >= 2,
+        "a line in each chart"
+    );
+
+    let out = vireo()
+        .args(["perf", "-t", "1", "--plot"])
+        .arg(dir.path().join("run.png"))
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "--plot writes SVG");
+}
