@@ -15,6 +15,11 @@ spdk_notice() {
   else
     echo "SPDK tests use the build at ${VIREO_SPDK_DIR:-$SPDK_DIR}" >&2
   fi
+  if [ -z "${VIREO_GUEST_NOIOMMU_KERNEL:-}" ]; then
+    echo "SKIPPED: VFIO no-IOMMU guest test (pci_guest::vfio_noiommu_with_a_custom_kernel):" >&2
+    echo "  set VIREO_GUEST_NOIOMMU_KERNEL to a bzImage with CONFIG_VFIO_NOIOMMU=y to run it" >&2
+    echo "  (uio_pci_generic covers physical addressing in every run)." >&2
+  fi
 }
 spdk_notice
 trap spdk_notice EXIT
