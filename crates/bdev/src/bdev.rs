@@ -147,6 +147,13 @@ pub trait ChannelDriver {
     fn poll(&mut self, out: &mut Vec<ChildDone>) -> usize;
     /// Requests on the ring.
     fn in_flight(&self) -> usize;
+    /// Ask the device to signal the next completion on an eventfd: returns the fd and
+    /// whether completions are already pending. `None`: the transport only polls.
+    fn arm(&mut self) -> Option<(std::os::fd::RawFd, bool)> {
+        None
+    }
+    /// Back to polling after [`arm`](ChannelDriver::arm).
+    fn disarm(&mut self) {}
 }
 
 /// A device driver's handle to the bdev's device.
@@ -287,6 +294,7 @@ impl Bdev {
             last_completion: clock::ticks(),
             unpublished: false,
             stash: Vec::new(),
+            armed: false,
             _not_sync: PhantomData,
         })
     }
@@ -334,8 +342,37 @@ pub struct IoChannel {
     unpublished: bool,
     /// Completions `run` reaped for other requests, handed out by the next `poll`.
     stash: Vec<Completion>,
+    /// Interrupts are enabled on the queue (a waiter sleeps on its eventfd).
+    armed: bool,
     _not_sync: PhantomData<Cell<()>>,
 }
+
+/// How [`IoChannel::wait`] waits for completions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitMode {
+    /// Spin on the ring (lowest latency, one CPU busy).
+    Poll,
+    /// Sleep on the queue's completion eventfd (interrupts enabled only while
+    /// sleeping, with the event index); a transport without one (polled PCI) naps.
+    Sleep,
+    /// Spin this long after the last completion, then sleep.
+    Hybrid(std::time::Duration),
+}
+
+/// What [`IoChannel::arm`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Armed {
+    /// Completions are pending: poll now instead of sleeping.
+    Ready,
+    /// Sleep until this fd is readable (or a timeout), then poll.
+    Fd(std::os::fd::RawFd),
+    /// The transport only polls (or nothing is in flight): poll, or nap and poll.
+    NoFd,
+}
+
+/// Longest single sleep of [`IoChannel::wait`]: bounds the delay of work that is not
+/// signalled by the device (retries after BUSY, requests waiting for ring space).
+const MAX_NAP: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl std::fmt::Debug for IoChannel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -360,6 +397,79 @@ impl IoChannel {
     /// reaped and waiting to be handed out).
     pub fn in_flight(&self) -> usize {
         self.parents.len() - self.free_parents.len() + self.stash.len()
+    }
+
+    /// Ask for a signal on the next completion, for a caller's own event loop: sleep on
+    /// the returned fd (poll/epoll for readability), then call [`poll`](Self::poll),
+    /// which returns the queue to polling. Publishes queued submissions first.
+    pub fn arm(&mut self) -> Armed {
+        if !self.stash.is_empty() {
+            return Armed::Ready;
+        }
+        if self.unpublished {
+            self.flush();
+        }
+        if self.in_flight() == 0 {
+            return Armed::NoFd;
+        }
+        match self.drv.arm() {
+            Some((_, true)) => {
+                self.armed = true;
+                Armed::Ready
+            }
+            Some((fd, false)) => {
+                self.armed = true;
+                Armed::Fd(fd)
+            }
+            None => Armed::NoFd,
+        }
+    }
+
+    /// Reap completions into `out` until at least `min` were added or `timeout`
+    /// passed, waiting as `mode` says; returns how many were added. Returns early when
+    /// nothing is in flight.
+    pub fn wait(
+        &mut self,
+        out: &mut Vec<Completion>,
+        min: usize,
+        timeout: std::time::Duration,
+        mode: WaitMode,
+    ) -> usize {
+        let start = std::time::Instant::now();
+        let mut got = 0;
+        let mut last_progress = start;
+        loop {
+            let n = self.poll(out);
+            got += n;
+            let now = std::time::Instant::now();
+            if n > 0 {
+                last_progress = now;
+            }
+            if got >= min || self.in_flight() == 0 {
+                return got;
+            }
+            let elapsed = now - start;
+            if elapsed >= timeout {
+                return got;
+            }
+            let spin = match mode {
+                WaitMode::Poll => true,
+                WaitMode::Sleep => false,
+                WaitMode::Hybrid(d) => now - last_progress < d,
+            };
+            if spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            let nap = (timeout - elapsed).min(MAX_NAP);
+            match self.arm() {
+                Armed::Ready => {}
+                Armed::Fd(fd) => {
+                    vireo_virtio::wait_readable(&[fd], nap);
+                }
+                Armed::NoFd => std::thread::sleep(nap.min(std::time::Duration::from_micros(50))),
+            }
+        }
     }
 
     /// When the last polling pass that found completions ran, in [`clock`] ticks
@@ -626,6 +736,10 @@ impl IoChannel {
     /// Reap finished I/Os into `out`; returns how many were added. Also moves waiting
     /// requests onto the ring as space frees up, and publishes submissions.
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        if self.armed {
+            self.armed = false;
+            self.drv.disarm();
+        }
         let stashed = self.stash.len();
         if stashed > 0 {
             out.append(&mut self.stash);

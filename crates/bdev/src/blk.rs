@@ -754,6 +754,17 @@ impl ChannelDriver for BlkChannel {
         }
         self.rq.in_flight()
     }
+
+    fn arm(&mut self) -> Option<(std::os::fd::RawFd, bool)> {
+        if self.failed.is_some() || !self.dead.is_empty() {
+            return None;
+        }
+        self.rq.arm()
+    }
+
+    fn disarm(&mut self) {
+        self.rq.disarm();
+    }
 }
 
 impl Drop for BlkChannel {

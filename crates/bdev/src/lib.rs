@@ -13,7 +13,7 @@ pub mod registry;
 pub mod scsi;
 pub mod stats;
 
-pub use bdev::{Bdev, BdevInfo, IoChannel, Limits, OpSupport, ScsiAddress};
+pub use bdev::{Armed, Bdev, BdevInfo, IoChannel, Limits, OpSupport, ScsiAddress, WaitMode};
 pub use blk::{BlkConfig, BlkController, BlkParams};
 pub use config::{load_config, parse_config, AttachParams, ConfigCall, DevType, TrType};
 pub use error::{BdevError, IoError};

@@ -1,7 +1,12 @@
 //! vireo vs libblkio: 4 KiB random reads against one qemu-storage-daemon vhost-user-blk
-//! null-co export, both polling one queue, alternating runs so both see the same noise.
+//! null-co export, both on one queue, alternating runs so both see the same noise.
 //!
-//! `cargo bench -p vireo-bench --bench vs_libblkio -- [--seconds S] [--rounds R] [--socket PATH]`
+//! `cargo bench -p vireo-bench --bench vs_libblkio -- [--seconds S] [--rounds R] [--socket PATH]
+//!  [--mode poll|event|hybrid]`
+//! `poll`: both spin on a polled queue. `event`: both sleep until a completion is
+//! signalled (vireo `WaitMode::Sleep`; libblkio an interrupt-driven queue with
+//! `do_io(min_completions = 1)`). `hybrid`: vireo spins 50 us then sleeps (libblkio has
+//! no such mode and runs `event`). CPU is the initiator thread's time on a CPU per I/O.
 //! Without `--socket`, the bench starts its own qemu-storage-daemon.
 
 use std::mem::MaybeUninit;
@@ -30,7 +35,23 @@ impl Rng {
     }
 }
 
-fn run_vireo(sock: &Path, qd: usize, secs: f64) -> f64 {
+/// Nanoseconds this thread ran on a CPU.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Poll,
+    Event,
+    Hybrid,
+}
+
+/// (IOPS, CPU µs per I/O)
+fn run_vireo(sock: &Path, qd: usize, secs: f64, mode: Mode) -> (f64, f64) {
     let reg = Registry::new(DmaMemory::new(DmaConfig::default()).expect("dma"));
     let b = reg
         .attach(&AttachParams {
@@ -54,11 +75,21 @@ fn run_vireo(sock: &Path, qd: usize, secs: f64) -> f64 {
             .expect("submit");
     }
     let start = Instant::now();
+    let cpu0 = thread_cpu_ns();
     let end = start + Duration::from_secs_f64(secs);
     let mut ios = 0u64;
     let mut stop = false;
+    let wait = match mode {
+        Mode::Poll => vireo_bdev::WaitMode::Poll,
+        Mode::Event => vireo_bdev::WaitMode::Sleep,
+        Mode::Hybrid => vireo_bdev::WaitMode::Hybrid(Duration::from_micros(50)),
+    };
     while ch.in_flight() > 0 {
-        ch.poll(&mut done);
+        if mode == Mode::Poll {
+            ch.poll(&mut done);
+        } else {
+            ch.wait(&mut done, 1, Duration::from_secs(1), wait);
+        }
         if !done.is_empty() && Instant::now() >= end {
             stop = true;
         }
@@ -72,18 +103,30 @@ fn run_vireo(sock: &Path, qd: usize, secs: f64) -> f64 {
             }
         }
     }
-    ios as f64 / start.elapsed().as_secs_f64()
+    let cpu = (thread_cpu_ns() - cpu0) as f64 / 1000.0;
+    (
+        ios as f64 / start.elapsed().as_secs_f64(),
+        cpu / ios.max(1) as f64,
+    )
 }
 
-fn run_blkio(sock: &Path, qd: usize, secs: f64) -> f64 {
+/// (IOPS, CPU µs per I/O)
+fn run_blkio(sock: &Path, qd: usize, secs: f64, mode: Mode) -> (f64, f64) {
     let mut b = blkio::Blkio::new("virtio-blk-vhost-user").expect("blkio");
     b.set_str("path", &sock.display().to_string())
         .expect("path");
     b.connect().expect("blkio connect");
-    b.set_i32("num-queues", 0).expect("num-queues");
-    b.set_i32("num-poll-queues", 1).expect("num-poll-queues");
+    let polled = mode == Mode::Poll;
+    b.set_i32("num-queues", if polled { 0 } else { 1 })
+        .expect("num-queues");
+    b.set_i32("num-poll-queues", if polled { 1 } else { 0 })
+        .expect("num-poll-queues");
     let mut out = b.start().expect("blkio start");
-    let mut q = out.poll_queues.pop().expect("poll queue");
+    let mut q = if polled {
+        out.poll_queues.pop().expect("poll queue")
+    } else {
+        out.queues.pop().expect("queue")
+    };
     let region = b.alloc_mem_region(IO * qd).expect("region");
     b.map_mem_region(&region).expect("map");
     let mut rng = Rng(0x1234_5678_9abc_def1);
@@ -94,12 +137,14 @@ fn run_blkio(sock: &Path, qd: usize, secs: f64) -> f64 {
     let mut comps: Vec<MaybeUninit<blkio::Completion>> =
         (0..qd).map(|_| MaybeUninit::uninit()).collect();
     let start = Instant::now();
+    let cpu0 = thread_cpu_ns();
     let end = start + Duration::from_secs_f64(secs);
     let mut ios = 0u64;
     let mut in_flight = qd;
     let mut stop = false;
+    let min = if polled { 0 } else { 1 };
     while in_flight > 0 {
-        let n = q.do_io(&mut comps, 0, None, None).expect("do_io");
+        let n = q.do_io(&mut comps, min, None, None).expect("do_io");
         if n > 0 && Instant::now() >= end {
             stop = true;
         }
@@ -122,10 +167,11 @@ fn run_blkio(sock: &Path, qd: usize, secs: f64) -> f64 {
         }
     }
     let iops = ios as f64 / start.elapsed().as_secs_f64();
+    let cpu = (thread_cpu_ns() - cpu0) as f64 / 1000.0 / ios.max(1) as f64;
     drop(q);
     b.unmap_mem_region(&region);
     b.free_mem_region(&region);
-    iops
+    (iops, cpu)
 }
 
 /// The daemon, the directory holding its socket (removed on drop), the socket path.
@@ -178,6 +224,7 @@ fn main() {
     let mut sock: Option<PathBuf> = None;
     let mut only: Option<String> = None;
     let mut qds = vec![1usize, 32];
+    let mut mode = Mode::Poll;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -197,6 +244,14 @@ fn main() {
             // For profiling one side: --only vireo|libblkio.
             "--only" => only = args.next(),
             "--qd" => qds = vec![args.next().and_then(|v| v.parse().ok()).expect("--qd N")],
+            "--mode" => {
+                mode = match args.next().as_deref() {
+                    Some("poll") => Mode::Poll,
+                    Some("event") => Mode::Event,
+                    Some("hybrid") => Mode::Hybrid,
+                    other => panic!("--mode poll|event|hybrid, got {other:?}"),
+                }
+            }
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -207,14 +262,20 @@ fn main() {
         None
     };
     let sock = sock.unwrap_or_else(|| own.as_ref().expect("qsd").2.clone());
-    println!("4 KiB randread, qemu-storage-daemon null-co {} GiB, one polled queue, {secs} s x {rounds} rounds each, alternating ABBA; median", SIZE >> 30);
+    let mode_name = match mode {
+        Mode::Poll => "both polling",
+        Mode::Event => "both sleeping until signalled (event mode)",
+        Mode::Hybrid => "vireo hybrid (50 us spin, then sleep) vs libblkio event mode",
+    };
+    println!("4 KiB randread, qemu-storage-daemon null-co {} GiB, one queue, {mode_name}, {secs} s x {rounds} rounds each, alternating ABBA; median", SIZE >> 30);
     println!(
-        "{:>4} {:>14} {:>14} {:>8}",
-        "QD", "vireo IOPS", "libblkio IOPS", "ratio"
+        "{:>4} {:>12} {:>12} {:>6} {:>14} {:>14}",
+        "QD", "vireo IOPS", "blkio IOPS", "ratio", "vireo cpu/IO", "blkio cpu/IO"
     );
     for qd in qds {
         let mut v = Vec::new();
         let mut l = Vec::new();
+        let (mut vc, mut lc) = (Vec::new(), Vec::new());
         // ABBA order, so neither side always runs first after the other.
         for round in 0..rounds {
             let order: [bool; 2] = if round % 2 == 0 {
@@ -224,9 +285,13 @@ fn main() {
             };
             for is_vireo in order {
                 if is_vireo && only.as_deref() != Some("libblkio") {
-                    v.push(run_vireo(&sock, qd, secs));
+                    let (i, c) = run_vireo(&sock, qd, secs, mode);
+                    v.push(i);
+                    vc.push(c);
                 } else if !is_vireo && only.as_deref() != Some("vireo") {
-                    l.push(run_blkio(&sock, qd, secs));
+                    let (i, c) = run_blkio(&sock, qd, secs, mode);
+                    l.push(i);
+                    lc.push(c);
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -236,7 +301,13 @@ fn main() {
             continue;
         }
         let (mv, ml) = (median(&mut v), median(&mut l));
-        println!("{qd:>4} {mv:>14.0} {ml:>14.0} {:>8.2}", mv / ml);
+        let (mvc, mlc) = (median(&mut vc), median(&mut lc));
+        println!(
+            "{qd:>4} {mv:>12.0} {ml:>12.0} {:>6.2} {:>11.2} us {:>11.2} us",
+            mv / ml,
+            mvc,
+            mlc
+        );
         eprintln!("  QD{qd} runs: vireo {v:.0?}, libblkio {l:.0?}");
     }
 }

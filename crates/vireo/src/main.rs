@@ -268,6 +268,14 @@ struct PerfArgs {
     /// Print one JSON document on stdout.
     #[arg(long)]
     json: bool,
+    /// How I/O threads wait for completions: poll (spin), wait (sleep on the queue's
+    /// completion eventfd, interrupts enabled only while asleep) or hybrid (spin
+    /// --hybrid-spin-us after the last completion, then sleep).
+    #[arg(long, default_value = "poll", value_parser = ["poll", "wait", "hybrid"])]
+    wait_mode: String,
+    /// Spin time of --wait-mode hybrid, in microseconds.
+    #[arg(long, default_value_t = 50)]
+    hybrid_spin_us: u64,
     /// Draw the latency CDF of each job and IOPS over time (one point per second) to
     /// this SVG file.
     #[arg(long, value_name = "FILE.svg")]
@@ -565,6 +573,11 @@ fn cmd_perf(a: PerfArgs) -> Result<bool> {
             .ok()
             .filter(|d| !d.is_zero())
             .context("--io-timeout must be a positive number of seconds")?,
+        wait_mode: match a.wait_mode.as_str() {
+            "poll" => vireo_bdev::WaitMode::Poll,
+            "wait" => vireo_bdev::WaitMode::Sleep,
+            _ => vireo_bdev::WaitMode::Hybrid(std::time::Duration::from_micros(a.hybrid_spin_us)),
+        },
     };
     if let Some(p) = &a.plot {
         if p.extension().and_then(|e| e.to_str()) != Some("svg") {
@@ -617,6 +630,10 @@ fn print_report(r: &perf::PerfReport) {
             j.verify_failures
         );
     }
+    println!(
+        "cpu: {:.2} s for the process, {:.2} us per I/O (wait mode {})",
+        r.cpu_seconds, r.cpu_us_per_io, r.wait_mode
+    );
     if let Some(e) = &r.total.first_error {
         println!("first error: {e}");
     }

@@ -67,6 +67,8 @@ pub struct PerfOptions {
     pub progress: bool,
     /// Give up on I/O that makes no progress for this long.
     pub io_timeout: Duration,
+    /// How the I/O threads wait for completions.
+    pub wait_mode: vireo_bdev::WaitMode,
 }
 
 /// Latency summary in microseconds.
@@ -136,6 +138,12 @@ pub struct PerfReport {
     pub interrupted: bool,
     /// A device stopped answering and its I/O was given up on (`--io-timeout`).
     pub stalled: bool,
+    /// CPU time (user + system) of the whole process during the run, in seconds.
+    pub cpu_seconds: f64,
+    /// CPU microseconds per completed I/O.
+    pub cpu_us_per_io: f64,
+    /// How the I/O threads waited: poll, wait or hybrid.
+    pub wait_mode: String,
 }
 
 impl PerfReport {
@@ -604,11 +612,53 @@ fn run_core(
         j.start();
     }
     let mut active = true;
+    let mut last_progress = Instant::now();
+    let mut last_done = 0u64;
+    let mut fds = Vec::new();
     while active {
         active = false;
         for j in &mut jobs {
             let c = &counters[j.res.index];
             active |= j.poll(deadline, stop, c);
+        }
+        if o.wait_mode == vireo_bdev::WaitMode::Poll || !active {
+            continue;
+        }
+        // Wait modes: sleep on the queues' completion eventfds once nothing happened
+        // for a while (hybrid) or at once (wait).
+        let done: u64 = jobs
+            .iter()
+            .map(|j| counters[j.res.index].load(Ordering::Relaxed))
+            .sum();
+        if done != last_done {
+            last_done = done;
+            last_progress = Instant::now();
+            continue;
+        }
+        if let vireo_bdev::WaitMode::Hybrid(spin) = o.wait_mode {
+            if last_progress.elapsed() < spin {
+                continue;
+            }
+        }
+        fds.clear();
+        let mut ready = false;
+        for j in &mut jobs {
+            match j.ch.arm() {
+                vireo_bdev::Armed::Ready => ready = true,
+                vireo_bdev::Armed::Fd(fd) => {
+                    if !fds.contains(&fd) {
+                        fds.push(fd)
+                    }
+                }
+                vireo_bdev::Armed::NoFd => {}
+            }
+        }
+        if !ready {
+            if fds.is_empty() {
+                std::thread::sleep(Duration::from_micros(50));
+            } else {
+                vireo_virtio::wait_readable(&fds, Duration::from_millis(10));
+            }
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
@@ -778,6 +828,7 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
     }
     barrier.wait();
     let start = Instant::now();
+    let cpu_start = process_cpu_seconds();
     // Once a second: each job's completions (the timeline), and the progress line.
     let mut timeline: Vec<Vec<f64>> = vec![Vec::new(); njobs];
     let mut last: Vec<u64> = vec![0; njobs];
@@ -856,7 +907,19 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
         total.gave_up |= r.gave_up;
     }
     let secs = total.elapsed;
+    let cpu_seconds = process_cpu_seconds() - cpu_start;
     Ok(PerfReport {
+        cpu_seconds,
+        cpu_us_per_io: if total.ios > 0 {
+            cpu_seconds * 1e6 / total.ios as f64
+        } else {
+            0.0
+        },
+        wait_mode: match o.wait_mode {
+            vireo_bdev::WaitMode::Poll => "poll".into(),
+            vireo_bdev::WaitMode::Sleep => "wait".into(),
+            vireo_bdev::WaitMode::Hybrid(d) => format!("hybrid ({} us spin)", d.as_micros()),
+        },
         workload: format!("{:?}", o.workload).to_lowercase(),
         io_size: o.io_size,
         queue_depth: o.queue_depth,
@@ -865,6 +928,18 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
         interrupted: crate::signals::stop_requested(),
         stalled: total.gave_up,
     })
+}
+
+/// User + system CPU time of the process so far, in seconds.
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the zeroed rusage struct it is given; no other effect.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// MemAvailable of /proc/meminfo, in bytes.

@@ -475,3 +475,66 @@ fn a_wrong_dev_type_is_named_in_the_error() {
         .to_string();
     assert!(e.contains(r#"set "dev_type": "blk""#), "{e}");
 }
+
+/// Nanoseconds this thread ran on a CPU (/proc/thread-self/schedstat).
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Wait mode: with completions 4 ms apart, a sleeping waiter gets every completion
+/// (signalled through the call eventfd, interrupts enabled only while it sleeps) and
+/// spends a fraction of the wall time on a CPU; a polling waiter spins the whole time.
+#[test]
+fn wait_mode_sleeps_on_the_completion_eventfd() {
+    use vireo_bdev::{Armed, WaitMode};
+    let (t, _d) = target(ram(16 << 20));
+    let reg = registry();
+    let b = attach_blk(&reg, t.socket_path(), 1);
+    let mut ch = b.open_channel().unwrap();
+    ch.run(IoRequest::write(0, 8, IoBuf::Heap(pattern(4096, 3)), 1))
+        .result
+        .unwrap();
+    t.faults()
+        .set_completion_delay(std::time::Duration::from_millis(4));
+    let mut measure = |mode: WaitMode| {
+        let wall = std::time::Instant::now();
+        let cpu = thread_cpu_ns();
+        let mut out = Vec::new();
+        for i in 0..25u64 {
+            ch.submit(IoRequest::read(0, 8, IoBuf::Heap(vec![0; 4096]), 100 + i))
+                .unwrap();
+            let n = ch.wait(&mut out, 1, std::time::Duration::from_secs(5), mode);
+            assert_eq!(n, 1, "{mode:?}: one completion per wait");
+        }
+        for c in out.drain(..) {
+            c.result.unwrap();
+            assert_eq!(c.buf.unwrap().as_slice(), &pattern(4096, 3)[..]);
+        }
+        (thread_cpu_ns() - cpu) as f64 / wall.elapsed().as_nanos() as f64
+    };
+    let sleeping = measure(WaitMode::Sleep);
+    let hybrid = measure(WaitMode::Hybrid(std::time::Duration::from_micros(20)));
+    let polling = measure(WaitMode::Poll);
+    assert!(
+        sleeping < 0.5 && hybrid < 0.5,
+        "a sleeping waiter must not spin: CPU/wall sleep {sleeping:.2} hybrid {hybrid:.2} (poll {polling:.2})"
+    );
+    // The fd for a caller's own event loop.
+    ch.submit(IoRequest::read(0, 8, IoBuf::Heap(vec![0; 4096]), 7))
+        .unwrap();
+    let fd = match ch.arm() {
+        Armed::Fd(fd) => fd,
+        Armed::Ready => panic!("nothing can be ready 4 ms early"),
+        Armed::NoFd => panic!("vhost-user has a completion eventfd"),
+    };
+    assert!(vireo_virtio::wait_readable(
+        &[fd],
+        std::time::Duration::from_secs(5)
+    ));
+    let mut out = Vec::new();
+    assert_eq!(ch.poll(&mut out), 1);
+    assert_eq!(ch.arm(), Armed::NoFd, "nothing in flight");
+}

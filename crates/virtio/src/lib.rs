@@ -21,7 +21,7 @@ pub use error::{Error, Result};
 pub use memory::{
     Addressing, DmaBuf, DmaConfig, DmaMemory, DmaRegionInfo, RegionListener, Translator,
 };
-pub use notify::Notifier;
+pub use notify::{wait_readable, Notifier};
 pub use pci::{PciAddress, PciTransport};
 pub use request_queue::{QueueFailure, RequestQueue};
 pub use ring::{QueueFull, QueueOptions, RingLayout, Segment, SplitQueue, Used};

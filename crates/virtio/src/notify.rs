@@ -40,3 +40,25 @@ impl Notifier {
         }
     }
 }
+
+/// Sleep until one of `fds` is readable or `timeout` passes; returns whether one is.
+/// (For completion eventfds: the caller consumes the signal.)
+pub fn wait_readable(fds: &[std::os::fd::RawFd], timeout: std::time::Duration) -> bool {
+    if fds.is_empty() {
+        std::thread::sleep(timeout);
+        return false;
+    }
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.as_millis().clamp(0, i32::MAX as u128) as i32;
+    // SAFETY: `p` is a valid array of `p.len()` pollfd structs for the duration of the
+    // call; poll only writes their `revents`.
+    let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms.max(1)) };
+    n > 0
+}

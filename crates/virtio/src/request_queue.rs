@@ -333,6 +333,24 @@ impl<T: DeviceShared> RequestQueue<T> {
         v
     }
 
+    /// Ask the device to signal the next completion on the queue's eventfd; returns the
+    /// fd and whether completions are already pending (then do not sleep). `None` when
+    /// the transport has no completion eventfd, or the queue failed.
+    pub fn arm(&mut self) -> Option<(std::os::fd::RawFd, bool)> {
+        let ring = self.ring.as_mut()?;
+        let fd = ring.completion_fd()?;
+        let pending = ring.enable_interrupts();
+        Some((fd, pending))
+    }
+
+    /// Back to polling: interrupts off, a pending signal consumed.
+    pub fn disarm(&mut self) {
+        if let Some(ring) = self.ring.as_mut() {
+            ring.disable_interrupts();
+            ring.clear_completion_signal();
+        }
+    }
+
     /// Take the ring out for reuse by another channel, freeing the slots: only when the
     /// queue works and the device holds nothing (otherwise `None`, and the memory stays
     /// with this queue, which leaks it when dropped if the device may still use it).

@@ -126,6 +126,9 @@ pub struct SplitQueue {
     notifier: Notifier,
     notifications: u64,
     len_overruns: u64,
+    /// Signalled by the device on a completion while interrupts are enabled (the
+    /// vhost-user call eventfd); `None` when the transport has none (polled PCI).
+    signal: Option<Arc<vmm_sys_util::eventfd::EventFd>>,
 }
 
 // SAFETY: the raw pointers point into `_ring`/`indirect`, DMA memory owned by this queue;
@@ -199,6 +202,7 @@ impl SplitQueue {
             notifier,
             notifications: 0,
             len_overruns: 0,
+            signal: None,
         };
         q.disable_interrupts();
         Ok(q)
@@ -526,6 +530,24 @@ impl SplitQueue {
         } else {
             self.avail_u16(0)
                 .store(AVAIL_F_NO_INTERRUPT, Ordering::Relaxed);
+        }
+    }
+
+    /// The eventfd the device signals completions on while interrupts are enabled.
+    pub fn set_completion_signal(&mut self, signal: Option<Arc<vmm_sys_util::eventfd::EventFd>>) {
+        self.signal = signal;
+    }
+
+    /// The completion eventfd, if the transport has one.
+    pub fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.signal.as_ref().map(|e| e.as_raw_fd())
+    }
+
+    /// Consume a pending completion signal (non-blocking).
+    pub fn clear_completion_signal(&self) {
+        if let Some(e) = &self.signal {
+            let _ = e.read();
         }
     }
 

@@ -54,6 +54,13 @@ pub trait Transport: Send {
 
     /// A shared flag that turns true when the device is gone, for I/O channels.
     fn broken_flag(&self) -> Arc<std::sync::atomic::AtomicBool>;
+
+    /// The eventfd the device signals on a completion of queue `index` while the queue
+    /// has interrupts enabled (vhost-user's call eventfd); `None` when the transport
+    /// only polls.
+    fn completion_signal(&self, _index: u16) -> Option<Arc<vmm_sys_util::eventfd::EventFd>> {
+        None
+    }
 }
 
 /// Allocate queue `index` of `size` descriptors in the transport's memory and hand it
@@ -69,6 +76,7 @@ pub fn create_queue(
     let mut q = SplitQueue::new(&mem, index, size, opts, placeholder)?;
     let notifier = t.setup_queue(index, &q.layout())?;
     q.set_notifier(notifier);
+    q.set_completion_signal(t.completion_signal(index));
     Ok(q)
 }
 

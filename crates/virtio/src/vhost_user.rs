@@ -37,7 +37,7 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
 
 struct Vring {
     _kick: Arc<EventFd>,
-    _call: EventFd,
+    call: Arc<EventFd>,
 }
 
 /// Shares new DMA regions with the back-end as the memory grows.
@@ -465,6 +465,13 @@ impl Transport for VhostUserTransport {
     fn broken_flag(&self) -> Arc<AtomicBool> {
         self.broken.clone()
     }
+
+    fn completion_signal(&self, index: u16) -> Option<Arc<EventFd>> {
+        self.vrings
+            .get(index as usize)?
+            .as_ref()
+            .map(|v| v.call.clone())
+    }
 }
 
 impl VhostUserTransport {
@@ -535,7 +542,7 @@ impl VhostUserTransport {
             .map_err(|e| Error::transport(q("SET_VRING_ADDR"), e))?;
         fe.set_vring_base(i, 0)
             .map_err(|e| Error::transport(q("SET_VRING_BASE"), e))?;
-        let call = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(q("eventfd"), e))?;
+        let call = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(q("eventfd"), e))?);
         let kick = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(q("eventfd"), e))?);
         fe.set_vring_call(i, &call)
             .map_err(|e| Error::transport(q("SET_VRING_CALL"), e))?;
@@ -546,7 +553,7 @@ impl VhostUserTransport {
         }
         self.vrings[i] = Some(Vring {
             _kick: kick.clone(),
-            _call: call,
+            call,
         });
         Ok(Notifier::EventFd(kick))
     }

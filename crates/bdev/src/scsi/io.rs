@@ -507,6 +507,18 @@ impl ChannelDriver for ScsiChannel {
         }
     }
 
+    fn arm(&mut self) -> Option<(std::os::fd::RawFd, bool)> {
+        let mut tq = self.tq.borrow_mut();
+        if tq.failed.is_some() {
+            return None;
+        }
+        tq.sq.rq.arm()
+    }
+
+    fn disarm(&mut self) {
+        self.tq.borrow_mut().sq.rq.disarm();
+    }
+
     fn in_flight(&self) -> usize {
         let tq = self.tq.borrow();
         if tq.failed.is_some() {
