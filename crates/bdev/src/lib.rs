@@ -1,7 +1,15 @@
 //! The bdev layer of vireo: named block devices over virtio controllers, per-thread
 //! I/O channels with splitting and queue-full waiting, statistics, and the SPDK JSON
 //! configuration.
+//!
+//! Three ways to wait for I/O on an [`IoChannel`]: spin with [`IoChannel::poll`],
+//! block with [`IoChannel::wait`] ([`WaitMode::Poll`], [`WaitMode::Sleep`] on the
+//! queue's completion eventfd, [`WaitMode::Hybrid`]), or await futures through
+//! [`AsyncChannel`] (module [`aio`]), driven either by its polling task or by an event
+//! loop that waits on the fd [`IoChannel::arm`] returns (`examples/async_verify.rs`
+//! does it with tokio's `AsyncFd`).
 
+pub mod aio;
 pub mod bdev;
 pub mod blk;
 pub mod config;
@@ -13,6 +21,7 @@ pub mod registry;
 pub mod scsi;
 pub mod stats;
 
+pub use aio::{AsyncChannel, IoFuture};
 pub use bdev::{Armed, Bdev, BdevInfo, IoChannel, Limits, OpSupport, ScsiAddress, WaitMode};
 pub use blk::{BlkConfig, BlkController, BlkParams};
 pub use config::{load_config, parse_config, AttachParams, ConfigCall, DevType, TrType};
