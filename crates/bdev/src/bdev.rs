@@ -590,6 +590,15 @@ impl IoChannel {
                 buf: req.buf.take(),
             });
         }
+        tracing::trace!(
+            target: "vireo_io",
+            bdev = %self.bdev.info.name,
+            op = req.op.name(),
+            lba = req.offset_blocks,
+            blocks = req.num_blocks,
+            user_data = req.user_data,
+            "submit"
+        );
         let bs = self.bdev.info.block_size as u64;
         let bytes = req.num_blocks * bs;
         // Where the data lives for the device.
@@ -831,6 +840,16 @@ impl IoChannel {
         }
         self.free_parents.push(d.parent);
         self.local.record(op, bytes, lat, error.is_none());
+        // I/O trace point (`-L io`); one relaxed load when off.
+        tracing::trace!(
+            target: "vireo_io",
+            bdev = %self.bdev.info.name,
+            op = op.name(),
+            user_data,
+            latency_ns = lat,
+            error = ?error,
+            "complete"
+        );
         out.push(Completion {
             user_data,
             op,

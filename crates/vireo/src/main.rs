@@ -34,8 +34,8 @@ struct Cli {
     #[arg(long, global = true, default_value = "64m", value_parser = parse_size)]
     dma_region_size: usize,
     /// Debug log of a component, as SPDK's -L: virtio (rings, vhost-user), virtio_blk,
-    /// virtio_scsi, bdev, rpc, target, or all (repeatable; VIREO_LOG takes tracing
-    /// filter directives too).
+    /// virtio_scsi, bdev, rpc, target, io (a trace line per I/O submitted and
+    /// completed), or all (repeatable; VIREO_LOG takes tracing filter directives too).
     #[arg(short = 'L', long = "log", global = true, value_parser = parse_log_flag)]
     log: Vec<&'static str>,
 }
@@ -49,10 +49,11 @@ fn parse_log_flag(s: &str) -> std::result::Result<&'static str, String> {
         "bdev" => "vireo_bdev=debug",
         "rpc" => "vireo::rpc=debug",
         "target" => "vireo_target=debug",
+        "io" => "vireo_io=trace",
         "all" => "debug",
         other => {
             return Err(format!(
-                "unknown log component {other:?} (virtio, virtio_blk, virtio_scsi, bdev, rpc, target, all)"
+                "unknown log component {other:?} (virtio, virtio_blk, virtio_scsi, bdev, rpc, target, io, all)"
             ))
         }
     })

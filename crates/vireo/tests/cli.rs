@@ -578,3 +578,24 @@ fn perf_plot_draws_latency_cdf_and_iops_over_time() {
         .unwrap();
     assert_fails_with(&out, "--plot writes SVG");
 }
+
+/// `-L io`: a trace line per I/O submitted and completed.
+#[test]
+fn log_flag_io_traces_every_io() {
+    let out = vireo()
+        .args(["perf", "-t", "0.2", "-q", "1", "-L", "io"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let submits = err.matches("vireo_io: submit").count();
+    let completes = err.matches("vireo_io: complete").count();
+    assert!(submits > 10, "{submits} submit lines");
+    assert!(
+        completes + 1 >= submits,
+        "{completes} complete lines for {submits} submits"
+    );
+    assert!(err.contains("op=\"write\"") && err.contains("latency_ns="));
+    let quiet = vireo().args(["perf", "-t", "0.2"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&quiet.stderr).contains("vireo_io"));
+}
