@@ -2,8 +2,75 @@
 
 use vireo_virtio::Error as VirtioError;
 
+/// What kind of failure an error is, for callers that decide what to do next (retry,
+/// give up on the device, fix the request) without matching messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The request (or configuration) is wrong: fix it, do not retry.
+    InvalidInput,
+    /// The bdev or device cannot do this operation.
+    Unsupported,
+    /// The device reported a failure of this I/O (media error, SCSI sense, status).
+    Device,
+    /// The device did not answer in time.
+    TimedOut,
+    /// The back-end or PCI function is gone.
+    Disconnected,
+    /// The controller broke the protocol and was marked failed.
+    ControllerFailed,
+    /// No memory (DMA memory for a bounce buffer, queue slots).
+    OutOfMemory,
+    /// A name is unknown.
+    NotFound,
+    /// A name is already taken.
+    AlreadyExists,
+    /// Every request queue is in use.
+    Busy,
+    /// Anything else (transport set-up, an OS error).
+    Other,
+}
+
+impl IoError {
+    /// The kind of failure.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            IoError::Unsupported { .. } | IoError::DeviceUnsupported => ErrorKind::Unsupported,
+            IoError::OutOfRange { .. }
+            | IoError::ReadOnly(_)
+            | IoError::InvalidBuffer(_)
+            | IoError::InvalidRequest(_) => ErrorKind::InvalidInput,
+            IoError::Device | IoError::Sense { .. } | IoError::Scsi(_) => ErrorKind::Device,
+            IoError::ControllerFailed(_) => ErrorKind::ControllerFailed,
+            IoError::Disconnected | IoError::Removed(_) => ErrorKind::Disconnected,
+            IoError::Timeout(_) => ErrorKind::TimedOut,
+            IoError::NoMemory(_) => ErrorKind::OutOfMemory,
+        }
+    }
+}
+
+impl BdevError {
+    /// The kind of failure.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            BdevError::WrongDeviceType { .. } | BdevError::Config(_) => ErrorKind::InvalidInput,
+            BdevError::Virtio { .. } | BdevError::QueueSetup { .. } => ErrorKind::Other,
+            BdevError::BadDevice { .. } => ErrorKind::ControllerFailed,
+            BdevError::Unsatisfiable { .. } | BdevError::QueueSizeRefused { .. } => {
+                ErrorKind::Unsupported
+            }
+            BdevError::NoFreeQueue { .. } => ErrorKind::Busy,
+            BdevError::NameTaken(_) => ErrorKind::AlreadyExists,
+            BdevError::NotFound(_) => ErrorKind::NotFound,
+            BdevError::Io { source, .. } => source.kind(),
+            BdevError::Failed(_) => ErrorKind::ControllerFailed,
+        }
+    }
+}
+
 /// Why one I/O failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum IoError {
     /// The bdev does not support the operation.
     #[error("{op} is not supported by bdev {bdev}")]
@@ -105,6 +172,7 @@ impl BdevError {
 
 /// Errors attaching controllers, opening channels and loading configuration.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BdevError {
     /// The device did not behave like the `dev_type` asked for; it may be the other type
     /// (vhost-user does not tell the device type, so this is the likely explanation).
@@ -193,4 +261,23 @@ pub enum BdevError {
     /// The controller exists but is not usable.
     #[error("controller {0} has failed; detach and re-attach it")]
     Failed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_let_callers_decide_without_matching_messages() {
+        assert_eq!(IoError::Disconnected.kind(), ErrorKind::Disconnected);
+        assert_eq!(IoError::ReadOnly("b".into()).kind(), ErrorKind::InvalidInput);
+        assert_eq!(IoError::Sense { key: 3, asc: 0x11, ascq: 0 }.kind(), ErrorKind::Device);
+        let e = BdevError::Io {
+            name: "c".into(),
+            what: "scan".into(),
+            source: IoError::Timeout("INQUIRY".into()),
+        };
+        assert_eq!(e.kind(), ErrorKind::TimedOut);
+        assert_eq!(BdevError::NameTaken("x".into()).kind(), ErrorKind::AlreadyExists);
+    }
 }

@@ -9,14 +9,16 @@
 //! loop that waits on the fd [`IoChannel::arm`] returns (`examples/async_verify.rs`
 //! does it with tokio's `AsyncFd`).
 
+#![warn(missing_docs)]
+
 pub mod aio;
 pub mod bdev;
 pub mod blk;
 pub mod config;
 pub mod error;
-pub mod health;
+pub(crate) mod health;
 pub mod io;
-pub mod pool;
+pub(crate) mod pool;
 pub mod registry;
 pub mod scsi;
 pub mod stats;
@@ -25,7 +27,7 @@ pub use aio::{AsyncChannel, IoFuture};
 pub use bdev::{Armed, Bdev, BdevInfo, IoChannel, Limits, OpSupport, ScsiAddress, WaitMode};
 pub use blk::{BlkConfig, BlkController, BlkParams};
 pub use config::{load_config, parse_config, AttachParams, ConfigCall, DevType, TrType};
-pub use error::{BdevError, IoError};
+pub use error::{BdevError, ErrorKind, IoError};
 pub use io::{Completion, IoBuf, IoOp, IoRequest, Rejected};
 pub use registry::{Controller, Registry};
 pub use scsi::{ScsiController, ScsiParams};

@@ -4,6 +4,7 @@ use std::io;
 
 /// Errors from DMA memory, virtqueues and transports.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// memfd_create failed.
     #[error("cannot create DMA memory region of {size} bytes (memfd_create{hint}): {source}")]

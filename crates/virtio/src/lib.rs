@@ -5,6 +5,8 @@
 //! for the control plane and one [`ring::SplitQueue`] per request queue for the data
 //! plane.
 
+#![warn(missing_docs)]
+
 pub mod clock;
 pub mod error;
 pub mod features;

@@ -15,7 +15,7 @@ mod attach;
 mod events;
 mod io;
 mod queue;
-pub mod scan;
+pub(crate) mod scan;
 mod tmf;
 pub mod wire;
 
