@@ -86,6 +86,7 @@ fn main() {
             dev_type: DevType::Blk,
             vq_count: 1,
             vq_size: 128,
+            io_timeout: None,
         })
         .unwrap_or_else(|e| panic!("attach {sock}: {e}"))
         .pop()

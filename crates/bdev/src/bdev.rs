@@ -183,6 +183,9 @@ pub struct Bdev {
     driver: Arc<dyn BdevDriver>,
     memory: Arc<DmaMemory>,
     stats: BdevStats,
+    /// Default I/O time limit in nanoseconds (0: none), from the controller's
+    /// `io_timeout`.
+    default_timeout_ns: AtomicU64,
 }
 
 impl std::fmt::Debug for Bdev {
@@ -202,6 +205,7 @@ impl Bdev {
             driver,
             memory,
             stats: BdevStats::default(),
+            default_timeout_ns: AtomicU64::new(0),
         }
     }
 
@@ -255,6 +259,20 @@ impl Bdev {
         &self.info.name
     }
 
+    /// The time limit of I/O that names none (`io_timeout` of the controller).
+    pub fn default_timeout(&self) -> Option<std::time::Duration> {
+        match self.default_timeout_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(std::time::Duration::from_nanos(ns)),
+        }
+    }
+
+    /// Set the time limit of I/O that names none (`None`: no limit).
+    pub fn set_default_timeout(&self, t: Option<std::time::Duration>) {
+        let ns = t.map_or(0, |d| d.as_nanos().clamp(1, u64::MAX as u128) as u64);
+        self.default_timeout_ns.store(ns, Ordering::Relaxed);
+    }
+
     /// DMA memory the device can address: buffers from here are used without a copy.
     pub fn memory(&self) -> &Arc<DmaMemory> {
         &self.memory
@@ -295,6 +313,9 @@ impl Bdev {
             unpublished: false,
             stash: Vec::new(),
             armed: false,
+            timed: 0,
+            timed_out_held: 0,
+            next_timeout_check: 0,
             _not_sync: PhantomData,
         })
     }
@@ -314,6 +335,12 @@ struct Parent {
     bounce: Option<DmaBuf>,
     /// Submission time in [`clock`] ticks.
     start: u64,
+    /// Clock ticks past which the I/O times out (0: no limit).
+    deadline: u64,
+    /// The caller got a timeout error; the device still holds the request.
+    timed_out: bool,
+    /// The escalation step taken for it (0: none, 1: bdev reset sent).
+    escalated: u8,
 }
 
 /// A thread's I/O path to a bdev: submit and poll, no locks. It belongs to the thread
@@ -344,6 +371,13 @@ pub struct IoChannel {
     stash: Vec<Completion>,
     /// Interrupts are enabled on the queue (a waiter sleeps on its eventfd).
     armed: bool,
+    /// Active I/Os with a deadline (timed-out ones included until the device returns
+    /// them).
+    timed: usize,
+    /// Timed-out I/Os the device still holds.
+    timed_out_held: usize,
+    /// Clock ticks of the next deadline check.
+    next_timeout_check: u64,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -396,7 +430,13 @@ impl IoChannel {
     /// I/Os submitted and not yet returned by `poll` (including completions already
     /// reaped and waiting to be handed out).
     pub fn in_flight(&self) -> usize {
-        self.parents.len() - self.free_parents.len() + self.stash.len()
+        self.parents.len() - self.free_parents.len() - self.timed_out_held + self.stash.len()
+    }
+
+    /// Requests the device holds, including timed-out ones whose completion the caller
+    /// already got.
+    fn device_outstanding(&self) -> usize {
+        self.parents.len() - self.free_parents.len()
     }
 
     /// Ask for a signal on the next completion, for a caller's own event loop: sleep on
@@ -656,6 +696,9 @@ impl IoChannel {
                     buf: None,
                     bounce: None,
                     start: 0,
+                    deadline: 0,
+                    timed_out: false,
+                    escalated: 0,
                 });
                 (self.parents.len() - 1) as u32
             }
@@ -671,6 +714,19 @@ impl IoChannel {
             p.buf = req.buf.take();
             p.bounce = bounce;
             p.start = clock::ticks();
+            p.timed_out = false;
+            p.escalated = 0;
+            p.deadline = match req.timeout.or_else(|| self.bdev.default_timeout()) {
+                Some(d) => {
+                    self.timed += 1;
+                    p.start
+                        .saturating_add(clock::ns_to_ticks(
+                            d.as_nanos().min(u64::MAX as u128) as u64
+                        ))
+                        .max(1)
+                }
+                None => 0,
+            };
         }
         // Split to the device's limits.
         let limits = &self.bdev.info.limits;
@@ -756,7 +812,88 @@ impl IoChannel {
             // progress too.
             self.last_completion = clock::ticks();
         }
-        stashed + self.poll_device(out)
+        let n = stashed + self.poll_device(out);
+        n + self.maybe_check_timeouts(out)
+    }
+
+    /// Deadlines are checked about every millisecond, only while I/O with a time limit
+    /// is out.
+    #[inline]
+    fn maybe_check_timeouts(&mut self, out: &mut Vec<Completion>) -> usize {
+        if self.timed == 0 {
+            return 0;
+        }
+        let now = clock::ticks();
+        if now < self.next_timeout_check {
+            return 0;
+        }
+        self.next_timeout_check = now + clock::ns_to_ticks(1_000_000);
+        self.check_timeouts(now, out)
+    }
+
+    /// Complete I/O past its deadline with a timeout error (its buffer stays with the
+    /// device), and escalate for I/O that is still out a period later.
+    fn check_timeouts(&mut self, now: u64, out: &mut Vec<Completion>) -> usize {
+        let mut n = 0;
+        let mut escalate = false;
+        for p in self
+            .parents
+            .iter_mut()
+            .filter(|p| p.active && p.deadline != 0)
+        {
+            if now < p.deadline {
+                continue;
+            }
+            if !p.timed_out {
+                p.timed_out = true;
+                self.timed_out_held += 1;
+                let waited = clock::ticks_to_ns(now.saturating_sub(p.start));
+                let limit = clock::ticks_to_ns(p.deadline - p.start);
+                // Escalate if the device still holds it one more period from now.
+                p.deadline = now.saturating_add(p.deadline - p.start);
+                self.local.record(p.op, 0, waited, false);
+                tracing::warn!(
+                    bdev = %self.bdev.info.name,
+                    op = p.op.name(),
+                    user_data = p.user_data,
+                    "I/O timed out after {:.3} s (limit {:.3} s); its buffer stays with the device",
+                    waited as f64 / 1e9,
+                    limit as f64 / 1e9
+                );
+                out.push(Completion {
+                    user_data: p.user_data,
+                    op: p.op,
+                    result: Err(IoError::Timeout(format!(
+                        "{} ({} bytes) got no answer within {:.3} s",
+                        p.op.name(),
+                        p.bytes,
+                        limit as f64 / 1e9
+                    ))),
+                    buf: None,
+                    latency_ns: waited,
+                });
+                n += 1;
+            } else if p.escalated == 0 {
+                p.escalated = 1;
+                escalate = true;
+            }
+        }
+        if escalate {
+            // Step 2: the device still holds timed-out requests a period later. SCSI:
+            // LOGICAL UNIT RESET (the device completes the LUN's commands as reset);
+            // a device without a reset keeps them until it answers or the controller
+            // is detached.
+            let bound = std::time::Duration::from_secs(5);
+            match self.bdev.reset(bound) {
+                Ok(()) => {
+                    tracing::warn!(bdev = %self.bdev.info.name, "timed-out I/O still outstanding: the LUN was reset")
+                }
+                Err(e) => {
+                    tracing::warn!(bdev = %self.bdev.info.name, "timed-out I/O still outstanding; reset: {e}")
+                }
+            }
+        }
+        n
     }
 
     fn poll_device(&mut self, out: &mut Vec<Completion>) -> usize {
@@ -825,6 +962,22 @@ impl IoChannel {
             return false;
         }
         p.active = false;
+        if p.deadline != 0 {
+            self.timed -= 1;
+        }
+        if p.timed_out {
+            // The caller already got a timeout error: the device gave the request back
+            // at last, so its buffers are free now.
+            p.buf = None;
+            p.error = None;
+            let bounce = p.bounce.take();
+            self.timed_out_held -= 1;
+            if let Some(b) = bounce {
+                self.give_bounce(b);
+            }
+            self.free_parents.push(d.parent);
+            return false;
+        }
         let mut buf = p.buf.take();
         let error = p.error.take();
         let (op, bytes, user_data) = (p.op, p.bytes, p.user_data);
@@ -889,6 +1042,7 @@ impl IoChannel {
         let mut out = Vec::new();
         loop {
             self.poll_device(&mut out);
+            self.maybe_check_timeouts(&mut out);
             if let Some(pos) = out.iter().position(|c| c.user_data == ud) {
                 let c = out.remove(pos);
                 self.stash.append(&mut out);
@@ -910,16 +1064,16 @@ impl Drop for IoChannel {
         };
         let deadline = Instant::now() + wait;
         let mut out = Vec::new();
-        while self.in_flight() > 0 && Instant::now() < deadline {
+        while self.device_outstanding() + self.stash.len() > 0 && Instant::now() < deadline {
             self.poll(&mut out);
             out.clear();
             std::thread::yield_now();
         }
-        if self.in_flight() > 0 {
+        if self.device_outstanding() > 0 {
             // The device still owns these buffers: never hand them back to the allocator.
             tracing::error!(
                 bdev = %self.bdev.info.name,
-                in_flight = self.in_flight(),
+                in_flight = self.device_outstanding(),
                 "channel closed with I/O still on the device; leaking its buffers"
             );
             for p in self.parents.iter_mut().filter(|p| p.active) {

@@ -50,6 +50,18 @@ pub struct AttachParams {
     pub vq_count: u16,
     /// Descriptors per queue.
     pub vq_size: u16,
+    /// Default time limit of every I/O on the controller's bdevs (`io_timeout`, seconds
+    /// in JSON; `None`/0: none). An I/O past it completes with a timeout error and the
+    /// controller escalates (see `IoRequest::timeout`).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "seconds")]
+    pub io_timeout: Option<std::time::Duration>,
+}
+
+fn seconds<S: serde::Serializer>(d: &Option<std::time::Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_f64(d.as_secs_f64()),
+        None => s.serialize_none(),
+    }
 }
 
 fn cfg_err(msg: String) -> BdevError {
@@ -112,7 +124,13 @@ impl AttachParams {
         check_keys(
             p,
             &[
-                "name", "trtype", "traddr", "dev_type", "vq_count", "vq_size",
+                "name",
+                "trtype",
+                "traddr",
+                "dev_type",
+                "vq_count",
+                "vq_size",
+                "io_timeout",
             ],
             ctx,
         )?;
@@ -161,6 +179,17 @@ impl AttachParams {
                 "{ctx}: \"vq_size\" must be a power of two of at least 4, got {vq_size}"
             )));
         }
+        let io_timeout = match p.get("io_timeout") {
+            None | Some(Value::Null) => None,
+            Some(v) => {
+                let secs = v.as_f64().filter(|s| s.is_finite() && *s >= 0.0).ok_or_else(|| {
+                    cfg_err(format!(
+                        "{ctx}: \"io_timeout\" must be a non-negative number of seconds (0: none), got {v}"
+                    ))
+                })?;
+                (secs > 0.0).then(|| std::time::Duration::from_secs_f64(secs))
+            }
+        };
         Ok(AttachParams {
             name,
             trtype,
@@ -168,6 +197,7 @@ impl AttachParams {
             dev_type,
             vq_count,
             vq_size,
+            io_timeout,
         })
     }
 
@@ -325,6 +355,7 @@ mod tests {
                 dev_type: DevType::Blk,
                 vq_count: 1,
                 vq_size: 128,
+                io_timeout: None,
             })]
         );
     }
@@ -421,5 +452,27 @@ mod tests {
             .to_string();
         assert!(e.contains("missing.json"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn io_timeout_is_seconds_and_zero_means_none() {
+        let base = json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk"});
+        let mut p = base.clone();
+        p["io_timeout"] = json!(2.5);
+        let a = AttachParams::from_json(&p).unwrap();
+        assert_eq!(a.io_timeout, Some(std::time::Duration::from_millis(2500)));
+        assert_eq!(a.to_json()["io_timeout"], json!(2.5));
+        p["io_timeout"] = json!(0);
+        assert_eq!(AttachParams::from_json(&p).unwrap().io_timeout, None);
+        assert!(AttachParams::from_json(&base)
+            .unwrap()
+            .to_json()
+            .get("io_timeout")
+            .is_none());
+        for bad in [json!(-1), json!("5"), json!(true)] {
+            p["io_timeout"] = bad;
+            let e = AttachParams::from_json(&p).unwrap_err().to_string();
+            assert!(e.contains("io_timeout"), "{e}");
+        }
     }
 }

@@ -270,14 +270,28 @@ mod tests {
     #[test]
     fn kinds_let_callers_decide_without_matching_messages() {
         assert_eq!(IoError::Disconnected.kind(), ErrorKind::Disconnected);
-        assert_eq!(IoError::ReadOnly("b".into()).kind(), ErrorKind::InvalidInput);
-        assert_eq!(IoError::Sense { key: 3, asc: 0x11, ascq: 0 }.kind(), ErrorKind::Device);
+        assert_eq!(
+            IoError::ReadOnly("b".into()).kind(),
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            IoError::Sense {
+                key: 3,
+                asc: 0x11,
+                ascq: 0
+            }
+            .kind(),
+            ErrorKind::Device
+        );
         let e = BdevError::Io {
             name: "c".into(),
             what: "scan".into(),
             source: IoError::Timeout("INQUIRY".into()),
         };
         assert_eq!(e.kind(), ErrorKind::TimedOut);
-        assert_eq!(BdevError::NameTaken("x".into()).kind(), ErrorKind::AlreadyExists);
+        assert_eq!(
+            BdevError::NameTaken("x".into()).kind(),
+            ErrorKind::AlreadyExists
+        );
     }
 }

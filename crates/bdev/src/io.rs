@@ -90,6 +90,12 @@ pub struct IoRequest {
     pub buf: Option<IoBuf>,
     /// Returned unchanged in the completion.
     pub user_data: u64,
+    /// Time limit of this I/O (default: the controller's `io_timeout`, if any). Past
+    /// it the I/O completes with [`IoError::Timeout`](crate::IoError::Timeout) and
+    /// *without* its buffer, which stays with the device until the device gives the
+    /// request back (then it is dropped); the channel then escalates: a SCSI LUN gets
+    /// a LOGICAL UNIT RESET once the request is still out after another period.
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl IoRequest {
@@ -101,6 +107,7 @@ impl IoRequest {
             num_blocks,
             buf: Some(buf),
             user_data,
+            timeout: None,
         }
     }
 
@@ -112,6 +119,7 @@ impl IoRequest {
             num_blocks,
             buf: Some(buf),
             user_data,
+            timeout: None,
         }
     }
 
@@ -123,7 +131,14 @@ impl IoRequest {
             num_blocks,
             buf: None,
             user_data,
+            timeout: None,
         }
+    }
+
+    /// The same request with a time limit (see [`timeout`](Self::timeout)).
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
     }
 }
 

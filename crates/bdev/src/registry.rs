@@ -258,6 +258,9 @@ impl Registry {
         };
         let controller = r.map_err(|e| wrong_type_hint(e, params))?;
         let bdevs = controller.bdevs();
+        for b in &bdevs {
+            b.set_default_timeout(params.io_timeout);
+        }
         let mut entries = self.lock();
         if entries.iter().any(|e| e.params.name == params.name) {
             return Err(BdevError::NameTaken(params.name.clone()));

@@ -61,6 +61,7 @@ fn run_vireo(sock: &Path, qd: usize, secs: f64, mode: Mode) -> (f64, f64) {
             dev_type: DevType::Blk,
             vq_count: 1,
             vq_size: 256,
+            io_timeout: None,
         })
         .expect("vireo attach")
         .pop()

@@ -41,6 +41,7 @@ fn scsi(name: String, traddr: String, trtype: TrType) -> AttachParams {
         dev_type: DevType::Scsi,
         vq_count: 1,
         vq_size: DEFAULT_VQ_SIZE,
+        io_timeout: None,
     }
 }
 
@@ -77,6 +78,7 @@ impl UserSection {
             dev_type: self.dev_type,
             vq_count: self.queues,
             vq_size: DEFAULT_VQ_SIZE,
+            io_timeout: None,
         })
     }
 }

@@ -536,6 +536,7 @@ fn cmd_perf(a: PerfArgs) -> Result<bool> {
                 dev_type: vireo_bdev::DevType::Blk,
                 vq_count: cores.len() as u16,
                 vq_size: 256,
+                io_timeout: None,
             };
             let b = reg.attach(&params)?;
             _embedded = Some((t, TempDirGuard(dir)));

@@ -443,6 +443,7 @@ impl<'o> Job<'o> {
             num_blocks: n,
             buf: if op.has_data() { s.buf.take() } else { None },
             user_data: i as u64,
+            timeout: None,
         };
         if let Err(r) = self.ch.submit(req) {
             let s = &mut self.slots[i];

@@ -538,3 +538,59 @@ fn wait_mode_sleeps_on_the_completion_eventfd() {
     assert_eq!(ch.poll(&mut out), 1);
     assert_eq!(ch.arm(), Armed::NoFd, "nothing in flight");
 }
+
+/// Per-I/O time limit: an I/O the device holds past it completes with a timeout error
+/// and no buffer (the device may still write it); when the device gives the request
+/// back later the channel frees it quietly, and I/O goes on.
+#[test]
+fn a_timed_out_io_fails_without_its_buffer_and_the_channel_recovers() {
+    use std::time::{Duration, Instant};
+    let (t, _d) = target(ram(16 << 20));
+    let reg = registry();
+    let b = attach_blk(&reg, t.socket_path(), 1);
+    let mut ch = b.open_channel().unwrap();
+    ch.run(IoRequest::write(0, 1, IoBuf::Heap(pattern(512, 9)), 1))
+        .result
+        .unwrap();
+    t.faults().set_completion_delay(Duration::from_millis(700));
+    let start = Instant::now();
+    let c = ch.run(
+        IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2)
+            .with_timeout(Duration::from_millis(100)),
+    );
+    let took = start.elapsed();
+    assert!(
+        matches!(c.result, Err(IoError::Timeout(_))),
+        "{:?}",
+        c.result
+    );
+    assert!(c.buf.is_none(), "the buffer stays with the device");
+    assert!(
+        took < Duration::from_millis(650),
+        "completed at the limit, took {took:?}"
+    );
+    assert_eq!(ch.in_flight(), 0, "the caller has nothing in flight");
+    // Without a limit, the next I/O waits for the slow device and succeeds; meanwhile
+    // the timed-out request comes back and is freed.
+    let c = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 3));
+    c.result.unwrap();
+    assert_eq!(c.buf.unwrap().as_slice(), &pattern(512, 9)[..]);
+    t.faults().clear();
+    // The controller's io_timeout applies to I/O that names none.
+    b.set_default_timeout(Some(Duration::from_millis(100)));
+    t.faults().set_completion_delay(Duration::from_millis(400));
+    let c = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 4));
+    assert!(
+        matches!(c.result, Err(IoError::Timeout(_))),
+        "{:?}",
+        c.result
+    );
+    t.faults().clear();
+    b.set_default_timeout(None);
+    let stats = ch.stats();
+    drop(ch);
+    assert!(
+        stats.io_errors >= 2,
+        "timeouts are counted as errors: {stats:?}"
+    );
+}

@@ -669,3 +669,48 @@ fn a_wrong_dev_type_is_named_in_the_error() {
         .to_string();
     assert!(e.contains(r#"set "dev_type": "scsi""#), "{e}");
 }
+
+/// `io_timeout` on a SCSI controller: a request the LUN holds past the limit fails
+/// with a timeout, and if the LUN still holds it a period later the channel sends a
+/// LOGICAL UNIT RESET (escalation); I/O works afterwards.
+#[test]
+fn io_timeout_fails_the_io_then_resets_the_lun() {
+    let (t, _d) = target(ScsiTargetConfig::default());
+    let reg = registry();
+    let mut p = scsi_params("S", t.socket_path(), 1, 128);
+    p.io_timeout = Some(Duration::from_millis(100));
+    let b = reg.attach(&p).expect("attach").pop().unwrap();
+    let mut ch = b.open_channel().unwrap();
+    ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1))
+        .result
+        .unwrap();
+    let resets = t.stats().tmf_lun_reset;
+    t.faults().set_completion_delay(Duration::from_millis(800));
+    let c = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2));
+    assert!(
+        matches!(c.result, Err(IoError::Timeout(_))),
+        "{:?}",
+        c.result
+    );
+    // Keep polling past the escalation point.
+    let until = Instant::now() + Duration::from_millis(500);
+    let mut out = Vec::new();
+    while Instant::now() < until {
+        ch.poll(&mut out);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        t.stats().tmf_lun_reset > resets,
+        "the LUN was reset after the timed-out request stayed out"
+    );
+    t.faults().clear();
+    // The delayed request comes back (as reset or completed) and the LUN answers again.
+    let until = Instant::now() + Duration::from_millis(800);
+    while Instant::now() < until {
+        ch.poll(&mut out);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 3))
+        .result
+        .unwrap();
+}

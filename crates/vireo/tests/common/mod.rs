@@ -145,6 +145,7 @@ pub fn blk_params(name: &str, sock: &Path, vq_count: u16) -> AttachParams {
         dev_type: DevType::Blk,
         vq_count,
         vq_size: 256,
+        io_timeout: None,
     }
 }
 
@@ -258,6 +259,7 @@ pub fn scsi_params(name: &str, sock: &Path, vq_count: u16, vq_size: u16) -> Atta
         dev_type: DevType::Scsi,
         vq_count,
         vq_size,
+        io_timeout: None,
     }
 }
 
