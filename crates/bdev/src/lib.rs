@@ -26,7 +26,7 @@ pub mod stats;
 pub use aio::{AsyncChannel, IoFuture};
 pub use bdev::{Armed, Bdev, BdevInfo, IoChannel, Limits, OpSupport, ScsiAddress, WaitMode};
 pub use blk::{BlkConfig, BlkController, BlkParams};
-pub use config::{load_config, parse_config, AttachParams, ConfigCall, DevType, TrType};
+pub use config::{AttachParams, ConfigCall, DevType, TrType};
 pub use error::{BdevError, ErrorKind, IoError};
 pub use io::{Completion, IoBuf, IoOp, IoRequest, Rejected};
 pub use registry::{Controller, Registry};

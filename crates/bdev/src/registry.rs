@@ -372,26 +372,9 @@ impl Registry {
             .collect()
     }
 
-    /// The configuration that recreates the current state (SPDK `save_config` shape).
-    pub fn save_config(&self) -> serde_json::Value {
-        let mut config: Vec<serde_json::Value> = self
-            .lock()
-            .iter()
-            .map(|e| {
-                serde_json::json!({
-                    "method": "bdev_virtio_attach_controller",
-                    "params": e.params.to_json(),
-                })
-            })
-            .collect();
-        if let Some((enable, period)) = *self.hotplug.lock().unwrap_or_else(|e| e.into_inner()) {
-            let mut p = serde_json::json!({ "enable": enable });
-            if let Some(us) = period {
-                p["period_us"] = us.into();
-            }
-            config.push(serde_json::json!({"method":"bdev_virtio_blk_set_hotplug","params":p}));
-        }
-        serde_json::json!({"subsystems":[{"subsystem":"bdev","config":config}]})
+    /// The `bdev_virtio_blk_set_hotplug` setting applied, if any: (enable, period in µs).
+    pub fn hotplug(&self) -> Option<(bool, Option<u64>)> {
+        *self.hotplug.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -211,7 +211,7 @@ pub fn load(path: &Path) -> Result<Vec<ConfigCall>> {
     if is_ini(&text) {
         return parse(&text, &path.display().to_string());
     }
-    Ok(vireo_bdev::load_config(path)?)
+    Ok(crate::config::load_config(path)?)
 }
 
 /// The SPDK JSON document equivalent to `calls`.
@@ -221,7 +221,7 @@ pub fn to_json(calls: &[ConfigCall]) -> serde_json::Value {
         .map(|c| match c {
             ConfigCall::Attach(p) => serde_json::json!({
                 "method": "bdev_virtio_attach_controller",
-                "params": p.to_json(),
+                "params": crate::config::attach_to_json(p),
             }),
             ConfigCall::BlkHotplug { enable, period_us } => {
                 let mut params = serde_json::json!({"enable": enable});
@@ -306,6 +306,6 @@ mod tests {
     fn json_equivalent_round_trips() {
         let calls = parse("[VirtioUser0]\nPath /tmp/a\nType Blk\n", "s.ini").unwrap();
         let doc = to_json(&calls);
-        assert_eq!(vireo_bdev::parse_config(&doc).unwrap(), calls);
+        assert_eq!(crate::config::parse_config(&doc).unwrap(), calls);
     }
 }

@@ -1,5 +1,6 @@
 //! `vireo`: a userspace, polled-mode virtio storage initiator.
 
+mod config;
 mod ini;
 mod nbd;
 mod pcisetup;

@@ -198,7 +198,8 @@ pub fn dispatch(reg: &Registry, method: &str, params: &Value) -> RpcResult {
         "bdev_virtio_attach_controller" => {
             let empty = Value::Object(Map::new());
             let p = if params.is_null() { &empty } else { params };
-            let a = AttachParams::from_json(p).map_err(|e| RpcError::params(e.to_string()))?;
+            let a =
+                crate::config::attach_from_json(p).map_err(|e| RpcError::params(e.to_string()))?;
             let bdevs = reg.attach(&a)?;
             Ok(json!(bdevs.iter().map(|b| b.name()).collect::<Vec<_>>()))
         }
@@ -271,7 +272,7 @@ pub fn dispatch(reg: &Registry, method: &str, params: &Value) -> RpcResult {
         "framework_get_config" => {
             let p = params_obj(method, params, &["name"])?;
             let name = req_str(method, &p, "name")?;
-            let cfg = reg.save_config();
+            let cfg = crate::config::save_config(reg);
             cfg["subsystems"]
                 .as_array()
                 .and_then(|s| s.iter().find(|s| s["subsystem"] == name.as_str()))
@@ -289,7 +290,7 @@ pub fn dispatch(reg: &Registry, method: &str, params: &Value) -> RpcResult {
         }
         "save_config" => {
             params_obj(method, params, &[])?;
-            Ok(reg.save_config())
+            Ok(crate::config::save_config(reg))
         }
         // SPDK's NBD RPCs, adapted: `nbd_device` is an export name, not /dev/nbdX.
         "nbd_start_disk" => {

@@ -267,7 +267,7 @@ pub fn scsi_params(name: &str, sock: &Path, vq_count: u16, vq_size: u16) -> Atta
 pub fn write_config(dir: &Path, file: &str, controllers: &[AttachParams]) -> PathBuf {
     let calls: Vec<serde_json::Value> = controllers
         .iter()
-        .map(|p| serde_json::json!({"method": "bdev_virtio_attach_controller", "params": p.to_json()}))
+        .map(|p| serde_json::json!({"method": "bdev_virtio_attach_controller", "params": serde_json::to_value(p).unwrap()}))
         .collect();
     let doc = serde_json::json!({"subsystems": [{"subsystem": "bdev", "config": calls}]});
     let path = dir.join(file);

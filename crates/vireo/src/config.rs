@@ -1,0 +1,426 @@
+//! SPDK's JSON configuration format, for the methods vireo implements:
+//! `{"subsystems":[{"subsystem":"bdev","config":[{"method":..., "params":{...}}]}]}`.
+//! The library takes typed [`AttachParams`] / [`ConfigCall`]s; this module reads and
+//! writes them as SPDK does.
+
+use std::path::Path;
+
+use serde_json::{json, Map, Value};
+use vireo_bdev::config::{DEFAULT_VQ_COUNT, DEFAULT_VQ_SIZE};
+use vireo_bdev::{AttachParams, BdevError, ConfigCall, DevType, Registry, TrType};
+
+fn cfg_err(msg: String) -> BdevError {
+    BdevError::Config(msg)
+}
+
+fn get_str(p: &Map<String, Value>, key: &str, ctx: &str) -> Result<Option<String>, BdevError> {
+    match p.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(v) => Err(cfg_err(format!(
+            "{ctx}: \"{key}\" must be a string, got {v}"
+        ))),
+    }
+}
+
+/// An integer param in `min..=65535`.
+fn get_u16(
+    p: &Map<String, Value>,
+    key: &str,
+    min: u16,
+    ctx: &str,
+) -> Result<Option<u16>, BdevError> {
+    match p.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .filter(|&v| v >= min as u64 && v <= u16::MAX as u64)
+            .map(|v| Some(v as u16))
+            .ok_or_else(|| {
+                cfg_err(format!(
+                    "{ctx}: \"{key}\" must be an integer {min}..=65535, got {n}"
+                ))
+            }),
+        Some(v) => Err(cfg_err(format!(
+            "{ctx}: \"{key}\" must be a number, got {v}"
+        ))),
+    }
+}
+
+fn check_keys(p: &Map<String, Value>, allowed: &[&str], ctx: &str) -> Result<(), BdevError> {
+    for k in p.keys() {
+        if !allowed.contains(&k.as_str()) {
+            return Err(cfg_err(format!(
+                "{ctx}: unknown parameter \"{k}\" (allowed: {})",
+                allowed.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Parse and validate the `params` object of `bdev_virtio_attach_controller`.
+pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
+    let ctx = "bdev_virtio_attach_controller";
+    let p = v
+        .as_object()
+        .ok_or_else(|| cfg_err(format!("{ctx}: \"params\" must be an object")))?;
+    check_keys(
+        p,
+        &[
+            "name",
+            "trtype",
+            "traddr",
+            "dev_type",
+            "vq_count",
+            "vq_size",
+            "io_timeout",
+        ],
+        ctx,
+    )?;
+    let name =
+        get_str(p, "name", ctx)?.ok_or_else(|| cfg_err(format!("{ctx}: \"name\" is required")))?;
+    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(cfg_err(format!(
+            "{ctx}: \"name\" {name:?} must be non-empty without whitespace"
+        )));
+    }
+    let trtype = match get_str(p, "trtype", ctx)?
+        .ok_or_else(|| cfg_err(format!("{ctx}: \"trtype\" is required (user or pci)")))?
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "user" => TrType::User,
+        "pci" => TrType::Pci,
+        other => {
+            return Err(cfg_err(format!(
+                "{ctx}: \"trtype\" must be \"user\" or \"pci\", got {other:?}"
+            )))
+        }
+    };
+    let traddr = get_str(p, "traddr", ctx)?
+        .ok_or_else(|| cfg_err(format!("{ctx}: \"traddr\" is required")))?;
+    let dev_type = match get_str(p, "dev_type", ctx)?
+        .ok_or_else(|| cfg_err(format!("{ctx}: \"dev_type\" is required (scsi or blk)")))?
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "scsi" => DevType::Scsi,
+        "blk" => DevType::Blk,
+        other => {
+            return Err(cfg_err(format!(
+                "{ctx}: \"dev_type\" must be \"scsi\" or \"blk\", got {other:?}"
+            )))
+        }
+    };
+    let vq_count = get_u16(p, "vq_count", 1, ctx)?.unwrap_or(DEFAULT_VQ_COUNT);
+    if vq_count == 0 {
+        return Err(cfg_err(format!("{ctx}: \"vq_count\" must be at least 1")));
+    }
+    let vq_size = get_u16(p, "vq_size", 4, ctx)?.unwrap_or(DEFAULT_VQ_SIZE);
+    if !vq_size.is_power_of_two() || vq_size < 4 {
+        return Err(cfg_err(format!(
+            "{ctx}: \"vq_size\" must be a power of two of at least 4, got {vq_size}"
+        )));
+    }
+    let io_timeout = match p.get("io_timeout") {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            let secs = v.as_f64().filter(|s| s.is_finite() && *s >= 0.0).ok_or_else(|| {
+                cfg_err(format!(
+                    "{ctx}: \"io_timeout\" must be a non-negative number of seconds (0: none), got {v}"
+                ))
+            })?;
+            (secs > 0.0).then(|| std::time::Duration::from_secs_f64(secs))
+        }
+    };
+    Ok(AttachParams {
+        name,
+        trtype,
+        traddr,
+        dev_type,
+        vq_count,
+        vq_size,
+        io_timeout,
+    })
+}
+
+/// The `params` object, as SPDK writes it.
+pub fn attach_to_json(p: &AttachParams) -> Value {
+    serde_json::to_value(p).unwrap_or(Value::Null)
+}
+
+/// Parse a configuration document.
+pub fn parse_config(doc: &Value) -> Result<Vec<ConfigCall>, BdevError> {
+    let top = doc
+        .as_object()
+        .ok_or_else(|| cfg_err("the configuration must be a JSON object".into()))?;
+    check_keys(top, &["subsystems"], "configuration")?;
+    let subs = match top.get("subsystems") {
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(cfg_err("\"subsystems\" must be an array".into())),
+        None => {
+            return Err(cfg_err(
+                "the configuration has no \"subsystems\" array".into(),
+            ))
+        }
+    };
+    let mut calls = Vec::new();
+    for (i, s) in subs.iter().enumerate() {
+        let s = s
+            .as_object()
+            .ok_or_else(|| cfg_err(format!("subsystems[{i}] must be an object")))?;
+        check_keys(s, &["subsystem", "config"], &format!("subsystems[{i}]"))?;
+        let name = get_str(s, "subsystem", &format!("subsystems[{i}]"))?
+            .ok_or_else(|| cfg_err(format!("subsystems[{i}] has no \"subsystem\" name")))?;
+        let config = match s.get("config") {
+            None | Some(Value::Null) => continue,
+            Some(Value::Array(a)) => a,
+            Some(_) => {
+                return Err(cfg_err(format!(
+                    "subsystem {name}: \"config\" must be an array"
+                )))
+            }
+        };
+        if name != "bdev" {
+            if config.is_empty() {
+                continue;
+            }
+            return Err(cfg_err(format!(
+                "unknown subsystem \"{name}\" with configuration (vireo configures only \"bdev\")"
+            )));
+        }
+        for (j, c) in config.iter().enumerate() {
+            let ctx = format!("bdev config[{j}]");
+            let c = c
+                .as_object()
+                .ok_or_else(|| cfg_err(format!("{ctx} must be an object")))?;
+            check_keys(c, &["method", "params"], &ctx)?;
+            let method = get_str(c, "method", &ctx)?
+                .ok_or_else(|| cfg_err(format!("{ctx} has no \"method\"")))?;
+            let empty = Value::Object(Map::new());
+            let params = c.get("params").unwrap_or(&empty);
+            match method.as_str() {
+                "bdev_virtio_attach_controller" => {
+                    calls.push(ConfigCall::Attach(attach_from_json(params)?))
+                }
+                "bdev_virtio_blk_set_hotplug" => {
+                    let p = params.as_object().ok_or_else(|| {
+                        cfg_err(format!("{method}: \"params\" must be an object"))
+                    })?;
+                    check_keys(p, &["enable", "period_us"], &method)?;
+                    let enable = match p.get("enable") {
+                        Some(Value::Bool(b)) => *b,
+                        _ => {
+                            return Err(cfg_err(format!(
+                                "{method}: \"enable\" (a boolean) is required"
+                            )))
+                        }
+                    };
+                    let period_us = match p.get("period_us") {
+                        None | Some(Value::Null) => None,
+                        Some(v) => Some(v.as_u64().ok_or_else(|| {
+                            cfg_err(format!("{method}: \"period_us\" must be an integer"))
+                        })?),
+                    };
+                    calls.push(ConfigCall::BlkHotplug { enable, period_us });
+                }
+                // SPDK writes these into every saved configuration; attach is
+                // synchronous in vireo, so there is nothing to wait for.
+                "bdev_wait_for_examine" => {}
+                other => {
+                    return Err(cfg_err(format!(
+                        "{ctx}: unknown method \"{other}\" (supported: bdev_virtio_attach_controller, bdev_virtio_blk_set_hotplug, bdev_wait_for_examine)"
+                    )))
+                }
+            }
+        }
+    }
+    let mut names = std::collections::HashSet::new();
+    for c in &calls {
+        if let ConfigCall::Attach(a) = c {
+            if !names.insert(a.name.clone()) {
+                return Err(cfg_err(format!(
+                    "controller name \"{}\" is used twice",
+                    a.name
+                )));
+            }
+        }
+    }
+    Ok(calls)
+}
+
+/// Read and parse a configuration file; errors name the file.
+pub fn load_config(path: &Path) -> Result<Vec<ConfigCall>, BdevError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| cfg_err(format!("cannot read config file {}: {e}", path.display())))?;
+    let doc: Value = serde_json::from_str(&text)
+        .map_err(|e| cfg_err(format!("config file {}: invalid JSON: {e}", path.display())))?;
+    parse_config(&doc).map_err(|e| cfg_err(format!("config file {}: {e}", path.display())))
+}
+
+/// The configuration that recreates `reg`'s current state (SPDK `save_config` shape).
+pub fn save_config(reg: &Registry) -> Value {
+    let mut config: Vec<Value> = reg
+        .controllers()
+        .into_iter()
+        .map(|(p, _)| {
+            json!({
+                "method": "bdev_virtio_attach_controller",
+                "params": attach_to_json(&p),
+            })
+        })
+        .collect();
+    if let Some((enable, period)) = reg.hotplug() {
+        let mut p = json!({ "enable": enable });
+        if let Some(us) = period {
+            p["period_us"] = us.into();
+        }
+        config.push(json!({"method":"bdev_virtio_blk_set_hotplug","params":p}));
+    }
+    json!({"subsystems":[{"subsystem":"bdev","config":config}]})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attach(params: Value) -> Value {
+        json!({"subsystems":[{"subsystem":"bdev","config":[
+            {"method":"bdev_virtio_attach_controller","params":params}]}]})
+    }
+
+    #[test]
+    fn spdk_example_parses_with_defaults() {
+        let doc = attach(
+            json!({"name":"VirtioBlk0","trtype":"user","traddr":"/tmp/vhost.0","dev_type":"blk"}),
+        );
+        let calls = parse_config(&doc).unwrap();
+        assert_eq!(
+            calls,
+            vec![ConfigCall::Attach(AttachParams {
+                name: "VirtioBlk0".into(),
+                trtype: TrType::User,
+                traddr: "/tmp/vhost.0".into(),
+                dev_type: DevType::Blk,
+                vq_count: 1,
+                vq_size: 128,
+                io_timeout: None,
+            })]
+        );
+    }
+
+    #[test]
+    fn spdk_saved_config_extras_are_accepted() {
+        let doc = json!({"subsystems":[
+            {"subsystem":"accel","config":[]},
+            {"subsystem":"bdev","config":[
+                {"method":"bdev_virtio_attach_controller","params":{"name":"S","trtype":"User","traddr":"/s","dev_type":"SCSI","vq_count":2,"vq_size":128}},
+                {"method":"bdev_virtio_blk_set_hotplug","params":{"enable":false,"period_us":1000}},
+                {"method":"bdev_wait_for_examine"}]}]});
+        let calls = parse_config(&doc).unwrap();
+        assert_eq!(calls.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_offending_key() {
+        let cases = [
+            (
+                json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk","vq_cuont":2}),
+                "vq_cuont",
+            ),
+            (
+                json!({"trtype":"user","traddr":"/s","dev_type":"blk"}),
+                "\"name\" is required",
+            ),
+            (
+                json!({"name":"A","trtype":"tcp","traddr":"/s","dev_type":"blk"}),
+                "trtype",
+            ),
+            (
+                json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"nvme"}),
+                "dev_type",
+            ),
+            (
+                json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk","vq_size":100}),
+                "vq_size",
+            ),
+            (
+                json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk","vq_count":0}),
+                "vq_count",
+            ),
+            (
+                json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk","vq_count":"2"}),
+                "vq_count",
+            ),
+            (
+                json!({"name":"A","trtype":"user","traddr":5,"dev_type":"blk"}),
+                "traddr",
+            ),
+        ];
+        for (p, needle) in cases {
+            let e = parse_config(&attach(p)).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} should mention {needle}");
+        }
+        let e = parse_config(&json!({"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_malloc_create","params":{}}]}]}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bdev_malloc_create"), "{e}");
+        let e =
+            parse_config(&json!({"subsystems":[{"subsystem":"nvmf","config":[{"method":"x"}]}]}))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("nvmf"), "{e}");
+        let e = parse_config(&json!({"subsystem":[]}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("subsystem"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let p = json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk"});
+        let doc = json!({"subsystems":[{"subsystem":"bdev","config":[
+            {"method":"bdev_virtio_attach_controller","params":p},
+            {"method":"bdev_virtio_attach_controller","params":p}]}]});
+        assert!(parse_config(&doc)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("vireo-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("bad.json");
+        std::fs::write(&f, "{ not json").unwrap();
+        let e = load_config(&f).unwrap_err().to_string();
+        assert!(e.contains("bad.json") && e.contains("invalid JSON"), "{e}");
+        let e = load_config(&dir.join("missing.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.json"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn io_timeout_is_seconds_and_zero_means_none() {
+        let base = json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk"});
+        let mut p = base.clone();
+        p["io_timeout"] = json!(2.5);
+        let a = attach_from_json(&p).unwrap();
+        assert_eq!(a.io_timeout, Some(std::time::Duration::from_millis(2500)));
+        assert_eq!(attach_to_json(&a)["io_timeout"], json!(2.5));
+        p["io_timeout"] = json!(0);
+        assert_eq!(attach_from_json(&p).unwrap().io_timeout, None);
+        assert!(attach_to_json(&attach_from_json(&base).unwrap())
+            .get("io_timeout")
+            .is_none());
+        for bad in [json!(-1), json!("5"), json!(true)] {
+            p["io_timeout"] = bad;
+            let e = attach_from_json(&p).unwrap_err().to_string();
+            assert!(e.contains("io_timeout"), "{e}");
+        }
+    }
+}
