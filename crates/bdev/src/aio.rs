@@ -78,6 +78,7 @@ impl AsyncChannel {
                     op,
                     result: Err(r.error),
                     buf: r.buf,
+                    iov: r.iov,
                     latency_ns: 0,
                 },
             );

@@ -332,6 +332,8 @@ struct Parent {
     remaining: u32,
     error: Option<IoError>,
     buf: Option<IoBuf>,
+    /// Vectored buffers of the request.
+    iov: Vec<IoBuf>,
     bounce: Option<DmaBuf>,
     /// Submission time in [`clock`] ticks.
     start: u64,
@@ -573,6 +575,21 @@ impl IoChannel {
                 })
             }
         }
+        if req.op.has_data() && !req.iov.is_empty() {
+            let want = req.num_blocks as u128 * info.block_size as u128;
+            let have: u128 = req.iov.iter().map(|b| b.len() as u128).sum();
+            if req.buf.is_some() || have != want {
+                return Err(IoError::InvalidBuffer(format!(
+                    "vectored {} of {} blocks needs {} bytes in its segments and no `buf`; the {} segments have {}",
+                    req.op.name(),
+                    req.num_blocks,
+                    want,
+                    req.iov.len(),
+                    have
+                )));
+            }
+            return Ok(());
+        }
         if req.op.has_data() {
             let want = req.num_blocks as u128 * info.block_size as u128;
             match &req.buf {
@@ -622,12 +639,16 @@ impl IoChannel {
     /// Submit an I/O. It reaches the device on the next [`poll`](Self::poll) (or
     /// [`flush`](Self::flush)); a full ring makes it wait in the channel, never fail.
     /// A request that is invalid for this bdev is refused at once.
+    // The error hands the caller's buffers back by value: no allocation on a refusal,
+    // and the Ok path, the hot one, carries nothing.
+    #[allow(clippy::result_large_err)]
     pub fn submit(&mut self, mut req: IoRequest) -> Result<(), Rejected> {
         if let Err(error) = self.validate(&req) {
             return Err(Rejected {
                 error,
                 user_data: req.user_data,
                 buf: req.buf.take(),
+                iov: std::mem::take(&mut req.iov),
             });
         }
         tracing::trace!(
@@ -644,7 +665,32 @@ impl IoChannel {
         // Where the data lives for the device.
         let mut bounce = None;
         let mut addr = 0u64;
-        if req.op.has_data() {
+        if req.op.has_data() && !req.iov.is_empty() {
+            // Vectored: one bounce buffer, gathered now for a write, scattered at
+            // completion for a read.
+            let total: usize = req.iov.iter().map(IoBuf::len).sum();
+            let mut b = match self.take_bounce(total) {
+                Ok(b) => b,
+                Err(error) => {
+                    return Err(Rejected {
+                        error,
+                        user_data: req.user_data,
+                        buf: None,
+                        iov: std::mem::take(&mut req.iov),
+                    })
+                }
+            };
+            if req.op == IoOp::Write {
+                let mut at = 0;
+                for seg in &req.iov {
+                    let n = seg.len();
+                    b.as_mut_slice()[at..at + n].copy_from_slice(seg.as_slice());
+                    at += n;
+                }
+            }
+            addr = b.iova();
+            bounce = Some(b);
+        } else if req.op.has_data() {
             let buf = req.buf.as_ref().expect("validated");
             let direct = match buf {
                 IoBuf::Dma(b) => self.translator.translate(b.addr(), b.len() as u64),
@@ -660,6 +706,7 @@ impl IoChannel {
                                 error,
                                 user_data: req.user_data,
                                 buf: req.buf.take(),
+                                iov: std::mem::take(&mut req.iov),
                             })
                         }
                     };
@@ -679,6 +726,7 @@ impl IoChannel {
                 op: IoOp::Flush,
                 result: Ok(()),
                 buf: req.buf.take(),
+                iov: Vec::new(),
                 latency_ns: 0,
             });
             return Ok(());
@@ -694,6 +742,7 @@ impl IoChannel {
                     remaining: 0,
                     error: None,
                     buf: None,
+                    iov: Vec::new(),
                     bounce: None,
                     start: 0,
                     deadline: 0,
@@ -712,6 +761,7 @@ impl IoChannel {
             p.remaining = 0;
             p.error = None;
             p.buf = req.buf.take();
+            p.iov = std::mem::take(&mut req.iov);
             p.bounce = bounce;
             p.start = clock::ticks();
             p.timed_out = false;
@@ -856,10 +906,17 @@ impl IoChannel {
                     bdev = %self.bdev.info.name,
                     op = p.op.name(),
                     user_data = p.user_data,
-                    "I/O timed out after {:.3} s (limit {:.3} s); its buffer stays with the device",
+                    "I/O timed out after {:.3} s (limit {:.3} s); a buffer the device uses in place stays with it",
                     waited as f64 / 1e9,
                     limit as f64 / 1e9
                 );
+                // A caller's buffer the device uses in place stays with the device; one
+                // that went through a bounce buffer (heap, vectored) is given back.
+                let buf = if p.bounce.is_some() {
+                    p.buf.take()
+                } else {
+                    None
+                };
                 out.push(Completion {
                     user_data: p.user_data,
                     op: p.op,
@@ -869,7 +926,8 @@ impl IoChannel {
                         p.bytes,
                         limit as f64 / 1e9
                     ))),
-                    buf: None,
+                    buf,
+                    iov: std::mem::take(&mut p.iov),
                     latency_ns: waited,
                 });
                 n += 1;
@@ -979,6 +1037,7 @@ impl IoChannel {
             return false;
         }
         let mut buf = p.buf.take();
+        let mut iov = std::mem::take(&mut p.iov);
         let error = p.error.take();
         let (op, bytes, user_data) = (p.op, p.bytes, p.user_data);
         let lat = clock::ticks_to_ns(now.saturating_sub(p.start));
@@ -987,6 +1046,13 @@ impl IoChannel {
                 if let Some(buf) = buf.as_mut() {
                     let n = buf.len();
                     buf.as_mut_slice().copy_from_slice(&b.as_slice()[..n]);
+                }
+                let mut at = 0;
+                for seg in iov.iter_mut() {
+                    let n = seg.len();
+                    seg.as_mut_slice()
+                        .copy_from_slice(&b.as_slice()[at..at + n]);
+                    at += n;
                 }
             }
             self.give_bounce(b);
@@ -1011,6 +1077,7 @@ impl IoChannel {
                 Some(e) => Err(e),
             },
             buf,
+            iov,
             latency_ns: lat,
         });
         true
@@ -1029,6 +1096,7 @@ impl IoChannel {
                 op,
                 result: Err(r.error),
                 buf: r.buf,
+                iov: r.iov,
                 latency_ns: 0,
             };
         }

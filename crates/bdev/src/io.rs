@@ -88,6 +88,11 @@ pub struct IoRequest {
     pub num_blocks: u64,
     /// Data buffer for reads and writes: exactly `num_blocks * block_size` bytes.
     pub buf: Option<IoBuf>,
+    /// Vectored data instead of `buf`: segments of any length that add up to
+    /// `num_blocks * block_size` bytes, read into (scattered) or written from (gathered)
+    /// in order. They go through one DMA bounce buffer (a copy); a single DMA `buf` is
+    /// used in place.
+    pub iov: Vec<IoBuf>,
     /// Returned unchanged in the completion.
     pub user_data: u64,
     /// Time limit of this I/O (default: the controller's `io_timeout`, if any). Past
@@ -106,6 +111,7 @@ impl IoRequest {
             offset_blocks,
             num_blocks,
             buf: Some(buf),
+            iov: Vec::new(),
             user_data,
             timeout: None,
         }
@@ -118,6 +124,7 @@ impl IoRequest {
             offset_blocks,
             num_blocks,
             buf: Some(buf),
+            iov: Vec::new(),
             user_data,
             timeout: None,
         }
@@ -130,6 +137,33 @@ impl IoRequest {
             offset_blocks,
             num_blocks,
             buf: None,
+            iov: Vec::new(),
+            user_data,
+            timeout: None,
+        }
+    }
+
+    /// A vectored read of `num_blocks` blocks at `offset_blocks` into `iov`, in order.
+    pub fn readv(offset_blocks: u64, num_blocks: u64, iov: Vec<IoBuf>, user_data: u64) -> Self {
+        IoRequest {
+            op: IoOp::Read,
+            offset_blocks,
+            num_blocks,
+            buf: None,
+            iov,
+            user_data,
+            timeout: None,
+        }
+    }
+
+    /// A vectored write of `iov`, in order, to `num_blocks` blocks at `offset_blocks`.
+    pub fn writev(offset_blocks: u64, num_blocks: u64, iov: Vec<IoBuf>, user_data: u64) -> Self {
+        IoRequest {
+            op: IoOp::Write,
+            offset_blocks,
+            num_blocks,
+            buf: None,
+            iov,
             user_data,
             timeout: None,
         }
@@ -153,6 +187,8 @@ pub struct Completion {
     pub result: Result<(), IoError>,
     /// The request's buffer, given back (with read data filled in).
     pub buf: Option<IoBuf>,
+    /// The request's vectored buffers, given back (with read data filled in).
+    pub iov: Vec<IoBuf>,
     /// Nanoseconds from submit to completion (0 for requests refused at submit).
     pub latency_ns: u64,
 }
@@ -166,6 +202,8 @@ pub struct Rejected {
     pub user_data: u64,
     /// The buffer.
     pub buf: Option<IoBuf>,
+    /// The vectored buffers.
+    pub iov: Vec<IoBuf>,
 }
 
 impl std::fmt::Display for Rejected {

@@ -442,6 +442,7 @@ impl<'o> Job<'o> {
             offset_blocks: lba,
             num_blocks: n,
             buf: if op.has_data() { s.buf.take() } else { None },
+            iov: Vec::new(),
             user_data: i as u64,
             timeout: None,
         };

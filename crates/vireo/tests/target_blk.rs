@@ -554,7 +554,7 @@ fn a_timed_out_io_fails_without_its_buffer_and_the_channel_recovers() {
     t.faults().set_completion_delay(Duration::from_millis(700));
     let start = Instant::now();
     let c = ch.run(
-        IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2)
+        IoRequest::read(0, 1, IoBuf::Dma(b.alloc_buf(512).unwrap()), 2)
             .with_timeout(Duration::from_millis(100)),
     );
     let took = start.elapsed();
@@ -563,7 +563,10 @@ fn a_timed_out_io_fails_without_its_buffer_and_the_channel_recovers() {
         "{:?}",
         c.result
     );
-    assert!(c.buf.is_none(), "the buffer stays with the device");
+    assert!(
+        c.buf.is_none(),
+        "a buffer used in place stays with the device"
+    );
     assert!(
         took < Duration::from_millis(650),
         "completed at the limit, took {took:?}"
@@ -584,6 +587,10 @@ fn a_timed_out_io_fails_without_its_buffer_and_the_channel_recovers() {
         "{:?}",
         c.result
     );
+    assert!(
+        c.buf.is_some(),
+        "a bounced buffer comes back: the device has the bounce"
+    );
     t.faults().clear();
     b.set_default_timeout(None);
     let stats = ch.stats();
@@ -592,4 +599,50 @@ fn a_timed_out_io_fails_without_its_buffer_and_the_channel_recovers() {
         stats.io_errors >= 2,
         "timeouts are counted as errors: {stats:?}"
     );
+}
+
+/// Vectored I/O: segments of any length gathered for a write and scattered for a read,
+/// mixing heap and DMA segments; lengths that do not add up are refused.
+#[test]
+fn vectored_reads_and_writes_scatter_and_gather() {
+    let (t, _d) = target(ram(16 << 20));
+    let reg = registry();
+    let b = attach_blk(&reg, t.socket_path(), 1);
+    let mut ch = b.open_channel().unwrap();
+    let data = pattern(1536, 5);
+    let mut dma = b.alloc_buf(412).unwrap();
+    dma.as_mut_slice().copy_from_slice(&data[100..512]);
+    let iov = vec![
+        IoBuf::Heap(data[..100].to_vec()),
+        IoBuf::Dma(dma),
+        IoBuf::Heap(data[512..].to_vec()),
+    ];
+    let c = ch.run(IoRequest::writev(10, 3, iov, 1));
+    c.result.unwrap();
+    assert_eq!(c.iov.len(), 3, "the segments come back");
+    let c = ch.run(IoRequest::readv(
+        10,
+        3,
+        vec![
+            IoBuf::Heap(vec![0; 700]),
+            IoBuf::Dma(b.alloc_buf(836).unwrap()),
+        ],
+        2,
+    ));
+    c.result.unwrap();
+    let mut back = c.iov[0].as_slice().to_vec();
+    back.extend_from_slice(c.iov[1].as_slice());
+    assert_eq!(back, data);
+    // The plain read sees the same blocks.
+    let c = ch.run(IoRequest::read(10, 3, IoBuf::Heap(vec![0; 1536]), 3));
+    assert_eq!(c.buf.unwrap().as_slice(), &data[..]);
+    // Segments that do not add up, or a buf beside them: refused, segments returned.
+    let r = ch
+        .submit(IoRequest::writev(0, 2, vec![IoBuf::Heap(vec![0; 1000])], 4))
+        .unwrap_err();
+    assert!(matches!(r.error, IoError::InvalidBuffer(_)), "{}", r.error);
+    assert_eq!(r.iov.len(), 1);
+    let mut req = IoRequest::readv(0, 1, vec![IoBuf::Heap(vec![0; 512])], 5);
+    req.buf = Some(IoBuf::Heap(vec![0; 512]));
+    assert!(ch.submit(req).is_err());
 }
