@@ -1,6 +1,7 @@
 //! `vireo`: a userspace, polled-mode virtio storage initiator.
 
 mod config;
+mod embedded;
 mod ini;
 mod nbd;
 mod pcisetup;
@@ -218,20 +219,6 @@ struct TargetArgs {
     /// scsi fault: never answer task management functions.
     #[arg(long)]
     tmf_never_answer: bool,
-}
-
-impl TargetArgs {
-    /// Arm the faults given on the command line.
-    fn arm(&self, f: &vireo_target::Faults) {
-        f.set_completion_delay(std::time::Duration::from_micros(self.delay_us));
-        f.set_reorder_window(self.reorder);
-        f.fail_next(self.fail_next);
-        if let Some(n) = self.disconnect_after {
-            f.disconnect_after(n);
-        }
-        f.lie_used_len_next(self.lie_used_len);
-        f.bad_used_id_next(self.bad_used_id);
-    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -511,36 +498,8 @@ fn cmd_perf(a: PerfArgs) -> Result<bool> {
     let bdevs = match &a.config {
         Some(c) => attach_config(&reg, c)?,
         None => {
-            let dir = tempdir()?;
-            let sock = dir.join("embedded-blk.sock");
-            let t = vireo_target::spawn_blk_target(
-                &sock,
-                vireo_target::BlkTargetConfig {
-                    backend: vireo_target::Backing::Ram {
-                        size_bytes: 1 << 30,
-                    },
-                    num_queues: cores.len() as u16,
-                    ..Default::default()
-                },
-            )
-            .context("cannot start the embedded vhost-user-blk target")?;
-            if !a.json {
-                eprintln!(
-                    "vireo: no -c given: using an in-process vhost-user-blk target on 1 GiB of RAM ({})",
-                    sock.display()
-                );
-            }
-            let params = vireo_bdev::AttachParams {
-                name: "Embedded0".into(),
-                trtype: vireo_bdev::TrType::User,
-                traddr: sock.display().to_string(),
-                dev_type: vireo_bdev::DevType::Blk,
-                vq_count: cores.len() as u16,
-                vq_size: 256,
-                io_timeout: None,
-            };
-            let b = reg.attach(&params)?;
-            _embedded = Some((t, TempDirGuard(dir)));
+            let (guard, b) = embedded::perf_target(&reg, cores.len() as u16, a.json)?;
+            _embedded = Some(guard);
             b
         }
     };
@@ -607,6 +566,8 @@ fn cmd_perf(a: PerfArgs) -> Result<bool> {
         eprintln!("vireo: a device stopped answering; exiting without detaching it");
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
+        // (Without the embedded-target feature the guard holds nothing.)
+        #[allow(clippy::drop_non_drop)]
         drop(_embedded);
         std::process::exit(1);
     }
@@ -648,63 +609,6 @@ fn print_report(r: &perf::PerfReport) {
     }
 }
 
-fn cmd_target_scsi(a: TargetArgs) -> Result<()> {
-    if a.targets == 0 || a.luns == 0 {
-        bail!("--targets and --luns must be at least 1");
-    }
-    let mut luns = std::collections::BTreeMap::new();
-    for t in 0..a.targets {
-        for l in 0..a.luns {
-            let backend = match &a.file {
-                Some(base) => vireo_target::Backing::File {
-                    path: base.with_extension(format!("t{t}l{l}.img")),
-                    size_bytes: Some(a.size as u64),
-                },
-                None => vireo_target::Backing::Ram {
-                    size_bytes: a.size as u64,
-                },
-            };
-            luns.insert(
-                (t, l),
-                vireo_target::LunConfig {
-                    backend,
-                    block_size: a.block_size,
-                    read_only: a.read_only,
-                    limits: vireo_target::BlockLimitsConfig {
-                        max_transfer_length: a.max_transfer,
-                        max_unmap_lba_count: a.max_unmap_lba,
-                        max_unmap_descriptor_count: a.max_unmap_desc,
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                },
-            );
-        }
-    }
-    let t = vireo_target::spawn_scsi_target(
-        &a.socket,
-        vireo_target::ScsiTargetConfig {
-            luns,
-            num_request_queues: a.queues,
-            queue_size: a.queue_size,
-            seg_max: a.seg_max,
-            config_space: !a.no_config_space,
-            tmf_never_answer: a.tmf_never_answer,
-            ..Default::default()
-        },
-    )?;
-    a.arm(t.faults());
-    eprintln!(
-        "vireo: vhost-user-scsi target listening on {} ({} targets x {} LUNs)",
-        a.socket.display(),
-        a.targets,
-        a.luns
-    );
-    wait_for_stop_signal();
-    t.stop();
-    Ok(())
-}
-
 /// The error and its causes, skipping causes the message already spells out.
 fn error_chain(e: &anyhow::Error) -> String {
     let mut msg = String::new();
@@ -719,76 +623,6 @@ fn error_chain(e: &anyhow::Error) -> String {
         msg.push_str(&c);
     }
     msg
-}
-
-/// A private directory for sockets, removed on drop.
-struct TempDirGuard(PathBuf);
-
-impl Drop for TempDirGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempdir() -> Result<PathBuf> {
-    let base = std::env::temp_dir();
-    for i in 0..1000u32 {
-        let d = base.join(format!("vireo-{}-{i}", std::process::id()));
-        match std::fs::create_dir(&d) {
-            Ok(()) => return Ok(d),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e).with_context(|| format!("cannot create {}", d.display())),
-        }
-    }
-    bail!("cannot create a temporary directory in {}", base.display())
-}
-
-/// Serve until SIGINT or SIGTERM (then the caller stops the target, which removes its
-/// socket).
-fn wait_for_stop_signal() {
-    while !signals::stop_requested() {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
-fn cmd_target(a: TargetArgs) -> Result<()> {
-    signals::install();
-    match a.dev_type.as_str() {
-        "blk" => {}
-        "scsi" => return cmd_target_scsi(a),
-        other => bail!("unknown target type {other:?} (blk or scsi)"),
-    }
-    let backend = match &a.file {
-        Some(path) => vireo_target::Backing::File {
-            path: path.clone(),
-            size_bytes: Some(a.size as u64),
-        },
-        None => vireo_target::Backing::Ram {
-            size_bytes: a.size as u64,
-        },
-    };
-    let t = vireo_target::spawn_blk_target(
-        &a.socket,
-        vireo_target::BlkTargetConfig {
-            backend,
-            block_size: a.block_size,
-            num_queues: a.queues,
-            queue_size: a.queue_size,
-            seg_max: a.seg_max,
-            size_max: a.size_max as u32,
-            read_only: a.read_only,
-            flush: !a.no_flush,
-            ..Default::default()
-        },
-    )?;
-    a.arm(t.faults());
-    eprintln!(
-        "vireo: vhost-user-blk target listening on {}",
-        a.socket.display()
-    );
-    wait_for_stop_signal();
-    t.stop();
-    Ok(())
 }
 
 fn main() {
@@ -813,7 +647,7 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Bdevs { config, json } => cmd_bdevs(config, json).map(|_| true),
         Cmd::Perf(a) => cmd_perf(a),
-        Cmd::Target(a) => cmd_target(a).map(|_| true),
+        Cmd::Target(a) => embedded::cmd_target(a).map(|_| true),
         Cmd::Serve(a) => registry()
             .and_then(|reg| rpc::cmd_serve(reg, a.config, a.socket, a.nbd))
             .map(|_| true),
