@@ -96,7 +96,7 @@ pub struct IoRequest {
     /// Returned unchanged in the completion.
     pub user_data: u64,
     /// Time limit of this I/O (default: the controller's `io_timeout`, if any). Past
-    /// it the I/O completes with [`IoError::Timeout`](crate::IoError::Timeout) and
+    /// it the I/O completes with [`IoError::Timeout`] and
     /// *without* its buffer, which stays with the device until the device gives the
     /// request back (then it is dropped); the channel then escalates: a SCSI LUN gets
     /// a LOGICAL UNIT RESET once the request is still out after another period.
