@@ -46,7 +46,10 @@ async fn event_driver(ch: AsyncChannel) {
                     afd = Some((fd, register(fd)));
                 }
                 if let Some((_, a)) = &afd {
-                    if let Ok(mut g) = a.readable().await {
+                    // Bounded: I/O time limits are checked when the channel is polled.
+                    if let Ok(Ok(mut g)) =
+                        tokio::time::timeout(Duration::from_millis(10), a.readable()).await
+                    {
                         g.clear_ready();
                     }
                 }

@@ -412,6 +412,8 @@ impl BlkController {
     /// Stop the device. Fails while channels are open.
     pub fn detach(self) -> Result<(), BdevError> {
         self.shared.queues.check_idle(&self.shared.name)?;
+        // Holders of the bdev can open no new channel on a stopped device.
+        self.bdev.mark_removed();
         let mut t = self.transport.lock().unwrap_or_else(|e| e.into_inner());
         t.shutdown().map_err(|source| BdevError::Virtio {
             name: self.shared.name.clone(),

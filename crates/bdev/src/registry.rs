@@ -43,6 +43,13 @@ impl Controller {
 
     /// The device is gone and nothing uses the controller: a removed PCI function is
     /// released (the kernel waits for that to complete the removal).
+    fn open_channels(&self) -> u64 {
+        match self {
+            Controller::Blk(c) => c.channels_open(),
+            Controller::Scsi(c) => c.channels_open(),
+        }
+    }
+
     fn reapable(&self, trtype: TrType) -> bool {
         let (gone, open) = match self {
             Controller::Blk(c) => (c.is_gone(), c.channels_open()),
@@ -294,6 +301,14 @@ impl Registry {
             .iter()
             .position(|e| e.params.name == name)
             .ok_or_else(|| BdevError::NotFound(name.to_string()))?;
+        // Refused, and nothing touched, while channels are open: detaching would reset
+        // the device under their I/O.
+        let open = entries[pos].controller.open_channels();
+        if open > 0 {
+            return Err(BdevError::Config(format!(
+                "controller {name} still has {open} open I/O channels (close them, or stop the NBD exports of its bdevs, first)"
+            )));
+        }
         let e = entries.remove(pos);
         let params = e.params.clone();
         if let Err(err) = e.controller.detach() {

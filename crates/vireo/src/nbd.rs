@@ -109,6 +109,8 @@ struct Job {
     offset: u64,
     length: u32,
     data: Option<Vec<u8>>,
+    /// Payload bytes counted against the client's credit (given back with the reply).
+    cost: usize,
     reply: Sender<Reply>,
 }
 
@@ -117,7 +119,11 @@ struct Reply {
     handle: u64,
     error: u32,
     data: Option<IoBuf>,
+    cost: usize,
 }
+
+/// A bdev's I/O thread: the bdev it serves and its request channel.
+type Worker = (Arc<Bdev>, Sender<Job>);
 
 /// Exports and their I/O threads.
 pub struct NbdServer {
@@ -128,7 +134,7 @@ pub struct NbdServer {
     explicit: Mutex<BTreeMap<String, String>>,
     /// Bdev names whose automatic export was stopped.
     stopped: Mutex<BTreeSet<String>>,
-    workers: Mutex<HashMap<String, Sender<Job>>>,
+    workers: Mutex<HashMap<String, Worker>>,
     listening: bool,
 }
 
@@ -219,8 +225,12 @@ impl NbdServer {
 
     fn worker(&self, bdev: &Arc<Bdev>) -> Result<Sender<Job>> {
         let mut w = lock(&self.workers);
-        if let Some(s) = w.get(bdev.name()) {
-            return Ok(s.clone());
+        // The same bdev (not merely the same name: a re-attached controller has new
+        // bdevs) and a worker still running.
+        if let Some((b, s)) = w.get(bdev.name()) {
+            if Arc::ptr_eq(b, bdev) && !bdev.is_removed() {
+                return Ok(s.clone());
+            }
         }
         let (tx, rx) = mpsc::channel();
         let b = bdev.clone();
@@ -228,7 +238,7 @@ impl NbdServer {
             .name(format!("vireo-nbd-{}", bdev.name()))
             .spawn(move || io_thread(b, rx))
             .context("cannot start an NBD I/O thread")?;
-        w.insert(bdev.name().to_string(), tx.clone());
+        w.insert(bdev.name().to_string(), (bdev.clone(), tx.clone()));
         Ok(tx)
     }
 
@@ -307,20 +317,68 @@ pub fn serve(
 
 /// A client connection: a stream that can be split into reader and writer.
 trait Conn: Read + Write + Send {
-    fn split(&self) -> std::io::Result<Box<dyn Write + Send>>;
+    /// A writer for the replies; writes give up after `timeout`.
+    fn split(&self, timeout: Duration) -> std::io::Result<Box<dyn Write + Send>>;
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
 }
 
 impl Conn for std::os::unix::net::UnixStream {
-    fn split(&self) -> std::io::Result<Box<dyn Write + Send>> {
-        Ok(Box::new(self.try_clone()?))
+    fn split(&self, timeout: Duration) -> std::io::Result<Box<dyn Write + Send>> {
+        let w = self.try_clone()?;
+        w.set_write_timeout(Some(timeout))?;
+        Ok(Box::new(w))
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        std::os::unix::net::UnixStream::set_read_timeout(self, t)
     }
 }
 
 impl Conn for std::net::TcpStream {
-    fn split(&self) -> std::io::Result<Box<dyn Write + Send>> {
-        Ok(Box::new(self.try_clone()?))
+    fn split(&self, timeout: Duration) -> std::io::Result<Box<dyn Write + Send>> {
+        let w = self.try_clone()?;
+        w.set_write_timeout(Some(timeout))?;
+        Ok(Box::new(w))
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        std::net::TcpStream::set_read_timeout(self, t)
     }
 }
+
+/// Requests and payload bytes one client may have outstanding; its reader stops
+/// reading requests until replies go out (so a client that never reads its replies
+/// cannot make the server buffer without bound).
+const MAX_CLIENT_REQUESTS: usize = 64;
+const MAX_CLIENT_BYTES: usize = 64 << 20;
+/// Clients served at once.
+const MAX_CLIENTS: usize = 64;
+/// A handshake must finish, and a reply be taken, within this.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Outstanding requests and bytes of one client.
+#[derive(Default)]
+struct Credit {
+    used: Mutex<(usize, usize)>,
+    freed: std::sync::Condvar,
+}
+
+impl Credit {
+    fn take(&self, bytes: usize) {
+        let mut u = lock(&self.used);
+        while u.0 >= MAX_CLIENT_REQUESTS || (u.0 > 0 && u.1 + bytes > MAX_CLIENT_BYTES) {
+            u = self.freed.wait(u).unwrap_or_else(|e| e.into_inner());
+        }
+        u.0 += 1;
+        u.1 += bytes;
+    }
+    fn give(&self, bytes: usize) {
+        let mut u = lock(&self.used);
+        u.0 = u.0.saturating_sub(1);
+        u.1 = u.1.saturating_sub(bytes);
+        self.freed.notify_all();
+    }
+}
+
+static CLIENTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn accept_loop(
     stop: fn() -> bool,
@@ -330,14 +388,24 @@ fn accept_loop(
     while !stop() {
         match accept() {
             Ok(c) => {
+                use std::sync::atomic::Ordering::AcqRel;
+                if CLIENTS.fetch_add(1, AcqRel) >= MAX_CLIENTS {
+                    CLIENTS.fetch_sub(1, AcqRel);
+                    tracing::warn!("nbd: more than {MAX_CLIENTS} clients; connection refused");
+                    continue;
+                }
                 let s = server.clone();
-                let _ = std::thread::Builder::new()
+                let spawned = std::thread::Builder::new()
                     .name("vireo-nbd-client".into())
                     .spawn(move || {
                         if let Err(e) = client(&s, c) {
                             tracing::info!("nbd client: {e:#}");
                         }
+                        CLIENTS.fetch_sub(1, AcqRel);
                     });
+                if spawned.is_err() {
+                    CLIENTS.fetch_sub(1, AcqRel);
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(20))
@@ -495,12 +563,16 @@ fn handshake(server: &NbdServer, c: &mut dyn Conn) -> Result<Option<Arc<Bdev>>> 
 }
 
 fn client(server: &Arc<NbdServer>, mut c: Box<dyn Conn>) -> Result<()> {
+    c.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     let Some(bdev) = handshake(server, c.as_mut())? else {
         return Ok(());
     };
+    c.set_read_timeout(None)?;
     let jobs = server.worker(&bdev)?;
-    let mut w = c.split()?;
+    let mut w = c.split(CLIENT_TIMEOUT)?;
     let (reply_tx, reply_rx) = mpsc::channel::<Reply>();
+    let credit = Arc::new(Credit::default());
+    let credit_w = credit.clone();
     let writer = std::thread::Builder::new()
         .name("vireo-nbd-writer".into())
         .spawn(move || {
@@ -508,7 +580,9 @@ fn client(server: &Arc<NbdServer>, mut c: Box<dyn Conn>) -> Result<()> {
             // Replies keep coming until every job of this client finished (a client
             // that went away still gets its requests completed, not dropped mid-I/O).
             for r in reply_rx {
+                let bytes = r.cost;
                 if !ok {
+                    credit_w.give(bytes);
                     continue;
                 }
                 let mut m = Vec::with_capacity(16);
@@ -520,6 +594,7 @@ fn client(server: &Arc<NbdServer>, mut c: Box<dyn Conn>) -> Result<()> {
                     _ => Ok(()),
                 });
                 ok = res.is_ok();
+                credit_w.give(bytes);
             }
         })
         .context("cannot start an NBD writer thread")?;
@@ -550,6 +625,11 @@ fn client(server: &Arc<NbdServer>, mut c: Box<dyn Conn>) -> Result<()> {
             if cmd == CMD_DISC {
                 return Ok(());
             }
+            let cost = match cmd {
+                CMD_READ | CMD_WRITE => (length as usize).min(MAX_PAYLOAD as usize),
+                _ => 0,
+            };
+            credit.take(cost);
             let job = Job {
                 handle,
                 cmd,
@@ -557,6 +637,7 @@ fn client(server: &Arc<NbdServer>, mut c: Box<dyn Conn>) -> Result<()> {
                 offset,
                 length,
                 data,
+                cost,
                 reply: reply_tx.clone(),
             };
             if jobs.send(job).is_err() {
@@ -573,6 +654,7 @@ fn client(server: &Arc<NbdServer>, mut c: Box<dyn Conn>) -> Result<()> {
 struct Pending {
     handle: u64,
     reply: Sender<Reply>,
+    cost: usize,
     /// Write with FUA: a flush follows before the reply.
     fua: bool,
     read: bool,
@@ -596,11 +678,7 @@ fn io_thread(bdev: Arc<Bdev>, rx: Receiver<Job>) {
         Err(e) => {
             tracing::error!(bdev = %bdev.name(), "nbd: cannot open an I/O channel: {e}");
             for j in rx {
-                let _ = j.reply.send(Reply {
-                    handle: j.handle,
-                    error: EIO,
-                    data: None,
-                });
+                send_reply(&j.reply, j.handle, EIO, j.cost);
             }
             return;
         }
@@ -610,11 +688,20 @@ fn io_thread(bdev: Arc<Bdev>, rx: Receiver<Job>) {
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     let mut next_id = 1u64;
     let mut done: Vec<Completion> = Vec::new();
+    let mut dead = false;
     loop {
+        // A device that is gone (or a bdev that was removed): close the channel so the
+        // controller can be released; clients get errors from a new worker.
+        if (dead || bdev.is_removed()) && ch.in_flight() == 0 {
+            tracing::warn!(bdev = %bdev.name(), "nbd: the device is gone; closing the export's channel");
+            break;
+        }
         let first = if ch.in_flight() == 0 {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(j) => Some(j),
-                Err(RecvTimeoutError::Timeout) => continue,
+                // Still poll: timed-out requests the device holds are reaped (and
+                // escalated) only by polling.
+                Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         } else {
@@ -634,15 +721,17 @@ fn io_thread(bdev: Arc<Bdev>, rx: Receiver<Job>) {
                 let id = next_id;
                 next_id += 1;
                 if let Err(r) = ch.submit(IoRequest::no_data(IoOp::Flush, 0, 0, id)) {
-                    let _ = p.reply.send(Reply {
-                        handle: p.handle,
-                        error: errno(&r.error),
-                        data: None,
-                    });
+                    send_reply(&p.reply, p.handle, errno(&r.error), p.cost);
                 } else {
                     pending.insert(id, Pending { fua: false, ..p });
                 }
                 continue;
+            }
+            if let Err(e) = &c.result {
+                dead |= matches!(
+                    e.kind(),
+                    vireo_bdev::ErrorKind::Disconnected | vireo_bdev::ErrorKind::ControllerFailed
+                );
             }
             let error = c.result.as_ref().err().map_or(0, errno);
             let data = if p.read && error == 0 { c.buf } else { None };
@@ -650,6 +739,7 @@ fn io_thread(bdev: Arc<Bdev>, rx: Receiver<Job>) {
                 handle: p.handle,
                 error,
                 data,
+                cost: p.cost,
             });
         }
     }
@@ -663,7 +753,7 @@ fn start(
     pending: &mut HashMap<u64, Pending>,
     next_id: &mut u64,
 ) {
-    let reply_now = |error: u32| send_reply(&j.reply, j.handle, error);
+    let reply_now = |error: u32| send_reply(&j.reply, j.handle, error, j.cost);
     let info = bdev.info();
     let len = j.length as u64;
     let with_range = matches!(
@@ -719,7 +809,9 @@ fn start(
             }
             if info.ops.write_zeroes {
                 IoRequest::no_data(IoOp::WriteZeroes, lba, n, id)
-            } else if len <= MAX_PAYLOAD as u64 {
+            } else if len <= 1 << 20 {
+                // Without device write-zeroes, small ranges are written as zeros; larger
+                // ones are refused (ENOTSUP makes clients write zeros themselves).
                 IoRequest::write(lba, n, IoBuf::Heap(vec![0; len as usize]), id)
             } else {
                 return reply_now(ENOTSUP);
@@ -737,19 +829,21 @@ fn start(
                 Pending {
                     handle: j.handle,
                     reply: j.reply,
+                    cost: j.cost,
                     fua,
                     read,
                 },
             );
         }
-        Err(r) => send_reply(&j.reply, j.handle, errno(&r.error)),
+        Err(r) => send_reply(&j.reply, j.handle, errno(&r.error), j.cost),
     }
 }
 
-fn send_reply(tx: &Sender<Reply>, handle: u64, error: u32) {
+fn send_reply(tx: &Sender<Reply>, handle: u64, error: u32, cost: usize) {
     let _ = tx.send(Reply {
         handle,
         error,
         data: None,
+        cost,
     });
 }

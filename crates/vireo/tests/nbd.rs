@@ -311,3 +311,65 @@ fn bad_nbd_addresses_are_clear_errors() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// A client that floods READs and never reads its replies cannot make the server
+/// buffer without bound: its reader stops at the per-client limit, and other clients
+/// are served meanwhile.
+#[test]
+fn a_client_that_never_reads_replies_is_held_back() {
+    let qsd = Qsd::start(QsdOpts {
+        backend: Backend::Null(1 << 30),
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    let mut c = UnixStream::connect(&sock).unwrap();
+    let mut hello = [0u8; 18];
+    c.read_exact(&mut hello).unwrap();
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+    let name = b"VirtioBlk0";
+    let mut opt = Vec::new();
+    opt.extend_from_slice(b"IHAVEOPT");
+    opt.extend_from_slice(&7u32.to_be_bytes());
+    opt.extend_from_slice(&((4 + name.len() + 2) as u32).to_be_bytes());
+    opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    opt.extend_from_slice(name);
+    opt.extend_from_slice(&0u16.to_be_bytes());
+    c.write_all(&opt).unwrap();
+    // 2000 READs of 1 MiB (2 GiB of replies) in the background; nobody reads them.
+    c.set_write_timeout(Some(std::time::Duration::from_secs(3)))
+        .unwrap();
+    let flood = std::thread::spawn(move || {
+        let mut sent = 0u32;
+        for k in 0..2000u64 {
+            let mut r = Vec::new();
+            r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+            r.extend_from_slice(&0u16.to_be_bytes());
+            r.extend_from_slice(&0u16.to_be_bytes());
+            r.extend_from_slice(&k.to_be_bytes());
+            r.extend_from_slice(&((k % 512) << 20).to_be_bytes());
+            r.extend_from_slice(&(1u32 << 20).to_be_bytes());
+            if c.write_all(&r).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        (sent, c)
+    });
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    // Another client is served meanwhile.
+    ok_io(
+        &url(&sock, "VirtioBlk0"),
+        &["write -P 0x21 0 64k", "read 0 64k"],
+    );
+    let (sent, c) = flood.join().unwrap();
+    assert!(
+        sent < 2000,
+        "the server stopped reading the flood ({sent} sent)"
+    );
+    drop(c);
+    // And it is still serving after the flooder leaves.
+    ok_io(&url(&sock, "VirtioBlk0"), &["read 0 64k"]);
+    drop(s);
+}

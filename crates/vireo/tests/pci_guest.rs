@@ -614,3 +614,42 @@ fn vfio_noiommu_with_a_custom_kernel() {
     assert!(run.out.contains("vfio (no-IOMMU)"), "{}", run.out);
     check_images(&run, &[&s0, &s1, &b0]);
 }
+
+/// Behind an IOMMU, a device that does not offer VIRTIO_F_ACCESS_PLATFORM would bypass
+/// it and DMA to guest-physical addresses: refused with what to change.
+#[test]
+fn vfio_iommu_refuses_a_device_that_bypasses_the_iommu() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "b0", 16);
+    let drive = format!("if=none,id=nb,file={},format=raw", img.display());
+    let cmd = r#"
+B=$(vireo pci | awk '$2=="blk"{print $1}' | head -1)
+vireo setup bind $B; echo "RC bind=$?"
+cat > /tmp/b.json <<EOF
+{"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_virtio_attach_controller","params":{"name":"B0","trtype":"pci","traddr":"$B","dev_type":"blk"}}]}]}
+EOF
+vireo bdevs -c /tmp/b.json; echo "RC bdevs=$?"
+"#;
+    let run = run_guest(
+        &[
+            "--viommu",
+            "--qemu-arg",
+            "-drive",
+            "--qemu-arg",
+            &drive,
+            "--qemu-arg",
+            "-device",
+            "--qemu-arg",
+            "virtio-blk-pci,drive=nb,disable-legacy=on,iommu_platform=off",
+        ],
+        cmd,
+    );
+    assert_eq!(run.rc, 0, "{}", run.console);
+    run.expect_rc("bind", 0);
+    run.expect_rc("bdevs", 2);
+    assert!(
+        run.out.contains("ACCESS_PLATFORM") && run.out.contains("iommu_platform=on"),
+        "{}",
+        run.out
+    );
+}

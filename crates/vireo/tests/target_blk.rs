@@ -646,3 +646,30 @@ fn vectored_reads_and_writes_scatter_and_gather() {
     req.buf = Some(IoBuf::Heap(vec![0; 512]));
     assert!(ch.submit(req).is_err());
 }
+
+/// Detaching a controller with open channels is refused and changes nothing (it used to
+/// stop the device under their I/O); after the channels close it works, and the old
+/// bdev opens no new channel.
+#[test]
+fn detach_with_open_channels_is_refused_without_touching_the_controller() {
+    let (t, _d) = target(ram(16 << 20));
+    let reg = registry();
+    let b = attach_blk(&reg, t.socket_path(), 1);
+    let mut ch = b.open_channel().unwrap();
+    let e = reg.detach("VirtioBlk0").unwrap_err().to_string();
+    assert!(e.contains("open I/O channels"), "{e}");
+    assert_eq!(reg.controllers().len(), 1, "still attached");
+    ch.run(IoRequest::write(0, 1, IoBuf::Heap(pattern(512, 1)), 1))
+        .result
+        .unwrap();
+    drop(ch);
+    reg.detach("VirtioBlk0").unwrap();
+    assert!(reg.controllers().is_empty());
+    let mut ch = b.open_channel().unwrap_or_else(|_| panic!("channel"));
+    let c = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2));
+    assert!(
+        matches!(c.result, Err(IoError::Removed(_))),
+        "{:?}",
+        c.result
+    );
+}

@@ -512,7 +512,11 @@ impl ChannelDriver for ScsiChannel {
         if tq.failed.is_some() {
             return None;
         }
-        tq.sq.rq.arm()
+        // Completions a sibling channel reaped for this one are ready already.
+        let waiting =
+            matches!(tq.chans.get(self.id as usize), Some(Some(st)) if !st.outbox.is_empty());
+        let armed = tq.sq.rq.arm()?;
+        Some((armed.0, armed.1 || waiting))
     }
 
     fn disarm(&mut self) {

@@ -280,17 +280,22 @@ fn install_handler() {
         sa.sa_sigaction = on_sigbus as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
         libc::sigemptyset(&mut sa.sa_mask);
+        // Learn the previous disposition before the new handler can run.
         let mut old: libc::sigaction = std::mem::zeroed();
-        if libc::sigaction(libc::SIGBUS, &sa, &mut old) == 0 {
+        if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut old) == 0 {
             *std::ptr::addr_of_mut!(PREVIOUS) = Some(old);
+            libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
         }
     }
 }
 
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
-    let addr = unsafe { (*info).si_addr() } as usize;
-    for s in GUARDS.iter() {
+    let (addr, code) = unsafe { ((*info).si_addr() as usize, (*info).si_code) };
+    // Only a fault (si_code > 0: sent by the kernel for an access) can be a BAR that
+    // vanished; a SIGBUS sent with kill() goes to the previous disposition.
+    let slots = if code > 0 { &GUARDS[..] } else { &GUARDS[..0] };
+    for s in slots.iter() {
         let start = s.start.load(Ordering::Acquire);
         let len = s.len.load(Ordering::Acquire);
         if start == 0 || start == usize::MAX || addr < start || addr - start >= len {
@@ -336,6 +341,10 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
             }
             _ => {
                 libc::signal(libc::SIGBUS, libc::SIG_DFL);
+                if code <= 0 {
+                    // Sent, not a fault: deliver it with the default action now.
+                    libc::raise(libc::SIGBUS);
+                }
             }
         }
     }

@@ -83,14 +83,21 @@ pub fn parse(cfg: &[u8], bdf: &str) -> Result<VirtioCaps> {
         if ptr == 0 {
             break;
         }
-        if ptr < 0x40 || ptr + 16 > cfg.len() {
+        if ptr < 0x40 || ptr + 2 > cfg.len() {
             return Err(bad(format!(
                 "capability pointer {ptr:#x} outside configuration space"
             )));
         }
         let id = cfg[ptr];
         let next = cfg[ptr + 1] as usize & !3;
-        let cap_len = cfg[ptr + 2] as usize;
+        let cap_len = cfg.get(ptr + 2).copied().unwrap_or(0) as usize;
+        // Only virtio's own capabilities are read past their header (other kinds, a PM
+        // capability at 0xf8 say, may sit in the last bytes).
+        if id == CAP_ID_VENDOR && cap_len >= 16 && ptr + 16 > cfg.len() {
+            return Err(bad(format!(
+                "virtio capability at {ptr:#x} runs past the configuration space"
+            )));
+        }
         if id == CAP_ID_VENDOR && cap_len >= 16 {
             let cfg_type = cfg[ptr + 3];
             let bar = cfg[ptr + 4];
@@ -216,7 +223,18 @@ mod tests {
         // A pointer past the end.
         let mut c = image(&[(ISR_CFG, 0, 0, 4, None)]);
         c[0x34] = 0xfc;
-        assert!(parse(&c, "x").unwrap_err().to_string().contains("outside"));
+        c[0xfc] = CAP_ID_VENDOR;
+        c[0xfe] = 16;
+        assert!(parse(&c, "x").unwrap_err().to_string().contains("past"));
+        // A non-virtio capability in the last bytes is fine (then legacy-only here).
+        let mut c = image(&[(ISR_CFG, 0, 0, 4, None)]);
+        c[0x34] = 0xf8;
+        c[0xf8] = 0x01; // PM
+        c[0xf9] = 0;
+        assert!(parse(&c, "x")
+            .unwrap_err()
+            .to_string()
+            .contains("legacy-only"));
         // A common configuration too short for the registers.
         let c = image(&[
             (COMMON_CFG, 4, 0, 16, None),

@@ -263,10 +263,12 @@ impl PciTransport {
                 )))
             }
         }
-        // Memory space and bus mastering on.
+        // Memory space on (to reach the BARs); bus mastering stays off until the device
+        // is reset, so a device left running by an earlier user cannot DMA to stale
+        // addresses.
         let mut cmd = [0u8; 2];
         config.read(0x04, &mut cmd)?;
-        let c = u16::from_le_bytes(cmd) | 0x2 | 0x4;
+        let c = (u16::from_le_bytes(cmd) | 0x2) & !0x4;
         config.write(0x04, &c.to_le_bytes())?;
         let mut image = [0u8; 256];
         config.read(0, &mut image)?;
@@ -368,6 +370,7 @@ impl PciTransport {
             started: false,
         };
         t.reset()?;
+        t.bus_master(true)?;
         t.set_status(S_ACKNOWLEDGE)?;
         t.set_status(S_ACKNOWLEDGE | S_DRIVER)?;
         Ok(t)
@@ -410,6 +413,15 @@ impl PciTransport {
         }
     }
 
+    /// Turn bus mastering (the device's DMA) on or off.
+    fn bus_master(&self, on: bool) -> Result<()> {
+        let mut cmd = [0u8; 2];
+        self.config.read(0x04, &mut cmd)?;
+        let c = u16::from_le_bytes(cmd);
+        let c = if on { c | 0x4 } else { c & !0x4 };
+        self.config.write(0x04, &c.to_le_bytes())
+    }
+
     fn fail_status(&self) {
         let s = self.status().unwrap_or(0);
         let _ = self.set_status(s | S_FAILED);
@@ -433,6 +445,13 @@ impl Transport for PciTransport {
     fn set_driver_features(&mut self, features: u64) -> Result<()> {
         if self.offered == 0 {
             self.device_features()?;
+        }
+        if self.mode == AccessMode::VfioIommu && self.offered & tf::ACCESS_PLATFORM == 0 {
+            self.fail_status();
+            return Err(Error::Features(format!(
+                "{} is behind an IOMMU but does not offer VIRTIO_F_ACCESS_PLATFORM: it would bypass the IOMMU and DMA to guest-physical addresses. Give the device iommu_platform=on (QEMU), or bind it to uio_pci_generic / VFIO no-IOMMU",
+                self.describe()
+            )));
         }
         let f = features | (self.offered & PLATFORM_FEATURES);
         self.common.w32(DRIVER_FEATURE_SELECT, 0)?;
@@ -553,6 +572,10 @@ impl Transport for PciTransport {
             vfio: self.vfio.clone(),
             bars: self.bars.clone(),
             config: self.config.file.clone(),
+            config_space: ConfigSpace {
+                file: self.config.file.clone(),
+                offset: self.config.offset,
+            },
             name: self.describe(),
         };
         let h = std::thread::Builder::new()
@@ -605,10 +628,28 @@ struct Monitor {
     vfio: Arc<Mutex<Option<vfio::VfioDevice>>>,
     bars: Vec<Arc<Bar>>,
     config: Arc<File>,
+    config_space: ConfigSpace,
     name: String,
 }
 
 impl Monitor {
+    /// Reset the device (waiting at most 100 ms for status 0) and turn bus mastering off.
+    fn quiesce(&self) {
+        let _ = self.common.w8(DEVICE_STATUS, 0);
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(100) {
+            match self.common.r8(DEVICE_STATUS) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        let mut cmd = [0u8; 2];
+        if self.config_space.read(0x04, &mut cmd).is_ok() {
+            let c = u16::from_le_bytes(cmd) & !0x4;
+            let _ = self.config_space.write(0x04, &c.to_le_bytes());
+        }
+    }
+
     /// The kernel waits for every user of a VFIO device to let go before it completes a
     /// removal: revoke the BAR mappings and the device descriptor now, whoever still
     /// holds the transport's queues (they see a gone device and fail their I/O).
@@ -653,6 +694,10 @@ impl Monitor {
             };
             if let Some(why) = why {
                 tracing::error!(transport = %self.name, "{why}; failing its I/O");
+                // Stop the device's DMA before its I/O fails (callers reuse their
+                // buffers then): reset it and turn bus mastering off. Harmless for a
+                // function that is gone.
+                self.quiesce();
                 self.gone.store(true, Ordering::Release);
                 if requested {
                     self.release();
