@@ -207,9 +207,13 @@ pub fn evaluate(r: &Resp, data_len: u32, short_ok: bool) -> Outcome {
                 "the device completed a command without writing its response".into(),
             ))
         }
+        // A code the spec does not define for commands (TMF codes included): this
+        // request's answer cannot be trusted, but the ring is consistent, so only the
+        // I/O fails (a newer device, or one that is wrong about one request, keeps
+        // serving the rest).
         other => {
-            return Outcome::Fail(IoError::ControllerFailed(format!(
-                "invalid virtio-scsi response code {other}"
+            return Outcome::Fail(IoError::Scsi(format!(
+                "undefined virtio-scsi response code {other} for a command"
             )))
         }
     }
@@ -402,10 +406,18 @@ mod tests {
             evaluate(&resp(response::UNSET, 0, 0, &[]), 0, false),
             Outcome::Fail(IoError::ControllerFailed(_))
         ));
-        assert!(matches!(
-            evaluate(&resp(200, 0, 0, &[]), 0, false),
-            Outcome::Fail(IoError::ControllerFailed(_))
-        ));
+        // An undefined response code fails the I/O, not the controller (found by the
+        // scsi_device fuzz target: TMF-only codes such as INCORRECT_LUN on a command).
+        for code in [
+            200,
+            response::FUNCTION_REJECTED,
+            response::INCORRECT_LUN + 2,
+        ] {
+            assert!(matches!(
+                evaluate(&resp(code, 0, 0, &[]), 0, false),
+                Outcome::Fail(IoError::Scsi(_))
+            ));
+        }
         assert!(matches!(
             evaluate(&resp(0, 0x08, 0, &[]), 0, false),
             Outcome::Retry(_)
