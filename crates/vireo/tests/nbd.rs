@@ -98,21 +98,58 @@ fn ok_io(target: &str, cmds: &[&str]) -> String {
     text
 }
 
-/// The acceptance: a 256 MiB image copied in through the export of a
-/// qemu-storage-daemon bdev compares identical (through the export and in the backing
-/// file); a discard punches a hole in the backing file; write-zeroes reads back zeros.
-#[test]
-fn qemu_img_copies_through_the_export_and_discard_punches_a_hole() {
-    let back_dir = tempfile::tempdir().unwrap();
-    let back = back_dir.path().join("back.img");
+/// qemu-storage-daemon exporting a sparse file of `mib` MiB: (its dir, the file, qsd).
+fn file_qsd(mib: u64) -> (tempfile::TempDir, PathBuf, Qsd) {
+    let dir = tempfile::tempdir().unwrap();
+    let back = dir.path().join("back.img");
     std::fs::File::create(&back)
         .unwrap()
-        .set_len(256 << 20)
+        .set_len(mib << 20)
         .unwrap();
     let qsd = Qsd::start(QsdOpts {
         backend: Backend::File(back.clone()),
         ..Default::default()
     });
+    (dir, back, qsd)
+}
+
+/// Connect to the export `VirtioBlk0` by hand (fixed newstyle, NO_ZEROES, OPT_GO).
+fn raw_client(sock: &Path) -> UnixStream {
+    let mut c = UnixStream::connect(sock).unwrap();
+    let mut hello = [0u8; 18];
+    c.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello[..8], b"NBDMAGIC");
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+    let name = b"VirtioBlk0";
+    let mut opt = Vec::new();
+    opt.extend_from_slice(b"IHAVEOPT");
+    opt.extend_from_slice(&7u32.to_be_bytes());
+    opt.extend_from_slice(&((4 + name.len() + 2) as u32).to_be_bytes());
+    opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    opt.extend_from_slice(name);
+    opt.extend_from_slice(&0u16.to_be_bytes());
+    c.write_all(&opt).unwrap();
+    c
+}
+
+/// A READ request of `len` bytes at `offset`.
+fn read_request(handle: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut r = Vec::new();
+    r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    r.extend_from_slice(&0u16.to_be_bytes());
+    r.extend_from_slice(&0u16.to_be_bytes());
+    r.extend_from_slice(&handle.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&len.to_be_bytes());
+    r
+}
+
+/// The acceptance: a 256 MiB image copied in through the export of a
+/// qemu-storage-daemon bdev compares identical (through the export and in the backing
+/// file); a discard punches a hole in the backing file; write-zeroes reads back zeros.
+#[test]
+fn qemu_img_copies_through_the_export_and_discard_punches_a_hole() {
+    let (_back_dir, back, qsd) = file_qsd(256);
     let dir = tempfile::tempdir().unwrap();
     let sock = nbd_sock(dir.path());
     let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
@@ -171,16 +208,7 @@ fn qemu_img_copies_through_the_export_and_discard_punches_a_hole() {
 /// exports managed by RPC, and TCP.
 #[test]
 fn many_clients_rude_clients_rpc_and_tcp() {
-    let back_dir = tempfile::tempdir().unwrap();
-    let back = back_dir.path().join("back.img");
-    std::fs::File::create(&back)
-        .unwrap()
-        .set_len(512 << 20)
-        .unwrap();
-    let qsd = Qsd::start(QsdOpts {
-        backend: Backend::File(back.clone()),
-        ..Default::default()
-    });
+    let (_back_dir, back, qsd) = file_qsd(512);
     let dir = tempfile::tempdir().unwrap();
     let sock = nbd_sock(dir.path());
     let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
@@ -206,29 +234,9 @@ fn many_clients_rude_clients_rpc_and_tcp() {
         .collect();
     // A client that leaves mid-request.
     for _ in 0..5 {
-        let mut c = UnixStream::connect(&sock).unwrap();
-        let mut hello = [0u8; 18];
-        c.read_exact(&mut hello).unwrap();
-        assert_eq!(&hello[..8], b"NBDMAGIC");
-        c.write_all(&3u32.to_be_bytes()).unwrap();
-        let name = b"VirtioBlk0";
-        let mut opt = Vec::new();
-        opt.extend_from_slice(b"IHAVEOPT");
-        opt.extend_from_slice(&7u32.to_be_bytes());
-        opt.extend_from_slice(&((4 + name.len() + 2) as u32).to_be_bytes());
-        opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        opt.extend_from_slice(name);
-        opt.extend_from_slice(&0u16.to_be_bytes());
-        c.write_all(&opt).unwrap();
+        let mut c = raw_client(&sock);
         for k in 0..8u64 {
-            let mut r = Vec::new();
-            r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-            r.extend_from_slice(&0u16.to_be_bytes());
-            r.extend_from_slice(&0u16.to_be_bytes()); // READ
-            r.extend_from_slice(&k.to_be_bytes());
-            r.extend_from_slice(&(k << 20).to_be_bytes());
-            r.extend_from_slice(&(1u32 << 20).to_be_bytes());
-            c.write_all(&r).unwrap();
+            c.write_all(&read_request(k, k << 20, 1 << 20)).unwrap();
         }
         drop(c);
     }
@@ -324,33 +332,16 @@ fn a_client_that_never_reads_replies_is_held_back() {
     let dir = tempfile::tempdir().unwrap();
     let sock = nbd_sock(dir.path());
     let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
-    let mut c = UnixStream::connect(&sock).unwrap();
-    let mut hello = [0u8; 18];
-    c.read_exact(&mut hello).unwrap();
-    c.write_all(&3u32.to_be_bytes()).unwrap();
-    let name = b"VirtioBlk0";
-    let mut opt = Vec::new();
-    opt.extend_from_slice(b"IHAVEOPT");
-    opt.extend_from_slice(&7u32.to_be_bytes());
-    opt.extend_from_slice(&((4 + name.len() + 2) as u32).to_be_bytes());
-    opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    opt.extend_from_slice(name);
-    opt.extend_from_slice(&0u16.to_be_bytes());
-    c.write_all(&opt).unwrap();
+    let mut c = raw_client(&sock);
     // 2000 READs of 1 MiB (2 GiB of replies) in the background; nobody reads them.
     c.set_write_timeout(Some(std::time::Duration::from_secs(3)))
         .unwrap();
     let flood = std::thread::spawn(move || {
         let mut sent = 0u32;
         for k in 0..2000u64 {
-            let mut r = Vec::new();
-            r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-            r.extend_from_slice(&0u16.to_be_bytes());
-            r.extend_from_slice(&0u16.to_be_bytes());
-            r.extend_from_slice(&k.to_be_bytes());
-            r.extend_from_slice(&((k % 512) << 20).to_be_bytes());
-            r.extend_from_slice(&(1u32 << 20).to_be_bytes());
-            if c.write_all(&r).is_err() {
+            if c.write_all(&read_request(k, (k % 512) << 20, 1 << 20))
+                .is_err()
+            {
                 break;
             }
             sent += 1;

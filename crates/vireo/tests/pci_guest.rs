@@ -182,37 +182,51 @@ fn three_images(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
+/// Boot a guest with a two-LUN virtio-scsi and a virtio-blk function on fresh images,
+/// bind them (`bind`: the vireo setup command), attach them with `config` (a script
+/// that writes /tmp/c.json) and run the four workloads. `extra`: more guest-vm.sh
+/// arguments; `env`: its environment. The images live as long as the returned dir.
+fn workloads_in_guest(
+    bind: &str,
+    config: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (GuestRun, [PathBuf; 3], tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (s0, s1, b0) = three_images(dir.path());
+    let cmd = format!(
+        "{bind}; echo \"RC bind=$?\"\nvireo pci\n{config}\nvireo bdevs -c /tmp/c.json; echo \"RC bdevs=$?\"\n{}",
+        workloads("/tmp/c.json")
+    );
+    let mut args: Vec<&str> = extra.to_vec();
+    let (a, b, c) = (
+        s0.to_str().unwrap().to_string(),
+        s1.to_str().unwrap().to_string(),
+        b0.to_str().unwrap().to_string(),
+    );
+    args.extend(["--scsi-img", &a, "--scsi-img", &b, "--blk-img", &c]);
+    let run = run_guest_env(&args, &cmd, env);
+    assert_eq!(run.rc, 0, "{}", run.console);
+    run.expect_rc("bind", 0);
+    run.expect_rc("bdevs", 0);
+    check_images(&run, &[&s0, &s1, &b0]);
+    (run, [s0, s1, b0], dir)
+}
+
 /// uio_pci_generic (physical addresses of huge pages) on transitional devices: a
 /// virtio-scsi function with two LUNs and a virtio-blk function, named by BDF.
 #[test]
 fn uio_scsi_two_luns_and_blk_by_address() {
-    let dir = tempfile::tempdir().unwrap();
-    let (s0, s1, b0) = three_images(dir.path());
-    let cmd = format!(
-        "vireo setup bind all --driver uio_pci_generic; echo \"RC bind=$?\"\nvireo pci\n{EXPLICIT_CONFIG}\nvireo bdevs -c /tmp/c.json; echo \"RC bdevs=$?\"\n{}",
-        workloads("/tmp/c.json")
+    let (run, _, _dir) = workloads_in_guest(
+        "vireo setup bind all --driver uio_pci_generic",
+        EXPLICIT_CONFIG,
+        &["--append", "hugepages=96"],
+        &[],
     );
-    let run = run_guest(
-        &[
-            "--scsi-img",
-            s0.to_str().unwrap(),
-            "--scsi-img",
-            s1.to_str().unwrap(),
-            "--blk-img",
-            b0.to_str().unwrap(),
-            "--append",
-            "hugepages=96",
-        ],
-        &cmd,
-    );
-    assert_eq!(run.rc, 0, "{}", run.console);
-    run.expect_rc("bind", 0);
-    run.expect_rc("bdevs", 0);
     assert!(run.out.contains("uio (physical addresses)"), "{}", run.out);
     for name in ["S0t0 ", "S0t0l1 ", "B0 "] {
         assert!(run.out.contains(name), "bdev {name} listed\n{}", run.out);
     }
-    check_images(&run, &[&s0, &s1, &b0]);
 }
 
 /// vfio-pci with an IOMMU (QEMU's intel-iommu, 39-bit addresses, iommu_platform on the
@@ -220,34 +234,20 @@ fn uio_scsi_two_luns_and_blk_by_address() {
 /// can hold), every function attached by the "*" form; no hugepages.
 #[test]
 fn vfio_iommu_every_function_form() {
-    let dir = tempfile::tempdir().unwrap();
-    let (s0, s1, b0) = three_images(dir.path());
-    let cmd = format!(
-        "vireo setup bind all; echo \"RC bind=$?\"\nvireo pci\n{ALL_CONFIG}\nvireo bdevs -c /tmp/c.json; echo \"RC bdevs=$?\"\n{}",
-        workloads("/tmp/c.json")
-    );
-    let run = run_guest(
+    let (run, _, _dir) = workloads_in_guest(
+        "vireo setup bind all",
+        ALL_CONFIG,
         &[
             "--viommu",
             "--qemu-arg",
             "-global",
             "--qemu-arg",
             "intel-iommu.aw-bits=39",
-            "--scsi-img",
-            s0.to_str().unwrap(),
-            "--scsi-img",
-            s1.to_str().unwrap(),
-            "--blk-img",
-            b0.to_str().unwrap(),
         ],
-        &cmd,
+        &[],
     );
-    assert_eq!(run.rc, 0, "{}", run.console);
-    run.expect_rc("bind", 0);
-    run.expect_rc("bdevs", 0);
     assert!(run.out.contains("vfio (IOMMU)"), "{}", run.out);
     assert!(run.out.contains("t0l1 "), "second LUN listed\n{}", run.out);
-    check_images(&run, &[&s0, &s1, &b0]);
 }
 
 const ERRORS_SCRIPT: &str = r#"
@@ -588,31 +588,13 @@ fn vfio_noiommu_with_a_custom_kernel() {
         );
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let (s0, s1, b0) = three_images(dir.path());
-    let cmd = format!(
-        "vireo setup bind all; echo \"RC bind=$?\"\nvireo pci\n{ALL_CONFIG}\nvireo bdevs -c /tmp/c.json; echo \"RC bdevs=$?\"\n{}",
-        workloads("/tmp/c.json")
-    );
-    let run = run_guest_env(
-        &[
-            "--scsi-img",
-            s0.to_str().unwrap(),
-            "--scsi-img",
-            s1.to_str().unwrap(),
-            "--blk-img",
-            b0.to_str().unwrap(),
-            "--append",
-            "hugepages=96",
-        ],
-        &cmd,
+    let (run, _, _dir) = workloads_in_guest(
+        "vireo setup bind all",
+        ALL_CONFIG,
+        &["--append", "hugepages=96"],
         &[("VIREO_GUEST_KERNEL", kernel.as_str())],
     );
-    assert_eq!(run.rc, 0, "{}", run.console);
-    run.expect_rc("bind", 0);
-    run.expect_rc("bdevs", 0);
     assert!(run.out.contains("vfio (no-IOMMU)"), "{}", run.out);
-    check_images(&run, &[&s0, &s1, &b0]);
 }
 
 /// Behind an IOMMU, a device that does not offer VIRTIO_F_ACCESS_PLATFORM would bypass
