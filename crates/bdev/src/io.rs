@@ -146,26 +146,16 @@ impl IoRequest {
     /// A vectored read of `num_blocks` blocks at `offset_blocks` into `iov`, in order.
     pub fn readv(offset_blocks: u64, num_blocks: u64, iov: Vec<IoBuf>, user_data: u64) -> Self {
         IoRequest {
-            op: IoOp::Read,
-            offset_blocks,
-            num_blocks,
-            buf: None,
             iov,
-            user_data,
-            timeout: None,
+            ..IoRequest::no_data(IoOp::Read, offset_blocks, num_blocks, user_data)
         }
     }
 
     /// A vectored write of `iov`, in order, to `num_blocks` blocks at `offset_blocks`.
     pub fn writev(offset_blocks: u64, num_blocks: u64, iov: Vec<IoBuf>, user_data: u64) -> Self {
         IoRequest {
-            op: IoOp::Write,
-            offset_blocks,
-            num_blocks,
-            buf: None,
             iov,
-            user_data,
-            timeout: None,
+            ..IoRequest::no_data(IoOp::Write, offset_blocks, num_blocks, user_data)
         }
     }
 

@@ -252,6 +252,19 @@ impl NbdServer {
     }
 }
 
+/// Tell `ready` how binding went; pass the listener on.
+fn announce<L>(bound: Result<L>, ready: &Sender<std::result::Result<(), String>>) -> Result<L> {
+    match &bound {
+        Ok(_) => {
+            let _ = ready.send(Ok(()));
+        }
+        Err(e) => {
+            let _ = ready.send(Err(format!("{e:#}")));
+        }
+    }
+    bound
+}
+
 /// Accept connections until `stop()` says so; `ready` learns whether the listener is up.
 pub fn serve(
     server: Arc<NbdServer>,
@@ -261,19 +274,15 @@ pub fn serve(
 ) -> Result<()> {
     match listen {
         Listen::Unix(path) => {
-            let l = match crate::rpc::bind(&path).and_then(|l| {
-                l.set_nonblocking(true)?;
-                Ok(l)
-            }) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = ready.send(Err(format!("{e:#}")));
-                    return Err(e);
-                }
-            };
+            let l = announce(
+                crate::rpc::bind(&path).and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    Ok(l)
+                }),
+                &ready,
+            )?;
             let _guard = crate::rpc::SocketFile(path.clone());
             eprintln!("vireo: NBD on unix:{}", path.display());
-            let _ = ready.send(Ok(()));
             accept_loop(
                 stop,
                 || {
@@ -285,20 +294,16 @@ pub fn serve(
             );
         }
         Listen::Tcp(addr) => {
-            let l = match std::net::TcpListener::bind(&addr)
-                .with_context(|| format!("cannot listen for NBD on {addr}"))
-                .and_then(|l| {
-                    l.set_nonblocking(true)?;
-                    Ok(l)
-                }) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = ready.send(Err(format!("{e:#}")));
-                    return Err(e);
-                }
-            };
+            let l = announce(
+                std::net::TcpListener::bind(&addr)
+                    .with_context(|| format!("cannot listen for NBD on {addr}"))
+                    .and_then(|l| {
+                        l.set_nonblocking(true)?;
+                        Ok(l)
+                    }),
+                &ready,
+            )?;
             eprintln!("vireo: NBD on tcp:{}", l.local_addr()?);
-            let _ = ready.send(Ok(()));
             accept_loop(
                 stop,
                 || {

@@ -8,6 +8,21 @@ use plotters::prelude::*;
 
 use crate::perf::PerfReport;
 
+/// The legend box of a chart, lower right.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    c: &mut ChartContext<'a, DB, CT>,
+) -> std::result::Result<(), Box<dyn std::error::Error + 'a>>
+where
+    DB::ErrorType: 'static,
+{
+    c.configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
 /// Draw `rep` to `path` (SVG).
 pub fn write_svg(path: &Path, rep: &PerfReport) -> Result<()> {
     match path.extension().and_then(|e| e.to_str()) {
@@ -63,11 +78,7 @@ pub fn write_svg(path: &Path, rep: &PerfReport) -> Result<()> {
             .label(j.bdev.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut c)?;
 
         // IOPS per second.
         let secs = rep
@@ -107,11 +118,7 @@ pub fn write_svg(path: &Path, rep: &PerfReport) -> Result<()> {
             .label(j.bdev.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut c)?;
         root.present()?;
         Ok(())
     };
