@@ -110,8 +110,9 @@ fn main() {
         .expect("tokio runtime");
     let local = tokio::task::LocalSet::new();
     let start = Instant::now();
-    let (ios, bad) = local.block_on(&rt, async {
-        let driver = if mode == "poll" {
+    let polling = mode == "poll";
+    let (ios, bad) = local.block_on(&rt, async move {
+        let driver = if polling {
             tokio::task::spawn_local(ch.drive_polling())
         } else {
             tokio::task::spawn_local(event_driver(ch.clone()))
@@ -156,7 +157,16 @@ fn main() {
             ios += i;
             bad += b;
         }
-        driver.abort();
+        if polling {
+            // The polling driver ends by itself once it holds the last handle.
+            drop(ch);
+            tokio::time::timeout(Duration::from_secs(5), driver)
+                .await
+                .expect("the polling driver ends when the channel's last handle goes")
+                .expect("driver task");
+        } else {
+            driver.abort();
+        }
         (ios, bad)
     });
     let secs = start.elapsed().as_secs_f64();

@@ -86,6 +86,7 @@ impl AsyncChannel {
             // Make it visible to the device now; a parked driver has work again.
             i.ch.flush();
             if let Some(w) = i.driver.take() {
+                drop(i);
                 w.wake();
             }
         }
@@ -125,6 +126,7 @@ impl AsyncChannel {
         let mut i = self.inner.borrow_mut();
         let mut out = std::mem::take(&mut i.scratch);
         let n = i.ch.poll(&mut out);
+        let mut wake = Vec::new();
         for c in out.drain(..) {
             let id = c.user_data;
             if i.forgotten.remove(&id) {
@@ -132,10 +134,15 @@ impl AsyncChannel {
             }
             i.done.insert(id, c);
             if let Some(w) = i.wakers.remove(&id) {
-                w.wake();
+                wake.push(w);
             }
         }
         i.scratch = out;
+        drop(i);
+        // Woken outside the borrow: a waker may poll right away (on this thread).
+        for w in wake {
+            w.wake();
+        }
         n
     }
 
@@ -157,6 +164,23 @@ impl AsyncChannel {
     /// flight and is woken by the next submit.
     pub fn drive_polling(&self) -> DrivePolling {
         DrivePolling { ch: self.clone() }
+    }
+}
+
+impl Drop for AsyncChannel {
+    fn drop(&mut self) {
+        // The last handle besides a parked polling driver: wake the driver so it sees it
+        // is alone and ends (closing the channel), instead of holding the queue forever.
+        if Rc::strong_count(&self.inner) == 2 {
+            let w = self
+                .inner
+                .try_borrow_mut()
+                .ok()
+                .and_then(|mut i| i.driver.take());
+            if let Some(w) = w {
+                w.wake();
+            }
+        }
     }
 }
 

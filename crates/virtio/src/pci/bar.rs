@@ -267,9 +267,18 @@ fn guard_unregister(i: usize) {
     if let Some(s) = GUARDS.get(i) {
         s.start.store(usize::MAX, Ordering::Release);
         s.len.store(0, Ordering::Release);
+        // A handler that read the old slot may be about to map over the range: wait
+        // until none runs before the caller unmaps it (and the range can be reused).
+        // Handlers run on faulting threads, never on this one while it unregisters.
+        while ACTIVE.load(Ordering::Acquire) != 0 {
+            std::hint::spin_loop();
+        }
         s.start.store(0, Ordering::Release);
     }
 }
+
+/// SIGBUS handlers running now.
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 
 fn install_handler() {
     // SAFETY: sigaction with a zeroed struct plus the fields we set is the documented
@@ -295,6 +304,17 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     // Only a fault (si_code > 0: sent by the kernel for an access) can be a BAR that
     // vanished; a SIGBUS sent with kill() goes to the previous disposition.
     let slots = if code > 0 { &GUARDS[..] } else { &GUARDS[..0] };
+    ACTIVE.fetch_add(1, Ordering::AcqRel);
+    let handled = guard_fault(slots, addr);
+    ACTIVE.fetch_sub(1, Ordering::AcqRel);
+    if handled {
+        return;
+    }
+    chain(sig, info, ctx, code);
+}
+
+/// Replace the registered BAR mapping that contains `addr`; whether one did.
+fn guard_fault(slots: &[GuardSlot], addr: usize) -> bool {
     for s in slots.iter() {
         let start = s.start.load(Ordering::Acquire);
         let len = s.len.load(Ordering::Acquire);
@@ -320,10 +340,14 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
             unsafe { (*flag).store(true, Ordering::Release) };
         }
         if p != libc::MAP_FAILED {
-            return;
+            return true;
         }
     }
-    // Not ours: hand over to the previous disposition.
+    false
+}
+
+/// Not ours: hand over to the previous disposition.
+fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void, code: libc::c_int) {
     // SAFETY: PREVIOUS was set before this handler was installed and is never written
     // again; calling the previous handler (or restoring the default and returning, so
     // the fault repeats and kills the process as it would have) mirrors normal delivery.
