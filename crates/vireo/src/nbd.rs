@@ -108,7 +108,8 @@ struct Job {
     flags: u16,
     offset: u64,
     length: u32,
-    data: Option<Vec<u8>>,
+    /// A WRITE's payload, read straight into DMA memory when there is room.
+    data: Option<IoBuf>,
     /// Payload bytes counted against the client's credit (given back with the reply).
     cost: usize,
     reply: Sender<Reply>,
@@ -623,8 +624,11 @@ fn client(server: &Arc<NbdServer>, mut c: Box<dyn Conn>) -> Result<()> {
                 if length > MAX_PAYLOAD {
                     bail!("WRITE of {length} bytes exceeds the advertised maximum {MAX_PAYLOAD}");
                 }
-                let mut d = vec![0u8; length as usize];
-                c.read_exact(&mut d)?;
+                let mut d = match bdev.alloc_buf(length as usize) {
+                    Ok(b) if length > 0 => IoBuf::Dma(b),
+                    _ => IoBuf::Heap(vec![0u8; length as usize]),
+                };
+                c.read_exact(d.as_mut_slice())?;
                 data = Some(d);
             }
             if cmd == CMD_DISC {
@@ -754,10 +758,11 @@ fn start(
     ch: &mut vireo_bdev::IoChannel,
     bdev: &Arc<Bdev>,
     bs: u64,
-    j: Job,
+    mut j: Job,
     pending: &mut HashMap<u64, Pending>,
     next_id: &mut u64,
 ) {
+    let data = j.data.take();
     let reply_now = |error: u32| send_reply(&j.reply, j.handle, error, j.cost);
     let info = bdev.info();
     let len = j.length as u64;
@@ -789,17 +794,7 @@ fn start(
             Ok(b) => IoRequest::read(lba, n, IoBuf::Dma(b), id),
             Err(_) => IoRequest::read(lba, n, IoBuf::Heap(vec![0; len as usize]), id),
         },
-        CMD_WRITE => {
-            let data = j.data.clone().unwrap_or_default();
-            let buf = match bdev.alloc_buf(data.len()) {
-                Ok(mut b) => {
-                    b.as_mut_slice().copy_from_slice(&data);
-                    IoBuf::Dma(b)
-                }
-                Err(_) => IoBuf::Heap(data),
-            };
-            IoRequest::write(lba, n, buf, id)
-        }
+        CMD_WRITE => IoRequest::write(lba, n, data.unwrap_or_else(|| IoBuf::Heap(Vec::new())), id),
         CMD_FLUSH => IoRequest::no_data(IoOp::Flush, 0, 0, id),
         CMD_TRIM => {
             if !info.ops.unmap || n == 0 {

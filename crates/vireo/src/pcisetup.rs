@@ -118,38 +118,8 @@ fn block_devices(f: &PciFunction) -> Vec<String> {
 
 /// Mounts, swaps and holders that use one of `disks` (or their partitions).
 fn disks_in_use(disks: &[String]) -> Vec<String> {
-    let mut users = Vec::new();
-    let uses = |dev: &str| {
-        disks.iter().any(|d| {
-            let path = format!("/dev/{d}");
-            dev == path
-                || dev.strip_prefix(&path).is_some_and(|rest| {
-                    rest.chars().all(|c| c.is_ascii_digit() || c == 'p') && !rest.is_empty()
-                })
-        })
-    };
-    if let Ok(text) = std::fs::read_to_string("/proc/mounts") {
-        for line in text.lines() {
-            let mut it = line.split_whitespace();
-            let (Some(dev), Some(target)) = (it.next(), it.next()) else {
-                continue;
-            };
-            if uses(dev) {
-                users.push(format!("{dev} mounted on {target}"));
-            }
-        }
-    }
-    if let Ok(text) = std::fs::read_to_string("/proc/swaps") {
-        for dev in text
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split_whitespace().next())
-        {
-            if uses(dev) {
-                users.push(format!("{dev} used as swap"));
-            }
-        }
-    }
+    let read = |f: &str| std::fs::read_to_string(f).unwrap_or_default();
+    let mut users = mount_users(disks, &read("/proc/mounts"), &read("/proc/swaps"));
     for d in disks {
         let holders = format!("/sys/class/block/{d}/holders");
         if let Ok(rd) = std::fs::read_dir(&holders) {
@@ -159,6 +129,45 @@ fn disks_in_use(disks: &[String]) -> Vec<String> {
                     h.file_name().to_string_lossy()
                 ));
             }
+        }
+    }
+    users
+}
+
+/// Whether `dev` (`/dev/vda1`) is one of `disks` (`vda`) or a partition of one
+/// (`vda1`, `nvme0n1p2`).
+fn is_disk_or_partition(dev: &str, disks: &[String]) -> bool {
+    disks.iter().any(|d| {
+        let Some(rest) = dev
+            .strip_prefix("/dev/")
+            .and_then(|n| n.strip_prefix(d.as_str()))
+        else {
+            return false;
+        };
+        let digits = rest.strip_prefix('p').unwrap_or(rest);
+        rest.is_empty() || (!digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()))
+    })
+}
+
+/// Mounts and swaps (the text of /proc/mounts and /proc/swaps) on `disks`.
+fn mount_users(disks: &[String], mounts: &str, swaps: &str) -> Vec<String> {
+    let mut users = Vec::new();
+    for line in mounts.lines() {
+        let mut it = line.split_whitespace();
+        let (Some(dev), Some(target)) = (it.next(), it.next()) else {
+            continue;
+        };
+        if is_disk_or_partition(dev, disks) {
+            users.push(format!("{dev} mounted on {target}"));
+        }
+    }
+    for dev in swaps
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        if is_disk_or_partition(dev, disks) {
+            users.push(format!("{dev} used as swap"));
         }
     }
     users
@@ -287,7 +296,18 @@ mod tests {
 
     #[test]
     fn partitions_count_as_uses_of_their_disk() {
-        // Only the matching logic: /proc/mounts of this machine has no vdz.
-        assert!(disks_in_use(&["vdz".to_string()]).is_empty());
+        let disks = vec!["vda".to_string(), "nvme0n1".to_string()];
+        let mounts = "proc /proc proc rw 0 0\n/dev/vda1 /mnt ext4 rw 0 0\n/dev/vdab /x ext4 rw 0 0\n/dev/nvme0n1p2 /data xfs rw 0 0\n/dev/vdb /y ext4 rw 0 0\n";
+        let swaps = "Filename Type Size Used Priority\n/dev/vda partition 1024 0 -2\n/dev/vdapp partition 1 0 -3\n";
+        assert_eq!(
+            mount_users(&disks, mounts, swaps),
+            vec![
+                "/dev/vda1 mounted on /mnt".to_string(),
+                "/dev/nvme0n1p2 mounted on /data".to_string(),
+                "/dev/vda used as swap".to_string(),
+            ],
+            "vdab, vdb and vdapp are other devices"
+        );
+        assert!(mount_users(&["vdz".to_string()], mounts, swaps).is_empty());
     }
 }

@@ -124,13 +124,26 @@ impl Kick for Doorbell {
 }
 
 /// PCI configuration space of the function (VFIO region 7 or sysfs `config`).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ConfigSpace {
     file: Arc<File>,
     offset: u64,
 }
 
+/// PCI command register: offset and the bits vireo sets.
+const PCI_COMMAND: u64 = 0x04;
+const CMD_MEMORY: u16 = 0x2;
+const CMD_BUS_MASTER: u16 = 0x4;
+
 impl ConfigSpace {
+    /// Set and clear bits of the command register.
+    fn command(&self, set: u16, clear: u16) -> Result<()> {
+        let mut cmd = [0u8; 2];
+        self.read(PCI_COMMAND, &mut cmd)?;
+        let c = (u16::from_le_bytes(cmd) | set) & !clear;
+        self.write(PCI_COMMAND, &c.to_le_bytes())
+    }
+
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         self.file
             .read_exact_at(buf, self.offset + off)
@@ -266,10 +279,7 @@ impl PciTransport {
         // Memory space on (to reach the BARs); bus mastering stays off until the device
         // is reset, so a device left running by an earlier user cannot DMA to stale
         // addresses.
-        let mut cmd = [0u8; 2];
-        config.read(0x04, &mut cmd)?;
-        let c = (u16::from_le_bytes(cmd) | 0x2) & !0x4;
-        config.write(0x04, &c.to_le_bytes())?;
+        config.command(CMD_MEMORY, CMD_BUS_MASTER)?;
         let mut image = [0u8; 256];
         config.read(0, &mut image)?;
         let caps = caps::parse(&image, &bdf)?;
@@ -370,7 +380,7 @@ impl PciTransport {
             started: false,
         };
         t.reset()?;
-        t.bus_master(true)?;
+        t.config.command(CMD_BUS_MASTER, 0)?;
         t.set_status(S_ACKNOWLEDGE)?;
         t.set_status(S_ACKNOWLEDGE | S_DRIVER)?;
         Ok(t)
@@ -411,15 +421,6 @@ impl PciTransport {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-    }
-
-    /// Turn bus mastering (the device's DMA) on or off.
-    fn bus_master(&self, on: bool) -> Result<()> {
-        let mut cmd = [0u8; 2];
-        self.config.read(0x04, &mut cmd)?;
-        let c = u16::from_le_bytes(cmd);
-        let c = if on { c | 0x4 } else { c & !0x4 };
-        self.config.write(0x04, &c.to_le_bytes())
     }
 
     fn fail_status(&self) {
@@ -571,11 +572,7 @@ impl Transport for PciTransport {
             stop: stop.clone(),
             vfio: self.vfio.clone(),
             bars: self.bars.clone(),
-            config: self.config.file.clone(),
-            config_space: ConfigSpace {
-                file: self.config.file.clone(),
-                offset: self.config.offset,
-            },
+            config: self.config.clone(),
             name: self.describe(),
         };
         let h = std::thread::Builder::new()
@@ -610,10 +607,8 @@ impl Drop for PciTransport {
     fn drop(&mut self) {
         let _ = self.shutdown();
         // Bus mastering off: the device must not touch memory that is about to be freed.
-        let mut cmd = [0u8; 2];
-        if !self.gone.load(Ordering::Acquire) && self.config.read(0x04, &mut cmd).is_ok() {
-            let c = u16::from_le_bytes(cmd) & !0x4;
-            let _ = self.config.write(0x04, &c.to_le_bytes());
+        if !self.gone.load(Ordering::Acquire) {
+            let _ = self.config.command(0, CMD_BUS_MASTER);
         }
         self.bars.clear();
     }
@@ -627,8 +622,7 @@ struct Monitor {
     stop: Arc<AtomicBool>,
     vfio: Arc<Mutex<Option<vfio::VfioDevice>>>,
     bars: Vec<Arc<Bar>>,
-    config: Arc<File>,
-    config_space: ConfigSpace,
+    config: ConfigSpace,
     name: String,
 }
 
@@ -643,11 +637,7 @@ impl Monitor {
                 Ok(_) => std::thread::sleep(Duration::from_millis(1)),
             }
         }
-        let mut cmd = [0u8; 2];
-        if self.config_space.read(0x04, &mut cmd).is_ok() {
-            let c = u16::from_le_bytes(cmd) & !0x4;
-            let _ = self.config_space.write(0x04, &c.to_le_bytes());
-        }
+        let _ = self.config.command(0, CMD_BUS_MASTER);
     }
 
     /// The kernel waits for every user of a VFIO device to let go before it completes a
@@ -657,7 +647,7 @@ impl Monitor {
         for b in &self.bars {
             b.revoke();
         }
-        bar::revoke_file(&self.config);
+        bar::revoke_file(&self.config.file);
         if let Some(dev) = self.vfio.lock().unwrap_or_else(|e| e.into_inner()).take() {
             bar::revoke_file(&dev.device);
         }
