@@ -90,6 +90,7 @@ fn main() {
             vq_count: 1,
             vq_size: 128,
             io_timeout: None,
+            reconnect_timeout: None,
         })
         .unwrap_or_else(|e| panic!("attach {sock}: {e}"))
         .pop()

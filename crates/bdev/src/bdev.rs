@@ -126,6 +126,18 @@ pub struct Child {
     pub len: u32,
 }
 
+impl Child {
+    /// A placeholder (an empty slot's record).
+    pub const EMPTY: Child = Child {
+        parent: 0,
+        op: IoOp::Read,
+        lba: 0,
+        blocks: 0,
+        addr: 0,
+        len: 0,
+    };
+}
+
 /// A finished device request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChildDone {

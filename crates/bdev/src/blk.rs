@@ -1,5 +1,6 @@
 //! virtio-blk driver (virtio 1.2 section 5.2).
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use crate::bdev::{Bdev, BdevDriver, BdevInfo, ChannelDriver, Child, ChildDone, L
 use crate::error::{BdevError, IoError};
 use crate::health::Health;
 use crate::io::IoOp;
+use crate::link::{self, HasHealth, Link, LinkView, RedoError};
 use crate::pool::{check_queue_params, QueuePool};
 
 /// Ranges per discard / write-zeroes request we are prepared to send.
@@ -97,6 +99,9 @@ pub struct BlkParams {
     pub vq_count: u16,
     /// Descriptors per queue (a power of two).
     pub vq_size: u16,
+    /// How long I/O waits while vireo reconnects to a back-end that went away
+    /// (vhost-user); `None`: no reconnection, I/O fails at once.
+    pub reconnect_timeout: Option<Duration>,
 }
 
 /// What channels need to know, fixed at attach time.
@@ -114,11 +119,21 @@ struct Shared {
     mem: Arc<DmaMemory>,
     health: Health,
     queues: QueuePool,
+    link: Arc<Link>,
+}
+
+impl HasHealth for Shared {
+    fn health(&self) -> &Health {
+        &self.health
+    }
+    fn pool(&self) -> &QueuePool {
+        &self.queues
+    }
 }
 
 /// An attached virtio-blk controller; serves one bdev.
 pub struct BlkController {
-    transport: Mutex<Box<dyn Transport>>,
+    transport: Arc<Mutex<Box<dyn Transport>>>,
     shared: Arc<Shared>,
     bdev: Arc<Bdev>,
     features: u64,
@@ -139,6 +154,7 @@ struct Driver(Arc<Shared>);
 
 impl BdevDriver for Driver {
     fn open_channel(&self) -> Result<Box<dyn ChannelDriver>, BdevError> {
+        self.0.link.wait_reconnected();
         if self.0.health.is_failed() {
             return Err(BdevError::Failed(self.0.name.clone()));
         }
@@ -300,6 +316,7 @@ impl BlkController {
             mem: mem.clone(),
             health: Health::new(name, transport.broken_flag()),
             queues: QueuePool::new(queues),
+            link: Link::new(name, params.reconnect_timeout),
         });
         let driver = Driver(shared.clone());
 
@@ -365,8 +382,33 @@ impl BlkController {
         };
         let bdev = Arc::new(Bdev::new(info, Arc::new(driver), mem));
         tracing::info!(controller = %name, features = format_args!("{features:#x}"), ?cfg, "virtio-blk controller attached");
+        let transport = Arc::new(Mutex::new(transport));
+        let mut redo = Redo {
+            name: name.to_string(),
+            wanted,
+            features,
+            block_size,
+            sectors_per_block,
+            capacity: cfg.capacity,
+            vq_count: params.vq_count,
+            vq_size,
+            opts,
+            bdev: Arc::downgrade(&bdev),
+        };
+        let weak: std::sync::Weak<dyn HasHealth> = Arc::downgrade(&shared) as _;
+        link::spawn(
+            link::Host {
+                link: shared.link.clone(),
+                transport: transport.clone(),
+                health: weak,
+            },
+            Box::new(move |t| redo.run(t)),
+        )
+        .map_err(|e| {
+            BdevError::Config(format!("{name}: cannot start the reconnection thread: {e}"))
+        })?;
         Ok(BlkController {
-            transport: Mutex::new(transport),
+            transport,
             shared,
             bdev,
             features,
@@ -409,9 +451,23 @@ impl BlkController {
         self.shared.queues.open_channels()
     }
 
+    /// Successful reconnections to the back-end so far.
+    pub fn reconnects(&self) -> u64 {
+        self.shared.link.reconnects()
+    }
+
+    /// Give up on a device that stopped answering: drop the connection; with
+    /// `reconnect_timeout` the controller connects again and the requests outstanding on
+    /// the old connection fail with [`IoError::Aborted`] (the old back-end may still be
+    /// working on them); without, the controller is gone.
+    pub fn reset(&self) {
+        self.shared.link.force(&self.transport);
+    }
+
     /// Stop the device. Fails while channels are open.
     pub fn detach(self) -> Result<(), BdevError> {
         self.shared.queues.check_idle(&self.shared.name)?;
+        self.shared.link.stop();
         // Holders of the bdev can open no new channel on a stopped device.
         self.bdev.mark_removed();
         let mut t = self.transport.lock().unwrap_or_else(|e| e.into_inner());
@@ -422,16 +478,91 @@ impl BlkController {
     }
 }
 
+/// What a reconnection must bring back as it was.
+struct Redo {
+    name: String,
+    wanted: u64,
+    features: u64,
+    block_size: u32,
+    sectors_per_block: u64,
+    capacity: u64,
+    vq_count: u16,
+    vq_size: u16,
+    opts: QueueOptions,
+    bdev: std::sync::Weak<Bdev>,
+}
+
+impl Redo {
+    fn run(&mut self, t: &mut dyn Transport) -> Result<Vec<SplitQueue>, RedoError> {
+        let transient = |e: vireo_virtio::Error| RedoError::Transient(e.to_string());
+        let got = negotiate(t, self.wanted).map_err(transient)?;
+        if got != self.features {
+            return Err(RedoError::Permanent(format!(
+                "the device came back with features {got:#x}, not {:#x} as before",
+                self.features
+            )));
+        }
+        let mut raw = [0u8; CONFIG_LEN];
+        t.read_config(0, &mut raw).map_err(transient)?;
+        let cfg = BlkConfig::parse(&raw)
+            .ok_or_else(|| RedoError::Transient("short configuration".into()))?;
+        let bs = if got & bf::BLK_SIZE != 0 {
+            cfg.blk_size
+        } else {
+            512
+        };
+        if bs != self.block_size {
+            return Err(RedoError::Permanent(format!(
+                "the device came back with {bs}-byte blocks, not {} as before",
+                self.block_size
+            )));
+        }
+        if got & bf::MQ != 0 && cfg.num_queues.max(1) < self.vq_count {
+            return Err(RedoError::Permanent(format!(
+                "the device came back with {} queues; vq_count is {}",
+                cfg.num_queues, self.vq_count
+            )));
+        }
+        if cfg.capacity != self.capacity {
+            let blocks = cfg.capacity / self.sectors_per_block;
+            tracing::warn!(
+                controller = %self.name,
+                "the device came back with {} sectors (was {}): the bdev now has {blocks} blocks",
+                cfg.capacity,
+                self.capacity
+            );
+            self.capacity = cfg.capacity;
+            if let Some(b) = self.bdev.upgrade() {
+                b.set_num_blocks(blocks);
+            }
+        }
+        let mut rings = Vec::with_capacity(self.vq_count as usize);
+        for i in 0..self.vq_count {
+            rings.push(create_queue(t, i, self.vq_size, self.opts).map_err(transient)?);
+        }
+        t.start().map_err(transient)?;
+        Ok(rings)
+    }
+}
+
 /// One queue of a virtio-blk controller, owned by one channel.
 struct BlkChannel {
     rq: RequestQueue<RequestSlot>,
     shared: Arc<Shared>,
-    /// The parent I/O of each slot's request.
-    slot_parent: Box<[u32]>,
+    /// Each slot's request, kept to send it again after a reconnection.
+    slot_child: Box<[Child]>,
     segs: Vec<Segment>,
     /// Requests failed without reaching the device, handed out by the next poll.
     dead: Vec<ChildDone>,
     failed: Option<IoError>,
+    /// The queue's index on the device.
+    index: u16,
+    /// The link generation of the queue's ring.
+    generation: u64,
+    /// The connection is gone and reconnection is under way.
+    suspended: bool,
+    /// Requests of a lost connection, sent again (before new ones) once it is back.
+    resubmit: VecDeque<Child>,
 }
 
 const HDR_OFF: u64 = offset_of!(RequestSlot, hdr) as u64;
@@ -448,23 +579,51 @@ fn queue_error(f: &QueueFailure) -> IoError {
 impl BlkChannel {
     fn new(shared: Arc<Shared>, q: SplitQueue) -> Result<BlkChannel, IoError> {
         let n = q.size() as usize;
+        let index = q.index();
+        // Read before the ring's flag: a reconnection in between leaves the channel on
+        // an older generation, which it notices when the old flag fails its queue.
+        let generation = shared.link.generation();
         let rq = RequestQueue::new(&shared.mem, q, shared.health.broken_arc())
             .map_err(|e| IoError::NoMemory(e.to_string()))?;
         shared.queues.opened();
         Ok(BlkChannel {
             rq,
-            slot_parent: vec![0; n].into_boxed_slice(),
+            slot_child: vec![Child::EMPTY; n].into_boxed_slice(),
             segs: Vec::with_capacity(shared.max_segments + 2),
             shared,
             dead: Vec::new(),
             failed: None,
+            index,
+            generation,
+            suspended: false,
+            resubmit: VecDeque::new(),
         })
     }
 
-    /// The queue failed: fail every request it held, mark the controller failed when
-    /// the device broke the protocol.
+    /// The queue failed: with reconnection on and the back-end gone, keep its requests
+    /// for the next connection; otherwise fail every request it held, and mark the
+    /// controller failed when the device broke the protocol.
     fn fail_all(&mut self, f: QueueFailure) {
-        if self.failed.is_some() {
+        if self.failed.is_some() || self.suspended {
+            return;
+        }
+        if f == QueueFailure::Disconnected && self.shared.link.enabled() {
+            self.rq.fail(f);
+            let aborted = self.shared.link.forced();
+            for slot in self.rq.drain_in_flight() {
+                let c = self.slot_child[slot as usize];
+                if aborted {
+                    self.dead.push(ChildDone {
+                        parent: c.parent,
+                        result: Err(IoError::Aborted(
+                            "the device stopped answering and vireo reconnected".into(),
+                        )),
+                    });
+                } else {
+                    self.resubmit.push_back(c);
+                }
+            }
+            self.suspended = true;
             return;
         }
         if let QueueFailure::Device(why) = &f {
@@ -474,11 +633,56 @@ impl BlkChannel {
         let e = queue_error(&f);
         for slot in self.rq.drain_in_flight() {
             self.dead.push(ChildDone {
-                parent: self.slot_parent[slot as usize],
+                parent: self.slot_child[slot as usize].parent,
                 result: Err(e.clone()),
             });
         }
+        self.fail_waiting(e);
+    }
+
+    /// Fail the requests kept for a reconnection, and everything after them.
+    fn fail_waiting(&mut self, e: IoError) {
+        for c in self.resubmit.drain(..) {
+            self.dead.push(ChildDone {
+                parent: c.parent,
+                result: Err(e.clone()),
+            });
+        }
+        self.suspended = false;
         self.failed = Some(e);
+    }
+
+    /// While suspended: take the new ring once the connection is back and send the
+    /// kept requests again.
+    fn resume(&mut self) {
+        match self.shared.link.check(self.generation, self.index) {
+            LinkView::Waiting => {}
+            LinkView::Failed(why) => self.fail_waiting(IoError::ReconnectFailed(why)),
+            LinkView::Ready(generation, ring) => {
+                match RequestQueue::new(&self.shared.mem, *ring, self.shared.health.broken_arc()) {
+                    Ok(rq) => {
+                        // The old queue leaks its memory (it failed): a back-end that
+                        // went away must not write into reused memory.
+                        drop(std::mem::replace(&mut self.rq, rq));
+                        self.generation = generation;
+                        self.suspended = false;
+                        self.send_kept();
+                    }
+                    Err(e) => self.fail_waiting(IoError::NoMemory(e.to_string())),
+                }
+            }
+        }
+    }
+
+    /// Send kept requests while the ring has room.
+    fn send_kept(&mut self) {
+        while let Some(c) = self.resubmit.pop_front() {
+            if let Err(c) = self.submit_child(c) {
+                self.resubmit.push_front(c);
+                break;
+            }
+        }
+        self.publish();
     }
 
     /// Fetch the serial number synchronously.
@@ -584,6 +788,54 @@ impl ChannelDriver for BlkChannel {
             });
             return Ok(());
         }
+        if self.suspended || !self.resubmit.is_empty() {
+            // Waits for the connection (and the requests kept from the last one).
+            return Err(c);
+        }
+        self.submit_child(c)
+    }
+
+    fn publish(&mut self) {
+        if self.failed.is_some() || self.suspended {
+            return;
+        }
+        if let Err(f) = self.rq.publish() {
+            self.fail_all(f);
+        }
+    }
+
+    fn poll(&mut self, out: &mut Vec<ChildDone>) -> usize {
+        if self.suspended {
+            self.resume();
+        } else if !self.resubmit.is_empty() {
+            self.send_kept();
+        }
+        self.poll_queue(out)
+    }
+
+    fn in_flight(&self) -> usize {
+        if self.failed.is_some() {
+            return 0;
+        }
+        self.rq.in_flight() + self.resubmit.len()
+    }
+
+    fn arm(&mut self) -> Option<(std::os::fd::RawFd, bool)> {
+        if self.failed.is_some() || self.suspended || !self.dead.is_empty() {
+            return None;
+        }
+        self.rq.arm()
+    }
+
+    fn disarm(&mut self) {
+        self.rq.disarm();
+    }
+}
+
+impl BlkChannel {
+    /// Put one request on the ring (or give it back when the ring is full).
+    #[inline]
+    fn submit_child(&mut self, c: Child) -> Result<(), Child> {
         let Some(slot) = self.rq.take_slot() else {
             return Err(c);
         };
@@ -687,7 +939,7 @@ impl ChannelDriver for BlkChannel {
         self.segs = segs;
         match r {
             Ok(()) => {
-                self.slot_parent[slot as usize] = c.parent;
+                self.slot_child[slot as usize] = c;
                 Ok(())
             }
             Err(_) => {
@@ -697,25 +949,16 @@ impl ChannelDriver for BlkChannel {
         }
     }
 
-    fn publish(&mut self) {
-        if self.failed.is_some() {
-            return;
-        }
-        if let Err(f) = self.rq.publish() {
-            self.fail_all(f);
-        }
-    }
-
-    fn poll(&mut self, out: &mut Vec<ChildDone>) -> usize {
+    fn poll_queue(&mut self, out: &mut Vec<ChildDone>) -> usize {
         let before = out.len();
         if !self.dead.is_empty() {
             out.append(&mut self.dead);
         }
-        if self.failed.is_some() {
+        if self.failed.is_some() || self.suspended {
             return out.len() - before;
         }
         let mut bad: Option<String> = None;
-        let parents = &self.slot_parent;
+        let children = &self.slot_child;
         let r = self.rq.poll(|rq, slot, _len| {
             let result = match rq.read_at::<u8>(slot, STATUS_OFF) {
                 S_OK => Ok(()),
@@ -734,7 +977,7 @@ impl ChannelDriver for BlkChannel {
             };
             rq.release_slot(slot);
             out.push(ChildDone {
-                parent: parents[slot as usize],
+                parent: children[slot as usize].parent,
                 result,
             });
         });
@@ -749,24 +992,6 @@ impl ChannelDriver for BlkChannel {
         out.append(&mut self.dead);
         out.len() - before
     }
-
-    fn in_flight(&self) -> usize {
-        if self.failed.is_some() {
-            return 0;
-        }
-        self.rq.in_flight()
-    }
-
-    fn arm(&mut self) -> Option<(std::os::fd::RawFd, bool)> {
-        if self.failed.is_some() || !self.dead.is_empty() {
-            return None;
-        }
-        self.rq.arm()
-    }
-
-    fn disarm(&mut self) {
-        self.rq.disarm();
-    }
 }
 
 impl Drop for BlkChannel {
@@ -774,8 +999,22 @@ impl Drop for BlkChannel {
         self.shared.queues.closed();
         // A working queue with nothing on the device goes back to the pool; otherwise
         // the request queue keeps (leaks) what the device may still use.
-        if let Some(q) = self.rq.take_ring() {
-            self.shared.queues.give(q);
+        if !self.shared.link.enabled() {
+            if let Some(q) = self.rq.take_ring() {
+                self.shared.queues.give(q);
+            }
+            return;
+        }
+        let ring = if self.suspended {
+            None
+        } else {
+            self.rq.take_ring()
+        };
+        let link = &self.shared.link;
+        match ring {
+            Some(q) => link.give_back(q, self.generation, self.rq.lost(), &self.shared.queues),
+            // The ring was lost with a connection: the queue's new one goes to the pool.
+            None => link.release(self.index, &self.shared.queues),
         }
     }
 }

@@ -49,6 +49,11 @@ pub struct AttachParams {
     /// controller escalates (see `IoRequest::timeout`).
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "seconds")]
     pub io_timeout: Option<std::time::Duration>,
+    /// How long I/O waits while vireo reconnects to a vhost-user back-end that went
+    /// away (`reconnect_timeout`, seconds in JSON; `None`/0: no reconnection, I/O fails
+    /// at once). Requests the old connection had not completed are sent again.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "seconds")]
+    pub reconnect_timeout: Option<std::time::Duration>,
 }
 
 fn seconds<S: serde::Serializer>(d: &Option<std::time::Duration>, s: S) -> Result<S::Ok, S::Error> {

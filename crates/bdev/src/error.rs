@@ -42,8 +42,10 @@ impl IoError {
             | IoError::InvalidRequest(_) => ErrorKind::InvalidInput,
             IoError::Device | IoError::Sense { .. } | IoError::Scsi(_) => ErrorKind::Device,
             IoError::ControllerFailed(_) => ErrorKind::ControllerFailed,
-            IoError::Disconnected | IoError::Removed(_) => ErrorKind::Disconnected,
-            IoError::Timeout(_) => ErrorKind::TimedOut,
+            IoError::Disconnected | IoError::Removed(_) | IoError::ReconnectFailed(_) => {
+                ErrorKind::Disconnected
+            }
+            IoError::Timeout(_) | IoError::Aborted(_) => ErrorKind::TimedOut,
             IoError::NoMemory(_) => ErrorKind::OutOfMemory,
         }
     }
@@ -133,6 +135,13 @@ pub enum IoError {
     /// No DMA memory for a bounce buffer.
     #[error("no DMA memory for a bounce buffer: {0}")]
     NoMemory(String),
+    /// The back-end went away and reconnection failed (the message says why).
+    #[error("{0}")]
+    ReconnectFailed(String),
+    /// The request was outstanding when vireo reset the controller of a device that
+    /// stopped answering; the device may still hold its buffer, which is not given back.
+    #[error("aborted by a controller reset: {0}")]
+    Aborted(String),
 }
 
 impl BdevError {

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 #[derive(Debug)]
 pub struct Health {
     name: String,
-    broken: Arc<AtomicBool>,
+    /// The current transport's flag (a reconnection installs the new one's).
+    broken: Mutex<Arc<AtomicBool>>,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
 }
@@ -18,7 +19,7 @@ impl Health {
     pub fn new(name: &str, broken: Arc<AtomicBool>) -> Health {
         Health {
             name: name.to_string(),
-            broken,
+            broken: Mutex::new(broken),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
         }
@@ -40,32 +41,40 @@ impl Health {
         self.failed.load(Ordering::Acquire)
     }
 
-    /// Whether the back-end hung up (cheap: one relaxed load).
-    #[inline]
+    /// Whether the current connection is gone (the control path's check; request
+    /// queues hold the flag itself).
     pub fn is_broken(&self) -> bool {
-        self.broken.load(Ordering::Relaxed)
+        self.broken_arc().load(Ordering::Relaxed)
     }
 
-    /// The transport's hang-up flag.
-    pub fn broken_flag(&self) -> &AtomicBool {
-        &self.broken
-    }
-
-    /// The transport's hang-up flag, shared (for request queues).
+    /// The current transport's hang-up flag, shared (for request queues).
     pub fn broken_arc(&self) -> Arc<AtomicBool> {
-        self.broken.clone()
+        self.broken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A reconnection brought up a new transport with this flag.
+    pub fn set_broken_flag(&self, flag: Arc<AtomicBool>) {
+        *self.broken.lock().unwrap_or_else(|e| e.into_inner()) = flag;
     }
 
     /// Why the controller is unusable, if it is.
     pub fn failure(&self) -> Option<String> {
+        let f = self
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if f.is_some() {
+            return f;
+        }
         if self.is_broken() {
             return Some(
                 "the back-end closed the connection or the PCI function was removed".into(),
             );
         }
-        self.failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        None
     }
 }

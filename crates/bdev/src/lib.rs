@@ -18,6 +18,7 @@ pub mod config;
 pub mod error;
 pub(crate) mod health;
 pub mod io;
+pub(crate) mod link;
 pub(crate) mod pool;
 pub mod registry;
 pub mod scsi;

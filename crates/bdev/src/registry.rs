@@ -33,6 +33,14 @@ impl Controller {
         }
     }
 
+    /// Successful reconnections to its back-end (`reconnect_timeout`).
+    pub fn reconnects(&self) -> u64 {
+        match self {
+            Controller::Blk(c) => c.reconnects(),
+            Controller::Scsi(c) => c.reconnects(),
+        }
+    }
+
     /// Why the controller failed, if it did.
     pub fn failure(&self) -> Option<String> {
         match self {
@@ -249,6 +257,7 @@ impl Registry {
                     name: params.name.clone(),
                     vq_count: params.vq_count,
                     vq_size: params.vq_size,
+                    reconnect_timeout: params.reconnect_timeout,
                 },
                 transport,
             )
@@ -258,6 +267,7 @@ impl Registry {
                     name: params.name.clone(),
                     vq_count: params.vq_count,
                     vq_size: params.vq_size,
+                    reconnect_timeout: params.reconnect_timeout,
                 },
                 transport,
             )

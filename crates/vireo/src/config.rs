@@ -75,6 +75,7 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
             "vq_count",
             "vq_size",
             "io_timeout",
+            "reconnect_timeout",
         ],
         ctx,
     )?;
@@ -123,17 +124,29 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
             "{ctx}: \"vq_size\" must be a power of two of at least 4, got {vq_size}"
         )));
     }
-    let io_timeout = match p.get("io_timeout") {
-        None | Some(Value::Null) => None,
-        Some(v) => {
-            let secs = v.as_f64().filter(|s| s.is_finite() && *s >= 0.0).ok_or_else(|| {
-                cfg_err(format!(
-                    "{ctx}: \"io_timeout\" must be a non-negative number of seconds (0: none), got {v}"
-                ))
-            })?;
-            (secs > 0.0).then(|| std::time::Duration::from_secs_f64(secs))
+    let seconds = |key: &str| -> Result<Option<std::time::Duration>, BdevError> {
+        match p.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => {
+                let secs = v
+                    .as_f64()
+                    .filter(|s| s.is_finite() && (0.0..=1e9).contains(s))
+                    .ok_or_else(|| {
+                        cfg_err(format!(
+                            "{ctx}: \"{key}\" must be a non-negative number of seconds (0: none), got {v}"
+                        ))
+                    })?;
+                Ok((secs > 0.0).then(|| std::time::Duration::from_secs_f64(secs)))
+            }
         }
     };
+    let io_timeout = seconds("io_timeout")?;
+    let reconnect_timeout = seconds("reconnect_timeout")?;
+    if reconnect_timeout.is_some() && trtype == TrType::Pci {
+        return Err(cfg_err(format!(
+            "{ctx}: \"reconnect_timeout\" applies to vhost-user controllers (trtype \"user\"); a PCI function does not go away and come back"
+        )));
+    }
     Ok(AttachParams {
         name,
         trtype,
@@ -142,6 +155,7 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
         vq_count,
         vq_size,
         io_timeout,
+        reconnect_timeout,
     })
 }
 
@@ -306,6 +320,7 @@ mod tests {
                 vq_count: 1,
                 vq_size: 128,
                 io_timeout: None,
+                reconnect_timeout: None,
             })]
         );
     }
@@ -422,5 +437,30 @@ mod tests {
             let e = attach_from_json(&p).unwrap_err().to_string();
             assert!(e.contains("io_timeout"), "{e}");
         }
+    }
+
+    #[test]
+    fn reconnect_timeout_is_seconds_for_vhost_user_only() {
+        let base = json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"scsi"});
+        let mut p = base.clone();
+        p["reconnect_timeout"] = json!(30);
+        let a = attach_from_json(&p).unwrap();
+        assert_eq!(
+            a.reconnect_timeout,
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(attach_to_json(&a)["reconnect_timeout"], json!(30.0));
+        assert_eq!(attach_from_json(&attach_to_json(&a)).unwrap(), a);
+        p["reconnect_timeout"] = json!(0);
+        assert_eq!(attach_from_json(&p).unwrap().reconnect_timeout, None);
+        for bad in [json!(-1), json!("5"), json!(1e12)] {
+            p["reconnect_timeout"] = bad;
+            let e = attach_from_json(&p).unwrap_err().to_string();
+            assert!(e.contains("reconnect_timeout"), "{e}");
+        }
+        let mut pci = json!({"name":"P","trtype":"pci","traddr":"0000:00:04.0","dev_type":"blk"});
+        pci["reconnect_timeout"] = json!(5);
+        let e = attach_from_json(&pci).unwrap_err().to_string();
+        assert!(e.contains("vhost-user"), "{e}");
     }
 }

@@ -44,9 +44,20 @@ mod on {
 
     /// Serve until SIGINT or SIGTERM (then the caller stops the target, which removes its
     /// socket).
-    fn wait_for_stop_signal() {
+    /// Serve until SIGINT/SIGTERM; each SIGUSR1 drops the front-end's connection at
+    /// its next request (with the requests in flight: a scripted disconnect).
+    fn wait_for_stop_signal(faults: &vireo_target::Faults) {
+        let mut seen = crate::signals::usr1_count();
         while !crate::signals::stop_requested() {
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let now = crate::signals::usr1_count();
+            if now != seen {
+                seen = now;
+                eprintln!(
+                    "vireo: SIGUSR1: dropping the front-end's connection at its next request"
+                );
+                faults.disconnect_after(0);
+            }
         }
     }
 
@@ -87,6 +98,7 @@ mod on {
             vq_count: queues,
             vq_size: 256,
             io_timeout: None,
+            reconnect_timeout: None,
         };
         let b = reg.attach(&params)?;
         Ok((
@@ -162,13 +174,14 @@ mod on {
             a.targets,
             a.luns
         );
-        wait_for_stop_signal();
+        wait_for_stop_signal(t.faults());
         t.stop();
         Ok(())
     }
 
     pub fn cmd_target(a: TargetArgs) -> Result<()> {
         crate::signals::install();
+        crate::signals::install_usr1();
         match a.dev_type.as_str() {
             "blk" => {}
             "scsi" => return cmd_target_scsi(a),
@@ -202,7 +215,7 @@ mod on {
             "vireo: vhost-user-blk target listening on {}",
             a.socket.display()
         );
-        wait_for_stop_signal();
+        wait_for_stop_signal(t.faults());
         t.stop();
         Ok(())
     }

@@ -42,6 +42,7 @@ fn scsi(name: String, traddr: String, trtype: TrType) -> AttachParams {
         vq_count: 1,
         vq_size: DEFAULT_VQ_SIZE,
         io_timeout: None,
+        reconnect_timeout: None,
     }
 }
 
@@ -79,6 +80,7 @@ impl UserSection {
             vq_count: self.queues,
             vq_size: DEFAULT_VQ_SIZE,
             io_timeout: None,
+            reconnect_timeout: None,
         })
     }
 }

@@ -4,6 +4,31 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static STOP: AtomicBool = AtomicBool::new(false);
+#[cfg(feature = "embedded-target")]
+static USR1: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[cfg(feature = "embedded-target")]
+extern "C" fn on_usr1(_: libc::c_int) {
+    USR1.fetch_add(1, Ordering::SeqCst);
+}
+
+#[cfg(feature = "embedded-target")]
+/// Count SIGUSR1 (`vireo target`: drop the front-end's connection, a scripted fault).
+pub fn install_usr1() {
+    // SAFETY: the handler only touches an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGUSR1,
+            on_usr1 as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
+}
+
+#[cfg(feature = "embedded-target")]
+/// SIGUSR1 signals received so far.
+pub fn usr1_count() -> u64 {
+    USR1.load(Ordering::Relaxed)
+}
 
 extern "C" fn on_signal(sig: libc::c_int) {
     if STOP.swap(true, Ordering::SeqCst) {

@@ -138,6 +138,11 @@ impl<T: DeviceShared> RequestQueue<T> {
         self.ring.as_ref().map_or(0, |r| r.in_flight() as usize)
     }
 
+    /// The queue failed, or its connection is gone (the transport's flag is up).
+    pub fn lost(&self) -> bool {
+        self.failure.is_some() || self.broken.load(Ordering::Acquire)
+    }
+
     /// Why the queue stopped working, if it did.
     pub fn failure(&self) -> Option<&QueueFailure> {
         self.failure.as_ref()

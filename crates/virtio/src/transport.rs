@@ -61,7 +61,22 @@ pub trait Transport: Send {
     fn completion_signal(&self, _index: u16) -> Option<Arc<vmm_sys_util::eventfd::EventFd>> {
         None
     }
+
+    /// How to reach the same device again after it went away (vhost-user: connect to
+    /// the socket anew), for reconnection; `None` when the transport cannot.
+    fn reopener(&self) -> Option<Reopen> {
+        None
+    }
+
+    /// Drop the connection to the device now (the broken flag rises), as the last step
+    /// of escalation for a device that stopped answering. The device may still be alive.
+    fn abort(&self) {}
 }
+
+/// Opens a new transport to the device an old one reached (see
+/// [`Transport::reopener`]): each call is one attempt, every control-message reply of it
+/// bounded by the given time.
+pub type Reopen = Box<dyn Fn(std::time::Duration) -> Result<Box<dyn Transport>> + Send + Sync>;
 
 /// Allocate queue `index` of `size` descriptors in the transport's memory and hand it
 /// to the device.

@@ -148,6 +148,8 @@ pub struct VhostUserTransport {
     monitor: Option<std::thread::JoinHandle<()>>,
     stop_monitor: Arc<EventFd>,
     started: bool,
+    /// The socket, to shut down when vireo gives up on a silent back-end.
+    abort_stream: UnixStream,
 }
 
 impl std::fmt::Debug for VhostUserTransport {
@@ -187,6 +189,9 @@ impl VhostUserTransport {
             .set_write_timeout(Some(timeout))
             .map_err(|e| Error::io(ctx("cannot set socket timeout"), e))?;
         let monitor_stream = stream
+            .try_clone()
+            .map_err(|e| Error::io(ctx("cannot duplicate socket"), e))?;
+        let abort_stream = stream
             .try_clone()
             .map_err(|e| Error::io(ctx("cannot duplicate socket"), e))?;
         let broken = Arc::new(AtomicBool::new(false));
@@ -265,6 +270,7 @@ impl VhostUserTransport {
             monitor: Some(monitor),
             stop_monitor,
             started: false,
+            abort_stream,
         })
     }
 
@@ -471,6 +477,26 @@ impl Transport for VhostUserTransport {
             .get(index as usize)?
             .as_ref()
             .map(|v| v.call.clone())
+    }
+
+    fn reopener(&self) -> Option<crate::transport::Reopen> {
+        let (path, mem, limit) = (self.path.clone(), self.mem.clone(), self.timeout);
+        Some(Box::new(move |timeout: Duration| {
+            Ok(Box::new(VhostUserTransport::connect_with_timeout(
+                &path,
+                mem.clone(),
+                timeout.min(limit),
+            )?) as Box<dyn Transport>)
+        }))
+    }
+
+    fn abort(&self) {
+        tracing::warn!(
+            "{}: dropping the connection to a back-end that stopped answering",
+            self.describe()
+        );
+        self.broken.store(true, Ordering::Release);
+        let _ = self.abort_stream.shutdown(std::net::Shutdown::Both);
     }
 }
 

@@ -126,6 +126,7 @@ impl ScsiController {
             geo,
             mem: mem.clone(),
             health: Health::new(name, transport.broken_flag()),
+            link: crate::link::Link::new(name, params.reconnect_timeout),
             queues: QueuePool::new(queues),
             max_segments,
             max_sectors: cfg.max_sectors,
@@ -147,7 +148,7 @@ impl ScsiController {
             let mut scanner = Scanner {
                 q: &mut sq,
                 mem: &mem,
-                broken: shared.health.broken_flag(),
+                broken: &shared.health.broken_arc(),
             };
             let r = scan_all(&mut scanner, max_target, name);
             // A queue the device may still use is kept from reuse (see RequestQueue).
@@ -191,8 +192,35 @@ impl ScsiController {
             std::mem::forget(ev_buf);
             None
         };
+        let transport = Arc::new(Mutex::new(transport));
+        let mut redo = Redo {
+            shared: Arc::downgrade(&shared),
+            wanted,
+            features,
+            num_queues: cfg.num_queues,
+            cdb_size,
+            sense_size,
+            vq_count: params.vq_count,
+            vq_size,
+            small,
+            opts,
+            plain,
+            events,
+        };
+        let weak: std::sync::Weak<dyn crate::link::HasHealth> = Arc::downgrade(&shared) as _;
+        crate::link::spawn(
+            crate::link::Host {
+                link: shared.link.clone(),
+                transport: transport.clone(),
+                health: weak,
+            },
+            Box::new(move |t| redo.run(t)),
+        )
+        .map_err(|e| {
+            BdevError::Config(format!("{name}: cannot start the reconnection thread: {e}"))
+        })?;
         Ok(ScsiController {
-            transport: Mutex::new(transport),
+            transport,
             shared,
             luns,
             skipped,
@@ -202,6 +230,84 @@ impl ScsiController {
             stop_events,
             params: params.clone(),
         })
+    }
+}
+
+/// What a reconnection must bring back as it was.
+struct Redo {
+    shared: std::sync::Weak<Shared>,
+    wanted: u64,
+    features: u64,
+    num_queues: u32,
+    cdb_size: usize,
+    sense_size: usize,
+    vq_count: u16,
+    vq_size: u16,
+    small: u16,
+    opts: QueueOptions,
+    plain: QueueOptions,
+    events: bool,
+}
+
+impl Redo {
+    /// Bring the device up again: the control queue is installed here, the event
+    /// queue's and request queues' rings go to their users.
+    fn run(&mut self, t: &mut dyn Transport) -> Result<Vec<SplitQueue>, RedoError> {
+        let transient = |e: vireo_virtio::Error| RedoError::Transient(e.to_string());
+        let got = negotiate(t, self.wanted).map_err(transient)?;
+        if got != self.features {
+            return Err(RedoError::Permanent(format!(
+                "the device came back with features {got:#x}, not {:#x} as before",
+                self.features
+            )));
+        }
+        if t.has_config() {
+            let mut raw = [0u8; wire::CONFIG_LEN];
+            t.read_config(0, &mut raw).map_err(transient)?;
+            let cfg = ScsiConfig::parse(&raw)
+                .ok_or_else(|| RedoError::Transient("short configuration".into()))?;
+            let cdb = if cfg.cdb_size == 0 {
+                32
+            } else {
+                cfg.cdb_size.min(32) as usize
+            };
+            let sense = if cfg.sense_size == 0 {
+                96
+            } else {
+                (cfg.sense_size as usize).min(wire::MAX_SENSE)
+            };
+            if cfg.num_queues < self.vq_count as u32
+                || cdb < self.cdb_size
+                || sense < self.sense_size
+            {
+                return Err(RedoError::Permanent(format!(
+                    "the device came back with {} request queues, CDB size {}, sense size {} (was {}, {}, {})",
+                    cfg.num_queues, cfg.cdb_size, cfg.sense_size, self.num_queues, self.cdb_size, self.sense_size
+                )));
+            }
+        }
+        let control = create_queue(t, 0, self.small, self.plain).map_err(transient)?;
+        let event = create_queue(t, 1, self.small, self.plain).map_err(transient)?;
+        let mut rings = Vec::with_capacity(self.vq_count as usize + 1);
+        for i in 0..self.vq_count {
+            rings.push(create_queue(t, 2 + i, self.vq_size, self.opts).map_err(transient)?);
+        }
+        t.start().map_err(transient)?;
+        let shared = self
+            .shared
+            .upgrade()
+            .ok_or_else(|| RedoError::Permanent("the controller is gone".into()))?;
+        let ctl = ControlQueue::new(&shared.mem, control, t.broken_flag())
+            .map_err(|e| RedoError::Transient(e.to_string()))?;
+        // The old control queue: a failed one leaks its memory itself.
+        *lock(&shared.control) = Some(ctl);
+        if self.events {
+            rings.push(event);
+        } else {
+            // Nobody polls it; its memory stays with the device.
+            std::mem::forget(event);
+        }
+        Ok(rings)
     }
 }
 

@@ -14,12 +14,57 @@ pub(super) struct EventCtx {
     pub(super) stop: Arc<AtomicBool>,
 }
 
-/// Poll the event queue; apply hot-plug and parameter-change events.
-pub(super) fn event_loop(ctx: EventCtx, mut q: SplitQueue) {
+/// Put every event buffer on the event queue.
+fn post_event_buffers(q: &mut SplitQueue, buf: &DmaBuf, size: usize) {
+    for i in 0..EVENT_BUFFERS.min(q.size()) {
+        let seg = Segment {
+            addr: buf.iova() + (i as usize * size) as u64,
+            len: size as u32,
+        };
+        let _ = q.add(&[seg], 0, i as u64);
+    }
+    let _ = q.publish();
+}
+
+/// Poll the event queue; apply hot-plug and parameter-change events. After a
+/// reconnection, the event queue's new ring gets fresh buffers.
+pub(super) fn event_loop(mut ctx: EventCtx, mut q: SplitQueue) {
     let mut deferred: Vec<wire::Event> = Vec::new();
+    let mut generation = ctx.shared.link.generation();
+    let index = q.index();
     while !ctx.stop.load(Ordering::Acquire) {
-        if ctx.shared.health.is_broken() || ctx.shared.health.is_failed() {
+        if ctx.shared.health.is_failed() {
             break;
+        }
+        if ctx.shared.health.is_broken() || ctx.shared.link.generation() != generation {
+            if !ctx.shared.link.enabled() {
+                break;
+            }
+            match ctx.shared.link.check(generation, index) {
+                LinkView::Waiting => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                LinkView::Failed(_) => break,
+                LinkView::Ready(g, ring) => {
+                    // The old ring and buffers stay with the old back-end.
+                    std::mem::forget(std::mem::replace(&mut q, *ring));
+                    let Ok(mut buf) = ctx
+                        .shared
+                        .mem
+                        .alloc(ctx.ev_size * EVENT_BUFFERS as usize, 64)
+                    else {
+                        ctx.shared.health.fail("no DMA memory for event buffers");
+                        break;
+                    };
+                    buf.as_mut_slice().fill(0);
+                    std::mem::forget(std::mem::replace(&mut ctx.ev_buf, buf));
+                    post_event_buffers(&mut q, &ctx.ev_buf, ctx.ev_size);
+                    generation = g;
+                    // Events may have been missed while the connection was down.
+                    deferred.push(wire::Event::missed());
+                }
+            }
         }
         let mut got = Vec::new();
         if let Err(e) = q.poll(|u| got.push(u)) {
@@ -95,14 +140,23 @@ fn with_scanner<R>(ctx: &EventCtx, f: impl FnOnce(&mut Scanner<'_>) -> R) -> Opt
         let mut s = Scanner {
             q: &mut sq,
             mem: &ctx.shared.mem,
-            broken: ctx.shared.health.broken_flag(),
+            broken: &ctx.shared.health.broken_arc(),
         };
         f(&mut s)
     };
     // A queue the device may still use is kept from reuse (see RequestQueue).
+    let index = sq.rq.ring().map(|r| r.index());
+    let lost = sq.rq.lost();
     match sq.into_queue() {
-        Some(q) => ctx.shared.queues.give_borrowed(q),
-        None => ctx.shared.queues.lost_borrowed(),
+        Some(q) if !lost => ctx.shared.queues.give_borrowed(q),
+        _ => {
+            // (An idle ring of a lost connection is freed here.)
+            ctx.shared.queues.lost_borrowed();
+            if let (Some(i), true) = (index, ctx.shared.link.enabled()) {
+                // Lost with a connection: the queue's next ring goes to the pool.
+                ctx.shared.link.release(i, &ctx.shared.queues);
+            }
+        }
     }
     Some(r)
 }

@@ -35,6 +35,14 @@ pub(super) struct ThreadQueue {
     completed: Vec<u16>,
     retry: Vec<u16>,
     failed: Option<IoError>,
+    /// The queue's index on the device.
+    index: u16,
+    /// The link generation of the queue's ring.
+    generation: u64,
+    /// The connection is gone and reconnection is under way.
+    suspended: bool,
+    /// Commands of a lost connection (channel, request), sent again once it is back.
+    resubmit: std::collections::VecDeque<(u32, Child)>,
 }
 
 /// `slot_chan` of a slot without a command.
@@ -100,7 +108,38 @@ impl ThreadQueue {
     /// The queue failed: fail every command on it; a device that broke the protocol
     /// fails the controller.
     fn fail_all(&mut self, f: QueueFailure) {
-        if self.failed.is_some() {
+        if self.failed.is_some() || self.suspended {
+            return;
+        }
+        if f == QueueFailure::Disconnected && self.shared.link.enabled() {
+            // Keep the commands for the next connection (or fail them if vireo dropped
+            // the connection itself: the old back-end may still work on them).
+            self.sq.rq.fail(f);
+            let aborted = self.shared.link.forced();
+            for slot in self.sq.rq.drain_in_flight() {
+                // The old queue's memory stays with it; so does an UNMAP list.
+                if let Some(b) = self.slot_unmap[slot as usize].take() {
+                    std::mem::forget(b);
+                }
+                if let Some((chan, c)) = self.take_child(slot) {
+                    if aborted {
+                        self.deliver(
+                            chan,
+                            ChildDone {
+                                parent: c.parent,
+                                result: Err(IoError::Aborted(
+                                    "the device stopped answering and vireo reconnected".into(),
+                                )),
+                            },
+                        );
+                    } else {
+                        self.resubmit.push_back((chan, c));
+                    }
+                }
+            }
+            // The write-zeroes source may be read by the old back-end: not reused.
+            std::mem::forget(self.zero.take());
+            self.suspended = true;
             return;
         }
         if let QueueFailure::Device(why) = &f {
@@ -119,7 +158,93 @@ impl ThreadQueue {
                 );
             }
         }
+        self.fail_waiting(e);
+    }
+
+    /// Fail the commands kept for a reconnection, and everything after them.
+    fn fail_waiting(&mut self, e: IoError) {
+        while let Some((chan, c)) = self.resubmit.pop_front() {
+            self.deliver(
+                chan,
+                ChildDone {
+                    parent: c.parent,
+                    result: Err(e.clone()),
+                },
+            );
+        }
+        self.suspended = false;
         self.failed = Some(e);
+    }
+
+    /// While suspended: take the new ring once the connection is back and send the
+    /// kept commands again.
+    fn resume(&mut self) {
+        match self.shared.link.check(self.generation, self.index) {
+            LinkView::Waiting => {}
+            LinkView::Failed(why) => self.fail_waiting(IoError::ReconnectFailed(why)),
+            LinkView::Ready(generation, ring) => {
+                match ScsiQueue::new(
+                    &self.shared.mem,
+                    *ring,
+                    self.shared.geo,
+                    self.shared.health.broken_arc(),
+                ) {
+                    Ok(sq) => {
+                        // The old queue leaks its memory (it failed).
+                        drop(std::mem::replace(&mut self.sq, sq));
+                        self.generation = generation;
+                        self.suspended = false;
+                        self.send_kept();
+                    }
+                    Err(e) => self.fail_waiting(e),
+                }
+            }
+        }
+    }
+
+    /// Send kept commands while the ring has room.
+    fn send_kept(&mut self) {
+        while let Some((chan, c)) = self.resubmit.pop_front() {
+            let open = matches!(self.chans.get(chan as usize), Some(Some(st)) if !st.closed);
+            if !open {
+                // Its channel is gone: nobody waits for the answer.
+                self.deliver(
+                    chan,
+                    ChildDone {
+                        parent: c.parent,
+                        result: Err(IoError::Disconnected),
+                    },
+                );
+                continue;
+            }
+            let Some(slot) = self.sq.rq.take_slot() else {
+                self.resubmit.push_front((chan, c));
+                break;
+            };
+            match self.issue(chan, slot, &c) {
+                Ok(()) => {
+                    self.slot_child[slot as usize] = c;
+                    self.slot_chan[slot as usize] = chan;
+                    self.slot_tries[slot as usize] = 0;
+                }
+                Err(IssueError::RingFull) => {
+                    self.sq.rq.release_slot(slot);
+                    self.resubmit.push_front((chan, c));
+                    break;
+                }
+                Err(IssueError::Failed(e)) => {
+                    self.sq.rq.release_slot(slot);
+                    self.deliver(
+                        chan,
+                        ChildDone {
+                            parent: c.parent,
+                            result: Err(e),
+                        },
+                    );
+                }
+            }
+        }
+        self.publish();
     }
 
     /// Build and queue the command of `c` (from channel `chan`) in `slot`.
@@ -289,6 +414,10 @@ impl ThreadQueue {
             }
             return Ok(());
         }
+        if self.suspended || !self.resubmit.is_empty() {
+            // Waits for the connection (and the commands kept from the last one).
+            return Err(c);
+        }
         let Some(slot) = self.sq.rq.take_slot() else {
             return Err(c);
         };
@@ -320,7 +449,7 @@ impl ThreadQueue {
     }
 
     fn publish(&mut self) {
-        if self.failed.is_some() {
+        if self.failed.is_some() || self.suspended {
             return;
         }
         if let Err(f) = self.sq.rq.publish() {
@@ -330,7 +459,12 @@ impl ThreadQueue {
 
     /// Reap the queue's completions into the channels' outboxes.
     fn poll_all(&mut self) {
-        if self.failed.is_some() {
+        if self.suspended {
+            self.resume();
+        } else if !self.resubmit.is_empty() {
+            self.send_kept();
+        }
+        if self.failed.is_some() || self.suspended {
             return;
         }
         let mut completed = std::mem::take(&mut self.completed);
@@ -437,6 +571,29 @@ impl ThreadQueue {
 
 impl Drop for ThreadQueue {
     fn drop(&mut self) {
+        if self.shared.link.enabled() {
+            let ring = if self.suspended {
+                None
+            } else {
+                self.sq.rq.take_ring()
+            };
+            let link = &self.shared.link;
+            match ring {
+                Some(q) => {
+                    link.give_back(q, self.generation, self.sq.rq.lost(), &self.shared.queues)
+                }
+                None => {
+                    for b in self.slot_unmap.iter_mut().filter_map(Option::take) {
+                        std::mem::forget(b);
+                    }
+                    std::mem::forget(self.zero.take());
+                    // The ring was lost with a connection: the queue's new one goes to
+                    // the pool.
+                    link.release(self.index, &self.shared.queues);
+                }
+            }
+            return;
+        }
         match self.sq.rq.take_ring() {
             Some(q) => self.shared.queues.give(q),
             None => {
@@ -476,6 +633,7 @@ pub(super) fn open_channel(
     ctx: &Arc<LunCtx>,
     bdev: &str,
 ) -> Result<Box<dyn ChannelDriver>, BdevError> {
+    shared.link.wait_reconnected();
     if shared.health.is_failed() {
         return Err(BdevError::Failed(shared.name.clone()));
     }
@@ -509,7 +667,7 @@ impl ChannelDriver for ScsiChannel {
 
     fn arm(&mut self) -> Option<(std::os::fd::RawFd, bool)> {
         let mut tq = self.tq.borrow_mut();
-        if tq.failed.is_some() {
+        if tq.failed.is_some() || tq.suspended {
             return None;
         }
         // Completions a sibling channel reaped for this one are ready already.
@@ -575,6 +733,9 @@ fn thread_queue(shared: &Arc<Shared>, bdev: &str) -> Result<Rc<RefCell<ThreadQue
     }
     let q = shared.queues.take_for(bdev)?;
     let n = q.size() as usize;
+    let index = q.index();
+    // Read before the ring's flag (see the blk channel).
+    let generation = shared.link.generation();
     let sq =
         ScsiQueue::new(&shared.mem, q, shared.geo, shared.health.broken_arc()).map_err(|e| {
             BdevError::Io {
@@ -608,6 +769,10 @@ fn thread_queue(shared: &Arc<Shared>, bdev: &str) -> Result<Rc<RefCell<ThreadQue
         completed: Vec::with_capacity(n),
         retry: Vec::new(),
         failed: None,
+        index,
+        generation,
+        suspended: false,
+        resubmit: std::collections::VecDeque::new(),
     }));
     THREAD_QUEUES.with(|t| t.borrow_mut().push((key, Rc::downgrade(&tq))));
     Ok(tq)

@@ -42,6 +42,7 @@ use crate::bdev::{
 use crate::error::{BdevError, IoError};
 use crate::health::Health;
 use crate::io::IoOp;
+use crate::link::{LinkView, RedoError};
 use crate::pool::QueuePool;
 use attach::{make_lun, scan_all};
 use events::{event_loop, EventCtx};
@@ -72,6 +73,9 @@ pub struct ScsiParams {
     pub vq_count: u16,
     /// Descriptors per queue.
     pub vq_size: u16,
+    /// How long I/O waits while vireo reconnects to a back-end that went away
+    /// (vhost-user); `None`: no reconnection, I/O fails at once.
+    pub reconnect_timeout: Option<Duration>,
 }
 
 /// What a channel needs to know of its LUN.
@@ -126,6 +130,7 @@ struct Shared {
     /// The device's transfer size hint (`max_sectors`, 512-byte units; 0: none).
     max_sectors: u32,
     control: Mutex<Option<ControlQueue>>,
+    link: Arc<crate::link::Link>,
 }
 
 /// The control queue: task management functions, one at a time.
@@ -138,9 +143,18 @@ struct LunEntry {
     ctx: Arc<LunCtx>,
 }
 
+impl crate::link::HasHealth for Shared {
+    fn health(&self) -> &Health {
+        &self.health
+    }
+    fn pool(&self) -> &QueuePool {
+        &self.queues
+    }
+}
+
 /// An attached virtio-scsi controller.
 pub struct ScsiController {
-    transport: Mutex<Box<dyn Transport>>,
+    transport: Arc<Mutex<Box<dyn Transport>>>,
     shared: Arc<Shared>,
     luns: Arc<Mutex<Vec<LunEntry>>>,
     skipped: Vec<LunInfo>,
@@ -214,6 +228,18 @@ impl ScsiController {
         self.shared.health.failure()
     }
 
+    /// Successful reconnections to the back-end so far.
+    pub fn reconnects(&self) -> u64 {
+        self.shared.link.reconnects()
+    }
+
+    /// Give up on a device that stopped answering: drop the connection; with
+    /// `reconnect_timeout` the controller connects again and the commands outstanding
+    /// on the old connection fail with [`IoError::Aborted`]; without, it is gone.
+    pub fn reset(&self) {
+        self.shared.link.force(&self.transport);
+    }
+
     /// The device is gone (back-end hung up, PCI function removed).
     pub fn is_gone(&self) -> bool {
         self.shared.health.is_broken()
@@ -227,6 +253,7 @@ impl ScsiController {
     /// Stop the device. Fails while channels are open.
     pub fn detach(mut self) -> Result<(), BdevError> {
         self.shared.queues.check_idle(&self.shared.name)?;
+        self.shared.link.stop();
         self.stop_event_thread();
         for l in lock(&self.luns).iter() {
             l.bdev.mark_removed();

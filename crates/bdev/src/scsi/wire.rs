@@ -321,6 +321,15 @@ pub struct Event {
 }
 
 impl Event {
+    /// "Events were missed" with no event: the driver rescans (after a reconnection).
+    pub fn missed() -> Event {
+        Event {
+            event: event::EVENTS_MISSED,
+            lun: [0; 8],
+            reason: 0,
+        }
+    }
+
     /// Parse a 16-byte event.
     pub fn parse(b: &[u8]) -> Option<Event> {
         if b.len() < 16 {

@@ -146,6 +146,7 @@ pub fn blk_params(name: &str, sock: &Path, vq_count: u16) -> AttachParams {
         vq_count,
         vq_size: 256,
         io_timeout: None,
+        reconnect_timeout: None,
     }
 }
 
@@ -260,6 +261,7 @@ pub fn scsi_params(name: &str, sock: &Path, vq_count: u16, vq_size: u16) -> Atta
         vq_count,
         vq_size,
         io_timeout: None,
+        reconnect_timeout: None,
     }
 }
 

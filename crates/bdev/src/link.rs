@@ -1,0 +1,370 @@
+//! Reconnection (`reconnect_timeout`): when a vhost-user back-end goes away, the
+//! controller's I/O waits while a thread of its own connects again, renegotiates (the
+//! features and the geometry must match) and sets up fresh rings; each I/O channel then
+//! takes its queue's new ring and resubmits, from its own records, every request the old
+//! connection had not completed. Past the window, the waiting I/O fails.
+//!
+//! Rings of the old connection are never reused: a channel's ring that had requests on
+//! it is leaked (a back-end vireo gave up on may still be alive and write into it); an
+//! idle ring in the pool is freed.
+//!
+//! The I/O path only reads the transport's broken flag, as without reconnection; the
+//! link is looked at (under its lock) once a channel's queue has failed.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use vireo_virtio::{Reopen, SplitQueue, Transport};
+
+use crate::health::Health;
+use crate::pool::QueuePool;
+
+/// How often the reconnection thread looks at the broken flag.
+const WATCH_PERIOD: Duration = Duration::from_millis(10);
+/// Longest pause between two connection attempts.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// Bound of one attempt's control-message replies.
+const ATTEMPT_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why one reconnection attempt failed.
+#[derive(Debug)]
+pub(crate) enum RedoError {
+    /// Worth another attempt (no socket yet, the back-end hung up again).
+    Transient(String),
+    /// The device came back different (features, block size): give up at once.
+    Permanent(String),
+}
+
+/// Brings the device up again on a new transport as it was (features, queues): returns
+/// its fresh rings.
+pub(crate) type Redo =
+    Box<dyn FnMut(&mut dyn Transport) -> Result<Vec<SplitQueue>, RedoError> + Send>;
+
+/// What a channel whose queue lost its connection should do now.
+pub(crate) enum LinkView {
+    /// The connection is not back yet: keep the requests.
+    Waiting,
+    /// Back: the channel's new ring (generation, ring).
+    Ready(u64, Box<SplitQueue>),
+    /// Reconnection failed: fail the requests with this reason.
+    Failed(String),
+}
+
+/// A controller's reconnection state, shared by its channels and its reconnection
+/// thread.
+#[derive(Debug)]
+pub(crate) struct Link {
+    name: String,
+    window: Duration,
+    /// Bumped by every successful reconnection.
+    generation: AtomicU64,
+    failed: AtomicBool,
+    /// The controller is going away: the thread ends.
+    stop: AtomicBool,
+    st: Mutex<LinkState>,
+}
+
+#[derive(Debug, Default)]
+struct LinkState {
+    /// New rings not yet taken by their channel, by queue index.
+    fresh: Vec<Option<SplitQueue>>,
+    /// Queue indices whose new ring goes to the pool (no channel holds the old one).
+    to_pool: Vec<u16>,
+    reconnecting: bool,
+    failure: Option<String>,
+    /// The current outage is vireo's doing (a device that stopped answering): the old
+    /// back-end may still be alive, so its requests are not sent again.
+    forced: bool,
+    reconnects: u64,
+}
+
+impl Link {
+    /// The link of controller `name`; `window` zero: no reconnection.
+    pub(crate) fn new(name: &str, window: Option<Duration>) -> Arc<Link> {
+        Arc::new(Link {
+            name: name.to_string(),
+            window: window.unwrap_or_default(),
+            generation: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            st: Mutex::new(LinkState::default()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LinkState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reconnection is on.
+    pub(crate) fn enabled(&self) -> bool {
+        !self.window.is_zero() && !self.failed.load(Ordering::Acquire)
+    }
+
+    /// The current generation (a channel's rings belong to one).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Successful reconnections so far.
+    pub(crate) fn reconnects(&self) -> u64 {
+        self.lock().reconnects
+    }
+
+    /// The outage under way was forced by vireo (see [`Link::force`]).
+    pub(crate) fn forced(&self) -> bool {
+        self.lock().forced
+    }
+
+    /// A channel on generation `gen` whose ring `index` lost its connection asks what
+    /// to do.
+    pub(crate) fn check(&self, gen: u64, index: u16) -> LinkView {
+        if self.failed.load(Ordering::Acquire) {
+            return LinkView::Failed(self.failure());
+        }
+        if self.generation() == gen {
+            return LinkView::Waiting;
+        }
+        let mut st = self.lock();
+        let g = self.generation();
+        match st.fresh.get_mut(index as usize).and_then(Option::take) {
+            Some(ring) => LinkView::Ready(g, Box::new(ring)),
+            None => LinkView::Waiting,
+        }
+    }
+
+    /// A channel whose ring `index` lost its connection closes: its queue's new ring
+    /// goes to the pool (now, or when it exists).
+    pub(crate) fn release(&self, index: u16, pool: &QueuePool) {
+        let mut st = self.lock();
+        match st.fresh.get_mut(index as usize).and_then(Option::take) {
+            Some(ring) => pool.give(ring),
+            None => st.to_pool.push(index),
+        }
+    }
+
+    /// A channel closes with its ring idle: back to the pool if the ring belongs to the
+    /// current connection (`lost`: its connection's flag is up), else its queue gets the
+    /// new ring there.
+    pub(crate) fn give_back(
+        &self,
+        ring: SplitQueue,
+        generation: u64,
+        lost: bool,
+        pool: &QueuePool,
+    ) {
+        let index = ring.index();
+        {
+            let st = self.lock();
+            if !lost && !st.reconnecting && self.generation() == generation {
+                pool.give(ring);
+                return;
+            }
+        }
+        // Idle: nothing of it is on any device.
+        drop(ring);
+        self.release(index, pool);
+    }
+
+    /// Why reconnection failed.
+    pub(crate) fn failure(&self) -> String {
+        self.lock()
+            .failure
+            .clone()
+            .unwrap_or_else(|| "reconnection failed".into())
+    }
+
+    /// Wait (at most the window) while a reconnection is under way; for control-path
+    /// callers such as opening a channel.
+    pub(crate) fn wait_reconnected(&self) {
+        if self.window.is_zero() {
+            return;
+        }
+        let deadline = Instant::now() + self.window;
+        while self.lock().reconnecting
+            && !self.failed.load(Ordering::Acquire)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Vireo gives up on a device that stopped answering: drop the connection; with
+    /// reconnection on, the controller then connects again (its outstanding requests
+    /// fail, since the old back-end may still be working on them).
+    pub(crate) fn force(&self, transport: &Mutex<Box<dyn Transport>>) {
+        self.lock().forced = true;
+        transport.lock().unwrap_or_else(|e| e.into_inner()).abort();
+    }
+
+    /// The controller is going away.
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    fn give_up(&self, health: &Health, why: String) {
+        let why = format!(
+            "controller {}: the back-end went away and vireo could not reconnect within reconnect_timeout ({:.1} s): {why}",
+            self.name,
+            self.window.as_secs_f64()
+        );
+        tracing::error!("{why}");
+        {
+            let mut st = self.lock();
+            st.failure = Some(why.clone());
+            st.reconnecting = false;
+        }
+        health.fail(&why);
+        self.failed.store(true, Ordering::Release);
+    }
+}
+
+/// What the reconnection thread needs of its controller.
+pub(crate) struct Host {
+    pub link: Arc<Link>,
+    pub transport: Arc<Mutex<Box<dyn Transport>>>,
+    pub health: Weak<dyn HasHealth>,
+}
+
+/// A controller's shared state, as the reconnection thread sees it.
+pub(crate) trait HasHealth: Send + Sync {
+    fn health(&self) -> &Health;
+    fn pool(&self) -> &QueuePool;
+}
+
+/// Start the reconnection thread of a controller (only when reconnection is on and the
+/// transport can reconnect).
+pub(crate) fn spawn(host: Host, mut redo: Redo) -> std::io::Result<()> {
+    let Host {
+        link,
+        transport,
+        health,
+    } = host;
+    if link.window.is_zero() {
+        return Ok(());
+    }
+    let Some(reopen) = transport
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .reopener()
+    else {
+        return Ok(());
+    };
+    std::thread::Builder::new()
+        .name(format!("reconnect-{}", link.name))
+        .spawn(move || loop {
+            if link.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let Some(shared) = health.upgrade() else {
+                return;
+            };
+            if shared.health().is_failed() {
+                return;
+            }
+            if !shared.health().is_broken() {
+                drop(shared);
+                std::thread::sleep(WATCH_PERIOD);
+                continue;
+            }
+            if !outage(&link, &transport, &*shared, &reopen, &mut redo) {
+                return;
+            }
+        })
+        .map(|_| ())
+}
+
+/// One outage: reconnect within the window. False when the controller is given up.
+fn outage(
+    link: &Link,
+    transport: &Mutex<Box<dyn Transport>>,
+    shared: &dyn HasHealth,
+    reopen: &Reopen,
+    redo: &mut Redo,
+) -> bool {
+    let started = Instant::now();
+    let deadline = started + link.window;
+    {
+        let mut st = link.lock();
+        st.reconnecting = true;
+        // Idle rings in the pool are freed (nothing of theirs is on any device); their
+        // queues get new rings in the pool.
+        while let Some(q) = shared.pool().take() {
+            st.to_pool.push(q.index());
+        }
+    }
+    tracing::warn!(controller = %link.name, "the back-end went away: reconnecting (reconnect_timeout {:.1} s)", link.window.as_secs_f64());
+    let mut backoff = Duration::from_millis(20);
+    let mut attempts = 0u32;
+    let mut last = String::from("no attempt finished");
+    loop {
+        if link.stop.load(Ordering::Acquire) {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            link.give_up(
+                shared.health(),
+                format!("{attempts} attempts, the last: {last}"),
+            );
+            return false;
+        }
+        attempts += 1;
+        let bound = (deadline - now).min(ATTEMPT_REPLY_TIMEOUT);
+        let attempt = reopen(bound)
+            .map_err(|e| RedoError::Transient(e.to_string()))
+            .and_then(|mut t| redo(t.as_mut()).map(|rings| (t, rings)));
+        match attempt {
+            Ok((t, rings)) => {
+                let flag = t.broken_flag();
+                // The old transport goes (it stops nothing: its peer is gone).
+                let old =
+                    std::mem::replace(&mut *transport.lock().unwrap_or_else(|e| e.into_inner()), t);
+                drop(old);
+                shared.health().set_broken_flag(flag);
+                let mut st = link.lock();
+                let n = rings
+                    .iter()
+                    .map(|r| r.index() as usize + 1)
+                    .max()
+                    .unwrap_or(0);
+                if st.fresh.len() < n {
+                    st.fresh.resize_with(n, || None);
+                }
+                for ring in rings {
+                    let i = ring.index();
+                    if let Some(pos) = st.to_pool.iter().position(|&x| x == i) {
+                        st.to_pool.swap_remove(pos);
+                        shared.pool().give(ring);
+                    } else {
+                        // A ring of an earlier reconnection its channel never took is
+                        // replaced (it carried nothing).
+                        st.fresh[i as usize] = Some(ring);
+                    }
+                }
+                st.to_pool.clear();
+                st.reconnecting = false;
+                st.forced = false;
+                st.reconnects += 1;
+                link.generation.fetch_add(1, Ordering::AcqRel);
+                tracing::warn!(
+                    controller = %link.name,
+                    "reconnected after {:.3} s ({attempts} attempts)",
+                    started.elapsed().as_secs_f64()
+                );
+                return true;
+            }
+            Err(RedoError::Permanent(why)) => {
+                link.give_up(shared.health(), why);
+                return false;
+            }
+            Err(RedoError::Transient(why)) => {
+                tracing::debug!(controller = %link.name, "reconnect attempt {attempts}: {why}");
+                last = why;
+            }
+        }
+        let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+        std::thread::sleep(pause);
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
