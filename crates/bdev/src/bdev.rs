@@ -166,6 +166,14 @@ pub trait ChannelDriver {
     }
     /// Back to polling after [`arm`](ChannelDriver::arm).
     fn disarm(&mut self) {}
+    /// Ask the device to abort request `parent`'s commands (SCSI: ABORT TASK), waiting
+    /// at most `timeout` for each answer. The device then gives them back (aborted).
+    fn abort(&mut self, _parent: u32, _timeout: std::time::Duration) -> Result<(), IoError> {
+        Err(IoError::Unsupported {
+            op: "abort",
+            bdev: String::new(),
+        })
+    }
 }
 
 /// A device driver's handle to the bdev's device.
@@ -178,6 +186,16 @@ pub trait BdevDriver: Send + Sync {
     fn reset(&self, _timeout: std::time::Duration) -> Result<(), IoError> {
         Err(IoError::Unsupported {
             op: "reset",
+            bdev: String::new(),
+        })
+    }
+
+    /// Reset the controller behind the bdev, the last step for a device that stopped
+    /// answering (vhost-user: drop the connection and reconnect; needs
+    /// `reconnect_timeout`). Requests outstanding on it fail with [`IoError::Aborted`].
+    fn reset_controller(&self) -> Result<(), IoError> {
+        Err(IoError::Unsupported {
+            op: "controller reset",
             bdev: String::new(),
         })
     }
@@ -253,6 +271,19 @@ impl Bdev {
     /// Whether the device was hot-removed.
     pub fn is_removed(&self) -> bool {
         self.removed.load(Ordering::Acquire)
+    }
+
+    /// Reset the controller behind the bdev: drop the connection and reconnect (a
+    /// vhost-user controller with `reconnect_timeout`). Every request outstanding on
+    /// it fails with [`IoError::Aborted`], without its buffer.
+    pub fn reset_controller(&self) -> Result<(), IoError> {
+        self.driver.reset_controller().map_err(|e| match e {
+            IoError::Unsupported { op, bdev } if bdev.is_empty() => IoError::Unsupported {
+                op,
+                bdev: self.info.name.clone(),
+            },
+            e => e,
+        })
     }
 
     /// Reset the device behind the bdev (not supported by every driver).
@@ -353,8 +384,11 @@ struct Parent {
     deadline: u64,
     /// The caller got a timeout error; the device still holds the request.
     timed_out: bool,
-    /// The escalation step taken for it (0: none, 1: bdev reset sent).
+    /// The escalation steps taken for it (0: none; 1: abort; 2: LUN reset; 3:
+    /// controller reset).
     escalated: u8,
+    /// The time limit in clock ticks (a step is taken each period).
+    period: u64,
 }
 
 /// A thread's I/O path to a bdev: submit and poll, no locks. It belongs to the thread
@@ -760,6 +794,7 @@ impl IoChannel {
                     deadline: 0,
                     timed_out: false,
                     escalated: 0,
+                    period: 0,
                 });
                 (self.parents.len() - 1) as u32
             }
@@ -781,11 +816,8 @@ impl IoChannel {
             p.deadline = match req.timeout.or_else(|| self.bdev.default_timeout()) {
                 Some(d) => {
                     self.timed += 1;
-                    p.start
-                        .saturating_add(clock::ns_to_ticks(
-                            d.as_nanos().min(u64::MAX as u128) as u64
-                        ))
-                        .max(1)
+                    p.period = clock::ns_to_ticks(d.as_nanos().min(u64::MAX as u128) as u64);
+                    p.start.saturating_add(p.period).max(1)
                 }
                 None => 0,
             };
@@ -894,25 +926,34 @@ impl IoChannel {
     }
 
     /// Complete I/O past its deadline with a timeout error (its buffer stays with the
-    /// device), and escalate for I/O that is still out a period later.
+    /// device), then escalate, one step per further period while the device still
+    /// holds it: ABORT TASK (SCSI), LOGICAL UNIT RESET (SCSI), controller reset
+    /// (reconnection; vhost-user with `reconnect_timeout`). A step the driver cannot
+    /// take is skipped. Each step waits at most one period (and 5 s) for its answer.
     fn check_timeouts(&mut self, now: u64, out: &mut Vec<Completion>) -> usize {
         let mut n = 0;
-        let mut escalate = false;
-        for p in self
+        let mut aborts: Vec<u32> = Vec::new();
+        let mut step = 0u8;
+        let mut bound = std::time::Duration::from_secs(5);
+        for (i, p) in self
             .parents
             .iter_mut()
-            .filter(|p| p.active && p.deadline != 0)
+            .enumerate()
+            .filter(|(_, p)| p.active && p.deadline != 0)
         {
             if now < p.deadline {
                 continue;
             }
+            // Next step one period from now.
+            p.deadline = now.saturating_add(p.period);
+            bound = bound.min(std::time::Duration::from_nanos(
+                clock::ticks_to_ns(p.period).max(1_000_000),
+            ));
             if !p.timed_out {
                 p.timed_out = true;
                 self.timed_out_held += 1;
                 let waited = clock::ticks_to_ns(now.saturating_sub(p.start));
-                let limit = clock::ticks_to_ns(p.deadline - p.start);
-                // Escalate if the device still holds it one more period from now.
-                p.deadline = now.saturating_add(p.deadline - p.start);
+                let limit = clock::ticks_to_ns(p.period);
                 self.local.record(p.op, 0, waited, false);
                 tracing::warn!(
                     bdev = %self.bdev.info.name,
@@ -943,27 +984,69 @@ impl IoChannel {
                     latency_ns: waited,
                 });
                 n += 1;
-            } else if p.escalated == 0 {
-                p.escalated = 1;
-                escalate = true;
+            } else if p.escalated < 3 {
+                p.escalated += 1;
+                if p.escalated == 1 {
+                    aborts.push(i as u32);
+                }
+                step = step.max(p.escalated);
             }
         }
-        if escalate {
-            // Step 2: the device still holds timed-out requests a period later. SCSI:
-            // LOGICAL UNIT RESET (the device completes the LUN's commands as reset);
-            // a device without a reset keeps them until it answers or the controller
-            // is detached.
-            let bound = std::time::Duration::from_secs(5);
-            match self.bdev.reset(bound) {
-                Ok(()) => {
-                    tracing::warn!(bdev = %self.bdev.info.name, "timed-out I/O still outstanding: the LUN was reset")
-                }
-                Err(e) => {
-                    tracing::warn!(bdev = %self.bdev.info.name, "timed-out I/O still outstanding; reset: {e}")
-                }
-            }
+        if !aborts.is_empty() || step > 0 {
+            self.escalate(&aborts, step, bound);
         }
         n
+    }
+
+    /// Take escalation step `step` (1: abort `aborts`; 2: LUN reset; 3: controller
+    /// reset); a step the driver cannot take falls through to the next.
+    #[cold]
+    fn escalate(&mut self, aborts: &[u32], step: u8, bound: std::time::Duration) {
+        let name = self.bdev.info.name.clone();
+        let mut step = step;
+        if step == 1 {
+            let mut unsupported = false;
+            for &parent in aborts {
+                match self.drv.abort(parent, bound) {
+                    Ok(()) => {
+                        tracing::warn!(bdev = %name, "timed-out I/O still outstanding: ABORT TASK sent")
+                    }
+                    Err(IoError::Unsupported { .. }) => unsupported = true,
+                    Err(e) => {
+                        tracing::warn!(bdev = %name, "timed-out I/O still outstanding; ABORT TASK: {e}")
+                    }
+                }
+            }
+            if !unsupported {
+                return;
+            }
+            step = 2;
+        }
+        if step == 2 {
+            match self.bdev.reset(bound) {
+                Ok(()) => {
+                    tracing::warn!(bdev = %name, "timed-out I/O still outstanding: the LUN was reset");
+                    return;
+                }
+                Err(IoError::Unsupported { .. }) => step = 3,
+                Err(e) => {
+                    tracing::warn!(bdev = %name, "timed-out I/O still outstanding; LUN reset: {e}");
+                    return;
+                }
+            }
+        }
+        if step == 3 {
+            match self.bdev.reset_controller() {
+                Ok(()) => tracing::warn!(
+                    bdev = %name,
+                    "timed-out I/O still outstanding: resetting the controller (reconnecting); its outstanding requests fail as aborted"
+                ),
+                Err(e) => tracing::warn!(
+                    bdev = %name,
+                    "timed-out I/O still outstanding; no controller reset: {e}"
+                ),
+            }
+        }
     }
 
     fn poll_device(&mut self, out: &mut Vec<Completion>) -> usize {
@@ -1035,18 +1118,36 @@ impl IoChannel {
         if p.deadline != 0 {
             self.timed -= 1;
         }
+        // Aborted by a controller reset: the old back-end may still write the buffers,
+        // which are never freed or handed back.
+        let aborted = matches!(p.error, Some(IoError::Aborted(_)));
+        if aborted {
+            if let Some(IoBuf::Dma(b)) = &p.buf {
+                b.retire();
+            }
+            if let Some(b) = &p.bounce {
+                b.retire();
+            }
+        }
         if p.timed_out {
             // The caller already got a timeout error: the device gave the request back
-            // at last, so its buffers are free now.
+            // at last (or it was aborted), so its buffers are free now (or retired).
             p.buf = None;
             p.error = None;
             let bounce = p.bounce.take();
             self.timed_out_held -= 1;
             if let Some(b) = bounce {
-                self.give_bounce(b);
+                if !aborted {
+                    self.give_bounce(b);
+                }
             }
             self.free_parents.push(d.parent);
             return false;
+        }
+        if aborted {
+            p.buf = None;
+            p.bounce = None;
+            p.iov.clear();
         }
         let mut buf = p.buf.take();
         let mut iov = std::mem::take(&mut p.iov);

@@ -166,6 +166,10 @@ impl BdevDriver for Driver {
         })?;
         Ok(Box::new(ch))
     }
+
+    fn reset_controller(&self) -> Result<(), IoError> {
+        self.0.link.force()
+    }
 }
 
 fn bad(name: &str, reason: impl Into<String>) -> BdevError {
@@ -460,8 +464,8 @@ impl BlkController {
     /// `reconnect_timeout` the controller connects again and the requests outstanding on
     /// the old connection fail with [`IoError::Aborted`] (the old back-end may still be
     /// working on them); without, the controller is gone.
-    pub fn reset(&self) {
-        self.shared.link.force(&self.transport);
+    pub fn reset(&self) -> Result<(), IoError> {
+        self.shared.link.force()
     }
 
     /// Stop the device. Fails while channels are open.

@@ -53,7 +53,6 @@ pub(crate) enum LinkView {
 
 /// A controller's reconnection state, shared by its channels and its reconnection
 /// thread.
-#[derive(Debug)]
 pub(crate) struct Link {
     name: String,
     window: Duration,
@@ -63,6 +62,18 @@ pub(crate) struct Link {
     /// The controller is going away: the thread ends.
     stop: AtomicBool,
     st: Mutex<LinkState>,
+    /// The controller's transport, for [`Link::force`].
+    transport: std::sync::OnceLock<Weak<Mutex<Box<dyn Transport>>>>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("name", &self.name)
+            .field("window", &self.window)
+            .field("generation", &self.generation())
+            .finish()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -89,6 +100,7 @@ impl Link {
             failed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             st: Mutex::new(LinkState::default()),
+            transport: std::sync::OnceLock::new(),
         })
     }
 
@@ -189,12 +201,32 @@ impl Link {
         }
     }
 
-    /// Vireo gives up on a device that stopped answering: drop the connection; with
-    /// reconnection on, the controller then connects again (its outstanding requests
-    /// fail, since the old back-end may still be working on them).
-    pub(crate) fn force(&self, transport: &Mutex<Box<dyn Transport>>) {
-        self.lock().forced = true;
-        transport.lock().unwrap_or_else(|e| e.into_inner()).abort();
+    /// Vireo gives up on a device that stopped answering: drop the connection, and
+    /// the controller connects again; its outstanding requests fail with
+    /// [`IoError::Aborted`](crate::IoError::Aborted), since the old back-end may still
+    /// be working on them. Needs reconnection (without it, the controller would be
+    /// gone for good, so nothing is done).
+    pub(crate) fn force(&self) -> Result<(), crate::IoError> {
+        let unsupported = |why: &str| crate::IoError::Unsupported {
+            op: "controller reset",
+            bdev: format!("{} ({why})", self.name),
+        };
+        if !self.enabled() {
+            return Err(unsupported("it needs reconnect_timeout"));
+        }
+        let Some(t) = self.transport.get().and_then(Weak::upgrade) else {
+            return Err(unsupported("the transport cannot reconnect"));
+        };
+        {
+            let mut st = self.lock();
+            if st.reconnecting {
+                // Already under way.
+                return Ok(());
+            }
+            st.forced = true;
+        }
+        t.lock().unwrap_or_else(|e| e.into_inner()).abort();
+        Ok(())
     }
 
     /// The controller is going away.
@@ -243,6 +275,7 @@ pub(crate) fn spawn(host: Host, mut redo: Redo) -> std::io::Result<()> {
     if link.window.is_zero() {
         return Ok(());
     }
+    let _ = link.transport.set(Arc::downgrade(&transport));
     let Some(reopen) = transport
         .lock()
         .unwrap_or_else(|e| e.into_inner())

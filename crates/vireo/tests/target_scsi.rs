@@ -671,8 +671,8 @@ fn a_wrong_dev_type_is_named_in_the_error() {
 }
 
 /// `io_timeout` on a SCSI controller: a request the LUN holds past the limit fails
-/// with a timeout, and if the LUN still holds it a period later the channel sends a
-/// LOGICAL UNIT RESET (escalation); I/O works afterwards.
+/// with a timeout; if the LUN still holds it a period later the channel sends ABORT
+/// TASK, a period after that a LOGICAL UNIT RESET (escalation); I/O works afterwards.
 #[test]
 fn io_timeout_fails_the_io_then_resets_the_lun() {
     let (t, _d) = target(ScsiTargetConfig::default());
@@ -685,6 +685,7 @@ fn io_timeout_fails_the_io_then_resets_the_lun() {
         .result
         .unwrap();
     let resets = t.stats().tmf_lun_reset;
+    let aborts = t.stats().tmf_abort_task;
     t.faults().set_completion_delay(Duration::from_millis(800));
     let c = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2));
     assert!(
@@ -699,6 +700,10 @@ fn io_timeout_fails_the_io_then_resets_the_lun() {
         ch.poll(&mut out);
         std::thread::sleep(Duration::from_millis(5));
     }
+    assert!(
+        t.stats().tmf_abort_task > aborts,
+        "ABORT TASK was sent for the timed-out request"
+    );
     assert!(
         t.stats().tmf_lun_reset > resets,
         "the LUN was reset after the timed-out request stayed out"

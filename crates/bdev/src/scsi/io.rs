@@ -48,6 +48,12 @@ pub(super) struct ThreadQueue {
 /// `slot_chan` of a slot without a command.
 const NO_CHAN: u32 = u32::MAX;
 
+/// The tag of the command in `slot` of request queue `index`: unique among a LUN's
+/// commands on every queue, as ABORT TASK needs.
+fn command_tag(index: u16, slot: u16) -> u64 {
+    ((index as u64) << 16) | slot as u64
+}
+
 impl ThreadQueue {
     /// The command in `slot` and its channel, if any.
     #[inline]
@@ -159,6 +165,29 @@ impl ThreadQueue {
             }
         }
         self.fail_waiting(e);
+    }
+
+    /// ABORT TASK for every command of `chan`'s request `parent` still on the device
+    /// (each waits at most `timeout` for its answer). An aborted command is not retried.
+    fn abort(&mut self, chan: u32, parent: u32, timeout: Duration) -> Result<(), IoError> {
+        let lun = match self.chans.get(chan as usize) {
+            Some(Some(st)) => st.ctx.lun,
+            _ => return Ok(()),
+        };
+        let slots: Vec<u16> = (0..self.slot_chan.len() as u16)
+            .filter(|&s| {
+                self.slot_chan[s as usize] == chan && self.slot_child[s as usize].parent == parent
+            })
+            .collect();
+        let mut first_err = None;
+        for slot in slots {
+            self.slot_tries[slot as usize] = MAX_RETRIES;
+            let tag = command_tag(self.index, slot);
+            if let Err(e) = tmf::abort_task(&self.shared, &lun, tag, timeout) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     /// Fail the commands kept for a reconnection, and everything after them.
@@ -371,7 +400,7 @@ impl ThreadQueue {
             }
         }
         let sq = &mut self.sq;
-        sq.prepare_padded(slot, &ctx.lun, slot as u64, &padded);
+        sq.prepare_padded(slot, &ctx.lun, command_tag(self.index, slot), &padded);
         // Data segments of reads and writes.
         let mut data = std::mem::take(&mut self.data_segs);
         data.clear();
@@ -646,6 +675,10 @@ pub(super) fn open_channel(
 impl ChannelDriver for ScsiChannel {
     fn queue(&mut self, c: Child) -> Result<(), Child> {
         self.tq.borrow_mut().queue(self.id, c)
+    }
+
+    fn abort(&mut self, parent: u32, timeout: Duration) -> Result<(), IoError> {
+        self.tq.borrow_mut().abort(self.id, parent, timeout)
     }
 
     fn publish(&mut self) {

@@ -236,8 +236,8 @@ impl ScsiController {
     /// Give up on a device that stopped answering: drop the connection; with
     /// `reconnect_timeout` the controller connects again and the commands outstanding
     /// on the old connection fail with [`IoError::Aborted`]; without, it is gone.
-    pub fn reset(&self) {
-        self.shared.link.force(&self.transport);
+    pub fn reset(&self) -> Result<(), IoError> {
+        self.shared.link.force()
     }
 
     /// The device is gone (back-end hung up, PCI function removed).
@@ -296,5 +296,9 @@ impl BdevDriver for LunDriver {
 
     fn reset(&self, timeout: Duration) -> Result<(), IoError> {
         lun_reset(&self.shared, &self.ctx.lun, timeout)
+    }
+
+    fn reset_controller(&self) -> Result<(), IoError> {
+        self.shared.link.force()
     }
 }

@@ -2,7 +2,7 @@
 
 use std::mem::offset_of;
 
-use vireo_virtio::wire::scsi::{TmfReq, TmfSlot, TMF_LOGICAL_UNIT_RESET, T_TMF};
+use vireo_virtio::wire::scsi::{TmfReq, TmfSlot, TMF_ABORT_TASK, TMF_LOGICAL_UNIT_RESET, T_TMF};
 
 use super::queue::queue_error;
 use super::*;
@@ -12,6 +12,37 @@ const RESP_OFF: usize = offset_of!(TmfSlot, response);
 
 /// Send a LOGICAL UNIT RESET on the control queue and wait for its answer.
 pub(super) fn lun_reset(shared: &Shared, lun: &[u8; 8], timeout: Duration) -> Result<(), IoError> {
+    task_management(shared, TMF_LOGICAL_UNIT_RESET, lun, 0, timeout)
+}
+
+/// Send an ABORT TASK for the command tagged `tag` and wait for its answer.
+pub(super) fn abort_task(
+    shared: &Shared,
+    lun: &[u8; 8],
+    tag: u64,
+    timeout: Duration,
+) -> Result<(), IoError> {
+    task_management(shared, TMF_ABORT_TASK, lun, tag, timeout)
+}
+
+fn tmf_name(subtype: u32) -> &'static str {
+    if subtype == TMF_ABORT_TASK {
+        "ABORT TASK"
+    } else {
+        "LOGICAL UNIT RESET"
+    }
+}
+
+/// Send one task management function on the control queue and wait (at most
+/// `timeout`) for its answer.
+fn task_management(
+    shared: &Shared,
+    subtype: u32,
+    lun: &[u8; 8],
+    tag: u64,
+    timeout: Duration,
+) -> Result<(), IoError> {
+    let name = tmf_name(subtype);
     let mut guard = lock(&shared.control);
     let Some(ctl) = guard.as_mut() else {
         return Err(IoError::ControllerFailed(
@@ -25,9 +56,9 @@ pub(super) fn lun_reset(shared: &Shared, lun: &[u8; 8], timeout: Duration) -> Re
     *ctl.slot_mut(slot) = TmfSlot {
         req: TmfReq {
             type_: T_TMF.into(),
-            subtype: TMF_LOGICAL_UNIT_RESET.into(),
+            subtype: subtype.into(),
             lun: *lun,
-            tag: 0.into(),
+            tag: tag.into(),
         },
         response: wire::response::UNSET,
     };
@@ -59,7 +90,7 @@ pub(super) fn lun_reset(shared: &Shared, lun: &[u8; 8], timeout: Duration) -> Re
             return match r {
                 wire::response::OK | wire::response::FUNCTION_SUCCEEDED => Ok(()),
                 other => Err(IoError::Scsi(format!(
-                    "LOGICAL UNIT RESET answered {}",
+                    "{name} answered {}",
                     wire::response_name(other)
                 ))),
             };
@@ -75,7 +106,7 @@ pub(super) fn lun_reset(shared: &Shared, lun: &[u8; 8], timeout: Duration) -> Re
             ));
             guard.take();
             return Err(IoError::Timeout(format!(
-                "LOGICAL UNIT RESET (no answer within {} ms; some targets never answer task management)",
+                "{name} (no answer within {} ms; some targets never answer task management)",
                 timeout.as_millis()
             )));
         }
