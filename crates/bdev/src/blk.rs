@@ -20,7 +20,7 @@ use crate::bdev::{Bdev, BdevDriver, BdevInfo, ChannelDriver, Child, ChildDone, L
 use crate::error::{BdevError, IoError};
 use crate::health::Health;
 use crate::io::IoOp;
-use crate::link::{self, HasHealth, Link, LinkView, RedoError};
+use crate::link::{self, HasHealth, Link, LinkView, RedoCtx, RedoError, Renewed};
 use crate::pool::{check_queue_params, QueuePool};
 
 /// Ranges per discard / write-zeroes request we are prepared to send.
@@ -294,6 +294,14 @@ impl BlkController {
             indirect_max,
         };
         let mem = transport.memory().clone();
+        // In-flight tracking by the back-end, for reconnections (INFLIGHT_SHMFD).
+        let inflight = if params.reconnect_timeout.is_some() {
+            transport
+                .get_inflight(params.vq_count, vq_size)
+                .map_err(verr)?
+        } else {
+            None
+        };
         let mut queues = Vec::new();
         for i in 0..params.vq_count {
             queues.push(
@@ -305,6 +313,7 @@ impl BlkController {
             .start()
             .map_err(|e| BdevError::queue_setup(name, vq_size, e))?;
 
+        let layouts: Vec<_> = queues.iter().map(|q| q.layout()).collect();
         let shared = Arc::new(Shared {
             name: name.to_string(),
             sectors_per_block,
@@ -387,7 +396,10 @@ impl BlkController {
         let bdev = Arc::new(Bdev::new(info, Arc::new(driver), mem));
         tracing::info!(controller = %name, features = format_args!("{features:#x}"), ?cfg, "virtio-blk controller attached");
         let transport = Arc::new(Mutex::new(transport));
-        let mut redo = Redo {
+        let redo = Redo {
+            mem: shared.mem.clone(),
+            inflight,
+            layouts,
             name: name.to_string(),
             wanted,
             features,
@@ -406,7 +418,7 @@ impl BlkController {
                 transport: transport.clone(),
                 health: weak,
             },
-            Box::new(move |t| redo.run(t)),
+            Box::new(redo),
         )
         .map_err(|e| {
             BdevError::Config(format!("{name}: cannot start the reconnection thread: {e}"))
@@ -484,6 +496,11 @@ impl BlkController {
 
 /// What a reconnection must bring back as it was.
 struct Redo {
+    mem: Arc<DmaMemory>,
+    /// The back-end's in-flight tracking buffer (kept rings), if it has one.
+    inflight: Option<vireo_virtio::InflightBuffer>,
+    /// Where each queue's ring is (for handing kept rings to a new connection).
+    layouts: Vec<vireo_virtio::RingLayout>,
     name: String,
     wanted: u64,
     features: u64,
@@ -496,8 +513,12 @@ struct Redo {
     bdev: std::sync::Weak<Bdev>,
 }
 
-impl Redo {
-    fn run(&mut self, t: &mut dyn Transport) -> Result<Vec<SplitQueue>, RedoError> {
+impl link::Redo for Redo {
+    fn keeps_rings(&self) -> bool {
+        self.inflight.is_some() && self.layouts.len() == self.vq_count as usize
+    }
+
+    fn run(&mut self, t: &mut dyn Transport, ctx: &mut RedoCtx) -> Result<Vec<Renewed>, RedoError> {
         let transient = |e: vireo_virtio::Error| RedoError::Transient(e.to_string());
         let got = negotiate(t, self.wanted).map_err(transient)?;
         if got != self.features {
@@ -540,12 +561,66 @@ impl Redo {
                 b.set_num_blocks(blocks);
             }
         }
-        let mut rings = Vec::with_capacity(self.vq_count as usize);
+        let mut out = Vec::with_capacity(self.vq_count as usize);
+        if ctx.keep {
+            // The same rings, with the tracking buffer: the back-end resends what it had
+            // taken and not completed; each ring goes on at its used index.
+            let buf = self
+                .inflight
+                .as_ref()
+                .ok_or_else(|| RedoError::Permanent("no in-flight buffer to hand back".into()))?;
+            t.set_inflight(buf).map_err(transient)?;
+            let mut renewed = Vec::new();
+            for i in 0..self.vq_count {
+                if ctx.lost.contains(&i) {
+                    continue;
+                }
+                let layout = self.layouts[i as usize];
+                let base =
+                    vireo_virtio::ring::peek_used_index(&layout, &self.mem).ok_or_else(|| {
+                        RedoError::Permanent(format!("queue {i}'s ring is not in DMA memory"))
+                    })?;
+                let notifier = t.resume_queue(i, &layout, base).map_err(transient)?;
+                renewed.push((i, notifier, t.completion_signal(i)));
+            }
+            t.start().map_err(transient)?;
+            for (index, notifier, signal) in renewed {
+                if let Some(pos) = ctx.parked.iter().position(|q| q.index() == index) {
+                    let mut ring = ctx.parked.swap_remove(pos);
+                    ring.set_notifier(notifier);
+                    ring.set_completion_signal(signal);
+                    out.push(Renewed::Fresh {
+                        ring,
+                        aborted: false,
+                    });
+                } else {
+                    out.push(Renewed::Same {
+                        index,
+                        notifier,
+                        signal,
+                    });
+                }
+            }
+            return Ok(out);
+        }
+        // Fresh rings (and a fresh tracking buffer: the old one describes old rings).
+        if self.inflight.is_some() {
+            self.inflight = t
+                .get_inflight(self.vq_count, self.vq_size)
+                .map_err(transient)?;
+        }
+        let mut layouts = Vec::with_capacity(self.vq_count as usize);
         for i in 0..self.vq_count {
-            rings.push(create_queue(t, i, self.vq_size, self.opts).map_err(transient)?);
+            let ring = create_queue(t, i, self.vq_size, self.opts).map_err(transient)?;
+            layouts.push(ring.layout());
+            out.push(Renewed::Fresh {
+                ring,
+                aborted: ctx.forced,
+            });
         }
         t.start().map_err(transient)?;
-        Ok(rings)
+        self.layouts = layouts;
+        Ok(out)
     }
 }
 
@@ -612,21 +687,9 @@ impl BlkChannel {
             return;
         }
         if f == QueueFailure::Disconnected && self.shared.link.enabled() {
+            // Wait for the connection; what becomes of the requests on the ring depends
+            // on how it comes back (see `resume`).
             self.rq.fail(f);
-            let aborted = self.shared.link.forced();
-            for slot in self.rq.drain_in_flight() {
-                let c = self.slot_child[slot as usize];
-                if aborted {
-                    self.dead.push(ChildDone {
-                        parent: c.parent,
-                        result: Err(IoError::Aborted(
-                            "the device stopped answering and vireo reconnected".into(),
-                        )),
-                    });
-                } else {
-                    self.resubmit.push_back(c);
-                }
-            }
             self.suspended = true;
             return;
         }
@@ -644,8 +707,31 @@ impl BlkChannel {
         self.fail_waiting(e);
     }
 
+    /// Take the requests off the lost ring: to send again, or to fail as aborted.
+    fn take_back(&mut self, aborted: bool) {
+        for slot in self.rq.drain_in_flight() {
+            let c = self.slot_child[slot as usize];
+            if aborted {
+                self.dead.push(ChildDone {
+                    parent: c.parent,
+                    result: Err(IoError::Aborted(
+                        "the device stopped answering and vireo reconnected".into(),
+                    )),
+                });
+            } else {
+                self.resubmit.push_back(c);
+            }
+        }
+    }
+
     /// Fail the requests kept for a reconnection, and everything after them.
     fn fail_waiting(&mut self, e: IoError) {
+        for slot in self.rq.drain_in_flight() {
+            self.dead.push(ChildDone {
+                parent: self.slot_child[slot as usize].parent,
+                result: Err(e.clone()),
+            });
+        }
         for c in self.resubmit.drain(..) {
             self.dead.push(ChildDone {
                 parent: c.parent,
@@ -662,19 +748,39 @@ impl BlkChannel {
         match self.shared.link.check(self.generation, self.index) {
             LinkView::Waiting => {}
             LinkView::Failed(why) => self.fail_waiting(IoError::ReconnectFailed(why)),
-            LinkView::Ready(generation, ring) => {
-                match RequestQueue::new(&self.shared.mem, *ring, self.shared.health.broken_arc()) {
-                    Ok(rq) => {
-                        // The old queue leaks its memory (it failed): a back-end that
-                        // went away must not write into reused memory.
-                        drop(std::mem::replace(&mut self.rq, rq));
+            LinkView::Ready(generation, renewed) => match *renewed {
+                Renewed::Same {
+                    notifier, signal, ..
+                } => {
+                    // The new connection serves this ring and resends what it had.
+                    if self
+                        .rq
+                        .reattach(notifier, signal, self.shared.health.broken_arc())
+                    {
                         self.generation = generation;
                         self.suspended = false;
-                        self.send_kept();
+                    } else {
+                        self.fail_waiting(IoError::ReconnectFailed(
+                            "the request queue cannot be handed to the new connection".into(),
+                        ));
                     }
-                    Err(e) => self.fail_waiting(IoError::NoMemory(e.to_string())),
                 }
-            }
+                Renewed::Fresh { ring, aborted } => {
+                    self.take_back(aborted);
+                    match RequestQueue::new(&self.shared.mem, ring, self.shared.health.broken_arc())
+                    {
+                        Ok(rq) => {
+                            // The old queue leaks its memory (it failed): a back-end that
+                            // went away must not write into reused memory.
+                            drop(std::mem::replace(&mut self.rq, rq));
+                            self.generation = generation;
+                            self.suspended = false;
+                            self.send_kept();
+                        }
+                        Err(e) => self.fail_waiting(IoError::NoMemory(e.to_string())),
+                    }
+                }
+            },
         }
     }
 

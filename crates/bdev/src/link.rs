@@ -1,12 +1,17 @@
 //! Reconnection (`reconnect_timeout`): when a vhost-user back-end goes away, the
-//! controller's I/O waits while a thread of its own connects again, renegotiates (the
-//! features and the geometry must match) and sets up fresh rings; each I/O channel then
-//! takes its queue's new ring and resubmits, from its own records, every request the old
-//! connection had not completed. Past the window, the waiting I/O fails.
+//! controller's I/O waits while a thread of its own connects again and renegotiates
+//! (the features and the geometry must match). Then, one of two ways:
+//! - the back-end tracks in-flight requests (`INFLIGHT_SHMFD`, virtio-blk): the same
+//!   rings are handed to the new connection with the tracking buffer, the back-end sends
+//!   again what it had taken and not completed, and each channel goes on with its ring
+//!   (new doorbell and completion eventfd);
+//! - otherwise (or when vireo dropped the connection itself, the old back-end maybe still
+//!   alive): fresh rings; each channel takes its queue's new ring and resubmits, from its
+//!   own records, every request the old connection had not completed (or fails them as
+//!   aborted after a forced reconnection). Rings of the old connection are never reused:
+//!   a channel's ring that had requests on it is leaked; an idle one is freed.
 //!
-//! Rings of the old connection are never reused: a channel's ring that had requests on
-//! it is leaked (a back-end vireo gave up on may still be alive and write into it); an
-//! idle ring in the pool is freed.
+//! Past the window, the waiting I/O fails.
 //!
 //! The I/O path only reads the transport's broken flag, as without reconnection; the
 //! link is looked at (under its lock) once a channel's queue has failed.
@@ -15,7 +20,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use vireo_virtio::{Reopen, SplitQueue, Transport};
+use vireo_virtio::{Notifier, Reopen, SplitQueue, Transport};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::health::Health;
 use crate::pool::QueuePool;
@@ -36,17 +42,71 @@ pub(crate) enum RedoError {
     Permanent(String),
 }
 
-/// Brings the device up again on a new transport as it was (features, queues): returns
-/// its fresh rings.
-pub(crate) type Redo =
-    Box<dyn FnMut(&mut dyn Transport) -> Result<Vec<SplitQueue>, RedoError> + Send>;
+/// A queue's ring after a reconnection.
+pub(crate) enum Renewed {
+    /// A new ring; the old connection's requests are resent from the channel's records,
+    /// or failed as aborted (`aborted`: vireo dropped the connection itself).
+    Fresh { ring: SplitQueue, aborted: bool },
+    /// The same ring, served by the new connection, which resends what the old one had
+    /// in flight: the channel goes on with this doorbell and completion eventfd.
+    Same {
+        index: u16,
+        notifier: Notifier,
+        signal: Option<Arc<EventFd>>,
+    },
+}
+
+impl std::fmt::Debug for Renewed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Renewed::Fresh { ring, aborted } => f
+                .debug_struct("Fresh")
+                .field("index", &ring.index())
+                .field("aborted", aborted)
+                .finish(),
+            Renewed::Same { index, .. } => f.debug_struct("Same").field("index", index).finish(),
+        }
+    }
+}
+
+impl Renewed {
+    fn index(&self) -> u16 {
+        match self {
+            Renewed::Fresh { ring, .. } => ring.index(),
+            Renewed::Same { index, .. } => *index,
+        }
+    }
+}
+
+/// What one reconnection attempt knows.
+pub(crate) struct RedoCtx {
+    /// Vireo dropped the connection (the old back-end may be alive): fresh rings, and
+    /// the requests it held fail as aborted.
+    pub forced: bool,
+    /// Rings are kept (the back-end tracks in-flight requests).
+    pub keep: bool,
+    /// Idle rings of the pool to hand to the new connection too (when keeping rings).
+    pub parked: Vec<SplitQueue>,
+    /// Queues whose ring was lost with a channel during the outage (not set up again).
+    pub lost: Vec<u16>,
+}
+
+/// Brings the device up again on a new transport as it was (features, queues).
+pub(crate) trait Redo: Send {
+    /// Whether rings are kept across reconnections (in-flight tracking).
+    fn keeps_rings(&self) -> bool {
+        false
+    }
+    /// One attempt; returns every queue's ring (parked ones included).
+    fn run(&mut self, t: &mut dyn Transport, ctx: &mut RedoCtx) -> Result<Vec<Renewed>, RedoError>;
+}
 
 /// What a channel whose queue lost its connection should do now.
 pub(crate) enum LinkView {
     /// The connection is not back yet: keep the requests.
     Waiting,
-    /// Back: the channel's new ring (generation, ring).
-    Ready(u64, Box<SplitQueue>),
+    /// Back (generation, the queue's ring).
+    Ready(u64, Box<Renewed>),
     /// Reconnection failed: fail the requests with this reason.
     Failed(String),
 }
@@ -78,8 +138,8 @@ impl std::fmt::Debug for Link {
 
 #[derive(Debug, Default)]
 struct LinkState {
-    /// New rings not yet taken by their channel, by queue index.
-    fresh: Vec<Option<SplitQueue>>,
+    /// Rings of the new connection not yet taken by their channel, by queue index.
+    fresh: Vec<Option<Renewed>>,
     /// Queue indices whose new ring goes to the pool (no channel holds the old one).
     to_pool: Vec<u16>,
     reconnecting: bool,
@@ -123,11 +183,6 @@ impl Link {
         self.lock().reconnects
     }
 
-    /// The outage under way was forced by vireo (see [`Link::force`]).
-    pub(crate) fn forced(&self) -> bool {
-        self.lock().forced
-    }
-
     /// A channel on generation `gen` whose ring `index` lost its connection asks what
     /// to do.
     pub(crate) fn check(&self, gen: u64, index: u16) -> LinkView {
@@ -140,7 +195,7 @@ impl Link {
         let mut st = self.lock();
         let g = self.generation();
         match st.fresh.get_mut(index as usize).and_then(Option::take) {
-            Some(ring) => LinkView::Ready(g, Box::new(ring)),
+            Some(r) => LinkView::Ready(g, Box::new(r)),
             None => LinkView::Waiting,
         }
     }
@@ -150,7 +205,12 @@ impl Link {
     pub(crate) fn release(&self, index: u16, pool: &QueuePool) {
         let mut st = self.lock();
         match st.fresh.get_mut(index as usize).and_then(Option::take) {
-            Some(ring) => pool.give(ring),
+            Some(Renewed::Fresh { ring, .. }) => pool.give(ring),
+            Some(Renewed::Same { .. }) => {
+                // The ring stayed with the channel, which had requests on it: it is
+                // leaked, and the queue is lost until the controller is attached again.
+                tracing::warn!(controller = %self.name, "queue {index} was closed with requests in flight during a reconnection; it is not used again");
+            }
             None => st.to_pool.push(index),
         }
     }
@@ -266,7 +326,7 @@ pub(crate) trait HasHealth: Send + Sync {
 
 /// Start the reconnection thread of a controller (only when reconnection is on and the
 /// transport can reconnect).
-pub(crate) fn spawn(host: Host, mut redo: Redo) -> std::io::Result<()> {
+pub(crate) fn spawn(host: Host, mut redo: Box<dyn Redo>) -> std::io::Result<()> {
     let Host {
         link,
         transport,
@@ -313,19 +373,31 @@ fn outage(
     transport: &Mutex<Box<dyn Transport>>,
     shared: &dyn HasHealth,
     reopen: &Reopen,
-    redo: &mut Redo,
+    redo: &mut Box<dyn Redo>,
 ) -> bool {
     let started = Instant::now();
     let deadline = started + link.window;
-    {
+    let mut ctx = {
         let mut st = link.lock();
         st.reconnecting = true;
-        // Idle rings in the pool are freed (nothing of theirs is on any device); their
-        // queues get new rings in the pool.
+        let forced = st.forced;
+        let keep = !forced && redo.keeps_rings();
+        // Idle rings in the pool: kept for the new connection, or freed (nothing of
+        // theirs is on any device) and replaced.
+        let mut parked = Vec::new();
         while let Some(q) = shared.pool().take() {
             st.to_pool.push(q.index());
+            if keep {
+                parked.push(q);
+            }
         }
-    }
+        RedoCtx {
+            forced,
+            keep,
+            parked,
+            lost: Vec::new(),
+        }
+    };
     tracing::warn!(controller = %link.name, "the back-end went away: reconnecting (reconnect_timeout {:.1} s)", link.window.as_secs_f64());
     let mut backoff = Duration::from_millis(20);
     let mut attempts = 0u32;
@@ -344,9 +416,17 @@ fn outage(
         }
         attempts += 1;
         let bound = (deadline - now).min(ATTEMPT_REPLY_TIMEOUT);
+        ctx.lost = {
+            let st = link.lock();
+            st.to_pool
+                .iter()
+                .copied()
+                .filter(|i| !ctx.parked.iter().any(|q| q.index() == *i))
+                .collect()
+        };
         let attempt = reopen(bound)
             .map_err(|e| RedoError::Transient(e.to_string()))
-            .and_then(|mut t| redo(t.as_mut()).map(|rings| (t, rings)));
+            .and_then(|mut t| redo.run(t.as_mut(), &mut ctx).map(|rings| (t, rings)));
         match attempt {
             Ok((t, rings)) => {
                 let flag = t.broken_flag();
@@ -364,15 +444,35 @@ fn outage(
                 if st.fresh.len() < n {
                     st.fresh.resize_with(n, || None);
                 }
-                for ring in rings {
-                    let i = ring.index();
+                for r in rings {
+                    let i = r.index();
                     if let Some(pos) = st.to_pool.iter().position(|&x| x == i) {
                         st.to_pool.swap_remove(pos);
-                        shared.pool().give(ring);
+                        match r {
+                            Renewed::Fresh { ring, .. } => shared.pool().give(ring),
+                            Renewed::Same { .. } => {
+                                tracing::warn!(controller = %link.name, "queue {i} was closed with requests in flight during a reconnection; it is not used again")
+                            }
+                        }
                     } else {
-                        // A ring of an earlier reconnection its channel never took is
-                        // replaced (it carried nothing).
-                        st.fresh[i as usize] = Some(ring);
+                        let slot = &mut st.fresh[i as usize];
+                        *slot = match (slot.take(), r) {
+                            // A fresh ring of an earlier reconnection its channel never
+                            // took is what the new connection serves now.
+                            (
+                                Some(Renewed::Fresh { mut ring, aborted }),
+                                Renewed::Same {
+                                    notifier, signal, ..
+                                },
+                            ) => {
+                                ring.set_notifier(notifier);
+                                ring.set_completion_signal(signal);
+                                Some(Renewed::Fresh { ring, aborted })
+                            }
+                            // Otherwise the newer one replaces it (an untaken fresh ring
+                            // carried nothing).
+                            (_, r) => Some(r),
+                        };
                     }
                 }
                 st.to_pool.clear();

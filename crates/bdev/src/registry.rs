@@ -244,11 +244,17 @@ impl Registry {
                 )
             }
             TrType::User => Box::new(
-                VhostUserTransport::connect(Path::new(&params.traddr), self.memory.clone())
-                    .map_err(|source| BdevError::Virtio {
-                        name: params.name.clone(),
-                        source,
-                    })?,
+                VhostUserTransport::connect_with_options(
+                    Path::new(&params.traddr),
+                    self.memory.clone(),
+                    vireo_virtio::vhost_user::DEFAULT_REPLY_TIMEOUT,
+                    // The back-end's in-flight tracking is for virtio-blk reconnection.
+                    params.reconnect_timeout.is_some() && params.dev_type == DevType::Blk,
+                )
+                .map_err(|source| BdevError::Virtio {
+                    name: params.name.clone(),
+                    source,
+                })?,
             ),
         };
         let r = match params.dev_type {

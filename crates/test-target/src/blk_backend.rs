@@ -48,11 +48,11 @@ impl BlkBackend {
     }
 
     /// Serves everything available on `vring`.
-    fn process_queue(&self, vring: &VringRwLock<Memory>) -> io::Result<()> {
+    fn process_queue(&self, index: u16, vring: &VringRwLock<Memory>) -> io::Result<()> {
         let mem = self.mem.read().unwrap_or_else(|p| p.into_inner()).memory();
         let acked = self.acked_features.load(Ordering::Acquire);
         self.rings
-            .process_queue(vring, &mem, FaultPolicy::Inject, |descriptors| {
+            .process_queue(index, vring, &mem, FaultPolicy::Inject, |descriptors| {
                 let inject_failure = self.rings.faults().take_failure();
                 Some(
                     self.device
@@ -142,7 +142,7 @@ impl VhostUserBackend for BlkBackend {
         bump(&self.device.stats().kicks);
         // An error here would end the worker thread for good; a broken ring only fails this
         // pass (the front-end must reset the ring anyway).
-        if let Err(e) = self.process_queue(vring) {
+        if let Err(e) = self.process_queue(device_event, vring) {
             warn!("queue thread {thread_id}: {e}");
         }
         Ok(())

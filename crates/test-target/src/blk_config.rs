@@ -249,6 +249,7 @@ impl BlkTargetConfig {
     /// The vhost-user protocol features the device offers.
     pub fn protocol_features() -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS

@@ -193,6 +193,7 @@ pub(crate) struct StatCounters {
     pub lied_used_lens: AtomicU64,
     pub bad_used_ids: AtomicU64,
     pub reordered_completions: AtomicU64,
+    pub resubmitted: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -280,6 +281,9 @@ pub struct Stats {
     pub bad_used_ids: u64,
     /// Completions put in the used ring out of order by [`Faults::set_reorder_window`].
     pub reordered_completions: u64,
+    /// Requests an earlier connection left in flight, served again from the inflight
+    /// buffer (INFLIGHT_SHMFD).
+    pub resubmitted: u64,
 }
 
 impl StatCounters {
@@ -318,6 +322,7 @@ impl StatCounters {
             lied_used_lens: get(&self.lied_used_lens),
             bad_used_ids: get(&self.bad_used_ids),
             reordered_completions: get(&self.reordered_completions),
+            resubmitted: get(&self.resubmitted),
         }
     }
 }

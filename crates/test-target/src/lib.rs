@@ -66,6 +66,7 @@ pub mod scsi_request;
 
 mod blk_backend;
 mod blk_device;
+mod inflight;
 mod queue;
 mod relay;
 mod scsi_backend;

@@ -19,6 +19,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::faults::{add, bump, Faults, StatCounters, LIE_EXTRA_BYTES};
+use crate::inflight::Inflight;
 
 /// The guest memory of one connection, as vhost-user-backend hands it over.
 pub(crate) type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -29,6 +30,8 @@ pub(crate) struct ConnectionSlot {
     handle: Mutex<Option<ShutdownHandle>>,
     /// Set by `shutdown`: queue threads cut injected delays short.
     closing: AtomicBool,
+    /// The connection's inflight buffer (INFLIGHT_SHMFD), if the front-end uses one.
+    inflight: Mutex<Option<Arc<Inflight>>>,
 }
 
 impl ConnectionSlot {
@@ -42,6 +45,19 @@ impl ConnectionSlot {
 
     pub(crate) fn closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
+    }
+
+    /// The inflight buffer of the current connection.
+    pub(crate) fn inflight(&self) -> Option<Arc<Inflight>> {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Install (or, for a new connection, clear) the inflight buffer.
+    pub(crate) fn set_inflight(&self, i: Option<Arc<Inflight>>) {
+        *self.inflight.lock().unwrap_or_else(|p| p.into_inner()) = i;
     }
 
     /// Shuts the current connection down; false when there is none.
@@ -84,6 +100,8 @@ pub(crate) struct RingServer {
     stats: Arc<StatCounters>,
     /// Set once an injected disconnect fired: the queues stop serving.
     dropped: AtomicBool,
+    /// Queues that already served the requests left in flight by an earlier connection.
+    resumed: Mutex<Vec<u16>>,
 }
 
 impl RingServer {
@@ -97,6 +115,7 @@ impl RingServer {
             connection,
             stats,
             dropped: AtomicBool::new(false),
+            resumed: Mutex::new(Vec::new()),
         }
     }
 
@@ -115,6 +134,7 @@ impl RingServer {
     /// that never answers).
     pub(crate) fn process_queue<F>(
         &self,
+        index: u16,
         vring: &VringRwLock<Memory>,
         mem: &GuestMemoryMmap<()>,
         policy: FaultPolicy,
@@ -123,13 +143,28 @@ impl RingServer {
     where
         F: FnMut(&mut dyn Iterator<Item = (u64, u32, bool)>) -> Option<u32>,
     {
+        let inflight = self.connection.inflight();
+        if let Some(inf) = &inflight {
+            let first = {
+                let mut r = self.resumed.lock().unwrap_or_else(|p| p.into_inner());
+                let first = !r.contains(&index);
+                if first {
+                    r.push(index);
+                }
+                first
+            };
+            if first {
+                self.resubmit(index, inf, vring, mem, policy, &mut serve)?;
+            }
+        }
+        let inflight = inflight.as_deref();
         let mut empty_passes = 0;
         loop {
             if self.dropped() {
                 return Ok(());
             }
             vring.disable_notification().map_err(io::Error::other)?;
-            let Some(served) = self.drain(vring, mem, policy, &mut serve)? else {
+            let Some(served) = self.drain(index, inflight, vring, mem, policy, &mut serve)? else {
                 return Ok(());
             };
             if !vring.enable_notification().map_err(io::Error::other)? {
@@ -149,6 +184,8 @@ impl RingServer {
     /// when an injected disconnect fired.
     fn drain<F>(
         &self,
+        index: u16,
+        inflight: Option<&Inflight>,
         vring: &VringRwLock<Memory>,
         mem: &GuestMemoryMmap<()>,
         policy: FaultPolicy,
@@ -168,10 +205,13 @@ impl RingServer {
         loop {
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
             let Some(chain) = chain else { break };
+            if let Some(inf) = inflight {
+                inf.begin(index, chain.head_index());
+            }
             if inject && self.faults.arrival_triggers_disconnect() {
                 // The popped request is never completed: the driver sees the connection drop
                 // with it in flight.
-                self.complete(vring, mem, policy, held.drain(..).rev())?;
+                self.complete(index, inflight, vring, mem, policy, held.drain(..).rev())?;
                 self.inject_disconnect();
                 return Ok(None);
             }
@@ -192,16 +232,97 @@ impl RingServer {
                 bad_id,
             });
             if held.len() >= window.max(1) {
-                self.complete_reversed(vring, mem, policy, &mut held)?;
+                self.complete_reversed(index, inflight, vring, mem, policy, &mut held)?;
             }
         }
-        self.complete_reversed(vring, mem, policy, &mut held)?;
+        self.complete_reversed(index, inflight, vring, mem, policy, &mut held)?;
         Ok(Some(served))
+    }
+
+    /// Serve again, oldest first, the requests an earlier connection (or process) took
+    /// from queue `index` and never completed, and go on after them in the available
+    /// ring.
+    fn resubmit<F>(
+        &self,
+        index: u16,
+        inf: &Inflight,
+        vring: &VringRwLock<Memory>,
+        mem: &GuestMemoryMmap<()>,
+        policy: FaultPolicy,
+        serve: &mut F,
+    ) -> io::Result<()>
+    where
+        F: FnMut(&mut dyn Iterator<Item = (u64, u32, bool)>) -> Option<u32>,
+    {
+        let (used_ring, desc_table, size) = {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            (q.used_ring(), q.desc_table(), q.size())
+        };
+        let used_idx: u16 = mem
+            .read_obj(GuestAddress(used_ring).unchecked_add(2))
+            .map(u16::from_le)
+            .map_err(io::Error::other)?;
+        let heads: Vec<u16> = inf
+            .resume(index, used_idx)
+            .into_iter()
+            .filter(|&h| h < size)
+            .collect();
+        {
+            let mut state = vring.get_mut();
+            let q = state.get_queue_mut();
+            q.set_next_avail(used_idx.wrapping_add(heads.len() as u16));
+            q.set_next_used(used_idx);
+        }
+        if heads.is_empty() {
+            return Ok(());
+        }
+        info!(
+            "queue {index}: serving {} requests again that an earlier connection left in flight",
+            heads.len()
+        );
+        add(&self.stats.resubmitted, heads.len() as u64);
+        for head in heads {
+            let Some(descriptors) = walk_chain(mem, desc_table, size, head) else {
+                warn!("queue {index}: in-flight chain {head} is malformed; completing it empty");
+                self.complete(
+                    index,
+                    Some(inf),
+                    vring,
+                    mem,
+                    FaultPolicy::Off,
+                    std::iter::once(Completion {
+                        head,
+                        used_len: 0,
+                        bad_id: false,
+                    }),
+                )?;
+                continue;
+            };
+            let Some(used_len) = serve(&mut descriptors.into_iter()) else {
+                continue;
+            };
+            self.complete(
+                index,
+                Some(inf),
+                vring,
+                mem,
+                policy,
+                std::iter::once(Completion {
+                    head,
+                    used_len,
+                    bad_id: false,
+                }),
+            )?;
+        }
+        Ok(())
     }
 
     /// Completes what is held, last first.
     fn complete_reversed(
         &self,
+        index: u16,
+        inflight: Option<&Inflight>,
         vring: &VringRwLock<Memory>,
         mem: &GuestMemoryMmap<()>,
         policy: FaultPolicy,
@@ -210,13 +331,15 @@ impl RingServer {
         if held.len() > 1 {
             add(&self.stats.reordered_completions, held.len() as u64);
         }
-        self.complete(vring, mem, policy, held.drain(..).rev())
+        self.complete(index, inflight, vring, mem, policy, held.drain(..).rev())
     }
 
     /// Puts completions in the used ring (after the injected delay) and notifies the driver if
     /// it wants to be notified.
     fn complete(
         &self,
+        index: u16,
+        inflight: Option<&Inflight>,
         vring: &VringRwLock<Memory>,
         mem: &GuestMemoryMmap<()>,
         policy: FaultPolicy,
@@ -239,9 +362,16 @@ impl RingServer {
                 self.add_used_bad_id(vring, mem, c)?;
                 continue;
             }
+            if let Some(inf) = inflight {
+                inf.before_used(index, c.head);
+            }
             vring
                 .add_used(c.head, c.used_len)
                 .map_err(io::Error::other)?;
+            if let Some(inf) = inflight {
+                let next = vring.get_ref().get_queue().next_used();
+                inf.after_used(index, c.head, next);
+            }
             if delayed {
                 // A delayed completion must not wait for the ones behind it.
                 self.notify(vring, mem)?;
@@ -354,6 +484,59 @@ impl RingServer {
         if !self.connection.shutdown() {
             warn!("fault injection: no connection to drop");
         }
+    }
+}
+
+/// The descriptors of the chain at `head` (following an indirect table), as
+/// `(address, length, device-writable)`; `None` if the chain is malformed.
+fn walk_chain(
+    mem: &GuestMemoryMmap<()>,
+    desc_table: u64,
+    size: u16,
+    head: u16,
+) -> Option<Vec<(u64, u32, bool)>> {
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    const INDIRECT: u16 = 4;
+    let read = |table: u64, i: u16| -> Option<(u64, u32, u16, u16)> {
+        let at = GuestAddress(table).checked_add(u64::from(i) * 16)?;
+        let addr: u64 = mem.read_obj(at).ok()?;
+        let len: u32 = mem.read_obj(at.checked_add(8)?).ok()?;
+        let flags: u16 = mem.read_obj(at.checked_add(12)?).ok()?;
+        let next: u16 = mem.read_obj(at.checked_add(14)?).ok()?;
+        Some((
+            u64::from_le(addr),
+            u32::from_le(len),
+            u16::from_le(flags),
+            u16::from_le(next),
+        ))
+    };
+    let mut out = Vec::new();
+    let (mut table, mut limit, mut i) = (desc_table, size, head);
+    let mut steps = 0u32;
+    loop {
+        if i >= limit {
+            return None;
+        }
+        let (addr, len, flags, next) = read(table, i)?;
+        steps += 1;
+        if steps > 4096 {
+            return None;
+        }
+        if flags & INDIRECT != 0 {
+            if table != desc_table || len == 0 || !len.is_multiple_of(16) {
+                return None;
+            }
+            table = addr;
+            limit = u16::try_from(len / 16).ok()?;
+            i = 0;
+            continue;
+        }
+        out.push((addr, len, flags & WRITE != 0));
+        if flags & NEXT == 0 {
+            return Some(out);
+        }
+        i = next;
     }
 }
 

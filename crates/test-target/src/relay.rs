@@ -17,7 +17,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+
+use crate::inflight::Inflight;
+use crate::queue::ConnectionSlot;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// `VHOST_USER_GET_CONFIG`.
@@ -164,6 +167,93 @@ fn check(mut m: Message, pending: &AtomicUsize) -> Verdict {
     Verdict::Forward(m)
 }
 
+/// `VHOST_USER_GET_INFLIGHT_FD` and `VHOST_USER_SET_INFLIGHT_FD`.
+const GET_INFLIGHT_FD: u32 = 31;
+const SET_INFLIGHT_FD: u32 = 32;
+/// Header flag: the front-end wants a reply (REPLY_ACK).
+const NEED_REPLY: u32 = 0x8;
+/// Bytes of `VhostUserInflight` (mmap_size, mmap_offset, num_queues, queue_size, padding).
+const INFLIGHT_BODY: usize = 24;
+
+/// Inflight I/O tracking is served by the relay itself (the daemon does not implement
+/// it): `GET_INFLIGHT_FD` creates the buffer, `SET_INFLIGHT_FD` maps the one a
+/// front-end kept from an earlier connection; both install it for the queue threads.
+/// `Err(m)`: not such a message. `Ok(reply)`: answered (or no reply wanted).
+fn inflight_message(mut m: Message, slot: &ConnectionSlot) -> Result<Option<Message>, Message> {
+    let req = m.request();
+    if req != GET_INFLIGHT_FD && req != SET_INFLIGHT_FD {
+        return Err(m);
+    }
+    let flags = u32_at(&m.header, 4);
+    let reply_header = |size: usize| {
+        let mut h = [0u8; HEADER];
+        h[0..4].copy_from_slice(&req.to_le_bytes());
+        h[4..8].copy_from_slice(&(VERSION_1 | REPLY).to_le_bytes());
+        h[8..12].copy_from_slice(&(size as u32).to_le_bytes());
+        h
+    };
+    let fields = (m.body.len() >= 20).then(|| {
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&m.body[o..o + 8]);
+            u64::from_le_bytes(b)
+        };
+        let u16_at = |o: usize| u16::from_le_bytes([m.body[o], m.body[o + 1]]);
+        (u64_at(0), u64_at(8), u16_at(16), u16_at(18))
+    });
+    if req == GET_INFLIGHT_FD {
+        let body = match fields.map(|(_, _, nq, qs)| (nq, Inflight::create(nq, qs), qs)) {
+            Some((nq, Ok((inf, file)), qs)) => {
+                let len = crate::inflight::queue_region_size(qs) * nq as usize;
+                slot.set_inflight(Some(Arc::new(inf)));
+                info!("inflight tracking: {nq} queues of {qs}, {len} bytes");
+                let mut body = Vec::with_capacity(INFLIGHT_BODY);
+                body.extend_from_slice(&(len as u64).to_le_bytes());
+                body.extend_from_slice(&0u64.to_le_bytes());
+                body.extend_from_slice(&nq.to_le_bytes());
+                body.extend_from_slice(&qs.to_le_bytes());
+                body.resize(INFLIGHT_BODY, 0);
+                m.fds = vec![OwnedFd::from(file)];
+                body
+            }
+            other => {
+                warn!("refusing GET_INFLIGHT_FD: {:?}", other.map(|o| o.1.err()));
+                m.fds.clear();
+                vec![0u8; INFLIGHT_BODY]
+            }
+        };
+        return Ok(Some(Message {
+            header: reply_header(body.len()),
+            body,
+            fds: std::mem::take(&mut m.fds),
+        }));
+    }
+    // SET_INFLIGHT_FD
+    let result = match (fields, m.fds.pop()) {
+        (Some((size, offset, nq, qs)), Some(fd)) => {
+            Inflight::map(std::fs::File::from(fd), offset, size as usize, nq, qs)
+                .map(|inf| {
+                    info!("inflight tracking resumed: {nq} queues of {qs}");
+                    slot.set_inflight(Some(Arc::new(inf)));
+                })
+                .map_err(|e| e.to_string())
+        }
+        _ => Err("no buffer or no file descriptor".to_string()),
+    };
+    if let Err(e) = &result {
+        warn!("refusing SET_INFLIGHT_FD: {e}");
+    }
+    if flags & NEED_REPLY == 0 {
+        return Ok(None);
+    }
+    let body = u64::from(result.is_err()).to_le_bytes().to_vec();
+    Ok(Some(Message {
+        header: reply_header(body.len()),
+        body,
+        fds: Vec::new(),
+    }))
+}
+
 /// Pad the daemon's reply to a trimmed `GET_CONFIG` back to the request's body length.
 fn pad_reply(m: &mut Message, pending: &AtomicUsize) {
     if m.request() != GET_CONFIG {
@@ -185,7 +275,13 @@ pub(crate) struct Relay {
 
 impl Relay {
     /// Relay between `front` (the front-end) and `back` (the daemon's end).
-    pub(crate) fn spawn(front: UnixStream, back: UnixStream) -> io::Result<Relay> {
+    pub(crate) fn spawn(
+        front: UnixStream,
+        back: UnixStream,
+        slot: Arc<ConnectionSlot>,
+    ) -> io::Result<Relay> {
+        // A new connection starts without inflight tracking until it asks for it.
+        slot.set_inflight(None);
         let (f_rx, f_tx) = (front.try_clone()?, front);
         let (b_rx, b_tx) = (back.try_clone()?, back);
         let f_tx2 = f_tx.try_clone()?;
@@ -196,6 +292,14 @@ impl Relay {
             .spawn(move || {
                 let r = (|| -> io::Result<()> {
                     while let Some(m) = read_message(&f_rx)? {
+                        let m = match inflight_message(m, &slot) {
+                            Ok(Some(reply)) => {
+                                write_message(&f_tx2, &reply)?;
+                                continue;
+                            }
+                            Ok(None) => continue,
+                            Err(m) => m,
+                        };
                         match check(m, &pending) {
                             Verdict::Forward(m) => write_message(&b_tx, &m)?,
                             Verdict::Answer(m) => write_message(&f_tx2, &m)?,

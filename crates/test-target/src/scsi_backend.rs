@@ -53,20 +53,23 @@ impl ScsiBackend {
         self.cfg().total_queues() as u64 + 1
     }
 
-    fn process_requests(&self, vring: &VringRwLock<Memory>) -> io::Result<()> {
+    fn process_requests(&self, index: u16, vring: &VringRwLock<Memory>) -> io::Result<()> {
         let mem = self.memory();
         self.rings
-            .process_queue(vring, &mem, FaultPolicy::Inject, |descriptors| {
+            .process_queue(index, vring, &mem, FaultPolicy::Inject, |descriptors| {
                 Some(self.device.execute_request(&mem, descriptors))
             })
     }
 
     fn process_control(&self, vring: &VringRwLock<Memory>) -> io::Result<()> {
         let mem = self.memory();
-        self.rings
-            .process_queue(vring, &mem, FaultPolicy::Off, |descriptors| {
-                self.device.execute_control(&mem, descriptors)
-            })
+        self.rings.process_queue(
+            CONTROL_QUEUE,
+            vring,
+            &mem,
+            FaultPolicy::Off,
+            |descriptors| self.device.execute_control(&mem, descriptors),
+        )
     }
 
     /// Delivers the pending events into the driver's event buffers, one buffer per event. With
@@ -230,7 +233,7 @@ impl VhostUserBackend for ScsiBackend {
         } else {
             bump(&self.device.transport().kicks);
             match vrings.get(usize::from(device_event)) {
-                Some(vring) => self.process_requests(vring),
+                Some(vring) => self.process_requests(device_event, vring),
                 None => {
                     debug!("queue thread {thread_id}: no vring for event {device_event}");
                     Ok(())

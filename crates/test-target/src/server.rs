@@ -446,7 +446,7 @@ impl<F: BackendFactory> AcceptLoop<F> {
             .map_err(|e| format!("cannot hand the front-end to the daemon: {e}"))?;
         drop(private);
         let _ = std::fs::remove_file(&private_path);
-        let relay = Relay::spawn(front, back)
+        let relay = Relay::spawn(front, back, self.shared.connection.clone())
             .map_err(|e| format!("cannot start the vhost-user relay: {e}"))?;
         bump(&self.stats.connections);
         info!("{}: front-end connected", self.name);

@@ -235,6 +235,9 @@ fn cmd_soak(a: SoakArgs) -> Result<bool> {
             rep.verify_failures,
             rep.max_latency_ms
         );
+        if let Some(n) = rep.target_resent {
+            println!("  the target served {n} requests again from its inflight buffer");
+        }
         for p in &rep.problems {
             println!("  {p}");
         }

@@ -100,6 +100,9 @@ pub struct SoakReport {
     pub problems: Vec<String>,
     /// Longest time one I/O took, in milliseconds.
     pub max_latency_ms: f64,
+    /// `vireo target`: requests it served again from its inflight buffer
+    /// (INFLIGHT_SHMFD) after a kill or a disconnect, from its log.
+    pub target_resent: Option<u64>,
     pub interrupted: bool,
 }
 
@@ -169,6 +172,8 @@ impl TargetProc {
                 if self.kind == SoakTarget::Vireo {
                     c.arg("--file").arg(&self.file);
                 }
+                // Its log says when it serves requests again from the inflight buffer.
+                c.env("VIREO_LOG", "vireo_target=info");
                 c
             }
         };
@@ -321,8 +326,9 @@ pub fn run(reg: &Registry, o: &SoakOptions) -> Result<SoakReport> {
             let finished = finished.clone();
             let counts = counts.clone();
             let target = &mut target;
+            let reconnects = || reg.with_controller(&name, |c| c.reconnects()).unwrap_or(0);
             move || {
-                let r = inject(target, o, &stop, &counts);
+                let r = inject(target, o, &stop, &counts, &reconnects);
                 finished.store(true, Ordering::Release);
                 r
             }
@@ -345,16 +351,36 @@ pub fn run(reg: &Registry, o: &SoakOptions) -> Result<SoakReport> {
         rep.problem(format!("{e:#}"));
     }
     let _ = reg.detach(&name);
+    if o.target != SoakTarget::Qsd {
+        rep.target_resent = Some(resent_in_log(&target.log));
+    }
     drop(target);
     Ok(rep)
 }
 
+/// Requests `vireo target` says it served again ("serving N requests again").
+fn resent_in_log(log: &std::path::Path) -> u64 {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let at = l.find("serving ")?;
+            let rest = &l[at + 8..];
+            let n = rest.split(' ').next()?;
+            rest.contains("requests again")
+                .then(|| n.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
 /// Inject faults every cycle until told to stop (or `cycles` were done).
+/// A fault that breaks the connection waits for the controller to be back (at most
+/// reconnect_timeout) before the next cycle starts, so each is one outage.
 fn inject(
     t: &mut TargetProc,
     o: &SoakOptions,
     stop: &AtomicBool,
     counts: &[AtomicU64; 3],
+    reconnects: &dyn Fn() -> u64,
 ) -> Result<()> {
     let mut i = 0usize;
     let mut done = 0u64;
@@ -371,6 +397,7 @@ fn inject(
         }
         let f = o.faults[i % o.faults.len()];
         i += 1;
+        let before = reconnects();
         match f {
             Fault::Kill => {
                 t.signal(libc::SIGKILL);
@@ -389,6 +416,13 @@ fn inject(
             Fault::Disconnect => {
                 t.signal(libc::SIGUSR1);
                 counts[2].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if f != Fault::Stop {
+            let until = Instant::now() + o.reconnect_timeout;
+            while reconnects() == before && Instant::now() < until && !stop.load(Ordering::Acquire)
+            {
+                std::thread::sleep(Duration::from_millis(10));
             }
         }
         done += 1;

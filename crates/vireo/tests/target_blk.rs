@@ -673,3 +673,72 @@ fn detach_with_open_channels_is_refused_without_touching_the_controller() {
         c.result
     );
 }
+
+/// reconnect_timeout with a back-end that tracks in-flight requests (INFLIGHT_SHMFD,
+/// which the in-tree target offers): the target drops the connection with requests it
+/// took in flight; vireo reconnects, hands back the tracking buffer and the same rings,
+/// the target serves those requests again, and every write completes once with its
+/// data on the disk. Three disconnects in a row.
+#[test]
+fn a_dropped_connection_is_resumed_with_the_back_ends_inflight_buffer() {
+    let (t, _d) = target(ram(16 << 20));
+    let reg = registry();
+    let mut p = blk_params("R", t.socket_path(), 1);
+    p.reconnect_timeout = Some(std::time::Duration::from_secs(20));
+    let b = reg.attach(&p).expect("attach").pop().unwrap();
+    // Requests the target takes and holds (a slow device) when the connection drops.
+    t.faults()
+        .set_completion_delay(std::time::Duration::from_millis(2));
+    let b2 = b.clone();
+    let t_faults = t.faults_shared();
+    let written = within(60, "writes across three disconnects", move || {
+        let mut ch = b2.open_channel().unwrap();
+        let mut done = Vec::new();
+        let mut next = 0u64;
+        let mut written = 0u64;
+        let mut in_flight = 0;
+        for round in 0..3 {
+            t_faults.disconnect_after(40);
+            while t_faults.disconnect_armed() || in_flight > 0 {
+                while in_flight < 16 && next < 4096 && t_faults.disconnect_armed() {
+                    let data = pattern(512, next as u8);
+                    let mut buf = b2.alloc_buf(512).unwrap();
+                    buf.as_mut_slice().copy_from_slice(&data);
+                    ch.submit(IoRequest::write(next, 1, IoBuf::Dma(buf), next))
+                        .unwrap();
+                    next += 1;
+                    in_flight += 1;
+                }
+                ch.poll(&mut done);
+                for c in done.drain(..) {
+                    in_flight -= 1;
+                    c.result
+                        .unwrap_or_else(|e| panic!("write {}: {e} (round {round})", c.user_data));
+                    written += 1;
+                }
+            }
+        }
+        written
+    });
+    assert_eq!(written, {
+        let mut ch = b.open_channel().unwrap();
+        let mut n = 0;
+        for lba in 0..written {
+            let c = ch.run(IoRequest::read(lba, 1, IoBuf::Heap(vec![0; 512]), lba));
+            c.result.unwrap();
+            let Some(IoBuf::Heap(d)) = c.buf else {
+                panic!()
+            };
+            assert_eq!(d, pattern(512, lba as u8), "LBA {lba}");
+            n += 1;
+        }
+        n
+    });
+    let s = t.stats();
+    assert_eq!(s.injected_disconnects, 3);
+    assert!(
+        s.resubmitted >= 3,
+        "the target served requests again: {s:?}"
+    );
+    assert_eq!(reg.with_controller("R", |c| c.reconnects()), Some(3));
+}

@@ -27,5 +27,5 @@ pub use notify::{wait_readable, Notifier};
 pub use pci::{PciAddress, PciTransport};
 pub use request_queue::{QueueFailure, RequestQueue};
 pub use ring::{QueueFull, QueueOptions, RingLayout, Segment, SplitQueue, Used};
-pub use transport::{create_queue, negotiate, Reopen, Transport, COMMON_FEATURES};
+pub use transport::{create_queue, negotiate, InflightBuffer, Reopen, Transport, COMMON_FEATURES};
 pub use vhost_user::VhostUserTransport;

@@ -324,6 +324,32 @@ impl<T: DeviceShared> RequestQueue<T> {
         self.failure = Some(f);
     }
 
+    /// The connection came back and serves this same ring (the device resends what it
+    /// had in flight): work again with the new doorbell, completion signal and broken
+    /// flag. Only after [`QueueFailure::Disconnected`].
+    pub fn reattach(
+        &mut self,
+        notifier: crate::notify::Notifier,
+        signal: Option<Arc<vmm_sys_util::eventfd::EventFd>>,
+        broken: Arc<AtomicBool>,
+    ) -> bool {
+        if self.failure != Some(QueueFailure::Disconnected) {
+            return false;
+        }
+        let Some(ring) = self.ring.as_mut() else {
+            return false;
+        };
+        ring.set_notifier(notifier);
+        ring.set_completion_signal(signal);
+        // The new connection looks at the ring when kicked.
+        let _ = ring.notifier().notify(ring.index());
+        self.broken = broken;
+        self.failure = None;
+        self.leak = false;
+        self.idle_polls = 0;
+        true
+    }
+
     /// Take back every slot the device holds (after a failure: their requests are
     /// failed by the caller). Returns them; they are free again.
     pub fn drain_in_flight(&mut self) -> Vec<u16> {

@@ -269,6 +269,11 @@ impl SplitQueue {
         &self.notifier
     }
 
+    /// The used ring's index as the device last wrote it.
+    pub fn device_used_index(&self) -> u16 {
+        self.used_u16(2).load(Ordering::Acquire)
+    }
+
     /// Replace the notifier (the transport hands it out after it learned the layout).
     pub fn set_notifier(&mut self, notifier: Notifier) {
         self.notifier = notifier;
@@ -568,3 +573,18 @@ impl SplitQueue {
 
 #[cfg(test)]
 mod tests;
+
+/// The used ring index of the ring at `layout`, read from memory that need not be one's
+/// own ring object (a reconnection re-registers rings other threads hold). `None` if
+/// the used ring does not lie in `mem`.
+pub fn peek_used_index(layout: &RingLayout, mem: &crate::memory::DmaMemory) -> Option<u16> {
+    let at = layout.used_va.checked_add(2)?;
+    if !at.is_multiple_of(2) || !mem.regions().iter().any(|r| r.contains(at, 2)) {
+        return None;
+    }
+    // SAFETY: the two bytes lie in a region of `mem`, which stays mapped while `mem`
+    // lives (regions are unmapped only when the memory is dropped); aligned for u16;
+    // an atomic load, as the device writes it concurrently.
+    let v = unsafe { (*(at as *const AtomicU16)).load(Ordering::Acquire) };
+    Some(u16::from_le(v))
+}

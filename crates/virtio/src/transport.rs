@@ -71,6 +71,50 @@ pub trait Transport: Send {
     /// Drop the connection to the device now (the broken flag rises), as the last step
     /// of escalation for a device that stopped answering. The device may still be alive.
     fn abort(&self) {}
+
+    /// Ask the device for a buffer it tracks in-flight requests in (vhost-user
+    /// `INFLIGHT_SHMFD`), before the queues are set up; `None` when it has none.
+    fn get_inflight(
+        &mut self,
+        _num_queues: u16,
+        _queue_size: u16,
+    ) -> Result<Option<InflightBuffer>> {
+        Ok(None)
+    }
+
+    /// Hand a device on a new connection the buffer an earlier one tracked in-flight
+    /// requests in; it sends those requests again itself.
+    fn set_inflight(&mut self, _buf: &InflightBuffer) -> Result<()> {
+        Err(Error::Features(format!(
+            "{} cannot take back in-flight requests",
+            self.describe()
+        )))
+    }
+
+    /// Hand the device a ring that an earlier connection used, to go on at used index
+    /// `base` (with [`set_inflight`](Transport::set_inflight)); returns its doorbell.
+    fn resume_queue(&mut self, index: u16, _layout: &RingLayout, _base: u16) -> Result<Notifier> {
+        Err(Error::InvalidQueue(format!(
+            "{} cannot resume queue {index}",
+            self.describe()
+        )))
+    }
+}
+
+/// An inflight-tracking buffer (vhost-user `INFLIGHT_SHMFD`): opaque to vireo, kept
+/// across reconnections and handed back to the next connection.
+#[derive(Debug, Clone)]
+pub struct InflightBuffer {
+    /// The shared memory file.
+    pub file: Arc<std::fs::File>,
+    /// Bytes of the buffer.
+    pub mmap_size: u64,
+    /// Offset of the buffer in the file.
+    pub mmap_offset: u64,
+    /// Queues it tracks.
+    pub num_queues: u16,
+    /// Their size.
+    pub queue_size: u16,
 }
 
 /// Opens a new transport to the device an old one reached (see

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -18,7 +18,7 @@ use crate::features::transport as tf;
 use crate::memory::{DmaMemory, DmaRegionInfo, RegionListener};
 use crate::notify::Notifier;
 use crate::ring::RingLayout;
-use crate::transport::Transport;
+use crate::transport::{InflightBuffer, Transport};
 
 /// Regions `SET_MEM_TABLE` can carry.
 pub const MAX_MEM_TABLE_REGIONS: usize = 8;
@@ -27,7 +27,8 @@ pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Queue index limit of the vhost-user protocol.
 const MAX_VRINGS: u64 = 0x8000;
 
-/// Protocol features vireo understands and acks when offered.
+/// Protocol features vireo understands and acks when offered (`INFLIGHT_SHMFD` only
+/// for a controller that reconnects, see [`VhostUserTransport::connect_with_options`]).
 fn wanted_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
@@ -172,6 +173,18 @@ impl VhostUserTransport {
         mem: Arc<DmaMemory>,
         timeout: Duration,
     ) -> Result<VhostUserTransport> {
+        Self::connect_with_options(path, mem, timeout, false)
+    }
+
+    /// As [`connect_with_timeout`](Self::connect_with_timeout); `track_inflight`: ack
+    /// `INFLIGHT_SHMFD` when offered (for a controller that reconnects: the back-end
+    /// then resends what it had in flight, see [`Transport::get_inflight`]).
+    pub fn connect_with_options(
+        path: &Path,
+        mem: Arc<DmaMemory>,
+        timeout: Duration,
+        track_inflight: bool,
+    ) -> Result<VhostUserTransport> {
         let ctx = |what: &str| format!("vhost-user {}: {what}", path.display());
         let stream = UnixStream::connect(path).map_err(|e| {
             Error::io(
@@ -231,7 +244,11 @@ impl VhostUserTransport {
             let mut protocol = VhostUserProtocolFeatures::empty();
             if offered & tf::VHOST_USER_PROTOCOL_FEATURES != 0 {
                 let theirs = frontend.get_protocol_features().map_err(&not_vhost)?;
-                protocol = theirs & wanted_protocol_features();
+                let mut wanted = wanted_protocol_features();
+                if track_inflight {
+                    wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+                }
+                protocol = theirs & wanted;
                 frontend
                     .set_protocol_features(protocol)
                     .map_err(&not_vhost)?;
@@ -453,7 +470,59 @@ impl Transport for VhostUserTransport {
     }
 
     fn setup_queue(&mut self, index: u16, layout: &RingLayout) -> Result<Notifier> {
-        self.guarded(|t| t.setup_queue_inner(index, layout))
+        self.guarded(|t| t.setup_queue_inner(index, layout, 0))
+    }
+
+    fn resume_queue(&mut self, index: u16, layout: &RingLayout, base: u16) -> Result<Notifier> {
+        self.guarded(|t| t.setup_queue_inner(index, layout, base))
+    }
+
+    fn get_inflight(&mut self, num_queues: u16, queue_size: u16) -> Result<Option<InflightBuffer>> {
+        if !self
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            return Ok(None);
+        }
+        let ask = VhostUserInflight::new(0, 0, num_queues, queue_size);
+        let r = self.guarded(|t| {
+            t.frontend
+                .get_inflight_fd(&ask)
+                .map_err(|e| Error::transport(t.ctx("GET_INFLIGHT_FD"), e))
+        });
+        match r {
+            Ok((info, file)) if info.mmap_size > 0 => Ok(Some(InflightBuffer {
+                file: Arc::new(file),
+                mmap_size: info.mmap_size,
+                mmap_offset: info.mmap_offset,
+                num_queues,
+                queue_size,
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if !self.broken.load(Ordering::Relaxed) => {
+                // The back-end offered tracking but cannot give a buffer: go without
+                // (vireo resends from its own records).
+                tracing::warn!("{}; reconnection resends from vireo's records", e);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn set_inflight(&mut self, buf: &InflightBuffer) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let info = VhostUserInflight::new(
+            buf.mmap_size,
+            buf.mmap_offset,
+            buf.num_queues,
+            buf.queue_size,
+        );
+        let fd = buf.file.as_raw_fd();
+        self.guarded(|t| {
+            t.frontend
+                .set_inflight_fd(&info, fd)
+                .map_err(|e| Error::transport(t.ctx("SET_INFLIGHT_FD"), e))
+        })
     }
 
     fn start(&mut self) -> Result<()> {
@@ -481,11 +550,15 @@ impl Transport for VhostUserTransport {
 
     fn reopener(&self) -> Option<crate::transport::Reopen> {
         let (path, mem, limit) = (self.path.clone(), self.mem.clone(), self.timeout);
+        let inflight = self
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
         Some(Box::new(move |timeout: Duration| {
-            Ok(Box::new(VhostUserTransport::connect_with_timeout(
+            Ok(Box::new(VhostUserTransport::connect_with_options(
                 &path,
                 mem.clone(),
                 timeout.min(limit),
+                inflight,
             )?) as Box<dyn Transport>)
         }))
     }
@@ -538,7 +611,12 @@ impl VhostUserTransport {
         Ok(())
     }
 
-    fn setup_queue_inner(&mut self, index: u16, layout: &RingLayout) -> Result<Notifier> {
+    fn setup_queue_inner(
+        &mut self,
+        index: u16,
+        layout: &RingLayout,
+        base: u16,
+    ) -> Result<Notifier> {
         if let Some(n) = self.queue_num {
             if index as u64 >= n {
                 return Err(Error::InvalidQueue(format!(
@@ -566,7 +644,7 @@ impl VhostUserTransport {
         };
         fe.set_vring_addr(i, &cfg)
             .map_err(|e| Error::transport(q("SET_VRING_ADDR"), e))?;
-        fe.set_vring_base(i, 0)
+        fe.set_vring_base(i, base)
             .map_err(|e| Error::transport(q("SET_VRING_BASE"), e))?;
         let call = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(q("eventfd"), e))?);
         let kick = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(q("eventfd"), e))?);

@@ -193,7 +193,7 @@ impl ScsiController {
             None
         };
         let transport = Arc::new(Mutex::new(transport));
-        let mut redo = Redo {
+        let redo = Redo {
             shared: Arc::downgrade(&shared),
             wanted,
             features,
@@ -214,7 +214,7 @@ impl ScsiController {
                 transport: transport.clone(),
                 health: weak,
             },
-            Box::new(move |t| redo.run(t)),
+            Box::new(redo),
         )
         .map_err(|e| {
             BdevError::Config(format!("{name}: cannot start the reconnection thread: {e}"))
@@ -249,10 +249,15 @@ struct Redo {
     events: bool,
 }
 
-impl Redo {
+impl crate::link::Redo for Redo {
     /// Bring the device up again: the control queue is installed here, the event
-    /// queue's and request queues' rings go to their users.
-    fn run(&mut self, t: &mut dyn Transport) -> Result<Vec<SplitQueue>, RedoError> {
+    /// queue's and request queues' rings go to their users (fresh rings: vireo resends
+    /// from its own records).
+    fn run(
+        &mut self,
+        t: &mut dyn Transport,
+        ctx: &mut crate::link::RedoCtx,
+    ) -> Result<Vec<Renewed>, RedoError> {
         let transient = |e: vireo_virtio::Error| RedoError::Transient(e.to_string());
         let got = negotiate(t, self.wanted).map_err(transient)?;
         if got != self.features {
@@ -290,7 +295,10 @@ impl Redo {
         let event = create_queue(t, 1, self.small, self.plain).map_err(transient)?;
         let mut rings = Vec::with_capacity(self.vq_count as usize + 1);
         for i in 0..self.vq_count {
-            rings.push(create_queue(t, 2 + i, self.vq_size, self.opts).map_err(transient)?);
+            rings.push(Renewed::Fresh {
+                ring: create_queue(t, 2 + i, self.vq_size, self.opts).map_err(transient)?,
+                aborted: ctx.forced,
+            });
         }
         t.start().map_err(transient)?;
         let shared = self
@@ -302,7 +310,10 @@ impl Redo {
         // The old control queue: a failed one leaks its memory itself.
         *lock(&shared.control) = Some(ctl);
         if self.events {
-            rings.push(event);
+            rings.push(Renewed::Fresh {
+                ring: event,
+                aborted: ctx.forced,
+            });
         } else {
             // Nobody polls it; its memory stays with the device.
             std::mem::forget(event);

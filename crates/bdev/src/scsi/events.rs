@@ -46,9 +46,15 @@ pub(super) fn event_loop(mut ctx: EventCtx, mut q: SplitQueue) {
                     continue;
                 }
                 LinkView::Failed(_) => break,
-                LinkView::Ready(g, ring) => {
+                LinkView::Ready(g, renewed) => {
+                    let Renewed::Fresh { ring, .. } = *renewed else {
+                        ctx.shared
+                            .health
+                            .fail("the event queue cannot go on with its old ring");
+                        break;
+                    };
                     // The old ring and buffers stay with the old back-end.
-                    std::mem::forget(std::mem::replace(&mut q, *ring));
+                    std::mem::forget(std::mem::replace(&mut q, ring));
                     let Ok(mut buf) = ctx
                         .shared
                         .mem

@@ -118,33 +118,8 @@ impl ThreadQueue {
             return;
         }
         if f == QueueFailure::Disconnected && self.shared.link.enabled() {
-            // Keep the commands for the next connection (or fail them if vireo dropped
-            // the connection itself: the old back-end may still work on them).
+            // Wait for the connection; the commands are taken back when it returns.
             self.sq.rq.fail(f);
-            let aborted = self.shared.link.forced();
-            for slot in self.sq.rq.drain_in_flight() {
-                // The old queue's memory stays with it; so does an UNMAP list.
-                if let Some(b) = self.slot_unmap[slot as usize].take() {
-                    std::mem::forget(b);
-                }
-                if let Some((chan, c)) = self.take_child(slot) {
-                    if aborted {
-                        self.deliver(
-                            chan,
-                            ChildDone {
-                                parent: c.parent,
-                                result: Err(IoError::Aborted(
-                                    "the device stopped answering and vireo reconnected".into(),
-                                )),
-                            },
-                        );
-                    } else {
-                        self.resubmit.push_back((chan, c));
-                    }
-                }
-            }
-            // The write-zeroes source may be read by the old back-end: not reused.
-            std::mem::forget(self.zero.take());
             self.suspended = true;
             return;
         }
@@ -165,6 +140,35 @@ impl ThreadQueue {
             }
         }
         self.fail_waiting(e);
+    }
+
+    /// Take the commands off the lost ring: to send again (keeping their channel's
+    /// count), or to fail as aborted (vireo dropped the connection itself: the old
+    /// back-end may still work on them).
+    fn take_back(&mut self, aborted: bool) {
+        for slot in self.sq.rq.drain_in_flight() {
+            // The old queue's memory stays with it; so does an UNMAP list.
+            if let Some(b) = self.slot_unmap[slot as usize].take() {
+                std::mem::forget(b);
+            }
+            if let Some((chan, c)) = self.take_child(slot) {
+                if aborted {
+                    self.deliver(
+                        chan,
+                        ChildDone {
+                            parent: c.parent,
+                            result: Err(IoError::Aborted(
+                                "the device stopped answering and vireo reconnected".into(),
+                            )),
+                        },
+                    );
+                } else {
+                    self.resubmit.push_back((chan, c));
+                }
+            }
+        }
+        // The write-zeroes source may be read by the old back-end: not reused.
+        std::mem::forget(self.zero.take());
     }
 
     /// ABORT TASK for every command of `chan`'s request `parent` still on the device
@@ -192,6 +196,17 @@ impl ThreadQueue {
 
     /// Fail the commands kept for a reconnection, and everything after them.
     fn fail_waiting(&mut self, e: IoError) {
+        for slot in self.sq.rq.drain_in_flight() {
+            if let Some((chan, c)) = self.take_child(slot) {
+                self.deliver(
+                    chan,
+                    ChildDone {
+                        parent: c.parent,
+                        result: Err(e.clone()),
+                    },
+                );
+            }
+        }
         while let Some((chan, c)) = self.resubmit.pop_front() {
             self.deliver(
                 chan,
@@ -211,10 +226,17 @@ impl ThreadQueue {
         match self.shared.link.check(self.generation, self.index) {
             LinkView::Waiting => {}
             LinkView::Failed(why) => self.fail_waiting(IoError::ReconnectFailed(why)),
-            LinkView::Ready(generation, ring) => {
+            LinkView::Ready(generation, renewed) => {
+                let Renewed::Fresh { ring, aborted } = *renewed else {
+                    self.fail_waiting(IoError::ReconnectFailed(
+                        "a virtio-scsi queue cannot go on with its old ring".into(),
+                    ));
+                    return;
+                };
+                self.take_back(aborted);
                 match ScsiQueue::new(
                     &self.shared.mem,
-                    *ring,
+                    ring,
                     self.shared.geo,
                     self.shared.health.broken_arc(),
                 ) {

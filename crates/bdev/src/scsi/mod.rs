@@ -42,7 +42,7 @@ use crate::bdev::{
 use crate::error::{BdevError, IoError};
 use crate::health::Health;
 use crate::io::IoOp;
-use crate::link::{LinkView, RedoError};
+use crate::link::{LinkView, RedoError, Renewed};
 use crate::pool::QueuePool;
 use attach::{make_lun, scan_all};
 use events::{event_loop, EventCtx};
