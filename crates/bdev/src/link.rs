@@ -336,12 +336,15 @@ pub(crate) fn spawn(host: Host, mut redo: Box<dyn Redo>) -> std::io::Result<()> 
         return Ok(());
     }
     let _ = link.transport.set(Arc::downgrade(&transport));
-    let Some(reopen) = transport
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .reopener()
-    else {
-        return Ok(());
+    // A new connection (vhost-user), or the same transport brought up again in place
+    // (PCI: a device reset).
+    let reopen = {
+        let t = transport.lock().unwrap_or_else(|e| e.into_inner());
+        match t.reopener() {
+            Some(r) => Some(r),
+            None if t.can_reinit() => None,
+            None => return Ok(()),
+        }
     };
     std::thread::Builder::new()
         .name(format!("reconnect-{}", link.name))
@@ -360,7 +363,7 @@ pub(crate) fn spawn(host: Host, mut redo: Box<dyn Redo>) -> std::io::Result<()> 
                 std::thread::sleep(WATCH_PERIOD);
                 continue;
             }
-            if !outage(&link, &transport, &*shared, &reopen, &mut redo) {
+            if !outage(&link, &transport, &*shared, reopen.as_ref(), &mut redo) {
                 return;
             }
         })
@@ -372,7 +375,7 @@ fn outage(
     link: &Link,
     transport: &Mutex<Box<dyn Transport>>,
     shared: &dyn HasHealth,
-    reopen: &Reopen,
+    reopen: Option<&Reopen>,
     redo: &mut Box<dyn Redo>,
 ) -> bool {
     let started = Instant::now();
@@ -424,15 +427,34 @@ fn outage(
                 .filter(|i| !ctx.parked.iter().any(|q| q.index() == *i))
                 .collect()
         };
-        let attempt = reopen(bound)
-            .map_err(|e| RedoError::Transient(e.to_string()))
-            .and_then(|mut t| redo.run(t.as_mut(), &mut ctx).map(|rings| (t, rings)));
+        let attempt = match reopen {
+            Some(reopen) => reopen(bound)
+                .map_err(|e| RedoError::Transient(e.to_string()))
+                .and_then(|mut t| redo.run(t.as_mut(), &mut ctx).map(|rings| (Some(t), rings))),
+            None => {
+                // In place: only a reset vireo forced brings the device back; one that
+                // failed or went away by itself stays failed.
+                let mut t = transport.lock().unwrap_or_else(|e| e.into_inner());
+                if !ctx.forced {
+                    Err(RedoError::Permanent(format!(
+                        "{} failed or went away",
+                        t.describe()
+                    )))
+                } else {
+                    t.reinit()
+                        .map_err(|e| RedoError::Permanent(e.to_string()))
+                        .and_then(|()| redo.run(t.as_mut(), &mut ctx))
+                        .map(|rings| (None, rings))
+                }
+            }
+        };
         match attempt {
             Ok((t, rings)) => {
-                let flag = t.broken_flag();
+                let mut current = transport.lock().unwrap_or_else(|e| e.into_inner());
+                let old = t.map(|t| std::mem::replace(&mut *current, t));
+                let flag = current.broken_flag();
+                drop(current);
                 // The old transport goes (it stops nothing: its peer is gone).
-                let old =
-                    std::mem::replace(&mut *transport.lock().unwrap_or_else(|e| e.into_inner()), t);
                 drop(old);
                 shared.health().set_broken_flag(flag);
                 let mut st = link.lock();

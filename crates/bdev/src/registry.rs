@@ -257,13 +257,19 @@ impl Registry {
                 })?,
             ),
         };
+        // How long I/O waits for the device to come back: vhost-user reconnection, or a
+        // PCI device reset (the last step of io_timeout escalation; 5 s to come back).
+        let reconnect = match params.trtype {
+            TrType::User => params.reconnect_timeout,
+            TrType::Pci => params.io_timeout.map(|_| std::time::Duration::from_secs(5)),
+        };
         let r = match params.dev_type {
             DevType::Blk => BlkController::attach(
                 &BlkParams {
                     name: params.name.clone(),
                     vq_count: params.vq_count,
                     vq_size: params.vq_size,
-                    reconnect_timeout: params.reconnect_timeout,
+                    reconnect_timeout: reconnect,
                 },
                 transport,
             )
@@ -273,7 +279,7 @@ impl Registry {
                     name: params.name.clone(),
                     vq_count: params.vq_count,
                     vq_size: params.vq_size,
-                    reconnect_timeout: params.reconnect_timeout,
+                    reconnect_timeout: reconnect,
                 },
                 transport,
             )

@@ -635,3 +635,58 @@ vireo bdevs -c /tmp/b.json; echo "RC bdevs=$?"
         run.out
     );
 }
+
+/// The last step of io_timeout escalation on PCI: a controller reset is a device reset.
+/// A virtio-blk-pci function whose every request takes 1 s (null-co latency) under an
+/// io_timeout of 0.3 s: the I/O fails with timeouts, vireo resets the device (status 0,
+/// bus mastering off), brings it up again in place (features, queues, DRIVER_OK) and
+/// goes on; nothing hangs or crashes, and the function works for the next user.
+#[test]
+fn pci_io_timeout_escalates_to_a_device_reset() {
+    let cmd = r#"
+vireo setup bind all --driver uio_pci_generic >/dev/null; echo "RC bind=$?"
+B=$(vireo pci | awk '$2=="blk"{print $1}' | head -1)
+cat > /tmp/t.json <<EOF
+{"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_virtio_attach_controller","params":{"name":"B0","trtype":"pci","traddr":"$B","dev_type":"blk","io_timeout":0.3}}]}]}
+EOF
+cat > /tmp/n.json <<EOF
+{"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_virtio_attach_controller","params":{"name":"B0","trtype":"pci","traddr":"$B","dev_type":"blk"}}]}]}
+EOF
+vireo perf -c /tmp/t.json -w randread -q 2 -o 4096 -t 4 --io-timeout 30 --json > /tmp/p.json 2>/tmp/p.err; echo "RC slow=$?"
+echo "RESETS $(grep -c 'resetting a device that stopped answering' /tmp/p.err)"
+echo "BACK $(grep -c 'reconnected after' /tmp/p.err)"
+echo "FAILED $(grep -c 'controller failed' /tmp/p.err)"
+tail -3 /tmp/p.err
+vireo perf -c /tmp/n.json -w randread -q 2 -o 4096 -t 3 --json > /tmp/v.json 2>/tmp/v.err; echo "RC after=$?"; grep -o "\"ios\": [0-9]*" /tmp/v.json | head -1
+"#;
+    let run = run_guest(
+        &[
+            "--append",
+            "hugepages=64",
+            "--qemu-arg",
+            "-blockdev",
+            "--qemu-arg",
+            "driver=null-co,node-name=slow,size=67108864,latency-ns=1000000000,read-zeroes=on",
+            "--qemu-arg",
+            "-device",
+            "--qemu-arg",
+            "virtio-blk-pci,drive=slow",
+        ],
+        cmd,
+    );
+    assert_eq!(run.rc, 0, "{}", run.console);
+    run.expect_rc("bind", 0);
+    // Timed-out I/O is an error: exit status 1, not a crash (>1) or a hang.
+    run.expect_rc("slow", 1);
+    let count = |key: &str| -> u64 {
+        run.out
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(count("RESETS") >= 1, "the device was reset\n{}", run.out);
+    assert!(count("BACK") >= 1, "and came back\n{}", run.out);
+    assert_eq!(count("FAILED"), 0, "{}", run.out);
+    run.expect_rc("after", 0);
+}

@@ -72,6 +72,21 @@ pub trait Transport: Send {
     /// of escalation for a device that stopped answering. The device may still be alive.
     fn abort(&self) {}
 
+    /// Whether [`reinit`](Transport::reinit) can bring the device back in place (PCI:
+    /// a device reset), for reconnection without a new transport.
+    fn can_reinit(&self) -> bool {
+        false
+    }
+
+    /// After [`abort`](Transport::abort): make the same transport ready for a new
+    /// bring-up (features, queues, start) with a new broken flag.
+    fn reinit(&mut self) -> Result<()> {
+        Err(Error::Features(format!(
+            "{} cannot be brought up again in place",
+            self.describe()
+        )))
+    }
+
     /// Ask the device for a buffer it tracks in-flight requests in (vhost-user
     /// `INFLIGHT_SHMFD`), before the queues are set up; `None` when it has none.
     fn get_inflight(

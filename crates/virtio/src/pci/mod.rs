@@ -188,7 +188,13 @@ pub struct PciTransport {
     notify_mult: u32,
     device_cfg: Option<Window>,
     config: ConfigSpace,
+    /// The function is gone (removed, all ones, a BAR fault): never usable again.
     gone: Arc<AtomicBool>,
+    /// The queues' "connection is gone" flag: raised with `gone`, and by a reset vireo
+    /// forces ([`Transport::abort`]); a [`Transport::reinit`] starts a new one.
+    broken: Arc<AtomicBool>,
+    /// vireo is resetting the device: the monitor looks away.
+    resetting: Arc<AtomicBool>,
     vfio: Arc<Mutex<Option<vfio::VfioDevice>>>,
     _mapper: Option<Arc<dyn RegionListener>>,
     bars: Vec<Arc<Bar>>,
@@ -372,6 +378,8 @@ impl PciTransport {
             device_cfg,
             config,
             gone,
+            broken: Arc::new(AtomicBool::new(false)),
+            resetting: Arc::new(AtomicBool::new(false)),
             vfio: Arc::new(Mutex::new(vfio_dev)),
             _mapper: mapper,
             bars: bars.into_iter().flatten().collect(),
@@ -569,6 +577,8 @@ impl Transport for PciTransport {
         let m = Monitor {
             common: self.common.clone(),
             gone: self.gone.clone(),
+            broken: self.broken.clone(),
+            resetting: self.resetting.clone(),
             stop: stop.clone(),
             vfio: self.vfio.clone(),
             bars: self.bars.clone(),
@@ -599,7 +609,53 @@ impl Transport for PciTransport {
     }
 
     fn broken_flag(&self) -> Arc<AtomicBool> {
-        self.gone.clone()
+        self.broken.clone()
+    }
+
+    fn abort(&self) {
+        tracing::warn!(
+            "{}: resetting a device that stopped answering",
+            self.describe()
+        );
+        self.resetting.store(true, Ordering::Release);
+        // Reset it and turn bus mastering off: it stops all DMA before its requests
+        // fail.
+        let _ = self.set_status(0);
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(100) {
+            match self.status() {
+                Ok(0) | Err(_) => break,
+                Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        let _ = self.config.command(0, CMD_BUS_MASTER);
+        self.broken.store(true, Ordering::Release);
+    }
+
+    fn can_reinit(&self) -> bool {
+        true
+    }
+
+    fn reinit(&mut self) -> Result<()> {
+        if let Some((stop, h)) = self.monitor.take() {
+            stop.store(true, Ordering::Release);
+            let _ = h.join();
+        }
+        if self.gone.load(Ordering::Acquire) {
+            return Err(Error::Device(format!(
+                "{}: the function is gone",
+                self.describe()
+            )));
+        }
+        self.reset()?;
+        self.config.command(CMD_BUS_MASTER, 0)?;
+        self.set_status(S_ACKNOWLEDGE)?;
+        self.set_status(S_ACKNOWLEDGE | S_DRIVER)?;
+        self.offered = 0;
+        self.started = false;
+        self.broken = Arc::new(AtomicBool::new(false));
+        self.resetting.store(false, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -619,6 +675,8 @@ impl Drop for PciTransport {
 struct Monitor {
     common: Window,
     gone: Arc<AtomicBool>,
+    broken: Arc<AtomicBool>,
+    resetting: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     vfio: Arc<Mutex<Option<vfio::VfioDevice>>>,
     bars: Vec<Arc<Bar>>,
@@ -658,6 +716,11 @@ impl Monitor {
         while !self.stop.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(50));
             if self.gone.load(Ordering::Acquire) {
+                // (Also raised by the SIGBUS guard of a vanished BAR.)
+                self.broken.store(true, Ordering::Release);
+                continue;
+            }
+            if self.resetting.load(Ordering::Acquire) {
                 continue;
             }
             let requested = self
@@ -689,6 +752,7 @@ impl Monitor {
                 // function that is gone.
                 self.quiesce();
                 self.gone.store(true, Ordering::Release);
+                self.broken.store(true, Ordering::Release);
                 if requested {
                     self.release();
                 }
