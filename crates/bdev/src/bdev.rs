@@ -174,6 +174,14 @@ pub trait ChannelDriver {
             bdev: String::new(),
         })
     }
+    /// Reset the controller behind this channel's connection (see
+    /// [`BdevDriver::reset_controller`]); nothing if that connection is already gone.
+    fn reset_controller(&mut self) -> Result<(), IoError> {
+        Err(IoError::Unsupported {
+            op: "controller reset",
+            bdev: String::new(),
+        })
+    }
 }
 
 /// A device driver's handle to the bdev's device.
@@ -389,6 +397,8 @@ struct Parent {
     escalated: u8,
     /// The time limit in clock ticks (a step is taken each period).
     period: u64,
+    /// A part of it was aborted by a controller reset: its buffers are never reused.
+    aborted: bool,
 }
 
 /// A thread's I/O path to a bdev: submit and poll, no locks. It belongs to the thread
@@ -795,6 +805,7 @@ impl IoChannel {
                     timed_out: false,
                     escalated: 0,
                     period: 0,
+                    aborted: false,
                 });
                 (self.parents.len() - 1) as u32
             }
@@ -813,6 +824,7 @@ impl IoChannel {
             p.start = clock::ticks();
             p.timed_out = false;
             p.escalated = 0;
+            p.aborted = false;
             p.deadline = match req.timeout.or_else(|| self.bdev.default_timeout()) {
                 Some(d) => {
                     self.timed += 1;
@@ -1005,9 +1017,15 @@ impl IoChannel {
         let name = self.bdev.info.name.clone();
         let mut step = step;
         if step == 1 {
+            // The whole step waits at most `bound`, however many requests it aborts.
+            let until = std::time::Instant::now() + bound;
             let mut unsupported = false;
             for &parent in aborts {
-                match self.drv.abort(parent, bound) {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match self.drv.abort(parent, left) {
                     Ok(()) => {
                         tracing::warn!(bdev = %name, "timed-out I/O still outstanding: ABORT TASK sent")
                     }
@@ -1036,7 +1054,7 @@ impl IoChannel {
             }
         }
         if step == 3 {
-            match self.bdev.reset_controller() {
+            match self.drv.reset_controller() {
                 Ok(()) => tracing::warn!(
                     bdev = %name,
                     "timed-out I/O still outstanding: resetting the controller (reconnecting); its outstanding requests fail as aborted"
@@ -1106,6 +1124,9 @@ impl IoChannel {
             return false;
         };
         if let Err(e) = d.result {
+            if matches!(e, IoError::Aborted(_)) {
+                p.aborted = true;
+            }
             if p.error.is_none() {
                 p.error = Some(e);
             }
@@ -1120,7 +1141,7 @@ impl IoChannel {
         }
         // Aborted by a controller reset: the old back-end may still write the buffers,
         // which are never freed or handed back.
-        let aborted = matches!(p.error, Some(IoError::Aborted(_)));
+        let aborted = p.aborted;
         if aborted {
             if let Some(IoBuf::Dma(b)) = &p.buf {
                 b.retire();

@@ -168,7 +168,7 @@ impl BdevDriver for Driver {
     }
 
     fn reset_controller(&self) -> Result<(), IoError> {
-        self.0.link.force()
+        self.0.link.force(self.0.link.generation())
     }
 }
 
@@ -477,7 +477,7 @@ impl BlkController {
     /// the old connection fail with [`IoError::Aborted`] (the old back-end may still be
     /// working on them); without, the controller is gone.
     pub fn reset(&self) -> Result<(), IoError> {
-        self.shared.link.force()
+        self.shared.link.force(self.shared.link.generation())
     }
 
     /// Stop the device. Fails while channels are open.
@@ -562,7 +562,12 @@ impl link::Redo for Redo {
             }
         }
         let mut out = Vec::with_capacity(self.vq_count as usize);
-        if ctx.keep {
+        if ctx.keep && !t.tracks_inflight() {
+            // The back-end came back without in-flight tracking: fresh rings, and the
+            // channels resend from their records.
+            tracing::warn!(controller = %self.name, "the back-end no longer tracks in-flight requests; resending from vireo's records");
+        }
+        if ctx.keep && t.tracks_inflight() {
             // The same rings, with the tracking buffer: the back-end resends what it had
             // taken and not completed; each ring goes on at its used index.
             let buf = self
@@ -659,10 +664,10 @@ impl BlkChannel {
     fn new(shared: Arc<Shared>, q: SplitQueue) -> Result<BlkChannel, IoError> {
         let n = q.size() as usize;
         let index = q.index();
-        // Read before the ring's flag: a reconnection in between leaves the channel on
-        // an older generation, which it notices when the old flag fails its queue.
-        let generation = shared.link.generation();
-        let rq = RequestQueue::new(&shared.mem, q, shared.health.broken_arc())
+        // The ring's generation and the flag to watch, read together (a ring of an
+        // earlier connection gets a raised flag and is swapped for its new one).
+        let (generation, flag) = shared.link.bind(&q, &shared.health);
+        let rq = RequestQueue::new(&shared.mem, q, flag)
             .map_err(|e| IoError::NoMemory(e.to_string()))?;
         shared.queues.opened();
         Ok(BlkChannel {
@@ -747,7 +752,13 @@ impl BlkChannel {
     fn resume(&mut self) {
         match self.shared.link.check(self.generation, self.index) {
             LinkView::Waiting => {}
-            LinkView::Failed(why) => self.fail_waiting(IoError::ReconnectFailed(why)),
+            LinkView::Failed(why, forced) => self.fail_waiting(if forced {
+                // The old back-end may still hold the requests: their buffers are
+                // never reused.
+                IoError::Aborted(why)
+            } else {
+                IoError::ReconnectFailed(why)
+            }),
             LinkView::Ready(generation, renewed) => match *renewed {
                 Renewed::Same {
                     notifier, signal, ..
@@ -937,6 +948,10 @@ impl ChannelDriver for BlkChannel {
         self.rq.arm()
     }
 
+    fn reset_controller(&mut self) -> Result<(), IoError> {
+        self.shared.link.force(self.generation)
+    }
+
     fn disarm(&mut self) {
         self.rq.disarm();
     }
@@ -1122,7 +1137,10 @@ impl Drop for BlkChannel {
         };
         let link = &self.shared.link;
         match ring {
-            Some(q) => link.give_back(q, self.generation, self.rq.lost(), &self.shared.queues),
+            Some(mut q) => {
+                q.set_tag(self.generation);
+                link.give_back(q, self.rq.lost(), &self.shared.queues)
+            }
             // The ring was lost with a connection: the queue's new one goes to the pool.
             None => link.release(self.index, &self.shared.queues),
         }

@@ -42,7 +42,9 @@ pub(crate) enum RedoError {
     Permanent(String),
 }
 
-/// A queue's ring after a reconnection.
+/// A queue's ring after a reconnection. (Moved a few times per reconnection, never on
+/// the I/O path: the size difference of the variants does not matter.)
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Renewed {
     /// A new ring; the old connection's requests are resent from the channel's records,
     /// or failed as aborted (`aborted`: vireo dropped the connection itself).
@@ -107,8 +109,9 @@ pub(crate) enum LinkView {
     Waiting,
     /// Back (generation, the queue's ring).
     Ready(u64, Box<Renewed>),
-    /// Reconnection failed: fail the requests with this reason.
-    Failed(String),
+    /// Reconnection failed: fail the requests with this reason (as aborted if the
+    /// outage was forced: the old back-end may still hold them).
+    Failed(String, bool),
 }
 
 /// A controller's reconnection state, shared by its channels and its reconnection
@@ -116,14 +119,18 @@ pub(crate) enum LinkView {
 pub(crate) struct Link {
     name: String,
     window: Duration,
-    /// Bumped by every successful reconnection.
+    /// Bumped by every successful reconnection (under the state lock, with the new
+    /// broken flag installed in the controller's health).
     generation: AtomicU64,
     failed: AtomicBool,
     /// The controller is going away: the thread ends.
     stop: AtomicBool,
+    /// The device is brought back in place (PCI reset), not reconnected.
+    in_place: AtomicBool,
     st: Mutex<LinkState>,
     /// The controller's transport, for [`Link::force`].
     transport: std::sync::OnceLock<Weak<Mutex<Box<dyn Transport>>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Link {
@@ -142,8 +149,15 @@ struct LinkState {
     fresh: Vec<Option<Renewed>>,
     /// Queue indices whose new ring goes to the pool (no channel holds the old one).
     to_pool: Vec<u16>,
+    /// Idle rings given back while their connection was gone: kept (never freed: a
+    /// new connection may be handed them) until a connection says what becomes of them.
+    late: Vec<SplitQueue>,
+    /// Queues lost for good: closed with requests on a ring the new connection kept.
+    dead: Vec<u16>,
     reconnecting: bool,
     failure: Option<String>,
+    /// The outage that failed was forced (requests fail as aborted).
+    failed_forced: bool,
     /// The current outage is vireo's doing (a device that stopped answering): the old
     /// back-end may still be alive, so its requests are not sent again.
     forced: bool,
@@ -159,8 +173,10 @@ impl Link {
             generation: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            in_place: AtomicBool::new(false),
             st: Mutex::new(LinkState::default()),
             transport: std::sync::OnceLock::new(),
+            thread: Mutex::new(None),
         })
     }
 
@@ -183,11 +199,31 @@ impl Link {
         self.lock().reconnects
     }
 
+    /// What a new channel on `ring` goes by: the ring's generation and the broken flag
+    /// it must watch (the current connection's, read together with the generation; a
+    /// raised one for a ring of an earlier connection, which the channel then gives up
+    /// for its new ring at once).
+    pub(crate) fn bind(&self, ring: &SplitQueue, health: &Health) -> (u64, Arc<AtomicBool>) {
+        let _st = self.lock();
+        let current = self.generation();
+        if ring.tag() == current {
+            (current, health.broken_arc())
+        } else {
+            (ring.tag(), Arc::new(AtomicBool::new(true)))
+        }
+    }
+
     /// A channel on generation `gen` whose ring `index` lost its connection asks what
     /// to do.
     pub(crate) fn check(&self, gen: u64, index: u16) -> LinkView {
         if self.failed.load(Ordering::Acquire) {
-            return LinkView::Failed(self.failure());
+            let st = self.lock();
+            return LinkView::Failed(
+                st.failure
+                    .clone()
+                    .unwrap_or_else(|| "reconnection failed".into()),
+                st.failed_forced,
+            );
         }
         if self.generation() == gen {
             return LinkView::Waiting;
@@ -200,50 +236,49 @@ impl Link {
         }
     }
 
-    /// A channel whose ring `index` lost its connection closes: its queue's new ring
-    /// goes to the pool (now, or when it exists).
+    /// A channel whose ring `index` lost its connection closes with requests on it (its
+    /// ring is leaked): the queue's new ring goes to the pool (now, or when it exists).
     pub(crate) fn release(&self, index: u16, pool: &QueuePool) {
         let mut st = self.lock();
         match st.fresh.get_mut(index as usize).and_then(Option::take) {
             Some(Renewed::Fresh { ring, .. }) => pool.give(ring),
             Some(Renewed::Same { .. }) => {
-                // The ring stayed with the channel, which had requests on it: it is
-                // leaked, and the queue is lost until the controller is attached again.
-                tracing::warn!(controller = %self.name, "queue {index} was closed with requests in flight during a reconnection; it is not used again");
+                // The new connection serves the leaked ring: the queue is lost.
+                tracing::warn!(controller = %self.name, "queue {index} was closed with requests in flight during a reconnection; it is not used again until the controller is attached again");
+                st.dead.push(index);
             }
             None => st.to_pool.push(index),
         }
     }
 
     /// A channel closes with its ring idle: back to the pool if the ring belongs to the
-    /// current connection (`lost`: its connection's flag is up), else its queue gets the
-    /// new ring there.
-    pub(crate) fn give_back(
-        &self,
-        ring: SplitQueue,
-        generation: u64,
-        lost: bool,
-        pool: &QueuePool,
-    ) {
+    /// current connection (`lost`: its connection's flag is up); otherwise the queue's
+    /// ring of the new connection goes there (or this one, if the new connection kept
+    /// it), or the ring waits for the next connection (never freed before).
+    pub(crate) fn give_back(&self, mut ring: SplitQueue, lost: bool, pool: &QueuePool) {
         let index = ring.index();
-        {
-            let st = self.lock();
-            if !lost && !st.reconnecting && self.generation() == generation {
-                pool.give(ring);
-                return;
-            }
+        let mut st = self.lock();
+        let current = self.generation();
+        if !lost && !st.reconnecting && ring.tag() == current {
+            pool.give(ring);
+            return;
         }
-        // Idle: nothing of it is on any device.
-        drop(ring);
-        self.release(index, pool);
-    }
-
-    /// Why reconnection failed.
-    pub(crate) fn failure(&self) -> String {
-        self.lock()
-            .failure
-            .clone()
-            .unwrap_or_else(|| "reconnection failed".into())
+        match st.fresh.get_mut(index as usize).and_then(Option::take) {
+            Some(Renewed::Fresh { ring: new, .. }) => {
+                // Idle: nothing of the old ring is on any device.
+                drop(ring);
+                pool.give(new);
+            }
+            Some(Renewed::Same {
+                notifier, signal, ..
+            }) => {
+                ring.set_notifier(notifier);
+                ring.set_completion_signal(signal);
+                ring.set_tag(current);
+                pool.give(ring);
+            }
+            None => st.late.push(ring),
+        }
     }
 
     /// Wait (at most the window) while a reconnection is under way; for control-path
@@ -261,12 +296,13 @@ impl Link {
         }
     }
 
-    /// Vireo gives up on a device that stopped answering: drop the connection, and
-    /// the controller connects again; its outstanding requests fail with
-    /// [`IoError::Aborted`](crate::IoError::Aborted), since the old back-end may still
-    /// be working on them. Needs reconnection (without it, the controller would be
-    /// gone for good, so nothing is done).
-    pub(crate) fn force(&self) -> Result<(), crate::IoError> {
+    /// Vireo gives up on a device that stopped answering on connection `generation`:
+    /// drop the connection (PCI: reset the device), and the controller comes back; its
+    /// outstanding requests fail with [`IoError::Aborted`](crate::IoError::Aborted),
+    /// since the old back-end may still be working on them. Nothing is done when that
+    /// connection is already gone or being replaced. Needs reconnection (without it, the
+    /// controller would be gone for good).
+    pub(crate) fn force(&self, generation: u64) -> Result<(), crate::IoError> {
         let unsupported = |why: &str| crate::IoError::Unsupported {
             op: "controller reset",
             bdev: format!("{} ({why})", self.name),
@@ -279,8 +315,7 @@ impl Link {
         };
         {
             let mut st = self.lock();
-            if st.reconnecting {
-                // Already under way.
+            if st.reconnecting || st.forced || self.generation() != generation {
                 return Ok(());
             }
             st.forced = true;
@@ -289,21 +324,37 @@ impl Link {
         Ok(())
     }
 
-    /// The controller is going away.
+    /// The controller is going away: the thread ends (joined; an attempt under way is
+    /// bounded by its reply timeout).
     pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::Release);
+        let h = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = h {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
     }
 
     fn give_up(&self, health: &Health, why: String) {
-        let why = format!(
-            "controller {}: the back-end went away and vireo could not reconnect within reconnect_timeout ({:.1} s): {why}",
-            self.name,
-            self.window.as_secs_f64()
-        );
+        let why = if self.in_place.load(Ordering::Acquire) {
+            format!(
+                "controller {}: the device could not be brought back within {:.1} s: {why}",
+                self.name,
+                self.window.as_secs_f64()
+            )
+        } else {
+            format!(
+                "controller {}: the back-end went away and vireo could not reconnect within reconnect_timeout ({:.1} s): {why}",
+                self.name,
+                self.window.as_secs_f64()
+            )
+        };
         tracing::error!("{why}");
         {
             let mut st = self.lock();
             st.failure = Some(why.clone());
+            st.failed_forced = st.forced;
             st.reconnecting = false;
         }
         health.fail(&why);
@@ -346,10 +397,12 @@ pub(crate) fn spawn(host: Host, mut redo: Box<dyn Redo>) -> std::io::Result<()> 
             None => return Ok(()),
         }
     };
-    std::thread::Builder::new()
+    link.in_place.store(reopen.is_none(), Ordering::Release);
+    let l = link.clone();
+    let h = std::thread::Builder::new()
         .name(format!("reconnect-{}", link.name))
         .spawn(move || loop {
-            if link.stop.load(Ordering::Acquire) {
+            if l.stop.load(Ordering::Acquire) {
                 return;
             }
             let Some(shared) = health.upgrade() else {
@@ -363,11 +416,12 @@ pub(crate) fn spawn(host: Host, mut redo: Box<dyn Redo>) -> std::io::Result<()> 
                 std::thread::sleep(WATCH_PERIOD);
                 continue;
             }
-            if !outage(&link, &transport, &*shared, reopen.as_ref(), &mut redo) {
+            if !outage(&l, &transport, &*shared, reopen.as_ref(), &mut redo) {
                 return;
             }
-        })
-        .map(|_| ())
+        })?;
+    *link.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+    Ok(())
 }
 
 /// One outage: reconnect within the window. False when the controller is given up.
@@ -385,10 +439,15 @@ fn outage(
         st.reconnecting = true;
         let forced = st.forced;
         let keep = !forced && redo.keeps_rings();
-        // Idle rings in the pool: kept for the new connection, or freed (nothing of
-        // theirs is on any device) and replaced.
+        // Idle rings of the pool (and given back since the connection went): kept for
+        // the new connection, or freed (nothing of theirs is on any device) and
+        // replaced.
         let mut parked = Vec::new();
+        let mut idle: Vec<SplitQueue> = std::mem::take(&mut st.late);
         while let Some(q) = shared.pool().take() {
+            idle.push(q);
+        }
+        for q in idle {
             st.to_pool.push(q.index());
             if keep {
                 parked.push(q);
@@ -401,7 +460,11 @@ fn outage(
             lost: Vec::new(),
         }
     };
-    tracing::warn!(controller = %link.name, "the back-end went away: reconnecting (reconnect_timeout {:.1} s)", link.window.as_secs_f64());
+    if link.in_place.load(Ordering::Acquire) {
+        tracing::warn!(controller = %link.name, "bringing the device back after a reset");
+    } else {
+        tracing::warn!(controller = %link.name, "the back-end went away: reconnecting (reconnect_timeout {:.1} s)", link.window.as_secs_f64());
+    }
     let mut backoff = Duration::from_millis(20);
     let mut attempts = 0u32;
     let mut last = String::from("no attempt finished");
@@ -425,6 +488,7 @@ fn outage(
                 .iter()
                 .copied()
                 .filter(|i| !ctx.parked.iter().any(|q| q.index() == *i))
+                .chain(st.dead.iter().copied())
                 .collect()
         };
         let attempt = match reopen {
@@ -450,14 +514,20 @@ fn outage(
         };
         match attempt {
             Ok((t, rings)) => {
+                if link.stop.load(Ordering::Acquire) {
+                    // Detached meanwhile: the new connection is not installed.
+                    drop(t);
+                    return false;
+                }
                 let mut current = transport.lock().unwrap_or_else(|e| e.into_inner());
                 let old = t.map(|t| std::mem::replace(&mut *current, t));
                 let flag = current.broken_flag();
                 drop(current);
                 // The old transport goes (it stops nothing: its peer is gone).
                 drop(old);
-                shared.health().set_broken_flag(flag);
                 let mut st = link.lock();
+                let gen = link.generation() + 1;
+                shared.health().set_broken_flag(flag);
                 let n = rings
                     .iter()
                     .map(|r| r.index() as usize + 1)
@@ -466,14 +536,43 @@ fn outage(
                 if st.fresh.len() < n {
                     st.fresh.resize_with(n, || None);
                 }
-                for r in rings {
+                for mut r in rings {
                     let i = r.index();
-                    if let Some(pos) = st.to_pool.iter().position(|&x| x == i) {
+                    if let Renewed::Fresh { ring, .. } = &mut r {
+                        ring.set_tag(gen);
+                    }
+                    if let Some(pos) = st.late.iter().position(|q| q.index() == i) {
+                        // Given back idle during the attempt.
+                        let mut late = st.late.swap_remove(pos);
+                        match r {
+                            Renewed::Fresh { ring, .. } => {
+                                drop(late);
+                                shared.pool().give(ring);
+                            }
+                            Renewed::Same {
+                                notifier, signal, ..
+                            } => {
+                                late.set_notifier(notifier);
+                                late.set_completion_signal(signal);
+                                late.set_tag(gen);
+                                shared.pool().give(late);
+                            }
+                        }
+                    } else if let (Some(pos), Renewed::Fresh { .. }) =
+                        (st.dead.iter().position(|&x| x == i), &r)
+                    {
+                        // A queue lost earlier gets a new ring: usable again.
+                        st.dead.swap_remove(pos);
+                        if let Renewed::Fresh { ring, .. } = r {
+                            shared.pool().give(ring);
+                        }
+                    } else if let Some(pos) = st.to_pool.iter().position(|&x| x == i) {
                         st.to_pool.swap_remove(pos);
                         match r {
                             Renewed::Fresh { ring, .. } => shared.pool().give(ring),
                             Renewed::Same { .. } => {
-                                tracing::warn!(controller = %link.name, "queue {i} was closed with requests in flight during a reconnection; it is not used again")
+                                tracing::warn!(controller = %link.name, "queue {i} was closed with requests in flight during a reconnection; it is not used again until the controller is attached again");
+                                st.dead.push(i);
                             }
                         }
                     } else {
@@ -489,19 +588,37 @@ fn outage(
                             ) => {
                                 ring.set_notifier(notifier);
                                 ring.set_completion_signal(signal);
+                                ring.set_tag(gen);
                                 Some(Renewed::Fresh { ring, aborted })
                             }
-                            // Otherwise the newer one replaces it (an untaken fresh ring
-                            // carried nothing).
+                            // A newer fresh ring replaces an untaken one (idle, freed);
+                            // requests of either forced outage still fail as aborted.
+                            (
+                                Some(Renewed::Fresh { aborted: a1, .. }),
+                                Renewed::Fresh { ring, aborted: a2 },
+                            ) => Some(Renewed::Fresh {
+                                ring,
+                                aborted: a1 || a2,
+                            }),
                             (_, r) => Some(r),
                         };
                     }
                 }
-                st.to_pool.clear();
+                // Queues that got no ring (lost in kept-ring mode) stay unused.
+                let left: Vec<u16> = std::mem::take(&mut st.to_pool);
+                for i in left {
+                    if !st.dead.contains(&i) {
+                        tracing::warn!(controller = %link.name, "queue {i} has no ring after the reconnection; it is not used again until the controller is attached again");
+                        st.dead.push(i);
+                    }
+                }
+                // Parked rings the attempt did not hand on (fresh rings instead): idle.
+                ctx.parked.clear();
                 st.reconnecting = false;
                 st.forced = false;
                 st.reconnects += 1;
-                link.generation.fetch_add(1, Ordering::AcqRel);
+                link.generation.store(gen, Ordering::Release);
+                drop(st);
                 tracing::warn!(
                     controller = %link.name,
                     "reconnected after {:.3} s ({attempts} attempts)",

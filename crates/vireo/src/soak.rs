@@ -508,6 +508,8 @@ fn workload(
                     stamp(buf.as_mut_slice(), bs, lba, o.seed, gen);
                 } else {
                     s.gen = expected[r as usize];
+                    // A read that transfers nothing must not pass for the last write.
+                    buf.as_mut_slice().fill(0xa5);
                 }
                 s.start = Instant::now();
                 let req = if s.write {
@@ -618,7 +620,8 @@ fn workload(
             let s = &mut slots[i];
             s.range = next;
             s.gen = expected[next as usize];
-            let buf = s.buf.take().context("slot without buffer")?;
+            let mut buf = s.buf.take().context("slot without buffer")?;
+            buf.as_mut_slice().fill(0xa5);
             if let Err(rej) = ch.submit(IoRequest::read(next * per, per, buf, i as u64)) {
                 bail!("final read refused: {}", rej.error);
             }

@@ -742,3 +742,44 @@ fn a_dropped_connection_is_resumed_with_the_back_ends_inflight_buffer() {
     );
     assert_eq!(reg.with_controller("R", |c| c.reconnects()), Some(3));
 }
+
+/// A channel that was idle through a reconnection that kept the rings (INFLIGHT_SHMFD)
+/// closes: its ring, which the new connection serves, goes back to the pool with the
+/// new doorbell (never freed), and the next channel on that queue works.
+#[test]
+fn an_idle_channel_closed_after_a_kept_ring_reconnection_leaves_a_working_queue() {
+    let (t, _d) = target(BlkTargetConfig {
+        num_queues: 2,
+        ..ram(16 << 20)
+    });
+    let reg = registry();
+    let mut p = blk_params("K", t.socket_path(), 2);
+    p.reconnect_timeout = Some(std::time::Duration::from_secs(20));
+    let b = reg.attach(&p).expect("attach").pop().unwrap();
+    let mut idle = b.open_channel().unwrap();
+    idle.run(IoRequest::write(0, 1, IoBuf::Heap(pattern(512, 1)), 0))
+        .result
+        .unwrap();
+    let mut busy = b.open_channel().unwrap();
+    t.faults().disconnect_after(5);
+    for i in 0..20u64 {
+        busy.run(IoRequest::write(10 + i, 1, IoBuf::Heap(pattern(512, 2)), i))
+            .result
+            .unwrap();
+    }
+    assert_eq!(t.stats().injected_disconnects, 1);
+    assert_eq!(reg.with_controller("K", |c| c.reconnects()), Some(1));
+    // The idle channel never noticed; it closes now.
+    drop(idle);
+    let mut next = b.open_channel().unwrap();
+    next.run(IoRequest::write(1, 1, IoBuf::Heap(pattern(512, 3)), 1))
+        .result
+        .unwrap();
+    let c = next.run(IoRequest::read(0, 2, IoBuf::Heap(vec![0; 1024]), 2));
+    c.result.unwrap();
+    let Some(IoBuf::Heap(d)) = c.buf else {
+        panic!()
+    };
+    assert_eq!(&d[..512], &pattern(512, 1)[..]);
+    assert_eq!(&d[512..], &pattern(512, 3)[..]);
+}

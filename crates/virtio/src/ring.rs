@@ -129,6 +129,8 @@ pub struct SplitQueue {
     /// Signalled by the device on a completion while interrupts are enabled (the
     /// vhost-user call eventfd); `None` when the transport has none (polled PCI).
     signal: Option<Arc<vmm_sys_util::eventfd::EventFd>>,
+    /// The owner's label (the bdev layer: the connection generation the ring belongs to).
+    tag: u64,
 }
 
 // SAFETY: the raw pointers point into `_ring`/`indirect`, DMA memory owned by this queue;
@@ -203,6 +205,7 @@ impl SplitQueue {
             notifications: 0,
             len_overruns: 0,
             signal: None,
+            tag: 0,
         };
         q.disable_interrupts();
         Ok(q)
@@ -267,6 +270,16 @@ impl SplitQueue {
     /// The notifier of this queue.
     pub fn notifier(&self) -> &Notifier {
         &self.notifier
+    }
+
+    /// The owner's label (0 at creation).
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// Set the owner's label.
+    pub fn set_tag(&mut self, tag: u64) {
+        self.tag = tag;
     }
 
     /// The used ring's index as the device last wrote it.

@@ -97,6 +97,12 @@ pub trait Transport: Send {
         Ok(None)
     }
 
+    /// Whether the device tracks in-flight requests on this connection (vhost-user
+    /// `INFLIGHT_SHMFD` negotiated).
+    fn tracks_inflight(&self) -> bool {
+        false
+    }
+
     /// Hand a device on a new connection the buffer an earlier one tracked in-flight
     /// requests in; it sends those requests again itself.
     fn set_inflight(&mut self, _buf: &InflightBuffer) -> Result<()> {

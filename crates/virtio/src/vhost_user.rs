@@ -509,6 +509,11 @@ impl Transport for VhostUserTransport {
         }
     }
 
+    fn tracks_inflight(&self) -> bool {
+        self.protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    }
+
     fn set_inflight(&mut self, buf: &InflightBuffer) -> Result<()> {
         use std::os::fd::AsRawFd;
         let info = VhostUserInflight::new(

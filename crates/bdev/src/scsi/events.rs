@@ -45,7 +45,7 @@ pub(super) fn event_loop(mut ctx: EventCtx, mut q: SplitQueue) {
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
                 }
-                LinkView::Failed(_) => break,
+                LinkView::Failed(..) => break,
                 LinkView::Ready(g, renewed) => {
                     let Renewed::Fresh { ring, .. } = *renewed else {
                         ctx.shared
@@ -108,7 +108,8 @@ pub(super) fn event_loop(mut ctx: EventCtx, mut q: SplitQueue) {
 /// A free request queue for control-path commands, if there is one now.
 fn borrow_queue(shared: &Shared) -> Option<ScsiQueue> {
     let q = shared.queues.borrow()?;
-    let sq = ScsiQueue::new(&shared.mem, q, shared.geo, shared.health.broken_arc()).ok();
+    let (_, flag) = shared.link.bind(&q, &shared.health);
+    let sq = ScsiQueue::new(&shared.mem, q, shared.geo, flag).ok();
     if sq.is_none() {
         // The queue went into the failed ScsiQueue::new and is dropped with it.
         shared.queues.lost_borrowed();
@@ -153,14 +154,20 @@ fn with_scanner<R>(ctx: &EventCtx, f: impl FnOnce(&mut Scanner<'_>) -> R) -> Opt
     // A queue the device may still use is kept from reuse (see RequestQueue).
     let index = sq.rq.ring().map(|r| r.index());
     let lost = sq.rq.lost();
+    let link = &ctx.shared.link;
     match sq.into_queue() {
         Some(q) if !lost => ctx.shared.queues.give_borrowed(q),
-        _ => {
-            // (An idle ring of a lost connection is freed here.)
+        Some(q) if link.enabled() => {
+            // Idle, of a lost connection: the link says where it (or its successor)
+            // goes.
             ctx.shared.queues.lost_borrowed();
-            if let (Some(i), true) = (index, ctx.shared.link.enabled()) {
+            link.give_back(q, true, &ctx.shared.queues);
+        }
+        _ => {
+            ctx.shared.queues.lost_borrowed();
+            if let (Some(i), true) = (index, link.enabled()) {
                 // Lost with a connection: the queue's next ring goes to the pool.
-                ctx.shared.link.release(i, &ctx.shared.queues);
+                link.release(i, &ctx.shared.queues);
             }
         }
     }

@@ -183,11 +183,21 @@ impl ThreadQueue {
                 self.slot_chan[s as usize] == chan && self.slot_child[s as usize].parent == parent
             })
             .collect();
+        if slots.is_empty() {
+            return Err(IoError::InvalidRequest(
+                "none of its commands is on the device now".into(),
+            ));
+        }
+        let until = std::time::Instant::now() + timeout;
         let mut first_err = None;
         for slot in slots {
             self.slot_tries[slot as usize] = MAX_RETRIES;
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
             let tag = command_tag(self.index, slot);
-            if let Err(e) = tmf::abort_task(&self.shared, &lun, tag, timeout) {
+            if let Err(e) = tmf::abort_task(&self.shared, &lun, tag, left) {
                 first_err.get_or_insert(e);
             }
         }
@@ -225,7 +235,11 @@ impl ThreadQueue {
     fn resume(&mut self) {
         match self.shared.link.check(self.generation, self.index) {
             LinkView::Waiting => {}
-            LinkView::Failed(why) => self.fail_waiting(IoError::ReconnectFailed(why)),
+            LinkView::Failed(why, forced) => self.fail_waiting(if forced {
+                IoError::Aborted(why)
+            } else {
+                IoError::ReconnectFailed(why)
+            }),
             LinkView::Ready(generation, renewed) => {
                 let Renewed::Fresh { ring, aborted } = *renewed else {
                     self.fail_waiting(IoError::ReconnectFailed(
@@ -631,7 +645,9 @@ impl Drop for ThreadQueue {
             let link = &self.shared.link;
             match ring {
                 Some(q) => {
-                    link.give_back(q, self.generation, self.sq.rq.lost(), &self.shared.queues)
+                    let mut q = q;
+                    q.set_tag(self.generation);
+                    link.give_back(q, self.sq.rq.lost(), &self.shared.queues)
                 }
                 None => {
                     for b in self.slot_unmap.iter_mut().filter_map(Option::take) {
@@ -701,6 +717,11 @@ impl ChannelDriver for ScsiChannel {
 
     fn abort(&mut self, parent: u32, timeout: Duration) -> Result<(), IoError> {
         self.tq.borrow_mut().abort(self.id, parent, timeout)
+    }
+
+    fn reset_controller(&mut self) -> Result<(), IoError> {
+        let tq = self.tq.borrow();
+        tq.shared.link.force(tq.generation)
     }
 
     fn publish(&mut self) {
@@ -789,16 +810,13 @@ fn thread_queue(shared: &Arc<Shared>, bdev: &str) -> Result<Rc<RefCell<ThreadQue
     let q = shared.queues.take_for(bdev)?;
     let n = q.size() as usize;
     let index = q.index();
-    // Read before the ring's flag (see the blk channel).
-    let generation = shared.link.generation();
-    let sq =
-        ScsiQueue::new(&shared.mem, q, shared.geo, shared.health.broken_arc()).map_err(|e| {
-            BdevError::Io {
-                name: shared.name.clone(),
-                what: "allocate request slots".into(),
-                source: e,
-            }
-        })?;
+    // The ring's generation and the flag to watch (see the blk channel).
+    let (generation, flag) = shared.link.bind(&q, &shared.health);
+    let sq = ScsiQueue::new(&shared.mem, q, shared.geo, flag).map_err(|e| BdevError::Io {
+        name: shared.name.clone(),
+        what: "allocate request slots".into(),
+        source: e,
+    })?;
     let tq = Rc::new(RefCell::new(ThreadQueue {
         sq,
         shared: shared.clone(),

@@ -237,7 +237,7 @@ impl ScsiController {
     /// `reconnect_timeout` the controller connects again and the commands outstanding
     /// on the old connection fail with [`IoError::Aborted`]; without, it is gone.
     pub fn reset(&self) -> Result<(), IoError> {
-        self.shared.link.force()
+        self.shared.link.force(self.shared.link.generation())
     }
 
     /// The device is gone (back-end hung up, PCI function removed).
@@ -299,6 +299,6 @@ impl BdevDriver for LunDriver {
     }
 
     fn reset_controller(&self) -> Result<(), IoError> {
-        self.shared.link.force()
+        self.shared.link.force(self.shared.link.generation())
     }
 }

@@ -745,6 +745,10 @@ impl Monitor {
                     Ok(_) => None,
                 }
             };
+            if self.resetting.load(Ordering::Acquire) {
+                // vireo reset the device meanwhile (the status read may have seen it).
+                continue;
+            }
             if let Some(why) = why {
                 tracing::error!(transport = %self.name, "{why}; failing its I/O");
                 // Stop the device's DMA before its I/O fails (callers reuse their
