@@ -267,6 +267,7 @@ fuzz_target!(|data: &[u8]| {
             name: "F".into(),
             vq_count: 1,
             vq_size: 16,
+            reconnect_timeout: None,
         },
         Box::new(t),
     );

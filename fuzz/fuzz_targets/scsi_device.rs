@@ -76,6 +76,7 @@ fn world() -> World {
             vq_count: 1,
             vq_size: 32,
             io_timeout: None,
+            reconnect_timeout: None,
         })
         .expect("attach an honest target")
         .pop()
