@@ -28,10 +28,20 @@ use vireo_virtio::{DmaConfig, DmaMemory};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-    /// Back DMA memory with huge pages (MFD_HUGETLB; reserve them in
-    /// /proc/sys/vm/nr_hugepages first).
-    #[arg(long, global = true)]
-    hugepages: bool,
+    /// DMA memory in huge pages (MFD_HUGETLB): `auto` (the default) when the machine
+    /// has them reserved (/proc/sys/vm/nr_hugepages), normal pages otherwise; `on`
+    /// (plain `--hugepages`) requires them; `off` never. Back-ends built on DPDK (SPDK's
+    /// vhost) register guest memory in 2 MiB units and are only safe with huge pages.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "auto",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "on"
+    )]
+    hugepages: HugePages,
     /// Size of the first DMA memory region (suffixes k, m, g); more regions are added
     /// as needed.
     #[arg(long, global = true, default_value = "64m", value_parser = parse_size)]
@@ -60,6 +70,17 @@ fn parse_log_flag(s: &str) -> std::result::Result<&'static str, String> {
             ))
         }
     })
+}
+
+/// `--hugepages`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum HugePages {
+    /// Huge pages when reserved, normal pages otherwise.
+    Auto,
+    /// Huge pages, or an error.
+    On,
+    /// Normal pages.
+    Off,
 }
 
 /// Process-wide DMA memory settings from the command line.
@@ -770,7 +791,8 @@ fn main() {
         .init();
     let _ = DMA.set(DmaConfig {
         initial_region_size: cli.dma_region_size,
-        hugetlb: cli.hugepages,
+        hugetlb: cli.hugepages != HugePages::Off,
+        hugetlb_fallback: cli.hugepages == HugePages::Auto,
         ..DmaConfig::default()
     });
     let r = match cli.cmd {

@@ -58,6 +58,10 @@ pub struct DmaConfig {
     pub initial_region_size: usize,
     /// Back regions with huge pages (`MFD_HUGETLB`); needs reserved hugepages.
     pub hugetlb: bool,
+    /// With `hugetlb`: a region that cannot get huge pages (none reserved, all in use,
+    /// a size that is not whole huge pages) uses normal pages instead of failing. Not
+    /// with [`Addressing::Physical`], which needs huge pages.
+    pub hugetlb_fallback: bool,
     /// Upper bound of all regions together, in bytes.
     pub max_total_size: usize,
     /// How the device addresses the memory. [`Addressing::Physical`] implies `hugetlb`.
@@ -69,6 +73,7 @@ impl Default for DmaConfig {
         DmaConfig {
             initial_region_size: 64 << 20,
             hugetlb: false,
+            hugetlb_fallback: false,
             max_total_size: 64 << 30,
             addressing: Addressing::Virtual,
         }
@@ -502,7 +507,19 @@ impl Region {
         index: usize,
         next_iova: &mut u64,
     ) -> Result<Region> {
-        let mut r = Region::create(len, config.hugetlb, index).map_err(|e| {
+        let first = Region::create(len, config.hugetlb, index);
+        let first = match first {
+            Err(e)
+                if config.hugetlb
+                    && config.hugetlb_fallback
+                    && config.addressing != Addressing::Physical =>
+            {
+                tracing::info!("DMA region {index} ({len} bytes) without huge pages: {e}");
+                Region::create(len, false, index)
+            }
+            r => r,
+        };
+        let mut r = first.map_err(|e| {
             if config.addressing != Addressing::Physical {
                 return e;
             }
@@ -701,6 +718,7 @@ mod tests {
         DmaMemory::new(DmaConfig {
             initial_region_size: 1 << 20,
             hugetlb: false,
+            hugetlb_fallback: false,
             max_total_size: 8 << 20,
             addressing: Addressing::Virtual,
         })
@@ -712,6 +730,7 @@ mod tests {
         let mem = DmaMemory::new(DmaConfig {
             initial_region_size: 1 << 20,
             hugetlb: false,
+            hugetlb_fallback: false,
             max_total_size: 8 << 20,
             addressing: Addressing::Linear { base: 1 << 32 },
         })
@@ -790,6 +809,7 @@ mod tests {
         let r = DmaMemory::new(DmaConfig {
             initial_region_size: 4 << 20,
             hugetlb: false,
+            hugetlb_fallback: false,
             max_total_size: 64 << 20,
             addressing: Addressing::Physical,
         });
@@ -806,6 +826,31 @@ mod tests {
                     "the error says what to do: {m}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn huge_pages_fall_back_to_normal_pages_only_when_asked() {
+        let cfg = |fallback| DmaConfig {
+            initial_region_size: 3 << 20,
+            hugetlb: true,
+            hugetlb_fallback: fallback,
+            max_total_size: 16 << 20,
+            addressing: Addressing::Virtual,
+        };
+        // With the fallback it works whether or not the machine has huge pages.
+        let mem = DmaMemory::new(cfg(true)).expect("normal pages instead");
+        let b = mem.alloc(4096, 4096).unwrap();
+        assert!(mem.translator().translate(b.addr(), 4096).is_some());
+        // Without, it needs them.
+        let free = std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("HugePages_Free:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if free == 0 {
+            assert!(DmaMemory::new(cfg(false)).is_err());
         }
     }
 
