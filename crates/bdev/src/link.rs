@@ -640,3 +640,192 @@ fn outage(
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+    use vireo_virtio::{DmaConfig, DmaMemory, QueueOptions};
+
+    fn ring(mem: &Arc<DmaMemory>, index: u16) -> SplitQueue {
+        SplitQueue::new(
+            mem,
+            index,
+            8,
+            QueueOptions::default(),
+            Notifier::Counter(Arc::new(AtomicU64::new(0))),
+        )
+        .unwrap()
+    }
+
+    fn setup() -> (Arc<DmaMemory>, Arc<Link>, QueuePool, Health) {
+        let mem = DmaMemory::new(DmaConfig {
+            initial_region_size: 2 << 20,
+            ..DmaConfig::default()
+        })
+        .unwrap();
+        let link = Link::new("T", Some(Duration::from_secs(5)));
+        let health = Health::new("T", Arc::new(AtomicBool::new(false)));
+        (mem, link, QueuePool::new(Vec::new()), health)
+    }
+
+    /// After a reconnection: generation 1, a new flag, `fresh[index] = r`.
+    fn reconnected(link: &Link, health: &Health, index: u16, r: Renewed) {
+        let mut st = link.lock();
+        st.fresh.resize_with(index as usize + 1, || None);
+        st.fresh[index as usize] = Some(r);
+        health.set_broken_flag(Arc::new(AtomicBool::new(false)));
+        link.generation.store(1, Ordering::Release);
+    }
+
+    #[test]
+    fn a_ring_of_an_earlier_connection_binds_to_a_raised_flag() {
+        let (mem, link, _pool, health) = setup();
+        let q = ring(&mem, 0);
+        let (g, flag) = link.bind(&q, &health);
+        assert_eq!(g, 0);
+        assert!(!flag.load(Ordering::Relaxed));
+        link.generation.store(1, Ordering::Release);
+        let (g, flag) = link.bind(&q, &health);
+        assert_eq!(g, 0, "the ring's own generation");
+        assert!(
+            flag.load(Ordering::Relaxed),
+            "lost at once: swapped for its new ring"
+        );
+    }
+
+    #[test]
+    fn an_idle_kept_ring_goes_to_the_pool_with_the_new_doorbell() {
+        let (mem, link, pool, health) = setup();
+        let q = ring(&mem, 0);
+        let counter = Arc::new(AtomicU64::new(0));
+        reconnected(
+            &link,
+            &health,
+            0,
+            Renewed::Same {
+                index: 0,
+                notifier: Notifier::Counter(counter.clone()),
+                signal: None,
+            },
+        );
+        link.give_back(q, true, &pool);
+        let q = pool
+            .take()
+            .expect("the kept ring is back in the pool, not freed");
+        assert_eq!(q.tag(), 1);
+        q.notifier().notify(0).unwrap();
+        assert_eq!(counter.load(Ordering::Relaxed), 1, "with the new doorbell");
+    }
+
+    #[test]
+    fn an_idle_ring_given_back_during_an_outage_waits_for_the_next_connection() {
+        let (mem, link, pool, _health) = setup();
+        link.lock().reconnecting = true;
+        link.give_back(ring(&mem, 3), true, &pool);
+        assert!(pool.take().is_none());
+        assert_eq!(link.lock().late.len(), 1, "kept, never freed");
+    }
+
+    #[test]
+    fn a_queue_closed_with_requests_on_a_kept_ring_is_marked_lost() {
+        let (_mem, link, pool, health) = setup();
+        reconnected(
+            &link,
+            &health,
+            2,
+            Renewed::Same {
+                index: 2,
+                notifier: Notifier::Counter(Arc::new(AtomicU64::new(0))),
+                signal: None,
+            },
+        );
+        link.release(2, &pool);
+        assert_eq!(link.lock().dead, vec![2]);
+        assert!(pool.take().is_none());
+    }
+
+    #[test]
+    fn a_closed_queue_gets_its_fresh_ring_in_the_pool() {
+        let (mem, link, pool, health) = setup();
+        reconnected(
+            &link,
+            &health,
+            1,
+            Renewed::Fresh {
+                ring: ring(&mem, 1),
+                aborted: false,
+            },
+        );
+        link.release(1, &pool);
+        assert_eq!(pool.take().map(|q| q.index()), Some(1));
+    }
+
+    /// A transport that only counts `abort` calls.
+    struct Aborts(Arc<DmaMemory>, Arc<AtomicU64>);
+
+    impl Transport for Aborts {
+        fn describe(&self) -> String {
+            "fake".into()
+        }
+        fn device_features(&mut self) -> vireo_virtio::Result<u64> {
+            Ok(0)
+        }
+        fn set_driver_features(&mut self, _: u64) -> vireo_virtio::Result<()> {
+            Ok(())
+        }
+        fn max_queues(&mut self) -> vireo_virtio::Result<Option<u16>> {
+            Ok(None)
+        }
+        fn max_queue_size(&mut self, _: u16) -> vireo_virtio::Result<Option<u16>> {
+            Ok(None)
+        }
+        fn has_config(&self) -> bool {
+            false
+        }
+        fn read_config(&mut self, _: u32, _: &mut [u8]) -> vireo_virtio::Result<()> {
+            Ok(())
+        }
+        fn setup_queue(
+            &mut self,
+            _: u16,
+            _: &vireo_virtio::RingLayout,
+        ) -> vireo_virtio::Result<Notifier> {
+            Ok(Notifier::Counter(Arc::new(AtomicU64::new(0))))
+        }
+        fn start(&mut self) -> vireo_virtio::Result<()> {
+            Ok(())
+        }
+        fn shutdown(&mut self) -> vireo_virtio::Result<()> {
+            Ok(())
+        }
+        fn memory(&self) -> &Arc<DmaMemory> {
+            &self.0
+        }
+        fn broken_flag(&self) -> Arc<AtomicBool> {
+            Arc::new(AtomicBool::new(false))
+        }
+        fn abort(&self) {
+            self.1.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_reset_is_taken_once_and_only_for_the_current_connection() {
+        let (mem, link, _pool, _health) = setup();
+        let aborts = Arc::new(AtomicU64::new(0));
+        let t: Arc<Mutex<Box<dyn Transport>>> =
+            Arc::new(Mutex::new(Box::new(Aborts(mem, aborts.clone()))));
+        let _ = link.transport.set(Arc::downgrade(&t));
+        link.generation.store(4, Ordering::Release);
+        // Decided on connection 3, which is gone: nothing.
+        link.force(3).unwrap();
+        assert_eq!(aborts.load(Ordering::Relaxed), 0);
+        assert!(!link.lock().forced);
+        // On the current one: the connection is dropped, once however many ask.
+        link.force(4).unwrap();
+        link.force(4).unwrap();
+        assert_eq!(aborts.load(Ordering::Relaxed), 1);
+        assert!(link.lock().forced);
+    }
+}
