@@ -411,18 +411,7 @@ impl BlkController {
             opts,
             bdev: Arc::downgrade(&bdev),
         };
-        let weak: std::sync::Weak<dyn HasHealth> = Arc::downgrade(&shared) as _;
-        link::spawn(
-            link::Host {
-                link: shared.link.clone(),
-                transport: transport.clone(),
-                health: weak,
-            },
-            Box::new(redo),
-        )
-        .map_err(|e| {
-            BdevError::Config(format!("{name}: cannot start the reconnection thread: {e}"))
-        })?;
+        link::start(name, &shared.link, &shared, &transport, Box::new(redo))?;
         Ok(BlkController {
             transport,
             shared,
@@ -752,13 +741,7 @@ impl BlkChannel {
     fn resume(&mut self) {
         match self.shared.link.check(self.generation, self.index) {
             LinkView::Waiting => {}
-            LinkView::Failed(why, forced) => self.fail_waiting(if forced {
-                // The old back-end may still hold the requests: their buffers are
-                // never reused.
-                IoError::Aborted(why)
-            } else {
-                IoError::ReconnectFailed(why)
-            }),
+            LinkView::Failed(why, forced) => self.fail_waiting(link::failed_error(why, forced)),
             LinkView::Ready(generation, renewed) => match *renewed {
                 Renewed::Same {
                     notifier, signal, ..

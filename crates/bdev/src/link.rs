@@ -375,6 +375,39 @@ pub(crate) trait HasHealth: Send + Sync {
     fn pool(&self) -> &QueuePool;
 }
 
+/// Start controller `name`'s reconnection thread (see [`spawn`]), as attach does.
+pub(crate) fn start<S: HasHealth + 'static>(
+    name: &str,
+    link: &Arc<Link>,
+    shared: &Arc<S>,
+    transport: &Arc<Mutex<Box<dyn Transport>>>,
+    redo: Box<dyn Redo>,
+) -> Result<(), crate::BdevError> {
+    let weak: Weak<dyn HasHealth> = Arc::downgrade(shared) as _;
+    spawn(
+        Host {
+            link: link.clone(),
+            transport: transport.clone(),
+            health: weak,
+        },
+        redo,
+    )
+    .map_err(|e| {
+        crate::BdevError::Config(format!("{name}: cannot start the reconnection thread: {e}"))
+    })
+}
+
+/// The error of requests whose reconnection failed: aborted when the outage was a
+/// reset vireo forced (the old back-end may still hold them; their buffers are never
+/// reused), else the failure.
+pub(crate) fn failed_error(why: String, forced: bool) -> crate::IoError {
+    if forced {
+        crate::IoError::Aborted(why)
+    } else {
+        crate::IoError::ReconnectFailed(why)
+    }
+}
+
 /// Start the reconnection thread of a controller (only when reconnection is on and the
 /// transport can reconnect).
 pub(crate) fn spawn(host: Host, mut redo: Box<dyn Redo>) -> std::io::Result<()> {

@@ -207,18 +207,7 @@ impl ScsiController {
             plain,
             events,
         };
-        let weak: std::sync::Weak<dyn crate::link::HasHealth> = Arc::downgrade(&shared) as _;
-        crate::link::spawn(
-            crate::link::Host {
-                link: shared.link.clone(),
-                transport: transport.clone(),
-                health: weak,
-            },
-            Box::new(redo),
-        )
-        .map_err(|e| {
-            BdevError::Config(format!("{name}: cannot start the reconnection thread: {e}"))
-        })?;
+        crate::link::start(name, &shared.link, &shared, &transport, Box::new(redo))?;
         Ok(ScsiController {
             transport,
             shared,

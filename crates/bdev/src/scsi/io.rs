@@ -127,19 +127,7 @@ impl ThreadQueue {
             self.shared.health.fail(why);
         }
         self.sq.rq.fail(f.clone());
-        let e = queue_error(&f);
-        for slot in self.sq.rq.drain_in_flight() {
-            if let Some((chan, c)) = self.take_child(slot) {
-                self.deliver(
-                    chan,
-                    ChildDone {
-                        parent: c.parent,
-                        result: Err(e.clone()),
-                    },
-                );
-            }
-        }
-        self.fail_waiting(e);
+        self.fail_waiting(queue_error(&f));
     }
 
     /// Take the commands off the lost ring: to send again (keeping their channel's
@@ -235,11 +223,9 @@ impl ThreadQueue {
     fn resume(&mut self) {
         match self.shared.link.check(self.generation, self.index) {
             LinkView::Waiting => {}
-            LinkView::Failed(why, forced) => self.fail_waiting(if forced {
-                IoError::Aborted(why)
-            } else {
-                IoError::ReconnectFailed(why)
-            }),
+            LinkView::Failed(why, forced) => {
+                self.fail_waiting(crate::link::failed_error(why, forced))
+            }
             LinkView::Ready(generation, renewed) => {
                 let Renewed::Fresh { ring, aborted } = *renewed else {
                     self.fail_waiting(IoError::ReconnectFailed(
@@ -821,17 +807,7 @@ fn thread_queue(shared: &Arc<Shared>, bdev: &str) -> Result<Rc<RefCell<ThreadQue
         sq,
         shared: shared.clone(),
         chans: Vec::new(),
-        slot_child: vec![
-            Child {
-                parent: 0,
-                op: IoOp::Read,
-                lba: 0,
-                blocks: 0,
-                addr: 0,
-                len: 0,
-            };
-            n
-        ],
+        slot_child: vec![Child::EMPTY; n],
         slot_chan: vec![NO_CHAN; n],
         slot_tries: vec![0; n],
         slot_xfer: vec![(0, false); n],
