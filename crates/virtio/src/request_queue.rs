@@ -368,6 +368,14 @@ impl<T: DeviceShared> RequestQueue<T> {
     /// fd and whether completions are already pending (then do not sleep). `None` when
     /// the transport has no completion eventfd, or the queue failed.
     pub fn arm(&mut self) -> Option<(std::os::fd::RawFd, bool)> {
+        // About to sleep: a back-end that hung up would never signal (the polling path
+        // looks every 256 idle polls, which naps would stretch to seconds).
+        if self.failure.is_none() && self.in_flight() > 0 && self.broken.load(Ordering::Relaxed) {
+            self.fail(QueueFailure::Disconnected);
+        }
+        if self.failure.is_some() {
+            return None;
+        }
         let ring = self.ring.as_mut()?;
         let fd = ring.completion_fd()?;
         let pending = ring.enable_interrupts();
@@ -448,6 +456,21 @@ mod tests {
             q.slot_mut(s);
         }));
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn a_waiter_about_to_sleep_notices_a_hung_up_backend() {
+        let (mut q, broken) = queue(8);
+        let s = q.take_slot().unwrap();
+        let seg = Segment {
+            addr: q.slot_addr(s),
+            len: 16,
+        };
+        q.submit(s, &[seg], 1).unwrap();
+        q.publish().unwrap();
+        broken.store(true, Ordering::Relaxed);
+        assert!(q.arm().is_none(), "no sleep on a dead back-end's eventfd");
+        assert_eq!(q.failure(), Some(&QueueFailure::Disconnected));
     }
 
     #[test]
