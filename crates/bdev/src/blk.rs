@@ -509,13 +509,7 @@ impl link::Redo for Redo {
 
     fn run(&mut self, t: &mut dyn Transport, ctx: &mut RedoCtx) -> Result<Vec<Renewed>, RedoError> {
         let transient = |e: vireo_virtio::Error| RedoError::Transient(e.to_string());
-        let got = negotiate(t, self.wanted).map_err(transient)?;
-        if got != self.features {
-            return Err(RedoError::Permanent(format!(
-                "the device came back with features {got:#x}, not {:#x} as before",
-                self.features
-            )));
-        }
+        let got = crate::link::renegotiate(t, self.wanted, self.features)?;
         let mut raw = [0u8; CONFIG_LEN];
         t.read_config(0, &mut raw).map_err(transient)?;
         let cfg = BlkConfig::parse(&raw)

@@ -397,6 +397,23 @@ pub(crate) fn start<S: HasHealth + 'static>(
     })
 }
 
+/// Negotiate `wanted` on a new connection: the device must accept exactly the
+/// `features` it had (a different device is a permanent failure).
+pub(crate) fn renegotiate(
+    t: &mut dyn Transport,
+    wanted: u64,
+    features: u64,
+) -> Result<u64, RedoError> {
+    let got =
+        vireo_virtio::negotiate(t, wanted).map_err(|e| RedoError::Transient(e.to_string()))?;
+    if got != features {
+        return Err(RedoError::Permanent(format!(
+            "the device came back with features {got:#x}, not {features:#x} as before"
+        )));
+    }
+    Ok(got)
+}
+
 /// The error of requests whose reconnection failed: aborted when the outage was a
 /// reset vireo forced (the old back-end may still hold them; their buffers are never
 /// reused), else the failure.

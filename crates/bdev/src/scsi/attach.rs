@@ -248,13 +248,7 @@ impl crate::link::Redo for Redo {
         ctx: &mut crate::link::RedoCtx,
     ) -> Result<Vec<Renewed>, RedoError> {
         let transient = |e: vireo_virtio::Error| RedoError::Transient(e.to_string());
-        let got = negotiate(t, self.wanted).map_err(transient)?;
-        if got != self.features {
-            return Err(RedoError::Permanent(format!(
-                "the device came back with features {got:#x}, not {:#x} as before",
-                self.features
-            )));
-        }
+        crate::link::renegotiate(t, self.wanted, self.features)?;
         if t.has_config() {
             let mut raw = [0u8; wire::CONFIG_LEN];
             t.read_config(0, &mut raw).map_err(transient)?;
