@@ -545,12 +545,13 @@ impl link::Redo for Redo {
             }
         }
         let mut out = Vec::with_capacity(self.vq_count as usize);
-        if ctx.keep && !t.tracks_inflight() {
+        let keep = ctx.keep && t.tracks_inflight();
+        if ctx.keep && !keep {
             // The back-end came back without in-flight tracking: fresh rings, and the
             // channels resend from their records.
             tracing::warn!(controller = %self.name, "the back-end no longer tracks in-flight requests; resending from vireo's records");
         }
-        if ctx.keep && t.tracks_inflight() {
+        if keep {
             // The same rings, with the tracking buffer: the back-end resends what it had
             // taken and not completed; each ring goes on at its used index.
             let buf = self
@@ -685,14 +686,7 @@ impl BlkChannel {
             self.shared.health.fail(why);
         }
         self.rq.fail(f.clone());
-        let e = queue_error(&f);
-        for slot in self.rq.drain_in_flight() {
-            self.dead.push(ChildDone {
-                parent: self.slot_child[slot as usize].parent,
-                result: Err(e.clone()),
-            });
-        }
-        self.fail_waiting(e);
+        self.fail_waiting(queue_error(&f));
     }
 
     /// Take the requests off the lost ring: to send again, or to fail as aborted.

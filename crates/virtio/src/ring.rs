@@ -282,11 +282,6 @@ impl SplitQueue {
         self.tag = tag;
     }
 
-    /// The used ring's index as the device last wrote it.
-    pub fn device_used_index(&self) -> u16 {
-        self.used_u16(2).load(Ordering::Acquire)
-    }
-
     /// Replace the notifier (the transport hands it out after it learned the layout).
     pub fn set_notifier(&mut self, notifier: Notifier) {
         self.notifier = notifier;

@@ -111,14 +111,9 @@ impl ScsiController {
             .alloc(ev_size * EVENT_BUFFERS as usize, 64)
             .map_err(verr)?;
         ev_buf.as_mut_slice().fill(0);
-        for i in 0..if events { EVENT_BUFFERS.min(small) } else { 0 } {
-            let seg = Segment {
-                addr: ev_buf.iova() + (i as usize * ev_size) as u64,
-                len: ev_size as u32,
-            };
-            let _ = event_q.add(&[seg], 0, i as u64);
+        if events {
+            events::post_event_buffers(&mut event_q, &ev_buf, ev_size).map_err(verr)?;
         }
-        event_q.publish().map_err(verr)?;
         let control = ControlQueue::new(&mem, control_q, transport.broken_flag()).map_err(verr)?;
 
         let shared = Arc::new(Shared {

@@ -14,8 +14,12 @@ pub(super) struct EventCtx {
     pub(super) stop: Arc<AtomicBool>,
 }
 
-/// Put every event buffer on the event queue.
-fn post_event_buffers(q: &mut SplitQueue, buf: &DmaBuf, size: usize) {
+/// Put every event buffer (`size` bytes each, in `buf`) on the event queue.
+pub(super) fn post_event_buffers(
+    q: &mut SplitQueue,
+    buf: &DmaBuf,
+    size: usize,
+) -> vireo_virtio::Result<bool> {
     for i in 0..EVENT_BUFFERS.min(q.size()) {
         let seg = Segment {
             addr: buf.iova() + (i as usize * size) as u64,
@@ -23,7 +27,7 @@ fn post_event_buffers(q: &mut SplitQueue, buf: &DmaBuf, size: usize) {
         };
         let _ = q.add(&[seg], 0, i as u64);
     }
-    let _ = q.publish();
+    q.publish()
 }
 
 /// Poll the event queue; apply hot-plug and parameter-change events. After a
@@ -65,7 +69,7 @@ pub(super) fn event_loop(mut ctx: EventCtx, mut q: SplitQueue) {
                     };
                     buf.as_mut_slice().fill(0);
                     std::mem::forget(std::mem::replace(&mut ctx.ev_buf, buf));
-                    post_event_buffers(&mut q, &ctx.ev_buf, ctx.ev_size);
+                    let _ = post_event_buffers(&mut q, &ctx.ev_buf, ctx.ev_size);
                     generation = g;
                     // Events may have been missed while the connection was down.
                     deferred.push(wire::Event::missed());
