@@ -900,8 +900,10 @@ impl IoChannel {
 
     /// Make submitted I/Os visible to the device now.
     pub fn flush(&mut self) {
-        self.unpublished = false;
-        self.drv.publish();
+        if self.unpublished {
+            self.unpublished = false;
+            self.drv.publish();
+        }
     }
 
     /// Reap finished I/Os into `out`; returns how many were added. Also moves waiting

@@ -492,6 +492,10 @@ impl<'o> Job<'o> {
                 self.done = done;
                 return false;
             }
+            // Nothing to do: back to polling at once (a short idle pass is a short
+            // wait between a completion's arrival and its discovery).
+            self.done = done;
+            return true;
         } else {
             // The channel's clock reading of this pass (no extra one).
             self.last_progress = self.ch.last_completion_ticks();

@@ -49,6 +49,10 @@ impl std::fmt::Display for QueueFailure {
     }
 }
 
+/// At most this many requests in flight, polling prefetches what the next completion
+/// reads (with more, the device is the bottleneck and its writes should not be raced).
+const PREFETCH_IN_FLIGHT: u16 = 4;
+
 /// Idle polls between two looks at the transport's broken flag.
 const BROKEN_CHECK_INTERVAL: u32 = 256;
 
@@ -281,6 +285,19 @@ impl<T: DeviceShared> RequestQueue<T> {
         let Some(ring) = self.ring.as_mut() else {
             return Ok(0);
         };
+        if ring.in_flight() <= PREFETCH_IN_FLIGHT {
+            // Latency-bound: while waiting, keep fetching what the next completion will
+            // read (the used entry, then the status in the slot the entry names, most
+            // likely the oldest request's). Each line then arrives as soon as the device
+            // has written it, alongside the used index, not one miss after another.
+            ring.prefetch_next_used();
+            if let Some(t) = ring.next_in_order() {
+                if t < self.size as u64 {
+                    // SAFETY: `t < size`: slot `t` lies inside `slots`.
+                    crate::ring::prefetch(unsafe { self.base.add(t as usize) } as *const u8);
+                }
+            }
+        }
         if !ring.has_used() {
             self.idle_polls = self.idle_polls.wrapping_add(1);
             if self.idle_polls.is_multiple_of(BROKEN_CHECK_INTERVAL)
