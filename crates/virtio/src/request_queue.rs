@@ -288,13 +288,16 @@ impl<T: DeviceShared> RequestQueue<T> {
         if ring.in_flight() <= PREFETCH_IN_FLIGHT {
             // Latency-bound: while waiting, keep fetching what the next completion will
             // read (the used entry, then the status in the slot the entry names, most
-            // likely the oldest request's). Each line then arrives as soon as the device
+            // likely the oldest request's: `T::READ_BACK_OFFSET`). Each line then arrives as soon as the device
             // has written it, alongside the used index, not one miss after another.
             ring.prefetch_next_used();
             if let Some(t) = ring.next_in_order() {
-                if t < self.size as u64 {
-                    // SAFETY: `t < size`: slot `t` lies inside `slots`.
-                    crate::ring::prefetch(unsafe { self.base.add(t as usize) } as *const u8);
+                if t < self.size as u64 && T::READ_BACK_OFFSET < std::mem::size_of::<T>() {
+                    // SAFETY: `t < size`: slot `t` lies inside `slots`, and the offset
+                    // inside the slot.
+                    crate::ring::prefetch(unsafe {
+                        (self.base.add(t as usize) as *const u8).add(T::READ_BACK_OFFSET)
+                    });
                 }
             }
         }

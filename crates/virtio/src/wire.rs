@@ -49,7 +49,11 @@ le_int!(Le64, u64);
 ///
 /// # Safety
 /// Implement it only for such types.
-pub unsafe trait DeviceShared: Copy + 'static {}
+pub unsafe trait DeviceShared: Copy + 'static {
+    /// Offset of the part a completion reads back (the status or response the device
+    /// writes), when the type is a request slot: polling prefetches its cache line.
+    const READ_BACK_OFFSET: usize = 0;
+}
 
 // SAFETY: integers and arrays of them accept every bit pattern.
 unsafe impl DeviceShared for u8 {}
@@ -151,7 +155,9 @@ pub mod blk {
             && size_of::<RequestSlot>().is_multiple_of(64)
     );
     // SAFETY: repr(C) struct of the plain-data structs above and bytes.
-    unsafe impl DeviceShared for RequestSlot {}
+    unsafe impl DeviceShared for RequestSlot {
+        const READ_BACK_OFFSET: usize = std::mem::offset_of!(RequestSlot, status);
+    }
     // SAFETY: repr(C) structs of little-endian integers.
     unsafe impl DeviceShared for ReqHeader {}
     // SAFETY: as above.
@@ -304,11 +310,15 @@ pub mod scsi {
     // SAFETY: as above.
     unsafe impl DeviceShared for RespHeader {}
     // SAFETY: as above.
-    unsafe impl DeviceShared for CmdSlot {}
+    unsafe impl DeviceShared for CmdSlot {
+        const READ_BACK_OFFSET: usize = std::mem::offset_of!(CmdSlot, resp);
+    }
     // SAFETY: as above.
     unsafe impl DeviceShared for TmfReq {}
     // SAFETY: as above.
-    unsafe impl DeviceShared for TmfSlot {}
+    unsafe impl DeviceShared for TmfSlot {
+        const READ_BACK_OFFSET: usize = std::mem::offset_of!(TmfSlot, response);
+    }
 }
 
 #[cfg(test)]
