@@ -13,9 +13,9 @@ pub const MAX_RW10_LBA: u64 = u32::MAX as u64;
 pub const MAX_RW16_BLOCKS: u32 = u32::MAX;
 
 /// READ or WRITE of `blocks` at `lba` with default flags, zero-padded to
-/// [`Cdb::MAX_LEN`] bytes, built without intermediate copies (the I/O path's encoder):
-/// (10) when it fits, else (16) when `allow16`, else `None`. A zero-block transfer
-/// (which a 10-byte CDB does not mean literally) or one beyond (16) is `None`.
+/// [`Cdb::MAX_LEN`] bytes (the I/O path's encoder): (10) when it fits, else (16) when
+/// `allow16`, else `None`. A zero-block transfer (which a 10-byte CDB does not mean
+/// literally) or one beyond (16) is `None`.
 #[inline]
 pub fn read_write_padded(
     write: bool,
@@ -23,30 +23,48 @@ pub fn read_write_padded(
     blocks: u64,
     allow16: bool,
 ) -> Option<[u8; Cdb::MAX_LEN]> {
+    let head = read_write_head(write, lba, blocks, allow16)?;
     let mut c = [0u8; Cdb::MAX_LEN];
+    c[..16].copy_from_slice(&head.to_le_bytes());
+    Some(c)
+}
+
+/// The same CDB as [`read_write_padded`], as its first 16 bytes in one little-endian
+/// integer (the rest is zero), composed in registers: the caller stores it where the
+/// device reads it, with no byte-wise stores into an array that is copied afterwards
+/// with wide loads (which defeats store-to-load forwarding: a stall per I/O).
+#[inline]
+pub fn read_write_head(write: bool, lba: u64, blocks: u64, allow16: bool) -> Option<u128> {
     if blocks == 0 {
         return None;
     }
     if rw10_fits(lba, blocks) {
-        c[0] = if write {
+        let op = if write {
             opcode::WRITE_10
         } else {
             opcode::READ_10
         };
-        c[2..6].copy_from_slice(&(lba as u32).to_be_bytes());
-        c[7..9].copy_from_slice(&(blocks as u16).to_be_bytes());
+        // Bytes 2..6: LBA (big-endian); 7..9: TRANSFER LENGTH (big-endian).
+        Some(
+            u128::from(op)
+                | (u128::from((lba as u32).swap_bytes()) << 16)
+                | (u128::from((blocks as u16).swap_bytes()) << 56),
+        )
     } else if allow16 && blocks <= MAX_RW16_BLOCKS as u64 {
-        c[0] = if write {
+        let op = if write {
             opcode::WRITE_16
         } else {
             opcode::READ_16
         };
-        c[2..10].copy_from_slice(&lba.to_be_bytes());
-        c[10..14].copy_from_slice(&(blocks as u32).to_be_bytes());
+        // Bytes 2..10: LBA; 10..14: TRANSFER LENGTH (both big-endian).
+        Some(
+            u128::from(op)
+                | (u128::from(lba.swap_bytes()) << 16)
+                | (u128::from((blocks as u32).swap_bytes()) << 80),
+        )
     } else {
-        return None;
+        None
     }
-    Some(c)
 }
 
 /// True when a transfer of `blocks` at `lba` fits a 10-byte CDB: the LBA
@@ -399,7 +417,15 @@ mod padded_tests {
 
     #[test]
     fn padded_encoder_matches_the_builders() {
-        for &(lba, blocks) in &[(0u64, 1u64), (7, 8), (u32::MAX as u64, 65535), (1 << 33, 9)] {
+        for &(lba, blocks) in &[
+            (0u64, 1u64),
+            (7, 8),
+            (0x0102_0304, 0x0506),
+            (u32::MAX as u64, 65535),
+            (1 << 33, 9),
+            (0, 70_000),
+            (0x0123_4567_89ab_cdef, 0x0102_0304),
+        ] {
             for write in [false, true] {
                 let p = read_write_padded(write, lba, blocks, true).unwrap();
                 let want = if rw10_fits(lba, blocks) {

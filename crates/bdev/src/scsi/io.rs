@@ -306,20 +306,22 @@ impl ThreadQueue {
             _ => return Err(IoError::InvalidRequest("unknown channel".into()).into()),
         };
         let bs = ctx.block_size as u64;
-        let padded: [u8; 32];
+        let mut padded = [0u8; 32];
+        let mut rw_head: Option<u128> = None;
         let mut out_segs: [Segment; 1] = [Segment { addr: 0, len: 0 }];
         let mut n_out = 0usize;
         let mut data_in = false;
         match c.op {
             IoOp::Read | IoOp::Write => {
-                padded =
-                    vireo_scsi::read_write_padded(c.op == IoOp::Write, c.lba, c.blocks, ctx.rw16)
+                rw_head = Some(
+                    vireo_scsi::read_write_head(c.op == IoOp::Write, c.lba, c.blocks, ctx.rw16)
                         .ok_or_else(|| {
-                        IoError::InvalidRequest(format!(
-                            "LBA {} / {} blocks need READ/WRITE(16), which the LUN lacks",
-                            c.lba, c.blocks
-                        ))
-                    })?;
+                            IoError::InvalidRequest(format!(
+                                "LBA {} / {} blocks need READ/WRITE(16), which the LUN lacks",
+                                c.lba, c.blocks
+                            ))
+                        })?,
+                );
                 data_in = c.op == IoOp::Read;
             }
             IoOp::Flush => {
@@ -422,7 +424,11 @@ impl ThreadQueue {
             }
         }
         let sq = &mut self.sq;
-        sq.prepare_padded(slot, &ctx.lun, command_tag(self.index, slot), &padded);
+        let tag = command_tag(self.index, slot);
+        match rw_head {
+            Some(head) => sq.prepare_rw(slot, &ctx.lun, tag, head),
+            None => sq.prepare_padded(slot, &ctx.lun, tag, &padded),
+        }
         // Data segments of reads and writes.
         let mut data = std::mem::take(&mut self.data_segs);
         data.clear();

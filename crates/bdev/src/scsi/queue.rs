@@ -114,6 +114,25 @@ impl ScsiQueue {
         };
     }
 
+    /// Write the request of `slot` for a READ or WRITE whose CDB is `cdb_head` (its
+    /// first 16 bytes, little-endian; the rest zero): stores from registers only, the
+    /// I/O path's variant of [`prepare_padded`](Self::prepare_padded).
+    #[inline]
+    pub fn prepare_rw(&mut self, slot: u16, lun: &[u8; 8], tag: u64, cdb_head: u128) {
+        let s = self.rq.slot_mut(slot);
+        s.req.lun = *lun;
+        s.req.tag = tag.into();
+        s.req.task_attr = 0;
+        s.req.prio = 0;
+        s.req.crn = 0;
+        s.req.cdb[..16].copy_from_slice(&cdb_head.to_le_bytes());
+        s.req.cdb[16..].fill(0);
+        s.resp.header = RespHeader {
+            response: response::UNSET,
+            ..RespHeader::default()
+        };
+    }
+
     /// The response header of a completed `slot`.
     #[inline]
     pub fn response_header(&self, slot: u16) -> RespHeader {
@@ -150,12 +169,18 @@ impl ScsiQueue {
             addr: base + REQ_OFF,
             len: self.geo.req_len() as u32,
         });
-        segs.extend_from_slice(data_out);
+        // Element by element: `extend_from_slice` becomes a call to memcpy, which costs
+        // more than the one or two segments a command has.
+        for s in data_out {
+            segs.push(*s);
+        }
         segs.push(Segment {
             addr: base + RESP_OFF as u64,
             len: self.geo.resp_len() as u32,
         });
-        segs.extend_from_slice(data_in);
+        for s in data_in {
+            segs.push(*s);
+        }
         let n_out = 1 + data_out.len();
         let r = self.rq.submit(slot, &segs, n_out).map_err(|_| ());
         self.segs = segs;
