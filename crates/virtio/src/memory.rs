@@ -482,18 +482,22 @@ impl DmaMemory {
         DmaBuf {
             mem: self.clone(),
             region: index as u32,
-            offset: off,
+            retired: AtomicBool::new(false),
+            _niche: Niche::Zero,
             len: size,
             ptr,
             iova: r.iova_of(off),
-            retired: AtomicBool::new(false),
         }
     }
 
-    fn release(&self, region: u32, off: usize, len: usize) {
+    /// Free the extent of `len` bytes at address `addr` in region `region`.
+    fn release(&self, region: u32, addr: usize, len: usize) {
         let mut st = self.lock();
         if let Some(r) = st.regions.get_mut(region as usize) {
-            r.release(off, len);
+            let base = r.ptr.as_ptr() as usize;
+            if let Some(off) = addr.checked_sub(base).filter(|o| o + len <= r.len) {
+                r.release(off, len);
+            }
         }
     }
 }
@@ -593,13 +597,24 @@ fn round_down(v: usize, unit: usize) -> usize {
 pub struct DmaBuf {
     mem: Arc<DmaMemory>,
     region: u32,
-    offset: usize,
+    /// The device may still use the extent: never hand it out again.
+    retired: AtomicBool,
+    /// Spare values for the layouts of enums and options around a buffer, which then
+    /// need no tag of their own (`Option<IoBuf>` in a completion: the I/O path moves
+    /// completions, and at 128 bytes or less a move is a few stores, not a memcpy call).
+    _niche: Niche,
     len: usize,
+    /// First byte; its offset in the region is `ptr - region start`.
     ptr: NonNull<u8>,
     /// Device address of the first byte (the extent is device-contiguous).
     iova: u64,
-    /// The device may still use the extent: never hand it out again.
-    retired: AtomicBool,
+}
+
+/// A byte with one valid value (see `DmaBuf::_niche`).
+#[derive(Clone, Copy)]
+#[repr(u8)]
+enum Niche {
+    Zero = 0,
 }
 
 // SAFETY: a DmaBuf exclusively owns its extent of shared memory, like a Box<[u8]>.
@@ -678,7 +693,8 @@ impl DmaBuf {
 impl Drop for DmaBuf {
     fn drop(&mut self) {
         if !self.retired.load(Ordering::Relaxed) {
-            self.mem.release(self.region, self.offset, self.len);
+            self.mem
+                .release(self.region, self.ptr.as_ptr() as usize, self.len);
         }
     }
 }
