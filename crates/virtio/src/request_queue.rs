@@ -292,13 +292,7 @@ impl<T: DeviceShared> RequestQueue<T> {
             // has written it, alongside the used index, not one miss after another.
             ring.prefetch_next_used();
             if let Some(t) = ring.next_in_order() {
-                if t < self.size as u64 && T::READ_BACK_OFFSET < std::mem::size_of::<T>() {
-                    // SAFETY: `t < size`: slot `t` lies inside `slots`, and the offset
-                    // inside the slot.
-                    crate::ring::prefetch(unsafe {
-                        (self.base.add(t as usize) as *const u8).add(T::READ_BACK_OFFSET)
-                    });
-                }
+                Self::prefetch_read_back(self.base, self.size, t);
             }
         }
         if !ring.has_used() {
@@ -317,6 +311,9 @@ impl<T: DeviceShared> RequestQueue<T> {
         let r = ring.poll(|u| used.push(u));
         for u in &used {
             self.on_device[u.token as usize] = false;
+            // Start every completed slot's read-back line now: the misses overlap
+            // instead of coming one after another as `on_done` reads them in turn.
+            Self::prefetch_read_back(self.base, self.size, u.token);
         }
         for u in &used {
             on_done(self, u.token as u16, u.len);
@@ -330,6 +327,19 @@ impl<T: DeviceShared> RequestQueue<T> {
                 self.fail(f.clone());
                 Err(f)
             }
+        }
+    }
+
+    /// Start loading the line of slot `slot` that its completion reads
+    /// (`T::READ_BACK_OFFSET`); a hint, nothing is read.
+    #[inline]
+    fn prefetch_read_back(base: *mut T, size: u16, slot: u64) {
+        if slot < size as u64 && T::READ_BACK_OFFSET < std::mem::size_of::<T>() {
+            // SAFETY: `slot < size`: the slot lies inside `slots` (which starts at
+            // `base`), and the offset inside the slot.
+            crate::ring::prefetch(unsafe {
+                (base.add(slot as usize) as *const u8).add(T::READ_BACK_OFFSET)
+            });
         }
     }
 
