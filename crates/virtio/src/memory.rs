@@ -611,7 +611,6 @@ pub struct DmaBuf {
 }
 
 /// A byte with one valid value (see `DmaBuf::_niche`).
-#[derive(Clone, Copy)]
 #[repr(u8)]
 enum Niche {
     Zero = 0,

@@ -287,9 +287,10 @@ impl<T: DeviceShared> RequestQueue<T> {
         };
         if ring.in_flight() <= PREFETCH_IN_FLIGHT {
             // Latency-bound: while waiting, keep fetching what the next completion will
-            // read (the used entry, then the status in the slot the entry names, most
-            // likely the oldest request's: `T::READ_BACK_OFFSET`). Each line then arrives as soon as the device
-            // has written it, alongside the used index, not one miss after another.
+            // read: the used entry, and the read-back line (`T::READ_BACK_OFFSET`) of
+            // the request it most likely names, the oldest. Each line then arrives as
+            // soon as the device has written it, alongside the used index, not one
+            // miss after another.
             ring.prefetch_next_used();
             if let Some(t) = ring.next_in_order() {
                 Self::prefetch_read_back(self.base, self.size, t);
