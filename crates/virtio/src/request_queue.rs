@@ -157,15 +157,6 @@ impl<T: DeviceShared> RequestQueue<T> {
         self.ring.as_ref().map_or(0, |r| r.max_segments())
     }
 
-    /// Whether a request of `n` segments would go on the ring now (a free slot and
-    /// ring room; the queue works).
-    #[inline]
-    pub fn room_for(&self, n: usize) -> bool {
-        self.failure.is_none()
-            && !self.free.is_empty()
-            && self.ring.as_ref().is_some_and(|r| r.room_for(n))
-    }
-
     /// A free slot, if any (and the queue works).
     #[inline]
     pub fn take_slot(&mut self) -> Option<u16> {

@@ -345,18 +345,6 @@ impl SplitQueue {
         }
     }
 
-    /// Whether [`add`](Self::add) would take a chain of `n` segments now (a check
-    /// before building a request that would only be refused).
-    #[inline]
-    pub fn room_for(&self, n: usize) -> bool {
-        if n > 1 && n <= self.indirect_max as usize {
-            // Direct while it fits, else one indirect descriptor.
-            self.num_free >= 1
-        } else {
-            n >= 1 && n <= self.num_free as usize
-        }
-    }
-
     /// Queue a request: `segs[..n_out]` are read by the device, the rest written by it.
     /// Nothing is visible to the device until [`SplitQueue::publish`].
     pub fn add(

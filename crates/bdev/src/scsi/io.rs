@@ -475,16 +475,6 @@ impl ThreadQueue {
             // Waits for the connection (and the commands kept from the last one).
             return Err(c);
         }
-        // A full ring refuses the command before it is built (it waits in the channel):
-        // command, response, and the data or parameter segments.
-        let data = match c.op {
-            IoOp::Read | IoOp::Write => (c.len as u64).div_ceil(SEGMENT_BYTES).max(1) as usize,
-            IoOp::Unmap | IoOp::WriteZeroes => 1,
-            IoOp::Flush => 0,
-        };
-        if !self.sq.rq.room_for(2 + data) {
-            return Err(c);
-        }
         let Some(slot) = self.sq.rq.take_slot() else {
             return Err(c);
         };

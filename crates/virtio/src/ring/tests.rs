@@ -426,36 +426,3 @@ fn the_next_in_order_hint_follows_submission_order() {
     assert_eq!(h.q.next_in_order(), None);
     let _ = &h.mem;
 }
-
-#[test]
-fn room_for_says_exactly_what_add_would_do() {
-    for indirect_max in [0u16, 8] {
-        let mut h = harness(
-            16,
-            QueueOptions {
-                event_idx: false,
-                indirect_max,
-            },
-        );
-        // Fill with chains of varying length, asking before each add.
-        for step in 0..64usize {
-            let n = 1 + (step * 5) % 9;
-            let predicted = h.q.room_for(n);
-            let got = h.q.add(&segs(n, 1.min(n)), 1.min(n), step as u64).is_ok();
-            assert_eq!(
-                predicted, got,
-                "indirect_max {indirect_max}, step {step}, n {n}"
-            );
-            if step % 7 == 6 {
-                // Free what the device has, then go on filling.
-                h.q.publish().unwrap();
-                for (head, _) in pop_all(&mut h) {
-                    h.dev.add_used(&h.gm, head, 0).unwrap();
-                }
-                h.q.poll(|_| {}).unwrap();
-            }
-        }
-        assert!(!h.q.room_for(0));
-        let _ = &h.mem;
-    }
-}
