@@ -12,27 +12,13 @@ pub const MAX_RW10_LBA: u64 = u32::MAX as u64;
 /// Most blocks one READ(16)/WRITE(16) can move (32-bit TRANSFER LENGTH).
 pub const MAX_RW16_BLOCKS: u32 = u32::MAX;
 
-/// READ or WRITE of `blocks` at `lba` with default flags, zero-padded to
-/// [`Cdb::MAX_LEN`] bytes (the I/O path's encoder): (10) when it fits, else (16) when
-/// `allow16`, else `None`. A zero-block transfer (which a 10-byte CDB does not mean
-/// literally) or one beyond (16) is `None`.
-#[inline]
-pub fn read_write_padded(
-    write: bool,
-    lba: u64,
-    blocks: u64,
-    allow16: bool,
-) -> Option<[u8; Cdb::MAX_LEN]> {
-    let head = read_write_head(write, lba, blocks, allow16)?;
-    let mut c = [0u8; Cdb::MAX_LEN];
-    c[..16].copy_from_slice(&head.to_le_bytes());
-    Some(c)
-}
-
-/// The same CDB as [`read_write_padded`], as its first 16 bytes in one little-endian
-/// integer (the rest is zero), composed in registers: the caller stores it where the
-/// device reads it, with no byte-wise stores into an array that is copied afterwards
-/// with wide loads (which defeats store-to-load forwarding: a stall per I/O).
+/// READ or WRITE of `blocks` at `lba` with default flags (the I/O path's encoder):
+/// (10) when it fits, else (16) when `allow16`, else `None`; a zero-block transfer
+/// (which a 10-byte CDB does not mean literally) or one beyond (16) is `None`. The CDB
+/// comes as its first 16 bytes in one little-endian integer (the rest of a padded CDB
+/// is zero), composed in registers: the caller stores it where the device reads it,
+/// with no byte-wise stores into an array that is copied afterwards with wide loads
+/// (which defeats store-to-load forwarding: a stall per I/O).
 #[inline]
 pub fn read_write_head(write: bool, lba: u64, blocks: u64, allow16: bool) -> Option<u128> {
     if blocks == 0 {
@@ -427,7 +413,12 @@ mod padded_tests {
             (0x0123_4567_89ab_cdef, 0x0102_0304),
         ] {
             for write in [false, true] {
-                let p = read_write_padded(write, lba, blocks, true).unwrap();
+                let mut p = [0u8; Cdb::MAX_LEN];
+                p[..16].copy_from_slice(
+                    &read_write_head(write, lba, blocks, true)
+                        .unwrap()
+                        .to_le_bytes(),
+                );
                 let want = if rw10_fits(lba, blocks) {
                     let x = ReadWrite10Cdb::new(lba, blocks, RwFlags::default()).unwrap();
                     if write {
@@ -446,9 +437,9 @@ mod padded_tests {
                 assert_eq!(&p, want.padded(), "lba {lba} blocks {blocks} write {write}");
             }
         }
-        assert_eq!(read_write_padded(false, 1 << 33, 1, false), None);
-        assert_eq!(read_write_padded(false, 0, 0, true), None);
-        assert_eq!(read_write_padded(false, 0, 1 << 32, true), None);
+        assert_eq!(read_write_head(false, 1 << 33, 1, false), None);
+        assert_eq!(read_write_head(false, 0, 0, true), None);
+        assert_eq!(read_write_head(false, 0, 1 << 32, true), None);
     }
 }
 

@@ -40,9 +40,9 @@ pub mod vpd;
 mod wire;
 
 pub use block::{
-    read_cdb, read_write_head, read_write_padded, rw10_fits, rw16_fits, write_cdb, ReadWrite10Cdb,
-    ReadWrite16Cdb, RwFlags, StartStopUnitCdb, SyncCache10Cdb, SyncCache16Cdb, WriteSame16Cdb,
-    MAX_RW10_BLOCKS, MAX_RW16_BLOCKS,
+    read_cdb, read_write_head, rw10_fits, rw16_fits, write_cdb, ReadWrite10Cdb, ReadWrite16Cdb,
+    RwFlags, StartStopUnitCdb, SyncCache10Cdb, SyncCache16Cdb, WriteSame16Cdb, MAX_RW10_BLOCKS,
+    MAX_RW16_BLOCKS,
 };
 pub use capacity::{read_capacity_10_cdb, ReadCapacity10, ReadCapacity16, ReadCapacity16Cdb};
 pub use cdb::{cdb_len, opcode, Cdb, Command, DataDirection};

@@ -470,6 +470,18 @@ mod tests {
         )
     }
 
+    /// One 16-byte request on the ring, published; its slot.
+    fn submit_one(q: &mut RequestQueue<ReqHeader>) -> u16 {
+        let s = q.take_slot().unwrap();
+        let seg = Segment {
+            addr: q.slot_addr(s),
+            len: 16,
+        };
+        q.submit(s, &[seg], 1).unwrap();
+        q.publish().unwrap();
+        s
+    }
+
     #[test]
     fn slots_are_typed_and_addressed() {
         let (mut q, _) = queue(8);
@@ -492,13 +504,7 @@ mod tests {
     #[test]
     fn a_waiter_about_to_sleep_notices_a_hung_up_backend() {
         let (mut q, broken) = queue(8);
-        let s = q.take_slot().unwrap();
-        let seg = Segment {
-            addr: q.slot_addr(s),
-            len: 16,
-        };
-        q.submit(s, &[seg], 1).unwrap();
-        q.publish().unwrap();
+        let _ = submit_one(&mut q);
         broken.store(true, Ordering::Relaxed);
         assert!(q.arm().is_none(), "no sleep on a dead back-end's eventfd");
         assert_eq!(q.failure(), Some(&QueueFailure::Disconnected));
@@ -507,13 +513,7 @@ mod tests {
     #[test]
     fn a_hung_up_backend_fails_the_queue_and_returns_its_slots() {
         let (mut q, broken) = queue(8);
-        let s = q.take_slot().unwrap();
-        let seg = Segment {
-            addr: q.slot_addr(s),
-            len: 16,
-        };
-        q.submit(s, &[seg], 1).unwrap();
-        q.publish().unwrap();
+        let s = submit_one(&mut q);
         for _ in 0..BROKEN_CHECK_INTERVAL {
             assert_eq!(q.poll(|_, _, _| {}), Ok(0));
         }
