@@ -65,6 +65,9 @@ pub struct RequestQueue<T: DeviceShared> {
     base_iova: u64,
     size: u16,
     free: Vec<u16>,
+    /// Where the slots released since the last reap begin in `free` (see
+    /// [`take_slot`](Self::take_slot)).
+    batch_mark: Option<usize>,
     /// The device holds the slot (submitted, not yet completed).
     on_device: Box<[bool]>,
     broken: Arc<AtomicBool>,
@@ -115,6 +118,7 @@ impl<T: DeviceShared + Default> RequestQueue<T> {
             base,
             base_iova,
             free: (0..n as u16).rev().collect(),
+            batch_mark: None,
             on_device: vec![false; n].into_boxed_slice(),
             broken,
             failure: None,
@@ -158,10 +162,21 @@ impl<T: DeviceShared> RequestQueue<T> {
     }
 
     /// A free slot, if any (and the queue works).
+    ///
+    /// After a reap, the slots come back in the order their requests completed (the
+    /// first completed first), not reversed as a plain stack would give them: a
+    /// caller that resubmits in completion order keeps each of its buffers with the
+    /// same slot, and (the ring frees chains in the same order) the same chain head,
+    /// whose descriptors then need no rewrite.
     #[inline]
     pub fn take_slot(&mut self) -> Option<u16> {
         if self.failure.is_some() {
             return None;
+        }
+        if let Some(m) = self.batch_mark.take() {
+            if let Some(batch) = self.free.get_mut(m..) {
+                batch.reverse();
+            }
         }
         self.free.pop()
     }
@@ -307,6 +322,11 @@ impl<T: DeviceShared> RequestQueue<T> {
             }
             return Ok(0);
         }
+        // Requests that waited for room take slots in their own order: no pairing to
+        // keep then (see `SplitQueue::free_chain`).
+        if self.batch_mark.is_none() && !ring.overflowed() {
+            self.batch_mark = Some(self.free.len());
+        }
         let mut used = std::mem::take(&mut self.used);
         used.clear();
         let r = ring.poll(|u| used.push(u));
@@ -451,7 +471,7 @@ mod tests {
     use crate::notify::Notifier;
     use crate::ring::QueueOptions;
     use crate::wire::blk::ReqHeader;
-    use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::{AtomicU16, AtomicU64};
 
     fn queue(size: u16) -> (RequestQueue<ReqHeader>, Arc<AtomicBool>) {
         let mem = DmaMemory::new(DmaConfig::default()).unwrap();
@@ -499,6 +519,50 @@ mod tests {
             q.slot_mut(s);
         }));
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn slots_come_back_in_completion_order() {
+        // The k-th slot taken after a reap is the slot of the batch's k-th completion
+        // (a plain stack would reverse the batch).
+        let mem = DmaMemory::new(DmaConfig::default()).unwrap();
+        let ring = SplitQueue::new(
+            &mem,
+            0,
+            8,
+            QueueOptions::default(),
+            Notifier::Counter(Arc::new(AtomicU64::new(0))),
+        )
+        .unwrap();
+        let layout = ring.layout();
+        let mut q: RequestQueue<ReqHeader> =
+            RequestQueue::new(&mem, ring, Arc::new(AtomicBool::new(false))).unwrap();
+        let slots: Vec<u16> = (0..4).map(|_| submit_one(&mut q)).collect();
+        // The device completes the third, the first, the fourth: one batch. Used
+        // entries are (id, len) at byte 4 + 8 * i of the used ring, then the index.
+        // Heads are handed out in slot order here, so head == slot order.
+        let done = [slots[2], slots[0], slots[3]];
+        let used = layout.used_va as *mut u8;
+        for (i, &s) in done.iter().enumerate() {
+            // SAFETY: test-only device writes inside the ring's used area.
+            unsafe {
+                std::ptr::write_unaligned(used.add(4 + 8 * i) as *mut u32, s as u32);
+                std::ptr::write_unaligned(used.add(8 + 8 * i) as *mut u32, 0);
+            }
+        }
+        // SAFETY: as above: the used index.
+        unsafe { (*(used.add(2) as *const AtomicU16)).store(3, Ordering::Release) };
+        let mut got = Vec::new();
+        assert_eq!(
+            q.poll(|q, s, _| {
+                got.push(s);
+                q.release_slot(s);
+            }),
+            Ok(3)
+        );
+        assert_eq!(got, done.to_vec());
+        let again: Vec<u16> = (0..3).map(|_| q.take_slot().unwrap()).collect();
+        assert_eq!(again, done.to_vec());
     }
 
     #[test]

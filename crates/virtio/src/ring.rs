@@ -115,6 +115,8 @@ pub struct SplitQueue {
     next: Box<[u16]>,
     free_head: u16,
     num_free: u16,
+    /// An `add` found no room since the last reap.
+    overflowed: bool,
     /// What the driver knows of each in-flight head (one record: one cache line touched
     /// per request).
     heads: Box<[HeadInfo]>,
@@ -199,6 +201,7 @@ impl SplitQueue {
             event_idx: opts.event_idx,
             next,
             free_head: 0,
+            overflowed: false,
             num_free: size,
             heads: vec![HeadInfo::default(); n].into_boxed_slice(),
             order: vec![0; n].into_boxed_slice(),
@@ -366,6 +369,7 @@ impl SplitQueue {
         let use_indirect = can_indirect && (segs.len() > DIRECT_CHAIN_MAX || !fits_direct);
         let need = if use_indirect { 1 } else { segs.len() };
         if need > self.num_free as usize {
+            self.overflowed = true;
             return Err(QueueFull);
         }
         let head = self.free_head;
@@ -480,6 +484,13 @@ impl SplitQueue {
         }
     }
 
+    /// Whether an `add` found no room since the last reap: requests are waiting for
+    /// the chains the next reap frees.
+    #[inline]
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
     /// Whether the device has completions that `poll` would return.
     #[inline]
     pub fn has_used(&self) -> bool {
@@ -523,6 +534,11 @@ impl SplitQueue {
             )));
         }
         let mut n = 0;
+        // The last descriptor of the chain freed before in this batch: the batch's
+        // chains go on the free list in completion order, the first on top, unless
+        // requests are waiting for room (see `free_chain`).
+        let mut batch_tail: Option<u16> = None;
+        let keep_order = !std::mem::take(&mut self.overflowed);
         while self.last_used != used_idx {
             let slot = (self.last_used & (self.size - 1)) as usize;
             let mut e = [0u8; 8];
@@ -556,7 +572,10 @@ impl SplitQueue {
                 self.len_overruns += 1;
                 len = info.writable;
             }
-            self.free_chain(id as u16);
+            let last = self.free_chain(id as u16, batch_tail);
+            if keep_order {
+                batch_tail = Some(last);
+            }
             self.last_used = self.last_used.wrapping_add(1);
             self.in_flight -= 1;
             n += 1;
@@ -571,7 +590,20 @@ impl SplitQueue {
         Ok(n)
     }
 
-    fn free_chain(&mut self, head: u16) {
+    /// Put the chain of `head` back on the free list: on top (`after` is `None`), or
+    /// right after descriptor `after` (the last of the chain freed before it in the
+    /// same batch). Returns the chain's last descriptor.
+    ///
+    /// Why the order matters: a caller that resubmits in completion order (the perf
+    /// tool, most applications) then gets, for its k-th resubmission, the head of the
+    /// batch's k-th completion: the head its buffer had, so the chain's descriptors
+    /// are unchanged and [`put_desc`](Self::put_desc) leaves their lines alone. Pushing
+    /// each chain on top would reverse the batch and hand every buffer another head.
+    /// When an `add` found the ring full since the last reap, requests that waited
+    /// take the chains, in their own order: there is no pairing to keep, and `poll`
+    /// pushes each chain on top (measured on SPDK's target: ~10% more IOPS in that
+    /// regime than keeping the order, for reasons not pinned down).
+    fn free_chain(&mut self, head: u16, after: Option<u16>) -> u16 {
         let count = self.heads[head as usize].chain_len;
         self.heads[head as usize].chain_len = 0;
         // Walk our own shadow list (the ring descriptors may have been altered).
@@ -579,9 +611,18 @@ impl SplitQueue {
         for _ in 1..count {
             last = self.next[last as usize];
         }
-        self.next[last as usize] = self.free_head;
-        self.free_head = head;
+        match after {
+            None => {
+                self.next[last as usize] = self.free_head;
+                self.free_head = head;
+            }
+            Some(a) => {
+                self.next[last as usize] = self.next[a as usize];
+                self.next[a as usize] = head;
+            }
+        }
         self.num_free += count;
+        last
     }
 
     /// Put the used event half the index space ahead of what we consumed: the device

@@ -426,3 +426,60 @@ fn the_next_in_order_hint_follows_submission_order() {
     assert_eq!(h.q.next_in_order(), None);
     let _ = &h.mem;
 }
+
+/// Heads of the chains the device pops, without completing them.
+fn pop_heads(h: &mut Harness) -> Vec<u16> {
+    let gm = &h.gm;
+    h.dev.iter(gm).unwrap().map(|c| c.head_index()).collect()
+}
+
+#[test]
+fn a_batch_s_chains_come_back_in_completion_order() {
+    // A caller that resubmits in completion order must find each request's head (and
+    // so its unchanged descriptors) again: the k-th add after a reap gets the head of
+    // the batch's k-th completion, whatever order the device completed in.
+    let mut h = harness(16, QueueOptions::default());
+    for t in 0..4 {
+        h.q.add(&segs(3, 1), 1, t).unwrap();
+    }
+    h.q.publish().unwrap();
+    let heads = pop_heads(&mut h);
+    assert_eq!(heads.len(), 4);
+    let order = [heads[2], heads[0], heads[3], heads[1]];
+    for &hd in &order {
+        h.dev.add_used(&h.gm, hd, 0).unwrap();
+    }
+    let mut tokens = Vec::new();
+    assert_eq!(h.q.poll(|u| tokens.push(u.token)).unwrap(), 4);
+    assert_eq!(tokens, vec![2, 0, 3, 1]);
+    for t in tokens {
+        h.q.add(&segs(3, 1), 1, 10 + t).unwrap();
+    }
+    h.q.publish().unwrap();
+    assert_eq!(pop_heads(&mut h), order.to_vec());
+    let _ = &h.mem;
+}
+
+#[test]
+fn after_an_overflow_freed_chains_are_taken_most_recent_first() {
+    // Requests that waited for room take the chains in any order, so no pairing is
+    // kept then: the batch goes back as a stack (the newest on top).
+    let mut h = harness(8, QueueOptions::default());
+    for t in 0..4 {
+        h.q.add(&segs(2, 1), 1, t).unwrap();
+    }
+    assert!(h.q.add(&segs(2, 1), 1, 9).is_err());
+    assert!(h.q.overflowed());
+    h.q.publish().unwrap();
+    let heads = pop_heads(&mut h);
+    for &hd in &heads[..2] {
+        h.dev.add_used(&h.gm, hd, 0).unwrap();
+    }
+    assert_eq!(h.q.poll(|_| {}).unwrap(), 2);
+    assert!(!h.q.overflowed(), "a reap ends the overflow");
+    h.q.add(&segs(2, 1), 1, 20).unwrap();
+    h.q.add(&segs(2, 1), 1, 21).unwrap();
+    h.q.publish().unwrap();
+    assert_eq!(pop_heads(&mut h), vec![heads[1], heads[0]]);
+    let _ = &h.mem;
+}
