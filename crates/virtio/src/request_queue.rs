@@ -53,8 +53,12 @@ impl std::fmt::Display for QueueFailure {
 /// reads (with more, the device is the bottleneck and its writes should not be raced).
 const PREFETCH_IN_FLIGHT: u16 = 4;
 
-/// Idle polls between two looks at the transport's broken flag.
+/// Idle polls between two looks at the transport's broken flag (and for a stall).
 const BROKEN_CHECK_INTERVAL: u32 = 256;
+
+/// A queue with requests on the device and no completion for this long is notified
+/// again (see [`RequestQueue::poll`]).
+pub const RENOTIFY_AFTER: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A request queue with device-shared slots of type `T`. Owned by one thread.
 pub struct RequestQueue<T: DeviceShared> {
@@ -75,6 +79,11 @@ pub struct RequestQueue<T: DeviceShared> {
     /// The device may still write into this memory: never free it.
     leak: bool,
     idle_polls: u32,
+    /// Completions reaped so far.
+    reaped: u64,
+    /// (completions reaped, avail index, ticks): since when neither count has moved
+    /// while requests were out.
+    stall_mark: (u64, u16, u64),
     used: Vec<Used>,
     _t: PhantomData<T>,
 }
@@ -124,6 +133,8 @@ impl<T: DeviceShared + Default> RequestQueue<T> {
             failure: None,
             leak: false,
             idle_polls: 0,
+            reaped: 0,
+            stall_mark: (0, 0, 0),
             used: Vec::with_capacity(n),
             _t: PhantomData,
         })
@@ -313,12 +324,31 @@ impl<T: DeviceShared> RequestQueue<T> {
         }
         if !ring.has_used() {
             self.idle_polls = self.idle_polls.wrapping_add(1);
-            if self.idle_polls.is_multiple_of(BROKEN_CHECK_INTERVAL)
-                && ring.in_flight() > 0
-                && self.broken.load(Ordering::Relaxed)
-            {
-                self.fail(QueueFailure::Disconnected);
-                return Err(QueueFailure::Disconnected);
+            if self.idle_polls.is_multiple_of(BROKEN_CHECK_INTERVAL) && ring.in_flight() > 0 {
+                if self.broken.load(Ordering::Relaxed) {
+                    self.fail(QueueFailure::Disconnected);
+                    return Err(QueueFailure::Disconnected);
+                }
+                // Nothing completed for RENOTIFY_AFTER with requests out: notify the
+                // device again, whether or not it asked (a driver may notify at any
+                // time, virtio 1.2 2.7.13). A lost notification (a device or emulator
+                // that got the suppression protocol wrong) then costs a pause instead
+                // of a queue that never moves again; a slow device gets a harmless
+                // extra notification per period.
+                let now = crate::clock::ticks();
+                let (reaped, avail) = (self.reaped, ring.avail_index());
+                if (self.stall_mark.0, self.stall_mark.1) != (reaped, avail) {
+                    self.stall_mark = (reaped, avail, now);
+                } else if now.saturating_sub(self.stall_mark.2)
+                    >= crate::clock::ns_to_ticks(RENOTIFY_AFTER.as_nanos() as u64)
+                {
+                    self.stall_mark.2 = now;
+                    if let Err(e) = ring.renotify() {
+                        let f = QueueFailure::Device(format!("cannot notify the device: {e}"));
+                        self.fail(f.clone());
+                        return Err(f);
+                    }
+                }
             }
             return Ok(0);
         }
@@ -340,6 +370,7 @@ impl<T: DeviceShared> RequestQueue<T> {
             on_done(self, u.token as u16, u.len);
         }
         let n = used.len();
+        self.reaped += n as u64;
         self.used = used;
         match r {
             Ok(_) => Ok(n),
@@ -563,6 +594,39 @@ mod tests {
         assert_eq!(got, done.to_vec());
         let again: Vec<u16> = (0..3).map(|_| q.take_slot().unwrap()).collect();
         assert_eq!(again, done.to_vec());
+    }
+
+    #[test]
+    fn a_queue_that_stops_moving_is_notified_again() {
+        let mem = DmaMemory::new(DmaConfig::default()).unwrap();
+        let kicks = Arc::new(AtomicU64::new(0));
+        let ring = SplitQueue::new(
+            &mem,
+            0,
+            8,
+            QueueOptions::default(),
+            Notifier::Counter(kicks.clone()),
+        )
+        .unwrap();
+        let mut q: RequestQueue<ReqHeader> =
+            RequestQueue::new(&mem, ring, Arc::new(AtomicBool::new(false))).unwrap();
+        let _ = submit_one(&mut q);
+        assert_eq!(
+            kicks.load(Ordering::Relaxed),
+            1,
+            "the first publish notifies"
+        );
+        // The device never answers: within a few periods, polling notifies it again.
+        let start = std::time::Instant::now();
+        while kicks.load(Ordering::Relaxed) < 3 && start.elapsed() < RENOTIFY_AFTER * 100 {
+            assert_eq!(q.poll(|_, _, _| {}), Ok(0));
+        }
+        assert!(kicks.load(Ordering::Relaxed) >= 3);
+        assert!(
+            start.elapsed() >= RENOTIFY_AFTER * 2,
+            "not before the period is over"
+        );
+        assert_eq!(q.ring().unwrap().renotifications(), 2);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! flags after a `SeqCst` fence; the used index is loaded with `Acquire` before entries
 //! are read.
 
-use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -131,6 +131,7 @@ pub struct SplitQueue {
     in_flight: u16,
     notifier: Notifier,
     notifications: u64,
+    renotifications: u64,
     len_overruns: u64,
     /// Signalled by the device on a completion while interrupts are enabled (the
     /// vhost-user call eventfd); `None` when the transport has none (polled PCI).
@@ -213,6 +214,7 @@ impl SplitQueue {
             in_flight: 0,
             notifier,
             notifications: 0,
+            renotifications: 0,
             len_overruns: 0,
             signal: None,
             tag: 0,
@@ -467,21 +469,38 @@ impl SplitQueue {
     }
 
     /// Publish the avail index, ordered before the loads of the device's suppression
-    /// state that follow (a store-load barrier, virtio 1.2 2.7.13). On x86_64 the store
-    /// itself is an `xchg`, a locked instruction and so a full barrier, cheaper than a
-    /// store and an `mfence` (Linux's `virt_store_mb` does the same); elsewhere a store
-    /// and a sequentially consistent fence.
+    /// state that follow (a store-load barrier, virtio 1.2 2.7.13).
     #[inline]
     fn store_avail_idx_full_barrier(&self) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            self.avail_u16(1).swap(self.avail_idx, Ordering::SeqCst);
+        self.avail_u16(1).store(self.avail_idx, Ordering::Release);
+        full_barrier();
+    }
+
+    /// Notify the device of this queue now, whatever its suppression state says (for
+    /// a queue that stopped moving: a notification may always be sent). Counted in
+    /// [`renotifications`](Self::renotifications); the first one is logged.
+    pub fn renotify(&mut self) -> Result<()> {
+        if self.renotifications == 0 {
+            tracing::info!(
+                queue = self.index,
+                in_flight = self.in_flight,
+                "no completion for a while with requests on the device: notifying it again (a lost notification, or a slow device)"
+            );
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            self.avail_u16(1).store(self.avail_idx, Ordering::Release);
-            fence(Ordering::SeqCst);
-        }
+        self.renotifications += 1;
+        self.notifications += 1;
+        self.notifier.notify(self.index)
+    }
+
+    /// The driver's avail index: requests added so far (mod 2^16).
+    #[inline]
+    pub fn avail_index(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// Notifications sent by [`renotify`](Self::renotify).
+    pub fn renotifications(&self) -> u64 {
+        self.renotifications
     }
 
     /// Whether an `add` found no room since the last reap: requests are waiting for
@@ -674,9 +693,31 @@ impl SplitQueue {
         } else {
             self.avail_u16(0).store(0, Ordering::Relaxed);
         }
-        fence(Ordering::SeqCst);
+        full_barrier();
         self.has_used()
     }
+}
+
+/// A store-load barrier against the device: stores before it are visible to the
+/// device before loads after it read. On x86_64 an `mfence`, explicitly: Rust's
+/// `fence(SeqCst)` compiles to a locked `or` on the stack there, and so would an
+/// `xchg` store (Linux's `virt_store_mb`) be a locked instruction; QEMU's TCG
+/// translates a guest's locked instructions into plain loads and stores when the VM
+/// has one vCPU (atomics only for `maxcpus` > 1), so inside such a guest a load of the
+/// device's event index could pass the store of the avail index while QEMU's device
+/// thread runs in parallel: both sides see stale values and the notification is lost
+/// for good (seen as intermittent stalls of every queue in the guest tests). TCG
+/// always keeps an `mfence` (in its words: "even with a single cpu we have i/o
+/// threads running in parallel"). One instruction per published batch.
+#[inline]
+pub(crate) fn full_barrier() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE2 (MFENCE) is part of the x86_64 baseline; a fence has no operands.
+    unsafe {
+        std::arch::x86_64::_mm_mfence()
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    std::sync::atomic::fence(Ordering::SeqCst);
 }
 
 /// Start loading the cache line at `p` (a hint: no architectural effect, never faults,
