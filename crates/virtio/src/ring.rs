@@ -6,8 +6,8 @@
 //!
 //! Ordering: descriptors and avail entries are written first, then the avail index is
 //! stored with `Release`; the notification decision reads the device's event index or
-//! flags after a `SeqCst` fence; the used index is loaded with `Acquire` before entries
-//! are read.
+//! flags after a full barrier (`full_barrier`: `MFENCE` on x86_64); the used index is
+//! loaded with `Acquire` before entries are read.
 
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
