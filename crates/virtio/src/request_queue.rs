@@ -362,9 +362,7 @@ impl<T: DeviceShared> RequestQueue<T> {
         let r = ring.poll(|u| used.push(u));
         for u in &used {
             self.on_device[u.token as usize] = false;
-            // Start every completed slot's read-back line now: the misses overlap
-            // instead of coming one after another as `on_done` reads them in turn.
-            Self::prefetch_read_back(self.base, self.size, u.token);
+            Self::prefetch_slot_for_reuse(self.base, self.size, u.token);
         }
         for u in &used {
             on_done(self, u.token as u16, u.len);
@@ -392,6 +390,27 @@ impl<T: DeviceShared> RequestQueue<T> {
             crate::ring::prefetch(unsafe {
                 (base.add(slot as usize) as *const u8).add(T::READ_BACK_OFFSET)
             });
+        }
+    }
+
+    /// Start taking the lines of a completed `slot` that the driver uses next: its
+    /// read-back line (read now, rewritten at the next submission) and its first line
+    /// (the request header, rewritten at the next submission), for writing. Each of
+    /// these lines was last touched by the device; taking them together now overlaps
+    /// the transfers, instead of one miss when `on_done` reads the response and two
+    /// store misses (which stall once the store buffer fills) when the slot is reused.
+    #[inline]
+    fn prefetch_slot_for_reuse(base: *mut T, size: u16, slot: u64) {
+        if slot < size as u64 {
+            // SAFETY: `slot < size`: the slot lies inside `slots` (which starts at
+            // `base`); READ_BACK_OFFSET is inside the slot (checked).
+            unsafe {
+                let p = base.add(slot as usize) as *const u8;
+                crate::ring::prefetch_write(p);
+                if T::READ_BACK_OFFSET < std::mem::size_of::<T>() {
+                    crate::ring::prefetch_write(p.add(T::READ_BACK_OFFSET));
+                }
+            }
         }
     }
 

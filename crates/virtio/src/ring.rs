@@ -734,6 +734,21 @@ pub(crate) fn prefetch(p: *const u8) {
     let _ = p;
 }
 
+/// Start taking the cache line at `p` for writing (PREFETCHW: the line arrives
+/// owned, so later stores and loads to it hit). A hint: no architectural effect, never
+/// faults, whatever the address; a CPU without PRFCHW runs it as a NOP.
+#[inline]
+pub(crate) fn prefetch_write(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHW (0F 0D /1) only hints the cache; it neither faults nor changes
+    // memory or flags, and x86-64 CPUs without PRFCHW decode it as a NOP.
+    unsafe {
+        std::arch::asm!("prefetchw byte ptr [{0}]", in(reg) p, options(nostack, preserves_flags, readonly))
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 #[cfg(test)]
 mod tests;
 
