@@ -483,3 +483,30 @@ fn after_an_overflow_freed_chains_are_taken_most_recent_first() {
     assert_eq!(pop_heads(&mut h), vec![heads[1], heads[0]]);
     let _ = &h.mem;
 }
+
+#[test]
+fn the_parked_used_event_keeps_the_device_quiet_across_index_wraps() {
+    // The used event is rewritten only every ~16K completions; the device must still
+    // never be asked to interrupt, through several wraps of the 16-bit indices.
+    let mut h = harness(
+        8,
+        QueueOptions {
+            event_idx: true,
+            indirect_max: 0,
+        },
+    );
+    h.q.disable_interrupts();
+    for t in 0..(3 * 0x10000u64 / 2) {
+        h.q.add(&segs(1, 0), 0, t).unwrap();
+        h.q.publish().unwrap();
+        for (head, _) in pop_all(&mut h) {
+            h.dev.add_used(&h.gm, head, 0).unwrap();
+        }
+        assert!(
+            !h.dev.needs_notification(&h.gm).unwrap(),
+            "interrupt requested after {t} completions"
+        );
+        assert_eq!(h.q.poll(|u| assert_eq!(u.token, t)).unwrap(), 1);
+    }
+    let _ = &h.mem;
+}
