@@ -533,7 +533,7 @@ fn linux_guest_drivers_against_the_in_tree_target() {
             // makes atomic (and ordering) when the VM may have more than one vCPU:
             // with `-smp 1` the guest driver can lose a notification to the target
             // (vireo's own driver uses MFENCE, which TCG always keeps; see
-            // `vireo_virtio::ring::full_barrier`).
+            // `full_barrier` in crates/virtio/src/ring.rs).
             "--smp",
             "1,maxcpus=2",
             "--vhost-user-scsi",

@@ -69,8 +69,8 @@ pub struct RequestQueue<T: DeviceShared> {
     base_iova: u64,
     size: u16,
     free: Vec<u16>,
-    /// Where the slots released since the last reap begin in `free` (see
-    /// [`take_slot`](Self::take_slot)).
+    /// Where the slots released by the reaps since the last `take_slot` begin in
+    /// `free` (see [`take_slot`](Self::take_slot)).
     batch_mark: Option<usize>,
     /// The device holds the slot (submitted, not yet completed).
     on_device: Box<[bool]>,
@@ -120,6 +120,7 @@ impl<T: DeviceShared + Default> RequestQueue<T> {
             // the device has no request yet, so nothing else accesses it.
             unsafe { base.add(i).write(T::default()) };
         }
+        let stall_mark = (0, ring.avail_index(), crate::clock::ticks());
         Ok(RequestQueue {
             size: ring.size(),
             ring: Some(ring),
@@ -134,7 +135,7 @@ impl<T: DeviceShared + Default> RequestQueue<T> {
             leak: false,
             idle_polls: 0,
             reaped: 0,
-            stall_mark: (0, 0, 0),
+            stall_mark,
             used: Vec::with_capacity(n),
             _t: PhantomData,
         })
@@ -174,11 +175,13 @@ impl<T: DeviceShared> RequestQueue<T> {
 
     /// A free slot, if any (and the queue works).
     ///
-    /// After a reap, the slots come back in the order their requests completed (the
-    /// first completed first), not reversed as a plain stack would give them: a
-    /// caller that resubmits in completion order keeps each of its buffers with the
-    /// same slot, and (the ring frees chains in the same order) the same chain head,
-    /// whose descriptors then need no rewrite.
+    /// After one or more reaps, the slots come back in the order their requests
+    /// completed (the first completed first), not reversed as a plain stack would
+    /// give them: a caller that resubmits in completion order keeps each of its
+    /// buffers with the same slot, and (the ring frees chains in the same order) the
+    /// same chain head, whose descriptors then need no rewrite. This holds for the
+    /// slots released before the first take after the reaps (drivers release them
+    /// while reaping); after a ring overflow, slots come back as a stack.
     #[inline]
     pub fn take_slot(&mut self) -> Option<u16> {
         if self.failure.is_some() {
@@ -329,26 +332,7 @@ impl<T: DeviceShared> RequestQueue<T> {
                     self.fail(QueueFailure::Disconnected);
                     return Err(QueueFailure::Disconnected);
                 }
-                // Nothing completed for RENOTIFY_AFTER with requests out: notify the
-                // device again, whether or not it asked (a driver may notify at any
-                // time, virtio 1.2 2.7.13). A lost notification (a device or emulator
-                // that got the suppression protocol wrong) then costs a pause instead
-                // of a queue that never moves again; a slow device gets a harmless
-                // extra notification per period.
-                let now = crate::clock::ticks();
-                let (reaped, avail) = (self.reaped, ring.avail_index());
-                if (self.stall_mark.0, self.stall_mark.1) != (reaped, avail) {
-                    self.stall_mark = (reaped, avail, now);
-                } else if now.saturating_sub(self.stall_mark.2)
-                    >= crate::clock::ns_to_ticks(RENOTIFY_AFTER.as_nanos() as u64)
-                {
-                    self.stall_mark.2 = now;
-                    if let Err(e) = ring.renotify() {
-                        let f = QueueFailure::Device(format!("cannot notify the device: {e}"));
-                        self.fail(f.clone());
-                        return Err(f);
-                    }
-                }
+                self.check_stall()?;
             }
             return Ok(0);
         }
@@ -393,6 +377,36 @@ impl<T: DeviceShared> RequestQueue<T> {
         }
     }
 
+    /// With requests out and nothing completed (nor added) for [`RENOTIFY_AFTER`],
+    /// notify the device again, whether or not it asked (a driver may notify at any
+    /// time, virtio 1.2 2.7.13). A lost notification (a device or emulator that got
+    /// the suppression protocol wrong) then costs a pause instead of a queue that
+    /// never moves again; a slow device gets a harmless extra notification per
+    /// period. Called every 256 idle polls and before sleeping.
+    fn check_stall(&mut self) -> std::result::Result<(), QueueFailure> {
+        let Some(ring) = self.ring.as_mut() else {
+            return Ok(());
+        };
+        if ring.in_flight() == 0 {
+            return Ok(());
+        }
+        let now = crate::clock::ticks();
+        let (reaped, avail) = (self.reaped, ring.avail_index());
+        if (self.stall_mark.0, self.stall_mark.1) != (reaped, avail) {
+            self.stall_mark = (reaped, avail, now);
+        } else if now.saturating_sub(self.stall_mark.2)
+            >= crate::clock::ns_to_ticks(RENOTIFY_AFTER.as_nanos() as u64)
+        {
+            self.stall_mark.2 = now;
+            if let Err(e) = ring.renotify() {
+                let f = QueueFailure::Device(format!("cannot notify the device: {e}"));
+                self.fail(f.clone());
+                return Err(f);
+            }
+        }
+        Ok(())
+    }
+
     /// Start taking the lines of a completed `slot` that the driver uses next: its
     /// read-back line (read now, rewritten at the next submission) and its first line
     /// (the request header, rewritten at the next submission), for writing. Each of
@@ -407,7 +421,9 @@ impl<T: DeviceShared> RequestQueue<T> {
             unsafe {
                 let p = base.add(slot as usize) as *const u8;
                 crate::ring::prefetch_write(p);
-                if T::READ_BACK_OFFSET < std::mem::size_of::<T>() {
+                // Slots are 64-byte aligned: a read-back part in the first 64 bytes
+                // shares the first line.
+                if T::READ_BACK_OFFSET >= 64 && T::READ_BACK_OFFSET < std::mem::size_of::<T>() {
                     crate::ring::prefetch_write(p.add(T::READ_BACK_OFFSET));
                 }
             }
@@ -474,7 +490,7 @@ impl<T: DeviceShared> RequestQueue<T> {
         if self.failure.is_none() && self.in_flight() > 0 && self.broken.load(Ordering::Relaxed) {
             self.fail(QueueFailure::Disconnected);
         }
-        if self.failure.is_some() {
+        if self.failure.is_some() || self.check_stall().is_err() {
             return None;
         }
         let ring = self.ring.as_mut()?;
@@ -646,6 +662,34 @@ mod tests {
             "not before the period is over"
         );
         assert_eq!(q.ring().unwrap().renotifications(), 2);
+    }
+
+    #[test]
+    fn a_waiter_that_sleeps_between_polls_notifies_a_stuck_device_again() {
+        // Sleeping callers poll rarely: the check also runs each time they arm.
+        let mem = DmaMemory::new(DmaConfig::default()).unwrap();
+        let kicks = Arc::new(AtomicU64::new(0));
+        let ring = SplitQueue::new(
+            &mem,
+            0,
+            8,
+            QueueOptions::default(),
+            Notifier::Counter(kicks.clone()),
+        )
+        .unwrap();
+        let mut q: RequestQueue<ReqHeader> =
+            RequestQueue::new(&mem, ring, Arc::new(AtomicBool::new(false))).unwrap();
+        let _ = submit_one(&mut q);
+        for _ in 0..4 {
+            let _ = q.arm();
+            q.disarm();
+            std::thread::sleep(RENOTIFY_AFTER / 2 + std::time::Duration::from_millis(1));
+        }
+        let _ = q.arm();
+        assert!(
+            kicks.load(Ordering::Relaxed) >= 2,
+            "renotified while arming"
+        );
     }
 
     #[test]

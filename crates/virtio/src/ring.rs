@@ -117,6 +117,9 @@ pub struct SplitQueue {
     num_free: u16,
     /// An `add` found no room since the last reap.
     overflowed: bool,
+    /// The last descriptor of the chain the reaps since the last `add` freed last:
+    /// where the next freed chain goes (completion order across reaps).
+    reap_tail: Option<u16>,
     /// What the driver knows of each in-flight head (one record: one cache line touched
     /// per request).
     heads: Box<[HeadInfo]>,
@@ -203,6 +206,7 @@ impl SplitQueue {
             next,
             free_head: 0,
             overflowed: false,
+            reap_tail: None,
             num_free: size,
             heads: vec![HeadInfo::default(); n].into_boxed_slice(),
             order: vec![0; n].into_boxed_slice(),
@@ -375,6 +379,7 @@ impl SplitQueue {
             return Err(QueueFull);
         }
         let head = self.free_head;
+        self.reap_tail = None;
         let mut writable: u32 = 0;
         for s in &segs[n_out..] {
             writable = writable.saturating_add(s.len);
@@ -553,11 +558,13 @@ impl SplitQueue {
             )));
         }
         let mut n = 0;
-        // The last descriptor of the chain freed before in this batch: the batch's
-        // chains go on the free list in completion order, the first on top, unless
-        // requests are waiting for room (see `free_chain`).
-        let mut batch_tail: Option<u16> = None;
+        // The chains freed since the last add go on the free list in completion
+        // order, the first on top, unless requests are waiting for room (see
+        // `free_chain`).
         let keep_order = !std::mem::take(&mut self.overflowed);
+        if !keep_order {
+            self.reap_tail = None;
+        }
         while self.last_used != used_idx {
             let slot = (self.last_used & (self.size - 1)) as usize;
             let mut e = [0u8; 8];
@@ -591,9 +598,9 @@ impl SplitQueue {
                 self.len_overruns += 1;
                 len = info.writable;
             }
-            let last = self.free_chain(id as u16, batch_tail);
+            let last = self.free_chain(id as u16, self.reap_tail);
             if keep_order {
-                batch_tail = Some(last);
+                self.reap_tail = Some(last);
             }
             self.last_used = self.last_used.wrapping_add(1);
             self.in_flight -= 1;
@@ -610,12 +617,12 @@ impl SplitQueue {
     }
 
     /// Put the chain of `head` back on the free list: on top (`after` is `None`), or
-    /// right after descriptor `after` (the last of the chain freed before it in the
-    /// same batch). Returns the chain's last descriptor.
+    /// right after descriptor `after` (the last of the chain freed before it since the
+    /// last `add`). Returns the chain's last descriptor.
     ///
     /// Why the order matters: a caller that resubmits in completion order (the perf
     /// tool, most applications) then gets, for its k-th resubmission, the head of the
-    /// batch's k-th completion: the head its buffer had, so the chain's descriptors
+    /// k-th completion since its last submission: the head its buffer had, so the chain's descriptors
     /// are unchanged and [`put_desc`](Self::put_desc) leaves their lines alone. Pushing
     /// each chain on top would reverse the batch and hand every buffer another head.
     /// When an `add` found the ring full since the last reap, requests that waited
