@@ -9,7 +9,8 @@
 //! noise comes in phases (runs drop to half speed for seconds at a time), the per-round
 //! ratio is the least exposed to them: both runs of a round usually see the same phase.
 //!
-//! `cargo bench -p vireo-bench --bench vs_spdk -- [--seconds S] [--rounds R] [--qd 1,32,128] [--dev blk,scsi]`
+//! `cargo bench -p vireo-bench --bench vs_spdk -- [--seconds S] [--rounds R] [--qd 1,32,128] [--dev blk,scsi] [--vq-size N]`
+//! (`--vq-size`: vireo's queue size, default its own default of 128; SPDK's initiator uses 512).
 //!
 //! Needs an SPDK build (`SPDK_DIR` or `VIREO_SPDK_DIR`); without one it says SKIPPED
 //! and exits 0. It builds `vireo` in release mode first (`cargo build --release -p vireo`).
@@ -96,6 +97,9 @@ fn main() {
     let mut rounds = 3;
     let mut qds = vec![1usize, 32, 128];
     let mut devs = vec!["blk".to_string(), "scsi".to_string()];
+    // vireo's queue size (default: vireo's own default, 128, which every tested target
+    // accepts; SPDK's initiator defaults to 512).
+    let mut vq_size: Option<u16> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut list = || {
@@ -115,6 +119,7 @@ fn main() {
                     .collect()
             }
             "--dev" => devs = list(),
+            "--vq-size" => vq_size = Some(list()[0].parse().expect("--vq-size N")),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -129,7 +134,8 @@ fn main() {
     let vireo = vireo_binary();
     let target = SpdkVhost::start(&build, 0).expect("SPDK vhost");
     println!(
-        "4 KiB randread on SPDK v25.09 vhost (Null bdev, target on CPU 0), one queue, initiator on CPU 1, {secs} s x {rounds} rounds each, ABBA; median of the per-round ratios, medians, bests"
+        "4 KiB randread on SPDK v25.09 vhost (Null bdev, target on CPU 0), one queue, initiator on CPU 1, {secs} s x {rounds} rounds each, ABBA; median of the per-round ratios, medians, bests; vireo queue size {}, SPDK's 512",
+        vq_size.map_or("128 (default)".to_string(), |n| n.to_string())
     );
     println!(
         "{:>5} {:>4} {:>9} {:>12} {:>12} {:>6} {:>12} {:>12} {:>6}   {:>10} {:>22}",
@@ -148,7 +154,12 @@ fn main() {
     for dev in &devs {
         let sock = target.socket(&format!("{dev}.null"));
         let vconf = target.dir().join(format!("vireo-{dev}.json"));
-        std::fs::write(&vconf, spdk::attach_config("V", &sock, dev, None)).unwrap();
+        let mut conf: serde_json::Value =
+            serde_json::from_str(&spdk::attach_config("V", &sock, dev, None)).unwrap();
+        if let Some(n) = vq_size {
+            conf["subsystems"][0]["config"][0]["params"]["vq_size"] = n.into();
+        }
+        std::fs::write(&vconf, conf.to_string()).unwrap();
         // SPDK's virtio-blk initiator wants a second queue in its config.
         let bconf = target.dir().join(format!("bdevperf-{dev}.json"));
         let vq = if dev == "blk" { 2 } else { 1 };
