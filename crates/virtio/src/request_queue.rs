@@ -294,11 +294,17 @@ impl<T: DeviceShared> RequestQueue<T> {
             return Ok(());
         };
         if let Err(e) = ring.publish() {
-            let f = QueueFailure::Device(format!("cannot notify the device: {e}"));
-            self.fail(f.clone());
-            return Err(f);
+            return Err(self.notify_failed(e));
         }
         Ok(())
+    }
+
+    /// A notification could not be sent: the queue fails (the device would never see
+    /// its requests).
+    fn notify_failed(&mut self, e: crate::error::Error) -> QueueFailure {
+        let f = QueueFailure::Device(format!("cannot notify the device: {e}"));
+        self.fail(f.clone());
+        f
     }
 
     /// Reap completions: `on_done(slot, used_len)` for each, in the device's order; the
@@ -399,9 +405,7 @@ impl<T: DeviceShared> RequestQueue<T> {
         {
             self.stall_mark.2 = now;
             if let Err(e) = ring.renotify() {
-                let f = QueueFailure::Device(format!("cannot notify the device: {e}"));
-                self.fail(f.clone());
-                return Err(f);
+                return Err(self.notify_failed(e));
             }
         }
         Ok(())
