@@ -560,6 +560,22 @@ mod tests {
         )
     }
 
+    /// A queue whose notifications are counted.
+    fn counted(size: u16) -> (RequestQueue<ReqHeader>, Arc<AtomicU64>) {
+        let mem = DmaMemory::new(DmaConfig::default()).unwrap();
+        let kicks = Arc::new(AtomicU64::new(0));
+        let ring = SplitQueue::new(
+            &mem,
+            0,
+            size,
+            QueueOptions::default(),
+            Notifier::Counter(kicks.clone()),
+        )
+        .unwrap();
+        let q = RequestQueue::new(&mem, ring, Arc::new(AtomicBool::new(false))).unwrap();
+        (q, kicks)
+    }
+
     /// One 16-byte request on the ring, published; its slot.
     fn submit_one(q: &mut RequestQueue<ReqHeader>) -> u16 {
         let s = q.take_slot().unwrap();
@@ -595,18 +611,8 @@ mod tests {
     fn slots_come_back_in_completion_order() {
         // The k-th slot taken after a reap is the slot of the batch's k-th completion
         // (a plain stack would reverse the batch).
-        let mem = DmaMemory::new(DmaConfig::default()).unwrap();
-        let ring = SplitQueue::new(
-            &mem,
-            0,
-            8,
-            QueueOptions::default(),
-            Notifier::Counter(Arc::new(AtomicU64::new(0))),
-        )
-        .unwrap();
-        let layout = ring.layout();
-        let mut q: RequestQueue<ReqHeader> =
-            RequestQueue::new(&mem, ring, Arc::new(AtomicBool::new(false))).unwrap();
+        let (mut q, _) = counted(8);
+        let layout = q.ring().unwrap().layout();
         let slots: Vec<u16> = (0..4).map(|_| submit_one(&mut q)).collect();
         // The device completes the third, the first, the fourth: one batch. Used
         // entries are (id, len) at byte 4 + 8 * i of the used ring, then the index.
@@ -637,18 +643,7 @@ mod tests {
 
     #[test]
     fn a_queue_that_stops_moving_is_notified_again() {
-        let mem = DmaMemory::new(DmaConfig::default()).unwrap();
-        let kicks = Arc::new(AtomicU64::new(0));
-        let ring = SplitQueue::new(
-            &mem,
-            0,
-            8,
-            QueueOptions::default(),
-            Notifier::Counter(kicks.clone()),
-        )
-        .unwrap();
-        let mut q: RequestQueue<ReqHeader> =
-            RequestQueue::new(&mem, ring, Arc::new(AtomicBool::new(false))).unwrap();
+        let (mut q, kicks) = counted(8);
         let _ = submit_one(&mut q);
         assert_eq!(
             kicks.load(Ordering::Relaxed),
@@ -671,18 +666,7 @@ mod tests {
     #[test]
     fn a_waiter_that_sleeps_between_polls_notifies_a_stuck_device_again() {
         // Sleeping callers poll rarely: the check also runs each time they arm.
-        let mem = DmaMemory::new(DmaConfig::default()).unwrap();
-        let kicks = Arc::new(AtomicU64::new(0));
-        let ring = SplitQueue::new(
-            &mem,
-            0,
-            8,
-            QueueOptions::default(),
-            Notifier::Counter(kicks.clone()),
-        )
-        .unwrap();
-        let mut q: RequestQueue<ReqHeader> =
-            RequestQueue::new(&mem, ring, Arc::new(AtomicBool::new(false))).unwrap();
+        let (mut q, kicks) = counted(8);
         let _ = submit_one(&mut q);
         for _ in 0..4 {
             let _ = q.arm();
