@@ -56,8 +56,10 @@ const PREFETCH_IN_FLIGHT: u16 = 4;
 /// Idle polls between two looks at the transport's broken flag (and for a stall).
 const BROKEN_CHECK_INTERVAL: u32 = 256;
 
-/// A queue with requests on the device and no completion for this long is notified
-/// again (see [`RequestQueue::poll`]).
+/// A queue with requests on the device and nothing completed (nor added) for this
+/// long is notified again, whatever the device's suppression state says; looked at
+/// every 256 idle polls of [`RequestQueue::poll`] and by [`RequestQueue::arm`] before
+/// a waiter sleeps.
 pub const RENOTIFY_AFTER: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A request queue with device-shared slots of type `T`. Owned by one thread.
@@ -543,25 +545,9 @@ mod tests {
     use crate::wire::blk::ReqHeader;
     use std::sync::atomic::{AtomicU16, AtomicU64};
 
-    fn queue(size: u16) -> (RequestQueue<ReqHeader>, Arc<AtomicBool>) {
-        let mem = DmaMemory::new(DmaConfig::default()).unwrap();
-        let ring = SplitQueue::new(
-            &mem,
-            0,
-            size,
-            QueueOptions::default(),
-            Notifier::Counter(Arc::new(AtomicU64::new(0))),
-        )
-        .unwrap();
-        let broken = Arc::new(AtomicBool::new(false));
-        (
-            RequestQueue::new(&mem, ring, broken.clone()).unwrap(),
-            broken,
-        )
-    }
-
-    /// A queue whose notifications are counted.
-    fn counted(size: u16) -> (RequestQueue<ReqHeader>, Arc<AtomicU64>) {
+    /// A queue of `size` slots: the queue, the transport's broken flag, and the count
+    /// of notifications sent.
+    fn queue(size: u16) -> (RequestQueue<ReqHeader>, Arc<AtomicBool>, Arc<AtomicU64>) {
         let mem = DmaMemory::new(DmaConfig::default()).unwrap();
         let kicks = Arc::new(AtomicU64::new(0));
         let ring = SplitQueue::new(
@@ -572,8 +558,12 @@ mod tests {
             Notifier::Counter(kicks.clone()),
         )
         .unwrap();
-        let q = RequestQueue::new(&mem, ring, Arc::new(AtomicBool::new(false))).unwrap();
-        (q, kicks)
+        let broken = Arc::new(AtomicBool::new(false));
+        (
+            RequestQueue::new(&mem, ring, broken.clone()).unwrap(),
+            broken,
+            kicks,
+        )
     }
 
     /// One 16-byte request on the ring, published; its slot.
@@ -590,7 +580,7 @@ mod tests {
 
     #[test]
     fn slots_are_typed_and_addressed() {
-        let (mut q, _) = queue(8);
+        let (mut q, _, _) = queue(8);
         let s = q.take_slot().unwrap();
         q.slot_mut(s).sector = 42u64.into();
         assert_eq!(q.slot(s).sector.get(), 42);
@@ -611,7 +601,7 @@ mod tests {
     fn slots_come_back_in_completion_order() {
         // The k-th slot taken after a reap is the slot of the batch's k-th completion
         // (a plain stack would reverse the batch).
-        let (mut q, _) = counted(8);
+        let (mut q, _, _) = queue(8);
         let layout = q.ring().unwrap().layout();
         let slots: Vec<u16> = (0..4).map(|_| submit_one(&mut q)).collect();
         // The device completes the third, the first, the fourth: one batch. Used
@@ -643,7 +633,7 @@ mod tests {
 
     #[test]
     fn a_queue_that_stops_moving_is_notified_again() {
-        let (mut q, kicks) = counted(8);
+        let (mut q, _, kicks) = queue(8);
         let _ = submit_one(&mut q);
         assert_eq!(
             kicks.load(Ordering::Relaxed),
@@ -666,7 +656,7 @@ mod tests {
     #[test]
     fn a_waiter_that_sleeps_between_polls_notifies_a_stuck_device_again() {
         // Sleeping callers poll rarely: the check also runs each time they arm.
-        let (mut q, kicks) = counted(8);
+        let (mut q, _, kicks) = queue(8);
         let _ = submit_one(&mut q);
         for _ in 0..4 {
             let _ = q.arm();
@@ -682,7 +672,7 @@ mod tests {
 
     #[test]
     fn a_waiter_about_to_sleep_notices_a_hung_up_backend() {
-        let (mut q, broken) = queue(8);
+        let (mut q, broken, _) = queue(8);
         let _ = submit_one(&mut q);
         broken.store(true, Ordering::Relaxed);
         assert!(q.arm().is_none(), "no sleep on a dead back-end's eventfd");
@@ -691,7 +681,7 @@ mod tests {
 
     #[test]
     fn a_hung_up_backend_fails_the_queue_and_returns_its_slots() {
-        let (mut q, broken) = queue(8);
+        let (mut q, broken, _) = queue(8);
         let s = submit_one(&mut q);
         for _ in 0..BROKEN_CHECK_INTERVAL {
             assert_eq!(q.poll(|_, _, _| {}), Ok(0));

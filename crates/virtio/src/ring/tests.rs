@@ -433,17 +433,22 @@ fn pop_heads(h: &mut Harness) -> Vec<u16> {
     h.dev.iter(gm).unwrap().map(|c| c.head_index()).collect()
 }
 
+/// Add `n` three-descriptor chains (tokens 0..n), publish, and pop them: their heads.
+fn submit_chains(h: &mut Harness, n: u64) -> Vec<u16> {
+    for t in 0..n {
+        h.q.add(&segs(3, 1), 1, t).unwrap();
+    }
+    h.q.publish().unwrap();
+    pop_heads(h)
+}
+
 #[test]
 fn a_batch_s_chains_come_back_in_completion_order() {
     // A caller that resubmits in completion order must find each request's head (and
     // so its unchanged descriptors) again: the k-th add after a reap gets the head of
     // the batch's k-th completion, whatever order the device completed in.
     let mut h = harness(16, QueueOptions::default());
-    for t in 0..4 {
-        h.q.add(&segs(3, 1), 1, t).unwrap();
-    }
-    h.q.publish().unwrap();
-    let heads = pop_heads(&mut h);
+    let heads = submit_chains(&mut h, 4);
     assert_eq!(heads.len(), 4);
     let order = [heads[2], heads[0], heads[3], heads[1]];
     for &hd in &order {
@@ -517,11 +522,7 @@ fn chains_keep_completion_order_across_reaps_before_the_next_add() {
     // A caller may poll more than once before it resubmits: the chains of both reaps
     // come back in completion order.
     let mut h = harness(16, QueueOptions::default());
-    for t in 0..3 {
-        h.q.add(&segs(3, 1), 1, t).unwrap();
-    }
-    h.q.publish().unwrap();
-    let heads = pop_heads(&mut h);
+    let heads = submit_chains(&mut h, 3);
     h.dev.add_used(&h.gm, heads[1], 0).unwrap();
     assert_eq!(h.q.poll(|_| {}).unwrap(), 1);
     h.dev.add_used(&h.gm, heads[0], 0).unwrap();
