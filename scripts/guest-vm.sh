@@ -15,7 +15,10 @@
 #   --add SRC[:DST]         copy a file or directory into the guest (DST default /extra/NAME; a
 #                           relative DST is under /extra, DST/ a dir); ELF files bring their libraries
 #   --mem SIZE              guest RAM, memfd-backed with share=on for vhost-user (default 512M)
-#   --smp N                 vCPUs (default 1)
+#   --smp N                 QEMU's -smp value (default 1,maxcpus=2: one vCPU, but TCG then
+#                           makes the guest's locked instructions atomic and ordering; with a
+#                           plain 1 it does not, and Linux's virtio drivers, whose barriers are
+#                           locked instructions, can lose a notification while probing disks)
 #   --modern                modern-only virtio devices (disable-legacy=on); default: transitional
 #   --viommu                intel-iommu (intremap, caching-mode, QEMU's default aw-bits: 48 in QEMU
 #                           10; for 39 add --qemu-arg -global --qemu-arg intel-iommu.aw-bits=39);
@@ -37,7 +40,7 @@ usage() { sed -n '2,/^set -e/s/^# \{0,1\}//p' "$0"; }
 die() { echo "guest-vm.sh: $*" >&2; exit 2; }
 SELF=$(realpath "$0")
 CACHE=${VIREO_GUEST_CACHE:-$HOME/.cache/vireo-guest}
-MEM=512M SMP=1 TIMEOUT=300 APPEND="" MODERN="" VIOMMU="" MONITOR="" PRINT=""
+MEM=512M SMP=1,maxcpus=2 TIMEOUT=300 APPEND="" MODERN="" VIOMMU="" MONITOR="" PRINT=""
 adds=() scsi=() scsi2=() blk=() vublk=() vuscsi=() qextra=()
 while [ $# -gt 0 ]; do
   opt=$1 && shift

@@ -529,13 +529,6 @@ fn linux_guest_drivers_against_the_in_tree_target() {
     let _tb = HostTarget::start("blk", &bsock, &b, &dir.path().join("blk.log"));
     let run = run_guest(
         &[
-            // Linux's virtio barriers are locked instructions, which QEMU's TCG only
-            // makes atomic (and ordering) when the VM may have more than one vCPU:
-            // with `-smp 1` the guest driver can lose a notification to the target
-            // (vireo's own driver uses MFENCE, which TCG always keeps; see
-            // `full_barrier` in crates/virtio/src/ring.rs).
-            "--smp",
-            "1,maxcpus=2",
             "--vhost-user-scsi",
             ssock.to_str().unwrap(),
             "--vhost-user-blk",
