@@ -17,7 +17,14 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use crate::blk_config::{read_config, BlkTargetConfig};
 use crate::blk_device::BlkDevice;
 use crate::faults::{bump, Faults};
-use crate::queue::{worker_exit_event, ConnectionSlot, FaultPolicy, Memory, RingServer};
+use crate::queue::{
+    device_queue_index, worker_exit_event, ConnectionSlot, FaultPolicy, Memory, RingServer,
+};
+
+/// The queues worker thread `thread` serves: one each.
+fn thread_queues(thread: usize) -> u64 {
+    1u64.checked_shl(thread as u32).unwrap_or(0)
+}
 
 /// vhost-user backend of one connection to a blk target.
 pub(crate) struct BlkBackend {
@@ -117,7 +124,9 @@ impl VhostUserBackend for BlkBackend {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         // One worker thread per queue.
-        (0..self.cfg().num_queues).map(|q| 1u64 << q).collect()
+        (0..usize::from(self.cfg().num_queues))
+            .map(thread_queues)
+            .collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -139,12 +148,30 @@ impl VhostUserBackend for BlkBackend {
             debug!("queue thread {thread_id}: no vring for event {device_event}");
             return Ok(());
         };
+        // `device_event` counts within this thread's queues.
+        let Some(index) = device_queue_index(thread_queues(thread_id), device_event) else {
+            debug!("queue thread {thread_id}: no queue for event {device_event}");
+            return Ok(());
+        };
         bump(&self.device.stats().kicks);
         // An error here would end the worker thread for good; a broken ring only fails this
         // pass (the front-end must reset the ring anyway).
-        if let Err(e) = self.process_queue(device_event, vring) {
+        if let Err(e) = self.process_queue(index, vring) {
             warn!("queue thread {thread_id}: {e}");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thread_queues;
+    use crate::queue::device_queue_index;
+
+    #[test]
+    fn each_queue_thread_reports_its_queue_s_device_index() {
+        assert_eq!(device_queue_index(thread_queues(0), 0), Some(0));
+        assert_eq!(device_queue_index(thread_queues(3), 0), Some(3));
+        assert_eq!(device_queue_index(thread_queues(3), 1), None);
     }
 }

@@ -540,6 +540,16 @@ fn walk_chain(
     }
 }
 
+/// The device's index of the `local`-th queue of a worker thread that serves the queues
+/// set in `mask`. vhost-user-backend numbers a thread's events by position among that
+/// thread's own queues (a thread serving only queue 3 sees event 0), while the in-flight
+/// records and the logs go by the device's queue index.
+pub(crate) fn device_queue_index(mask: u64, local: u16) -> Option<u16> {
+    (0..64u16)
+        .filter(|q| mask >> q & 1 == 1)
+        .nth(usize::from(local))
+}
+
 /// The exit event of a back-end's worker threads: without one they would never end
 /// when the connection goes.
 pub(crate) fn worker_exit_event() -> Option<(EventConsumer, EventNotifier)> {
@@ -549,5 +559,20 @@ pub(crate) fn worker_exit_event() -> Option<(EventConsumer, EventNotifier)> {
             tracing::warn!("cannot create a worker exit event: {e}");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod index_tests {
+    use super::device_queue_index;
+
+    #[test]
+    fn a_thread_s_events_map_to_the_device_s_queue_indices() {
+        assert_eq!(device_queue_index(0b1, 0), Some(0));
+        assert_eq!(device_queue_index(0b1000, 0), Some(3));
+        assert_eq!(device_queue_index(0b1010, 1), Some(3));
+        assert_eq!(device_queue_index(0b1010, 2), None);
+        assert_eq!(device_queue_index(1 << 63, 0), Some(63));
+        assert_eq!(device_queue_index(0, 0), None);
     }
 }

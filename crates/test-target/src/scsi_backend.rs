@@ -19,7 +19,9 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::chain::{slice_segments, ChainLayout};
 use crate::faults::{bump, Faults};
-use crate::queue::{worker_exit_event, ConnectionSlot, FaultPolicy, Memory, RingServer};
+use crate::queue::{
+    device_queue_index, worker_exit_event, ConnectionSlot, FaultPolicy, Memory, RingServer,
+};
 use crate::scsi_config::{read_config, ScsiTargetConfig};
 use crate::scsi_device::ScsiDevice;
 use crate::scsi_lun::write_stream;
@@ -30,6 +32,15 @@ use crate::server::BackendFactory;
 const CONTROL_QUEUE: u16 = 0;
 /// Index of the event queue, within worker thread 0's vrings as well.
 const EVENT_QUEUE: u16 = 1;
+
+/// The queues worker thread `thread` serves: thread 0 the control and event queues, then
+/// one thread per request queue (2..).
+fn thread_queues(thread: usize) -> u64 {
+    match thread {
+        0 => 0b11,
+        t => 1u64.checked_shl(t as u32 + 1).unwrap_or(0),
+    }
+}
 
 /// vhost-user backend of one connection to a scsi target.
 pub(crate) struct ScsiBackend {
@@ -191,10 +202,9 @@ impl VhostUserBackend for ScsiBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        // Thread 0: control and event queues; then one thread per request queue.
-        let mut map = vec![0b11u64];
-        map.extend((0..self.cfg().num_request_queues).map(|q| 1u64 << (2 + q)));
-        map
+        (0..=usize::from(self.cfg().num_request_queues))
+            .map(thread_queues)
+            .collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -232,9 +242,12 @@ impl VhostUserBackend for ScsiBackend {
             }
         } else {
             bump(&self.device.transport().kicks);
-            match vrings.get(usize::from(device_event)) {
-                Some(vring) => self.process_requests(device_event, vring),
-                None => {
+            // `device_event` counts within this thread's queues; the in-flight records go
+            // by the device's queue index.
+            let index = device_queue_index(thread_queues(thread_id), device_event);
+            match (vrings.get(usize::from(device_event)), index) {
+                (Some(vring), Some(index)) => self.process_requests(index, vring),
+                _ => {
                     debug!("queue thread {thread_id}: no vring for event {device_event}");
                     Ok(())
                 }
@@ -291,5 +304,21 @@ impl BackendFactory for ScsiFactory {
 
     fn connected(&self, connected: bool) {
         self.device.set_connected(connected);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thread_queues;
+    use crate::queue::device_queue_index;
+
+    #[test]
+    fn request_queue_threads_report_the_device_s_queue_index() {
+        assert_eq!(device_queue_index(thread_queues(0), 0), Some(0));
+        assert_eq!(device_queue_index(thread_queues(0), 1), Some(1));
+        // Each request queue thread sees its one queue as event 0.
+        assert_eq!(device_queue_index(thread_queues(1), 0), Some(2));
+        assert_eq!(device_queue_index(thread_queues(5), 0), Some(6));
+        assert_eq!(device_queue_index(thread_queues(1), 1), None);
     }
 }

@@ -743,6 +743,77 @@ fn a_dropped_connection_is_resumed_with_the_back_ends_inflight_buffer() {
     assert_eq!(reg.with_controller("R", |c| c.reconnects()), Some(3));
 }
 
+/// The back-end's in-flight records are per queue: a request a connection drop left on
+/// one queue is served again on that queue, whichever queue the new connection serves
+/// first. (The in-tree target once filed every queue's requests under queue 0, since
+/// each queue thread numbers its own queues from 0: the first queue kicked after a
+/// reconnection took the other queue's request and that one never completed.)
+#[test]
+fn requests_left_on_a_second_queue_are_served_again_there_after_another_queue_moves_first() {
+    let (t, _d) = target(BlkTargetConfig {
+        num_queues: 2,
+        ..ram(16 << 20)
+    });
+    let reg = registry();
+    let mut p = blk_params("Q", t.socket_path(), 2);
+    p.reconnect_timeout = Some(Duration::from_secs(20));
+    let b = reg.attach(&p).expect("attach").pop().unwrap();
+    // This thread's queue has a completed request behind it.
+    let mut first = b.open_channel().unwrap();
+    first
+        .run(IoRequest::write(0, 1, IoBuf::Heap(pattern(512, 1)), 0))
+        .result
+        .unwrap();
+    // Another thread (so another queue) sends a write whose arrival drops the
+    // connection: the target took it and never completed it.
+    t.faults().disconnect_after(0);
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel::<()>();
+    let b2 = b.clone();
+    let other = std::thread::spawn(move || {
+        let mut ch = b2.open_channel().unwrap();
+        ch.submit(IoRequest::write(7, 1, IoBuf::Heap(pattern(512, 7)), 7))
+            .unwrap();
+        ch.flush();
+        sent_tx.send(()).unwrap();
+        // Not polled until the first queue has moved on the new connection.
+        go_rx.recv().unwrap();
+        let mut done = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while done.is_empty() && std::time::Instant::now() < deadline {
+            ch.poll(&mut done);
+        }
+        done.pop().map(|c| c.result)
+    });
+    sent_rx.recv().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while reg.with_controller("Q", |c| c.reconnects()) != Some(1) {
+        assert!(std::time::Instant::now() < deadline, "no reconnection");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(t.stats().injected_disconnects, 1);
+    // The first queue is the first the new connection serves.
+    first
+        .run(IoRequest::write(1, 1, IoBuf::Heap(pattern(512, 2)), 1))
+        .result
+        .unwrap();
+    go_tx.send(()).unwrap();
+    let r = other.join().unwrap();
+    assert!(
+        matches!(r, Some(Ok(()))),
+        "the write left in flight on the second queue: {r:?}"
+    );
+    let c = first.run(IoRequest::read(0, 8, IoBuf::Heap(vec![0; 4096]), 2));
+    c.result.unwrap();
+    let Some(IoBuf::Heap(d)) = c.buf else {
+        panic!()
+    };
+    assert_eq!(&d[..512], &pattern(512, 1)[..]);
+    assert_eq!(&d[512..1024], &pattern(512, 2)[..]);
+    assert_eq!(&d[3584..], &pattern(512, 7)[..]);
+    assert_eq!(t.stats().resubmitted, 1);
+}
+
 /// A channel that was idle through a reconnection that kept the rings (INFLIGHT_SHMFD)
 /// closes: its ring, which the new connection serves, goes back to the pool with the
 /// new doorbell (never freed), and the next channel on that queue works.
