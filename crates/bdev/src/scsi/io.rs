@@ -514,8 +514,23 @@ impl ThreadQueue {
         }
     }
 
-    /// Reap the queue's completions into the channels' outboxes.
-    fn poll_all(&mut self) {
+    /// Hand a finished command to its channel: straight into `out` when that is the
+    /// polling channel `me` (no hop through its outbox), else to the outbox.
+    #[inline]
+    fn deliver_from_poll(&mut self, chan: u32, d: ChildDone, me: u32, out: &mut Vec<ChildDone>) {
+        if chan == me {
+            if let Some(Some(c)) = self.chans.get_mut(chan as usize) {
+                c.in_flight = c.in_flight.saturating_sub(1);
+                out.push(d);
+                return;
+            }
+        }
+        self.deliver(chan, d);
+    }
+
+    /// Reap the queue's completions: the polling channel `me`'s into `out`, the others'
+    /// into their outboxes.
+    fn poll_all(&mut self, me: u32, out: &mut Vec<ChildDone>) {
         if self.suspended {
             self.resume();
         } else if !self.resubmit.is_empty() {
@@ -579,12 +594,14 @@ impl ThreadQueue {
                 self.unmap_pool.push(b);
             }
             self.sq.rq.release_slot(slot);
-            self.deliver(
+            self.deliver_from_poll(
                 chan,
                 ChildDone {
                     parent: c.parent,
                     result,
                 },
+                me,
+                out,
             );
         }
         self.completed = completed;
@@ -721,16 +738,15 @@ impl ChannelDriver for ScsiChannel {
     }
 
     fn poll(&mut self, out: &mut Vec<ChildDone>) -> usize {
+        let before = out.len();
         let mut tq = self.tq.borrow_mut();
-        tq.poll_all();
-        match tq.chans.get_mut(self.id as usize) {
-            Some(Some(st)) => {
-                let n = st.outbox.len();
+        tq.poll_all(self.id, out);
+        if let Some(Some(st)) = tq.chans.get_mut(self.id as usize) {
+            if !st.outbox.is_empty() {
                 out.append(&mut st.outbox);
-                n
             }
-            _ => 0,
         }
+        out.len() - before
     }
 
     fn arm(&mut self) -> Option<(std::os::fd::RawFd, bool)> {
