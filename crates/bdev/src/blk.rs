@@ -938,6 +938,46 @@ impl BlkChannel {
         let sh = &*self.shared;
         let base = self.rq.slot_addr(slot);
         let sector = c.lba * sh.sectors_per_block;
+        if matches!(c.op, IoOp::Read | IoOp::Write) && c.len > 0 && c.len as u64 <= sh.segment_bytes
+        {
+            // The common read or write: one data segment, the chain built on the stack.
+            let s = self.rq.slot_mut(slot);
+            s.status = S_UNSET;
+            let (ty, n_out) = if c.op == IoOp::Read {
+                (T_IN, 1)
+            } else {
+                (T_OUT, 2)
+            };
+            s.hdr = ReqHeader {
+                type_: ty.into(),
+                ioprio: 0.into(),
+                sector: sector.into(),
+            };
+            let segs = [
+                Segment {
+                    addr: base + HDR_OFF,
+                    len: 16,
+                },
+                Segment {
+                    addr: c.addr,
+                    len: c.len,
+                },
+                Segment {
+                    addr: base + STATUS_OFF as u64,
+                    len: 1,
+                },
+            ];
+            return match self.rq.submit(slot, &segs, n_out) {
+                Ok(()) => {
+                    self.slot_child[slot as usize] = c;
+                    Ok(())
+                }
+                Err(_) => {
+                    self.rq.release_slot(slot);
+                    Err(c)
+                }
+            };
+        }
         let mut segs = std::mem::take(&mut self.segs);
         segs.clear();
         segs.push(Segment {

@@ -719,3 +719,46 @@ fn io_timeout_fails_the_io_then_resets_the_lun() {
         .result
         .unwrap();
 }
+
+/// A read or write longer than one data segment (4 MiB) goes out as one command with
+/// several data descriptors, in both directions, and the data comes back whole.
+#[test]
+fn a_command_with_several_data_segments_moves_all_its_data() {
+    let (t, _d) = target(ScsiTargetConfig {
+        luns: BTreeMap::from([((0, 0), ram_lun(32))]),
+        ..Default::default()
+    });
+    let reg = registry();
+    let b = attach(&reg, &t, 1).pop().unwrap();
+    let len = 10 << 20;
+    assert!(
+        b.info().limits.max_rw_blocks >= (len / 512) as u64,
+        "{:?}",
+        b.info().limits
+    );
+    let mut ch = b.open_channel().unwrap();
+    let data = pattern(len, 9);
+    let writes = opcode_count(&t, 0x2a) + opcode_count(&t, 0x8a);
+    ch.run(IoRequest::write(
+        3,
+        (len / 512) as u64,
+        IoBuf::Heap(data.clone()),
+        1,
+    ))
+    .result
+    .unwrap();
+    assert_eq!(
+        opcode_count(&t, 0x2a) + opcode_count(&t, 0x8a) - writes,
+        1,
+        "one WRITE command"
+    );
+    let c = ch.run(IoRequest::read(
+        3,
+        (len / 512) as u64,
+        IoBuf::Heap(vec![0; len]),
+        2,
+    ));
+    c.result.unwrap();
+    assert!(c.buf.unwrap().as_slice() == &data[..]);
+    assert!(t.stats().max_data_bytes >= len as u64, "{:?}", t.stats());
+}

@@ -429,7 +429,25 @@ impl ThreadQueue {
             Some(head) => sq.prepare_rw(slot, &ctx.lun, tag, head),
             None => sq.prepare_padded(slot, &ctx.lun, tag, &padded),
         }
-        // Data segments of reads and writes.
+        // What the response's residual is measured against: the data of reads and
+        // writes (a residual there is a short transfer, an error), the parameter data of
+        // UNMAP and WRITE SAME (GOOD status says the command was done; some targets
+        // report the parameter bytes as a residual).
+        self.slot_xfer[slot as usize] = match c.op {
+            IoOp::Read | IoOp::Write => (c.len, false),
+            _ => (out_segs[..n_out].iter().map(|s| s.len).sum(), true),
+        };
+        if c.op.has_data() && c.len > 0 && c.len as u64 <= SEGMENT_BYTES {
+            // The common read or write: one data segment, the chain built in place.
+            let data = Segment {
+                addr: c.addr,
+                len: c.len,
+            };
+            return sq
+                .add_one_data(slot, data, c.op == IoOp::Write)
+                .map_err(|()| IssueError::RingFull);
+        }
+        // Data segments of longer reads and writes.
         let mut data = std::mem::take(&mut self.data_segs);
         data.clear();
         if c.op.has_data() {
@@ -444,14 +462,6 @@ impl ThreadQueue {
                 left -= k;
             }
         }
-        // What the response's residual is measured against: the data of reads and
-        // writes (a residual there is a short transfer, an error), the parameter data of
-        // UNMAP and WRITE SAME (GOOD status says the command was done; some targets
-        // report the parameter bytes as a residual).
-        self.slot_xfer[slot as usize] = match c.op {
-            IoOp::Read | IoOp::Write => (c.len, false),
-            _ => (out_segs[..n_out].iter().map(|s| s.len).sum(), true),
-        };
         let r = match (c.op, data_in) {
             (IoOp::Read, _) => sq.add(slot, &[], &data),
             (IoOp::Write, _) => sq.add(slot, &data, &[]),

@@ -187,6 +187,28 @@ impl ScsiQueue {
         r
     }
 
+    /// Put `slot`'s command with one data segment on the ring (the common read or
+    /// write), its chain built on the stack: request, then the data and the response in
+    /// the order of their direction.
+    #[inline]
+    pub fn add_one_data(&mut self, slot: u16, data: Segment, write: bool) -> Result<(), ()> {
+        let base = self.rq.slot_addr(slot);
+        let req = Segment {
+            addr: base + REQ_OFF,
+            len: self.geo.req_len() as u32,
+        };
+        let resp = Segment {
+            addr: base + RESP_OFF as u64,
+            len: self.geo.resp_len() as u32,
+        };
+        let (segs, n_out) = if write {
+            ([req, data, resp], 2)
+        } else {
+            ([req, resp, data], 1)
+        };
+        self.rq.submit(slot, &segs, n_out).map_err(|_| ())
+    }
+
     /// Run one command synchronously (control path): returns the response, or an error
     /// if the device fails or does not answer in time (the slot then stays the
     /// device's).
