@@ -694,12 +694,12 @@ impl BlkChannel {
         for slot in self.rq.drain_in_flight() {
             let c = self.slot_child[slot as usize];
             if aborted {
-                self.dead.push(ChildDone {
-                    parent: c.parent,
-                    result: Err(IoError::Aborted(
+                self.dead.push(ChildDone::new(
+                    c.parent,
+                    Err(IoError::Aborted(
                         "the device stopped answering and vireo reconnected".into(),
                     )),
-                });
+                ));
             } else {
                 self.resubmit.push_back(c);
             }
@@ -709,16 +709,13 @@ impl BlkChannel {
     /// Fail the requests kept for a reconnection, and everything after them.
     fn fail_waiting(&mut self, e: IoError) {
         for slot in self.rq.drain_in_flight() {
-            self.dead.push(ChildDone {
-                parent: self.slot_child[slot as usize].parent,
-                result: Err(e.clone()),
-            });
+            self.dead.push(ChildDone::new(
+                self.slot_child[slot as usize].parent,
+                Err(e.clone()),
+            ));
         }
         for c in self.resubmit.drain(..) {
-            self.dead.push(ChildDone {
-                parent: c.parent,
-                result: Err(e.clone()),
-            });
+            self.dead.push(ChildDone::new(c.parent, Err(e.clone())));
         }
         self.suspended = false;
         self.failed = Some(e);
@@ -874,10 +871,7 @@ impl BlkChannel {
 impl ChannelDriver for BlkChannel {
     fn queue(&mut self, c: Child) -> Result<(), Child> {
         if let Some(e) = &self.failed {
-            self.dead.push(ChildDone {
-                parent: c.parent,
-                result: Err(e.clone()),
-            });
+            self.dead.push(ChildDone::new(c.parent, Err(e.clone())));
             return Ok(());
         }
         if self.suspended || !self.resubmit.is_empty() {
@@ -1050,14 +1044,14 @@ impl BlkChannel {
                     // The bdev layer's split keeps this unreachable; never send less.
                     self.rq.release_slot(slot);
                     self.segs = segs;
-                    self.dead.push(ChildDone {
-                        parent: c.parent,
-                        result: Err(IoError::InvalidRequest(format!(
+                    self.dead.push(ChildDone::new(
+                        c.parent,
+                        Err(IoError::InvalidRequest(format!(
                             "{} of {} blocks needs more than {SLOT_RANGES} ranges",
                             c.op.name(),
                             c.blocks
                         ))),
-                    });
+                    ));
                     return Ok(());
                 }
                 segs.push(Segment {
@@ -1112,10 +1106,7 @@ impl BlkChannel {
                 }
             };
             rq.release_slot(slot);
-            out.push(ChildDone {
-                parent: children[slot as usize].parent,
-                result,
-            });
+            out.push(ChildDone::new(children[slot as usize].parent, result));
         });
         match r {
             Err(f) => self.fail_all(f),

@@ -143,12 +143,12 @@ impl ThreadQueue {
                 if aborted {
                     self.deliver(
                         chan,
-                        ChildDone {
-                            parent: c.parent,
-                            result: Err(IoError::Aborted(
+                        ChildDone::new(
+                            c.parent,
+                            Err(IoError::Aborted(
                                 "the device stopped answering and vireo reconnected".into(),
                             )),
-                        },
+                        ),
                     );
                 } else {
                     self.resubmit.push_back((chan, c));
@@ -196,23 +196,11 @@ impl ThreadQueue {
     fn fail_waiting(&mut self, e: IoError) {
         for slot in self.sq.rq.drain_in_flight() {
             if let Some((chan, c)) = self.take_child(slot) {
-                self.deliver(
-                    chan,
-                    ChildDone {
-                        parent: c.parent,
-                        result: Err(e.clone()),
-                    },
-                );
+                self.deliver(chan, ChildDone::new(c.parent, Err(e.clone())));
             }
         }
         while let Some((chan, c)) = self.resubmit.pop_front() {
-            self.deliver(
-                chan,
-                ChildDone {
-                    parent: c.parent,
-                    result: Err(e.clone()),
-                },
-            );
+            self.deliver(chan, ChildDone::new(c.parent, Err(e.clone())));
         }
         self.suspended = false;
         self.failed = Some(e);
@@ -259,13 +247,7 @@ impl ThreadQueue {
             let open = matches!(self.chans.get(chan as usize), Some(Some(st)) if !st.closed);
             if !open {
                 // Its channel is gone: nobody waits for the answer.
-                self.deliver(
-                    chan,
-                    ChildDone {
-                        parent: c.parent,
-                        result: Err(IoError::Disconnected),
-                    },
-                );
+                self.deliver(chan, ChildDone::new(c.parent, Err(IoError::Disconnected)));
                 continue;
             }
             let Some(slot) = self.sq.rq.take_slot() else {
@@ -285,13 +267,7 @@ impl ThreadQueue {
                 }
                 Err(IssueError::Failed(e)) => {
                     self.sq.rq.release_slot(slot);
-                    self.deliver(
-                        chan,
-                        ChildDone {
-                            parent: c.parent,
-                            result: Err(e),
-                        },
-                    );
+                    self.deliver(chan, ChildDone::new(c.parent, Err(e)));
                 }
             }
         }
@@ -474,10 +450,7 @@ impl ThreadQueue {
     fn queue(&mut self, chan: u32, c: Child) -> Result<(), Child> {
         if let Some(e) = self.failed.clone() {
             if let Some(Some(st)) = self.chans.get_mut(chan as usize) {
-                st.outbox.push(ChildDone {
-                    parent: c.parent,
-                    result: Err(e),
-                });
+                st.outbox.push(ChildDone::new(c.parent, Err(e)));
             }
             return Ok(());
         }
@@ -505,10 +478,7 @@ impl ThreadQueue {
             Err(IssueError::Failed(e)) => {
                 self.sq.rq.release_slot(slot);
                 if let Some(Some(st)) = self.chans.get_mut(chan as usize) {
-                    st.outbox.push(ChildDone {
-                        parent: c.parent,
-                        result: Err(e),
-                    });
+                    st.outbox.push(ChildDone::new(c.parent, Err(e)));
                 }
                 Ok(())
             }
@@ -604,15 +574,7 @@ impl ThreadQueue {
                 self.unmap_pool.push(b);
             }
             self.sq.rq.release_slot(slot);
-            self.deliver_from_poll(
-                chan,
-                ChildDone {
-                    parent: c.parent,
-                    result,
-                },
-                me,
-                out,
-            );
+            self.deliver_from_poll(chan, ChildDone::new(c.parent, result), me, out);
         }
         self.completed = completed;
         // Retries reuse their slot; the ring has room since their chains were freed.
@@ -630,13 +592,7 @@ impl ThreadQueue {
                 };
                 self.slot_chan[slot as usize] = NO_CHAN;
                 self.sq.rq.release_slot(slot);
-                self.deliver(
-                    chan,
-                    ChildDone {
-                        parent: c.parent,
-                        result: Err(e),
-                    },
-                );
+                self.deliver(chan, ChildDone::new(c.parent, Err(e)));
             }
         }
         let retried = !retry.is_empty();
