@@ -335,7 +335,7 @@ impl RingServer {
     }
 
     /// Puts completions in the used ring (after the injected delay) and notifies the driver if
-    /// it wants to be notified.
+    /// it wants to be notified. Nothing once an injected disconnect has fired.
     fn complete(
         &self,
         index: u16,
@@ -358,6 +358,12 @@ impl RingServer {
                 }
                 None => false,
             };
+            if self.dropped() {
+                // An injected disconnect fired (here or on another queue) while this
+                // completion waited: like a back-end that crashed, complete nothing more.
+                // The request stays marked in flight for the next connection to serve.
+                return Ok(());
+            }
             if c.bad_id {
                 self.add_used_bad_id(vring, mem, c)?;
                 continue;

@@ -743,13 +743,13 @@ fn a_dropped_connection_is_resumed_with_the_back_ends_inflight_buffer() {
     assert_eq!(reg.with_controller("R", |c| c.reconnects()), Some(3));
 }
 
-/// The back-end's in-flight records are per queue: a request a connection drop left on
-/// one queue is served again on that queue, whichever queue the new connection serves
-/// first. (The in-tree target once filed every queue's requests under queue 0, since
-/// each queue thread numbers its own queues from 0: the first queue kicked after a
-/// reconnection took the other queue's request and that one never completed.)
+/// The back-end's in-flight records are per queue: when the connection drops with a
+/// request taken on each of two queues, the new connection serves each again on its
+/// own queue (the target does so as each ring is enabled). The in-tree target once filed
+/// every queue's requests under queue 0 (each queue thread numbers its own queues from
+/// 0): one of the two was then served on the wrong ring or never.
 #[test]
-fn requests_left_on_a_second_queue_are_served_again_there_after_another_queue_moves_first() {
+fn requests_left_on_two_queues_are_each_served_again_on_their_own_queue() {
     let (t, _d) = target(BlkTargetConfig {
         num_queues: 2,
         ..ram(16 << 20)
@@ -758,51 +758,61 @@ fn requests_left_on_a_second_queue_are_served_again_there_after_another_queue_mo
     let mut p = blk_params("Q", t.socket_path(), 2);
     p.reconnect_timeout = Some(Duration::from_secs(20));
     let b = reg.attach(&p).expect("attach").pop().unwrap();
-    // This thread's queue has a completed request behind it.
     let mut first = b.open_channel().unwrap();
     first
         .run(IoRequest::write(0, 1, IoBuf::Heap(pattern(512, 1)), 0))
         .result
         .unwrap();
-    // Another thread (so another queue) sends a write whose arrival drops the
-    // connection: the target took it and never completed it.
-    t.faults().disconnect_after(0);
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let (sent_tx, sent_rx) = std::sync::mpsc::channel::<()>();
-    let b2 = b.clone();
-    let other = std::thread::spawn(move || {
-        let mut ch = b2.open_channel().unwrap();
-        ch.submit(IoRequest::write(7, 1, IoBuf::Heap(pattern(512, 7)), 7))
-            .unwrap();
-        ch.flush();
-        sent_tx.send(()).unwrap();
-        // Not polled until the first queue has moved on the new connection.
-        go_rx.recv().unwrap();
-        let mut done = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while done.is_empty() && std::time::Instant::now() < deadline {
-            ch.poll(&mut done);
-        }
-        done.pop().map(|c| c.result)
-    });
-    sent_rx.recv().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while reg.with_controller("Q", |c| c.reconnects()) != Some(1) {
-        assert!(std::time::Instant::now() < deadline, "no reconnection");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    assert_eq!(t.stats().injected_disconnects, 1);
-    // The first queue is the first the new connection serves.
+    // This thread's queue: a write the target takes and holds (a slow device).
+    t.faults().set_completion_delay(Duration::from_secs(2));
+    let writes = t.stats().writes;
     first
-        .run(IoRequest::write(1, 1, IoBuf::Heap(pattern(512, 2)), 1))
-        .result
+        .submit(IoRequest::write(1, 1, IoBuf::Heap(pattern(512, 2)), 1))
         .unwrap();
-    go_tx.send(()).unwrap();
-    let r = other.join().unwrap();
+    first.flush();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while t.stats().writes == writes {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the target took no write"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Another thread, so another queue: a write whose arrival drops the connection.
+    // The held write is then never completed either.
+    t.faults().disconnect_after(0);
+    let b2 = b.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut ch = b2.open_channel().unwrap();
+        let _ = tx.send(
+            ch.run(IoRequest::write(7, 1, IoBuf::Heap(pattern(512, 7)), 7))
+                .result,
+        );
+    });
+    // Served again without the delay (if the new connection is quicker than this, the
+    // test only takes longer).
+    while t.stats().injected_disconnects == 0 {
+        assert!(std::time::Instant::now() < deadline, "no disconnect");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    t.faults().set_completion_delay(Duration::ZERO);
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("the write left on the second queue did not complete (hang)")
+        .expect("the write left on the second queue");
+    let mut done = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while done.is_empty() && std::time::Instant::now() < deadline {
+        first.poll(&mut done);
+    }
+    let r = done.pop().map(|c| c.result);
     assert!(
         matches!(r, Some(Ok(()))),
-        "the write left in flight on the second queue: {r:?}"
+        "the write left on the first queue: {r:?}"
     );
+    assert_eq!(t.stats().injected_disconnects, 1);
+    assert_eq!(reg.with_controller("Q", |c| c.reconnects()), Some(1));
+    assert_eq!(t.stats().resubmitted, 2);
     let c = first.run(IoRequest::read(0, 8, IoBuf::Heap(vec![0; 4096]), 2));
     c.result.unwrap();
     let Some(IoBuf::Heap(d)) = c.buf else {
@@ -811,7 +821,6 @@ fn requests_left_on_a_second_queue_are_served_again_there_after_another_queue_mo
     assert_eq!(&d[..512], &pattern(512, 1)[..]);
     assert_eq!(&d[512..1024], &pattern(512, 2)[..]);
     assert_eq!(&d[3584..], &pattern(512, 7)[..]);
-    assert_eq!(t.stats().resubmitted, 1);
 }
 
 /// A channel that was idle through a reconnection that kept the rings (INFLIGHT_SHMFD)
