@@ -961,16 +961,8 @@ impl BlkChannel {
                     len: 1,
                 },
             ];
-            return match self.rq.submit(slot, &segs, n_out) {
-                Ok(()) => {
-                    self.slot_child[slot as usize] = c;
-                    Ok(())
-                }
-                Err(_) => {
-                    self.rq.release_slot(slot);
-                    Err(c)
-                }
-            };
+            let r = self.rq.submit(slot, &segs, n_out);
+            return self.settle(slot, c, r.is_ok());
         }
         let mut segs = std::mem::take(&mut self.segs);
         segs.clear();
@@ -1067,15 +1059,19 @@ impl BlkChannel {
         });
         let r = self.rq.submit(slot, &segs, n_out);
         self.segs = segs;
-        match r {
-            Ok(()) => {
-                self.slot_child[slot as usize] = c;
-                Ok(())
-            }
-            Err(_) => {
-                self.rq.release_slot(slot);
-                Err(c)
-            }
+        self.settle(slot, c, r.is_ok())
+    }
+
+    /// After putting `c`'s chain in `slot` on the ring: record it, or give the slot
+    /// back and the child to its caller (no ring space: it waits).
+    #[inline]
+    fn settle(&mut self, slot: u16, c: Child, on_ring: bool) -> Result<(), Child> {
+        if on_ring {
+            self.slot_child[slot as usize] = c;
+            Ok(())
+        } else {
+            self.rq.release_slot(slot);
+            Err(c)
         }
     }
 
