@@ -111,6 +111,10 @@ impl<T: DeviceShared + Default> RequestQueue<T> {
         ring: SplitQueue,
         broken: Arc<AtomicBool>,
     ) -> Result<RequestQueue<T>> {
+        let mut ring = ring;
+        // Slot numbers are the tokens, all below the ring size: with indirect
+        // descriptors each slot gets its own head and table.
+        ring.use_slot_heads();
         let n = ring.size() as usize;
         let stride = std::mem::size_of::<T>();
         let align = std::mem::align_of::<T>().max(64);

@@ -117,6 +117,9 @@ pub struct SplitQueue {
     num_free: u16,
     /// An `add` found no room since the last reap.
     overflowed: bool,
+    /// Each request goes on the ring at the head its token names, through that head's
+    /// own indirect table (see [`SplitQueue::use_slot_heads`]); the free list is unused.
+    slot_heads: bool,
     /// The last descriptor of the chain the reaps since the last `add` freed last:
     /// where the next freed chain goes (completion order across reaps).
     reap_tail: Option<u16>,
@@ -206,6 +209,7 @@ impl SplitQueue {
             next,
             free_head: 0,
             overflowed: false,
+            slot_heads: false,
             reap_tail: None,
             num_free: size,
             heads: vec![HeadInfo::default(); n].into_boxed_slice(),
@@ -326,6 +330,17 @@ impl SplitQueue {
     }
 
     #[inline]
+    fn read_desc(table: *const u8, i: usize) -> u128 {
+        let mut bytes = [0u8; DESC_SIZE];
+        // SAFETY: callers pass a table of at least `i+1` descriptors in memory owned by
+        // this queue; the device only reads descriptors, and any bytes are a u128.
+        unsafe {
+            std::ptr::copy_nonoverlapping(table.add(i * DESC_SIZE), bytes.as_mut_ptr(), DESC_SIZE)
+        };
+        u128::from_le_bytes(bytes)
+    }
+
+    #[inline]
     fn write_desc(table: *mut u8, i: usize, desc: u128) {
         let bytes = desc.to_le_bytes();
         // SAFETY: callers pass a table of at least `i+1` descriptors in memory owned by
@@ -354,6 +369,100 @@ impl SplitQueue {
         }
     }
 
+    /// From now on every request is put on the ring at the head its token names (tokens
+    /// must be below the ring size: a request queue's slot numbers), through that
+    /// head's own indirect table, whatever its length: one ring entry per request, so a
+    /// ring of N entries carries N requests, and a slot reused for the same buffers
+    /// finds its ring entry and its table already holding them (nothing is rewritten,
+    /// and the device's cached copies stay valid). Needs indirect descriptors and an
+    /// idle ring; returns whether the ring now works so (already did: true).
+    pub fn use_slot_heads(&mut self) -> bool {
+        if self.slot_heads {
+            return true;
+        }
+        if self.indirect.is_none() || self.indirect_max < 2 || self.in_flight != 0 {
+            return false;
+        }
+        self.slot_heads = true;
+        true
+    }
+
+    /// Whether requests go on the ring at the head their token names.
+    pub fn slot_heads(&self) -> bool {
+        self.slot_heads
+    }
+
+    /// [`add`](Self::add) when the ring uses slot heads.
+    fn add_at_slot_head(
+        &mut self,
+        segs: &[Segment],
+        n_out: usize,
+        token: u64,
+    ) -> std::result::Result<(), QueueFull> {
+        let head = token as usize;
+        if token >= self.size as u64
+            || segs.len() > self.indirect_max as usize
+            || self.heads[head].chain_len != 0
+        {
+            // A token beyond the ring, a chain longer than a table, or a head still on
+            // the device: the caller broke the contract; refuse without side effects.
+            return Err(QueueFull);
+        }
+        let table_bytes = self.indirect_max as usize * DESC_SIZE;
+        let Some((ind, ind_iova)) = self.indirect.as_ref().map(|b| (b.as_ptr(), b.iova())) else {
+            return Err(QueueFull);
+        };
+        // SAFETY: head < size, and the indirect buffer holds size*indirect_max descriptors.
+        let table = unsafe { ind.add(head * table_bytes) };
+        let table_iova = ind_iova + (head * table_bytes) as u64;
+        let last = segs.len() - 1;
+        let mut writable: u32 = 0;
+        for (i, s) in segs.iter().enumerate() {
+            let mut flags = 0;
+            if i >= n_out {
+                flags |= DESC_F_WRITE;
+                writable = writable.saturating_add(s.len);
+            }
+            if i < last {
+                flags |= DESC_F_NEXT;
+            }
+            let d = Self::encode_desc(s.addr, s.len, flags, (i + 1) as u16);
+            // A table the head last carried for the same request is left alone, so its
+            // line stays shared with the device instead of moving back and forth.
+            if Self::read_desc(table, i) != d {
+                Self::write_desc(table, i, d);
+            }
+        }
+        self.put_desc(
+            head,
+            table_iova,
+            (segs.len() * DESC_SIZE) as u32,
+            DESC_F_INDIRECT,
+            0,
+        );
+        self.num_free -= 1;
+        self.heads[head] = HeadInfo {
+            token,
+            writable,
+            chain_len: 1,
+        };
+        self.put_avail(head as u16);
+        Ok(())
+    }
+
+    /// The avail entry of a queued chain (visible at the next publish).
+    #[inline]
+    fn put_avail(&mut self, head: u16) {
+        let pos = (self.avail_idx & (self.size - 1)) as usize;
+        self.order[pos] = head;
+        // Written unconditionally: unlike a descriptor, the entry shares its line with
+        // neighbours the device reads for other requests, and reading it back first
+        // costs a miss on the way to the publish (measured: slower on SPDK's target).
+        self.avail_u16(2 + pos).store(head, Ordering::Relaxed);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.in_flight += 1;
+    }
+
     /// Queue a request: `segs[..n_out]` are read by the device, the rest written by it.
     /// Nothing is visible to the device until [`SplitQueue::publish`].
     pub fn add(
@@ -365,6 +474,9 @@ impl SplitQueue {
         debug_assert!(!segs.is_empty() && n_out <= segs.len());
         if segs.is_empty() {
             return Err(QueueFull);
+        }
+        if self.slot_heads {
+            return self.add_at_slot_head(segs, n_out, token);
         }
         // Short chains go in the ring directly while it has room: the device reads them
         // without the extra table (and, for vhost-user, the extra address translation)
@@ -437,14 +549,7 @@ impl SplitQueue {
             writable,
             chain_len: need as u16,
         };
-        let pos = (self.avail_idx & (self.size - 1)) as usize;
-        self.order[pos] = head;
-        // Written unconditionally: unlike a descriptor, the entry shares its line with
-        // neighbours the device reads for other requests, and reading it back first
-        // costs a miss on the way to the publish (measured: slower on SPDK's target).
-        self.avail_u16(2 + pos).store(head, Ordering::Relaxed);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.in_flight += 1;
+        self.put_avail(head);
         Ok(())
     }
 
@@ -633,6 +738,11 @@ impl SplitQueue {
     fn free_chain(&mut self, head: u16, after: Option<u16>) -> u16 {
         let count = self.heads[head as usize].chain_len;
         self.heads[head as usize].chain_len = 0;
+        if self.slot_heads {
+            // One entry, named by its token: no free list to keep.
+            self.num_free += count;
+            return head;
+        }
         // Walk our own shadow list (the ring descriptors may have been altered).
         let mut last = head;
         for _ in 1..count {

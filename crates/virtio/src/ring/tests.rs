@@ -575,3 +575,114 @@ fn mixed_direct_and_indirect_chains_freed_out_of_order_leave_a_whole_free_list()
     assert_eq!(all.len(), 16);
     let _ = &h.mem;
 }
+
+fn indirect_opts(max: u16) -> QueueOptions {
+    QueueOptions {
+        event_idx: false,
+        indirect_max: max,
+    }
+}
+
+/// The descriptor table and the indirect tables as raw bytes.
+fn tables(h: &Harness) -> (Vec<u8>, Vec<u8>) {
+    let n = h.q.size as usize * DESC_SIZE;
+    // SAFETY: the queue's descriptor table is `size` descriptors long.
+    let desc = unsafe { std::slice::from_raw_parts(h.q.desc as *const u8, n) }.to_vec();
+    let ind = h.q.indirect.as_ref().unwrap();
+    (desc, ind.as_slice().to_vec())
+}
+
+#[test]
+fn slot_heads_put_each_request_at_its_token_s_head_through_its_own_table() {
+    let mut h = harness(8, indirect_opts(8));
+    assert!(h.q.use_slot_heads());
+    assert!(h.q.use_slot_heads(), "asking again changes nothing");
+    let reqs: [(u64, usize, usize); 3] = [(5, 3, 1), (2, 3, 2), (7, 2, 1)];
+    let chain = |t: u64, n: usize| -> Vec<Segment> {
+        (0..n)
+            .map(|i| Segment {
+                addr: 0x10_000 * (t + 1) + 0x1000 * i as u64,
+                len: 512 * (i as u32 + 1),
+            })
+            .collect()
+    };
+    let mut before = None;
+    for round in 0..3 {
+        for &(t, n, n_out) in &reqs {
+            h.q.add(&chain(t, n), n_out, t).unwrap();
+        }
+        assert_eq!(h.q.num_free(), 5);
+        h.q.publish().unwrap();
+        let got = pop_all(&mut h);
+        assert_eq!(
+            got.iter().map(|c| c.0).collect::<Vec<_>>(),
+            vec![5, 2, 7],
+            "each request at its token's head"
+        );
+        for ((_, descs), &(t, n, n_out)) in got.iter().zip(&reqs) {
+            let want: Vec<(u64, u32, bool)> = chain(t, n)
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.addr, s.len, i >= n_out))
+                .collect();
+            assert_eq!(descs, &want, "round {round}");
+        }
+        // Out of order.
+        for &(head, _) in got.iter().rev() {
+            h.dev.add_used(&h.gm, head, 0).unwrap();
+        }
+        let mut tokens = Vec::new();
+        assert_eq!(h.q.poll(|u| tokens.push(u.token)).unwrap(), 3);
+        assert_eq!(tokens, vec![7, 2, 5]);
+        assert_eq!(h.q.num_free(), 8);
+        // The same requests again leave every table and ring entry as they were.
+        let now = tables(&h);
+        if let Some(b) = &before {
+            assert!(b == &now, "round {round} rewrote a table");
+        }
+        before = Some(now);
+    }
+    // Another request in a slot: its table carries the new chain.
+    let other = segs(4, 1);
+    h.q.add(&other, 1, 2).unwrap();
+    h.q.publish().unwrap();
+    let got = pop_all(&mut h);
+    assert_eq!(got[0].0, 2);
+    let want: Vec<(u64, u32, bool)> = other
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.addr, s.len, i >= 1))
+        .collect();
+    assert_eq!(got[0].1, want);
+}
+
+#[test]
+fn slot_heads_refuse_a_busy_head_a_long_chain_and_a_token_beyond_the_ring() {
+    let mut h = harness(8, indirect_opts(4));
+    assert!(h.q.use_slot_heads());
+    h.q.add(&segs(3, 1), 1, 3).unwrap();
+    assert_eq!(h.q.add(&segs(3, 1), 1, 3), Err(QueueFull), "head 3 is out");
+    assert_eq!(h.q.add(&segs(3, 1), 1, 8), Err(QueueFull), "no head 8");
+    assert_eq!(
+        h.q.add(&segs(5, 1), 1, 4),
+        Err(QueueFull),
+        "longer than a table"
+    );
+    assert_eq!(h.q.num_free(), 7);
+    assert_eq!(h.q.in_flight(), 1);
+    h.q.publish().unwrap();
+    assert_eq!(pop_all(&mut h).len(), 1);
+}
+
+#[test]
+fn slot_heads_need_indirect_descriptors_and_an_idle_ring() {
+    let mut h = harness(8, QueueOptions::default());
+    assert!(!h.q.use_slot_heads(), "no indirect descriptors");
+    let mut h2 = harness(8, indirect_opts(8));
+    h2.q.add(&segs(2, 1), 1, 0).unwrap();
+    assert!(!h2.q.use_slot_heads(), "a request is on the ring");
+    // Without slot heads the ring goes on as before.
+    h.q.add(&segs(3, 1), 1, 42).unwrap();
+    h.q.publish().unwrap();
+    assert_eq!(pop_all(&mut h)[0].1.len(), 3);
+}
