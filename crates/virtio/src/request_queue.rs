@@ -185,7 +185,8 @@ impl<T: DeviceShared> RequestQueue<T> {
     /// completed (the first completed first), not reversed as a plain stack would
     /// give them: a caller that resubmits in completion order keeps each of its
     /// buffers with the same slot, and (the ring frees chains in the same order) the
-    /// same chain head, whose descriptors then need no rewrite. This holds for the
+    /// same chain head, whose descriptors then need no rewrite (with slot heads, see
+    /// [`SplitQueue::use_slot_heads`], the slot is the head). This holds for the
     /// slots released before the first take after the reaps (drivers release them
     /// while reaping); after a ring overflow, slots come back as a stack.
     #[inline]
@@ -568,6 +569,52 @@ mod tests {
             broken,
             kicks,
         )
+    }
+
+    /// A request queue over a ring with indirect descriptors (slot heads).
+    fn indirect_queue(size: u16) -> RequestQueue<ReqHeader> {
+        let mem = DmaMemory::new(DmaConfig::default()).unwrap();
+        let ring = SplitQueue::new(
+            &mem,
+            0,
+            size,
+            QueueOptions {
+                event_idx: false,
+                indirect_max: 4,
+            },
+            Notifier::Counter(Arc::new(AtomicU64::new(0))),
+        )
+        .unwrap();
+        RequestQueue::new(&mem, ring, Arc::new(AtomicBool::new(false))).unwrap()
+    }
+
+    #[test]
+    fn with_indirect_descriptors_each_slot_is_its_ring_head() {
+        let mut q = indirect_queue(8);
+        assert!(q.ring().unwrap().slot_heads());
+        // Every slot on the ring at once (three descriptors each: more than the ring
+        // could hold directly).
+        let mut slots = Vec::new();
+        while let Some(s) = q.take_slot() {
+            let seg = |off: u64| Segment {
+                addr: q.slot_addr(s) + off,
+                len: 4,
+            };
+            q.submit(s, &[seg(0), seg(4), seg(8)], 1).unwrap();
+            slots.push(s);
+        }
+        assert_eq!(slots.len(), 8);
+        q.publish().unwrap();
+        let ring = q.ring().unwrap();
+        assert_eq!(ring.in_flight(), 8);
+        // The avail ring lists each slot's own head, in submission order.
+        let avail = ring.layout().avail_va;
+        for (i, &s) in slots.iter().enumerate() {
+            // SAFETY: avail ring entry `i` (< size) of this queue's ring, mapped and
+            // aligned; nothing else writes it now.
+            let head = unsafe { std::ptr::read_volatile((avail + 4 + 2 * i as u64) as *const u16) };
+            assert_eq!(u16::from_le(head), s);
+        }
     }
 
     /// One 16-byte request on the ring, published; its slot.

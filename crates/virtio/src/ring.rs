@@ -120,6 +120,8 @@ pub struct SplitQueue {
     /// Each request goes on the ring at the head its token names, through that head's
     /// own indirect table (see [`SplitQueue::use_slot_heads`]); the free list is unused.
     slot_heads: bool,
+    /// A request was refused in slot-heads mode (logged once).
+    slot_refusal_logged: bool,
     /// The last descriptor of the chain the reaps since the last `add` freed last:
     /// where the next freed chain goes (completion order across reaps).
     reap_tail: Option<u16>,
@@ -210,6 +212,7 @@ impl SplitQueue {
             free_head: 0,
             overflowed: false,
             slot_heads: false,
+            slot_refusal_logged: false,
             reap_tail: None,
             num_free: size,
             heads: vec![HeadInfo::default(); n].into_boxed_slice(),
@@ -356,8 +359,10 @@ impl SplitQueue {
     /// A head reused for the same kind of request (the same buffer, the same chain)
     /// gets the same descriptors; leaving their line alone keeps it in the device's
     /// cache (a store would take it away, and the device would miss on it for the
-    /// request). The comparison is with the driver's own copy: reading the shared
-    /// table back would itself miss once the device has read it. The descriptor table
+    /// request). The comparison is with the driver's own copy of the ring's table (a
+    /// line the device read stays readable in the driver's cache too, but the copy
+    /// costs nothing to keep). Indirect tables, one per head with slot heads, are
+    /// compared in place (`add_at_slot_head`). The descriptor table
     /// is the driver's (virtio 1.2 2.7.5): a device that writes into it only confuses
     /// itself; completions are checked against the driver's records, never the table.
     #[inline]
@@ -405,7 +410,18 @@ impl SplitQueue {
             || self.heads[head].chain_len != 0
         {
             // A token beyond the ring, a chain longer than a table, or a head still on
-            // the device: the caller broke the contract; refuse without side effects.
+            // the device: the caller broke the contract (request queues pass free slot
+            // numbers, and split to max_segments). Refuse without side effects, and say
+            // so: a caller would take the refusal for a full ring and wait.
+            if !self.slot_refusal_logged {
+                self.slot_refusal_logged = true;
+                tracing::error!(
+                    queue = self.index,
+                    token,
+                    segments = segs.len(),
+                    "request refused: its slot is beyond the ring, still on the device, or its chain is longer than an indirect table (a driver bug)"
+                );
+            }
             return Err(QueueFull);
         }
         let table_bytes = self.indirect_max as usize * DESC_SIZE;

@@ -686,3 +686,39 @@ fn slot_heads_need_indirect_descriptors_and_an_idle_ring() {
     h.q.publish().unwrap();
     assert_eq!(pop_all(&mut h)[0].1.len(), 3);
 }
+
+#[test]
+fn slot_heads_check_what_the_device_returns() {
+    // segs(3, 1): 512 bytes out, then 1024 + 1536 device-writable.
+    let slot_ring = || {
+        let mut h = harness(8, indirect_opts(8));
+        assert!(h.q.use_slot_heads());
+        h.q.add(&segs(3, 1), 1, 6).unwrap();
+        h.q.publish().unwrap();
+        h
+    };
+    // A length beyond the writable bytes of the slot's chain is clamped and counted.
+    let mut h = slot_ring();
+    write_used(&h, 0, 6, 9999, 1);
+    let mut got = Vec::new();
+    assert_eq!(h.q.poll(|u| got.push((u.token, u.len))).unwrap(), 1);
+    assert_eq!(got, vec![(6, 2560)]);
+    assert_eq!(h.q.len_overruns(), 1);
+    // Exactly the writable bytes pass as they are.
+    h.q.add(&segs(3, 1), 1, 6).unwrap();
+    h.q.publish().unwrap();
+    write_used(&h, 1, 6, 2560, 2);
+    got.clear();
+    assert_eq!(h.q.poll(|u| got.push((u.token, u.len))).unwrap(), 1);
+    assert_eq!(got, vec![(6, 2560)]);
+    assert_eq!(h.q.len_overruns(), 1);
+    // A head that is not on the device (slot 3 has no request).
+    let mut h = slot_ring();
+    write_used(&h, 0, 3, 0, 1);
+    assert!(matches!(h.q.poll(|_| {}), Err(Error::Device(_))));
+    // The same head twice.
+    let mut h = slot_ring();
+    write_used(&h, 0, 6, 0, 1);
+    write_used(&h, 1, 6, 0, 2);
+    assert!(matches!(h.q.poll(|_| {}), Err(Error::Device(_))));
+}
