@@ -413,15 +413,7 @@ impl SplitQueue {
             // the device: the caller broke the contract (request queues pass free slot
             // numbers, and split to max_segments). Refuse without side effects, and say
             // so: a caller would take the refusal for a full ring and wait.
-            if !self.slot_refusal_logged {
-                self.slot_refusal_logged = true;
-                tracing::error!(
-                    queue = self.index,
-                    token,
-                    segments = segs.len(),
-                    "request refused: its slot is beyond the ring, still on the device, or its chain is longer than an indirect table (a driver bug)"
-                );
-            }
+            self.slot_refused(token, segs.len());
             return Err(QueueFull);
         }
         let table_bytes = self.indirect_max as usize * DESC_SIZE;
@@ -464,6 +456,21 @@ impl SplitQueue {
         };
         self.put_avail(head as u16);
         Ok(())
+    }
+
+    /// Log (once) a request refused in slot-heads mode; out of line, off the I/O path.
+    #[cold]
+    #[inline(never)]
+    fn slot_refused(&mut self, token: u64, segments: usize) {
+        if !self.slot_refusal_logged {
+            self.slot_refusal_logged = true;
+            tracing::error!(
+                queue = self.index,
+                token,
+                segments,
+                "request refused: its slot is beyond the ring, still on the device, or its chain is longer than an indirect table (a driver bug)"
+            );
+        }
     }
 
     /// The avail entry of a queued chain (visible at the next publish).
