@@ -435,6 +435,20 @@ fn hot_remove_under_vfio_fails_its_io_and_nothing_else() {
 /// `vireo target` on the host, killed on drop.
 struct HostTarget(std::process::Child);
 
+/// The end of a host-side log, for a failure message (a guest that hangs while its
+/// drivers probe the devices prints nothing itself).
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("({e})"));
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(40);
+    format!(
+        "--- {} (last {} lines) ---\n{}",
+        path.display(),
+        lines.len() - from,
+        lines[from..].join("\n")
+    )
+}
+
 impl HostTarget {
     fn start(kind: &str, sock: &Path, file: &Path, log: &Path) -> HostTarget {
         let log = std::fs::File::create(log).unwrap();
@@ -473,7 +487,8 @@ fn vhost_user_pci_devices_backed_on_the_host() {
         ..Default::default()
     });
     let ssock = dir.path().join("scsi.sock");
-    let _t = HostTarget::start("scsi", &ssock, &s, &dir.path().join("target.log"));
+    let tlog = dir.path().join("target.log");
+    let _t = HostTarget::start("scsi", &ssock, &s, &tlog);
     // The target keeps LUN t0l0 in s.t0l0.img.
     let s = dir.path().join("s.t0l0.img");
     let cmd = format!(
@@ -491,7 +506,7 @@ fn vhost_user_pci_devices_backed_on_the_host() {
         ],
         &cmd,
     );
-    assert_eq!(run.rc, 0, "{}", run.console);
+    assert_eq!(run.rc, 0, "{}\n{}", run.console, log_tail(&tlog));
     run.expect_rc("bind", 0);
     run.expect_rc("bdevs", 0);
     check_images(&run, &[&b, &s]);
@@ -524,9 +539,10 @@ fn linux_guest_drivers_against_the_in_tree_target() {
     let (s, b) = (dir.path().join("s.img"), dir.path().join("b.img"));
     let ssock = dir.path().join("scsi.sock");
     let bsock = dir.path().join("blk.sock");
-    let _ts = HostTarget::start("scsi", &ssock, &s, &dir.path().join("scsi.log"));
+    let (slog, blog) = (dir.path().join("scsi.log"), dir.path().join("blk.log"));
+    let _ts = HostTarget::start("scsi", &ssock, &s, &slog);
     let s = dir.path().join("s.t0l0.img");
-    let _tb = HostTarget::start("blk", &bsock, &b, &dir.path().join("blk.log"));
+    let _tb = HostTarget::start("blk", &bsock, &b, &blog);
     let run = run_guest(
         &[
             "--vhost-user-scsi",
@@ -536,7 +552,14 @@ fn linux_guest_drivers_against_the_in_tree_target() {
         ],
         LINUX_CLIENT_SCRIPT,
     );
-    assert_eq!(run.rc, 0, "{}", run.console);
+    assert_eq!(
+        run.rc,
+        0,
+        "{}\n{}\n{}",
+        run.console,
+        log_tail(&slog),
+        log_tail(&blog)
+    );
     let rcs = run.rcs();
     assert_eq!(
         rcs.len(),
