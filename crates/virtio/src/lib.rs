@@ -15,6 +15,7 @@ pub mod notify;
 pub mod pci;
 pub mod request_queue;
 pub mod ring;
+pub mod testing;
 pub mod transport;
 pub mod vhost_user;
 pub mod wire;
