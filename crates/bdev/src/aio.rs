@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
-use crate::bdev::{Armed, IoChannel};
+use crate::channel::{Armed, IoChannel};
 use crate::io::{Completion, IoBuf, IoOp, IoRequest};
 
 struct Inner {
@@ -84,7 +84,7 @@ impl AsyncChannel {
             );
         } else {
             // Make it visible to the device now; a parked driver has work again.
-            i.ch.flush();
+            i.ch.publish();
             if let Some(w) = i.driver.take() {
                 drop(i);
                 w.wake();

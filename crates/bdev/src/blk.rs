@@ -16,7 +16,8 @@ use vireo_virtio::{
     SplitQueue, Transport, COMMON_FEATURES,
 };
 
-use crate::bdev::{Bdev, BdevDriver, BdevInfo, ChannelDriver, Child, ChildDone, Limits, OpSupport};
+use crate::bdev::{Bdev, BdevInfo, Limits, OpSupport};
+use crate::driver::{BdevDriver, ChannelDriver, Child, ChildDone};
 use crate::error::{BdevError, IoError};
 use crate::health::Health;
 use crate::io::IoOp;
@@ -897,13 +898,6 @@ impl ChannelDriver for BlkChannel {
             self.send_kept();
         }
         self.poll_queue(out)
-    }
-
-    fn in_flight(&self) -> usize {
-        if self.failed.is_some() {
-            return 0;
-        }
-        self.rq.in_flight() + self.resubmit.len()
     }
 
     fn arm(&mut self) -> Option<(std::os::fd::RawFd, bool)> {

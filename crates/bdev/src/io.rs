@@ -196,6 +196,18 @@ pub struct Rejected {
     pub iov: Vec<IoBuf>,
 }
 
+impl Rejected {
+    /// `req` refused with `error`: its buffers go back to the caller.
+    pub(crate) fn of(error: IoError, req: &mut IoRequest) -> Rejected {
+        Rejected {
+            error,
+            user_data: req.user_data,
+            buf: req.buf.take(),
+            iov: std::mem::take(&mut req.iov),
+        }
+    }
+}
+
 impl std::fmt::Display for Rejected {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.error.fmt(f)

@@ -14,7 +14,9 @@
 pub mod aio;
 pub mod bdev;
 pub mod blk;
+pub mod channel;
 pub mod config;
+pub(crate) mod driver;
 pub mod error;
 pub(crate) mod health;
 pub mod io;
@@ -25,8 +27,9 @@ pub mod scsi;
 pub mod stats;
 
 pub use aio::{AsyncChannel, IoFuture};
-pub use bdev::{Armed, Bdev, BdevInfo, IoChannel, Limits, OpSupport, ScsiAddress, WaitMode};
+pub use bdev::{Bdev, BdevInfo, Limits, OpSupport, ScsiAddress};
 pub use blk::{BlkConfig, BlkController, BlkParams};
+pub use channel::{Armed, IoChannel, WaitMode};
 pub use config::{AttachParams, ConfigCall, DevType, TrType};
 pub use error::{BdevError, ErrorKind, IoError};
 pub use io::{Completion, IoBuf, IoOp, IoRequest, Rejected};

@@ -569,7 +569,7 @@ impl<'o> Job<'o> {
             self.submit(i, new_lba);
         }
         // The new I/Os go to the device before the bookkeeping of the old ones.
-        self.ch.flush();
+        self.ch.publish();
         for &l in &lats {
             let _ = self.hist.record(l);
         }

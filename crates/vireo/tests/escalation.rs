@@ -101,7 +101,7 @@ fn frozen_target_escalates_and_recovers(dev_type: DevType) {
         ))
         .unwrap();
     }
-    ch.flush();
+    ch.publish();
     let mut out = Vec::new();
     let mut timeouts = 0;
     let mut other = Vec::new();

@@ -769,7 +769,7 @@ fn requests_left_on_two_queues_are_each_served_again_on_their_own_queue() {
     first
         .submit(IoRequest::write(1, 1, IoBuf::Heap(pattern(512, 2)), 1))
         .unwrap();
-    first.flush();
+    first.publish();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while t.stats().writes == writes {
         assert!(

@@ -536,7 +536,7 @@ fn a_channel_waiting_for_ring_space_freed_by_another_lun_gets_it() {
         ca.submit(IoRequest::write(i, 1, IoBuf::Heap(vec![1; 512]), i))
             .unwrap();
     }
-    ca.flush();
+    ca.publish();
     for i in 0..8u64 {
         cb.submit(IoRequest::write(i, 1, IoBuf::Heap(vec![2; 512]), i))
             .unwrap();

@@ -730,17 +730,6 @@ impl ChannelDriver for ScsiChannel {
     fn disarm(&mut self) {
         self.tq.borrow_mut().sq.rq.disarm();
     }
-
-    fn in_flight(&self) -> usize {
-        let tq = self.tq.borrow();
-        if tq.failed.is_some() {
-            return 0;
-        }
-        match tq.chans.get(self.id as usize) {
-            Some(Some(st)) => st.in_flight,
-            _ => 0,
-        }
-    }
 }
 
 impl Drop for ScsiChannel {

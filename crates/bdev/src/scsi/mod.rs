@@ -36,9 +36,8 @@ use vireo_virtio::{
     SplitQueue, Transport, COMMON_FEATURES,
 };
 
-use crate::bdev::{
-    Bdev, BdevDriver, BdevInfo, ChannelDriver, Child, ChildDone, Limits, OpSupport, ScsiAddress,
-};
+use crate::bdev::{Bdev, BdevInfo, Limits, OpSupport, ScsiAddress};
+use crate::driver::{BdevDriver, ChannelDriver, Child, ChildDone};
 use crate::error::{BdevError, IoError};
 use crate::health::Health;
 use crate::io::IoOp;

@@ -1,0 +1,83 @@
+//! The checks every I/O passes before it reaches a device.
+
+use crate::bdev::Bdev;
+use crate::error::IoError;
+use crate::io::{IoOp, IoRequest};
+
+/// Whether `req` can go to `bdev`: supported, in range, with a buffer of its length.
+pub(crate) fn validate(bdev: &Bdev, req: &IoRequest) -> Result<(), IoError> {
+    let info = &bdev.info;
+    let ops = &info.ops;
+    if bdev.is_removed() {
+        return Err(IoError::Removed(info.name.clone()));
+    }
+    let num_blocks = bdev.num_blocks();
+    let supported = match req.op {
+        IoOp::Read => ops.read,
+        IoOp::Write => ops.write,
+        IoOp::Flush => ops.flush,
+        IoOp::Unmap => ops.unmap,
+        IoOp::WriteZeroes => ops.write_zeroes,
+    };
+    if info.read_only && req.op != IoOp::Read && req.op != IoOp::Flush {
+        return Err(IoError::ReadOnly(info.name.clone()));
+    }
+    if !supported {
+        return Err(IoError::Unsupported {
+            op: req.op.name(),
+            bdev: info.name.clone(),
+        });
+    }
+    if req.op == IoOp::Flush {
+        return Ok(());
+    }
+    if req.num_blocks == 0 {
+        return Err(IoError::InvalidRequest(format!(
+            "{} of zero blocks",
+            req.op.name()
+        )));
+    }
+    let end = req.offset_blocks.checked_add(req.num_blocks);
+    match end {
+        Some(end) if end <= num_blocks => {}
+        _ => {
+            return Err(IoError::OutOfRange {
+                offset: req.offset_blocks,
+                end: end.unwrap_or(u64::MAX),
+                num_blocks,
+            })
+        }
+    }
+    if !req.op.has_data() {
+        return Ok(());
+    }
+    let want = req.num_blocks as u128 * info.block_size as u128;
+    if !req.iov.is_empty() {
+        let have: u128 = req.iov.iter().map(|b| b.len() as u128).sum();
+        if req.buf.is_some() || have != want {
+            return Err(IoError::InvalidBuffer(format!(
+                "vectored {} of {} blocks needs {} bytes in its segments and no `buf`; the {} segments have {}",
+                req.op.name(),
+                req.num_blocks,
+                want,
+                req.iov.len(),
+                have
+            )));
+        }
+        return Ok(());
+    }
+    match &req.buf {
+        Some(b) if b.len() as u128 == want => Ok(()),
+        Some(b) => Err(IoError::InvalidBuffer(format!(
+            "{} of {} blocks needs {} bytes, the buffer has {}",
+            req.op.name(),
+            req.num_blocks,
+            want,
+            b.len()
+        ))),
+        None => Err(IoError::InvalidBuffer(format!(
+            "{} without a buffer",
+            req.op.name()
+        ))),
+    }
+}

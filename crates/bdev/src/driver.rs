@@ -1,0 +1,117 @@
+//! The seam between the generic I/O channel and a device driver (virtio-blk,
+//! virtio-scsi): a channel splits each I/O into [`Child`] requests, hands them to its
+//! [`ChannelDriver`] and gets [`ChildDone`] records back. SPDK's split vocabulary: a
+//! *parent* is the caller's I/O, its *children* are the device requests it became.
+
+use crate::error::{BdevError, IoError};
+use crate::io::IoOp;
+
+/// One request as the device sees it, after splitting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Child {
+    /// Parent I/O slot in the channel.
+    pub parent: u32,
+    /// Operation.
+    pub op: IoOp,
+    /// First block.
+    pub lba: u64,
+    /// Blocks (0 for flush).
+    pub blocks: u64,
+    /// Device address of the data (read/write).
+    pub addr: u64,
+    /// Data bytes (read/write).
+    pub len: u32,
+}
+
+impl Child {
+    /// A placeholder (an empty slot's record).
+    pub const EMPTY: Child = Child {
+        parent: 0,
+        op: IoOp::Read,
+        lba: 0,
+        blocks: 0,
+        addr: 0,
+        len: 0,
+    };
+}
+
+/// A finished device request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ChildDone {
+    /// Parent I/O slot.
+    pub parent: u32,
+    /// Outcome. The error is boxed: a success is then 16 bytes in all, which moves
+    /// from the driver to the channel in registers, not through a stack copy.
+    pub result: Result<(), Box<IoError>>,
+}
+
+impl ChildDone {
+    /// The outcome of one request of parent `parent`.
+    #[inline]
+    pub fn new(parent: u32, result: Result<(), IoError>) -> ChildDone {
+        ChildDone {
+            parent,
+            result: result.map_err(Box::new),
+        }
+    }
+}
+
+/// The device-specific part of a channel: a request queue used by one thread.
+pub(crate) trait ChannelDriver {
+    /// Put a request on the ring; give it back when the ring is full. Nothing is
+    /// visible to the device until [`publish`](ChannelDriver::publish).
+    fn queue(&mut self, child: Child) -> Result<(), Child>;
+    /// Make queued requests visible; notify the device if it asks for it.
+    fn publish(&mut self);
+    /// Reap completions into `out`; returns how many. A broken device completes
+    /// every in-flight request with an error.
+    fn poll(&mut self, out: &mut Vec<ChildDone>) -> usize;
+    /// Ask the device to signal the next completion on an eventfd: returns the fd and
+    /// whether completions are already pending. `None`: the transport only polls.
+    fn arm(&mut self) -> Option<(std::os::fd::RawFd, bool)> {
+        None
+    }
+    /// Back to polling after [`arm`](ChannelDriver::arm).
+    fn disarm(&mut self) {}
+    /// Ask the device to abort request `parent`'s commands (SCSI: ABORT TASK), waiting
+    /// at most `timeout` for each answer. The device then gives them back (aborted).
+    fn abort(&mut self, _parent: u32, _timeout: std::time::Duration) -> Result<(), IoError> {
+        Err(IoError::Unsupported {
+            op: "abort",
+            bdev: String::new(),
+        })
+    }
+    /// Reset the controller behind this channel's connection (see
+    /// [`BdevDriver::reset_controller`]); nothing if that connection is already gone.
+    fn reset_controller(&mut self) -> Result<(), IoError> {
+        Err(IoError::Unsupported {
+            op: "controller reset",
+            bdev: String::new(),
+        })
+    }
+}
+
+/// A device driver's handle to the bdev's device.
+pub(crate) trait BdevDriver: Send + Sync {
+    /// Take a request queue for a new channel.
+    fn open_channel(&self) -> Result<Box<dyn ChannelDriver>, BdevError>;
+
+    /// Reset the device behind the bdev (SCSI: LOGICAL UNIT RESET). Waits at most
+    /// `timeout`.
+    fn reset(&self, _timeout: std::time::Duration) -> Result<(), IoError> {
+        Err(IoError::Unsupported {
+            op: "reset",
+            bdev: String::new(),
+        })
+    }
+
+    /// Reset the controller behind the bdev, the last step for a device that stopped
+    /// answering (vhost-user: drop the connection and reconnect; needs
+    /// `reconnect_timeout`). Requests outstanding on it fail with [`IoError::Aborted`].
+    fn reset_controller(&self) -> Result<(), IoError> {
+        Err(IoError::Unsupported {
+            op: "controller reset",
+            bdev: String::new(),
+        })
+    }
+}
