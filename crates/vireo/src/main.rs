@@ -8,8 +8,10 @@ mod pcisetup;
 mod perf;
 mod plot;
 mod rpc;
+mod serve;
 mod signals;
 mod soak;
+mod socket;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -103,9 +105,9 @@ enum Cmd {
     Target(TargetArgs),
     /// Attach a config's controllers and serve SPDK-compatible JSON-RPC until
     /// SIGINT/SIGTERM.
-    Serve(ServeArgs),
+    Serve(serve::ServeArgs),
     /// Send one JSON-RPC request to `vireo serve` and print the result.
-    Rpc(RpcArgs),
+    Rpc(rpc::client::RpcArgs),
     /// Verified I/O with flushes while the target is killed, frozen and disconnected:
     /// nothing acknowledged may be lost (exit 1 if anything failed or was lost).
     Soak(SoakArgs),
@@ -264,34 +266,6 @@ fn cmd_soak(a: SoakArgs) -> Result<bool> {
         }
     }
     Ok(rep.ok())
-}
-
-#[derive(clap::Args, Debug)]
-struct ServeArgs {
-    /// SPDK-style JSON configuration to attach at start (default: start empty).
-    #[arg(short = 'c', long = "config")]
-    config: Option<PathBuf>,
-    /// Unix socket to serve JSON-RPC on.
-    #[arg(short = 'r', long = "rpc-socket")]
-    socket: PathBuf,
-    /// Also export every bdev over NBD under its own name: unix:PATH or tcp:HOST:PORT
-    /// (nbd_start_disk / nbd_stop_disk / nbd_get_disks manage the exports).
-    #[arg(long)]
-    nbd: Option<nbd::Listen>,
-}
-
-#[derive(clap::Args, Debug)]
-struct RpcArgs {
-    /// Unix socket of `vireo serve`.
-    #[arg(short = 'r', long = "rpc-socket")]
-    socket: PathBuf,
-    /// Method name (e.g. bdev_get_bdevs).
-    method: String,
-    /// Params as a JSON object.
-    params: Option<String>,
-    /// Seconds to wait for the answer (attaching a controller can take a while).
-    #[arg(short = 't', long = "timeout", default_value_t = 60.0)]
-    timeout: f64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -801,7 +775,7 @@ fn main() {
         Cmd::Soak(a) => cmd_soak(a),
         Cmd::Target(a) => embedded::cmd_target(a).map(|_| true),
         Cmd::Serve(a) => registry()
-            .and_then(|reg| rpc::cmd_serve(reg, a.config, a.socket, a.nbd))
+            .and_then(|reg| serve::cmd_serve(reg, a))
             .map(|_| true),
         Cmd::Pci { json } => pcisetup::cmd_pci(json).map(|_| true),
         Cmd::Setup {
@@ -814,11 +788,7 @@ fn main() {
             println!("{}", serde_json::to_string_pretty(&ini::to_json(&calls))?);
             Ok(true)
         }),
-        Cmd::Rpc(a) => std::time::Duration::try_from_secs_f64(a.timeout)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .context("--timeout must be a positive number of seconds")
-            .and_then(|t| rpc::cmd_rpc(&a.socket, &a.method, a.params.as_deref(), t)),
+        Cmd::Rpc(a) => rpc::client::cmd_rpc(a),
     };
     match r {
         Ok(true) => {}
