@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use vireo_bdev::Registry;
+use vireo_virtio::DmaConfig;
 
 use crate::nbd::{self, NbdServer};
 use crate::rpc::{self, Methods};
@@ -40,8 +41,8 @@ fn methods(reg: Arc<Registry>, nbd: Option<Arc<NbdServer>>) -> Methods {
 
 /// `vireo serve`: attach the config's controllers, then serve JSON-RPC on the socket
 /// until SIGINT or SIGTERM.
-pub fn cmd_serve(reg: Registry, a: ServeArgs) -> Result<()> {
-    let reg = Arc::new(reg);
+pub fn cmd_serve(a: ServeArgs, dma: &DmaConfig) -> Result<()> {
+    let reg = Arc::new(crate::dma::registry(dma)?);
     if let Some(c) = &a.config {
         crate::ini::attach_config(&reg, c)?;
     }

@@ -1,4 +1,10 @@
-//! `vireo perf`: a bdevperf-style load generator with verification.
+//! `vireo perf`: a bdevperf-style load generator with verification. This module is
+//! the engine; [`cmd`] turns the command line into [`PerfOptions`], [`report`] prints
+//! the text report and [`plot`] draws it.
+
+pub mod cmd;
+pub mod plot;
+pub mod report;
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
