@@ -13,11 +13,13 @@ pub struct BdevsArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    pub dma: crate::dma::DmaArgs,
 }
 
 /// `vireo bdevs`: attach the config's controllers, list their bdevs (and the LUNs
 /// skipped because they are not disks).
-pub fn cmd_bdevs(a: BdevsArgs, dma: &DmaConfig) -> Result<()> {
+pub fn cmd_bdevs(dma: &DmaConfig, a: BdevsArgs) -> Result<()> {
     let reg = crate::dma::registry(dma)?;
     let bdevs = crate::ini::attach_config(&reg, &a.config)?;
     if a.json {

@@ -38,7 +38,7 @@ mod socket;
 mod target;
 mod units;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -49,24 +49,9 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-    /// DMA memory in huge pages (MFD_HUGETLB): `auto` (the default) when the machine
-    /// has them reserved (/proc/sys/vm/nr_hugepages), normal pages otherwise; `on`
-    /// (plain `--hugepages`) requires them; `off` never. Back-ends built on DPDK (SPDK's
-    /// vhost) register guest memory in 2 MiB units and are only safe with huge pages.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "auto",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "on"
-    )]
-    hugepages: dma::HugePages,
-    /// Size of the first DMA memory region (suffixes k, m, g); more regions are added
-    /// as needed.
-    #[arg(long, global = true, default_value = "64m", value_parser = units::parse_size)]
-    dma_region_size: usize,
+    /// `--hugepages` and `--dma-region-size` before the subcommand (hidden).
+    #[command(flatten)]
+    legacy_dma: dma::LegacyDmaArgs,
     /// Debug log of a component, as SPDK's -L: virtio (rings, vhost-user), virtio_blk,
     /// virtio_scsi, bdev, rpc, target, io (a trace line per I/O submitted and
     /// completed), or all (repeatable; VIREO_LOG takes tracing filter directives too).
@@ -135,7 +120,14 @@ fn error_chain(e: &anyhow::Error) -> String {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The subcommand's own matches: which DMA options its line set.
+    let sub = matches
+        .subcommand()
+        .map(|(_, m)| m.clone())
+        .unwrap_or_default();
+    let dma = |a: &dma::DmaArgs| a.config(&sub, &cli.legacy_dma);
     let mut filter = tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     for d in &cli.log {
@@ -148,15 +140,14 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(perf::stderr_is_terminal())
         .init();
-    let dma = dma::config(cli.hugepages, cli.dma_region_size);
     // Ok(true): success (exit 0); Ok(false): the command ran and found a failure (exit
     // 1); Err: it could not run (exit 2).
     let r = match cli.cmd {
-        Cmd::Bdevs(a) => bdevs::cmd_bdevs(a, &dma).map(|_| true),
-        Cmd::Perf(a) => perf::cmd::cmd_perf(a, &dma),
-        Cmd::Soak(a) => soak::cmd_soak(a, &dma),
+        Cmd::Bdevs(a) => bdevs::cmd_bdevs(&dma(&a.dma), a).map(|_| true),
+        Cmd::Perf(a) => perf::cmd::cmd_perf(&dma(&a.dma), a),
+        Cmd::Soak(a) => soak::cmd_soak(&dma(&a.dma), a),
         Cmd::Target(a) => target::cmd_target(a).map(|_| true),
-        Cmd::Serve(a) => serve::cmd_serve(a, &dma).map(|_| true),
+        Cmd::Serve(a) => serve::cmd_serve(&dma(&a.dma), a).map(|_| true),
         Cmd::Pci(a) => pcisetup::cmd_pci(a).map(|_| true),
         Cmd::Setup(a) => pcisetup::cmd_setup(a),
         Cmd::Config(a) => convert::cmd_config(a),

@@ -28,6 +28,8 @@ pub struct ServeArgs {
     /// (nbd_start_disk / nbd_stop_disk / nbd_get_disks manage the exports).
     #[arg(long)]
     nbd: Option<nbd::Listen>,
+    #[command(flatten)]
+    pub dma: crate::dma::DmaArgs,
 }
 
 /// Every method `vireo serve` answers: the server's own, the bdev subsystem's and the
@@ -41,7 +43,7 @@ fn methods(reg: Arc<Registry>, nbd: Option<Arc<NbdServer>>) -> Methods {
 
 /// `vireo serve`: attach the config's controllers, then serve JSON-RPC on the socket
 /// until SIGINT or SIGTERM.
-pub fn cmd_serve(a: ServeArgs, dma: &DmaConfig) -> Result<()> {
+pub fn cmd_serve(dma: &DmaConfig, a: ServeArgs) -> Result<()> {
     let reg = Arc::new(crate::dma::registry(dma)?);
     if let Some(c) = &a.config {
         crate::ini::attach_config(&reg, c)?;

@@ -81,11 +81,13 @@ pub struct SoakArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    pub dma: crate::dma::DmaArgs,
 }
 
 /// `vireo soak`: run the soak, print the report; Ok(false) when anything failed or was
 /// lost.
-pub fn cmd_soak(a: SoakArgs, dma: &DmaConfig) -> Result<bool> {
+pub fn cmd_soak(dma: &DmaConfig, a: SoakArgs) -> Result<bool> {
     let secs = |v: f64, what: &str| {
         std::time::Duration::try_from_secs_f64(v)
             .ok()

@@ -59,11 +59,13 @@ pub struct PerfArgs {
     /// this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+    #[command(flatten)]
+    pub dma: crate::dma::DmaArgs,
 }
 
 /// `vireo perf`: run the workload, print the report; Ok(false) when an I/O failed or a
 /// verify did not match.
-pub fn cmd_perf(a: PerfArgs, dma: &DmaConfig) -> Result<bool> {
+pub fn cmd_perf(dma: &DmaConfig, a: PerfArgs) -> Result<bool> {
     // SIGINT/SIGTERM: stop, let in-flight I/O finish, report, clean up, exit non-zero.
     crate::signals::install();
     // Declared first so it is dropped last, after the controllers that use it.
