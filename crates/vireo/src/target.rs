@@ -20,11 +20,13 @@ pub struct TargetArgs {
     /// scsi: VPD B0 maximum transfer length in blocks (0: no limit).
     #[arg(long, default_value_t = 0)]
     max_transfer: u32,
-    /// scsi: VPD B0 maximum unmap LBA count (0: unmap unsupported; default no limit).
-    #[arg(long, default_value_t = u32::MAX)]
+    /// scsi: VPD B0 maximum unmap LBA count: blocks one UNMAP may name (at least 1), or
+    /// `unlimited` (the same as 4294967295).
+    #[arg(long, default_value = "unlimited", value_parser = crate::units::parse_limit)]
     max_unmap_lba: u32,
-    /// scsi: VPD B0 maximum unmap block descriptor count (default no limit).
-    #[arg(long, default_value_t = u32::MAX)]
+    /// scsi: VPD B0 maximum unmap block descriptor count: descriptors one UNMAP may carry
+    /// (at least 1), or `unlimited` (the same as 4294967295).
+    #[arg(long, default_value = "unlimited", value_parser = crate::units::parse_limit)]
     max_unmap_desc: u32,
     /// Socket to listen on.
     #[arg(short = 's', long)]

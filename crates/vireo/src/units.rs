@@ -14,9 +14,29 @@ pub fn parse_size(s: &str) -> std::result::Result<usize, String> {
         .map_err(|e| format!("invalid size {s:?}: {e}"))
 }
 
+/// A limit that may be absent: a number, or `unlimited` (`u32::MAX`, which the VPD
+/// Block Limits page reads as "no limit").
+pub fn parse_limit(s: &str) -> std::result::Result<u32, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("unlimited") {
+        return Ok(u32::MAX);
+    }
+    s.parse::<u32>()
+        .map_err(|e| format!("invalid limit {s:?} (a number or `unlimited`): {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_parse() {
+        assert_eq!(parse_limit("unlimited").unwrap(), u32::MAX);
+        assert_eq!(parse_limit("4294967295").unwrap(), u32::MAX);
+        assert_eq!(parse_limit("8").unwrap(), 8);
+        assert!(parse_limit("-1").is_err());
+        assert!(parse_limit("lots").is_err());
+    }
 
     #[test]
     fn sizes_parse() {

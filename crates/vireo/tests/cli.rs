@@ -660,3 +660,45 @@ fn dma_options_only_on_subcommands_that_allocate_dma_memory() {
         .unwrap();
     assert_fails_with(&out, "cannot read config file");
 }
+
+/// `vireo target --max-unmap-lba/--max-unmap-desc`: the help's default is the one
+/// used, "unlimited", which can be given by name; a number is still a number.
+#[test]
+fn max_unmap_defaults_read_as_unlimited() {
+    let h = help(&["target"]);
+    for opt in ["--max-unmap-lba", "--max-unmap-desc"] {
+        let line = h
+            .split("\n      --")
+            .find(|l| l.starts_with(&opt[2..]))
+            .unwrap_or_else(|| panic!("{opt} in {h}"));
+        assert!(line.contains("[default: unlimited]"), "{line}");
+        assert!(!line.contains("4294967295]"), "{line}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("u.sock");
+    let mut t = start_target(
+        &sock,
+        &[
+            "--type",
+            "scsi",
+            "--size",
+            "8m",
+            "--max-unmap-lba",
+            "1000",
+            "--max-unmap-desc",
+            "unlimited",
+        ],
+    );
+    let ini = dir.path().join("u.ini");
+    std::fs::write(&ini, format!("[Virtio]\n  Dev User {}\n", sock.display())).unwrap();
+    let v = json_output(vireo().args(["bdevs", "--json", "-c"]).arg(&ini));
+    let _ = t.kill();
+    let _ = t.wait();
+    assert_eq!(v[0]["limits"]["max_unmap_blocks"], 1000, "{v}");
+    let out = vireo()
+        .args(["target", "--max-unmap-lba", "lots", "-s"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "a number or `unlimited`");
+}
