@@ -7,7 +7,7 @@ use vireo_virtio::DmaConfig;
 
 #[derive(clap::Args, Debug)]
 pub struct BdevsArgs {
-    /// SPDK-style JSON configuration.
+    /// Configuration file: SPDK-style JSON or INI (the legacy [Virtio] format).
     #[arg(short = 'c', long = "config")]
     config: PathBuf,
     /// Print JSON.

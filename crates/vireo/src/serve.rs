@@ -18,7 +18,8 @@ use crate::rpc::{self, Methods};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// SPDK-style JSON configuration to attach at start (default: start empty).
+    /// Configuration file to attach at start: SPDK-style JSON or INI (the legacy
+    /// [Virtio] format); default: start empty.
     #[arg(short = 'c', long = "config")]
     config: Option<PathBuf>,
     /// Unix socket to serve JSON-RPC on.

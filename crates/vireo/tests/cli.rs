@@ -702,3 +702,16 @@ fn max_unmap_defaults_read_as_unlimited() {
         .unwrap();
     assert_fails_with(&out, "a number or `unlimited`");
 }
+
+/// `-c` reads SPDK's JSON and the legacy INI format, and its help says both.
+#[test]
+fn config_option_help_names_json_and_ini() {
+    for sub in ["bdevs", "perf", "serve"] {
+        let h = help(&[sub]);
+        let line = h
+            .split("\n  -")
+            .find(|l| l.starts_with("c, --config"))
+            .unwrap_or_else(|| panic!("-c in {sub}: {h}"));
+        assert!(line.contains("JSON or INI"), "{sub}: {line}");
+    }
+}

@@ -13,7 +13,8 @@ use crate::units::parse_size;
 
 #[derive(clap::Args, Debug)]
 pub struct PerfArgs {
-    /// SPDK-style JSON configuration; without it, an in-process target on RAM is used.
+    /// Configuration file: SPDK-style JSON or INI (the legacy [Virtio] format); without
+    /// it, an in-process target on RAM is used.
     #[arg(short = 'c', long = "config")]
     config: Option<PathBuf>,
     /// Bdev to run on (repeatable); default: every bdev.
