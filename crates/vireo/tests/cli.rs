@@ -264,6 +264,37 @@ fn verify_catches_a_device_that_returns_no_data() {
     let v = failing_perf_json(&conf, &["-w", "verify", "-q", "4", "-t", "0.3"]);
     assert!(v["total"]["verify_failures"].as_u64().unwrap() > 0, "{v}");
     assert_eq!(v["total"]["errors"], 0);
+    // The buffer came back as vireo poisoned it, not zeroed.
+    assert!(v["total"].get("first_mismatch_read_zeros").is_none(), "{v}");
+}
+
+/// A device that reads back zeros for what it acknowledged writing (null-co): the
+/// verify failure says so, and points at the device.
+#[test]
+fn verify_on_a_device_that_stores_nothing_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Qsd::start(QsdOpts {
+        backend: Backend::Null(64 << 20),
+        ..Default::default()
+    });
+    let conf = config(dir.path(), &q.sock, 1);
+    let out = vireo()
+        .args(["perf", "-w", "verify", "-q", "4", "-t", "0.3", "-c"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("first verify mismatch at LBA")
+            && text.contains("all zeros")
+            && text.contains("seems to store nothing")
+            && text.contains("null-co"),
+        "{text}"
+    );
+    let v = failing_perf_json(&conf, &["-w", "verify", "-q", "4", "-t", "0.3"]);
+    assert_eq!(v["total"]["first_mismatch_read_zeros"], true, "{v}");
+    assert_eq!(v["jobs"][0]["first_mismatch_read_zeros"], true, "{v}");
 }
 
 #[test]

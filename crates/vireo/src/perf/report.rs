@@ -32,7 +32,15 @@ pub fn print_report(r: &PerfReport) {
         println!("first error: {e}");
     }
     if let Some(l) = r.total.first_mismatch_lba {
-        println!("first verify mismatch at LBA {l}");
+        if r.total.first_mismatch_read_zeros {
+            println!(
+                "first verify mismatch at LBA {l}: the data read back is all zeros; the device \
+                 seems to store nothing (e.g. qemu-storage-daemon's null-co driver or SPDK's \
+                 Null bdev), so verify cannot pass on it"
+            );
+        } else {
+            println!("first verify mismatch at LBA {l}");
+        }
     }
     if r.interrupted {
         println!("interrupted: the run was stopped early (partial results)");
