@@ -50,12 +50,9 @@ pub struct SoakArgs {
     #[arg(long, default_value_t = 5.0)]
     cycle: f64,
     /// Faults, in turn (comma-separated): kill, stop, disconnect (vireo target only).
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "kill,stop,disconnect"
-    )]
+    /// Default: every fault the target supports (qsd: kill,stop; vireo and vireo-ram:
+    /// kill,stop,disconnect).
+    #[arg(long, value_enum, value_delimiter = ',')]
     faults: Vec<Fault>,
     /// How long a stop fault freezes the target, in seconds.
     #[arg(long, default_value_t = 1.0)]
@@ -94,9 +91,13 @@ pub fn cmd_soak(dma: &DmaConfig, a: SoakArgs) -> Result<bool> {
             .filter(|d| !d.is_zero())
             .with_context(|| format!("--{what} must be a positive number of seconds"))
     };
-    if a.faults.is_empty() {
-        anyhow::bail!("--faults needs at least one of kill, stop, disconnect");
-    }
+    // Not given: every fault this target can take (an unsupported one given explicitly
+    // is refused by run(), with the reason).
+    let faults = if a.faults.is_empty() {
+        a.target.faults().to_vec()
+    } else {
+        a.faults
+    };
     let o = SoakOptions {
         target: a.target,
         dev_type: if a.dev_type == "scsi" {
@@ -109,7 +110,7 @@ pub fn cmd_soak(dma: &DmaConfig, a: SoakArgs) -> Result<bool> {
         duration: secs(a.time, "time")?,
         cycles: a.cycles,
         cycle: secs(a.cycle, "cycle")?,
-        faults: a.faults,
+        faults,
         freeze: secs(a.freeze, "freeze")?,
         down: std::time::Duration::try_from_secs_f64(a.down)
             .ok()
@@ -166,6 +167,19 @@ pub enum SoakTarget {
     /// `vireo target --type blk` on RAM: a kill loses every write. Not a soak target:
     /// it shows that the soak catches lost writes.
     VireoRam,
+}
+
+impl SoakTarget {
+    /// The faults this target can be put through, in the order the soak rotates them.
+    pub fn faults(self) -> &'static [Fault] {
+        match self {
+            // qemu-storage-daemon cannot be told to drop a connection.
+            SoakTarget::Qsd => &[Fault::Kill, Fault::Stop],
+            SoakTarget::Vireo | SoakTarget::VireoRam => {
+                &[Fault::Kill, Fault::Stop, Fault::Disconnect]
+            }
+        }
+    }
 }
 
 /// A fault the soak injects.
@@ -386,7 +400,10 @@ pub fn run(reg: &Registry, o: &SoakOptions) -> Result<SoakReport> {
     if o.dev_type == DevType::Scsi && o.target == SoakTarget::Qsd {
         bail!("--dev-type scsi needs --target vireo (qemu-storage-daemon exports vhost-user-blk)");
     }
-    if o.faults.contains(&Fault::Disconnect) && o.target == SoakTarget::Qsd {
+    if o.faults.is_empty() {
+        bail!("--faults needs at least one of kill, stop, disconnect");
+    }
+    if o.faults.contains(&Fault::Disconnect) && !o.target.faults().contains(&Fault::Disconnect) {
         bail!("--faults disconnect needs --target vireo (qemu-storage-daemon cannot be told to drop a connection)");
     }
     if o.io_size == 0 || !o.io_size.is_multiple_of(4096) || o.size < (o.io_size as u64) * 4 {
@@ -794,4 +811,18 @@ fn workload(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without --faults the soak puts a target through what it supports, no more.
+    #[test]
+    fn each_target_has_the_faults_it_supports() {
+        assert_eq!(SoakTarget::Qsd.faults(), &[Fault::Kill, Fault::Stop]);
+        for t in [SoakTarget::Vireo, SoakTarget::VireoRam] {
+            assert_eq!(t.faults(), &[Fault::Kill, Fault::Stop, Fault::Disconnect]);
+        }
+    }
 }

@@ -746,3 +746,34 @@ fn config_option_help_names_json_and_ini() {
         assert!(line.contains("JSON or INI"), "{sub}: {line}");
     }
 }
+
+/// `vireo soak --target qsd` without --faults runs the faults qemu-storage-daemon
+/// supports (kill, stop) instead of refusing the default list; an explicit
+/// unsupported fault is still a clear error.
+#[test]
+fn soak_on_qsd_defaults_to_the_faults_qsd_supports() {
+    let out = vireo()
+        .args([
+            "soak", "--target", "qsd", "--cycles", "2", "--cycle", "0.5", "--size", "64m", "--json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kills"], 1, "{v}");
+    assert_eq!(v["stops"], 1, "{v}");
+    assert_eq!(v["disconnects"], 0, "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["verify_failures"], 0, "{v}");
+    let out = vireo()
+        .args(["soak", "--target", "qsd", "--faults", "kill,disconnect"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_fails_with(&out, "--faults disconnect needs --target vireo");
+}
