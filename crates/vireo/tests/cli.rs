@@ -777,3 +777,50 @@ fn soak_on_qsd_defaults_to_the_faults_qsd_supports() {
     assert_eq!(out.status.code(), Some(2));
     assert_fails_with(&out, "--faults disconnect needs --target vireo");
 }
+
+/// The example configs in docs/examples load: every file there goes through `vireo
+/// config convert` (which reads INI and JSON with the loader `-c` uses), and each
+/// attaches what its comments and names say.
+#[test]
+fn the_example_configs_load() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples");
+    let mut seen = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !(name.ends_with(".json") || name.ends_with(".ini")) {
+            continue;
+        }
+        let v = json_output(vireo().args(["config", "convert"]).arg(&path));
+        let calls: Vec<(String, String, String)> = v["subsystems"][0]["config"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name}: {v}"))
+            .iter()
+            .map(|c| {
+                let p = &c["params"];
+                let s = |k: &str| p[k].as_str().unwrap_or_default().to_string();
+                (s("name"), s("dev_type"), s("traddr"))
+            })
+            .collect();
+        seen.insert(name, calls);
+    }
+    let c = |n: &str, t: &str, a: &str| (n.to_string(), t.to_string(), a.to_string());
+    assert_eq!(
+        seen.get("vhost-user-blk.json"),
+        Some(&vec![c("VirtioBlk0", "blk", "/tmp/vhost.0")]),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.get("vhost-user-scsi.json"),
+        Some(&vec![c("VirtioScsi0", "scsi", "/tmp/vhost-scsi.0")]),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.get("virtio.ini"),
+        Some(&vec![
+            c("VirtioScsi0", "scsi", "/tmp/vhost-scsi.0"),
+            c("VirtioBlk0", "blk", "/tmp/vhost.0")
+        ]),
+        "{seen:?}"
+    );
+}
