@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! main      -> bdevs, perf::cmd, target, serve, rpc::client, soak, pcisetup, convert,
-//!              dma, units, perf
+//!              dma, perf
 //! serve     -> rpc, rpc::bdev, nbd, nbd::rpc, socket, ini, dma, signals
 //! nbd::rpc  -> nbd, rpc                 (rpc never names nbd)
 //! nbd       -> socket
@@ -17,8 +17,9 @@
 //! bdevs     -> ini, dma
 //! convert   -> ini
 //! ini       -> config
-//! leaves: rpc (core), rpc::client, socket, config, dma, units, signals, embedded,
-//!         pcisetup
+//! dma       -> units
+//! leaves: rpc (core), rpc::client, socket, config, units, signals, embedded,
+//!         pcisetup, perf::report, perf::plot (these two name only their parent)
 //! ```
 
 mod bdevs;
