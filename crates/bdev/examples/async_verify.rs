@@ -71,16 +71,77 @@ fn stamp(block: &mut [u8], lba: u64, round: u64) {
     }
 }
 
-fn main() {
-    let mut args = std::env::args().skip(1);
-    let sock = args
-        .next()
-        .expect("usage: async_verify SOCKET [event|poll] [TASKS] [ROUNDS]");
-    let mode = args.next().unwrap_or_else(|| "event".into());
-    let tasks: u64 = args.next().map_or(32, |v| v.parse().expect("TASKS"));
-    let rounds: u64 = args.next().map_or(50, |v| v.parse().expect("ROUNDS"));
+const USAGE: &str = "usage: async_verify SOCKET [event|poll] [TASKS] [ROUNDS]";
 
-    let reg = Registry::new(DmaMemory::new(DmaConfig::default()).expect("DMA memory"));
+/// The command line.
+#[derive(Debug, PartialEq)]
+struct Args {
+    sock: String,
+    /// `event` or `poll`.
+    mode: String,
+    tasks: u64,
+    rounds: u64,
+}
+
+/// The command line, `None` for `-h`/`--help`, or what is wrong with it.
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, String> {
+    let mut args = args.into_iter();
+    let sock = match args.next() {
+        None => return Err("missing SOCKET (the vhost-user-blk socket to attach)".into()),
+        Some(h) if h == "-h" || h == "--help" => return Ok(None),
+        Some(s) => s,
+    };
+    let mode = args.next().unwrap_or_else(|| "event".into());
+    if mode != "event" && mode != "poll" {
+        return Err(format!("the mode is `event` or `poll`, not {mode:?}"));
+    }
+    let mut number = |what: &str, default: u64| match args.next() {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<u64>()
+            .map_err(|e| format!("{what} must be a number, not {v:?}: {e}")),
+    };
+    let tasks = number("TASKS", 32)?;
+    let rounds = number("ROUNDS", 50)?;
+    if let Some(extra) = args.next() {
+        return Err(format!("unexpected argument {extra:?}"));
+    }
+    Ok(Some(Args {
+        sock,
+        mode,
+        tasks,
+        rounds,
+    }))
+}
+
+/// Say what went wrong and exit 2 (bad input or an unusable device, not a panic).
+fn fail(msg: String) -> ! {
+    eprintln!("async_verify: {msg}");
+    std::process::exit(2)
+}
+
+fn main() {
+    let Args {
+        sock,
+        mode,
+        tasks,
+        rounds,
+    } = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            println!("{USAGE}");
+            return;
+        }
+        Err(e) => {
+            eprintln!("async_verify: {e}");
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+    };
+
+    let mem = DmaMemory::new(DmaConfig::default())
+        .unwrap_or_else(|e| fail(format!("cannot set up DMA memory: {e}")));
+    let reg = Registry::new(mem);
     let bdev = reg
         .attach(&AttachParams {
             name: "VirtioBlk0".into(),
@@ -92,17 +153,16 @@ fn main() {
             io_timeout: None,
             reconnect_timeout: None,
         })
-        .unwrap_or_else(|e| panic!("attach {sock}: {e}"))
+        .unwrap_or_else(|e| fail(format!("attach {sock}: {e}")))
         .pop()
-        .expect("one bdev");
+        .unwrap_or_else(|| fail(format!("{sock}: the controller has no bdev")));
     let info = bdev.info();
     let bs = info.block_size as usize;
     let blocks_per_io = (4096 / bs).max(1) as u64;
     let io = blocks_per_io as usize * bs;
-    assert!(
-        tasks * blocks_per_io <= info.num_blocks,
-        "the disk is too small for {tasks} tasks"
-    );
+    if tasks.saturating_mul(blocks_per_io) > info.num_blocks {
+        fail(format!("the disk is too small for {tasks} tasks"));
+    }
     let ch = AsyncChannel::new(bdev.open_channel().expect("channel"));
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -177,5 +237,38 @@ fn main() {
     );
     if bad > 0 {
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Option<Args>, String> {
+        parse_args(args.iter().map(|a| a.to_string()))
+    }
+
+    #[test]
+    fn without_arguments_it_is_a_usage_error_not_a_panic() {
+        assert!(parse(&[]).unwrap_err().contains("missing SOCKET"));
+        assert_eq!(parse(&["--help"]), Ok(None));
+        assert_eq!(
+            parse(&["/tmp/vhost.0"]),
+            Ok(Some(Args {
+                sock: "/tmp/vhost.0".into(),
+                mode: "event".into(),
+                tasks: 32,
+                rounds: 50
+            }))
+        );
+        assert_eq!(parse(&["s", "poll", "4", "5"]).unwrap().unwrap().rounds, 5);
+        assert!(parse(&["s", "busy"])
+            .unwrap_err()
+            .contains("`event` or `poll`"));
+        assert!(parse(&["s", "poll", "many"]).unwrap_err().contains("TASKS"));
+        assert!(parse(&["s", "poll", "1", "x"])
+            .unwrap_err()
+            .contains("ROUNDS"));
+        assert!(parse(&["s", "poll", "1", "2", "3"]).is_err());
     }
 }

@@ -3,7 +3,7 @@
 //! 10- and 16-byte CDBs.
 
 use crate::cdb::{opcode, Cdb};
-use crate::EncodeError;
+use crate::error::EncodeError;
 
 /// Most blocks one READ(10)/WRITE(10) can move (16-bit TRANSFER LENGTH).
 pub const MAX_RW10_BLOCKS: u32 = u16::MAX as u32;
@@ -101,7 +101,7 @@ impl RwFlags {
     }
 }
 
-/// READ(10) or WRITE(10); the direction is the [`Command`](crate::Command) variant.
+/// READ(10) or WRITE(10); the direction is the [`Command`](crate::command::Command) variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadWrite10Cdb {
     /// First LBA.
@@ -150,7 +150,7 @@ impl ReadWrite10Cdb {
     }
 }
 
-/// READ(16) or WRITE(16); the direction is the [`Command`](crate::Command) variant.
+/// READ(16) or WRITE(16); the direction is the [`Command`](crate::command::Command) variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadWrite16Cdb {
     /// First LBA.
@@ -446,7 +446,6 @@ mod padded_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Command;
 
     #[test]
     fn fits() {
@@ -532,25 +531,12 @@ mod tests {
         assert_eq!(c.opcode(), opcode::READ_10);
         let c = read_cdb(100, 65536, f);
         assert_eq!(c.len(), 16);
-        assert_eq!(
-            Command::parse(c.as_bytes()),
-            Ok(Command::Read16(ReadWrite16Cdb {
-                lba: 100,
-                blocks: 65536,
-                flags: f
-            }))
-        );
+        assert_eq!(c.opcode(), opcode::READ_16);
         let c = write_cdb(1 << 32, 1, f);
         assert_eq!(c.opcode(), opcode::WRITE_16);
         let c = write_cdb(u64::from(u32::MAX), 1, f);
-        assert_eq!(
-            Command::parse(c.as_bytes()),
-            Ok(Command::Write10(ReadWrite10Cdb {
-                lba: u32::MAX,
-                blocks: 1,
-                flags: f
-            }))
-        );
+        assert_eq!(c.opcode(), opcode::WRITE_10);
+        // What the CDBs decode to: command::tests::builders_decode_to_their_commands.
     }
 
     #[test]

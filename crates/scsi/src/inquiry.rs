@@ -2,8 +2,8 @@
 //! INQUIRY data (SPC-5 6.7).
 
 use crate::cdb::{opcode, Cdb};
+use crate::error::{CdbError, EncodeError, ParseError};
 use crate::wire::{be16_at, check_text, head, put_text, text};
-use crate::{CdbError, EncodeError, ParseError};
 
 /// INQUIRY CDB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,7 +11,8 @@
 //!
 //! | module | contents |
 //! | --- | --- |
-//! | [`cdb`] | [`Cdb`], operation codes, [`Command::parse`] |
+//! | [`cdb`] | [`Cdb`], operation codes (a leaf: every command module builds on it) |
+//! | [`command`] | [`Command`], [`Command::parse`]: the dispatch from an operation code to a command |
 //! | [`block`] | READ/WRITE 10/16, WRITE SAME(16), SYNCHRONIZE CACHE, START STOP UNIT, 10-vs-16 limits |
 //! | [`inquiry`] | INQUIRY CDB, [`StandardInquiry`], [`Peripheral`] |
 //! | [`vpd`] | VPD pages 00h, 80h, 83h, B0h, B1h, B2h |
@@ -29,6 +30,7 @@
 pub mod block;
 pub mod capacity;
 pub mod cdb;
+pub mod command;
 mod error;
 pub mod inquiry;
 pub mod luns;
@@ -45,7 +47,8 @@ pub use block::{
     MAX_RW16_BLOCKS,
 };
 pub use capacity::{read_capacity_10_cdb, ReadCapacity10, ReadCapacity16, ReadCapacity16Cdb};
-pub use cdb::{cdb_len, opcode, Cdb, Command, DataDirection};
+pub use cdb::{cdb_len, opcode, Cdb};
+pub use command::{Command, DataDirection};
 pub use error::{CdbError, EncodeError, ParseError};
 pub use inquiry::{InquiryCdb, Peripheral, StandardInquiry};
 pub use luns::{Lun, LunAddress, ReportLuns, ReportLunsCdb};

@@ -3,8 +3,8 @@
 use std::fmt;
 
 use crate::cdb::{opcode, Cdb};
+use crate::error::{EncodeError, ParseError};
 use crate::wire::head;
-use crate::{EncodeError, ParseError};
 
 /// SELECT REPORT values.
 pub mod select_report {

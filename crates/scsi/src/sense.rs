@@ -4,8 +4,8 @@
 use std::fmt;
 
 use crate::cdb::{opcode, Cdb};
+use crate::error::ParseError;
 use crate::wire::{array_at, be32, be64_at};
-use crate::ParseError;
 
 /// Sense key (SPC-5 table 49). Every 4-bit value has a variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

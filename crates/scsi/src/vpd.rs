@@ -9,9 +9,9 @@
 //! the caller can ask again with a larger allocation length. Encoders take
 //! the [`Peripheral`] byte to put in the header.
 
+use crate::error::{EncodeError, ParseError};
 use crate::inquiry::Peripheral;
 use crate::wire::{be16_at, be32_at, be64_at, check_text, text};
-use crate::{EncodeError, ParseError};
 
 /// Page codes.
 pub mod page {

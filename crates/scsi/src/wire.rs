@@ -3,7 +3,7 @@
 //! Every read returns `None` instead of panicking when the field lies outside
 //! the buffer, so parsers turn a missing field into a typed error.
 
-use crate::ParseError;
+use crate::error::ParseError;
 
 /// The first `N` bytes of `buf` as an array, or [`ParseError::TooShort`].
 pub(crate) fn head<'a, const N: usize>(
@@ -89,12 +89,12 @@ pub(crate) fn check_text(
     s: &str,
     max: usize,
     what: &'static str,
-) -> Result<(), crate::EncodeError> {
+) -> Result<(), crate::error::EncodeError> {
     if !s.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
-        return Err(crate::EncodeError::NotAscii { what });
+        return Err(crate::error::EncodeError::NotAscii { what });
     }
     if s.len() > max {
-        return Err(crate::EncodeError::FieldTooLong {
+        return Err(crate::error::EncodeError::FieldTooLong {
             what,
             len: s.len(),
             max,

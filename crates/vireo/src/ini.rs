@@ -20,10 +20,11 @@
 //! `traddr` "*" (every function).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use vireo_bdev::config::DEFAULT_VQ_SIZE;
-use vireo_bdev::{AttachParams, ConfigCall, DevType, TrType};
+use vireo_bdev::{AttachParams, Bdev, ConfigCall, DevType, Registry, TrType};
 
 /// Whether `text` is INI rather than JSON (JSON configs are objects).
 pub fn is_ini(text: &str) -> bool {
@@ -214,6 +215,12 @@ pub fn load(path: &Path) -> Result<Vec<ConfigCall>> {
         return parse(&text, &path.display().to_string());
     }
     Ok(crate::config::load_config(path)?)
+}
+
+/// Attach the controllers of the config file `path` (INI or JSON) to `reg`.
+pub fn attach_config(reg: &Registry, path: &Path) -> Result<Vec<Arc<Bdev>>> {
+    let calls = load(path)?;
+    Ok(reg.apply(&calls)?)
 }
 
 /// The SPDK JSON document equivalent to `calls`.

@@ -7,6 +7,29 @@ use anyhow::{bail, Context, Result};
 use vireo_virtio::pci::sysfs::sysfs_root;
 use vireo_virtio::pci::{virtio_functions, Binding, PciAddress, PciFunction};
 
+#[derive(clap::Args, Debug)]
+pub struct PciArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SetupArgs {
+    /// `bind` or `unbind`.
+    #[arg(value_parser = ["bind", "unbind"])]
+    action: String,
+    /// PCI addresses (0000:00:04.0), or `all` for every virtio-blk/scsi function.
+    #[arg(required = true)]
+    bdfs: Vec<String>,
+    /// Driver to bind to: vfio-pci (IOMMU or no-IOMMU mode) or uio_pci_generic.
+    #[arg(long, default_value = "vfio-pci")]
+    driver: String,
+    /// Bind even if a disk of the function is mounted or otherwise in use.
+    #[arg(long)]
+    force: bool,
+}
+
 fn binding_name(b: &Binding) -> String {
     match b {
         Binding::Vfio => "vfio-pci".into(),
@@ -31,7 +54,8 @@ fn usable(f: &PciFunction) -> &'static str {
 }
 
 /// `vireo pci [--json]`.
-pub fn cmd_pci(json: bool) -> Result<()> {
+pub fn cmd_pci(a: PciArgs) -> Result<()> {
+    let json = a.json;
     let fns = virtio_functions().context("cannot list PCI functions")?;
     if json {
         let v: Vec<serde_json::Value> = fns
@@ -249,8 +273,10 @@ fn rebind(addr: PciAddress, driver: Option<&str>, force: bool) -> Result<String>
     }
 }
 
-/// `vireo setup bind|unbind BDF... [--driver D] [--force]`.
-pub fn cmd_setup(action: &str, bdfs: &[String], driver: &str, force: bool) -> Result<bool> {
+/// `vireo setup bind|unbind BDF... [--driver D] [--force]`; Ok(false) when a function
+/// could not be (un)bound.
+pub fn cmd_setup(a: SetupArgs) -> Result<bool> {
+    let (action, bdfs, driver, force) = (a.action.as_str(), &a.bdfs, a.driver.as_str(), a.force);
     if !matches!(driver, "vfio-pci" | "uio_pci_generic") {
         bail!("--driver must be vfio-pci or uio_pci_generic, got {driver:?}");
     }

@@ -22,8 +22,139 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use vireo_bdev::{AttachParams, Bdev, Completion, DevType, IoBuf, IoRequest, Registry, TrType};
+use vireo_virtio::DmaConfig;
 
 use crate::perf::{check_stamp, stamp};
+
+#[derive(clap::Args, Debug)]
+pub struct SoakArgs {
+    /// Target process: qemu-storage-daemon (qsd) or `vireo target` (vireo), on a file.
+    #[arg(long, value_enum, default_value = "vireo")]
+    target: SoakTarget,
+    /// Device type: blk or scsi (scsi: --target vireo).
+    #[arg(long, default_value = "blk", value_parser = ["blk", "scsi"])]
+    dev_type: String,
+    /// Backing file (default: one in a temporary directory).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Size of the disk (suffixes k, m, g).
+    #[arg(long, default_value = "256m", value_parser = crate::units::parse_size)]
+    size: usize,
+    /// Seconds to run (ignored with --cycles).
+    #[arg(short = 't', long = "time", default_value_t = 60.0)]
+    time: f64,
+    /// Stop after this many faults (and one more cycle).
+    #[arg(long, default_value_t = 0)]
+    cycles: u64,
+    /// Seconds between two faults.
+    #[arg(long, default_value_t = 5.0)]
+    cycle: f64,
+    /// Faults, in turn (comma-separated): kill, stop, disconnect (vireo target only).
+    /// Default: every fault the target supports (qsd: kill,stop; vireo and vireo-ram:
+    /// kill,stop,disconnect).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    faults: Vec<Fault>,
+    /// How long a stop fault freezes the target, in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    freeze: f64,
+    /// How long a killed target stays down before it is restarted, in seconds.
+    #[arg(long, default_value_t = 0.2)]
+    down: f64,
+    /// reconnect_timeout of the controller, in seconds.
+    #[arg(long, default_value_t = 30.0)]
+    reconnect_timeout: f64,
+    /// Requests in flight.
+    #[arg(short = 'q', long = "queue-depth", default_value_t = 16)]
+    queue_depth: usize,
+    /// Bytes per I/O (a multiple of 4096).
+    #[arg(short = 'o', long = "io-size", default_value = "4096", value_parser = crate::units::parse_size)]
+    io_size: usize,
+    /// A flush after this many writes.
+    #[arg(long, default_value_t = 64)]
+    flush_every: u64,
+    /// Seed of the stamps and offsets.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    pub dma: crate::dma::DmaArgs,
+}
+
+/// `vireo soak`: run the soak, print the report; Ok(false) when anything failed or was
+/// lost.
+pub fn cmd_soak(dma: &DmaConfig, a: SoakArgs) -> Result<bool> {
+    let secs = |v: f64, what: &str| {
+        std::time::Duration::try_from_secs_f64(v)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .with_context(|| format!("--{what} must be a positive number of seconds"))
+    };
+    // Not given: every fault this target can take (an unsupported one given explicitly
+    // is refused by run(), with the reason).
+    let faults = if a.faults.is_empty() {
+        a.target.faults().to_vec()
+    } else {
+        a.faults
+    };
+    let o = SoakOptions {
+        target: a.target,
+        dev_type: if a.dev_type == "scsi" {
+            vireo_bdev::DevType::Scsi
+        } else {
+            vireo_bdev::DevType::Blk
+        },
+        file: a.file,
+        size: a.size as u64,
+        duration: secs(a.time, "time")?,
+        cycles: a.cycles,
+        cycle: secs(a.cycle, "cycle")?,
+        faults,
+        freeze: secs(a.freeze, "freeze")?,
+        down: std::time::Duration::try_from_secs_f64(a.down)
+            .ok()
+            .context("--down must be a non-negative number of seconds")?,
+        reconnect_timeout: secs(a.reconnect_timeout, "reconnect-timeout")?,
+        queue_depth: a.queue_depth,
+        io_size: a.io_size,
+        flush_every: a.flush_every.max(1),
+        seed: a.seed,
+        vireo: None,
+    };
+    crate::signals::install();
+    let reg = crate::dma::registry(dma)?;
+    let rep = run(&reg, &o)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        println!(
+            "soak: {:.0} s, {} kills, {} stops, {} disconnects, {} reconnects; {} I/Os, {} writes ({} MiB), {} reads verified, {} flushes, {} ranges read back at the end; {} MiB verified; {} errors, {} verify failures; longest I/O {:.1} ms",
+            rep.seconds,
+            rep.kills,
+            rep.stops,
+            rep.disconnects,
+            rep.reconnects,
+            rep.ios,
+            rep.writes,
+            rep.bytes_written >> 20,
+            rep.reads_verified,
+            rep.flushes,
+            rep.final_ranges_checked,
+            rep.bytes_verified >> 20,
+            rep.errors,
+            rep.verify_failures,
+            rep.max_latency_ms
+        );
+        if let Some(n) = rep.target_resent {
+            println!("  the target served {n} requests again from its inflight buffer");
+        }
+        for p in &rep.problems {
+            println!("  {p}");
+        }
+    }
+    Ok(rep.ok())
+}
 
 /// Which target process the soak drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -36,6 +167,19 @@ pub enum SoakTarget {
     /// `vireo target --type blk` on RAM: a kill loses every write. Not a soak target:
     /// it shows that the soak catches lost writes.
     VireoRam,
+}
+
+impl SoakTarget {
+    /// The faults this target can be put through, in the order the soak rotates them.
+    pub fn faults(self) -> &'static [Fault] {
+        match self {
+            // qemu-storage-daemon cannot be told to drop a connection.
+            SoakTarget::Qsd => &[Fault::Kill, Fault::Stop],
+            SoakTarget::Vireo | SoakTarget::VireoRam => {
+                &[Fault::Kill, Fault::Stop, Fault::Disconnect]
+            }
+        }
+    }
 }
 
 /// A fault the soak injects.
@@ -256,7 +400,10 @@ pub fn run(reg: &Registry, o: &SoakOptions) -> Result<SoakReport> {
     if o.dev_type == DevType::Scsi && o.target == SoakTarget::Qsd {
         bail!("--dev-type scsi needs --target vireo (qemu-storage-daemon exports vhost-user-blk)");
     }
-    if o.faults.contains(&Fault::Disconnect) && o.target == SoakTarget::Qsd {
+    if o.faults.is_empty() {
+        bail!("--faults needs at least one of kill, stop, disconnect");
+    }
+    if o.faults.contains(&Fault::Disconnect) && !o.target.faults().contains(&Fault::Disconnect) {
         bail!("--faults disconnect needs --target vireo (qemu-storage-daemon cannot be told to drop a connection)");
     }
     if o.io_size == 0 || !o.io_size.is_multiple_of(4096) || o.size < (o.io_size as u64) * 4 {
@@ -664,4 +811,18 @@ fn workload(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without --faults the soak puts a target through what it supports, no more.
+    #[test]
+    fn each_target_has_the_faults_it_supports() {
+        assert_eq!(SoakTarget::Qsd.faults(), &[Fault::Kill, Fault::Stop]);
+        for t in [SoakTarget::Vireo, SoakTarget::VireoRam] {
+            assert_eq!(t.faults(), &[Fault::Kill, Fault::Stop, Fault::Disconnect]);
+        }
+    }
 }

@@ -7,6 +7,11 @@
 //! it, so a controller with one queue serves them all); each client connection has a
 //! reader (requests in) and a writer (replies out) thread. The I/O thread sleeps on its
 //! request channel while nothing is in flight and polls while something is.
+//!
+//! [`rpc`] holds the JSON-RPC methods that manage the exports (nbd_start_disk,
+//! nbd_stop_disk, nbd_get_disks).
+
+pub mod rpc;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Write};
@@ -276,13 +281,13 @@ pub fn serve(
     match listen {
         Listen::Unix(path) => {
             let l = announce(
-                crate::rpc::bind(&path).and_then(|l| {
+                crate::socket::bind(&path).and_then(|l| {
                     l.set_nonblocking(true)?;
                     Ok(l)
                 }),
                 &ready,
             )?;
-            let _guard = crate::rpc::SocketFile(path.clone());
+            let _guard = crate::socket::SocketFile(path.clone());
             eprintln!("vireo: NBD on unix:{}", path.display());
             accept_loop(
                 stop,

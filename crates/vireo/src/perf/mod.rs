@@ -1,4 +1,10 @@
-//! `vireo perf`: a bdevperf-style load generator with verification.
+//! `vireo perf`: a bdevperf-style load generator with verification. This module is
+//! the engine; [`cmd`] turns the command line into [`PerfOptions`], [`report`] prints
+//! the text report and [`plot`] draws it.
+
+pub mod cmd;
+pub mod plot;
+pub mod report;
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -108,6 +114,10 @@ pub struct JobReport {
     /// First mismatching LBA, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_mismatch_lba: Option<u64>,
+    /// The read of the first mismatch returned nothing but zeros: a device that stores
+    /// nothing (qemu-storage-daemon's null-co, SPDK's Null bdev). Only present when true.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub first_mismatch_read_zeros: bool,
     /// First error message, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
@@ -166,11 +176,21 @@ struct JobResult {
     bytes: u64,
     errors: u64,
     verify_failures: u64,
-    first_mismatch: Option<u64>,
+    first_mismatch: Option<Mismatch>,
     first_error: Option<String>,
     elapsed: f64,
     /// I/O outstanding past --io-timeout was given up on.
     gave_up: bool,
+}
+
+/// The first verify mismatch of a job.
+#[derive(Debug, Clone, Copy)]
+struct Mismatch {
+    /// The first block that does not carry its stamp.
+    lba: u64,
+    /// Every byte of that read came back zero (the device returned zeros for data it
+    /// acknowledged writing).
+    read_zeros: bool,
 }
 
 /// xorshift64*: fast, good enough for offsets and fill patterns.
@@ -528,7 +548,12 @@ impl<'o> Job<'o> {
                                         check_stamp(b.as_slice(), bs, s.lba, o.seed, s.gen)
                                     {
                                         self.res.verify_failures += 1;
-                                        self.res.first_mismatch.get_or_insert(bad);
+                                        if self.res.first_mismatch.is_none() {
+                                            self.res.first_mismatch = Some(Mismatch {
+                                                lba: bad,
+                                                read_zeros: b.as_slice().iter().all(|&x| x == 0),
+                                            });
+                                        }
                                     }
                                 }
                                 s.phase = Phase::Write;
@@ -702,7 +727,8 @@ fn report(r: &JobResult, bdev: String, core: Option<usize>, secs: f64) -> JobRep
         ios: r.ios,
         errors: r.errors,
         verify_failures: r.verify_failures,
-        first_mismatch_lba: r.first_mismatch,
+        first_mismatch_lba: r.first_mismatch.map(|m| m.lba),
+        first_mismatch_read_zeros: r.first_mismatch.is_some_and(|m| m.read_zeros),
         first_error: r.first_error.clone(),
         seconds: secs,
         iops_per_second: Vec::new(),

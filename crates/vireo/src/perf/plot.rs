@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
 
-use crate::perf::PerfReport;
+use super::PerfReport;
 
 /// The legend box of a chart, lower right.
 fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(

@@ -1,0 +1,71 @@
+//! Unix sockets the servers listen on (`vireo serve`'s JSON-RPC, `--nbd unix:PATH`):
+//! bound only when nobody listens there, private to the owner, removed on the way out.
+//! A leaf: it names no other module of the binary.
+
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// Bind `path`, replacing a stale socket file but never a live server or another file.
+/// The socket is made mode 0600: whoever connects controls every controller.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            bail!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
+        }
+        if UnixStream::connect(path).is_ok() {
+            bail!("{} is in use by a running server", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let l =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    // Whoever connects controls every controller: the owner only, whatever the umask.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot make {} private (mode 0600)", path.display()))?;
+    Ok(l)
+}
+
+/// Removes the socket file on drop.
+pub struct SocketFile(pub PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binds_private_refuses_live_and_foreign_files_replaces_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.sock");
+        let l = bind(&p).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let e = bind(&p).unwrap_err().to_string();
+        assert!(e.contains("in use by a running server"), "{e}");
+        // A socket file nobody listens on any more is replaced.
+        drop(l);
+        let l = bind(&p).unwrap();
+        {
+            let _guard = SocketFile(p.clone());
+        }
+        assert!(!p.exists(), "SocketFile removes the socket");
+        drop(l);
+        let f = dir.path().join("plain");
+        std::fs::write(&f, b"x").unwrap();
+        let e = bind(&f).unwrap_err().to_string();
+        assert!(e.contains("is not a socket"), "{e}");
+    }
+}
