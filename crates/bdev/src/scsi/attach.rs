@@ -121,7 +121,7 @@ impl ScsiController {
             geo,
             mem: mem.clone(),
             health: Health::new(name, transport.broken_flag()),
-            link: crate::link::Link::new(name, params.reconnect_timeout),
+            link: crate::reconnect::Link::new(name, params.reconnect_timeout),
             queues: QueuePool::new(queues),
             max_segments,
             max_sectors: cfg.max_sectors,
@@ -188,7 +188,7 @@ impl ScsiController {
             None
         };
         let transport = Arc::new(Mutex::new(transport));
-        let redo = Redo {
+        let redo = ScsiReconnect {
             shared: Arc::downgrade(&shared),
             wanted,
             features,
@@ -202,7 +202,7 @@ impl ScsiController {
             plain,
             events,
         };
-        crate::link::start(name, &shared.link, &shared, &transport, Box::new(redo))?;
+        crate::reconnect::start(name, &shared.link, &shared, &transport, Box::new(redo))?;
         Ok(ScsiController {
             transport,
             shared,
@@ -218,7 +218,7 @@ impl ScsiController {
 }
 
 /// What a reconnection must bring back as it was.
-struct Redo {
+struct ScsiReconnect {
     shared: std::sync::Weak<Shared>,
     wanted: u64,
     features: u64,
@@ -233,22 +233,22 @@ struct Redo {
     events: bool,
 }
 
-impl crate::link::Redo for Redo {
+impl crate::reconnect::Reconnect for ScsiReconnect {
     /// Bring the device up again: the control queue is installed here, the event
     /// queue's and request queues' rings go to their users (fresh rings: vireo resends
     /// from its own records).
     fn run(
         &mut self,
         t: &mut dyn Transport,
-        ctx: &mut crate::link::RedoCtx,
-    ) -> Result<Vec<Renewed>, RedoError> {
-        let transient = |e: vireo_virtio::Error| RedoError::Transient(e.to_string());
-        crate::link::renegotiate(t, self.wanted, self.features)?;
+        ctx: &mut crate::reconnect::ReconnectCtx,
+    ) -> Result<Vec<NewRing>, ReconnectError> {
+        let transient = |e: vireo_virtio::Error| ReconnectError::Transient(e.to_string());
+        crate::reconnect::renegotiate(t, self.wanted, self.features)?;
         if t.has_config() {
             let mut raw = [0u8; wire::CONFIG_LEN];
             t.read_config(0, &mut raw).map_err(transient)?;
             let cfg = ScsiConfig::parse(&raw)
-                .ok_or_else(|| RedoError::Transient("short configuration".into()))?;
+                .ok_or_else(|| ReconnectError::Transient("short configuration".into()))?;
             let cdb = if cfg.cdb_size == 0 {
                 32
             } else {
@@ -263,7 +263,7 @@ impl crate::link::Redo for Redo {
                 || cdb < self.cdb_size
                 || sense < self.sense_size
             {
-                return Err(RedoError::Permanent(format!(
+                return Err(ReconnectError::Permanent(format!(
                     "the device came back with {} request queues, CDB size {}, sense size {} (was {}, {}, {})",
                     cfg.num_queues, cfg.cdb_size, cfg.sense_size, self.num_queues, self.cdb_size, self.sense_size
                 )));
@@ -273,7 +273,7 @@ impl crate::link::Redo for Redo {
         let event = create_queue(t, 1, self.small, self.plain).map_err(transient)?;
         let mut rings = Vec::with_capacity(self.vq_count as usize + 1);
         for i in 0..self.vq_count {
-            rings.push(Renewed::Fresh {
+            rings.push(NewRing::Fresh {
                 ring: create_queue(t, 2 + i, self.vq_size, self.opts).map_err(transient)?,
                 aborted: ctx.forced,
             });
@@ -282,13 +282,13 @@ impl crate::link::Redo for Redo {
         let shared = self
             .shared
             .upgrade()
-            .ok_or_else(|| RedoError::Permanent("the controller is gone".into()))?;
+            .ok_or_else(|| ReconnectError::Permanent("the controller is gone".into()))?;
         let ctl = ControlQueue::new(&shared.mem, control, t.broken_flag())
-            .map_err(|e| RedoError::Transient(e.to_string()))?;
+            .map_err(|e| ReconnectError::Transient(e.to_string()))?;
         // The old control queue: a failed one leaks its memory itself.
         *lock(&shared.control) = Some(ctl);
         if self.events {
-            rings.push(Renewed::Fresh {
+            rings.push(NewRing::Fresh {
                 ring: event,
                 aborted: ctx.forced,
             });

@@ -45,13 +45,13 @@ pub(super) fn event_loop(mut ctx: EventCtx, mut q: SplitQueue) {
                 break;
             }
             match ctx.shared.link.check(generation, index) {
-                LinkView::Waiting => {
+                ReconnectStatus::Waiting => {
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
                 }
-                LinkView::Failed(..) => break,
-                LinkView::Ready(g, renewed) => {
-                    let Renewed::Fresh { ring, .. } = *renewed else {
+                ReconnectStatus::Failed(..) => break,
+                ReconnectStatus::Ready(g, renewed) => {
+                    let NewRing::Fresh { ring, .. } = *renewed else {
                         ctx.shared
                             .health
                             .fail("the event queue cannot go on with its old ring");

@@ -2,6 +2,8 @@
 //! LUN channels.
 
 use super::*;
+use crate::queue_life::{Admission, LifeQueue, QueueLife};
+use crate::reconnect::ControllerShared;
 use wire::response;
 
 /// A channel's state inside its thread queue.
@@ -14,9 +16,8 @@ struct ChanState {
     closed: bool,
 }
 
-/// One request queue of a virtio-scsi controller, used by every LUN channel of one
-/// thread (so a controller with a single request queue still serves all its LUNs).
-pub(super) struct ThreadQueue {
+/// A virtio-scsi request queue, the commands it holds and the channels they are for.
+struct ScsiRequests {
     sq: ScsiQueue,
     shared: Arc<Shared>,
     chans: Vec<Option<ChanState>>,
@@ -34,15 +35,15 @@ pub(super) struct ThreadQueue {
     data_segs: Vec<Segment>,
     completed: Vec<u16>,
     retry: Vec<u16>,
-    failed: Option<IoError>,
     /// The queue's index on the device.
     index: u16,
-    /// The link generation of the queue's ring.
-    generation: u64,
-    /// The connection is gone and reconnection is under way.
-    suspended: bool,
-    /// Commands of a lost connection (channel, request), sent again once it is back.
-    resubmit: std::collections::VecDeque<(u32, Child)>,
+}
+
+/// One request queue of a virtio-scsi controller, used by every LUN channel of one
+/// thread (so a controller with a single request queue still serves all its LUNs).
+pub(super) struct ThreadQueue {
+    q: ScsiRequests,
+    life: QueueLife<(u32, Child)>,
 }
 
 /// `slot_chan` of a slot without a command.
@@ -54,7 +55,7 @@ fn command_tag(index: u16, slot: u16) -> u64 {
     ((index as u64) << 16) | slot as u64
 }
 
-impl ThreadQueue {
+impl ScsiRequests {
     /// The command in `slot` and its channel, if any.
     #[inline]
     fn child(&self, slot: u16) -> Option<(u32, Child)> {
@@ -111,54 +112,6 @@ impl ThreadQueue {
         }
     }
 
-    /// The queue failed: fail every command on it; a device that broke the protocol
-    /// fails the controller.
-    fn fail_all(&mut self, f: QueueFailure) {
-        if self.failed.is_some() || self.suspended {
-            return;
-        }
-        if f == QueueFailure::Disconnected && self.shared.link.enabled() {
-            // Wait for the connection; the commands are taken back when it returns.
-            self.sq.rq.fail(f);
-            self.suspended = true;
-            return;
-        }
-        if let QueueFailure::Device(why) = &f {
-            self.shared.health.fail(why);
-        }
-        self.sq.rq.fail(f.clone());
-        self.fail_waiting(queue_error(&f));
-    }
-
-    /// Take the commands off the lost ring: to send again (keeping their channel's
-    /// count), or to fail as aborted (vireo dropped the connection itself: the old
-    /// back-end may still work on them).
-    fn take_back(&mut self, aborted: bool) {
-        for slot in self.sq.rq.drain_in_flight() {
-            // The old queue's memory stays with it; so does an UNMAP list.
-            if let Some(b) = self.slot_unmap[slot as usize].take() {
-                std::mem::forget(b);
-            }
-            if let Some((chan, c)) = self.take_child(slot) {
-                if aborted {
-                    self.deliver(
-                        chan,
-                        ChildDone::new(
-                            c.parent,
-                            Err(IoError::Aborted(
-                                "the device stopped answering and vireo reconnected".into(),
-                            )),
-                        ),
-                    );
-                } else {
-                    self.resubmit.push_back((chan, c));
-                }
-            }
-        }
-        // The write-zeroes source may be read by the old back-end: not reused.
-        std::mem::forget(self.zero.take());
-    }
-
     /// ABORT TASK for every command of `chan`'s request `parent` still on the device
     /// (each waits at most `timeout` for its answer). An aborted command is not retried.
     fn abort(&mut self, chan: u32, parent: u32, timeout: Duration) -> Result<(), IoError> {
@@ -190,88 +143,6 @@ impl ThreadQueue {
             }
         }
         first_err.map_or(Ok(()), Err)
-    }
-
-    /// Fail the commands kept for a reconnection, and everything after them.
-    fn fail_waiting(&mut self, e: IoError) {
-        for slot in self.sq.rq.drain_in_flight() {
-            if let Some((chan, c)) = self.take_child(slot) {
-                self.deliver(chan, ChildDone::new(c.parent, Err(e.clone())));
-            }
-        }
-        while let Some((chan, c)) = self.resubmit.pop_front() {
-            self.deliver(chan, ChildDone::new(c.parent, Err(e.clone())));
-        }
-        self.suspended = false;
-        self.failed = Some(e);
-    }
-
-    /// While suspended: take the new ring once the connection is back and send the
-    /// kept commands again.
-    fn resume(&mut self) {
-        match self.shared.link.check(self.generation, self.index) {
-            LinkView::Waiting => {}
-            LinkView::Failed(why, forced) => {
-                self.fail_waiting(crate::link::failed_error(why, forced))
-            }
-            LinkView::Ready(generation, renewed) => {
-                let Renewed::Fresh { ring, aborted } = *renewed else {
-                    self.fail_waiting(IoError::ReconnectFailed(
-                        "a virtio-scsi queue cannot go on with its old ring".into(),
-                    ));
-                    return;
-                };
-                self.take_back(aborted);
-                match ScsiQueue::new(
-                    &self.shared.mem,
-                    ring,
-                    self.shared.geo,
-                    self.shared.health.broken_arc(),
-                ) {
-                    Ok(sq) => {
-                        // The old queue leaks its memory (it failed).
-                        drop(std::mem::replace(&mut self.sq, sq));
-                        self.generation = generation;
-                        self.suspended = false;
-                        self.send_kept();
-                    }
-                    Err(e) => self.fail_waiting(e),
-                }
-            }
-        }
-    }
-
-    /// Send kept commands while the ring has room.
-    fn send_kept(&mut self) {
-        while let Some((chan, c)) = self.resubmit.pop_front() {
-            let open = matches!(self.chans.get(chan as usize), Some(Some(st)) if !st.closed);
-            if !open {
-                // Its channel is gone: nobody waits for the answer.
-                self.deliver(chan, ChildDone::new(c.parent, Err(IoError::Disconnected)));
-                continue;
-            }
-            let Some(slot) = self.sq.rq.take_slot() else {
-                self.resubmit.push_front((chan, c));
-                break;
-            };
-            match self.issue(chan, slot, &c) {
-                Ok(()) => {
-                    self.slot_child[slot as usize] = c;
-                    self.slot_chan[slot as usize] = chan;
-                    self.slot_tries[slot as usize] = 0;
-                }
-                Err(IssueError::RingFull) => {
-                    self.sq.rq.release_slot(slot);
-                    self.resubmit.push_front((chan, c));
-                    break;
-                }
-                Err(IssueError::Failed(e)) => {
-                    self.sq.rq.release_slot(slot);
-                    self.deliver(chan, ChildDone::new(c.parent, Err(e)));
-                }
-            }
-        }
-        self.publish();
     }
 
     /// Build and queue the command of `c` (from channel `chan`) in `slot`.
@@ -447,17 +318,9 @@ impl ThreadQueue {
         r.map_err(|()| IssueError::RingFull)
     }
 
-    fn queue(&mut self, chan: u32, c: Child) -> Result<(), Child> {
-        if let Some(e) = self.failed.clone() {
-            if let Some(Some(st)) = self.chans.get_mut(chan as usize) {
-                st.outbox.push(ChildDone::new(c.parent, Err(e)));
-            }
-            return Ok(());
-        }
-        if self.suspended || !self.resubmit.is_empty() {
-            // Waits for the connection (and the commands kept from the last one).
-            return Err(c);
-        }
+    /// Put command `c` of channel `chan` on the ring; `Err(c)` when the ring has no
+    /// room. A command that cannot be sent at all comes back with its error.
+    fn place(&mut self, chan: u32, c: Child) -> Result<Option<IoError>, Child> {
         let Some(slot) = self.sq.rq.take_slot() else {
             return Err(c);
         };
@@ -466,10 +329,7 @@ impl ThreadQueue {
                 self.slot_child[slot as usize] = c;
                 self.slot_chan[slot as usize] = chan;
                 self.slot_tries[slot as usize] = 0;
-                if let Some(Some(st)) = self.chans.get_mut(chan as usize) {
-                    st.in_flight += 1;
-                }
-                Ok(())
+                Ok(None)
             }
             Err(IssueError::RingFull) => {
                 self.sq.rq.release_slot(slot);
@@ -477,20 +337,8 @@ impl ThreadQueue {
             }
             Err(IssueError::Failed(e)) => {
                 self.sq.rq.release_slot(slot);
-                if let Some(Some(st)) = self.chans.get_mut(chan as usize) {
-                    st.outbox.push(ChildDone::new(c.parent, Err(e)));
-                }
-                Ok(())
+                Ok(Some(e))
             }
-        }
-    }
-
-    fn publish(&mut self) {
-        if self.failed.is_some() || self.suspended {
-            return;
-        }
-        if let Err(f) = self.sq.rq.publish() {
-            self.fail_all(f);
         }
     }
 
@@ -509,16 +357,9 @@ impl ThreadQueue {
     }
 
     /// Reap the queue's completions: the polling channel `me`'s into `out`, the others'
-    /// into their outboxes.
-    fn poll_all(&mut self, me: u32, out: &mut Vec<ChildDone>) {
-        if self.suspended {
-            self.resume();
-        } else if !self.resubmit.is_empty() {
-            self.send_kept();
-        }
-        if self.failed.is_some() || self.suspended {
-            return;
-        }
+    /// into their outboxes. A failed ring or a device that broke the protocol gives the
+    /// failure to report.
+    fn reap(&mut self, me: u32, out: &mut Vec<ChildDone>) -> Result<(), QueueFailure> {
         let mut completed = std::mem::take(&mut self.completed);
         completed.clear();
         let r = self.sq.rq.poll(|_, slot, _| completed.push(slot));
@@ -599,53 +440,154 @@ impl ThreadQueue {
         self.retry = retry;
         if retried {
             // Nobody else publishes on behalf of a retry.
-            self.publish();
+            self.sq.rq.publish()?;
         }
-        if let Err(f) = r {
-            self.fail_all(f);
-        } else if let Some(why) = fatal {
-            self.fail_all(QueueFailure::Device(why));
+        r?;
+        match fatal {
+            Some(why) => Err(QueueFailure::Device(why)),
+            None => Ok(()),
         }
+    }
+
+    /// Forget the buffers the device may still read: UNMAP lists and the write-zeroes
+    /// source.
+    fn forget_buffers(&mut self) {
+        for b in self.slot_unmap.iter_mut().filter_map(Option::take) {
+            std::mem::forget(b);
+        }
+        std::mem::forget(self.zero.take());
+    }
+}
+
+impl LifeQueue for ScsiRequests {
+    type Request = (u32, Child);
+
+    fn controller(&self) -> &dyn ControllerShared {
+        &*self.shared
+    }
+
+    fn fail_ring(&mut self, f: QueueFailure) {
+        self.sq.rq.fail(f);
+    }
+
+    fn take_in_flight(&mut self) -> Vec<(u32, Child)> {
+        let mut taken = Vec::new();
+        for slot in self.sq.rq.drain_in_flight() {
+            // The old queue's memory stays with it; so does an UNMAP list.
+            if let Some(b) = self.slot_unmap[slot as usize].take() {
+                std::mem::forget(b);
+            }
+            taken.extend(self.take_child(slot));
+        }
+        taken
+    }
+
+    fn complete(&mut self, (chan, c): (u32, Child), result: Result<(), IoError>) {
+        self.deliver(chan, ChildDone::new(c.parent, result));
+    }
+
+    fn send(&mut self, (chan, c): (u32, Child)) -> Result<(), (u32, Child)> {
+        let open = matches!(self.chans.get(chan as usize), Some(Some(st)) if !st.closed);
+        if !open {
+            // Its channel is gone: nobody waits for the answer.
+            self.deliver(chan, ChildDone::new(c.parent, Err(IoError::Disconnected)));
+            return Ok(());
+        }
+        match self.place(chan, c) {
+            Ok(None) => Ok(()),
+            Ok(Some(e)) => {
+                self.deliver(chan, ChildDone::new(c.parent, Err(e)));
+                Ok(())
+            }
+            Err(c) => Err((chan, c)),
+        }
+    }
+
+    fn publish_ring(&mut self) -> Result<(), QueueFailure> {
+        self.sq.rq.publish()
+    }
+
+    fn reattach(
+        &mut self,
+        _notifier: vireo_virtio::Notifier,
+        _signal: Option<Arc<vmm_sys_util::eventfd::EventFd>>,
+    ) -> Result<(), IoError> {
+        Err(IoError::ReconnectFailed(
+            "a virtio-scsi queue cannot go on with its old ring".into(),
+        ))
+    }
+
+    fn replace_ring(&mut self, ring: SplitQueue) -> Result<(), IoError> {
+        let sq = ScsiQueue::new(
+            &self.shared.mem,
+            ring,
+            self.shared.geo,
+            self.shared.health.broken_arc(),
+        )?;
+        // The old queue leaks its memory (it failed); the write-zeroes source may be
+        // read by the old back-end: not reused.
+        drop(std::mem::replace(&mut self.sq, sq));
+        std::mem::forget(self.zero.take());
+        Ok(())
+    }
+
+    fn take_ring(&mut self) -> Option<SplitQueue> {
+        self.sq.rq.take_ring()
+    }
+
+    fn ring_lost(&self) -> bool {
+        self.sq.rq.lost()
+    }
+
+    fn forget_device_buffers(&mut self) {
+        self.forget_buffers();
+    }
+}
+
+impl ThreadQueue {
+    fn queue(&mut self, chan: u32, c: Child) -> Result<(), Child> {
+        let refused = match self.life.admission() {
+            Admission::Send => match self.q.place(chan, c)? {
+                None => {
+                    if let Some(Some(st)) = self.q.chans.get_mut(chan as usize) {
+                        st.in_flight += 1;
+                    }
+                    return Ok(());
+                }
+                Some(e) => e,
+            },
+            // Waits for the connection (and the commands kept from the last one).
+            Admission::Wait => return Err(c),
+            Admission::Refuse(e) => e.clone(),
+        };
+        if let Some(Some(st)) = self.q.chans.get_mut(chan as usize) {
+            st.outbox.push(ChildDone::new(c.parent, Err(refused)));
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        self.life.publish(&mut self.q);
+    }
+
+    /// Reap the queue's completions: the polling channel `me`'s into `out`, the others'
+    /// into their outboxes.
+    fn poll_all(&mut self, me: u32, out: &mut Vec<ChildDone>) {
+        if self.life.before_poll(&mut self.q) {
+            if let Err(f) = self.q.reap(me, out) {
+                self.life.on_failure(&mut self.q, f);
+            }
+        }
+    }
+
+    fn abort(&mut self, chan: u32, parent: u32, timeout: Duration) -> Result<(), IoError> {
+        self.q.abort(chan, parent, timeout)
     }
 }
 
 impl Drop for ThreadQueue {
     fn drop(&mut self) {
-        if self.shared.link.enabled() {
-            let ring = if self.suspended {
-                None
-            } else {
-                self.sq.rq.take_ring()
-            };
-            let link = &self.shared.link;
-            match ring {
-                Some(q) => {
-                    let mut q = q;
-                    q.set_tag(self.generation);
-                    link.give_back(q, self.sq.rq.lost(), &self.shared.queues)
-                }
-                None => {
-                    for b in self.slot_unmap.iter_mut().filter_map(Option::take) {
-                        std::mem::forget(b);
-                    }
-                    std::mem::forget(self.zero.take());
-                    // The ring was lost with a connection: the queue's new one goes to
-                    // the pool.
-                    link.release(self.index, &self.shared.queues);
-                }
-            }
-            return;
-        }
-        match self.sq.rq.take_ring() {
-            Some(q) => self.shared.queues.give(q),
-            None => {
-                // The device may still read these buffers.
-                for b in self.slot_unmap.iter_mut().filter_map(Option::take) {
-                    std::mem::forget(b);
-                }
-                std::mem::forget(self.zero.take());
-            }
-        }
+        self.life.close(&mut self.q);
     }
 }
 
@@ -680,7 +622,7 @@ pub(super) fn open_channel(
         return Err(BdevError::Failed(shared.name.clone()));
     }
     let tq = thread_queue(shared, bdev)?;
-    let id = tq.borrow_mut().register(ctx.clone());
+    let id = tq.borrow_mut().q.register(ctx.clone());
     shared.queues.opened();
     Ok(Box::new(ScsiChannel { tq, id }))
 }
@@ -696,7 +638,7 @@ impl ChannelDriver for ScsiChannel {
 
     fn reset_controller(&mut self) -> Result<(), IoError> {
         let tq = self.tq.borrow();
-        tq.shared.link.force(tq.generation)
+        tq.life.reset_controller(&tq.q)
     }
 
     fn publish(&mut self) {
@@ -707,7 +649,7 @@ impl ChannelDriver for ScsiChannel {
         let before = out.len();
         let mut tq = self.tq.borrow_mut();
         tq.poll_all(self.id, out);
-        if let Some(Some(st)) = tq.chans.get_mut(self.id as usize) {
+        if let Some(Some(st)) = tq.q.chans.get_mut(self.id as usize) {
             if !st.outbox.is_empty() {
                 out.append(&mut st.outbox);
             }
@@ -717,27 +659,27 @@ impl ChannelDriver for ScsiChannel {
 
     fn arm(&mut self) -> Option<(std::os::fd::RawFd, bool)> {
         let mut tq = self.tq.borrow_mut();
-        if tq.failed.is_some() || tq.suspended {
+        if !tq.life.is_up() {
             return None;
         }
         // Completions a sibling channel reaped for this one are ready already.
         let waiting =
-            matches!(tq.chans.get(self.id as usize), Some(Some(st)) if !st.outbox.is_empty());
-        let armed = tq.sq.rq.arm()?;
+            matches!(tq.q.chans.get(self.id as usize), Some(Some(st)) if !st.outbox.is_empty());
+        let armed = tq.q.sq.rq.arm()?;
         Some((armed.0, armed.1 || waiting))
     }
 
     fn disarm(&mut self) {
-        self.tq.borrow_mut().sq.rq.disarm();
+        self.tq.borrow_mut().q.sq.rq.disarm();
     }
 }
 
 impl Drop for ScsiChannel {
     fn drop(&mut self) {
         let mut tq = self.tq.borrow_mut();
-        tq.shared.queues.closed();
-        let failed = tq.failed.is_some();
-        if let Some(entry) = tq.chans.get_mut(self.id as usize) {
+        tq.q.shared.queues.closed();
+        let failed = tq.life.is_failed();
+        if let Some(entry) = tq.q.chans.get_mut(self.id as usize) {
             match entry.as_mut() {
                 // Commands still on the device (a working queue): keep the id taken.
                 Some(c) if c.in_flight > 0 && !failed => {
@@ -781,24 +723,23 @@ fn thread_queue(shared: &Arc<Shared>, bdev: &str) -> Result<Rc<RefCell<ThreadQue
         source: e,
     })?;
     let tq = Rc::new(RefCell::new(ThreadQueue {
-        sq,
-        shared: shared.clone(),
-        chans: Vec::new(),
-        slot_child: vec![Child::EMPTY; n],
-        slot_chan: vec![NO_CHAN; n],
-        slot_tries: vec![0; n],
-        slot_xfer: vec![(0, false); n],
-        slot_unmap: (0..n).map(|_| None).collect(),
-        unmap_pool: Vec::new(),
-        zero: None,
-        data_segs: Vec::new(),
-        completed: Vec::with_capacity(n),
-        retry: Vec::new(),
-        failed: None,
-        index,
-        generation,
-        suspended: false,
-        resubmit: std::collections::VecDeque::new(),
+        q: ScsiRequests {
+            sq,
+            shared: shared.clone(),
+            chans: Vec::new(),
+            slot_child: vec![Child::EMPTY; n],
+            slot_chan: vec![NO_CHAN; n],
+            slot_tries: vec![0; n],
+            slot_xfer: vec![(0, false); n],
+            slot_unmap: (0..n).map(|_| None).collect(),
+            unmap_pool: Vec::new(),
+            zero: None,
+            data_segs: Vec::new(),
+            completed: Vec::with_capacity(n),
+            retry: Vec::new(),
+            index,
+        },
+        life: QueueLife::new(index, generation),
     }));
     THREAD_QUEUES.with(|t| t.borrow_mut().push((key, Rc::downgrade(&tq))));
     Ok(tq)

@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use queue::queue_error;
 use vireo_scsi::{
     SyncCache10Cdb, SyncCache16Cdb, UnmapCdb, WriteSame16Cdb, MAX_UNMAP_DESCRIPTORS_PER_LIST,
 };
@@ -41,8 +40,8 @@ use crate::driver::{BdevDriver, ChannelDriver, Child, ChildDone};
 use crate::error::{BdevError, IoError};
 use crate::health::Health;
 use crate::io::IoOp;
-use crate::link::{LinkView, RedoError, Renewed};
 use crate::pool::QueuePool;
+use crate::reconnect::{NewRing, ReconnectError, ReconnectStatus};
 use attach::{make_lun, scan_all};
 use events::{event_loop, EventCtx};
 use io::open_channel;
@@ -129,7 +128,7 @@ struct Shared {
     /// The device's transfer size hint (`max_sectors`, 512-byte units; 0: none).
     max_sectors: u32,
     control: Mutex<Option<ControlQueue>>,
-    link: Arc<crate::link::Link>,
+    link: Arc<crate::reconnect::Link>,
 }
 
 /// The control queue: task management functions, one at a time.
@@ -142,12 +141,15 @@ struct LunEntry {
     ctx: Arc<LunCtx>,
 }
 
-impl crate::link::HasHealth for Shared {
+impl crate::reconnect::ControllerShared for Shared {
     fn health(&self) -> &Health {
         &self.health
     }
     fn pool(&self) -> &QueuePool {
         &self.queues
+    }
+    fn link(&self) -> &crate::reconnect::Link {
+        &self.link
     }
 }
 

@@ -1,6 +1,7 @@
 //! One virtio-scsi request queue: the generic [`RequestQueue`] with command slots, and
 //! what the device's CDB and sense sizes make of them.
 
+use crate::queue_life::queue_error;
 use std::mem::offset_of;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -43,14 +44,6 @@ impl Geometry {
     /// Response bytes the device writes.
     pub fn resp_len(&self) -> usize {
         RESP_HEADER + self.sense_size
-    }
-}
-
-/// The virtio-level error of a failed queue.
-pub fn queue_error(f: &QueueFailure) -> IoError {
-    match f {
-        QueueFailure::Disconnected => IoError::Disconnected,
-        QueueFailure::Device(why) => IoError::ControllerFailed(why.clone()),
     }
 }
 

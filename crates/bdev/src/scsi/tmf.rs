@@ -4,8 +4,8 @@ use std::mem::offset_of;
 
 use vireo_virtio::wire::scsi::{TmfReq, TmfSlot, TMF_ABORT_TASK, TMF_LOGICAL_UNIT_RESET, T_TMF};
 
-use super::queue::queue_error;
 use super::*;
+use crate::queue_life::queue_error;
 
 const REQ_OFF: u64 = offset_of!(TmfSlot, req) as u64;
 const RESP_OFF: usize = offset_of!(TmfSlot, response);

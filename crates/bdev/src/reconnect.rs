@@ -35,7 +35,7 @@ const ATTEMPT_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why one reconnection attempt failed.
 #[derive(Debug)]
-pub(crate) enum RedoError {
+pub(crate) enum ReconnectError {
     /// Worth another attempt (no socket yet, the back-end hung up again).
     Transient(String),
     /// The device came back different (features, block size): give up at once.
@@ -45,43 +45,43 @@ pub(crate) enum RedoError {
 /// A queue's ring after a reconnection. (Moved a few times per reconnection, never on
 /// the I/O path: the size difference of the variants does not matter.)
 #[allow(clippy::large_enum_variant)]
-pub(crate) enum Renewed {
+pub(crate) enum NewRing {
     /// A new ring; the old connection's requests are resent from the channel's records,
     /// or failed as aborted (`aborted`: vireo dropped the connection itself).
     Fresh { ring: SplitQueue, aborted: bool },
     /// The same ring, served by the new connection, which resends what the old one had
     /// in flight: the channel goes on with this doorbell and completion eventfd.
-    Same {
+    Kept {
         index: u16,
         notifier: Notifier,
         signal: Option<Arc<EventFd>>,
     },
 }
 
-impl std::fmt::Debug for Renewed {
+impl std::fmt::Debug for NewRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Renewed::Fresh { ring, aborted } => f
+            NewRing::Fresh { ring, aborted } => f
                 .debug_struct("Fresh")
                 .field("index", &ring.index())
                 .field("aborted", aborted)
                 .finish(),
-            Renewed::Same { index, .. } => f.debug_struct("Same").field("index", index).finish(),
+            NewRing::Kept { index, .. } => f.debug_struct("Kept").field("index", index).finish(),
         }
     }
 }
 
-impl Renewed {
+impl NewRing {
     fn index(&self) -> u16 {
         match self {
-            Renewed::Fresh { ring, .. } => ring.index(),
-            Renewed::Same { index, .. } => *index,
+            NewRing::Fresh { ring, .. } => ring.index(),
+            NewRing::Kept { index, .. } => *index,
         }
     }
 }
 
 /// What one reconnection attempt knows.
-pub(crate) struct RedoCtx {
+pub(crate) struct ReconnectCtx {
     /// Vireo dropped the connection (the old back-end may be alive): fresh rings, and
     /// the requests it held fail as aborted.
     pub forced: bool,
@@ -94,21 +94,25 @@ pub(crate) struct RedoCtx {
 }
 
 /// Brings the device up again on a new transport as it was (features, queues).
-pub(crate) trait Redo: Send {
+pub(crate) trait Reconnect: Send {
     /// Whether rings are kept across reconnections (in-flight tracking).
     fn keeps_rings(&self) -> bool {
         false
     }
     /// One attempt; returns every queue's ring (parked ones included).
-    fn run(&mut self, t: &mut dyn Transport, ctx: &mut RedoCtx) -> Result<Vec<Renewed>, RedoError>;
+    fn run(
+        &mut self,
+        t: &mut dyn Transport,
+        ctx: &mut ReconnectCtx,
+    ) -> Result<Vec<NewRing>, ReconnectError>;
 }
 
 /// What a channel whose queue lost its connection should do now.
-pub(crate) enum LinkView {
+pub(crate) enum ReconnectStatus {
     /// The connection is not back yet: keep the requests.
     Waiting,
     /// Back (generation, the queue's ring).
-    Ready(u64, Box<Renewed>),
+    Ready(u64, Box<NewRing>),
     /// Reconnection failed: fail the requests with this reason (as aborted if the
     /// outage was forced: the old back-end may still hold them).
     Failed(String, bool),
@@ -146,7 +150,7 @@ impl std::fmt::Debug for Link {
 #[derive(Debug, Default)]
 struct LinkState {
     /// Rings of the new connection not yet taken by their channel, by queue index.
-    fresh: Vec<Option<Renewed>>,
+    fresh: Vec<Option<NewRing>>,
     /// Queue indices whose new ring goes to the pool (no channel holds the old one).
     to_pool: Vec<u16>,
     /// Idle rings given back while their connection was gone: kept (never freed: a
@@ -215,10 +219,10 @@ impl Link {
 
     /// A channel on generation `gen` whose ring `index` lost its connection asks what
     /// to do.
-    pub(crate) fn check(&self, gen: u64, index: u16) -> LinkView {
+    pub(crate) fn check(&self, gen: u64, index: u16) -> ReconnectStatus {
         if self.failed.load(Ordering::Acquire) {
             let st = self.lock();
-            return LinkView::Failed(
+            return ReconnectStatus::Failed(
                 st.failure
                     .clone()
                     .unwrap_or_else(|| "reconnection failed".into()),
@@ -226,13 +230,13 @@ impl Link {
             );
         }
         if self.generation() == gen {
-            return LinkView::Waiting;
+            return ReconnectStatus::Waiting;
         }
         let mut st = self.lock();
         let g = self.generation();
         match st.fresh.get_mut(index as usize).and_then(Option::take) {
-            Some(r) => LinkView::Ready(g, Box::new(r)),
-            None => LinkView::Waiting,
+            Some(r) => ReconnectStatus::Ready(g, Box::new(r)),
+            None => ReconnectStatus::Waiting,
         }
     }
 
@@ -241,8 +245,8 @@ impl Link {
     pub(crate) fn release(&self, index: u16, pool: &QueuePool) {
         let mut st = self.lock();
         match st.fresh.get_mut(index as usize).and_then(Option::take) {
-            Some(Renewed::Fresh { ring, .. }) => pool.give(ring),
-            Some(Renewed::Same { .. }) => {
+            Some(NewRing::Fresh { ring, .. }) => pool.give(ring),
+            Some(NewRing::Kept { .. }) => {
                 // The new connection serves the leaked ring: the queue is lost.
                 tracing::warn!(controller = %self.name, "queue {index} was closed with requests in flight during a reconnection; it is not used again until the controller is attached again");
                 st.dead.push(index);
@@ -264,12 +268,12 @@ impl Link {
             return;
         }
         match st.fresh.get_mut(index as usize).and_then(Option::take) {
-            Some(Renewed::Fresh { ring: new, .. }) => {
+            Some(NewRing::Fresh { ring: new, .. }) => {
                 // Idle: nothing of the old ring is on any device.
                 drop(ring);
                 pool.give(new);
             }
-            Some(Renewed::Same {
+            Some(NewRing::Kept {
                 notifier, signal, ..
             }) => {
                 ring.set_notifier(notifier);
@@ -363,34 +367,38 @@ impl Link {
 }
 
 /// What the reconnection thread needs of its controller.
-pub(crate) struct Host {
+pub(crate) struct ControllerHandle {
     pub link: Arc<Link>,
     pub transport: Arc<Mutex<Box<dyn Transport>>>,
-    pub health: Weak<dyn HasHealth>,
+    pub shared: Weak<dyn ControllerShared>,
 }
 
-/// A controller's shared state, as the reconnection thread sees it.
-pub(crate) trait HasHealth: Send + Sync {
+/// A controller's state shared by its channels and its reconnection thread.
+pub(crate) trait ControllerShared: Send + Sync {
+    /// Whether the controller failed, and its transport's broken flag.
     fn health(&self) -> &Health;
+    /// Request queues no channel holds.
     fn pool(&self) -> &QueuePool;
+    /// Reconnection state.
+    fn link(&self) -> &Link;
 }
 
 /// Start controller `name`'s reconnection thread (see [`spawn`]), as attach does.
-pub(crate) fn start<S: HasHealth + 'static>(
+pub(crate) fn start<S: ControllerShared + 'static>(
     name: &str,
     link: &Arc<Link>,
     shared: &Arc<S>,
     transport: &Arc<Mutex<Box<dyn Transport>>>,
-    redo: Box<dyn Redo>,
+    bring_up: Box<dyn Reconnect>,
 ) -> Result<(), crate::BdevError> {
-    let weak: Weak<dyn HasHealth> = Arc::downgrade(shared) as _;
+    let weak: Weak<dyn ControllerShared> = Arc::downgrade(shared) as _;
     spawn(
-        Host {
+        ControllerHandle {
             link: link.clone(),
             transport: transport.clone(),
-            health: weak,
+            shared: weak,
         },
-        redo,
+        bring_up,
     )
     .map_err(|e| {
         crate::BdevError::Config(format!("{name}: cannot start the reconnection thread: {e}"))
@@ -403,11 +411,11 @@ pub(crate) fn renegotiate(
     t: &mut dyn Transport,
     wanted: u64,
     features: u64,
-) -> Result<u64, RedoError> {
+) -> Result<u64, ReconnectError> {
     let got =
-        vireo_virtio::negotiate(t, wanted).map_err(|e| RedoError::Transient(e.to_string()))?;
+        vireo_virtio::negotiate(t, wanted).map_err(|e| ReconnectError::Transient(e.to_string()))?;
     if got != features {
-        return Err(RedoError::Permanent(format!(
+        return Err(ReconnectError::Permanent(format!(
             "the device came back with features {got:#x}, not {features:#x} as before"
         )));
     }
@@ -427,11 +435,14 @@ pub(crate) fn failed_error(why: String, forced: bool) -> crate::IoError {
 
 /// Start the reconnection thread of a controller (only when reconnection is on and the
 /// transport can reconnect).
-pub(crate) fn spawn(host: Host, mut redo: Box<dyn Redo>) -> std::io::Result<()> {
-    let Host {
+pub(crate) fn spawn(
+    host: ControllerHandle,
+    mut bring_up: Box<dyn Reconnect>,
+) -> std::io::Result<()> {
+    let ControllerHandle {
         link,
         transport,
-        health,
+        shared: controller,
     } = host;
     if link.window.is_zero() {
         return Ok(());
@@ -455,7 +466,7 @@ pub(crate) fn spawn(host: Host, mut redo: Box<dyn Redo>) -> std::io::Result<()> 
             if l.stop.load(Ordering::Acquire) {
                 return;
             }
-            let Some(shared) = health.upgrade() else {
+            let Some(shared) = controller.upgrade() else {
                 return;
             };
             if shared.health().is_failed() {
@@ -466,7 +477,7 @@ pub(crate) fn spawn(host: Host, mut redo: Box<dyn Redo>) -> std::io::Result<()> 
                 std::thread::sleep(WATCH_PERIOD);
                 continue;
             }
-            if !outage(&l, &transport, &*shared, reopen.as_ref(), &mut redo) {
+            if !outage(&l, &transport, &*shared, reopen.as_ref(), &mut bring_up) {
                 return;
             }
         })?;
@@ -478,9 +489,9 @@ pub(crate) fn spawn(host: Host, mut redo: Box<dyn Redo>) -> std::io::Result<()> 
 fn outage(
     link: &Link,
     transport: &Mutex<Box<dyn Transport>>,
-    shared: &dyn HasHealth,
+    shared: &dyn ControllerShared,
     reopen: Option<&Reopen>,
-    redo: &mut Box<dyn Redo>,
+    bring_up: &mut Box<dyn Reconnect>,
 ) -> bool {
     let started = Instant::now();
     let deadline = started + link.window;
@@ -488,7 +499,7 @@ fn outage(
         let mut st = link.lock();
         st.reconnecting = true;
         let forced = st.forced;
-        let keep = !forced && redo.keeps_rings();
+        let keep = !forced && bring_up.keeps_rings();
         // Idle rings of the pool (and given back since the connection went): kept for
         // the new connection, or freed (nothing of theirs is on any device) and
         // replaced.
@@ -503,7 +514,7 @@ fn outage(
                 parked.push(q);
             }
         }
-        RedoCtx {
+        ReconnectCtx {
             forced,
             keep,
             parked,
@@ -543,21 +554,25 @@ fn outage(
         };
         let attempt = match reopen {
             Some(reopen) => reopen(bound)
-                .map_err(|e| RedoError::Transient(e.to_string()))
-                .and_then(|mut t| redo.run(t.as_mut(), &mut ctx).map(|rings| (Some(t), rings))),
+                .map_err(|e| ReconnectError::Transient(e.to_string()))
+                .and_then(|mut t| {
+                    bring_up
+                        .run(t.as_mut(), &mut ctx)
+                        .map(|rings| (Some(t), rings))
+                }),
             None => {
                 // In place: only a reset vireo forced brings the device back; one that
                 // failed or went away by itself stays failed.
                 let mut t = transport.lock().unwrap_or_else(|e| e.into_inner());
                 if !ctx.forced {
-                    Err(RedoError::Permanent(format!(
+                    Err(ReconnectError::Permanent(format!(
                         "{} failed or went away",
                         t.describe()
                     )))
                 } else {
                     t.reinit()
-                        .map_err(|e| RedoError::Permanent(e.to_string()))
-                        .and_then(|()| redo.run(t.as_mut(), &mut ctx))
+                        .map_err(|e| ReconnectError::Permanent(e.to_string()))
+                        .and_then(|()| bring_up.run(t.as_mut(), &mut ctx))
                         .map(|rings| (None, rings))
                 }
             }
@@ -588,18 +603,18 @@ fn outage(
                 }
                 for mut r in rings {
                     let i = r.index();
-                    if let Renewed::Fresh { ring, .. } = &mut r {
+                    if let NewRing::Fresh { ring, .. } = &mut r {
                         ring.set_tag(gen);
                     }
                     if let Some(pos) = st.late.iter().position(|q| q.index() == i) {
                         // Given back idle during the attempt.
                         let mut late = st.late.swap_remove(pos);
                         match r {
-                            Renewed::Fresh { ring, .. } => {
+                            NewRing::Fresh { ring, .. } => {
                                 drop(late);
                                 shared.pool().give(ring);
                             }
-                            Renewed::Same {
+                            NewRing::Kept {
                                 notifier, signal, ..
                             } => {
                                 late.set_notifier(notifier);
@@ -608,19 +623,19 @@ fn outage(
                                 shared.pool().give(late);
                             }
                         }
-                    } else if let (Some(pos), Renewed::Fresh { .. }) =
+                    } else if let (Some(pos), NewRing::Fresh { .. }) =
                         (st.dead.iter().position(|&x| x == i), &r)
                     {
                         // A queue lost earlier gets a new ring: usable again.
                         st.dead.swap_remove(pos);
-                        if let Renewed::Fresh { ring, .. } = r {
+                        if let NewRing::Fresh { ring, .. } = r {
                             shared.pool().give(ring);
                         }
                     } else if let Some(pos) = st.to_pool.iter().position(|&x| x == i) {
                         st.to_pool.swap_remove(pos);
                         match r {
-                            Renewed::Fresh { ring, .. } => shared.pool().give(ring),
-                            Renewed::Same { .. } => {
+                            NewRing::Fresh { ring, .. } => shared.pool().give(ring),
+                            NewRing::Kept { .. } => {
                                 tracing::warn!(controller = %link.name, "queue {i} was closed with requests in flight during a reconnection; it is not used again until the controller is attached again");
                                 st.dead.push(i);
                             }
@@ -631,22 +646,22 @@ fn outage(
                             // A fresh ring of an earlier reconnection its channel never
                             // took is what the new connection serves now.
                             (
-                                Some(Renewed::Fresh { mut ring, aborted }),
-                                Renewed::Same {
+                                Some(NewRing::Fresh { mut ring, aborted }),
+                                NewRing::Kept {
                                     notifier, signal, ..
                                 },
                             ) => {
                                 ring.set_notifier(notifier);
                                 ring.set_completion_signal(signal);
                                 ring.set_tag(gen);
-                                Some(Renewed::Fresh { ring, aborted })
+                                Some(NewRing::Fresh { ring, aborted })
                             }
                             // A newer fresh ring replaces an untaken one (idle, freed);
                             // requests of either forced outage still fail as aborted.
                             (
-                                Some(Renewed::Fresh { aborted: a1, .. }),
-                                Renewed::Fresh { ring, aborted: a2 },
-                            ) => Some(Renewed::Fresh {
+                                Some(NewRing::Fresh { aborted: a1, .. }),
+                                NewRing::Fresh { ring, aborted: a2 },
+                            ) => Some(NewRing::Fresh {
                                 ring,
                                 aborted: a1 || a2,
                             }),
@@ -676,11 +691,11 @@ fn outage(
                 );
                 return true;
             }
-            Err(RedoError::Permanent(why)) => {
+            Err(ReconnectError::Permanent(why)) => {
                 link.give_up(shared.health(), why);
                 return false;
             }
-            Err(RedoError::Transient(why)) => {
+            Err(ReconnectError::Transient(why)) => {
                 tracing::debug!(controller = %link.name, "reconnect attempt {attempts}: {why}");
                 last = why;
             }
@@ -720,7 +735,7 @@ mod tests {
     }
 
     /// After a reconnection: generation 1, a new flag, `fresh[index] = r`.
-    fn reconnected(link: &Link, health: &Health, index: u16, r: Renewed) {
+    fn reconnected(link: &Link, health: &Health, index: u16, r: NewRing) {
         let mut st = link.lock();
         st.fresh.resize_with(index as usize + 1, || None);
         st.fresh[index as usize] = Some(r);
@@ -753,7 +768,7 @@ mod tests {
             &link,
             &health,
             0,
-            Renewed::Same {
+            NewRing::Kept {
                 index: 0,
                 notifier: Notifier::Counter(counter.clone()),
                 signal: None,
@@ -784,7 +799,7 @@ mod tests {
             &link,
             &health,
             2,
-            Renewed::Same {
+            NewRing::Kept {
                 index: 2,
                 notifier: Notifier::Counter(Arc::new(AtomicU64::new(0))),
                 signal: None,
@@ -802,7 +817,7 @@ mod tests {
             &link,
             &health,
             1,
-            Renewed::Fresh {
+            NewRing::Fresh {
                 ring: ring(&mem, 1),
                 aborted: false,
             },

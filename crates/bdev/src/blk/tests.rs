@@ -1,0 +1,411 @@
+//! The virtio-blk driver against the fake device (`vireo_virtio::testing::FakeBlk`, a RAM
+//! disk served in process): attach, the command set, device errors and lies, queue-full
+//! waits, and what becomes of requests when the connection goes away.
+
+use std::time::{Duration, Instant};
+
+use vireo_virtio::testing::{test_memory, FakeBlk};
+use vireo_virtio::wire::blk::{S_IOERR, S_UNSUPP, T_DISCARD, T_FLUSH, T_IN, T_OUT, T_WRITE_ZEROES};
+
+use super::*;
+use crate::io::{Completion, IoBuf, IoOp, IoRequest};
+use crate::IoChannel;
+
+const SECTORS: u64 = 1 << 16;
+
+fn params(reconnect: Option<Duration>) -> BlkParams {
+    BlkParams {
+        name: "B".into(),
+        vq_count: 1,
+        vq_size: 16,
+        reconnect_timeout: reconnect,
+    }
+}
+
+fn attach_with(blk: &FakeBlk, p: &BlkParams) -> BlkController {
+    let mem = test_memory(4 << 20);
+    BlkController::attach(p, blk.dev.connect(&mem)).expect("attach")
+}
+
+/// A disk that answers every request as it is kicked, and its controller.
+fn attached(reconnect: Option<Duration>) -> (FakeBlk, BlkController) {
+    let blk = FakeBlk::new(SECTORS, 1, 8);
+    blk.auto_serve(true);
+    let c = attach_with(&blk, &params(reconnect));
+    (blk, c)
+}
+
+fn wait_for(ch: &mut IoChannel, n: usize) -> Vec<Completion> {
+    let mut out = Vec::new();
+    let until = Instant::now() + Duration::from_secs(10);
+    while out.len() < n && Instant::now() < until {
+        ch.poll(&mut out);
+        std::thread::yield_now();
+    }
+    assert_eq!(out.len(), n, "completions within 10 s");
+    out
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn attach_reads_the_geometry_and_limits_from_the_config_space() {
+    let (_blk, c) = attached(None);
+    let i = c.bdev().info();
+    assert_eq!(
+        (i.name.as_str(), i.block_size, i.num_blocks),
+        ("B", 512, SECTORS)
+    );
+    assert!(i.ops.unmap && i.ops.write_zeroes && i.ops.flush);
+    assert!(i.volatile_write_cache, "FLUSH offered: a write cache");
+    assert_eq!(i.limits.max_segments, 8);
+    assert_eq!(i.queue_size, 16);
+}
+
+#[test]
+fn the_serial_number_comes_from_get_id() {
+    let blk = FakeBlk::new(SECTORS, 1, 8);
+    blk.serial("vireo-serial-1");
+    blk.auto_serve(true);
+    let c = attach_with(&blk, &params(None));
+    assert_eq!(c.bdev().info().serial.as_deref(), Some("vireo-serial-1"));
+}
+
+#[test]
+fn a_write_reaches_the_disk_and_reads_back() {
+    let (blk, c) = attached(None);
+    let mut ch = c.bdev().open_channel().unwrap();
+    let data = pattern(8192, 3);
+    let mut b = c.bdev().alloc_buf(8192).unwrap();
+    b.as_mut_slice().copy_from_slice(&data);
+    let w = ch.run(IoRequest::write(100, 16, IoBuf::Dma(b), 1));
+    assert!(w.result.is_ok(), "{:?}", w.result);
+    assert_eq!(blk.read_disk(100, 8192), data);
+    let r = ch.run(IoRequest::read(100, 16, IoBuf::Heap(vec![0; 8192]), 2));
+    assert_eq!(r.buf.unwrap().as_slice(), &data[..]);
+    let seen: Vec<u32> = blk.requests_seen().iter().map(|r| r.0).collect();
+    assert_eq!(&seen[seen.len() - 2..], &[T_OUT, T_IN]);
+}
+
+#[test]
+fn a_vectored_read_is_scattered_to_its_segments() {
+    let (blk, c) = attached(None);
+    let data = pattern(2048, 9);
+    blk.write_disk(8, &data);
+    let mut ch = c.bdev().open_channel().unwrap();
+    let iov = vec![IoBuf::Heap(vec![0; 512]), IoBuf::Heap(vec![0; 1536])];
+    let r = ch.run(IoRequest::readv(8, 4, iov, 1));
+    assert!(r.result.is_ok());
+    assert_eq!(r.iov[0].as_slice(), &data[..512]);
+    assert_eq!(r.iov[1].as_slice(), &data[512..]);
+}
+
+#[test]
+fn discard_and_write_zeroes_clear_the_disk() {
+    let (blk, c) = attached(None);
+    blk.write_disk(0, &[0xff; 4096]);
+    let mut ch = c.bdev().open_channel().unwrap();
+    assert!(ch
+        .run(IoRequest::no_data(IoOp::Unmap, 0, 4, 1))
+        .result
+        .is_ok());
+    assert!(ch
+        .run(IoRequest::no_data(IoOp::WriteZeroes, 4, 4, 2))
+        .result
+        .is_ok());
+    assert_eq!(blk.read_disk(0, 4096), vec![0; 4096]);
+    let types: Vec<u32> = blk.requests_seen().iter().map(|r| r.0).collect();
+    assert!(types.contains(&T_DISCARD) && types.contains(&T_WRITE_ZEROES));
+}
+
+#[test]
+fn a_flush_is_sent_to_a_device_with_a_write_cache() {
+    let (blk, c) = attached(None);
+    let mut ch = c.bdev().open_channel().unwrap();
+    assert!(ch
+        .run(IoRequest::no_data(IoOp::Flush, 0, 0, 1))
+        .result
+        .is_ok());
+    assert_eq!(blk.requests_seen().last().map(|r| r.0), Some(T_FLUSH));
+}
+
+#[test]
+fn a_read_longer_than_the_segment_limit_is_split_into_requests_the_device_takes() {
+    // SIZE_MAX 4 KiB and SEG_MAX 8: at most 32 KiB (64 blocks) per request.
+    let blk = FakeBlk::new(SECTORS, 1, 8);
+    blk.dev.set_features(FAKE_BLK_FEATURES | bf::SIZE_MAX);
+    let mut config = blk.dev.config();
+    config[8..12].copy_from_slice(&4096u32.to_le_bytes());
+    blk.dev.set_config(config);
+    blk.auto_serve(true);
+    let c = attach_with(&blk, &params(None));
+    assert_eq!(c.bdev().info().limits.max_rw_blocks, 64);
+    let blocks = 64 * 2 + 3;
+    let data = pattern(blocks as usize * 512, 5);
+    blk.write_disk(0, &data);
+    let mut ch = c.bdev().open_channel().unwrap();
+    let before = blk.requests_seen().len();
+    let r = ch.run(IoRequest::read(
+        0,
+        blocks,
+        IoBuf::Heap(vec![0; data.len()]),
+        1,
+    ));
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    assert_eq!(r.buf.unwrap().as_slice(), &data[..]);
+    let reqs: Vec<(u64, u32)> = blk.requests_seen()[before..]
+        .iter()
+        .map(|r| (r.1, r.2))
+        .collect();
+    assert_eq!(reqs, vec![(0, 32768), (64, 32768), (128, 1536)]);
+}
+
+/// The features `FakeBlk::new` offers with one queue.
+const FAKE_BLK_FEATURES: u64 = tf::VERSION_1
+    | tf::RING_EVENT_IDX
+    | tf::RING_INDIRECT_DESC
+    | bf::SEG_MAX
+    | bf::BLK_SIZE
+    | bf::FLUSH
+    | bf::DISCARD
+    | bf::WRITE_ZEROES;
+
+#[test]
+fn device_status_errors_become_io_errors_and_the_controller_works_on() {
+    let (blk, c) = attached(None);
+    let mut ch = c.bdev().open_channel().unwrap();
+    blk.fail_next(1, S_IOERR);
+    let r = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1));
+    assert!(matches!(r.result, Err(IoError::Device)), "{:?}", r.result);
+    blk.fail_next(1, S_UNSUPP);
+    let r = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2));
+    assert!(
+        matches!(r.result, Err(IoError::DeviceUnsupported)),
+        "{:?}",
+        r.result
+    );
+    let r = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 3));
+    assert!(r.result.is_ok());
+    assert!(c.failure().is_none());
+}
+
+#[test]
+fn an_invalid_status_byte_fails_the_controller_for_good() {
+    let (blk, c) = attached(None);
+    let mut ch = c.bdev().open_channel().unwrap();
+    blk.fail_next(1, 0x7f);
+    let r = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1));
+    assert!(
+        matches!(r.result, Err(IoError::ControllerFailed(_))),
+        "{:?}",
+        r.result
+    );
+    assert!(c.failure().unwrap().contains("status byte"));
+    let r = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2));
+    assert!(
+        matches!(r.result, Err(IoError::ControllerFailed(_))),
+        "{:?}",
+        r.result
+    );
+}
+
+#[test]
+fn a_used_id_that_was_never_offered_fails_the_controller() {
+    let (blk, c) = attached(None);
+    let mut ch = c.bdev().open_channel().unwrap();
+    blk.hold(true);
+    ch.submit(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1))
+        .unwrap();
+    ch.publish();
+    blk.dev.push_used(0, 15, 1);
+    let out = wait_for(&mut ch, 1);
+    assert!(
+        matches!(out[0].result, Err(IoError::ControllerFailed(_))),
+        "{:?}",
+        out[0].result
+    );
+    assert!(c.failure().is_some());
+}
+
+#[test]
+fn a_full_ring_makes_requests_wait_and_all_complete() {
+    let blk = FakeBlk::new(SECTORS, 1, 8);
+    blk.auto_serve(true);
+    let mut p = params(None);
+    p.vq_size = 4;
+    let c = attach_with(&blk, &p);
+    blk.hold(true);
+    let mut ch = c.bdev().open_channel().unwrap();
+    for i in 0..12 {
+        ch.submit(IoRequest::write(i, 1, IoBuf::Heap(vec![i as u8; 512]), i))
+            .unwrap();
+    }
+    ch.publish();
+    assert!(ch.stats().queue_full_waits > 0);
+    let mut out = Vec::new();
+    let until = Instant::now() + Duration::from_secs(10);
+    while out.len() < 12 && Instant::now() < until {
+        blk.release_held(0);
+        ch.poll(&mut out);
+        blk.serve(0);
+    }
+    assert_eq!(out.len(), 12);
+    assert!(out.iter().all(|c| c.result.is_ok()));
+    for i in 0..12u64 {
+        assert_eq!(blk.read_disk(i, 512), vec![i as u8; 512]);
+    }
+}
+
+#[test]
+fn without_reconnection_a_lost_back_end_fails_in_flight_io_as_disconnected() {
+    let (blk, c) = attached(None);
+    let mut ch = c.bdev().open_channel().unwrap();
+    blk.hold(true);
+    ch.submit(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1))
+        .unwrap();
+    ch.publish();
+    blk.dev.disconnect();
+    let out = wait_for(&mut ch, 1);
+    assert!(
+        matches!(out[0].result, Err(IoError::Disconnected)),
+        "{:?}",
+        out[0].result
+    );
+    let r = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2));
+    assert!(r.result.is_err(), "the queue stays failed");
+}
+
+#[test]
+fn with_reconnection_requests_of_the_lost_connection_are_sent_again_in_order() {
+    let (blk, c) = attached(Some(Duration::from_secs(10)));
+    let mut ch = c.bdev().open_channel().unwrap();
+    blk.hold(true);
+    for i in 0..4u64 {
+        ch.submit(IoRequest::write(
+            10 + i,
+            1,
+            IoBuf::Heap(vec![0x40 + i as u8; 512]),
+            i,
+        ))
+        .unwrap();
+    }
+    ch.publish();
+    blk.serve(0);
+    assert_eq!(blk.held(), 4);
+    let seen_before = blk.requests_seen().len();
+    // The back-end goes away holding all four; the held ones are never answered.
+    blk.dev.disconnect();
+    blk.hold(false);
+    // A new request submitted during the outage waits behind the kept ones.
+    ch.submit(IoRequest::write(20, 1, IoBuf::Heap(vec![0x55; 512]), 9))
+        .unwrap();
+    let out = wait_for(&mut ch, 5);
+    assert!(
+        out.iter().all(|c| c.result.is_ok()),
+        "{:?}",
+        out.iter().map(|c| &c.result).collect::<Vec<_>>()
+    );
+    let resent: Vec<u64> = blk.requests_seen()[seen_before..]
+        .iter()
+        .map(|r| r.1)
+        .collect();
+    assert_eq!(
+        resent,
+        vec![10, 11, 12, 13, 20],
+        "kept requests first, in order, then the new one"
+    );
+    assert!(c.reconnects() >= 1);
+    assert_eq!(blk.read_disk(20, 512), vec![0x55; 512]);
+}
+
+#[test]
+fn a_back_end_that_does_not_come_back_within_the_window_fails_the_waiting_io() {
+    let (blk, c) = attached(Some(Duration::from_millis(300)));
+    let mut ch = c.bdev().open_channel().unwrap();
+    blk.hold(true);
+    ch.submit(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1))
+        .unwrap();
+    ch.publish();
+    blk.dev.refuse_connections(true);
+    blk.dev.disconnect();
+    let out = wait_for(&mut ch, 1);
+    assert!(
+        matches!(out[0].result, Err(IoError::ReconnectFailed(_))),
+        "{:?}",
+        out[0].result
+    );
+    assert!(c.failure().is_some());
+}
+
+#[test]
+fn a_forced_controller_reset_aborts_outstanding_requests_and_io_goes_on() {
+    let (blk, c) = attached(Some(Duration::from_secs(10)));
+    let mut ch = c.bdev().open_channel().unwrap();
+    blk.hold(true);
+    ch.submit(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1))
+        .unwrap();
+    ch.publish();
+    blk.serve(0);
+    c.bdev().reset_controller().unwrap();
+    blk.hold(false);
+    let out = wait_for(&mut ch, 1);
+    assert!(
+        matches!(out[0].result, Err(IoError::Aborted(_))),
+        "{:?}",
+        out[0].result
+    );
+    assert!(out[0].buf.is_none(), "the old back-end may still write it");
+    let r = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2));
+    assert!(r.result.is_ok(), "{:?}", r.result);
+}
+
+#[test]
+fn a_controller_reset_needs_reconnection() {
+    let (_blk, c) = attached(None);
+    let e = c.bdev().reset_controller().unwrap_err();
+    assert!(matches!(e, IoError::Unsupported { .. }), "{e:?}");
+}
+
+#[test]
+fn a_capacity_change_on_reconnection_resizes_the_bdev() {
+    let (blk, c) = attached(Some(Duration::from_secs(10)));
+    let mut ch = c.bdev().open_channel().unwrap();
+    blk.set_capacity(SECTORS * 2);
+    blk.dev.disconnect();
+    let until = Instant::now() + Duration::from_secs(10);
+    while c.reconnects() == 0 && Instant::now() < until {
+        let mut out = Vec::new();
+        ch.poll(&mut out);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(c.bdev().num_blocks(), SECTORS * 2);
+    let r = ch.run(IoRequest::read(
+        SECTORS * 2 - 1,
+        1,
+        IoBuf::Heap(vec![0; 512]),
+        1,
+    ));
+    assert!(r.result.is_ok(), "{:?}", r.result);
+}
+
+#[test]
+fn a_closed_channel_gives_its_queue_back_for_the_next_one() {
+    // The device must outlive the controller: `_blk`, not `_`.
+    let (_blk, c) = attached(None);
+    for i in 0..3 {
+        let mut ch = c.bdev().open_channel().expect("a queue is free again");
+        assert!(ch
+            .run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), i))
+            .result
+            .is_ok());
+    }
+    let _one = c.bdev().open_channel().unwrap();
+    assert!(
+        c.bdev().open_channel().is_err(),
+        "one queue: a second channel at once is refused"
+    );
+}
