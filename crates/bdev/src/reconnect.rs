@@ -375,12 +375,21 @@ pub(crate) struct ControllerHandle {
 
 /// A controller's state shared by its channels and its reconnection thread.
 pub(crate) trait ControllerShared: Send + Sync {
+    /// The controller's health, its pool of free request queues and its reconnection
+    /// state.
+    fn parts(&self) -> (&Health, &QueuePool, &Link);
     /// Whether the controller failed, and its transport's broken flag.
-    fn health(&self) -> &Health;
+    fn health(&self) -> &Health {
+        self.parts().0
+    }
     /// Request queues no channel holds.
-    fn pool(&self) -> &QueuePool;
+    fn pool(&self) -> &QueuePool {
+        self.parts().1
+    }
     /// Reconnection state.
-    fn link(&self) -> &Link;
+    fn link(&self) -> &Link {
+        self.parts().2
+    }
 }
 
 /// Start controller `name`'s reconnection thread (see [`spawn`]), as attach does.

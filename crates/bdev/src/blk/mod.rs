@@ -120,14 +120,8 @@ struct BlkShared {
 }
 
 impl ControllerShared for BlkShared {
-    fn health(&self) -> &Health {
-        &self.health
-    }
-    fn pool(&self) -> &QueuePool {
-        &self.queues
-    }
-    fn link(&self) -> &crate::reconnect::Link {
-        &self.link
+    fn parts(&self) -> (&Health, &QueuePool, &Link) {
+        (&self.health, &self.queues, &self.link)
     }
 }
 

@@ -116,7 +116,7 @@ impl ScsiController {
         }
         let control = ControlQueue::new(&mem, control_q, transport.broken_flag()).map_err(verr)?;
 
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(ScsiShared {
             name: name.to_string(),
             geo,
             mem: mem.clone(),
@@ -219,7 +219,7 @@ impl ScsiController {
 
 /// What a reconnection must bring back as it was.
 struct ScsiReconnect {
-    shared: std::sync::Weak<Shared>,
+    shared: std::sync::Weak<ScsiShared>,
     wanted: u64,
     features: u64,
     num_queues: u32,
@@ -349,7 +349,7 @@ pub(super) fn scan_all(
 }
 
 pub(super) fn make_lun(
-    shared: &Arc<Shared>,
+    shared: &Arc<ScsiShared>,
     info: LunInfo,
     params: &ScsiParams,
     vq_size: u16,

@@ -4,7 +4,7 @@ use super::*;
 
 /// What the event thread needs.
 pub(super) struct EventCtx {
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<ScsiShared>,
     pub(super) luns: Arc<Mutex<Vec<LunEntry>>>,
     pub(super) params: ScsiParams,
     pub(super) vq_size: u16,
@@ -110,7 +110,7 @@ pub(super) fn event_loop(mut ctx: EventCtx, mut q: SplitQueue) {
 }
 
 /// A free request queue for control-path commands, if there is one now.
-fn borrow_queue(shared: &Shared) -> Option<ScsiQueue> {
+fn borrow_queue(shared: &ScsiShared) -> Option<ScsiQueue> {
     let q = shared.queues.borrow()?;
     let (_, flag) = shared.link.bind(&q, &shared.health);
     let sq = ScsiQueue::new(&shared.mem, q, shared.geo, flag).ok();

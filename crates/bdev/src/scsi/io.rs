@@ -19,7 +19,7 @@ struct ChanState {
 /// A virtio-scsi request queue, the commands it holds and the channels they are for.
 struct ScsiRequests {
     sq: ScsiQueue,
-    shared: Arc<Shared>,
+    shared: Arc<ScsiShared>,
     chans: Vec<Option<ChanState>>,
     /// The command in each slot: (channel id, request).
     slot_child: Vec<Child>,
@@ -613,7 +613,7 @@ pub(super) struct ScsiChannel {
 
 /// Open a channel on `ctx`'s LUN for the calling thread.
 pub(super) fn open_channel(
-    shared: &Arc<Shared>,
+    shared: &Arc<ScsiShared>,
     ctx: &Arc<LunCtx>,
     bdev: &str,
 ) -> Result<Box<dyn ChannelDriver>, BdevError> {
@@ -700,7 +700,10 @@ thread_local! {
 
 /// The calling thread's queue of the controller: shared if one is open, else a free
 /// queue of the controller's pool.
-fn thread_queue(shared: &Arc<Shared>, bdev: &str) -> Result<Rc<RefCell<ThreadQueue>>, BdevError> {
+fn thread_queue(
+    shared: &Arc<ScsiShared>,
+    bdev: &str,
+) -> Result<Rc<RefCell<ThreadQueue>>, BdevError> {
     let key = Arc::as_ptr(shared) as usize;
     let existing = THREAD_QUEUES.with(|t| {
         let mut t = t.borrow_mut();

@@ -41,7 +41,7 @@ use crate::error::{BdevError, IoError};
 use crate::health::Health;
 use crate::io::IoOp;
 use crate::pool::QueuePool;
-use crate::reconnect::{NewRing, ReconnectError, ReconnectStatus};
+use crate::reconnect::{Link, NewRing, ReconnectError, ReconnectStatus};
 use attach::{make_lun, scan_all};
 use events::{event_loop, EventCtx};
 use io::open_channel;
@@ -118,7 +118,7 @@ impl LunParams {
     }
 }
 
-struct Shared {
+struct ScsiShared {
     name: String,
     geo: Geometry,
     mem: Arc<DmaMemory>,
@@ -141,22 +141,16 @@ struct LunEntry {
     ctx: Arc<LunCtx>,
 }
 
-impl crate::reconnect::ControllerShared for Shared {
-    fn health(&self) -> &Health {
-        &self.health
-    }
-    fn pool(&self) -> &QueuePool {
-        &self.queues
-    }
-    fn link(&self) -> &crate::reconnect::Link {
-        &self.link
+impl crate::reconnect::ControllerShared for ScsiShared {
+    fn parts(&self) -> (&Health, &QueuePool, &Link) {
+        (&self.health, &self.queues, &self.link)
     }
 }
 
 /// An attached virtio-scsi controller.
 pub struct ScsiController {
     transport: Arc<Mutex<Box<dyn Transport>>>,
-    shared: Arc<Shared>,
+    shared: Arc<ScsiShared>,
     luns: Arc<Mutex<Vec<LunEntry>>>,
     skipped: Vec<LunInfo>,
     features: u64,
@@ -285,7 +279,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 struct LunDriver {
-    shared: Arc<Shared>,
+    shared: Arc<ScsiShared>,
     ctx: Arc<LunCtx>,
     name: String,
 }

@@ -11,13 +11,17 @@ const REQ_OFF: u64 = offset_of!(TmfSlot, req) as u64;
 const RESP_OFF: usize = offset_of!(TmfSlot, response);
 
 /// Send a LOGICAL UNIT RESET on the control queue and wait for its answer.
-pub(super) fn lun_reset(shared: &Shared, lun: &[u8; 8], timeout: Duration) -> Result<(), IoError> {
+pub(super) fn lun_reset(
+    shared: &ScsiShared,
+    lun: &[u8; 8],
+    timeout: Duration,
+) -> Result<(), IoError> {
     task_management(shared, TMF_LOGICAL_UNIT_RESET, lun, 0, timeout)
 }
 
 /// Send an ABORT TASK for the command tagged `tag` and wait for its answer.
 pub(super) fn abort_task(
-    shared: &Shared,
+    shared: &ScsiShared,
     lun: &[u8; 8],
     tag: u64,
     timeout: Duration,
@@ -36,7 +40,7 @@ fn tmf_name(subtype: u32) -> &'static str {
 /// Send one task management function on the control queue and wait (at most
 /// `timeout`) for its answer.
 fn task_management(
-    shared: &Shared,
+    shared: &ScsiShared,
     subtype: u32,
     lun: &[u8; 8],
     tag: u64,
