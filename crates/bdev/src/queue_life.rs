@@ -117,7 +117,7 @@ impl<R> QueueLife<R> {
         if self.suspended {
             self.resume(q);
         } else if !self.resend.is_empty() {
-            self.resend_kept(q);
+            self.resend_waiting(q);
         }
         self.is_up()
     }
@@ -192,7 +192,7 @@ impl<R> QueueLife<R> {
                         Ok(()) => {
                             self.generation = generation;
                             self.suspended = false;
-                            self.resend_kept(q);
+                            self.resend_waiting(q);
                         }
                         Err(e) => self.fail_all(q, e),
                     }
@@ -219,7 +219,7 @@ impl<R> QueueLife<R> {
     }
 
     /// Send kept requests, in order, while the ring has room.
-    fn resend_kept<Q: LifeQueue<Request = R>>(&mut self, q: &mut Q) {
+    fn resend_waiting<Q: LifeQueue<Request = R>>(&mut self, q: &mut Q) {
         while let Some(r) = self.resend.pop_front() {
             if let Err(r) = q.send(r) {
                 self.resend.push_front(r);
@@ -268,5 +268,288 @@ pub(crate) fn queue_error(f: &QueueFailure) -> IoError {
     match f {
         QueueFailure::Disconnected => IoError::Disconnected,
         QueueFailure::Device(why) => IoError::ControllerFailed(why.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    use std::time::Duration;
+
+    use vireo_virtio::{DmaMemory, QueueOptions};
+
+    use super::*;
+    use crate::health::Health;
+    use crate::pool::QueuePool;
+    use crate::reconnect::Link;
+
+    struct Controller {
+        health: Health,
+        pool: QueuePool,
+        link: Arc<Link>,
+    }
+
+    impl ControllerShared for Controller {
+        fn parts(&self) -> (&Health, &QueuePool, &Link) {
+            (&self.health, &self.pool, &self.link)
+        }
+    }
+
+    /// A queue without a ring: requests are numbers, the test says what the ring holds.
+    struct Mock {
+        ctl: Controller,
+        on_ring: Vec<u32>,
+        /// Requests the ring takes before it is full.
+        room: usize,
+        sent: Vec<u32>,
+        completed: Vec<(u32, Result<(), IoError>)>,
+        ring_failed: Option<QueueFailure>,
+        publish_fails: Option<QueueFailure>,
+        reattached: bool,
+        replaced: usize,
+        forgot_buffers: bool,
+    }
+
+    impl LifeQueue for Mock {
+        type Request = u32;
+        fn controller(&self) -> &dyn ControllerShared {
+            &self.ctl
+        }
+        fn fail_ring(&mut self, f: QueueFailure) {
+            self.ring_failed = Some(f);
+        }
+        fn take_in_flight(&mut self) -> Vec<u32> {
+            std::mem::take(&mut self.on_ring)
+        }
+        fn complete(&mut self, r: u32, result: Result<(), IoError>) {
+            self.completed.push((r, result));
+        }
+        fn send(&mut self, r: u32) -> Result<(), u32> {
+            if self.room == 0 {
+                return Err(r);
+            }
+            self.room -= 1;
+            self.sent.push(r);
+            self.on_ring.push(r);
+            Ok(())
+        }
+        fn publish_ring(&mut self) -> Result<(), QueueFailure> {
+            match self.publish_fails.take() {
+                Some(f) => Err(f),
+                None => Ok(()),
+            }
+        }
+        fn reattach(&mut self, _: Notifier, _: Option<Arc<EventFd>>) -> Result<(), IoError> {
+            self.reattached = true;
+            Ok(())
+        }
+        fn replace_ring(&mut self, _: SplitQueue) -> Result<(), IoError> {
+            self.replaced += 1;
+            Ok(())
+        }
+        fn take_ring(&mut self) -> Option<SplitQueue> {
+            None
+        }
+        fn ring_lost(&self) -> bool {
+            true
+        }
+        fn forget_device_buffers(&mut self) {
+            self.forgot_buffers = true;
+        }
+    }
+
+    fn mock(reconnect: bool) -> (Mock, QueueLife<u32>) {
+        let window = reconnect.then_some(Duration::from_secs(5));
+        let m = Mock {
+            ctl: Controller {
+                health: Health::new("T", Arc::new(AtomicBool::new(false))),
+                pool: QueuePool::new(Vec::new()),
+                link: Link::new("T", window),
+            },
+            on_ring: vec![1, 2, 3],
+            room: 16,
+            sent: Vec::new(),
+            completed: Vec::new(),
+            ring_failed: None,
+            publish_fails: None,
+            reattached: false,
+            replaced: 0,
+            forgot_buffers: false,
+        };
+        (m, QueueLife::new(0, 0))
+    }
+
+    fn fresh_ring(aborted: bool) -> NewRing {
+        let mem = DmaMemory::new(vireo_virtio::DmaConfig {
+            initial_region_size: 1 << 20,
+            ..vireo_virtio::DmaConfig::default()
+        })
+        .unwrap();
+        let notifier = Notifier::Counter(Arc::new(AtomicU64::new(0)));
+        let ring = SplitQueue::new(&mem, 0, 8, QueueOptions::default(), notifier).unwrap();
+        NewRing::Fresh { ring, aborted }
+    }
+
+    fn errors(m: &Mock) -> Vec<(u32, String)> {
+        m.completed
+            .iter()
+            .map(|(r, res)| {
+                (
+                    *r,
+                    res.as_ref()
+                        .err()
+                        .map(|e| format!("{e:?}"))
+                        .unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_device_that_broke_the_protocol_fails_every_request_and_the_controller() {
+        let (mut m, mut life) = mock(true);
+        life.on_failure(&mut m, QueueFailure::Device("bad used id".into()));
+        assert_eq!(m.completed.len(), 3);
+        assert!(m
+            .completed
+            .iter()
+            .all(|(_, r)| matches!(r, Err(IoError::ControllerFailed(_)))));
+        assert!(m.ctl.health.is_failed(), "even with reconnection on");
+        assert!(matches!(
+            life.admission(),
+            Admission::Refuse(IoError::ControllerFailed(_))
+        ));
+        assert!(life.is_failed() && !life.is_up());
+        assert!(matches!(m.ring_failed, Some(QueueFailure::Device(_))));
+    }
+
+    #[test]
+    fn without_reconnection_a_lost_back_end_fails_the_requests_as_disconnected() {
+        let (mut m, mut life) = mock(false);
+        life.on_failure(&mut m, QueueFailure::Disconnected);
+        assert_eq!(
+            m.completed.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert!(m
+            .completed
+            .iter()
+            .all(|(_, r)| matches!(r, Err(IoError::Disconnected))));
+        assert!(
+            !m.ctl.health.is_failed(),
+            "a hang-up is not a protocol breach"
+        );
+    }
+
+    #[test]
+    fn with_reconnection_a_lost_back_end_suspends_the_queue_with_its_requests() {
+        let (mut m, mut life) = mock(true);
+        life.on_failure(&mut m, QueueFailure::Disconnected);
+        assert!(m.completed.is_empty());
+        assert_eq!(m.on_ring, vec![1, 2, 3], "still on the lost ring");
+        assert!(matches!(life.admission(), Admission::Wait));
+        assert!(!life.before_poll(&mut m), "nothing to reap while waiting");
+        // A second failure report changes nothing.
+        life.on_failure(&mut m, QueueFailure::Device("late".into()));
+        assert!(!m.ctl.health.is_failed());
+    }
+
+    #[test]
+    fn on_a_fresh_ring_the_lost_requests_are_resent_in_order_before_new_ones() {
+        let (mut m, mut life) = mock(true);
+        life.on_failure(&mut m, QueueFailure::Disconnected);
+        m.ctl
+            .link
+            .pretend_reconnected(&m.ctl.health, 0, fresh_ring(false));
+        assert!(life.before_poll(&mut m));
+        assert_eq!(m.replaced, 1);
+        assert_eq!(m.sent, vec![1, 2, 3]);
+        assert!(m.completed.is_empty());
+        assert!(matches!(life.admission(), Admission::Send));
+        assert_eq!(life.generation, 1);
+    }
+
+    #[test]
+    fn after_a_forced_reconnection_the_lost_requests_fail_as_aborted() {
+        let (mut m, mut life) = mock(true);
+        life.on_failure(&mut m, QueueFailure::Disconnected);
+        m.ctl
+            .link
+            .pretend_reconnected(&m.ctl.health, 0, fresh_ring(true));
+        assert!(life.before_poll(&mut m));
+        assert!(m.sent.is_empty());
+        assert_eq!(m.completed.len(), 3);
+        assert!(m
+            .completed
+            .iter()
+            .all(|(_, r)| matches!(r, Err(IoError::Aborted(_)))));
+    }
+
+    #[test]
+    fn a_kept_ring_is_reattached_and_nothing_is_resent() {
+        let (mut m, mut life) = mock(true);
+        life.on_failure(&mut m, QueueFailure::Disconnected);
+        let kept = NewRing::Kept {
+            index: 0,
+            notifier: Notifier::Counter(Arc::new(AtomicU64::new(0))),
+            signal: None,
+        };
+        m.ctl.link.pretend_reconnected(&m.ctl.health, 0, kept);
+        assert!(life.before_poll(&mut m));
+        assert!(m.reattached);
+        assert!(m.sent.is_empty() && m.completed.is_empty());
+        assert_eq!(
+            m.on_ring,
+            vec![1, 2, 3],
+            "the new connection serves them again"
+        );
+    }
+
+    #[test]
+    fn resending_waits_for_ring_room_and_new_requests_wait_behind() {
+        let (mut m, mut life) = mock(true);
+        life.on_failure(&mut m, QueueFailure::Disconnected);
+        m.room = 1;
+        m.ctl
+            .link
+            .pretend_reconnected(&m.ctl.health, 0, fresh_ring(false));
+        life.before_poll(&mut m);
+        assert_eq!(m.sent, vec![1]);
+        assert!(matches!(life.admission(), Admission::Wait));
+        m.room = 5;
+        life.before_poll(&mut m);
+        assert_eq!(m.sent, vec![1, 2, 3]);
+        assert!(matches!(life.admission(), Admission::Send));
+    }
+
+    #[test]
+    fn a_reconnection_that_gives_up_fails_the_kept_requests_with_its_reason() {
+        let (mut m, mut life) = mock(true);
+        life.on_failure(&mut m, QueueFailure::Disconnected);
+        m.ctl.link.pretend_given_up(&m.ctl.health, "no socket");
+        life.before_poll(&mut m);
+        let errs = errors(&m);
+        assert_eq!(errs.len(), 3);
+        assert!(
+            errs.iter().all(|(_, e)| e.contains("no socket")),
+            "{errs:?}"
+        );
+        assert!(life.is_failed());
+    }
+
+    #[test]
+    fn a_failed_publish_fails_the_queue() {
+        let (mut m, mut life) = mock(false);
+        m.publish_fails = Some(QueueFailure::Disconnected);
+        life.publish(&mut m);
+        assert_eq!(m.completed.len(), 3);
+        assert!(life.is_failed());
+    }
+
+    #[test]
+    fn a_queue_closed_without_its_ring_forgets_what_the_device_may_read() {
+        let (mut m, mut life) = mock(false);
+        life.close(&mut m);
+        assert!(m.forgot_buffers);
     }
 }

@@ -340,6 +340,23 @@ impl Link {
         }
     }
 
+    /// For tests: as after a successful reconnection, the next generation, a new
+    /// broken flag, and `r` as queue `index`'s ring.
+    #[cfg(test)]
+    pub(crate) fn pretend_reconnected(&self, health: &Health, index: u16, r: NewRing) {
+        let mut st = self.lock();
+        st.fresh.resize_with(index as usize + 1, || None);
+        st.fresh[index as usize] = Some(r);
+        health.set_broken_flag(Arc::new(AtomicBool::new(false)));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// For tests: reconnection gives up with `why`.
+    #[cfg(test)]
+    pub(crate) fn pretend_given_up(&self, health: &Health, why: &str) {
+        self.give_up(health, why.to_string());
+    }
+
     fn give_up(&self, health: &Health, why: String) {
         let why = if self.in_place.load(Ordering::Acquire) {
             format!(
@@ -743,13 +760,8 @@ mod tests {
         (mem, link, QueuePool::new(Vec::new()), health)
     }
 
-    /// After a reconnection: generation 1, a new flag, `fresh[index] = r`.
     fn reconnected(link: &Link, health: &Health, index: u16, r: NewRing) {
-        let mut st = link.lock();
-        st.fresh.resize_with(index as usize + 1, || None);
-        st.fresh[index as usize] = Some(r);
-        health.set_broken_flag(Arc::new(AtomicBool::new(false)));
-        link.generation.store(1, Ordering::Release);
+        link.pretend_reconnected(health, index, r);
     }
 
     #[test]
@@ -835,71 +847,21 @@ mod tests {
         assert_eq!(pool.take().map(|q| q.index()), Some(1));
     }
 
-    /// A transport that only counts `abort` calls.
-    struct Aborts(Arc<DmaMemory>, Arc<AtomicU64>);
-
-    impl Transport for Aborts {
-        fn describe(&self) -> String {
-            "fake".into()
-        }
-        fn device_features(&mut self) -> vireo_virtio::Result<u64> {
-            Ok(0)
-        }
-        fn set_driver_features(&mut self, _: u64) -> vireo_virtio::Result<()> {
-            Ok(())
-        }
-        fn max_queues(&mut self) -> vireo_virtio::Result<Option<u16>> {
-            Ok(None)
-        }
-        fn max_queue_size(&mut self, _: u16) -> vireo_virtio::Result<Option<u16>> {
-            Ok(None)
-        }
-        fn has_config(&self) -> bool {
-            false
-        }
-        fn read_config(&mut self, _: u32, _: &mut [u8]) -> vireo_virtio::Result<()> {
-            Ok(())
-        }
-        fn setup_queue(
-            &mut self,
-            _: u16,
-            _: &vireo_virtio::RingLayout,
-        ) -> vireo_virtio::Result<Notifier> {
-            Ok(Notifier::Counter(Arc::new(AtomicU64::new(0))))
-        }
-        fn start(&mut self) -> vireo_virtio::Result<()> {
-            Ok(())
-        }
-        fn shutdown(&mut self) -> vireo_virtio::Result<()> {
-            Ok(())
-        }
-        fn memory(&self) -> &Arc<DmaMemory> {
-            &self.0
-        }
-        fn broken_flag(&self) -> Arc<AtomicBool> {
-            Arc::new(AtomicBool::new(false))
-        }
-        fn abort(&self) {
-            self.1.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     #[test]
     fn a_reset_is_taken_once_and_only_for_the_current_connection() {
         let (mem, link, _pool, _health) = setup();
-        let aborts = Arc::new(AtomicU64::new(0));
-        let t: Arc<Mutex<Box<dyn Transport>>> =
-            Arc::new(Mutex::new(Box::new(Aborts(mem, aborts.clone()))));
+        let dev = vireo_virtio::testing::FakeDevice::new(0, Vec::new(), 1, 8);
+        let t: Arc<Mutex<Box<dyn Transport>>> = Arc::new(Mutex::new(dev.connect(&mem)));
         let _ = link.transport.set(Arc::downgrade(&t));
         link.generation.store(4, Ordering::Release);
         // Decided on connection 3, which is gone: nothing.
         link.force(3).unwrap();
-        assert_eq!(aborts.load(Ordering::Relaxed), 0);
+        assert_eq!(dev.aborts(), 0);
         assert!(!link.lock().forced);
         // On the current one: the connection is dropped, once however many ask.
         link.force(4).unwrap();
         link.force(4).unwrap();
-        assert_eq!(aborts.load(Ordering::Relaxed), 1);
+        assert_eq!(dev.aborts(), 1);
         assert!(link.lock().forced);
     }
 }

@@ -109,6 +109,8 @@ struct Inner {
     max_queue_size: u16,
     refuse: bool,
     connections: u64,
+    /// `Transport::abort` calls, on any connection.
+    aborts: u64,
     conn: Option<Conn>,
     kick_hook: Option<KickHook>,
 }
@@ -298,6 +300,7 @@ impl FakeDevice {
                 max_queue_size,
                 refuse: false,
                 connections: 0,
+                aborts: 0,
                 conn: None,
                 kick_hook: None,
             })),
@@ -549,6 +552,11 @@ impl FakeDevice {
     /// Connections made so far.
     pub fn connections(&self) -> u64 {
         self.lock().connections
+    }
+
+    /// How often a driver dropped a connection itself (`Transport::abort`).
+    pub fn aborts(&self) -> u64 {
+        self.lock().aborts
     }
 
     /// Whether the current connection is up (connected, neither disconnected nor
@@ -870,7 +878,9 @@ impl Transport for FakeTransport {
 
     fn abort(&self) {
         self.broken.store(true, Ordering::Release);
-        if let Some(c) = self.dev.lock().live(self.id) {
+        let mut dev = self.dev.lock();
+        dev.aborts += 1;
+        if let Some(c) = dev.live(self.id) {
             c.alive = false;
         }
     }

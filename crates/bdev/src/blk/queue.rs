@@ -318,7 +318,7 @@ impl BlkQueue {
                 },
             ];
             let r = self.rq.submit(slot, &segs, n_out);
-            return self.settle(slot, c, r.is_ok());
+            return self.record_on_ring(slot, c, r.is_ok());
         }
         let mut segs = std::mem::take(&mut self.segs);
         segs.clear();
@@ -415,13 +415,13 @@ impl BlkQueue {
         });
         let r = self.rq.submit(slot, &segs, n_out);
         self.segs = segs;
-        self.settle(slot, c, r.is_ok())
+        self.record_on_ring(slot, c, r.is_ok())
     }
 
     /// After putting `c`'s chain in `slot` on the ring: record it, or give the slot
     /// back and the child to its caller (no ring space: it waits).
     #[inline]
-    fn settle(&mut self, slot: u16, c: Child, on_ring: bool) -> Result<(), Child> {
+    fn record_on_ring(&mut self, slot: u16, c: Child, on_ring: bool) -> Result<(), Child> {
         if on_ring {
             self.slot_child[slot as usize] = c;
             Ok(())
