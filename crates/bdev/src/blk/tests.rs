@@ -409,3 +409,148 @@ fn a_closed_channel_gives_its_queue_back_for_the_next_one() {
         "one queue: a second channel at once is refused"
     );
 }
+
+/// A disk offering `features` instead of the usual ones, answering as kicked.
+fn attached_offering(features: u64) -> (FakeBlk, BlkController) {
+    let blk = FakeBlk::new(SECTORS, 1, 8);
+    blk.dev.set_features(features);
+    blk.auto_serve(true);
+    let c = attach_with(&blk, &params(None));
+    (blk, c)
+}
+
+#[test]
+fn a_read_only_device_refuses_writes_and_serves_reads() {
+    let (_blk, c) = attached_offering(FAKE_BLK_FEATURES | bf::RO);
+    assert!(c.bdev().info().read_only);
+    let mut ch = c.bdev().open_channel().unwrap();
+    let w = ch.run(IoRequest::write(0, 1, IoBuf::Heap(vec![1; 512]), 1));
+    assert!(
+        matches!(w.result, Err(IoError::ReadOnly(_))),
+        "{:?}",
+        w.result
+    );
+    assert!(ch
+        .run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2))
+        .result
+        .is_ok());
+}
+
+#[test]
+fn without_flush_the_device_is_write_through_and_flushes_send_nothing() {
+    let (blk, c) = attached_offering(FAKE_BLK_FEATURES & !bf::FLUSH);
+    assert!(!c.bdev().info().volatile_write_cache);
+    let mut ch = c.bdev().open_channel().unwrap();
+    let before = blk.requests_seen().len();
+    assert!(ch
+        .run(IoRequest::no_data(IoOp::Flush, 0, 0, 1))
+        .result
+        .is_ok());
+    assert_eq!(blk.requests_seen().len(), before);
+}
+
+#[test]
+fn without_discard_unmap_is_refused_before_the_device() {
+    let (blk, c) = attached_offering(FAKE_BLK_FEATURES & !bf::DISCARD);
+    assert!(!c.bdev().info().ops.unmap);
+    let mut ch = c.bdev().open_channel().unwrap();
+    let before = blk.requests_seen().len();
+    let r = ch.run(IoRequest::no_data(IoOp::Unmap, 0, 8, 1));
+    assert!(
+        matches!(r.result, Err(IoError::Unsupported { op: "unmap", .. })),
+        "{:?}",
+        r.result
+    );
+    assert_eq!(blk.requests_seen().len(), before);
+}
+
+#[test]
+fn a_device_without_get_id_has_no_serial() {
+    let blk = FakeBlk::new(SECTORS, 1, 8);
+    blk.fail_next(1, S_UNSUPP);
+    blk.auto_serve(true);
+    let c = attach_with(&blk, &params(None));
+    assert_eq!(c.bdev().info().serial, None);
+}
+
+#[test]
+fn each_channel_gets_its_own_queue_of_a_multi_queue_device() {
+    let blk = FakeBlk::new(SECTORS, 2, 8);
+    blk.auto_serve(true);
+    let mut p = params(None);
+    p.vq_count = 2;
+    let c = attach_with(&blk, &p);
+    assert_eq!(c.bdev().info().num_queues, 2);
+    let mut a = c.bdev().open_channel().unwrap();
+    let mut b = c.bdev().open_channel().unwrap();
+    let (ka, kb) = (blk.dev.kicks(0), blk.dev.kicks(1));
+    assert!(a
+        .run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1))
+        .result
+        .is_ok());
+    assert!(b
+        .run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2))
+        .result
+        .is_ok());
+    assert_eq!(
+        (blk.dev.kicks(0) - ka, blk.dev.kicks(1) - kb),
+        (1, 1),
+        "one request on each queue"
+    );
+}
+
+#[test]
+fn a_request_the_device_keeps_times_out_and_its_late_answer_is_absorbed() {
+    let (blk, c) = attached(None);
+    let mut ch = c.bdev().open_channel().unwrap();
+    blk.hold(true);
+    let limit = Duration::from_millis(20);
+    ch.submit(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1).with_timeout(limit))
+        .unwrap();
+    let out = wait_for(&mut ch, 1);
+    assert!(
+        matches!(out[0].result, Err(IoError::Timeout(_))),
+        "{:?}",
+        out[0].result
+    );
+    blk.hold(false);
+    blk.release_held(0);
+    let r = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2));
+    assert_eq!(r.user_data, 2);
+    assert!(r.result.is_ok());
+    assert_eq!(ch.in_flight(), 0);
+}
+
+#[test]
+fn a_silent_device_is_escalated_to_a_controller_reset_and_io_goes_on() {
+    let (blk, c) = attached(Some(Duration::from_secs(10)));
+    let mut ch = c.bdev().open_channel().unwrap();
+    blk.hold(true);
+    let limit = Duration::from_millis(20);
+    ch.submit(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1).with_timeout(limit))
+        .unwrap();
+    let out = wait_for(&mut ch, 1);
+    assert!(matches!(out[0].result, Err(IoError::Timeout(_))));
+    // virtio-blk has neither ABORT TASK nor a LUN reset: the next step is the
+    // controller, a reconnection vireo forces.
+    let until = Instant::now() + Duration::from_secs(10);
+    while c.reconnects() == 0 && Instant::now() < until {
+        let mut out = Vec::new();
+        ch.poll(&mut out);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(c.reconnects(), 1);
+    assert_eq!(blk.dev.aborts(), 1, "vireo dropped the connection itself");
+    // The queue looks at its connection's flag every few hundred idle polls; until it
+    // has taken its new ring, a request would go to the old one and fail as aborted
+    // with it (the old back-end may still be alive).
+    for _ in 0..2048 {
+        let mut out = Vec::new();
+        ch.poll(&mut out);
+        assert!(out.is_empty(), "the timed-out request completed once already");
+    }
+    blk.hold(false);
+    let r = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2));
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    assert_eq!(ch.in_flight(), 0);
+}
