@@ -133,16 +133,17 @@ impl<R> QueueLife<R> {
         }
     }
 
-    /// The ring failed with `f`. With reconnection on and the back-end gone, wait for
-    /// the next connection with the requests kept on the ring; otherwise fail every
+    /// The ring failed with `f`. With reconnection configured and the back-end gone,
+    /// wait for the next connection with the requests kept on the ring; otherwise fail every
     /// request, and the controller too when the device broke the protocol.
     pub(crate) fn on_failure<Q: LifeQueue<Request = R>>(&mut self, q: &mut Q, f: QueueFailure) {
         if !self.is_up() {
             return;
         }
-        if f == QueueFailure::Disconnected && q.controller().link().enabled() {
+        if f == QueueFailure::Disconnected && q.controller().link().configured() {
             // What becomes of the requests on the ring depends on how the connection
-            // comes back (see `resume`).
+            // comes back (see `resume`); if reconnection already gave up, `resume` fails
+            // them with its reason at once.
             q.fail_ring(f);
             self.suspended = true;
             return;

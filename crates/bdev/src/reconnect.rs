@@ -188,6 +188,12 @@ impl Link {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The controller has a reconnection window (`reconnect_timeout`), whether or not
+    /// a reconnection has failed since.
+    pub(crate) fn configured(&self) -> bool {
+        !self.window.is_zero()
+    }
+
     /// Reconnection is on.
     pub(crate) fn enabled(&self) -> bool {
         !self.window.is_zero() && !self.failed.load(Ordering::Acquire)

@@ -547,7 +547,10 @@ fn a_silent_device_is_escalated_to_a_controller_reset_and_io_goes_on() {
     for _ in 0..2048 {
         let mut out = Vec::new();
         ch.poll(&mut out);
-        assert!(out.is_empty(), "the timed-out request completed once already");
+        assert!(
+            out.is_empty(),
+            "the timed-out request completed once already"
+        );
     }
     blk.hold(false);
     let r = ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2));

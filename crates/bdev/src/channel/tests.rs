@@ -32,6 +32,8 @@ struct Script {
     lun_resets: usize,
     controller_reset_supported: bool,
     controller_resets: usize,
+    /// When each escalation step reached the driver.
+    step_times: Vec<Instant>,
 }
 
 #[derive(Clone)]
@@ -113,6 +115,7 @@ impl ChannelDriver for ScriptedChannel {
             }),
             Some(ok) => {
                 s.aborts.push(parent);
+                s.step_times.push(Instant::now());
                 if ok {
                     Ok(())
                 } else {
@@ -131,6 +134,7 @@ impl ChannelDriver for ScriptedChannel {
             });
         }
         s.controller_resets += 1;
+        s.step_times.push(Instant::now());
         Ok(())
     }
 }
@@ -151,6 +155,7 @@ impl BdevDriver for ScriptedBdev {
             });
         }
         s.lun_resets += 1;
+        s.step_times.push(Instant::now());
         Ok(())
     }
 }
@@ -751,17 +756,27 @@ fn io_answered_in_time_does_not_time_out() {
     assert_eq!(ch.timed, 0);
 }
 
-/// Time out one read, then poll for `periods` more periods.
-fn escalate_for(periods: u32, dev: &Device, bdev: &Arc<Bdev>, ch: &mut IoChannel) {
+/// Time out one read (its completion is the caller's timeout).
+fn time_out_one(bdev: &Arc<Bdev>, ch: &mut IoChannel) {
     ch.submit(IoRequest::read(0, 1, dma(bdev, 1), 1).with_timeout(LIMIT))
         .unwrap();
     assert_eq!(poll_until(ch, 1, Duration::from_secs(5)).len(), 1);
-    let until = Instant::now() + LIMIT * periods + LIMIT / 2;
-    while Instant::now() < until {
+}
+
+/// Poll until the escalation steps taken (aborts, LUN resets, controller resets) are no
+/// longer `from`; returns them. A poll takes at most one step, so a change seen here is
+/// the first step after `from`.
+fn next_step(
+    ch: &mut IoChannel,
+    dev: &Device,
+    from: (usize, usize, usize),
+) -> (usize, usize, usize) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while dev.steps() == from && Instant::now() < until {
         poll_all(ch);
-        std::thread::sleep(Duration::from_micros(500));
+        std::thread::sleep(Duration::from_micros(200));
     }
-    let _ = dev;
+    dev.steps()
 }
 
 #[test]
@@ -769,9 +784,9 @@ fn escalation_aborts_first_and_stops_there_when_the_abort_is_sent() {
     let (dev, bdev, mut ch) = setup(16);
     dev.s().abort_ok = Some(true);
     dev.s().lun_reset_supported = true;
-    escalate_for(1, &dev, &bdev, &mut ch);
-    assert_eq!(dev.s().aborts, vec![0]);
-    assert_eq!(dev.steps(), (1, 0, 0));
+    time_out_one(&bdev, &mut ch);
+    assert_eq!(next_step(&mut ch, &dev, (0, 0, 0)), (1, 0, 0));
+    assert_eq!(dev.s().aborts, vec![0], "the timed-out I/O's slot");
     // The device never answers: close without waiting for it.
     ch.abandon();
 }
@@ -785,30 +800,32 @@ fn escalation_goes_from_abort_to_lun_reset_to_controller_reset_one_period_apart(
         s.lun_reset_supported = true;
         s.controller_reset_supported = true;
     }
-    escalate_for(1, &dev, &bdev, &mut ch);
-    assert_eq!(dev.steps(), (1, 0, 0));
-    escalate_more(&mut ch, 1);
-    assert_eq!(dev.steps(), (1, 1, 0));
-    escalate_more(&mut ch, 1);
-    assert_eq!(dev.steps(), (1, 1, 1));
+    time_out_one(&bdev, &mut ch);
+    let steps = next_step(&mut ch, &dev, (0, 0, 0));
+    assert_eq!(steps, (1, 0, 0));
+    let steps = next_step(&mut ch, &dev, steps);
+    assert_eq!(steps, (1, 1, 0));
+    let steps = next_step(&mut ch, &dev, steps);
+    assert_eq!(steps, (1, 1, 1));
+    // A period apart at least, as the driver saw them.
+    let t = dev.s().step_times.clone();
+    let period = LIMIT - Duration::from_millis(1);
+    assert!(
+        t[1] - t[0] >= period && t[2] - t[1] >= period,
+        "{:?} {:?}",
+        t[1] - t[0],
+        t[2] - t[1]
+    );
     // The device never answers: close without waiting for it.
     ch.abandon();
-}
-
-fn escalate_more(ch: &mut IoChannel, periods: u32) {
-    let until = Instant::now() + LIMIT * periods;
-    while Instant::now() < until {
-        poll_all(ch);
-        std::thread::sleep(Duration::from_micros(500));
-    }
 }
 
 #[test]
 fn an_unsupported_abort_falls_through_to_a_lun_reset_in_the_same_step() {
     let (dev, bdev, mut ch) = setup(16);
     dev.s().lun_reset_supported = true;
-    escalate_for(1, &dev, &bdev, &mut ch);
-    assert_eq!(dev.steps(), (0, 1, 0));
+    time_out_one(&bdev, &mut ch);
+    assert_eq!(next_step(&mut ch, &dev, (0, 0, 0)), (0, 1, 0));
     // The device never answers: close without waiting for it.
     ch.abandon();
 }
@@ -817,8 +834,8 @@ fn an_unsupported_abort_falls_through_to_a_lun_reset_in_the_same_step() {
 fn without_abort_or_lun_reset_the_controller_is_reset() {
     let (dev, bdev, mut ch) = setup(16);
     dev.s().controller_reset_supported = true;
-    escalate_for(1, &dev, &bdev, &mut ch);
-    assert_eq!(dev.s().controller_resets, 1);
+    time_out_one(&bdev, &mut ch);
+    assert_eq!(next_step(&mut ch, &dev, (0, 0, 0)), (0, 0, 1));
     // The device never answers: close without waiting for it.
     ch.abandon();
 }
@@ -828,8 +845,8 @@ fn a_failed_abort_does_not_skip_to_the_next_step_at_once() {
     let (dev, bdev, mut ch) = setup(16);
     dev.s().abort_ok = Some(false);
     dev.s().lun_reset_supported = true;
-    escalate_for(1, &dev, &bdev, &mut ch);
-    assert_eq!((dev.steps().0, dev.steps().1), (1, 0));
+    time_out_one(&bdev, &mut ch);
+    assert_eq!(next_step(&mut ch, &dev, (0, 0, 0)), (1, 0, 0));
     // The device never answers: close without waiting for it.
     ch.abandon();
 }
