@@ -539,3 +539,186 @@ fn oversized_requests_and_too_many_clients_are_turned_away() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(srv.ok("bdev_get_bdevs", None), json!([]));
 }
+
+fn blk_target(sock: &Path, mib: u64) -> vireo_target::TargetHandle {
+    spawn_blk_target(
+        sock,
+        BlkTargetConfig {
+            backend: Backing::Ram {
+                size_bytes: mib << 20,
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn names(v: &Value) -> Vec<String> {
+    let mut n: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| match b {
+            Value::String(s) => s.clone(),
+            b => b["name"].as_str().unwrap().to_string(),
+        })
+        .collect();
+    n.sort();
+    n
+}
+
+/// A scsi controller whose LUN bdev would take the name of another controller's bdev
+/// is refused whole, in either order; nothing of it is left behind and the name of
+/// the refused controller is free again.
+#[test]
+fn bdev_names_are_unique_across_controllers_in_both_orders() {
+    let dir = tempfile::tempdir().unwrap();
+    let blk_sock = dir.path().join("blk.sock");
+    let scsi_sock = dir.path().join("scsi.sock");
+    let _blk = blk_target(&blk_sock, 64);
+    let _scsi = spawn_scsi_target(
+        &scsi_sock,
+        ScsiTargetConfig {
+            luns: BTreeMap::from([((0, 0), ram_lun(32)), ((0, 1), ram_lun(16))]),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let srv = Server::start(dir.path(), None);
+
+    // blk S2t0, then scsi S2 (whose LUN 0 is S2t0).
+    assert_eq!(
+        srv.ok(
+            "bdev_virtio_attach_controller",
+            Some(attach_params("S2t0", &blk_sock, "blk"))
+        ),
+        json!(["S2t0"])
+    );
+    for _ in 0..2 {
+        let (code, msg) = srv.err(
+            "bdev_virtio_attach_controller",
+            Some(attach_params("S2", &scsi_sock, "scsi")),
+        );
+        assert_eq!(code, -17, "{msg}");
+        assert!(
+            msg.contains("S2t0") && msg.contains("controller S2t0"),
+            "names the bdev and its controller: {msg}"
+        );
+    }
+    assert_eq!(names(&srv.ok("bdev_get_bdevs", None)), ["S2t0"]);
+    assert_eq!(srv.ok("bdev_virtio_scsi_get_devices", None), json!([]));
+    let b = srv.ok("bdev_get_bdevs", Some(json!({"name":"S2t0"})));
+    assert_eq!(b[0]["product_name"], "VirtioBlk Disk");
+    let (code, _) = srv.err("bdev_virtio_detach_controller", Some(json!({"name":"S2"})));
+    assert_eq!(code, -19, "the refused controller left nothing behind");
+
+    // Once the blk controller is gone, the scsi controller attaches (its back-end
+    // was left free too).
+    srv.ok(
+        "bdev_virtio_detach_controller",
+        Some(json!({"name":"S2t0"})),
+    );
+    assert_eq!(
+        names(&srv.ok(
+            "bdev_virtio_attach_controller",
+            Some(attach_params("S2", &scsi_sock, "scsi"))
+        )),
+        ["S2t0", "S2t0l1"]
+    );
+
+    // scsi S2 first, then blk S2t0l1.
+    let (code, msg) = srv.err(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("S2t0l1", &blk_sock, "blk")),
+    );
+    assert_eq!(code, -17, "{msg}");
+    assert!(
+        msg.contains("S2t0l1") && msg.contains("controller S2"),
+        "names the bdev and its controller: {msg}"
+    );
+    assert_eq!(names(&srv.ok("bdev_get_bdevs", None)), ["S2t0", "S2t0l1"]);
+    let b = srv.ok("bdev_get_bdevs", Some(json!({"name":"S2t0l1"})));
+    assert_eq!(b[0]["product_name"], "VirtioScsi Disk");
+    // The blk back-end was not kept either.
+    assert_eq!(
+        srv.ok(
+            "bdev_virtio_attach_controller",
+            Some(attach_params("B", &blk_sock, "blk"))
+        ),
+        json!(["B"])
+    );
+}
+
+/// A LUN hot-added later whose bdev name another controller's bdev has is not added:
+/// the other bdev keeps its name, and the controller says which LUN it left out and why.
+#[test]
+fn a_hot_added_lun_whose_bdev_name_is_taken_is_not_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let blk_sock = dir.path().join("blk.sock");
+    let scsi_sock = dir.path().join("scsi.sock");
+    let _blk = blk_target(&blk_sock, 64);
+    let scsi = spawn_scsi_target(
+        &scsi_sock,
+        ScsiTargetConfig {
+            luns: BTreeMap::from([((0, 0), ram_lun(32))]),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let srv = Server::start(dir.path(), None);
+    assert_eq!(
+        srv.ok(
+            "bdev_virtio_attach_controller",
+            Some(attach_params("H", &scsi_sock, "scsi"))
+        ),
+        json!(["Ht0"])
+    );
+    assert_eq!(
+        srv.ok(
+            "bdev_virtio_attach_controller",
+            Some(attach_params("Ht0l1", &blk_sock, "blk"))
+        ),
+        json!(["Ht0l1"])
+    );
+    scsi.add_lun(0, 1, ram_lun(8)).unwrap();
+    scsi.add_lun(0, 2, ram_lun(8)).unwrap();
+    // LUN 2 is added (its name is free); LUN 1 is not.
+    let t0 = Instant::now();
+    let devs = loop {
+        let devs = srv.ok("bdev_virtio_scsi_get_devices", None);
+        let bdevs = names(&srv.ok("bdev_get_bdevs", None));
+        if bdevs.len() >= 4 || devs[0].get("luns_not_added").is_some() {
+            break devs;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the hot-plug events were not handled: {bdevs:?} {devs}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let t0 = Instant::now();
+    while !names(&srv.ok("bdev_get_bdevs", None)).contains(&"Ht0l2".to_string()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "LUN 2 was not added"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        names(&srv.ok("bdev_get_bdevs", None)),
+        ["Ht0", "Ht0l1", "Ht0l2"]
+    );
+    let b = srv.ok("bdev_get_bdevs", Some(json!({"name":"Ht0l1"})));
+    assert_eq!(b[0]["product_name"], "VirtioBlk Disk");
+    let left = &devs[0]["luns_not_added"];
+    assert_eq!(left[0]["target"], 0, "{devs}");
+    assert_eq!(left[0]["lun"], 1, "{devs}");
+    assert_eq!(left[0]["bdev"], "Ht0l1", "{devs}");
+    let why = left[0]["reason"].as_str().unwrap();
+    assert!(why.contains("controller Ht0l1"), "{why}");
+    assert!(
+        srv.log_text().contains("Ht0l1"),
+        "the refusal is logged: {}",
+        srv.log_text()
+    );
+}

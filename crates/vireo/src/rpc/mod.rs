@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
-use vireo_bdev::BdevError;
+use vireo_bdev::{BdevError, ErrorKind};
 
 /// JSON-RPC 2.0 error codes (and the negative errno values SPDK uses).
 pub const PARSE_ERROR: i64 = -32700;
@@ -76,10 +76,10 @@ impl RpcError {
 
 impl From<BdevError> for RpcError {
     fn from(e: BdevError) -> RpcError {
-        let code = match &e {
-            BdevError::Config(_) => INVALID_PARAMS,
-            BdevError::NotFound(_) => ENODEV,
-            BdevError::NameTaken(_) => EEXIST,
+        let code = match (&e, e.kind()) {
+            (BdevError::Config(_), _) => INVALID_PARAMS,
+            (_, ErrorKind::NotFound) => ENODEV,
+            (_, ErrorKind::AlreadyExists) => EEXIST,
             _ => INTERNAL_ERROR,
         };
         RpcError::new(code, e.to_string())
