@@ -92,7 +92,9 @@ struct Entry {
 }
 
 impl Entry {
-    /// Leave the registry: the names are free at once.
+    /// Leave the registry: the names are free at once; the device is torn down by the
+    /// caller, outside the registry lock (a frozen device takes the control-plane
+    /// deadline to answer, and nothing else waits for it).
     fn leave(self) -> (AttachParams, Controller) {
         drop(self.names);
         (self.params, self.controller)
@@ -337,22 +339,26 @@ impl Registry {
         Ok(all)
     }
 
-    /// Detach a controller by name.
+    /// Detach a controller by name. It leaves the registry (with its names) at once;
+    /// the device is stopped afterwards, without holding up other controllers.
     pub fn detach(&self, name: &str) -> Result<(), BdevError> {
-        let mut entries = self.lock();
-        let pos = entries
-            .iter()
-            .position(|e| e.params.name == name)
-            .ok_or_else(|| BdevError::NotFound(name.to_string()))?;
-        // Refused, and nothing touched, while channels are open: detaching would reset
-        // the device under their I/O.
-        let open = entries[pos].controller.open_channels();
-        if open > 0 {
-            return Err(BdevError::Config(format!(
-                "controller {name} still has {open} open I/O channels (close them, or stop the NBD exports of its bdevs, first)"
-            )));
-        }
-        let (params, controller) = entries.remove(pos).leave();
+        let e = {
+            let mut entries = self.lock();
+            let pos = entries
+                .iter()
+                .position(|e| e.params.name == name)
+                .ok_or_else(|| BdevError::NotFound(name.to_string()))?;
+            // Refused, and nothing touched, while channels are open: detaching would
+            // reset the device under their I/O.
+            let open = entries[pos].controller.open_channels();
+            if open > 0 {
+                return Err(BdevError::Config(format!(
+                    "controller {name} still has {open} open I/O channels (close them, or stop the NBD exports of its bdevs, first)"
+                )));
+            }
+            entries.remove(pos)
+        };
+        let (params, controller) = e.leave();
         if let Err(err) = controller.detach() {
             // Not detached: the controller is gone from the registry only if it stopped.
             tracing::warn!(controller = %params.name, "detach failed: {err}");
@@ -365,20 +371,28 @@ impl Registry {
     /// channel is open on them: their bdevs go away and the function is released.
     /// Returns the names of the controllers removed.
     pub fn reap_removed(&self) -> Vec<String> {
-        let mut entries = self.lock();
-        let mut reaped = Vec::new();
-        let mut i = 0;
-        while i < entries.len() {
-            if entries[i].controller.reapable(entries[i].params.trtype) {
-                let (params, controller) = entries.remove(i).leave();
-                tracing::warn!(controller = %params.name, "PCI function {} is gone: controller and its bdevs removed", params.traddr);
-                if let Err(err) = controller.detach() {
-                    tracing::warn!(controller = %params.name, "release after removal: {err}");
+        let gone: Vec<Entry> = {
+            let mut entries = self.lock();
+            let mut gone = Vec::new();
+            let mut i = 0;
+            while i < entries.len() {
+                if entries[i].controller.reapable(entries[i].params.trtype) {
+                    gone.push(entries.remove(i));
+                } else {
+                    i += 1;
                 }
-                reaped.push(params.name);
-            } else {
-                i += 1;
             }
+            gone
+        };
+        // Released outside the registry lock, like a detach.
+        let mut reaped = Vec::new();
+        for e in gone {
+            let (params, controller) = e.leave();
+            tracing::warn!(controller = %params.name, "PCI function {} is gone: controller and its bdevs removed", params.traddr);
+            if let Err(err) = controller.detach() {
+                tracing::warn!(controller = %params.name, "release after removal: {err}");
+            }
+            reaped.push(params.name);
         }
         reaped
     }

@@ -722,3 +722,89 @@ fn a_hot_added_lun_whose_bdev_name_is_taken_is_not_added() {
         srv.log_text()
     );
 }
+
+/// A `vireo target` process that is killed on drop.
+struct TargetProcess(Child);
+
+impl Drop for TargetProcess {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGCONT) };
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Detaching the controller of a frozen target takes the control-plane deadline; other
+/// controllers answer meanwhile.
+#[test]
+fn a_slow_detach_does_not_stall_other_controllers() {
+    let dir = tempfile::tempdir().unwrap();
+    let frozen_sock = dir.path().join("frozen.sock");
+    let t = TargetProcess(
+        Command::new(BIN)
+            .args(["target", "--type", "blk", "--size", "16m", "-s"])
+            .arg(&frozen_sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while !frozen_sock.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "vireo target did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let blk_sock = dir.path().join("blk.sock");
+    let _blk = blk_target(&blk_sock, 64);
+    let srv = Server::start(dir.path(), None);
+    srv.ok(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("Frozen", &frozen_sock, "blk")),
+    );
+    srv.ok(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("Other", &blk_sock, "blk")),
+    );
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(t.0.id() as i32, libc::SIGSTOP) };
+    let sock = srv.sock.clone();
+    let detach = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let r = raw(
+            &sock,
+            br#"{"jsonrpc":"2.0","id":1,"method":"bdev_virtio_detach_controller","params":{"name":"Frozen"}}"#,
+            1,
+        );
+        (t0.elapsed(), r)
+    });
+    // The detach is under way (it waits for the frozen back-end).
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(!detach.is_finished(), "the frozen target's detach is slow");
+    let t0 = Instant::now();
+    let b = srv.ok("bdev_get_bdevs", Some(json!({"name":"Other"})));
+    let took = t0.elapsed();
+    assert_eq!(b[0]["name"], "Other");
+    // The bug made this wait for the whole detach (~10 s).
+    assert!(
+        took < Duration::from_secs(3),
+        "bdev_get_bdevs of another controller took {took:?} during a slow detach"
+    );
+    let (slow, r) = detach.join().unwrap();
+    assert!(slow > Duration::from_secs(1), "{slow:?}");
+    // Whether or not the frozen device answered its teardown, the controller is gone.
+    assert!(
+        r[0].get("result").is_some() || r[0].get("error").is_some(),
+        "{r:?}"
+    );
+    assert_eq!(names(&srv.ok("bdev_get_bdevs", None)), ["Other"]);
+    let (code, _) = srv.err(
+        "bdev_virtio_detach_controller",
+        Some(json!({"name":"Frozen"})),
+    );
+    assert_eq!(code, -19);
+}
