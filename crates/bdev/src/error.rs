@@ -56,6 +56,10 @@ impl BdevError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             BdevError::WrongDeviceType { .. } | BdevError::Config(_) => ErrorKind::InvalidInput,
+            BdevError::Virtio {
+                source: VirtioError::NotAccepting { .. },
+                ..
+            } => ErrorKind::TimedOut,
             BdevError::Virtio { .. } | BdevError::QueueSetup { .. } => ErrorKind::Other,
             BdevError::BadDevice { .. } => ErrorKind::ControllerFailed,
             BdevError::Unsatisfiable { .. } | BdevError::QueueSizeRefused { .. } => {

@@ -723,6 +723,151 @@ fn a_hot_added_lun_whose_bdev_name_is_taken_is_not_added() {
     );
 }
 
+/// A unix socket listening with a backlog of 0 whose queue is full (nobody accepts).
+fn full_listener(path: &Path) -> (std::os::unix::net::UnixListener, Vec<std::os::fd::OwnedFd>) {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+    // SAFETY: listen(2) on a socket this function owns; a second listen() only changes
+    // the backlog.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr
+        .sun_path
+        .iter_mut()
+        .zip(path.as_os_str().as_encoded_bytes())
+    {
+        *d = *s as libc::c_char;
+    }
+    let mut queued = Vec::new();
+    loop {
+        // SAFETY: a new socket; the fd is owned by the OwnedFd below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
+        assert!(fd >= 0);
+        // SAFETY: fd is a fresh socket nobody else owns.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: addr is a valid sockaddr_un and its size is passed.
+        let rc = unsafe {
+            libc::connect(
+                fd,
+                &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            assert_eq!(e.raw_os_error(), Some(libc::EAGAIN), "{e}");
+            return (l, queued);
+        }
+        queued.push(owned);
+        assert!(queued.len() < 8, "the listen queue does not fill");
+    }
+}
+
+/// An attach to a back-end whose listen queue is full fails within the control-plane
+/// deadline, says why, and leaves nothing behind: the name is free again.
+#[test]
+fn an_attach_to_a_full_listen_queue_fails_in_time_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("full.sock");
+    let (_l, _queued) = full_listener(&full);
+    let blk_sock = dir.path().join("blk.sock");
+    let _blk = blk_target(&blk_sock, 64);
+    let srv = Server::start(dir.path(), None);
+    let t0 = Instant::now();
+    let (code, msg) = srv.err(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("F", &full, "blk")),
+    );
+    assert!(t0.elapsed() < Duration::from_secs(25), "{:?}", t0.elapsed());
+    assert!(code < 0, "{code}");
+    assert!(
+        msg.contains("F")
+            && msg.contains(full.to_str().unwrap())
+            && msg.contains("did not accept the connection within"),
+        "{msg}"
+    );
+    // Get and detach agree that F does not exist; the name can be used at once.
+    let (code, _) = srv.err("bdev_get_bdevs", Some(json!({"name":"F"})));
+    assert_eq!(code, -19);
+    let (code, _) = srv.err("bdev_virtio_detach_controller", Some(json!({"name":"F"})));
+    assert_eq!(code, -19);
+    assert_eq!(
+        srv.ok(
+            "bdev_virtio_attach_controller",
+            Some(attach_params("F", &blk_sock, "blk"))
+        ),
+        json!(["F"])
+    );
+    // `vireo bdevs -c` is bounded the same way.
+    let conf = dir.path().join("full.json");
+    std::fs::write(
+        &conf,
+        json!({"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_virtio_attach_controller","params":
+            {"name":"F","trtype":"user","traddr":full.to_str().unwrap(),"dev_type":"blk"}}]}]})
+        .to_string(),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["bdevs", "-c"])
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(25) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vireo bdevs -c hangs on a full listen queue");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("did not accept the connection within"),
+        "{err}"
+    );
+
+    // So are `vireo rpc` to a server that is not accepting, and `vireo serve`'s probe
+    // of a socket file that a live (if deaf) server has.
+    let t0 = Instant::now();
+    let out = Command::new(BIN)
+        .args(["rpc", "-t", "1", "-r"])
+        .arg(&full)
+        .arg("bdev_get_bdevs")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("did not accept the connection within 1 s"),
+        "{err}"
+    );
+    let out = Command::new(BIN)
+        .args(["serve", "-r"])
+        .arg(&full)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
+}
+
 /// A `vireo target` process that is killed on drop.
 struct TargetProcess(Child);
 
