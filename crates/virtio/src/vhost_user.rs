@@ -118,7 +118,16 @@ impl RegionListener for MemoryShare {
         self.watchdog.arm(self.timeout);
         let r = self.share(region);
         self.watchdog.disarm();
-        r
+        match r {
+            // It stopped answering (the watchdog cut it off) or hung up meanwhile: like a
+            // back-end already dead, it does not need the region (a reconnection shares
+            // every region anew), and the memory grows for the other controllers.
+            Err(e) if self.broken.load(Ordering::Acquire) => {
+                tracing::warn!("not sharing a new DMA region with a back-end that is gone: {e}");
+                Ok(())
+            }
+            r => r,
+        }
     }
 
     fn region_removed(&self, region: &DmaRegionInfo) {
