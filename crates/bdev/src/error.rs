@@ -66,7 +66,9 @@ impl BdevError {
                 ErrorKind::Unsupported
             }
             BdevError::NoFreeQueue { .. } => ErrorKind::Busy,
-            BdevError::NameTaken(_) | BdevError::NameHeld { .. } => ErrorKind::AlreadyExists,
+            BdevError::NameTaken(_) | BdevError::NameHeld { .. } | BdevError::Attaching(_) => {
+                ErrorKind::AlreadyExists
+            }
             BdevError::NotFound(_) => ErrorKind::NotFound,
             BdevError::Io { source, .. } => source.kind(),
             BdevError::Failed(_) => ErrorKind::ControllerFailed,
@@ -268,6 +270,9 @@ pub enum BdevError {
         /// The controller that has it.
         holder: String,
     },
+    /// Another request is attaching a controller of this name.
+    #[error("controller {0} is being attached by another request (connecting to a back-end that does not answer takes up to the control-plane deadline); try again once that attach has finished")]
+    Attaching(String),
     /// Nothing of that name.
     #[error("no controller or bdev named {0}")]
     NotFound(String),

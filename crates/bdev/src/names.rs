@@ -8,7 +8,7 @@
 //! when it leaves the registry (or its attach fails); a controller that left can claim
 //! nothing more (its event thread may still be winding down).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::BdevError;
@@ -36,8 +36,9 @@ impl Holder {
 #[derive(Debug, Default)]
 struct Inner {
     held: HashMap<String, Holder>,
-    /// Attaches that may still claim names.
-    live: HashSet<u64>,
+    /// Attaches that may still claim names: whether the controller joined the
+    /// registry (false: its attach is under way).
+    live: HashMap<u64, bool>,
     next_id: u64,
 }
 
@@ -64,13 +65,15 @@ impl Names {
                     held: h.describe(controller),
                     holder: h.controller.clone(),
                 }
+            } else if st.live.get(&h.id) == Some(&false) {
+                BdevError::Attaching(controller.to_string())
             } else {
                 BdevError::NameTaken(controller.to_string())
             });
         }
         st.next_id += 1;
         let id = st.next_id;
-        st.live.insert(id);
+        st.live.insert(id, false);
         st.held.insert(
             controller.to_string(),
             Holder {
@@ -96,6 +99,13 @@ pub(crate) struct NameOwner {
 }
 
 impl NameOwner {
+    /// The controller joined the registry: its attach is over.
+    pub(crate) fn joined(&self) {
+        if let Some(j) = self.claims.names.lock().live.get_mut(&self.claims.id) {
+            *j = true;
+        }
+    }
+
     /// What the controller claims its bdevs' names with.
     pub(crate) fn claims(&self) -> &NameClaims {
         &self.claims
@@ -135,7 +145,7 @@ impl NameClaims {
     /// controller holds.
     pub(crate) fn claim_bdevs<S: AsRef<str>>(&self, bdevs: &[S]) -> Result<(), BdevError> {
         let mut st = self.names.lock();
-        if !st.live.contains(&self.id) {
+        if !st.live.contains_key(&self.id) {
             return Err(BdevError::NotFound(self.controller.clone()));
         }
         for b in bdevs {
@@ -195,6 +205,9 @@ mod tests {
         // A controller named like another's bdev is refused, naming it.
         let e = names.reserve("Ct0l1").unwrap_err();
         assert!(e.to_string().contains("of controller D"), "{e}");
+        // An attach under way says so; an attached controller is simply there.
+        assert!(matches!(names.reserve("C"), Err(BdevError::Attaching(_))));
+        scsi.joined();
         assert!(matches!(names.reserve("C"), Err(BdevError::NameTaken(_))));
         drop(blk);
         scsi.claims().claim_bdevs(&["Ct0"]).unwrap();

@@ -316,6 +316,7 @@ impl Registry {
         let Some(names) = names.take() else {
             return Err(BdevError::NameTaken(params.name.clone()));
         };
+        names.joined();
         entries.push(Entry {
             params: params.clone(),
             controller,

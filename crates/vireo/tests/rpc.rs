@@ -782,11 +782,26 @@ fn an_attach_to_a_full_listen_queue_fails_in_time_and_leaves_nothing() {
     let _blk = blk_target(&blk_sock, 64);
     let srv = Server::start(dir.path(), None);
     let t0 = Instant::now();
+    let first = {
+        let sock = srv.sock.clone();
+        let req = json!({"jsonrpc":"2.0","id":1,"method":"bdev_virtio_attach_controller",
+            "params": attach_params("F", &full, "blk")});
+        std::thread::spawn(move || raw(&sock, req.to_string().as_bytes(), 1).remove(0))
+    };
+    // While it waits, the name says it is being attached; F does not exist yet.
+    std::thread::sleep(Duration::from_millis(500));
     let (code, msg) = srv.err(
         "bdev_virtio_attach_controller",
-        Some(attach_params("F", &full, "blk")),
+        Some(attach_params("F", &blk_sock, "blk")),
     );
+    assert_eq!(code, -17, "{msg}");
+    assert!(msg.contains("being attached"), "{msg}");
+    let (code, _) = srv.err("bdev_get_bdevs", Some(json!({"name":"F"})));
+    assert_eq!(code, -19);
+    let r = first.join().unwrap();
     assert!(t0.elapsed() < Duration::from_secs(25), "{:?}", t0.elapsed());
+    let code = r["error"]["code"].as_i64().unwrap();
+    let msg = r["error"]["message"].as_str().unwrap().to_string();
     assert!(code < 0, "{code}");
     assert!(
         msg.contains("F")
