@@ -56,13 +56,19 @@ impl BdevError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             BdevError::WrongDeviceType { .. } | BdevError::Config(_) => ErrorKind::InvalidInput,
+            BdevError::Virtio {
+                source: VirtioError::NotAccepting { .. },
+                ..
+            } => ErrorKind::TimedOut,
             BdevError::Virtio { .. } | BdevError::QueueSetup { .. } => ErrorKind::Other,
             BdevError::BadDevice { .. } => ErrorKind::ControllerFailed,
             BdevError::Unsatisfiable { .. } | BdevError::QueueSizeRefused { .. } => {
                 ErrorKind::Unsupported
             }
             BdevError::NoFreeQueue { .. } => ErrorKind::Busy,
-            BdevError::NameTaken(_) => ErrorKind::AlreadyExists,
+            BdevError::NameTaken(_) | BdevError::NameHeld { .. } | BdevError::Attaching(_) => {
+                ErrorKind::AlreadyExists
+            }
             BdevError::NotFound(_) => ErrorKind::NotFound,
             BdevError::Io { source, .. } => source.kind(),
             BdevError::Failed(_) => ErrorKind::ControllerFailed,
@@ -251,6 +257,22 @@ pub enum BdevError {
     /// A name is taken.
     #[error("a controller or bdev named {0} already exists")]
     NameTaken(String),
+    /// A name the controller needs (its own, or one of its bdevs') is held by another
+    /// controller: two bdevs of one name would send I/O to the wrong disk.
+    #[error("controller {controller}: the name {name} is taken by {held}; controller and bdev names are unique across all controllers (a scsi controller C names its bdevs Ct<target> and Ct<target>l<lun>): attach {controller} under another name, or detach {holder} first")]
+    NameHeld {
+        /// The controller that needs the name.
+        controller: String,
+        /// The name.
+        name: String,
+        /// What has it ("bdev X of controller Y", "controller Y").
+        held: String,
+        /// The controller that has it.
+        holder: String,
+    },
+    /// Another request is attaching a controller of this name.
+    #[error("controller {0} is being attached by another request (connecting to a back-end that does not answer takes up to the control-plane deadline); try again once that attach has finished")]
+    Attaching(String),
     /// Nothing of that name.
     #[error("no controller or bdev named {0}")]
     NotFound(String),

@@ -20,6 +20,7 @@ pub(crate) mod driver;
 pub mod error;
 pub(crate) mod health;
 pub mod io;
+pub(crate) mod names;
 pub(crate) mod pool;
 pub(crate) mod queue_life;
 pub(crate) mod reconnect;

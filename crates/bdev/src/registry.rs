@@ -13,7 +13,8 @@ use crate::bdev::Bdev;
 use crate::blk::{BlkController, BlkParams};
 use crate::config::{AttachParams, ConfigCall, DevType, TrType};
 use crate::error::{BdevError, IoError};
-use crate::scsi::{ScsiController, ScsiParams};
+use crate::names::{NameClaims, NameOwner, Names};
+use crate::scsi::{LunNotAdded, ScsiController, ScsiParams};
 
 /// An attached controller of any type.
 #[derive(Debug)]
@@ -66,6 +67,15 @@ impl Controller {
         trtype == TrType::Pci && gone && open == 0
     }
 
+    /// LUNs found after attach (hot-plug, rescan) that got no bdev because another
+    /// controller has their bdev name (scsi; blk has none).
+    pub fn luns_not_added(&self) -> Vec<LunNotAdded> {
+        match self {
+            Controller::Blk(_) => Vec::new(),
+            Controller::Scsi(c) => c.luns_not_added(),
+        }
+    }
+
     fn detach(self) -> Result<(), BdevError> {
         match self {
             Controller::Blk(c) => c.detach(),
@@ -77,15 +87,28 @@ impl Controller {
 struct Entry {
     params: AttachParams,
     controller: Controller,
+    /// The controller's name and its bdevs' names, given back when the entry goes.
+    names: NameOwner,
+}
+
+impl Entry {
+    /// Leave the registry: the names are free at once; the device is torn down by the
+    /// caller, outside the registry lock (a frozen device takes the control-plane
+    /// deadline to answer, and nothing else waits for it).
+    fn leave(self) -> (AttachParams, Controller) {
+        drop(self.names);
+        (self.params, self.controller)
+    }
 }
 
 /// All controllers of a process.
 pub struct Registry {
     memory: Arc<DmaMemory>,
     entries: Mutex<Vec<Entry>>,
-    /// Names of controllers being attached (taken before connecting, so concurrent
-    /// attaches of one name fail at once instead of queueing on the back-end).
-    attaching: Mutex<Vec<String>>,
+    /// Every controller and bdev name, including those of attaches in progress (taken
+    /// before connecting, so concurrent attaches of one name fail at once instead of
+    /// queueing on the back-end).
+    names: Arc<Names>,
     hotplug: Mutex<Option<(bool, Option<u64>)>>,
 }
 
@@ -101,7 +124,7 @@ impl Registry {
         Registry {
             memory,
             entries: Mutex::new(Vec::new()),
-            attaching: Mutex::new(Vec::new()),
+            names: Arc::new(Names::default()),
             hotplug: Mutex::new(None),
         }
     }
@@ -118,6 +141,11 @@ impl Registry {
     /// Attach a controller and return its bdevs. A back-end that refuses the queue size
     /// is tried again, on a new connection, with half the size (down to 16).
     ///
+    /// Controller and bdev names are unique across the registry: an attach whose name,
+    /// or one of whose bdevs' names, another controller has fails with
+    /// [`ErrorKind::AlreadyExists`](crate::ErrorKind::AlreadyExists) and leaves nothing
+    /// behind (the connection is closed, the name is free again).
+    ///
     /// `trtype` "pci" with `traddr` "*" attaches every virtio PCI function of
     /// `dev_type` that is bound to vfio-pci or uio_pci_generic, as controllers named
     /// `NAME-BDF` (the seed's `Dev Pci`).
@@ -125,11 +153,11 @@ impl Registry {
         if params.trtype == TrType::Pci && params.traddr == "*" {
             return self.attach_all_pci(params);
         }
-        let _name = self.reserve(&params.name)?;
+        let mut names = Some(self.names.reserve(&params.name)?);
         let mut p = params.clone();
         let mut first: Option<BdevError> = None;
         loop {
-            match self.attach_once(&p) {
+            match self.attach_once(&p, &mut names) {
                 Err(e @ (BdevError::QueueSizeRefused { .. } | BdevError::QueueSetup { .. }))
                     if p.vq_size > 16 =>
                 {
@@ -195,35 +223,17 @@ impl Registry {
         Ok(bdevs)
     }
 
-    /// Take `name` for an attach in progress: refused while a controller or bdev has it
-    /// or another attach holds it.
-    fn reserve(&self, name: &str) -> Result<NameReservation<'_>, BdevError> {
-        let entries = self.lock();
-        let mut attaching = self.attaching.lock().unwrap_or_else(|e| e.into_inner());
-        let taken = attaching.iter().any(|n| n == name)
-            || entries.iter().any(|e| {
-                e.params.name == name || e.controller.bdevs().iter().any(|b| b.name() == name)
-            });
-        if taken {
-            return Err(BdevError::NameTaken(name.to_string()));
-        }
-        attaching.push(name.to_string());
-        Ok(NameReservation {
-            registry: self,
-            name: name.to_string(),
-        })
-    }
-
-    fn attach_once(&self, params: &AttachParams) -> Result<Vec<Arc<Bdev>>, BdevError> {
-        {
-            let entries = self.lock();
-            if entries.iter().any(|e| {
-                e.params.name == params.name
-                    || e.controller.bdevs().iter().any(|b| b.name() == params.name)
-            }) {
-                return Err(BdevError::NameTaken(params.name.clone()));
-            }
-        }
+    /// One try of an attach; `names` holds the controller's reserved name and goes to
+    /// its entry when the attach succeeds.
+    fn attach_once(
+        &self,
+        params: &AttachParams,
+        names: &mut Option<NameOwner>,
+    ) -> Result<Vec<Arc<Bdev>>, BdevError> {
+        let claims: NameClaims = match names {
+            Some(n) => n.claims().clone(),
+            None => return Err(BdevError::NameTaken(params.name.clone())),
+        };
         let transport: Box<dyn Transport> = match params.trtype {
             TrType::Pci => {
                 let addr: PciAddress =
@@ -274,7 +284,7 @@ impl Registry {
                 transport,
             )
             .map(Controller::Blk),
-            DevType::Scsi => ScsiController::attach(
+            DevType::Scsi => ScsiController::attach_claiming(
                 &ScsiParams {
                     name: params.name.clone(),
                     vq_count: params.vq_count,
@@ -282,6 +292,7 @@ impl Registry {
                     reconnect_timeout: reconnect,
                 },
                 transport,
+                claims.clone(),
             )
             .map(Controller::Scsi),
         };
@@ -291,12 +302,25 @@ impl Registry {
             b.set_default_timeout(params.io_timeout);
         }
         let mut entries = self.lock();
-        if entries.iter().any(|e| e.params.name == params.name) {
-            return Err(BdevError::NameTaken(params.name.clone()));
+        // The bdevs' names, all or none, with the controller joining the registry (LUNs
+        // a scsi controller's event thread adds from now on claim theirs one by one).
+        let bdev_names: Vec<&str> = bdevs.iter().map(|b| b.name()).collect();
+        if let Err(e) = claims.claim_bdevs(&bdev_names) {
+            drop(entries);
+            tracing::warn!(controller = %params.name, "attach refused: {e}");
+            if let Err(d) = controller.detach() {
+                tracing::warn!(controller = %params.name, "closing the refused controller: {d}");
+            }
+            return Err(e);
         }
+        let Some(names) = names.take() else {
+            return Err(BdevError::NameTaken(params.name.clone()));
+        };
+        names.joined();
         entries.push(Entry {
             params: params.clone(),
             controller,
+            names,
         });
         Ok(bdevs)
     }
@@ -316,24 +340,27 @@ impl Registry {
         Ok(all)
     }
 
-    /// Detach a controller by name.
+    /// Detach a controller by name. It leaves the registry (with its names) at once;
+    /// the device is stopped afterwards, without holding up other controllers.
     pub fn detach(&self, name: &str) -> Result<(), BdevError> {
-        let mut entries = self.lock();
-        let pos = entries
-            .iter()
-            .position(|e| e.params.name == name)
-            .ok_or_else(|| BdevError::NotFound(name.to_string()))?;
-        // Refused, and nothing touched, while channels are open: detaching would reset
-        // the device under their I/O.
-        let open = entries[pos].controller.open_channels();
-        if open > 0 {
-            return Err(BdevError::Config(format!(
-                "controller {name} still has {open} open I/O channels (close them, or stop the NBD exports of its bdevs, first)"
-            )));
-        }
-        let e = entries.remove(pos);
-        let params = e.params.clone();
-        if let Err(err) = e.controller.detach() {
+        let e = {
+            let mut entries = self.lock();
+            let pos = entries
+                .iter()
+                .position(|e| e.params.name == name)
+                .ok_or_else(|| BdevError::NotFound(name.to_string()))?;
+            // Refused, and nothing touched, while channels are open: detaching would
+            // reset the device under their I/O.
+            let open = entries[pos].controller.open_channels();
+            if open > 0 {
+                return Err(BdevError::Config(format!(
+                    "controller {name} still has {open} open I/O channels (close them, or stop the NBD exports of its bdevs, first)"
+                )));
+            }
+            entries.remove(pos)
+        };
+        let (params, controller) = e.leave();
+        if let Err(err) = controller.detach() {
             // Not detached: the controller is gone from the registry only if it stopped.
             tracing::warn!(controller = %params.name, "detach failed: {err}");
             return Err(err);
@@ -345,20 +372,28 @@ impl Registry {
     /// channel is open on them: their bdevs go away and the function is released.
     /// Returns the names of the controllers removed.
     pub fn reap_removed(&self) -> Vec<String> {
-        let mut entries = self.lock();
-        let mut reaped = Vec::new();
-        let mut i = 0;
-        while i < entries.len() {
-            if entries[i].controller.reapable(entries[i].params.trtype) {
-                let e = entries.remove(i);
-                tracing::warn!(controller = %e.params.name, "PCI function {} is gone: controller and its bdevs removed", e.params.traddr);
-                if let Err(err) = e.controller.detach() {
-                    tracing::warn!(controller = %e.params.name, "release after removal: {err}");
+        let gone: Vec<Entry> = {
+            let mut entries = self.lock();
+            let mut gone = Vec::new();
+            let mut i = 0;
+            while i < entries.len() {
+                if entries[i].controller.reapable(entries[i].params.trtype) {
+                    gone.push(entries.remove(i));
+                } else {
+                    i += 1;
                 }
-                reaped.push(e.params.name);
-            } else {
-                i += 1;
             }
+            gone
+        };
+        // Released outside the registry lock, like a detach.
+        let mut reaped = Vec::new();
+        for e in gone {
+            let (params, controller) = e.leave();
+            tracing::warn!(controller = %params.name, "PCI function {} is gone: controller and its bdevs removed", params.traddr);
+            if let Err(err) = controller.detach() {
+                tracing::warn!(controller = %params.name, "release after removal: {err}");
+            }
+            reaped.push(params.name);
         }
         reaped
     }
@@ -439,22 +474,5 @@ fn wrong_type_hint(e: BdevError, params: &AttachParams) -> BdevError {
         asked,
         other,
         traddr: params.traddr.clone(),
-    }
-}
-
-/// A name taken by an attach in progress; given back on drop.
-struct NameReservation<'a> {
-    registry: &'a Registry,
-    name: String,
-}
-
-impl Drop for NameReservation<'_> {
-    fn drop(&mut self) {
-        let mut a = self
-            .registry
-            .attaching
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        a.retain(|n| n != &self.name);
     }
 }

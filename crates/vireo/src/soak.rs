@@ -361,7 +361,8 @@ impl TargetProc {
     fn wait_listening(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            // Bounded: a target that is not accepting must not hang the wait.
+            if vireo_virtio::unix::connect_unix(&self.socket, Duration::from_millis(200)).is_ok() {
                 std::thread::sleep(Duration::from_millis(50));
                 return Ok(());
             }

@@ -4,10 +4,13 @@
 
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+
+/// How long the probe of an existing socket file waits for the server to accept.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Bind `path`, replacing a stale socket file but never a live server or another file.
 /// The socket is made mode 0600: whoever connects controls every controller.
@@ -19,8 +22,15 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
                 path.display()
             );
         }
-        if UnixStream::connect(path).is_ok() {
-            bail!("{} is in use by a running server", path.display());
+        // Bounded: a live server that is not accepting (its queue full) would hang a
+        // plain connect; it is still a live server.
+        match vireo_virtio::unix::connect_unix(path, PROBE_TIMEOUT) {
+            Ok(_) => bail!("{} is in use by a running server", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => bail!(
+                "{} is in use by a running server (which does not accept connections: is it stopped?)",
+                path.display()
+            ),
+            Err(_) => {}
         }
         std::fs::remove_file(path)
             .with_context(|| format!("cannot remove stale socket {}", path.display()))?;

@@ -539,3 +539,432 @@ fn oversized_requests_and_too_many_clients_are_turned_away() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(srv.ok("bdev_get_bdevs", None), json!([]));
 }
+
+fn blk_target(sock: &Path, mib: u64) -> vireo_target::TargetHandle {
+    spawn_blk_target(
+        sock,
+        BlkTargetConfig {
+            backend: Backing::Ram {
+                size_bytes: mib << 20,
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn names(v: &Value) -> Vec<String> {
+    let mut n: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| match b {
+            Value::String(s) => s.clone(),
+            b => b["name"].as_str().unwrap().to_string(),
+        })
+        .collect();
+    n.sort();
+    n
+}
+
+/// A scsi controller whose LUN bdev would take the name of another controller's bdev
+/// is refused whole, in either order; nothing of it is left behind and the name of
+/// the refused controller is free again.
+#[test]
+fn bdev_names_are_unique_across_controllers_in_both_orders() {
+    let dir = tempfile::tempdir().unwrap();
+    let blk_sock = dir.path().join("blk.sock");
+    let scsi_sock = dir.path().join("scsi.sock");
+    let _blk = blk_target(&blk_sock, 64);
+    let _scsi = spawn_scsi_target(
+        &scsi_sock,
+        ScsiTargetConfig {
+            luns: BTreeMap::from([((0, 0), ram_lun(32)), ((0, 1), ram_lun(16))]),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let srv = Server::start(dir.path(), None);
+
+    // blk S2t0, then scsi S2 (whose LUN 0 is S2t0).
+    assert_eq!(
+        srv.ok(
+            "bdev_virtio_attach_controller",
+            Some(attach_params("S2t0", &blk_sock, "blk"))
+        ),
+        json!(["S2t0"])
+    );
+    for _ in 0..2 {
+        let (code, msg) = srv.err(
+            "bdev_virtio_attach_controller",
+            Some(attach_params("S2", &scsi_sock, "scsi")),
+        );
+        assert_eq!(code, -17, "{msg}");
+        assert!(
+            msg.contains("S2t0") && msg.contains("controller S2t0"),
+            "names the bdev and its controller: {msg}"
+        );
+    }
+    assert_eq!(names(&srv.ok("bdev_get_bdevs", None)), ["S2t0"]);
+    assert_eq!(srv.ok("bdev_virtio_scsi_get_devices", None), json!([]));
+    let b = srv.ok("bdev_get_bdevs", Some(json!({"name":"S2t0"})));
+    assert_eq!(b[0]["product_name"], "VirtioBlk Disk");
+    let (code, _) = srv.err("bdev_virtio_detach_controller", Some(json!({"name":"S2"})));
+    assert_eq!(code, -19, "the refused controller left nothing behind");
+
+    // Once the blk controller is gone, the scsi controller attaches (its back-end
+    // was left free too).
+    srv.ok(
+        "bdev_virtio_detach_controller",
+        Some(json!({"name":"S2t0"})),
+    );
+    assert_eq!(
+        names(&srv.ok(
+            "bdev_virtio_attach_controller",
+            Some(attach_params("S2", &scsi_sock, "scsi"))
+        )),
+        ["S2t0", "S2t0l1"]
+    );
+
+    // scsi S2 first, then blk S2t0l1.
+    let (code, msg) = srv.err(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("S2t0l1", &blk_sock, "blk")),
+    );
+    assert_eq!(code, -17, "{msg}");
+    assert!(
+        msg.contains("S2t0l1") && msg.contains("controller S2"),
+        "names the bdev and its controller: {msg}"
+    );
+    assert_eq!(names(&srv.ok("bdev_get_bdevs", None)), ["S2t0", "S2t0l1"]);
+    let b = srv.ok("bdev_get_bdevs", Some(json!({"name":"S2t0l1"})));
+    assert_eq!(b[0]["product_name"], "VirtioScsi Disk");
+    // The blk back-end was not kept either.
+    assert_eq!(
+        srv.ok(
+            "bdev_virtio_attach_controller",
+            Some(attach_params("B", &blk_sock, "blk"))
+        ),
+        json!(["B"])
+    );
+}
+
+/// A LUN hot-added later whose bdev name another controller's bdev has is not added:
+/// the other bdev keeps its name, and the controller says which LUN it left out and why.
+#[test]
+fn a_hot_added_lun_whose_bdev_name_is_taken_is_not_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let blk_sock = dir.path().join("blk.sock");
+    let scsi_sock = dir.path().join("scsi.sock");
+    let _blk = blk_target(&blk_sock, 64);
+    let scsi = spawn_scsi_target(
+        &scsi_sock,
+        ScsiTargetConfig {
+            luns: BTreeMap::from([((0, 0), ram_lun(32))]),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let srv = Server::start(dir.path(), None);
+    assert_eq!(
+        srv.ok(
+            "bdev_virtio_attach_controller",
+            Some(attach_params("H", &scsi_sock, "scsi"))
+        ),
+        json!(["Ht0"])
+    );
+    assert_eq!(
+        srv.ok(
+            "bdev_virtio_attach_controller",
+            Some(attach_params("Ht0l1", &blk_sock, "blk"))
+        ),
+        json!(["Ht0l1"])
+    );
+    scsi.add_lun(0, 1, ram_lun(8)).unwrap();
+    scsi.add_lun(0, 2, ram_lun(8)).unwrap();
+    // LUN 2 is added (its name is free); LUN 1 is not.
+    let t0 = Instant::now();
+    let devs = loop {
+        let devs = srv.ok("bdev_virtio_scsi_get_devices", None);
+        let bdevs = names(&srv.ok("bdev_get_bdevs", None));
+        if bdevs.len() >= 4 || devs[0].get("luns_not_added").is_some() {
+            break devs;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the hot-plug events were not handled: {bdevs:?} {devs}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let t0 = Instant::now();
+    while !names(&srv.ok("bdev_get_bdevs", None)).contains(&"Ht0l2".to_string()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "LUN 2 was not added"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        names(&srv.ok("bdev_get_bdevs", None)),
+        ["Ht0", "Ht0l1", "Ht0l2"]
+    );
+    let b = srv.ok("bdev_get_bdevs", Some(json!({"name":"Ht0l1"})));
+    assert_eq!(b[0]["product_name"], "VirtioBlk Disk");
+    let left = &devs[0]["luns_not_added"];
+    assert_eq!(left[0]["target"], 0, "{devs}");
+    assert_eq!(left[0]["lun"], 1, "{devs}");
+    assert_eq!(left[0]["bdev"], "Ht0l1", "{devs}");
+    let why = left[0]["reason"].as_str().unwrap();
+    assert!(why.contains("controller Ht0l1"), "{why}");
+    assert!(
+        srv.log_text().contains("Ht0l1"),
+        "the refusal is logged: {}",
+        srv.log_text()
+    );
+}
+
+/// A unix socket listening with a backlog of 0 whose queue is full (nobody accepts).
+fn full_listener(path: &Path) -> (std::os::unix::net::UnixListener, Vec<std::os::fd::OwnedFd>) {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+    // SAFETY: listen(2) on a socket this function owns; a second listen() only changes
+    // the backlog.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr
+        .sun_path
+        .iter_mut()
+        .zip(path.as_os_str().as_encoded_bytes())
+    {
+        *d = *s as libc::c_char;
+    }
+    let mut queued = Vec::new();
+    loop {
+        // SAFETY: a new socket; the fd is owned by the OwnedFd below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
+        assert!(fd >= 0);
+        // SAFETY: fd is a fresh socket nobody else owns.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: addr is a valid sockaddr_un and its size is passed.
+        let rc = unsafe {
+            libc::connect(
+                fd,
+                &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            assert_eq!(e.raw_os_error(), Some(libc::EAGAIN), "{e}");
+            return (l, queued);
+        }
+        queued.push(owned);
+        assert!(queued.len() < 8, "the listen queue does not fill");
+    }
+}
+
+/// An attach to a back-end whose listen queue is full fails within the control-plane
+/// deadline, says why, and leaves nothing behind: the name is free again.
+#[test]
+fn an_attach_to_a_full_listen_queue_fails_in_time_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("full.sock");
+    let (_l, _queued) = full_listener(&full);
+    let blk_sock = dir.path().join("blk.sock");
+    let _blk = blk_target(&blk_sock, 64);
+    let srv = Server::start(dir.path(), None);
+    let t0 = Instant::now();
+    let first = {
+        let sock = srv.sock.clone();
+        let req = json!({"jsonrpc":"2.0","id":1,"method":"bdev_virtio_attach_controller",
+            "params": attach_params("F", &full, "blk")});
+        std::thread::spawn(move || raw(&sock, req.to_string().as_bytes(), 1).remove(0))
+    };
+    // While it waits, the name says it is being attached; F does not exist yet.
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, msg) = srv.err(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("F", &blk_sock, "blk")),
+    );
+    assert_eq!(code, -17, "{msg}");
+    assert!(msg.contains("being attached"), "{msg}");
+    let (code, _) = srv.err("bdev_get_bdevs", Some(json!({"name":"F"})));
+    assert_eq!(code, -19);
+    let r = first.join().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(25), "{:?}", t0.elapsed());
+    let code = r["error"]["code"].as_i64().unwrap();
+    let msg = r["error"]["message"].as_str().unwrap().to_string();
+    assert!(code < 0, "{code}");
+    assert!(
+        msg.contains("F")
+            && msg.contains(full.to_str().unwrap())
+            && msg.contains("did not accept the connection within"),
+        "{msg}"
+    );
+    // Get and detach agree that F does not exist; the name can be used at once.
+    let (code, _) = srv.err("bdev_get_bdevs", Some(json!({"name":"F"})));
+    assert_eq!(code, -19);
+    let (code, _) = srv.err("bdev_virtio_detach_controller", Some(json!({"name":"F"})));
+    assert_eq!(code, -19);
+    assert_eq!(
+        srv.ok(
+            "bdev_virtio_attach_controller",
+            Some(attach_params("F", &blk_sock, "blk"))
+        ),
+        json!(["F"])
+    );
+    // `vireo bdevs -c` is bounded the same way.
+    let conf = dir.path().join("full.json");
+    std::fs::write(
+        &conf,
+        json!({"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_virtio_attach_controller","params":
+            {"name":"F","trtype":"user","traddr":full.to_str().unwrap(),"dev_type":"blk"}}]}]})
+        .to_string(),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["bdevs", "-c"])
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(25) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vireo bdevs -c hangs on a full listen queue");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("did not accept the connection within"),
+        "{err}"
+    );
+
+    // So are `vireo rpc` to a server that is not accepting, and `vireo serve`'s probe
+    // of a socket file that a live (if deaf) server has.
+    let t0 = Instant::now();
+    let out = Command::new(BIN)
+        .args(["rpc", "-t", "1", "-r"])
+        .arg(&full)
+        .arg("bdev_get_bdevs")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("did not accept the connection within 1 s"),
+        "{err}"
+    );
+    let out = Command::new(BIN)
+        .args(["serve", "-r"])
+        .arg(&full)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
+}
+
+/// A `vireo target` process that is killed on drop.
+struct TargetProcess(Child);
+
+impl Drop for TargetProcess {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGCONT) };
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Detaching the controller of a frozen target takes the control-plane deadline; other
+/// controllers answer meanwhile.
+#[test]
+fn a_slow_detach_does_not_stall_other_controllers() {
+    let dir = tempfile::tempdir().unwrap();
+    let frozen_sock = dir.path().join("frozen.sock");
+    let t = TargetProcess(
+        Command::new(BIN)
+            .args(["target", "--type", "blk", "--size", "16m", "-s"])
+            .arg(&frozen_sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while !frozen_sock.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "vireo target did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let blk_sock = dir.path().join("blk.sock");
+    let _blk = blk_target(&blk_sock, 64);
+    let srv = Server::start(dir.path(), None);
+    srv.ok(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("Frozen", &frozen_sock, "blk")),
+    );
+    srv.ok(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("Other", &blk_sock, "blk")),
+    );
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(t.0.id() as i32, libc::SIGSTOP) };
+    let sock = srv.sock.clone();
+    let detach = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let r = raw(
+            &sock,
+            br#"{"jsonrpc":"2.0","id":1,"method":"bdev_virtio_detach_controller","params":{"name":"Frozen"}}"#,
+            1,
+        );
+        (t0.elapsed(), r)
+    });
+    // The detach is under way (it waits for the frozen back-end).
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(!detach.is_finished(), "the frozen target's detach is slow");
+    let t0 = Instant::now();
+    let b = srv.ok("bdev_get_bdevs", Some(json!({"name":"Other"})));
+    let took = t0.elapsed();
+    assert_eq!(b[0]["name"], "Other");
+    // The bug made this wait for the whole detach (~10 s).
+    assert!(
+        took < Duration::from_secs(3),
+        "bdev_get_bdevs of another controller took {took:?} during a slow detach"
+    );
+    let (slow, r) = detach.join().unwrap();
+    assert!(slow > Duration::from_secs(1), "{slow:?}");
+    // Whether or not the frozen device answered its teardown, the controller is gone.
+    assert!(
+        r[0].get("result").is_some() || r[0].get("error").is_some(),
+        "{r:?}"
+    );
+    assert_eq!(names(&srv.ok("bdev_get_bdevs", None)), ["Other"]);
+    let (code, _) = srv.err(
+        "bdev_virtio_detach_controller",
+        Some(json!({"name":"Frozen"})),
+    );
+    assert_eq!(code, -19);
+}

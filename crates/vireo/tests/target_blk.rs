@@ -461,7 +461,14 @@ fn concurrent_attaches_of_one_name_fail_at_once() {
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
     for r in results.iter().filter_map(|r| r.as_ref().err()) {
         assert!(r.to_string().contains("Same"), "{r}");
-        assert!(matches!(r, vireo_bdev::BdevError::NameTaken(_)), "{r}");
+        assert!(
+            matches!(
+                r,
+                vireo_bdev::BdevError::NameTaken(_) | vireo_bdev::BdevError::Attaching(_)
+            ),
+            "{r}"
+        );
+        assert_eq!(r.kind(), vireo_bdev::ErrorKind::AlreadyExists, "{r}");
     }
 }
 

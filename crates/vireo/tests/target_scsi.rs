@@ -496,6 +496,61 @@ fn a_burst_of_hot_adds_beyond_the_event_buffers_is_caught_by_a_rescan() {
     }
 }
 
+/// LUNs found by a rescan (a burst of hot-adds beyond the event buffers) whose bdev
+/// name another controller's bdev has are left out and said so; once the name is free,
+/// the LUN is added when the device reports it again.
+#[test]
+fn a_lun_whose_bdev_name_is_taken_is_left_out_until_the_name_is_free() {
+    let (t, d) = target(ScsiTargetConfig {
+        num_request_queues: 1,
+        ..Default::default()
+    });
+    let blk_sock = d.path().join("blk.sock");
+    let _blk = vireo_target::spawn_blk_target(
+        &blk_sock,
+        vireo_target::BlkTargetConfig {
+            backend: Backing::Ram {
+                size_bytes: 8 << 20,
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let reg = registry();
+    attach(&reg, &t, 1);
+    reg.attach(&blk_params("St0l17", &blk_sock, 1)).unwrap();
+    for l in 1..=40u16 {
+        t.add_lun(0, l, ram_lun(1)).unwrap();
+    }
+    let left = || reg.with_controller("S", |c| c.luns_not_added()).unwrap();
+    // S's 40 LUNs but one, and the blk bdev.
+    wait_for("the other hot-added LUNs", || {
+        reg.bdevs().len() == 41 && !left().is_empty()
+    });
+    let mut names: Vec<String> = reg.bdevs().iter().map(|b| b.name().to_string()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 41, "bdev names are unique: {names:?}");
+    assert_eq!(reg.bdev("St0l17").unwrap().info().driver, "virtio_blk");
+    let l = left();
+    assert_eq!(l.len(), 1, "{l:?}");
+    assert_eq!(
+        (l[0].target, l[0].lun, l[0].bdev.as_str()),
+        (0, 17, "St0l17")
+    );
+    assert!(l[0].reason.contains("controller St0l17"), "{}", l[0].reason);
+
+    reg.detach("St0l17").unwrap();
+    t.remove_lun(0, 17).unwrap();
+    t.add_lun(0, 17, ram_lun(1)).unwrap();
+    wait_for("LUN 17 once its name is free", || {
+        reg.bdev("St0l17")
+            .is_some_and(|b| b.info().driver == "virtio_scsi")
+    });
+    assert_eq!(left(), vec![]);
+    assert_eq!(reg.bdevs().len(), 41);
+}
+
 #[test]
 fn hot_add_waits_for_a_free_queue_when_channels_hold_them_all() {
     let (t, _d) = target(ScsiTargetConfig {

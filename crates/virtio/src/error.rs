@@ -70,6 +70,15 @@ pub enum Error {
     /// Feature negotiation failed.
     #[error("feature negotiation failed: {0}")]
     Features(String),
+    /// The back-end's listen queue stayed full until the deadline: it does not accept
+    /// connections (frozen, or serving another front-end and deaf to the next).
+    #[error("the back-end at {} did not accept the connection within {}: its listen queue is full or it is not accepting; is another front-end connected?", path.display(), crate::unix::secs(*timeout))]
+    NotAccepting {
+        /// The socket.
+        path: std::path::PathBuf,
+        /// How long vireo waited.
+        timeout: std::time::Duration,
+    },
     /// Transport-level failure (socket, protocol).
     #[error("{context}: {source}")]
     Transport {

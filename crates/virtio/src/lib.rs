@@ -17,6 +17,7 @@ pub mod request_queue;
 pub mod ring;
 pub mod testing;
 pub mod transport;
+pub mod unix;
 pub mod vhost_user;
 pub mod wire;
 

@@ -317,6 +317,12 @@ struct State {
 pub struct DmaMemory {
     config: DmaConfig,
     state: Mutex<State>,
+    /// Held while a new region is made and announced (one at a time, in index order),
+    /// and by [`add_listener`](Self::add_listener) so that no listener misses one. The
+    /// announcement is device I/O (vhost-user ADD_MEM_REG, bounded by the back-end's
+    /// reply deadline): `state` is not held across it, so allocations from the
+    /// existing regions and releases of every controller go on meanwhile.
+    grow: Mutex<()>,
     generation: AtomicU64,
 }
 
@@ -361,6 +367,7 @@ impl DmaMemory {
                 listeners: Vec::new(),
                 snapshot,
             }),
+            grow: Mutex::new(()),
             generation: AtomicU64::new(1),
         }))
     }
@@ -384,6 +391,9 @@ impl DmaMemory {
     /// Register a listener and return the regions it must register now. Later regions are
     /// announced through the listener before any buffer in them is handed out.
     pub fn add_listener(&self, listener: Weak<dyn RegionListener>) -> Arc<[DmaRegionInfo]> {
+        // A region being announced is either in the snapshot or announced to this
+        // listener too.
+        let _grow = self.grow.lock().unwrap_or_else(|e| e.into_inner());
         let mut st = self.lock();
         st.listeners.retain(|l| l.strong_count() > 0);
         st.listeners.push(listener);
@@ -419,12 +429,15 @@ impl DmaMemory {
                 limit: self.config.max_total_size,
             });
         }
-        let mut st = self.lock();
-        for (i, r) in st.regions.iter_mut().enumerate() {
-            if let Some(off) = r.alloc(size, align) {
-                return Ok(self.make_buf(r, i, off, size));
-            }
+        if let Some(buf) = self.alloc_existing(size, align) {
+            return Ok(buf);
         }
+        let _grow = self.grow.lock().unwrap_or_else(|e| e.into_inner());
+        // Another thread may have grown the memory meanwhile.
+        if let Some(buf) = self.alloc_existing(size, align) {
+            return Ok(buf);
+        }
+        let st = self.lock();
         // Grow: a new region at least double the last one, big enough for the request.
         let unit = if self.config.hugetlb {
             HUGE_PAGE_SIZE
@@ -444,6 +457,10 @@ impl DmaMemory {
         }
         let index = st.regions.len();
         let mut next_iova = st.next_iova;
+        let listeners: Vec<Arc<dyn RegionListener>> =
+            st.listeners.iter().filter_map(Weak::upgrade).collect();
+        // Only growers (one at a time, under `grow`) push regions or move next_iova.
+        drop(st);
         let mut region = Region::create_addressed(len, &self.config, index, &mut next_iova)?;
         let off = region.alloc(size, align).ok_or_else(|| {
             Error::InvalidAllocation(format!(
@@ -451,8 +468,6 @@ impl DmaMemory {
             ))
         })?;
         let infos: Vec<DmaRegionInfo> = region.infos(index as u32).collect();
-        let listeners: Vec<Arc<dyn RegionListener>> =
-            st.listeners.iter().filter_map(Weak::upgrade).collect();
         let mut announced: Vec<(&Arc<dyn RegionListener>, &DmaRegionInfo)> = Vec::new();
         for l in &listeners {
             for info in &infos {
@@ -465,6 +480,7 @@ impl DmaMemory {
                 announced.push((l, info));
             }
         }
+        let mut st = self.lock();
         st.next_iova = next_iova;
         let buf = self.make_buf(&region, index, off, size);
         st.regions.push(region);
@@ -473,6 +489,17 @@ impl DmaMemory {
         st.snapshot = Arc::from(snap);
         self.generation.fetch_add(1, Ordering::Release);
         Ok(buf)
+    }
+
+    /// A buffer from the regions there are, if one has room.
+    fn alloc_existing(self: &Arc<Self>, size: usize, align: usize) -> Option<DmaBuf> {
+        let mut st = self.lock();
+        for (i, r) in st.regions.iter_mut().enumerate() {
+            if let Some(off) = r.alloc(size, align) {
+                return Some(self.make_buf(r, i, off, size));
+            }
+        }
+        None
     }
 
     fn make_buf(self: &Arc<Self>, r: &Region, index: usize, off: usize, size: usize) -> DmaBuf {
@@ -931,6 +958,57 @@ mod tests {
         assert!(t.translate(b.addr(), 4096).is_some());
         let err = mem.alloc(16 << 20, 4096).unwrap_err();
         assert!(matches!(err, Error::OutOfMemory { .. }), "{err}");
+    }
+
+    /// A listener that takes long to register a region (a frozen vhost-user back-end
+    /// takes the reply deadline) holds up neither allocations from the regions there
+    /// are nor releases: only the growth waits for it.
+    #[test]
+    fn a_slow_announcement_holds_up_neither_allocations_nor_releases() {
+        use std::sync::atomic::AtomicBool;
+        use std::time::{Duration, Instant};
+        struct Slow {
+            entered: AtomicBool,
+            go: Mutex<std::sync::mpsc::Receiver<()>>,
+        }
+        impl RegionListener for Slow {
+            fn region_added(&self, _: &DmaRegionInfo) -> Result<()> {
+                self.entered.store(true, Ordering::Release);
+                let _ = self.go.lock().unwrap().recv_timeout(Duration::from_secs(5));
+                Ok(())
+            }
+            fn region_removed(&self, _: &DmaRegionInfo) {}
+        }
+        let mem = small();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let slow = Arc::new(Slow {
+            entered: AtomicBool::new(false),
+            go: Mutex::new(rx),
+        });
+        let l: Arc<dyn RegionListener> = slow.clone();
+        mem.add_listener(Arc::downgrade(&l));
+        let a = mem.alloc(512 << 10, 4096).unwrap();
+        let grower = {
+            let mem = mem.clone();
+            std::thread::spawn(move || mem.alloc(1 << 20, 4096).map(|b| b.len()))
+        };
+        let t0 = Instant::now();
+        while !slow.entered.load(Ordering::Acquire) {
+            assert!(t0.elapsed() < Duration::from_secs(5), "no growth");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let t0 = Instant::now();
+        drop(a);
+        let b = mem.alloc(4096, 4096).unwrap();
+        let took = t0.elapsed();
+        tx.send(()).unwrap();
+        assert!(
+            took < Duration::from_secs(2),
+            "a release and an allocation waited {took:?} for the announcement"
+        );
+        assert_eq!(grower.join().unwrap().unwrap(), 1 << 20);
+        assert_eq!(mem.regions().len(), 2);
+        drop(b);
     }
 
     #[test]

@@ -22,7 +22,8 @@ use crate::transport::{InflightBuffer, Transport};
 
 /// Regions `SET_MEM_TABLE` can carry.
 pub const MAX_MEM_TABLE_REGIONS: usize = 8;
-/// How long to wait for the back-end to answer one control message.
+/// How long to wait for the back-end to accept the connection, and to answer one
+/// control message.
 pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Queue index limit of the vhost-user protocol.
 const MAX_VRINGS: u64 = 0x8000;
@@ -117,18 +118,33 @@ impl RegionListener for MemoryShare {
         self.watchdog.arm(self.timeout);
         let r = self.share(region);
         self.watchdog.disarm();
-        r
+        match r {
+            // It stopped answering (the watchdog cut it off) or hung up meanwhile: like a
+            // back-end already dead, it does not need the region (a reconnection shares
+            // every region anew), and the memory grows for the other controllers.
+            Err(e) if self.broken.load(Ordering::Acquire) => {
+                tracing::warn!("not sharing a new DMA region with a back-end that is gone: {e}");
+                Ok(())
+            }
+            r => r,
+        }
     }
 
     fn region_removed(&self, region: &DmaRegionInfo) {
         let mut regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(pos) = regions.iter().position(|r| r.index == region.index) {
             regions.remove(pos);
+            if self.broken.load(Ordering::Relaxed) {
+                return;
+            }
             let mut fe = self.frontend.lock().unwrap_or_else(|e| e.into_inner());
+            // Bounded like every control message: a silent back-end is cut off.
+            self.watchdog.arm(self.timeout);
             let _ = match self.mem_slots {
                 Some(_) => fe.remove_mem_region(&region_msg(region)),
                 None => fe.set_mem_table(&mem_table(&regions)).map(|_| ()),
             };
+            self.watchdog.disarm();
         }
     }
 }
@@ -167,7 +183,8 @@ impl VhostUserTransport {
         Self::connect_with_timeout(path, mem, DEFAULT_REPLY_TIMEOUT)
     }
 
-    /// As [`connect`](Self::connect), with a bound on every control-message reply.
+    /// As [`connect`](Self::connect), with a bound on the connect and on every
+    /// control-message reply.
     pub fn connect_with_timeout(
         path: &Path,
         mem: Arc<DmaMemory>,
@@ -186,14 +203,21 @@ impl VhostUserTransport {
         track_inflight: bool,
     ) -> Result<VhostUserTransport> {
         let ctx = |what: &str| format!("vhost-user {}: {what}", path.display());
-        let stream = UnixStream::connect(path).map_err(|e| {
-            Error::io(
-                format!(
-                    "cannot connect to vhost-user socket {} (is the target running and the path right?)",
-                    path.display()
-                ),
-                e,
-            )
+        let stream = crate::unix::connect_unix(path, timeout).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                Error::NotAccepting {
+                    path: path.to_path_buf(),
+                    timeout,
+                }
+            } else {
+                Error::io(
+                    format!(
+                        "cannot connect to vhost-user socket {} (is the target running and the path right?)",
+                        path.display()
+                    ),
+                    e,
+                )
+            }
         })?;
         stream
             .set_read_timeout(Some(timeout))
@@ -225,17 +249,16 @@ impl VhostUserTransport {
         let wd = watchdog.clone();
         let not_vhost = move |e: vhost::Error| {
             let why = if wd.fired() {
-                format!("no reply within {} ms", timeout.as_millis())
-            } else {
-                "no valid reply".to_string()
-            };
-            Error::transport(
+                // A connection waits in the listen queue until the back-end accepts
+                // it: a back-end serving another front-end may never do so.
                 format!(
-                    "{}: {why} (is this a vhost-user back-end socket?)",
-                    ctx("handshake")
-                ),
-                e,
-            )
+                    "no reply within {} (the back-end did not accept the connection or did not answer: is another front-end connected? is this a vhost-user back-end socket?)",
+                    crate::unix::secs(timeout)
+                )
+            } else {
+                "no valid reply (is this a vhost-user back-end socket?)".to_string()
+            };
+            Error::transport(format!("{}: {why}", ctx("handshake")), e)
         };
         watchdog.arm(timeout);
         let handshake = (|| -> Result<_> {

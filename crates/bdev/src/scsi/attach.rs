@@ -6,7 +6,19 @@ impl ScsiController {
     /// Bring up the device, scan every target and LUN, and create the bdevs.
     pub fn attach(
         params: &ScsiParams,
+        transport: Box<dyn Transport>,
+    ) -> Result<ScsiController, BdevError> {
+        let claims = crate::names::NameClaims::standalone(&params.name);
+        Self::attach_claiming(params, transport, claims)
+    }
+
+    /// As [`attach`](Self::attach); LUNs found later (hot-plug, rescan) claim their
+    /// bdev names through `claims` and are left out when the name is taken (the
+    /// registry claims the names of the LUNs found at attach).
+    pub(crate) fn attach_claiming(
+        params: &ScsiParams,
         mut transport: Box<dyn Transport>,
+        claims: crate::names::NameClaims,
     ) -> Result<ScsiController, BdevError> {
         let name = params.name.as_str();
         let verr = |source| BdevError::virtio(name, source);
@@ -163,11 +175,14 @@ impl ScsiController {
         }
         tracing::info!(controller = %name, luns = luns.len(), skipped = skipped.len(), "virtio-scsi controller attached");
         let luns = Arc::new(Mutex::new(luns));
+        let not_added = Arc::new(Mutex::new(Vec::new()));
         let stop_events = Arc::new(AtomicBool::new(false));
         let event_thread = if events {
             let ctx = EventCtx {
                 shared: shared.clone(),
                 luns: luns.clone(),
+                not_added: not_added.clone(),
+                claims,
                 params: params.clone(),
                 vq_size,
                 max_target,
@@ -207,6 +222,7 @@ impl ScsiController {
             transport,
             shared,
             luns,
+            not_added,
             skipped,
             features,
             config: cfg,

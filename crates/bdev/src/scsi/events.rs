@@ -6,6 +6,10 @@ use super::*;
 pub(super) struct EventCtx {
     pub(super) shared: Arc<ScsiShared>,
     pub(super) luns: Arc<Mutex<Vec<LunEntry>>>,
+    /// LUNs found whose bdev name was taken.
+    pub(super) not_added: Arc<Mutex<Vec<LunNotAdded>>>,
+    /// Bdev names of LUNs found later are claimed here first.
+    pub(super) claims: crate::names::NameClaims,
     pub(super) params: ScsiParams,
     pub(super) vq_size: u16,
     pub(super) max_target: u16,
@@ -190,11 +194,12 @@ fn add_lun(ctx: &EventCtx, t: u8, l: u16) -> bool {
     };
     match r {
         Ok(Some(info)) if info.device_type == 0 => {
-            let entry = make_lun(&ctx.shared, info, &ctx.params, ctx.vq_size);
-            tracing::info!(bdev = %entry.bdev.name(), "LUN added");
-            lock(&ctx.luns).push(entry);
+            let mut luns = lock(&ctx.luns);
+            if !luns.iter().any(|e| e.info.target == t && e.info.lun == l) {
+                add_disk(ctx, &mut luns, info);
+            }
         }
-        Ok(_) => {}
+        Ok(_) => forget_not_added(ctx, |n| n.target == t && n.lun == l),
         Err(e) => {
             tracing::warn!(controller = %ctx.shared.name, target = t, lun = l, "hot-added LUN not usable: {e}")
         }
@@ -202,15 +207,59 @@ fn add_lun(ctx: &EventCtx, t: u8, l: u16) -> bool {
     true
 }
 
+/// Make a bdev of a disk LUN found after attach, if its name is free (`luns` is the
+/// locked LUN list); else leave the LUN out, say why, and remember it.
+fn add_disk(ctx: &EventCtx, luns: &mut Vec<LunEntry>, info: LunInfo) {
+    let (t, l) = (info.target, info.lun);
+    let name = lun_name(&ctx.shared.name, t, l);
+    match ctx.claims.claim_bdevs(&[&name]) {
+        Ok(()) => {
+            forget_not_added(ctx, |n| n.target == t && n.lun == l);
+            let entry = make_lun(&ctx.shared, info, &ctx.params, ctx.vq_size);
+            tracing::info!(bdev = %entry.bdev.name(), "LUN added");
+            luns.push(entry);
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            let mut not_added = lock(&ctx.not_added);
+            let known = not_added
+                .iter()
+                .any(|n| n.target == t && n.lun == l && n.reason == reason);
+            if !known {
+                // Said once per cause, not at every rescan that finds the LUN again.
+                tracing::error!(controller = %ctx.shared.name, target = t, lun = l, bdev = %name, "LUN found but not added: {reason}");
+                not_added.retain(|n| !(n.target == t && n.lun == l));
+                not_added.push(LunNotAdded {
+                    target: t,
+                    lun: l,
+                    bdev: name,
+                    reason,
+                });
+            }
+        }
+    }
+}
+
+fn forget_not_added(ctx: &EventCtx, which: impl Fn(&LunNotAdded) -> bool) {
+    lock(&ctx.not_added).retain(|n| !which(n));
+}
+
+/// A LUN that is gone: its bdev is marked removed and its name given back.
+fn drop_lun(ctx: &EventCtx, e: &LunEntry) {
+    e.bdev.mark_removed();
+    ctx.claims.release_bdev(e.bdev.name());
+    tracing::info!(bdev = %e.bdev.name(), "LUN removed");
+}
+
 fn remove_lun(ctx: &EventCtx, t: u8, l: u16) {
+    forget_not_added(ctx, |n| n.target == t && n.lun == l);
     let mut luns = lock(&ctx.luns);
     if let Some(pos) = luns
         .iter()
         .position(|e| e.info.target == t && e.info.lun == l)
     {
         let e = luns.remove(pos);
-        e.bdev.mark_removed();
-        tracing::info!(bdev = %e.bdev.name(), "LUN removed");
+        drop_lun(ctx, &e);
     }
 }
 
@@ -240,13 +289,18 @@ fn rescan_all(ctx: &EventCtx) -> bool {
         return false;
     };
     let Ok(found) = r else { return true };
+    forget_not_added(ctx, |n| {
+        !found
+            .iter()
+            .any(|f| f.device_type == 0 && f.target == n.target && f.lun == n.lun)
+    });
     let mut luns = lock(&ctx.luns);
     luns.retain(|e| {
         let keep = found
             .iter()
             .any(|f| f.target == e.info.target && f.lun == e.info.lun);
         if !keep {
-            e.bdev.mark_removed();
+            drop_lun(ctx, e);
         }
         keep
     });
@@ -258,7 +312,7 @@ fn rescan_all(ctx: &EventCtx) -> bool {
         {
             continue;
         }
-        luns.push(make_lun(&ctx.shared, info, &ctx.params, ctx.vq_size));
+        add_disk(ctx, &mut luns, info);
     }
     true
 }

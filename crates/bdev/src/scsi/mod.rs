@@ -76,6 +76,21 @@ pub struct ScsiParams {
     pub reconnect_timeout: Option<Duration>,
 }
 
+/// A LUN found after attach (hot-plug, rescan) that has no bdev: its bdev name is
+/// held by another controller. It is tried again on the next event or rescan that
+/// reports it (after the other controller is detached, say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LunNotAdded {
+    /// Target id.
+    pub target: u8,
+    /// LUN.
+    pub lun: u16,
+    /// The bdev name it would have.
+    pub bdev: String,
+    /// Why it has none.
+    pub reason: String,
+}
+
 /// What a channel needs to know of its LUN.
 #[derive(Debug)]
 struct LunCtx {
@@ -152,6 +167,8 @@ pub struct ScsiController {
     transport: Arc<Mutex<Box<dyn Transport>>>,
     shared: Arc<ScsiShared>,
     luns: Arc<Mutex<Vec<LunEntry>>>,
+    /// LUNs found later whose bdev name was taken.
+    not_added: Arc<Mutex<Vec<LunNotAdded>>>,
     skipped: Vec<LunInfo>,
     features: u64,
     config: ScsiConfig,
@@ -201,6 +218,12 @@ impl ScsiController {
     /// LUNs found but not made bdevs (not disks).
     pub fn skipped(&self) -> &[LunInfo] {
         &self.skipped
+    }
+
+    /// Disk LUNs found after attach (hot-plug, rescan) that got no bdev because another
+    /// controller has their bdev name.
+    pub fn luns_not_added(&self) -> Vec<LunNotAdded> {
+        lock(&self.not_added).clone()
     }
 
     /// The device configuration.

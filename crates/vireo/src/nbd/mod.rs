@@ -331,6 +331,7 @@ trait Conn: Read + Write + Send {
     /// A writer for the replies; writes give up after `timeout`.
     fn split(&self, timeout: Duration) -> std::io::Result<Box<dyn Write + Send>>;
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
 }
 
 impl Conn for std::os::unix::net::UnixStream {
@@ -342,6 +343,9 @@ impl Conn for std::os::unix::net::UnixStream {
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         std::os::unix::net::UnixStream::set_read_timeout(self, t)
     }
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        std::os::unix::net::UnixStream::set_write_timeout(self, t)
+    }
 }
 
 impl Conn for std::net::TcpStream {
@@ -352,6 +356,9 @@ impl Conn for std::net::TcpStream {
     }
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         std::net::TcpStream::set_read_timeout(self, t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        std::net::TcpStream::set_write_timeout(self, t)
     }
 }
 
@@ -575,6 +582,8 @@ fn handshake(server: &NbdServer, c: &mut dyn Conn) -> Result<Option<Arc<Bdev>>> 
 
 fn client(server: &Arc<NbdServer>, mut c: Box<dyn Conn>) -> Result<()> {
     c.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    // The handshake's replies too: a client that does not read them is dropped.
+    c.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let Some(bdev) = handshake(server, c.as_mut())? else {
         return Ok(());
     };

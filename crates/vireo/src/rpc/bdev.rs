@@ -77,6 +77,18 @@ fn bdev_virtio_scsi_get_devices(reg: &Registry, method: &str, params: &Value) ->
                 if let Some(f) = failure {
                     d["failed"] = Value::String(f);
                 }
+                // LUNs found after attach whose bdev name another controller has.
+                let left = reg
+                    .with_controller(&a.name, |c| c.luns_not_added())
+                    .unwrap_or_default();
+                if !left.is_empty() {
+                    d["luns_not_added"] = left
+                        .iter()
+                        .map(|n| {
+                            json!({"target": n.target, "lun": n.lun, "bdev": n.bdev, "reason": n.reason})
+                        })
+                        .collect();
+                }
                 d
             })
             .collect(),

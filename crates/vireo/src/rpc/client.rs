@@ -1,7 +1,6 @@
 //! `vireo rpc`: send one JSON-RPC request to `vireo serve` and print the result.
 
 use std::io::{BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -40,12 +39,23 @@ fn send(socket: &Path, method: &str, params: Option<&str>, timeout: Duration) ->
         ),
         None => None,
     };
-    let mut stream = UnixStream::connect(socket).with_context(|| {
-        format!(
-            "cannot connect to the RPC socket {} (is `vireo serve` running?)",
-            socket.display()
-        )
-    })?;
+    // Bounded too: a server that stopped accepting (frozen) leaves its queue full.
+    let mut stream = match vireo_virtio::unix::connect_unix(socket, timeout) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => bail!(
+            "the RPC server at {} did not accept the connection within {} (is `vireo serve` stopped or busy? raise --timeout if it is busy)",
+            socket.display(),
+            vireo_virtio::unix::secs(timeout)
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot connect to the RPC socket {} (is `vireo serve` running?)",
+                    socket.display()
+                )
+            })
+        }
+    };
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|_| stream.set_write_timeout(Some(timeout)))

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
-use vireo_bdev::BdevError;
+use vireo_bdev::{BdevError, ErrorKind};
 
 /// JSON-RPC 2.0 error codes (and the negative errno values SPDK uses).
 pub const PARSE_ERROR: i64 = -32700;
@@ -76,10 +76,10 @@ impl RpcError {
 
 impl From<BdevError> for RpcError {
     fn from(e: BdevError) -> RpcError {
-        let code = match &e {
-            BdevError::Config(_) => INVALID_PARAMS,
-            BdevError::NotFound(_) => ENODEV,
-            BdevError::NameTaken(_) => EEXIST,
+        let code = match (&e, e.kind()) {
+            (BdevError::Config(_), _) => INVALID_PARAMS,
+            (_, ErrorKind::NotFound) => ENODEV,
+            (_, ErrorKind::AlreadyExists) => EEXIST,
             _ => INTERNAL_ERROR,
         };
         RpcError::new(code, e.to_string())
@@ -300,7 +300,8 @@ impl<R: std::io::Read> std::io::Read for Limited<R> {
 }
 
 /// Serve one client until it hangs up, sends something that is not JSON, sends a
-/// request over [`MAX_REQUEST_BYTES`] or stays silent for [`CLIENT_IDLE`].
+/// request over [`MAX_REQUEST_BYTES`], or stays silent or leaves a reply unread for
+/// [`CLIENT_IDLE`].
 fn serve_client(methods: &Methods, stream: UnixStream) {
     let mut out = match stream.try_clone() {
         Ok(s) => s,
@@ -310,6 +311,9 @@ fn serve_client(methods: &Methods, stream: UnixStream) {
         }
     };
     let _ = stream.set_read_timeout(Some(CLIENT_IDLE));
+    // A client that stops reading its replies is dropped too, instead of holding a
+    // client slot for ever.
+    let _ = out.set_write_timeout(Some(CLIENT_IDLE));
     let used = std::rc::Rc::new(std::cell::Cell::new(0u64));
     let reader = BufReader::new(Limited {
         inner: stream,
@@ -377,6 +381,8 @@ pub fn serve(listener: &UnixListener, methods: Arc<Methods>, stop: fn() -> bool)
                         INTERNAL_ERROR,
                         format!("too many clients (at most {MAX_CLIENTS} at once); try again later"),
                     ).to_json()});
+                    // Never blocks the accept loop on a client that does not read.
+                    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
                     let _ = stream.write_all(format!("{msg}\n").as_bytes());
                     continue;
                 }
