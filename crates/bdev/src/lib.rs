@@ -1,6 +1,6 @@
 //! The bdev layer of vireo: named block devices over virtio controllers, per-thread
-//! I/O channels with splitting and queue-full waiting, statistics, and the SPDK JSON
-//! configuration.
+//! I/O channels with splitting and queue-full waiting, statistics, and typed attach parameters
+//! (the binary reads SPDK's JSON configuration into them).
 //!
 //! Three ways to wait for I/O on an [`IoChannel`]: spin with [`IoChannel::poll`],
 //! block with [`IoChannel::wait`] ([`WaitMode::Poll`], [`WaitMode::Sleep`] on the

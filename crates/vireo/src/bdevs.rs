@@ -7,7 +7,7 @@ use vireo_virtio::DmaConfig;
 
 #[derive(clap::Args, Debug)]
 pub struct BdevsArgs {
-    /// Configuration file: SPDK-style JSON or INI (the legacy [Virtio] format).
+    /// Configuration file: SPDK-style JSON or INI (the legacy Virtio INI format).
     #[arg(short = 'c', long = "config")]
     config: PathBuf,
     /// Print JSON.

@@ -19,7 +19,7 @@ use crate::rpc::{self, Methods};
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
     /// Configuration file to attach at start: SPDK-style JSON or INI (the legacy
-    /// [Virtio] format); default: start empty.
+    /// Virtio INI format); default: start empty.
     #[arg(short = 'c', long = "config")]
     config: Option<PathBuf>,
     /// Unix socket to serve JSON-RPC on.

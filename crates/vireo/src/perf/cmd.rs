@@ -13,7 +13,7 @@ use crate::units::parse_size;
 
 #[derive(clap::Args, Debug)]
 pub struct PerfArgs {
-    /// Configuration file: SPDK-style JSON or INI (the legacy [Virtio] format); without
+    /// Configuration file: SPDK-style JSON or INI (the legacy Virtio INI format); without
     /// it, an in-process target on RAM is used.
     #[arg(short = 'c', long = "config")]
     config: Option<PathBuf>,

@@ -1,6 +1,6 @@
 //! `vireo perf`: a bdevperf-style load generator with verification. This module is
-//! the engine; [`cmd`] turns the command line into [`PerfOptions`], [`report`] prints
-//! the text report and [`plot`] draws it.
+//! the engine; `cmd` turns the command line into [`PerfOptions`], `report` prints
+//! the text report and `plot` draws it.
 
 pub mod cmd;
 pub mod plot;
