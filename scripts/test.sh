@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command: unit tests, and integration tests against real peers
-# (qemu-storage-daemon; vhost-device-scsi when installed) and the in-tree target.
+# (qemu-storage-daemon; vhost-device-scsi when installed) and the in-tree target; then
+# the README's quick start, run as written (scripts/readme-quickstart.sh).
+# With arguments, they go to `cargo test` and only those tests run (no quick start).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,3 +26,6 @@ spdk_notice() {
 spdk_notice
 trap spdk_notice EXIT
 cargo test --workspace --locked --exclude vireo-bench "$@"
+if [ $# -eq 0 ]; then
+  ./scripts/readme-quickstart.sh
+fi

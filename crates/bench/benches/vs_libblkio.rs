@@ -2,11 +2,12 @@
 //! null-co export, both on one queue, alternating runs so both see the same noise.
 //!
 //! `cargo bench -p vireo-bench --bench vs_libblkio -- [--seconds S] [--rounds R] [--socket PATH]
-//!  [--mode poll|event|hybrid]`
-//! `poll`: both spin on a polled queue. `event`: both sleep until a completion is
+//!  [--mode poll|sleep|hybrid]`
+//! `poll`: both spin on a polled queue. `sleep`: both sleep until a completion is
 //! signalled (vireo `WaitMode::Sleep`; libblkio an interrupt-driven queue with
 //! `do_io(min_completions = 1)`). `hybrid`: vireo spins 50 us then sleeps (libblkio has
-//! no such mode and runs `event`). CPU is the initiator thread's time on a CPU per I/O.
+//! no such mode and sleeps as in `sleep`). CPU is the initiator thread's time on a CPU
+//! per I/O.
 //! Without `--socket`, the bench starts its own qemu-storage-daemon.
 
 use std::mem::MaybeUninit;
@@ -46,7 +47,7 @@ fn thread_cpu_ns() -> u64 {
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
     Poll,
-    Event,
+    Sleep,
     Hybrid,
 }
 
@@ -83,7 +84,7 @@ fn run_vireo(sock: &Path, qd: usize, secs: f64, mode: Mode) -> (f64, f64) {
     let mut stop = false;
     let wait = match mode {
         Mode::Poll => vireo_bdev::WaitMode::Poll,
-        Mode::Event => vireo_bdev::WaitMode::Sleep,
+        Mode::Sleep => vireo_bdev::WaitMode::Sleep,
         Mode::Hybrid => vireo_bdev::WaitMode::Hybrid(Duration::from_micros(50)),
     };
     while ch.in_flight() > 0 {
@@ -249,9 +250,10 @@ fn main() {
             "--mode" => {
                 mode = match args.next().as_deref() {
                     Some("poll") => Mode::Poll,
-                    Some("event") => Mode::Event,
+                    // `event`: its name before it was the library's, still accepted (not listed).
+                    Some("sleep" | "event") => Mode::Sleep,
                     Some("hybrid") => Mode::Hybrid,
-                    other => panic!("--mode poll|event|hybrid, got {other:?}"),
+                    other => panic!("--mode poll|sleep|hybrid, got {other:?}"),
                 }
             }
             "--bench" => {}
@@ -266,8 +268,8 @@ fn main() {
     let sock = sock.unwrap_or_else(|| own.as_ref().expect("qsd").2.clone());
     let mode_name = match mode {
         Mode::Poll => "both polling",
-        Mode::Event => "both sleeping until signalled (event mode)",
-        Mode::Hybrid => "vireo hybrid (50 us spin, then sleep) vs libblkio event mode",
+        Mode::Sleep => "both sleeping until signalled (sleep mode)",
+        Mode::Hybrid => "vireo hybrid (50 us spin, then sleep) vs libblkio sleeping",
     };
     println!("4 KiB randread, qemu-storage-daemon null-co {} GiB, one queue, {mode_name}, {secs} s x {rounds} rounds each, alternating ABBA; median", SIZE >> 30);
     println!(

@@ -824,3 +824,39 @@ fn the_example_configs_load() {
         "{seen:?}"
     );
 }
+
+/// `vireo perf --wait-mode`: the sleeping mode is `sleep`, the library's
+/// `WaitMode::Sleep`, and the report says so; `wait`, its old name, still works but is
+/// not offered; an unknown name lists the three.
+#[test]
+fn wait_mode_sleep_is_the_librarys_name_and_wait_still_works() {
+    let h = help(&["perf"]);
+    let line = h
+        .split("\n      --")
+        .find(|l| l.starts_with("wait-mode"))
+        .unwrap_or_else(|| panic!("--wait-mode in {h}"));
+    for v in ["- poll:", "- sleep:", "- hybrid:", "completion eventfd"] {
+        assert!(line.contains(v), "{v:?} in {line}");
+    }
+    assert!(
+        !line.contains("- wait:"),
+        "the old name is not offered: {line}"
+    );
+    for (arg, reported) in [
+        ("sleep", "sleep"),
+        ("wait", "sleep"),
+        ("poll", "poll"),
+        ("hybrid", "hybrid (50 us spin)"),
+    ] {
+        let v = json_output(vireo().args(["perf", "-t", "0.3", "--json", "--wait-mode", arg]));
+        assert_eq!(v["wait_mode"], reported, "--wait-mode {arg}");
+        assert_eq!(v["total"]["errors"], 0, "--wait-mode {arg}");
+        assert_eq!(v["total"]["verify_failures"], 0, "--wait-mode {arg}");
+        assert!(v["total"]["ios"].as_u64().unwrap() > 0, "--wait-mode {arg}");
+    }
+    let out = vireo()
+        .args(["perf", "--wait-mode", "event"])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "[possible values: poll, sleep, hybrid]");
+}

@@ -11,6 +11,21 @@ use vireo_virtio::DmaConfig;
 use super::PerfOptions;
 use crate::units::parse_size;
 
+/// `--wait-mode`: how an I/O thread waits for its completions. The names are the
+/// library's `WaitMode` variants.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum WaitArg {
+    /// Spin on the queue (lowest latency; the thread keeps its CPU busy).
+    Poll,
+    /// Sleep on the queue's completion eventfd; interrupts are enabled only while the
+    /// thread sleeps.
+    // `wait`, its name before it was the library's, keeps scripts working (not listed).
+    #[value(alias = "wait")]
+    Sleep,
+    /// Spin --hybrid-spin-us after the last completion, then sleep.
+    Hybrid,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct PerfArgs {
     /// Configuration file: SPDK-style JSON or INI (the legacy Virtio INI format); without
@@ -48,11 +63,10 @@ pub struct PerfArgs {
     /// Print one JSON document on stdout.
     #[arg(long)]
     json: bool,
-    /// How I/O threads wait for completions: poll (spin), wait (sleep on the queue's
-    /// completion eventfd, interrupts enabled only while asleep) or hybrid (spin
-    /// --hybrid-spin-us after the last completion, then sleep).
-    #[arg(long, default_value = "poll", value_parser = ["poll", "wait", "hybrid"])]
-    wait_mode: String,
+    /// How I/O threads wait for completions (the library's `WaitMode`); the process's
+    /// CPU time per I/O is reported.
+    #[arg(long, value_enum, default_value = "poll")]
+    wait_mode: WaitArg,
     /// Spin time of --wait-mode hybrid, in microseconds.
     #[arg(long, default_value_t = 50)]
     hybrid_spin_us: u64,
@@ -114,10 +128,12 @@ pub fn cmd_perf(dma: &DmaConfig, a: PerfArgs) -> Result<bool> {
             .ok()
             .filter(|d| !d.is_zero())
             .context("--io-timeout must be a positive number of seconds")?,
-        wait_mode: match a.wait_mode.as_str() {
-            "poll" => vireo_bdev::WaitMode::Poll,
-            "wait" => vireo_bdev::WaitMode::Sleep,
-            _ => vireo_bdev::WaitMode::Hybrid(std::time::Duration::from_micros(a.hybrid_spin_us)),
+        wait_mode: match a.wait_mode {
+            WaitArg::Poll => vireo_bdev::WaitMode::Poll,
+            WaitArg::Sleep => vireo_bdev::WaitMode::Sleep,
+            WaitArg::Hybrid => {
+                vireo_bdev::WaitMode::Hybrid(std::time::Duration::from_micros(a.hybrid_spin_us))
+            }
         },
     };
     if let Some(p) = &a.plot {

@@ -152,7 +152,7 @@ pub struct PerfReport {
     pub cpu_seconds: f64,
     /// CPU microseconds per completed I/O.
     pub cpu_us_per_io: f64,
-    /// How the I/O threads waited: poll, wait or hybrid.
+    /// How the I/O threads waited: poll, sleep or hybrid (with its spin time).
     pub wait_mode: String,
 }
 
@@ -949,7 +949,7 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
         },
         wait_mode: match o.wait_mode {
             vireo_bdev::WaitMode::Poll => "poll".into(),
-            vireo_bdev::WaitMode::Sleep => "wait".into(),
+            vireo_bdev::WaitMode::Sleep => "sleep".into(),
             vireo_bdev::WaitMode::Hybrid(d) => format!("hybrid ({} us spin)", d.as_micros()),
         },
         workload: format!("{:?}", o.workload).to_lowercase(),
