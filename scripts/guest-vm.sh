@@ -218,7 +218,9 @@ echo "NDISKS=$((${#scsi[@]} + ${#scsi2[@]} + ${#blk[@]} + ${#vublk[@]} + ${#vusc
 (cd "$O" && find . | cpio -o -H newc --quiet) | cat "$G/base.cpio" - >"$W/initrd"
 
 # ---- QEMU ----
-cmdline="console=ttyS0 panic=-1 quiet vfio.enable_unsafe_noiommu_mode=1 vfio_iommu_type1.allow_unsafe_interrupts=1"
+# quiet, but a task stuck for 30 s (a driver waiting on a device) is still reported, by name
+cmdline="console=ttyS0 panic=-1 quiet sysctl.kernel.hung_task_timeout_secs=30"
+cmdline+=" vfio.enable_unsafe_noiommu_mode=1 vfio_iommu_type1.allow_unsafe_interrupts=1"
 machine=q35,memory-backend=mem0
 leg=,disable-legacy=off # explicit: behind a PCIe root port QEMU would drop the legacy interface
 [ -z "$MODERN" ] || leg=,disable-legacy=on
