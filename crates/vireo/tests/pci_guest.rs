@@ -91,10 +91,12 @@ fn run_guest_env(args: &[&str], cmd: &str, env: &[(&str, &str)]) -> GuestRun {
         String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
     if o.status.code() == Some(125) && !console.contains("guest-vm: up after") {
         // The guest's init prints "guest-vm: up" right after loading its virtio drivers:
-        // the kernel hung while they probed the devices, before the command started. The
-        // kernel boots quiet; its hung-task reports ("blocked for more than") still show.
-        console += "\npci_guest: no \"guest-vm: up\": the guest's kernel hung while its virtio \
-                    drivers probed the devices (see the host side's log too)";
+        // the kernel panicked or hung before that (a hang while the drivers probe the
+        // devices leaves only hung-task reports, "blocked for more than", on the quiet
+        // console).
+        console += "\npci_guest: no \"guest-vm: up\": the guest's kernel did not get as far as \
+                    its command (panic or hang while booting or probing the devices; for \
+                    vhost-user devices see the host side's log too)";
     }
     let out = console
         .split_once("=== guest-cmd begin ===")
