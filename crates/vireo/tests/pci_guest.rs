@@ -344,9 +344,12 @@ cat > /tmp/c.json <<EOF
  {"method":"bdev_virtio_attach_controller","params":{"name":"S0","trtype":"pci","traddr":"$S","dev_type":"scsi"}},
  {"method":"bdev_virtio_attach_controller","params":{"name":"B0","trtype":"pci","traddr":"$B","dev_type":"blk"}}]}]}
 EOF
-vireo perf -c /tmp/c.json -w verify -q 8 -o 4096 -t 8 --json > /tmp/p.json 2>/tmp/p.err &
+VIREO_LOG=warn,vireo_bdev=info vireo perf -c /tmp/c.json -w verify -q 8 -o 4096 -t 8 --json > /tmp/p.json 2>/tmp/p.err &
 P=$!
-sleep 3
+# Remove the blk function once perf has it attached and runs I/O on it (on a loaded host
+# attaching can take longer than a fixed wait: the function was gone before its attach).
+i=0; while ! grep -q 'virtio-blk controller attached' /tmp/p.err && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+sleep 2
 echo 1 > /sys/bus/pci/devices/$B/remove &
 wait $P; echo "RC perf=$?"
 cat /tmp/p.json; tail -5 /tmp/p.err
