@@ -218,7 +218,14 @@ echo "NDISKS=$((${#scsi[@]} + ${#scsi2[@]} + ${#blk[@]} + ${#vublk[@]} + ${#vusc
 (cd "$O" && find . | cpio -o -H newc --quiet) | cat "$G/base.cpio" - >"$W/initrd"
 
 # ---- QEMU ----
-cmdline="console=ttyS0 panic=-1 quiet vfio.enable_unsafe_noiommu_mode=1 vfio_iommu_type1.allow_unsafe_interrupts=1"
+# quiet, but a task stuck for 30 s (a driver waiting on a device) is still reported, by name.
+# no_timer_check: Linux times the IO-APIC timer against the TSC over ~60 ms at boot; under
+# TCG on a loaded host QEMU's main loop may deliver too few PIT ticks in that window, and
+# with interrupt remapping (--viommu) Linux then panics ("timer doesn't work through
+# Interrupt-remapped IO-APIC") instead of trying another route. Linux skips the check itself
+# on hypervisors it recognises (KVM, VMware, Hyper-V); it cannot recognise TCG.
+cmdline="console=ttyS0 panic=-1 quiet no_timer_check sysctl.kernel.hung_task_timeout_secs=30"
+cmdline+=" vfio.enable_unsafe_noiommu_mode=1 vfio_iommu_type1.allow_unsafe_interrupts=1"
 machine=q35,memory-backend=mem0
 leg=,disable-legacy=off # explicit: behind a PCIe root port QEMU would drop the legacy interface
 [ -z "$MODERN" ] || leg=,disable-legacy=on

@@ -9,12 +9,23 @@
 //! padded back to the length of the request's body (as QEMU's libvhost-user answers,
 //! and as SPDK's front-end checks), and a read it cannot serve is answered here with the
 //! protocol's error reply (a payload of size 0), so the front-end stays connected.
+//!
+//! A new call eventfd is signalled once the daemon has installed it (`SET_VRING_CALL`),
+//! as QEMU's libvhost-user does: the front-end may swap a running ring's call fd
+//! without waiting (QEMU, starting a device, unmasks its queues by replacing the masked
+//! notifier it installed at init with the guest's notifier, then lets the guest run), so
+//! a completion the daemon's queue thread signals in between goes to the old fd, which
+//! nobody reads any more. The daemon (rust-vmm `vhost-user-backend`) has no hook for the
+//! swap, so the relay follows each `SET_VRING_CALL` with a `GET_FEATURES` of its own:
+//! the daemon handles messages in order, so that reply means the new fd is in place;
+//! the relay then signals it (a spurious interrupt at worst) and drops the reply.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
 use tracing::{debug, info, warn};
@@ -23,7 +34,9 @@ use crate::inflight::Inflight;
 use crate::queue::ConnectionSlot;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-/// `VHOST_USER_GET_CONFIG`.
+/// `VHOST_USER_GET_FEATURES`, `VHOST_USER_SET_VRING_CALL` and `VHOST_USER_GET_CONFIG`.
+const GET_FEATURES: u32 = 1;
+const SET_VRING_CALL: u32 = 13;
 const GET_CONFIG: u32 = 24;
 /// Header flags: protocol version 1, and the reply bit.
 const VERSION_1: u32 = 0x1;
@@ -268,6 +281,76 @@ fn pad_reply(m: &mut Message, pending: &AtomicUsize) {
     }
 }
 
+/// Whom the daemon's next `GET_FEATURES` reply is for, oldest first (the daemon answers in
+/// order).
+enum FeaturesReply {
+    /// The front-end asked: the reply goes back to it.
+    Front,
+    /// The relay asked right after a `SET_VRING_CALL`: the daemon has installed this call
+    /// fd; signal it and drop the reply.
+    CallInstalled(OwnedFd),
+}
+
+type FeaturesReplies = Arc<Mutex<VecDeque<FeaturesReply>>>;
+
+/// A copy of the call fd a `SET_VRING_CALL` installs (none for a ring without one).
+fn new_call_fd(m: &Message) -> io::Result<Option<OwnedFd>> {
+    if m.request() != SET_VRING_CALL || m.fds.len() != 1 {
+        return Ok(None);
+    }
+    m.fds[0].try_clone().map(Some)
+}
+
+/// The relay's own `GET_FEATURES` request.
+fn get_features() -> Message {
+    let mut header = [0u8; HEADER];
+    header[0..4].copy_from_slice(&GET_FEATURES.to_le_bytes());
+    header[4..8].copy_from_slice(&VERSION_1.to_le_bytes());
+    Message {
+        header,
+        body: Vec::new(),
+        fds: Vec::new(),
+    }
+}
+
+/// Forward a front-end message to the daemon; after a `SET_VRING_CALL`, ask the daemon
+/// for its features so that its reply tells when the new call fd is in place.
+fn forward(b_tx: &UnixStream, m: &Message, replies: &FeaturesReplies) -> io::Result<()> {
+    let lock = || replies.lock().unwrap_or_else(|p| p.into_inner());
+    let call = new_call_fd(m)?;
+    if m.request() == GET_FEATURES {
+        lock().push_back(FeaturesReply::Front);
+    }
+    write_message(b_tx, m)?;
+    if let Some(fd) = call {
+        lock().push_back(FeaturesReply::CallInstalled(fd));
+        write_message(b_tx, &get_features())?;
+    }
+    Ok(())
+}
+
+/// Whether a daemon message goes on to the front-end: `false` for the reply to the
+/// relay's own `GET_FEATURES`, whose call fd is signalled here.
+fn for_front(m: &Message, replies: &FeaturesReplies) -> bool {
+    if m.request() != GET_FEATURES {
+        return true;
+    }
+    let next = replies
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .pop_front();
+    match next {
+        Some(FeaturesReply::CallInstalled(fd)) => {
+            let mut f = std::fs::File::from(fd);
+            if let Err(e) = f.write_all(&1u64.to_ne_bytes()) {
+                debug!("cannot signal a new call fd: {e}");
+            }
+            false
+        }
+        Some(FeaturesReply::Front) | None => true,
+    }
+}
+
 /// The two threads of one relayed connection; they end when either side closes.
 pub(crate) struct Relay {
     threads: Vec<JoinHandle<()>>,
@@ -287,6 +370,8 @@ impl Relay {
         let f_tx2 = f_tx.try_clone()?;
         let pending = Arc::new(AtomicUsize::new(0));
         let pending2 = pending.clone();
+        let replies: FeaturesReplies = Arc::default();
+        let replies2 = replies.clone();
         let to_back = thread::Builder::new()
             .name("vireo-relay-fe".into())
             .spawn(move || {
@@ -301,7 +386,7 @@ impl Relay {
                             Err(m) => m,
                         };
                         match check(m, &pending) {
-                            Verdict::Forward(m) => write_message(&b_tx, &m)?,
+                            Verdict::Forward(m) => forward(&b_tx, &m, &replies)?,
                             Verdict::Answer(m) => write_message(&f_tx2, &m)?,
                         }
                     }
@@ -318,6 +403,9 @@ impl Relay {
             .spawn(move || {
                 let r = (|| -> io::Result<()> {
                     while let Some(mut m) = read_message(&b_rx)? {
+                        if !for_front(&m, &replies2) {
+                            continue;
+                        }
                         pad_reply(&mut m, &pending2);
                         write_message(&f_tx, &m)?;
                     }
@@ -397,6 +485,82 @@ mod tests {
                 Verdict::Forward(_) => panic!("forwarded"),
             }
         }
+    }
+
+    fn message(request: u32, flags: u32, body: &[u8], fds: Vec<OwnedFd>) -> Message {
+        let mut header = [0u8; HEADER];
+        header[0..4].copy_from_slice(&request.to_le_bytes());
+        header[4..8].copy_from_slice(&flags.to_le_bytes());
+        header[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        Message {
+            header,
+            body: body.to_vec(),
+            fds,
+        }
+    }
+
+    /// A front-end that swaps a call fd does not wait for the daemon to install it: the
+    /// relay signals the new fd once the daemon has (its reply to the relay's own
+    /// GET_FEATURES, which the front-end never sees), not before.
+    #[test]
+    fn a_new_call_fd_is_signalled_once_the_daemon_has_it() {
+        use std::os::fd::IntoRawFd;
+        use std::time::Duration;
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+        let (fe, front) = UnixStream::pair().unwrap();
+        let (daemon, back) = UnixStream::pair().unwrap();
+        for s in [&fe, &daemon] {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        }
+        let relay = Relay::spawn(front, back, Arc::new(ConnectionSlot::default())).unwrap();
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: into_raw_fd hands over the copy's descriptor to its single new owner.
+        let fd = unsafe { OwnedFd::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
+        write_message(
+            &fe,
+            &message(SET_VRING_CALL, VERSION_1, &2u64.to_le_bytes(), vec![fd]),
+        )
+        .unwrap();
+
+        let m = read_message(&daemon).unwrap().unwrap();
+        assert_eq!((m.request(), m.fds.len()), (SET_VRING_CALL, 1));
+        let m = read_message(&daemon).unwrap().unwrap();
+        assert_eq!((m.request(), m.body.len()), (GET_FEATURES, 0));
+        assert!(
+            call.read().is_err(),
+            "signalled before the daemon installed it"
+        );
+        let features = |v: u64| message(GET_FEATURES, VERSION_1 | REPLY, &v.to_le_bytes(), vec![]);
+        write_message(&daemon, &features(1)).unwrap();
+
+        // The front-end's own GET_FEATURES gets its own reply, not the relay's.
+        write_message(&fe, &message(GET_FEATURES, VERSION_1, &[], vec![])).unwrap();
+        let m = read_message(&daemon).unwrap().unwrap();
+        assert_eq!(m.request(), GET_FEATURES);
+        write_message(&daemon, &features(2)).unwrap();
+        let m = read_message(&fe).unwrap().unwrap();
+        assert_eq!(m.request(), GET_FEATURES);
+        assert_eq!(m.body, 2u64.to_le_bytes());
+        assert_eq!(call.read().unwrap(), 1);
+
+        // A ring without a call fd (polling) gets nothing extra.
+        let nofd = message(SET_VRING_CALL, VERSION_1, &0x102u64.to_le_bytes(), vec![]);
+        write_message(&fe, &nofd).unwrap();
+        write_message(&fe, &message(GET_FEATURES, VERSION_1, &[], vec![])).unwrap();
+        assert_eq!(
+            read_message(&daemon).unwrap().unwrap().request(),
+            SET_VRING_CALL
+        );
+        assert_eq!(
+            read_message(&daemon).unwrap().unwrap().request(),
+            GET_FEATURES
+        );
+        write_message(&daemon, &features(3)).unwrap();
+        assert_eq!(read_message(&fe).unwrap().unwrap().body, 3u64.to_le_bytes());
+
+        drop((fe, daemon));
+        relay.join();
     }
 
     #[test]
