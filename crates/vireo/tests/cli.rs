@@ -824,3 +824,63 @@ fn the_example_configs_load() {
         "{seen:?}"
     );
 }
+
+/// Run `cmd`, killing it if it has not ended within 30 s (a wrapped size could start
+/// a server that never stops).
+fn output_within(cmd: &mut std::process::Command) -> std::process::Output {
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Numbers that do not fit what they size are refused with the limit, before anything
+/// is allocated: never wrapped, never a panic or an abort.
+#[test]
+fn numbers_too_large_for_what_they_size_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("t.sock");
+    let sock = sock.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["perf", "-t", "0.1", "-m", "0-99999999999"],
+            "-m 0-99999999999: CPU 99999999999 is not one this process may run on",
+        ),
+        (
+            vec!["perf", "-t", "0.1", "-m", "0-18446744073709551615"],
+            "CPU 18446744073709551615 is not one this process may run on",
+        ),
+        (
+            vec!["perf", "-t", "0.1", "-m", "0,18446744073709551616"],
+            "invalid core",
+        ),
+        (
+            vec!["perf", "-t", "0.1", "-o", "17179869185g"],
+            "size \"17179869185g\" is too large",
+        ),
+        (
+            vec!["target", "--size", "17179869184g", "-s", sock],
+            "size \"17179869184g\" is too large",
+        ),
+        (
+            vec!["target", "--size", "1m", "--size-max", "4g", "-s", sock],
+            "at most 4294967295 bytes",
+        ),
+    ] {
+        let out = output_within(vireo().args(&args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: expected {want:?} in: {err}");
+    }
+}

@@ -499,7 +499,7 @@ impl<'o> Job<'o> {
             self.idle_polls = self.idle_polls.wrapping_add(1);
             if self.idle_polls.is_multiple_of(1024)
                 && clock::ticks_to_ns(clock::ticks().saturating_sub(self.last_progress))
-                    >= self.o.io_timeout.as_nanos() as u64
+                    >= u64::try_from(self.o.io_timeout.as_nanos()).unwrap_or(u64::MAX)
             {
                 let n = self.in_flight;
                 self.error(format!(
