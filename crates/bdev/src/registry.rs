@@ -138,7 +138,8 @@ impl Registry {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Attach a controller and return its bdevs. A back-end that refuses the queue size
+    /// Attach a controller and return its bdevs. The parameters are checked first
+    /// ([`AttachParams::validate`]). A back-end that refuses the queue size
     /// is tried again, on a new connection, with half the size (down to 16).
     ///
     /// Controller and bdev names are unique across the registry: an attach whose name,
@@ -150,6 +151,7 @@ impl Registry {
     /// `dev_type` that is bound to vfio-pci or uio_pci_generic, as controllers named
     /// `NAME-BDF` (the seed's `Dev Pci`).
     pub fn attach(&self, params: &AttachParams) -> Result<Vec<Arc<Bdev>>, BdevError> {
+        params.validate()?;
         if params.trtype == TrType::Pci && params.traddr == "*" {
             return self.attach_all_pci(params);
         }

@@ -6,7 +6,9 @@
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
-use vireo_bdev::config::{DEFAULT_VQ_COUNT, DEFAULT_VQ_SIZE};
+use vireo_bdev::config::{
+    name_problem, timeout_from_secs, DEFAULT_VQ_COUNT, DEFAULT_VQ_SIZE, TIMEOUT_RANGE,
+};
 use vireo_bdev::{AttachParams, BdevError, ConfigCall, DevType, Registry, TrType};
 
 fn cfg_err(msg: String) -> BdevError {
@@ -81,9 +83,9 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
     )?;
     let name =
         get_str(p, "name", ctx)?.ok_or_else(|| cfg_err(format!("{ctx}: \"name\" is required")))?;
-    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if let Some(why) = name_problem(&name) {
         return Err(cfg_err(format!(
-            "{ctx}: \"name\" {name:?} must be non-empty without whitespace"
+            "{ctx}: \"name\" {name:?} {why}: a name is non-empty, without whitespace or control characters"
         )));
     }
     let trtype = match get_str(p, "trtype", ctx)?
@@ -127,17 +129,11 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
     let seconds = |key: &str| -> Result<Option<std::time::Duration>, BdevError> {
         match p.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => {
-                let secs = v
-                    .as_f64()
-                    .filter(|s| s.is_finite() && (0.0..=1e9).contains(s))
-                    .ok_or_else(|| {
-                        cfg_err(format!(
-                            "{ctx}: \"{key}\" must be a non-negative number of seconds (0: none), got {v}"
-                        ))
-                    })?;
-                Ok((secs > 0.0).then(|| std::time::Duration::from_secs_f64(secs)))
-            }
+            Some(Value::Number(n)) => timeout_from_secs(key, n.as_f64().unwrap_or(f64::NAN))
+                .map_err(|e| cfg_err(format!("{ctx}: {e}"))),
+            Some(v) => Err(cfg_err(format!(
+                "{ctx}: \"{key}\" must be a number of seconds ({TIMEOUT_RANGE}), got {v}"
+            ))),
         }
     };
     let io_timeout = seconds("io_timeout")?;
@@ -147,7 +143,7 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
             "{ctx}: \"reconnect_timeout\" applies to vhost-user controllers (trtype \"user\"); a PCI function does not go away and come back"
         )));
     }
-    Ok(AttachParams {
+    let a = AttachParams {
         name,
         trtype,
         traddr,
@@ -156,7 +152,10 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
         vq_size,
         io_timeout,
         reconnect_timeout,
-    })
+    };
+    // What is left of the rules every way in shares (traddr, for one).
+    a.validate().map_err(|e| cfg_err(format!("{ctx}: {e}")))?;
+    Ok(a)
 }
 
 /// The `params` object, as SPDK writes it.
@@ -462,5 +461,71 @@ mod tests {
         pci["reconnect_timeout"] = json!(5);
         let e = attach_from_json(&pci).unwrap_err().to_string();
         assert!(e.contains("vhost-user"), "{e}");
+    }
+
+    /// A timeout's meaning survives `config convert` and `save_config`: what is
+    /// accepted is written back as the same duration; what cannot be (below a
+    /// millisecond, negative, beyond a day) is refused naming the key and the range.
+    #[test]
+    fn timeouts_keep_their_meaning_through_a_round_trip() {
+        let base = json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk"});
+        for key in ["io_timeout", "reconnect_timeout"] {
+            for bad in [
+                json!(1e-12),
+                json!(0.0009),
+                json!(-0.5),
+                json!(86400.5),
+                json!(1e300),
+            ] {
+                let mut p = base.clone();
+                p[key] = bad.clone();
+                let e = attach_from_json(&p)
+                    .map(|a| format!("{a:?}"))
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    e.contains(key) && e.contains("0.001") && e.contains("86400"),
+                    "{key} {bad}: {e}"
+                );
+            }
+            for good in [0.001, 0.0015, 0.1 + 0.2, 1.0, 2.5, 30.000001, 86400.0] {
+                let mut p = base.clone();
+                p[key] = json!(good);
+                let a = attach_from_json(&p).unwrap();
+                let written = attach_to_json(&a);
+                let secs = written[key].as_f64().unwrap();
+                assert!((secs - good).abs() < 1e-6, "{key} {good} written as {secs}");
+                assert_eq!(attach_from_json(&written).unwrap(), a, "{key} {good}");
+            }
+        }
+    }
+
+    /// The registry takes the same rules from a program as the loaders from a file:
+    /// parameters no file could give are refused before anything connects.
+    #[test]
+    fn the_registry_refuses_what_no_config_file_could_say() {
+        let reg = Registry::new(vireo_virtio::DmaMemory::new(Default::default()).unwrap());
+        let ok = attach_from_json(
+            &json!({"name":"A","trtype":"user","traddr":"/nonexistent/vireo.sock","dev_type":"blk"}),
+        )
+        .unwrap();
+        let mut cases = Vec::new();
+        let mut p = ok.clone();
+        p.io_timeout = Some(std::time::Duration::from_nanos(1));
+        cases.push((p, "io_timeout"));
+        let mut p = ok.clone();
+        p.reconnect_timeout = Some(std::time::Duration::from_secs(1 << 40));
+        cases.push((p, "reconnect_timeout"));
+        let mut p = ok.clone();
+        p.name = "A\u{1}B".into();
+        cases.push((p, "name"));
+        let mut p = ok.clone();
+        p.name = String::new();
+        cases.push((p, "name"));
+        for (p, key) in cases {
+            let e = reg.attach(&p).map(|b| b.len()).unwrap_err();
+            assert_eq!(e.kind(), vireo_bdev::ErrorKind::InvalidInput, "{key}: {e}");
+            assert!(e.to_string().contains(key), "{key}: {e}");
+        }
     }
 }
