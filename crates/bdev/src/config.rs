@@ -93,11 +93,11 @@ pub fn timeout_from_secs(key: &str, secs: f64) -> Result<Option<Duration>, Strin
     let min = MIN_TIMEOUT.as_secs_f64();
     let max = MAX_TIMEOUT.as_secs_f64();
     if !secs.is_finite() || secs < 0.0 || secs > max {
-        return Err(format!("\"{key}\" must be {TIMEOUT_RANGE}, got {secs}"));
+        return Err(format!("\"{key}\" must be {TIMEOUT_RANGE}, got {secs:?}"));
     }
     if secs < min {
         return Err(format!(
-            "\"{key}\" {secs} is below a millisecond, too short for any I/O: give 0 for none, or {TIMEOUT_RANGE}"
+            "\"{key}\" {secs:?} is below a millisecond (every I/O would time out): give 0 for none, or 0.001 to 86400 seconds"
         ));
     }
     Ok(Some(Duration::from_micros((secs * 1e6).round() as u64)))

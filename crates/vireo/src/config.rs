@@ -249,18 +249,90 @@ pub fn parse_config(doc: &Value) -> Result<Vec<ConfigCall>, BdevError> {
             }
         }
     }
-    let mut names = std::collections::HashSet::new();
-    for c in &calls {
-        if let ConfigCall::Attach(a) = c {
-            if !names.insert(a.name.clone()) {
-                return Err(cfg_err(format!(
-                    "controller name \"{}\" is used twice",
-                    a.name
-                )));
+    let attaches: Vec<AttachParams> = calls
+        .iter()
+        .filter_map(|c| match c {
+            ConfigCall::Attach(a) => Some(a.clone()),
+            _ => None,
+        })
+        .collect();
+    if let Some(c) = find_conflict(&attaches) {
+        return Err(cfg_err(c.message));
+    }
+    Ok(calls)
+}
+
+/// What two controllers of one configuration share that they must not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConflictKind {
+    /// Their name.
+    Name,
+    /// Their socket or PCI function(s).
+    Address,
+}
+
+/// Two controllers of one configuration that cannot both be attached.
+#[derive(Debug)]
+pub struct Conflict {
+    /// Index of the first one.
+    pub first: usize,
+    /// Index of the later one, the one refused.
+    pub later: usize,
+    /// What they share.
+    pub what: ConflictKind,
+    /// What is wrong, naming both.
+    pub message: String,
+}
+
+/// The rules a configuration's controllers follow together, in either format: names
+/// are unique, and one controller per vhost-user socket (a back-end serves one
+/// front-end at a time) or PCI function (`traddr` "*": every function of the
+/// `dev_type`). The first pair that breaks them.
+pub fn find_conflict(attaches: &[AttachParams]) -> Option<Conflict> {
+    for (later, b) in attaches.iter().enumerate() {
+        for (first, a) in attaches[..later].iter().enumerate() {
+            let conflict = |what, message| {
+                Some(Conflict {
+                    first,
+                    later,
+                    what,
+                    message,
+                })
+            };
+            if a.name == b.name {
+                return conflict(
+                    ConflictKind::Name,
+                    format!("controller name {:?} is used twice", b.name),
+                );
+            }
+            let same_place = a.trtype == b.trtype
+                && a.traddr == b.traddr
+                && (a.traddr != "*" || a.dev_type == b.dev_type);
+            if same_place {
+                let place = match (b.trtype, b.traddr.as_str()) {
+                    (TrType::User, t) => format!(
+                        "the vhost-user socket {t:?} (a back-end serves one front-end at a time)"
+                    ),
+                    (TrType::Pci, "*") => format!(
+                        "every virtio-{} PCI function (traddr \"*\")",
+                        match b.dev_type {
+                            DevType::Blk => "blk",
+                            DevType::Scsi => "scsi",
+                        }
+                    ),
+                    (TrType::Pci, t) => format!("the PCI function {t}"),
+                };
+                return conflict(
+                    ConflictKind::Address,
+                    format!(
+                        "controllers {:?} and {:?} both attach {place}",
+                        a.name, b.name
+                    ),
+                );
             }
         }
     }
-    Ok(calls)
+    None
 }
 
 /// Read and parse a configuration file; errors name the file.
@@ -401,6 +473,31 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("twice"));
+    }
+
+    #[test]
+    fn two_controllers_on_one_socket_or_pci_function_are_refused() {
+        let a = json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk"});
+        let b = json!({"name":"B","trtype":"user","traddr":"/s","dev_type":"scsi"});
+        let doc = json!({"subsystems":[{"subsystem":"bdev","config":[
+            {"method":"bdev_virtio_attach_controller","params":a},
+            {"method":"bdev_virtio_attach_controller","params":b}]}]});
+        let e = parse_config(&doc).unwrap_err().to_string();
+        assert!(
+            e.contains("\"/s\"") && e.contains("A") && e.contains("B"),
+            "{e}"
+        );
+        // Every blk and every scsi PCI function: two sets, no overlap.
+        let pci = |n: &str, t: &str| {
+            json!({"method":"bdev_virtio_attach_controller",
+            "params":{"name":n,"trtype":"pci","traddr":"*","dev_type":t}})
+        };
+        let doc =
+            json!({"subsystems":[{"subsystem":"bdev","config":[pci("P","blk"), pci("Q","scsi")]}]});
+        assert_eq!(parse_config(&doc).unwrap().len(), 2);
+        let doc =
+            json!({"subsystems":[{"subsystem":"bdev","config":[pci("P","blk"), pci("Q","blk")]}]});
+        assert!(parse_config(&doc).is_err());
     }
 
     #[test]
