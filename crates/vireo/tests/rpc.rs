@@ -968,3 +968,63 @@ fn a_slow_detach_does_not_stall_other_controllers() {
     );
     assert_eq!(code, -19);
 }
+
+/// A back-end that serves one front-end at a time turns the next away by closing its
+/// connection (qemu-storage-daemon) or by never accepting it (vhost-device-scsi, the
+/// in-tree target): the error says so. An answer that is no vhost-user message is
+/// still asked about.
+#[test]
+fn a_back_end_busy_with_another_front_end_is_named_as_such() {
+    use std::os::unix::net::UnixListener;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(dir.path(), None);
+    let attach = |name: &str, sock: &Path| {
+        srv.err(
+            "bdev_virtio_attach_controller",
+            Some(attach_params(name, sock, "blk")),
+        )
+        .1
+    };
+    // Accepts and closes at once.
+    let closes = dir.path().join("closes.sock");
+    let l = UnixListener::bind(&closes).unwrap();
+    let closer = std::thread::spawn(move || {
+        let (c, _) = l.accept().unwrap();
+        drop(c);
+    });
+    let msg = attach("C", &closes);
+    closer.join().unwrap();
+    assert!(
+        msg.contains("may be serving another front-end") && msg.contains("one front-end at a time"),
+        "{msg}"
+    );
+    assert!(!msg.contains("is this a vhost-user"), "{msg}");
+    // Accepted by the kernel, never answered: the in-tree target serves one front-end
+    // at a time and accepts the next when that one leaves.
+    let busy = dir.path().join("busy.sock");
+    let _t = blk_target(&busy, 8);
+    srv.ok(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("First", &busy, "blk")),
+    );
+    let msg = attach("Second", &busy);
+    assert!(
+        msg.contains("may be serving another front-end") && msg.contains("one front-end at a time"),
+        "{msg}"
+    );
+    assert!(!msg.contains("is this a vhost-user"), "{msg}");
+    // Answers garbage.
+    let garbage = dir.path().join("garbage.sock");
+    let l = UnixListener::bind(&garbage).unwrap();
+    let talker = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let _ = c.write_all(&[0xff; 64]);
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let msg = attach("G", &garbage);
+    talker.join().unwrap();
+    assert!(
+        msg.contains("is this a vhost-user back-end socket?"),
+        "{msg}"
+    );
+}

@@ -28,6 +28,23 @@ pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Queue index limit of the vhost-user protocol.
 const MAX_VRINGS: u64 = 0x8000;
 
+/// Back-ends known to serve one front-end at a time, for messages about a back-end that
+/// turns a connection away.
+const ONE_FRONT_END: &str =
+    "qemu-storage-daemon and vhost-device-scsi accept one front-end at a time";
+
+/// Whether `e` says the peer hung up (end of file, a reset or broken socket) rather
+/// than sending something that is not vhost-user.
+fn connection_closed(e: &vhost::Error) -> bool {
+    use vhost::vhost_user::Error as U;
+    matches!(
+        e,
+        vhost::Error::VhostUserProtocol(
+            U::Disconnected | U::PartialMessage | U::SocketBroken(_) | U::SocketError(_)
+        )
+    )
+}
+
 /// Protocol features vireo understands and acks when offered (`INFLIGHT_SHMFD` only
 /// for a controller that reconnects, see [`VhostUserTransport::connect_with_options`]).
 fn wanted_protocol_features() -> VhostUserProtocolFeatures {
@@ -247,16 +264,27 @@ impl VhostUserTransport {
         };
         let mut frontend = Frontend::from_stream(stream, MAX_VRINGS);
         let wd = watchdog.clone();
-        let not_vhost = move |e: vhost::Error| {
+        // Whether the back-end answered a message yet: a back-end that closes the
+        // connection before its first answer is turning this front-end away.
+        let answered = std::cell::Cell::new(false);
+        let not_vhost = |e: vhost::Error| {
             let why = if wd.fired() {
                 // A connection waits in the listen queue until the back-end accepts
                 // it: a back-end serving another front-end may never do so.
                 format!(
-                    "no reply within {} (the back-end did not accept the connection or did not answer: is another front-end connected? is this a vhost-user back-end socket?)",
+                    "no reply within {}: the back-end may be serving another front-end ({ONE_FRONT_END}) and take this one only once that one disconnects; or it is frozen",
                     crate::unix::secs(timeout)
                 )
+            } else if connection_closed(&e) && !answered.get() {
+                format!(
+                    "the back-end closed the connection without answering: it may be serving another front-end ({ONE_FRONT_END}); disconnect that one first"
+                )
+            } else if connection_closed(&e) {
+                "the back-end closed the connection during the handshake (its log may say why)"
+                    .to_string()
             } else {
-                "no valid reply (is this a vhost-user back-end socket?)".to_string()
+                "the answer is not a valid vhost-user message (is this a vhost-user back-end socket?)"
+                    .to_string()
             };
             Error::transport(format!("{}: {why}", ctx("handshake")), e)
         };
@@ -264,6 +292,7 @@ impl VhostUserTransport {
         let handshake = (|| -> Result<_> {
             frontend.set_owner().map_err(&not_vhost)?;
             let offered = frontend.get_features().map_err(&not_vhost)?;
+            answered.set(true);
             let mut protocol = VhostUserProtocolFeatures::empty();
             if offered & tf::VHOST_USER_PROTOCOL_FEATURES != 0 {
                 let theirs = frontend.get_protocol_features().map_err(&not_vhost)?;
