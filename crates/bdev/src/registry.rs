@@ -455,8 +455,14 @@ impl Registry {
 /// Errors that a device of the other type produces (a scsi back-end read as blk has no
 /// request queues in the blk layout and does not answer GET_ID; a blk back-end read as
 /// scsi has no queues beyond 2 or answers no SCSI command) get a hint about `dev_type`.
+/// A `vq_count` above what the device offers is no such evidence (every device offers
+/// some number of queues), unless a scsi device offers none: a blk device has no more
+/// than its request queues, which the scsi layout takes for control and event queues.
 fn wrong_type_hint(e: BdevError, params: &AttachParams) -> BdevError {
     let suspicious = match &e {
+        BdevError::TooFewQueues { offered, .. } => {
+            *offered == 0 && params.dev_type == DevType::Scsi
+        }
         BdevError::Unsatisfiable { .. } | BdevError::BadDevice { .. } => true,
         BdevError::Io { source, .. } => matches!(
             source,

@@ -969,6 +969,35 @@ fn a_slow_detach_does_not_stall_other_controllers() {
     assert_eq!(code, -19);
 }
 
+/// A vq_count beyond what a blk device offers says how many queues it offers, without
+/// suggesting the other dev_type; a blk device attached as scsi (no request queues in
+/// the scsi layout) still gets the dev_type suggestion.
+#[test]
+fn a_too_large_vq_count_says_what_the_device_offers_not_another_dev_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("blk.sock");
+    let _t = blk_target(&sock, 8);
+    let srv = Server::start(dir.path(), None);
+    let mut p = attach_params("B", &sock, "blk");
+    p["vq_count"] = json!(65535);
+    let (_, msg) = srv.err("bdev_virtio_attach_controller", Some(p));
+    assert!(
+        msg.contains("vq_count=65535") && msg.contains("the device offers 1"),
+        "{msg}"
+    );
+    assert!(!msg.contains("dev_type"), "no dev_type suggestion: {msg}");
+    let (_, msg) = srv.err(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("S", &sock, "scsi")),
+    );
+    assert!(msg.contains(r#"set "dev_type": "blk""#), "{msg}");
+    // Still attachable as what it is.
+    srv.ok(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("B", &sock, "blk")),
+    );
+}
+
 /// A back-end that serves one front-end at a time turns the next away by closing its
 /// connection (qemu-storage-daemon) or by never accepting it (vhost-device-scsi, the
 /// in-tree target): the error says so. An answer that is no vhost-user message is
