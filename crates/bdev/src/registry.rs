@@ -262,6 +262,7 @@ impl Registry {
                     vireo_virtio::vhost_user::DEFAULT_REPLY_TIMEOUT,
                     // The back-end's in-flight tracking is for virtio-blk reconnection.
                     params.reconnect_timeout.is_some() && params.dev_type == DevType::Blk,
+                    Some(&params.name),
                 )
                 .map_err(|source| BdevError::Virtio {
                     name: params.name.clone(),

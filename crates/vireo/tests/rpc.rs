@@ -998,6 +998,33 @@ fn a_too_large_vq_count_says_what_the_device_offers_not_another_dev_type() {
     );
 }
 
+/// The warnings of a vhost-user connection name the controller they are about.
+#[test]
+fn vhost_user_warnings_name_their_controller() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("blk.sock");
+    let t = blk_target(&sock, 8);
+    let srv = Server::start(dir.path(), None);
+    srv.ok(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("Named7", &sock, "blk")),
+    );
+    t.stop();
+    let t0 = Instant::now();
+    let line = loop {
+        let log = srv.log_text();
+        if let Some(l) = log.lines().find(|l| l.contains("closed the connection")) {
+            break l.to_string();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no warning about the closed connection: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(line.contains("Named7"), "{line}");
+}
+
 /// A back-end that serves one front-end at a time turns the next away by closing its
 /// connection (qemu-storage-daemon) or by never accepting it (vhost-device-scsi, the
 /// in-tree target): the error says so. An answer that is no vhost-user message is

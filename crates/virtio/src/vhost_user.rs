@@ -54,6 +54,25 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
 
+/// Whom a connection's log lines are about: its controller (when the caller named
+/// one) and its socket. A warning without them does not say which of several
+/// controllers it concerns.
+#[derive(Debug, Clone)]
+struct Who {
+    controller: Option<Arc<str>>,
+    socket: Arc<Path>,
+}
+
+impl Who {
+    fn warn(&self, msg: std::fmt::Arguments<'_>) {
+        let socket = self.socket.display();
+        match &self.controller {
+            Some(c) => tracing::warn!(controller = %c, socket = %socket, "{msg}"),
+            None => tracing::warn!(socket = %socket, "{msg}"),
+        }
+    }
+}
+
 struct Vring {
     _kick: Arc<EventFd>,
     call: Arc<EventFd>,
@@ -69,6 +88,7 @@ struct MemoryShare {
     broken: Arc<AtomicBool>,
     watchdog: Arc<Watchdog>,
     timeout: Duration,
+    who: Who,
 }
 
 fn region_msg(r: &DmaRegionInfo) -> VhostUserMemoryRegionInfo {
@@ -140,7 +160,9 @@ impl RegionListener for MemoryShare {
             // back-end already dead, it does not need the region (a reconnection shares
             // every region anew), and the memory grows for the other controllers.
             Err(e) if self.broken.load(Ordering::Acquire) => {
-                tracing::warn!("not sharing a new DMA region with a back-end that is gone: {e}");
+                self.who.warn(format_args!(
+                    "not sharing a new DMA region with a back-end that is gone: {e}"
+                ));
                 Ok(())
             }
             r => r,
@@ -169,6 +191,7 @@ impl RegionListener for MemoryShare {
 /// A connection to a vhost-user back-end.
 pub struct VhostUserTransport {
     path: PathBuf,
+    who: Who,
     frontend: Frontend,
     mem: Arc<DmaMemory>,
     protocol: VhostUserProtocolFeatures,
@@ -207,18 +230,24 @@ impl VhostUserTransport {
         mem: Arc<DmaMemory>,
         timeout: Duration,
     ) -> Result<VhostUserTransport> {
-        Self::connect_with_options(path, mem, timeout, false)
+        Self::connect_with_options(path, mem, timeout, false, None)
     }
 
     /// As [`connect_with_timeout`](Self::connect_with_timeout); `track_inflight`: ack
     /// `INFLIGHT_SHMFD` when offered (for a controller that reconnects: the back-end
-    /// then resends what it had in flight, see [`Transport::get_inflight`]).
+    /// then resends what it had in flight, see [`Transport::get_inflight`]);
+    /// `controller`: the name the connection's warnings carry (field `controller`).
     pub fn connect_with_options(
         path: &Path,
         mem: Arc<DmaMemory>,
         timeout: Duration,
         track_inflight: bool,
+        controller: Option<&str>,
     ) -> Result<VhostUserTransport> {
+        let who = Who {
+            controller: controller.map(Arc::from),
+            socket: Arc::from(path),
+        };
         let ctx = |what: &str| format!("vhost-user {}: {what}", path.display());
         let stream = crate::unix::connect_unix(path, timeout).map_err(|e| {
             if e.kind() == std::io::ErrorKind::TimedOut {
@@ -257,9 +286,10 @@ impl VhostUserTransport {
             let broken = broken.clone();
             let stop = stop_monitor.clone();
             let wd = watchdog.clone();
+            let who = who.clone();
             std::thread::Builder::new()
                 .name("vhost-user-monitor".into())
-                .spawn(move || monitor_socket(monitor_stream, &stop, &broken, &wd))
+                .spawn(move || monitor_socket(monitor_stream, &stop, &broken, &wd, &who))
                 .map_err(|e| Error::io(ctx("cannot start monitor thread"), e))?
         };
         let mut frontend = Frontend::from_stream(stream, MAX_VRINGS);
@@ -326,6 +356,7 @@ impl VhostUserTransport {
         };
         Ok(VhostUserTransport {
             path: path.to_path_buf(),
+            who,
             frontend,
             mem,
             protocol,
@@ -394,6 +425,7 @@ impl VhostUserTransport {
             broken: self.broken.clone(),
             watchdog: self.watchdog.clone(),
             timeout: self.timeout,
+            who: self.who.clone(),
         });
         let weak: std::sync::Weak<dyn RegionListener> =
             Arc::downgrade(&(share.clone() as Arc<dyn RegionListener>));
@@ -451,7 +483,13 @@ impl Watchdog {
 
 /// Wait until the peer hangs up (or we are told to stop) and raise the broken flag;
 /// enforce the watchdog's deadline.
-fn monitor_socket(stream: UnixStream, stop: &EventFd, broken: &AtomicBool, wd: &Watchdog) {
+fn monitor_socket(
+    stream: UnixStream,
+    stop: &EventFd,
+    broken: &AtomicBool,
+    wd: &Watchdog,
+    who: &Who,
+) {
     use std::os::fd::AsRawFd;
     let mut fds = [
         libc::pollfd {
@@ -469,7 +507,9 @@ fn monitor_socket(stream: UnixStream, stop: &EventFd, broken: &AtomicBool, wd: &
         // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
         if wd.expired() {
-            tracing::warn!("vhost-user back-end did not answer in time; closing the connection");
+            who.warn(format_args!(
+                "vhost-user back-end did not answer in time; closing the connection"
+            ));
             wd.fired.store(true, Ordering::Release);
             broken.store(true, Ordering::Release);
             let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -485,7 +525,7 @@ fn monitor_socket(stream: UnixStream, stop: &EventFd, broken: &AtomicBool, wd: &
             return;
         }
         if fds[0].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-            tracing::warn!("vhost-user back-end closed the connection");
+            who.warn(format_args!("vhost-user back-end closed the connection"));
             broken.store(true, Ordering::Release);
             return;
         }
@@ -554,7 +594,9 @@ impl Transport for VhostUserTransport {
             Err(e) if !self.broken.load(Ordering::Relaxed) => {
                 // The back-end offered tracking but cannot give a buffer: go without
                 // (vireo resends from its own records).
-                tracing::warn!("{}; reconnection resends from vireo's records", e);
+                self.who.warn(format_args!(
+                    "{e}; reconnection resends from vireo's records"
+                ));
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -607,6 +649,7 @@ impl Transport for VhostUserTransport {
 
     fn reopener(&self) -> Option<crate::transport::Reopen> {
         let (path, mem, limit) = (self.path.clone(), self.mem.clone(), self.timeout);
+        let controller = self.who.controller.clone();
         let inflight = self
             .protocol
             .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
@@ -616,15 +659,16 @@ impl Transport for VhostUserTransport {
                 mem.clone(),
                 timeout.min(limit),
                 inflight,
+                controller.as_deref(),
             )?) as Box<dyn Transport>)
         }))
     }
 
     fn abort(&self) {
-        tracing::warn!(
+        self.who.warn(format_args!(
             "{}: dropping the connection to a back-end that stopped answering",
             self.describe()
-        );
+        ));
         self.broken.store(true, Ordering::Release);
         let _ = self.abort_stream.shutdown(std::net::Shutdown::Both);
     }
