@@ -13,6 +13,7 @@
 //! request).
 
 use std::collections::VecDeque;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -419,10 +420,12 @@ pub fn run(reg: &Registry, o: &SoakOptions) -> Result<SoakReport> {
         None => dir.path().join("soak.img"),
     };
     {
+        // The disk's data: the owner's only (an existing file keeps its mode).
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&file)
             .with_context(|| format!("cannot create {}", file.display()))?;
         f.set_len(o.size)

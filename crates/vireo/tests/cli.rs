@@ -884,3 +884,64 @@ fn numbers_too_large_for_what_they_size_are_errors() {
         assert!(err.contains(want), "{args:?}: expected {want:?} in: {err}");
     }
 }
+
+/// `vireo target --file` creates its backing images for the owner only (they hold the
+/// disk's data); a file that exists keeps its mode.
+#[test]
+fn target_backing_files_it_creates_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("b.sock");
+    let img = dir.path().join("b.img");
+    let mut t = start_target(
+        &sock,
+        &[
+            "--type",
+            "blk",
+            "--size",
+            "1m",
+            "--file",
+            img.to_str().unwrap(),
+        ],
+    );
+    let _ = t.kill();
+    let _ = t.wait();
+    assert_eq!(mode(&img), 0o600, "blk backing file mode {:o}", mode(&img));
+    let sock = dir.path().join("s.sock");
+    let base = dir.path().join("s.img");
+    let mut t = start_target(
+        &sock,
+        &[
+            "--type",
+            "scsi",
+            "--size",
+            "1m",
+            "--file",
+            base.to_str().unwrap(),
+        ],
+    );
+    let _ = t.kill();
+    let _ = t.wait();
+    let lun = base.with_extension("t0l0.img");
+    assert_eq!(mode(&lun), 0o600, "scsi backing file mode {:o}", mode(&lun));
+    // An existing image is the user's: its mode is left alone.
+    let own = dir.path().join("own.img");
+    std::fs::write(&own, vec![0u8; 1 << 20]).unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let sock = dir.path().join("o.sock");
+    let mut t = start_target(
+        &sock,
+        &[
+            "--type",
+            "blk",
+            "--size",
+            "1m",
+            "--file",
+            own.to_str().unwrap(),
+        ],
+    );
+    let _ = t.kill();
+    let _ = t.wait();
+    assert_eq!(mode(&own), 0o640);
+}
