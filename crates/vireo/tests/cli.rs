@@ -866,6 +866,10 @@ fn numbers_too_large_for_what_they_size_are_errors() {
             "invalid core",
         ),
         (
+            vec!["perf", "-t", "0.1", "-w", "flush", "-q", "99999999999"],
+            "-q 99999999999: the queue depth is 1 to 65536",
+        ),
+        (
             vec!["perf", "-t", "0.1", "-o", "17179869185g"],
             "size \"17179869185g\" is too large",
         ),

@@ -71,8 +71,15 @@ pub fn cmd_perf(dma: &DmaConfig, a: PerfArgs) -> Result<bool> {
     crate::signals::install();
     // Declared first so it is dropped last, after the controllers that use it.
     let mut _embedded = None;
-    // The cores first: a bad -m costs nothing.
+    // The cores and depth first: a bad -m or -q costs nothing.
     let cores = select_cores(a.cores.as_deref(), &allowed_cpus()?)?;
+    if !(1..=super::MAX_QUEUE_DEPTH).contains(&a.queue_depth) {
+        bail!(
+            "-q {}: the queue depth is 1 to {} (I/Os each job keeps in flight)",
+            a.queue_depth,
+            super::MAX_QUEUE_DEPTH
+        );
+    }
     let reg = crate::dma::registry(dma)?;
     // Without a config: an in-process vhost-user-blk target on RAM, one queue per core.
     let bdevs = match &a.config {

@@ -756,13 +756,17 @@ fn cdf(h: &Histogram<u64>) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// The deepest queue a job keeps (`-q`): twice the largest virtqueue; its slots are
+/// allocated before the run.
+pub const MAX_QUEUE_DEPTH: usize = 65536;
+
 /// Run the workload on every bdev from every core; one channel per (bdev, core).
 pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
     if bdevs.is_empty() {
         bail!("no bdevs to run on");
     }
-    if o.queue_depth == 0 {
-        bail!("queue depth (-q) must be at least 1");
+    if !(1..=MAX_QUEUE_DEPTH).contains(&o.queue_depth) {
+        bail!("queue depth (-q) must be 1 to {MAX_QUEUE_DEPTH}");
     }
     if o.seconds.is_nan() || o.seconds <= 0.0 {
         bail!("run time (-t) must be positive");
