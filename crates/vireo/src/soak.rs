@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use vireo_bdev::config::{MAX_TIMEOUT, MIN_TIMEOUT};
 use vireo_bdev::{AttachParams, Bdev, Completion, DevType, IoBuf, IoRequest, Registry, TrType};
 use vireo_virtio::DmaConfig;
 
@@ -116,7 +117,14 @@ pub fn cmd_soak(dma: &DmaConfig, a: SoakArgs) -> Result<bool> {
         down: std::time::Duration::try_from_secs_f64(a.down)
             .ok()
             .context("--down must be a non-negative number of seconds")?,
-        reconnect_timeout: secs(a.reconnect_timeout, "reconnect-timeout")?,
+        reconnect_timeout: Some(secs(a.reconnect_timeout, "reconnect-timeout")?)
+            .filter(|t| (MIN_TIMEOUT..=MAX_TIMEOUT).contains(t))
+            .with_context(|| {
+                format!(
+                    "--reconnect-timeout must be 0.001 to 86400 seconds (the controller's reconnect_timeout), got {}",
+                    a.reconnect_timeout
+                )
+            })?,
         queue_depth: a.queue_depth,
         io_size: a.io_size,
         flush_every: a.flush_every.max(1),

@@ -870,6 +870,10 @@ fn numbers_too_large_for_what_they_size_are_errors() {
             "-q 99999999999: the queue depth is 1 to 65536",
         ),
         (
+            vec!["soak", "-t", "1", "--reconnect-timeout", "1e-9"],
+            "--reconnect-timeout must be 0.001 to 86400 seconds",
+        ),
+        (
             vec!["perf", "-t", "0.1", "-o", "17179869185g"],
             "size \"17179869185g\" is too large",
         ),
