@@ -1,7 +1,11 @@
 //! Typed attach parameters and configuration calls. The SPDK JSON format that carries
 //! them is the `vireo` binary's business (its `config` module).
 
+use std::time::Duration;
+
 use serde::Serialize;
+
+use crate::error::BdevError;
 
 /// Default number of request queues.
 pub const DEFAULT_VQ_COUNT: u16 = 1;
@@ -48,18 +52,116 @@ pub struct AttachParams {
     /// in JSON; `None`/0: none). An I/O past it completes with a timeout error and the
     /// controller escalates (see `IoRequest::timeout`).
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "seconds")]
-    pub io_timeout: Option<std::time::Duration>,
+    pub io_timeout: Option<Duration>,
     /// How long I/O waits while vireo reconnects to a vhost-user back-end that went
     /// away (`reconnect_timeout`, seconds in JSON; `None`/0: no reconnection, I/O fails
     /// at once). Requests the old connection had not completed are sent again.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "seconds")]
-    pub reconnect_timeout: Option<std::time::Duration>,
+    pub reconnect_timeout: Option<Duration>,
 }
 
-fn seconds<S: serde::Serializer>(d: &Option<std::time::Duration>, s: S) -> Result<S::Ok, S::Error> {
+/// Seconds to the microsecond: the number [`timeout_from_secs`] reads back as the same
+/// duration.
+fn seconds<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
     match d {
-        Some(d) => s.serialize_f64(d.as_secs_f64()),
+        Some(d) => s.serialize_f64(round_to_micros(*d).as_micros() as f64 / 1e6),
         None => s.serialize_none(),
+    }
+}
+
+fn round_to_micros(d: Duration) -> Duration {
+    Duration::from_micros(((d.as_nanos() + 500) / 1000).min(u64::MAX as u128) as u64)
+}
+
+/// The shortest `io_timeout` or `reconnect_timeout` other than none: configurations
+/// give them in seconds, and a shorter one is a typo (every I/O would time out).
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+/// The longest `io_timeout` or `reconnect_timeout` (a day); none is 0, not a large
+/// number.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
+
+/// The accepted range of a timeout, for messages.
+pub const TIMEOUT_RANGE: &str = "0 (none) or 0.001 to 86400 seconds";
+
+/// A timeout in seconds (`io_timeout`, `reconnect_timeout` of a configuration): 0 is
+/// none; otherwise [`MIN_TIMEOUT`]..=[`MAX_TIMEOUT`], kept to the microsecond so that
+/// it is written back (as seconds) exactly. The error names `key` and the range.
+pub fn timeout_from_secs(key: &str, secs: f64) -> Result<Option<Duration>, String> {
+    if secs == 0.0 {
+        return Ok(None);
+    }
+    let min = MIN_TIMEOUT.as_secs_f64();
+    let max = MAX_TIMEOUT.as_secs_f64();
+    if !secs.is_finite() || secs < 0.0 || secs > max {
+        return Err(format!("\"{key}\" must be {TIMEOUT_RANGE}, got {secs:?}"));
+    }
+    if secs < min {
+        return Err(format!(
+            "\"{key}\" {secs:?} is below a millisecond (every I/O would time out): give 0 for none, or 0.001 to 86400 seconds"
+        ));
+    }
+    Ok(Some(Duration::from_micros((secs * 1e6).round() as u64)))
+}
+
+/// What is wrong with a controller name, if anything: names are non-empty, without
+/// whitespace or control characters (bdev names derive from them, and they appear in
+/// logs, RPC answers and configuration files).
+pub fn name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("is empty")
+    } else if name.chars().any(char::is_whitespace) {
+        Some("contains whitespace")
+    } else if name.chars().any(char::is_control) {
+        Some("contains a control character")
+    } else {
+        None
+    }
+}
+
+impl AttachParams {
+    /// Check the parameters by the rules every way of giving them follows (a JSON or
+    /// INI configuration, an RPC, a program): a name [`name_problem`] accepts, a
+    /// `traddr`, `vq_count` at least 1, `vq_size` a power of two of at least 4,
+    /// timeouts none or [`MIN_TIMEOUT`]..=[`MAX_TIMEOUT`], `reconnect_timeout` only for
+    /// vhost-user. Errors are [`BdevError::Config`] (kind InvalidInput) naming the key.
+    pub fn validate(&self) -> Result<(), BdevError> {
+        let bad = |what: String| {
+            Err(BdevError::Config(format!(
+                "controller {:?}: {what}",
+                self.name
+            )))
+        };
+        if let Some(why) = name_problem(&self.name) {
+            return bad(format!(
+                "\"name\" {why}: a name is non-empty, without whitespace or control characters"
+            ));
+        }
+        if self.traddr.is_empty() || self.traddr.contains('\0') {
+            return bad(format!(
+                "\"traddr\" {:?} must be a socket path or a PCI address (non-empty, without NUL)",
+                self.traddr
+            ));
+        }
+        crate::pool::check_queue_params(&self.name, self.vq_count, self.vq_size)?;
+        for (key, t) in [
+            ("io_timeout", self.io_timeout),
+            ("reconnect_timeout", self.reconnect_timeout),
+        ] {
+            if let Some(d) = t {
+                if !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&d) {
+                    return bad(format!(
+                        "\"{key}\" of {:.9} s must be {TIMEOUT_RANGE}",
+                        d.as_secs_f64()
+                    ));
+                }
+            }
+        }
+        if self.reconnect_timeout.is_some() && self.trtype == TrType::Pci {
+            return bad(
+                "\"reconnect_timeout\" applies to vhost-user controllers (trtype \"user\"); a PCI function does not go away and come back".into(),
+            );
+        }
+        Ok(())
     }
 }
 

@@ -62,9 +62,9 @@ impl BdevError {
             } => ErrorKind::TimedOut,
             BdevError::Virtio { .. } | BdevError::QueueSetup { .. } => ErrorKind::Other,
             BdevError::BadDevice { .. } => ErrorKind::ControllerFailed,
-            BdevError::Unsatisfiable { .. } | BdevError::QueueSizeRefused { .. } => {
-                ErrorKind::Unsupported
-            }
+            BdevError::Unsatisfiable { .. }
+            | BdevError::TooFewQueues { .. }
+            | BdevError::QueueSizeRefused { .. } => ErrorKind::Unsupported,
             BdevError::NoFreeQueue { .. } => ErrorKind::Busy,
             BdevError::NameTaken(_) | BdevError::NameHeld { .. } | BdevError::Attaching(_) => {
                 ErrorKind::AlreadyExists
@@ -225,6 +225,18 @@ pub enum BdevError {
         name: String,
         /// What is missing.
         reason: String,
+    },
+    /// `vq_count` asks for more request queues than the device offers.
+    #[error("controller {name}: vq_count={asked} request queues asked for, but the device offers {offered}{detail}")]
+    TooFewQueues {
+        /// Controller name.
+        name: String,
+        /// `vq_count`.
+        asked: u16,
+        /// Request queues the device offers.
+        offered: u16,
+        /// Where the number comes from and what to do, from ", " or "; " on.
+        detail: String,
     },
     /// The back-end refused the queue size.
     #[error("controller {name}: the back-end refused queue size {size}; set a smaller vq_size (e.g. 128)")]

@@ -138,7 +138,8 @@ impl Registry {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Attach a controller and return its bdevs. A back-end that refuses the queue size
+    /// Attach a controller and return its bdevs. The parameters are checked first
+    /// ([`AttachParams::validate`]). A back-end that refuses the queue size
     /// is tried again, on a new connection, with half the size (down to 16).
     ///
     /// Controller and bdev names are unique across the registry: an attach whose name,
@@ -150,6 +151,7 @@ impl Registry {
     /// `dev_type` that is bound to vfio-pci or uio_pci_generic, as controllers named
     /// `NAME-BDF` (the seed's `Dev Pci`).
     pub fn attach(&self, params: &AttachParams) -> Result<Vec<Arc<Bdev>>, BdevError> {
+        params.validate()?;
         if params.trtype == TrType::Pci && params.traddr == "*" {
             return self.attach_all_pci(params);
         }
@@ -260,6 +262,7 @@ impl Registry {
                     vireo_virtio::vhost_user::DEFAULT_REPLY_TIMEOUT,
                     // The back-end's in-flight tracking is for virtio-blk reconnection.
                     params.reconnect_timeout.is_some() && params.dev_type == DevType::Blk,
+                    Some(&params.name),
                 )
                 .map_err(|source| BdevError::Virtio {
                     name: params.name.clone(),
@@ -453,8 +456,14 @@ impl Registry {
 /// Errors that a device of the other type produces (a scsi back-end read as blk has no
 /// request queues in the blk layout and does not answer GET_ID; a blk back-end read as
 /// scsi has no queues beyond 2 or answers no SCSI command) get a hint about `dev_type`.
+/// A `vq_count` above what the device offers is no such evidence (every device offers
+/// some number of queues), unless a scsi device offers none: a blk device has no more
+/// than its request queues, which the scsi layout takes for control and event queues.
 fn wrong_type_hint(e: BdevError, params: &AttachParams) -> BdevError {
     let suspicious = match &e {
+        BdevError::TooFewQueues { offered, .. } => {
+            *offered == 0 && params.dev_type == DevType::Scsi
+        }
         BdevError::Unsatisfiable { .. } | BdevError::BadDevice { .. } => true,
         BdevError::Io { source, .. } => matches!(
             source,

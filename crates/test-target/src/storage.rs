@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -86,11 +87,14 @@ impl Storage {
         read_only: bool,
     ) -> Result<Self, TargetError> {
         let create = size_bytes.is_some() && !read_only;
+        // A file it creates holds the disk's data: the owner's only, whatever the umask
+        // (an existing file keeps its mode).
         let mut file = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .create(create)
             .truncate(false)
+            .mode(0o600)
             .open(path)
             .map_err(|source| TargetError::OpenBacking {
                 path: path.to_path_buf(),

@@ -6,7 +6,9 @@
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
-use vireo_bdev::config::{DEFAULT_VQ_COUNT, DEFAULT_VQ_SIZE};
+use vireo_bdev::config::{
+    name_problem, timeout_from_secs, DEFAULT_VQ_COUNT, DEFAULT_VQ_SIZE, TIMEOUT_RANGE,
+};
 use vireo_bdev::{AttachParams, BdevError, ConfigCall, DevType, Registry, TrType};
 
 fn cfg_err(msg: String) -> BdevError {
@@ -81,9 +83,9 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
     )?;
     let name =
         get_str(p, "name", ctx)?.ok_or_else(|| cfg_err(format!("{ctx}: \"name\" is required")))?;
-    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if let Some(why) = name_problem(&name) {
         return Err(cfg_err(format!(
-            "{ctx}: \"name\" {name:?} must be non-empty without whitespace"
+            "{ctx}: \"name\" {name:?} {why}: a name is non-empty, without whitespace or control characters"
         )));
     }
     let trtype = match get_str(p, "trtype", ctx)?
@@ -127,17 +129,11 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
     let seconds = |key: &str| -> Result<Option<std::time::Duration>, BdevError> {
         match p.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => {
-                let secs = v
-                    .as_f64()
-                    .filter(|s| s.is_finite() && (0.0..=1e9).contains(s))
-                    .ok_or_else(|| {
-                        cfg_err(format!(
-                            "{ctx}: \"{key}\" must be a non-negative number of seconds (0: none), got {v}"
-                        ))
-                    })?;
-                Ok((secs > 0.0).then(|| std::time::Duration::from_secs_f64(secs)))
-            }
+            Some(Value::Number(n)) => timeout_from_secs(key, n.as_f64().unwrap_or(f64::NAN))
+                .map_err(|e| cfg_err(format!("{ctx}: {e}"))),
+            Some(v) => Err(cfg_err(format!(
+                "{ctx}: \"{key}\" must be a number of seconds ({TIMEOUT_RANGE}), got {v}"
+            ))),
         }
     };
     let io_timeout = seconds("io_timeout")?;
@@ -147,7 +143,7 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
             "{ctx}: \"reconnect_timeout\" applies to vhost-user controllers (trtype \"user\"); a PCI function does not go away and come back"
         )));
     }
-    Ok(AttachParams {
+    let a = AttachParams {
         name,
         trtype,
         traddr,
@@ -156,7 +152,10 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
         vq_size,
         io_timeout,
         reconnect_timeout,
-    })
+    };
+    // What is left of the rules every way in shares (traddr, for one).
+    a.validate().map_err(|e| cfg_err(format!("{ctx}: {e}")))?;
+    Ok(a)
 }
 
 /// The `params` object, as SPDK writes it.
@@ -250,18 +249,90 @@ pub fn parse_config(doc: &Value) -> Result<Vec<ConfigCall>, BdevError> {
             }
         }
     }
-    let mut names = std::collections::HashSet::new();
-    for c in &calls {
-        if let ConfigCall::Attach(a) = c {
-            if !names.insert(a.name.clone()) {
-                return Err(cfg_err(format!(
-                    "controller name \"{}\" is used twice",
-                    a.name
-                )));
+    let attaches: Vec<AttachParams> = calls
+        .iter()
+        .filter_map(|c| match c {
+            ConfigCall::Attach(a) => Some(a.clone()),
+            _ => None,
+        })
+        .collect();
+    if let Some(c) = find_conflict(&attaches) {
+        return Err(cfg_err(c.message));
+    }
+    Ok(calls)
+}
+
+/// What two controllers of one configuration share that they must not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConflictKind {
+    /// Their name.
+    Name,
+    /// Their socket or PCI function(s).
+    Address,
+}
+
+/// Two controllers of one configuration that cannot both be attached.
+#[derive(Debug)]
+pub struct Conflict {
+    /// Index of the first one.
+    pub first: usize,
+    /// Index of the later one, the one refused.
+    pub later: usize,
+    /// What they share.
+    pub what: ConflictKind,
+    /// What is wrong, naming both.
+    pub message: String,
+}
+
+/// The rules a configuration's controllers follow together, in either format: names
+/// are unique, and one controller per vhost-user socket (a back-end serves one
+/// front-end at a time) or PCI function (`traddr` "*": every function of the
+/// `dev_type`). The first pair that breaks them.
+pub fn find_conflict(attaches: &[AttachParams]) -> Option<Conflict> {
+    for (later, b) in attaches.iter().enumerate() {
+        for (first, a) in attaches[..later].iter().enumerate() {
+            let conflict = |what, message| {
+                Some(Conflict {
+                    first,
+                    later,
+                    what,
+                    message,
+                })
+            };
+            if a.name == b.name {
+                return conflict(
+                    ConflictKind::Name,
+                    format!("controller name {:?} is used twice", b.name),
+                );
+            }
+            let same_place = a.trtype == b.trtype
+                && a.traddr == b.traddr
+                && (a.traddr != "*" || a.dev_type == b.dev_type);
+            if same_place {
+                let place = match (b.trtype, b.traddr.as_str()) {
+                    (TrType::User, t) => format!(
+                        "the vhost-user socket {t:?} (a back-end serves one front-end at a time)"
+                    ),
+                    (TrType::Pci, "*") => format!(
+                        "every virtio-{} PCI function (traddr \"*\")",
+                        match b.dev_type {
+                            DevType::Blk => "blk",
+                            DevType::Scsi => "scsi",
+                        }
+                    ),
+                    (TrType::Pci, t) => format!("the PCI function {t}"),
+                };
+                return conflict(
+                    ConflictKind::Address,
+                    format!(
+                        "controllers {:?} and {:?} both attach {place}",
+                        a.name, b.name
+                    ),
+                );
             }
         }
     }
-    Ok(calls)
+    None
 }
 
 /// Read and parse a configuration file; errors name the file.
@@ -405,6 +476,31 @@ mod tests {
     }
 
     #[test]
+    fn two_controllers_on_one_socket_or_pci_function_are_refused() {
+        let a = json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk"});
+        let b = json!({"name":"B","trtype":"user","traddr":"/s","dev_type":"scsi"});
+        let doc = json!({"subsystems":[{"subsystem":"bdev","config":[
+            {"method":"bdev_virtio_attach_controller","params":a},
+            {"method":"bdev_virtio_attach_controller","params":b}]}]});
+        let e = parse_config(&doc).unwrap_err().to_string();
+        assert!(
+            e.contains("\"/s\"") && e.contains("A") && e.contains("B"),
+            "{e}"
+        );
+        // Every blk and every scsi PCI function: two sets, no overlap.
+        let pci = |n: &str, t: &str| {
+            json!({"method":"bdev_virtio_attach_controller",
+            "params":{"name":n,"trtype":"pci","traddr":"*","dev_type":t}})
+        };
+        let doc =
+            json!({"subsystems":[{"subsystem":"bdev","config":[pci("P","blk"), pci("Q","scsi")]}]});
+        assert_eq!(parse_config(&doc).unwrap().len(), 2);
+        let doc =
+            json!({"subsystems":[{"subsystem":"bdev","config":[pci("P","blk"), pci("Q","blk")]}]});
+        assert!(parse_config(&doc).is_err());
+    }
+
+    #[test]
     fn file_errors_name_the_file() {
         let dir = std::env::temp_dir().join(format!("vireo-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -462,5 +558,71 @@ mod tests {
         pci["reconnect_timeout"] = json!(5);
         let e = attach_from_json(&pci).unwrap_err().to_string();
         assert!(e.contains("vhost-user"), "{e}");
+    }
+
+    /// A timeout's meaning survives `config convert` and `save_config`: what is
+    /// accepted is written back as the same duration; what cannot be (below a
+    /// millisecond, negative, beyond a day) is refused naming the key and the range.
+    #[test]
+    fn timeouts_keep_their_meaning_through_a_round_trip() {
+        let base = json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk"});
+        for key in ["io_timeout", "reconnect_timeout"] {
+            for bad in [
+                json!(1e-12),
+                json!(0.0009),
+                json!(-0.5),
+                json!(86400.5),
+                json!(1e300),
+            ] {
+                let mut p = base.clone();
+                p[key] = bad.clone();
+                let e = attach_from_json(&p)
+                    .map(|a| format!("{a:?}"))
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    e.contains(key) && e.contains("0.001") && e.contains("86400"),
+                    "{key} {bad}: {e}"
+                );
+            }
+            for good in [0.001, 0.0015, 0.1 + 0.2, 1.0, 2.5, 30.000001, 86400.0] {
+                let mut p = base.clone();
+                p[key] = json!(good);
+                let a = attach_from_json(&p).unwrap();
+                let written = attach_to_json(&a);
+                let secs = written[key].as_f64().unwrap();
+                assert!((secs - good).abs() < 1e-6, "{key} {good} written as {secs}");
+                assert_eq!(attach_from_json(&written).unwrap(), a, "{key} {good}");
+            }
+        }
+    }
+
+    /// The registry takes the same rules from a program as the loaders from a file:
+    /// parameters no file could give are refused before anything connects.
+    #[test]
+    fn the_registry_refuses_what_no_config_file_could_say() {
+        let reg = Registry::new(vireo_virtio::DmaMemory::new(Default::default()).unwrap());
+        let ok = attach_from_json(
+            &json!({"name":"A","trtype":"user","traddr":"/nonexistent/vireo.sock","dev_type":"blk"}),
+        )
+        .unwrap();
+        let mut cases = Vec::new();
+        let mut p = ok.clone();
+        p.io_timeout = Some(std::time::Duration::from_nanos(1));
+        cases.push((p, "io_timeout"));
+        let mut p = ok.clone();
+        p.reconnect_timeout = Some(std::time::Duration::from_secs(1 << 40));
+        cases.push((p, "reconnect_timeout"));
+        let mut p = ok.clone();
+        p.name = "A\u{1}B".into();
+        cases.push((p, "name"));
+        let mut p = ok.clone();
+        p.name = String::new();
+        cases.push((p, "name"));
+        for (p, key) in cases {
+            let e = reg.attach(&p).map(|b| b.len()).unwrap_err();
+            assert_eq!(e.kind(), vireo_bdev::ErrorKind::InvalidInput, "{key}: {e}");
+            assert!(e.to_string().contains(key), "{key}: {e}");
+        }
     }
 }

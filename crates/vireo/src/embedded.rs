@@ -31,7 +31,12 @@ mod on {
         let base = std::env::temp_dir();
         for i in 0..1000u32 {
             let d = base.join(format!("vireo-{}-{i}", std::process::id()));
-            match std::fs::create_dir(&d) {
+            // The target's socket goes there: the owner's only.
+            let made = {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new().mode(0o700).create(&d)
+            };
+            match made {
                 Ok(()) => return Ok(d),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e).with_context(|| format!("cannot create {}", d.display())),

@@ -22,28 +22,46 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use anyhow::{bail, Context, Result};
-use vireo_bdev::config::DEFAULT_VQ_SIZE;
+use vireo_bdev::config::{name_problem, DEFAULT_VQ_SIZE};
 use vireo_bdev::{AttachParams, Bdev, ConfigCall, DevType, Registry, TrType};
 
 /// Whether `text` is INI rather than JSON (JSON configs are objects).
 pub fn is_ini(text: &str) -> bool {
-    text.lines()
+    text.trim_start_matches('\u{feff}')
+        .lines()
         .map(str::trim)
         .find(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
         .is_some_and(|l| l.starts_with('['))
 }
 
-fn scsi(name: String, traddr: String, trtype: TrType) -> AttachParams {
-    AttachParams {
-        name,
-        trtype,
-        traddr,
-        dev_type: DevType::Scsi,
-        vq_count: 1,
-        vq_size: DEFAULT_VQ_SIZE,
-        io_timeout: None,
-        reconnect_timeout: None,
+/// One controller of the file and where it was said: the line that names it (its
+/// `Name`, else its section or `Dev` line) and the line that gives its address.
+struct Entry {
+    params: AttachParams,
+    name_line: usize,
+    addr_line: usize,
+    /// Named by a `Name` line (not by default).
+    named: bool,
+}
+
+fn scsi(name: String, traddr: String, trtype: TrType, line: usize) -> Entry {
+    Entry {
+        params: AttachParams {
+            name,
+            trtype,
+            traddr,
+            dev_type: DevType::Scsi,
+            vq_count: 1,
+            vq_size: DEFAULT_VQ_SIZE,
+            io_timeout: None,
+            reconnect_timeout: None,
+        },
+        name_line: line,
+        addr_line: line,
+        named: false,
     }
 }
 
@@ -51,15 +69,15 @@ fn scsi(name: String, traddr: String, trtype: TrType) -> AttachParams {
 struct UserSection {
     line: usize,
     index: String,
-    path: Option<String>,
+    path: Option<(String, usize)>,
     queues: u16,
     dev_type: DevType,
-    name: Option<String>,
+    name: Option<(String, usize)>,
 }
 
 impl UserSection {
-    fn finish(self, file: &str) -> Result<AttachParams> {
-        let Some(path) = self.path else {
+    fn finish(self, file: &str) -> Result<Entry> {
+        let Some((path, path_line)) = self.path else {
             bail!(
                 "{file}:{}: [VirtioUser{}] has no Path (the vhost-user socket)",
                 self.line,
@@ -71,22 +89,31 @@ impl UserSection {
         } else {
             "Scsi"
         };
-        Ok(AttachParams {
-            name: self
-                .name
-                .unwrap_or_else(|| format!("Virtio{kind}{}", self.index)),
-            trtype: TrType::User,
-            traddr: path,
-            dev_type: self.dev_type,
-            vq_count: self.queues,
-            vq_size: DEFAULT_VQ_SIZE,
-            io_timeout: None,
-            reconnect_timeout: None,
+        let named = self.name.is_some();
+        let (name, name_line) = self
+            .name
+            .unwrap_or_else(|| (format!("Virtio{kind}{}", self.index), self.line));
+        Ok(Entry {
+            params: AttachParams {
+                name,
+                trtype: TrType::User,
+                traddr: path,
+                dev_type: self.dev_type,
+                vq_count: self.queues,
+                vq_size: DEFAULT_VQ_SIZE,
+                io_timeout: None,
+                reconnect_timeout: None,
+            },
+            name_line,
+            addr_line: path_line,
+            named,
         })
     }
 }
 
-/// Parse INI `text` (from `file`, for messages) into attach calls.
+/// Parse INI `text` (from `file`, for messages) into attach calls. The controllers
+/// follow the JSON loader's rules (names, addresses, uniqueness: what one format
+/// accepts the other does), and every error says `file:line`.
 pub fn parse(text: &str, file: &str) -> Result<Vec<ConfigCall>> {
     enum Section {
         None,
@@ -94,15 +121,20 @@ pub fn parse(text: &str, file: &str) -> Result<Vec<ConfigCall>> {
         Pci,
         User(UserSection),
     }
-    let mut out = Vec::new();
+    let mut out: Vec<Entry> = Vec::new();
     let mut section = Section::None;
     let mut scsi_n = 0usize;
-    let close = |s: Section, out: &mut Vec<AttachParams>| -> Result<()> {
+    // Section headers seen, and the keys of the current section: SPDK reads the first
+    // of either and ignores the rest, so a repeat is refused rather than guessed at.
+    let mut sections: HashMap<String, usize> = HashMap::new();
+    let mut keys: HashMap<String, usize> = HashMap::new();
+    let close = |s: Section, out: &mut Vec<Entry>| -> Result<()> {
         if let Section::User(u) = s {
             out.push(u.finish(file)?);
         }
         Ok(())
     };
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (i, raw) in text.lines().enumerate() {
         let n = i + 1;
         let line = raw.split('#').next().unwrap_or("").trim();
@@ -115,7 +147,14 @@ pub fn parse(text: &str, file: &str) -> Result<Vec<ConfigCall>> {
             };
             let old = std::mem::replace(&mut section, Section::None);
             close(old, &mut out)?;
-            section = match name.trim() {
+            let name = name.trim();
+            if let Some(first) = sections.insert(name.to_string(), n) {
+                bail!(
+                    "{file}:{n}: section [{name}] appears twice (first at line {first}); give its settings once"
+                );
+            }
+            keys.clear();
+            section = match name {
                 "Virtio" => Section::Virtio,
                 "VirtioPci" => Section::Pci,
                 s if s.starts_with("VirtioUser") => {
@@ -150,6 +189,12 @@ pub fn parse(text: &str, file: &str) -> Result<Vec<ConfigCall>> {
                 ),
             }
         };
+        // [Virtio] lists one controller a Dev line; other keys are said once.
+        if matches!(section, Section::Pci | Section::User(_)) {
+            if let Some(first) = keys.insert(key.to_string(), n) {
+                bail!("{file}:{n}: {key} is given twice in this section (first at line {first})");
+            }
+        }
         match &mut section {
             Section::None => bail!("{file}:{n}: {key:?} outside a section"),
             Section::Virtio => match (key, rest.as_slice()) {
@@ -158,11 +203,17 @@ pub fn parse(text: &str, file: &str) -> Result<Vec<ConfigCall>> {
                         format!("VirtioScsi{scsi_n}"),
                         path.to_string(),
                         TrType::User,
+                        n,
                     ));
                     scsi_n += 1;
                 }
                 ("Dev", ["Pci"]) => {
-                    out.push(scsi(format!("VirtioScsi{scsi_n}"), "*".into(), TrType::Pci));
+                    out.push(scsi(
+                        format!("VirtioScsi{scsi_n}"),
+                        "*".into(),
+                        TrType::Pci,
+                        n,
+                    ));
                     scsi_n += 1;
                 }
                 _ => bail!(
@@ -172,7 +223,12 @@ pub fn parse(text: &str, file: &str) -> Result<Vec<ConfigCall>> {
             Section::Pci => match key {
                 "Enable" => match one("Yes or No")?.to_ascii_lowercase().as_str() {
                     "yes" | "true" | "1" => {
-                        out.push(scsi(format!("VirtioScsi{scsi_n}"), "*".into(), TrType::Pci));
+                        out.push(scsi(
+                            format!("VirtioScsi{scsi_n}"),
+                            "*".into(),
+                            TrType::Pci,
+                            n,
+                        ));
                         scsi_n += 1;
                     }
                     "no" | "false" | "0" => {}
@@ -181,7 +237,7 @@ pub fn parse(text: &str, file: &str) -> Result<Vec<ConfigCall>> {
                 _ => bail!("{file}:{n}: [VirtioPci] takes Enable, got {key:?}"),
             },
             Section::User(u) => match key {
-                "Path" => u.path = Some(one("the socket path")?.to_string()),
+                "Path" => u.path = Some((one("the socket path")?.to_string(), n)),
                 "Queues" => {
                     let v = one("a number")?;
                     u.queues = v.parse().ok().filter(|&q: &u16| q >= 1).with_context(|| {
@@ -195,7 +251,15 @@ pub fn parse(text: &str, file: &str) -> Result<Vec<ConfigCall>> {
                         v => bail!("{file}:{n}: Type must be SCSI or Blk, got {v:?}"),
                     }
                 }
-                "Name" => u.name = Some(one("the controller name")?.to_string()),
+                "Name" => {
+                    let v = one("the controller name")?;
+                    if let Some(why) = name_problem(v) {
+                        bail!(
+                            "{file}:{n}: controller name {v:?} {why}: a name is non-empty, without whitespace or control characters"
+                        );
+                    }
+                    u.name = Some((v.to_string(), n));
+                }
                 other => bail!(
                     "{file}:{n}: [VirtioUser{}] takes Path, Queues, Type and Name, got {other:?}",
                     u.index
@@ -204,7 +268,33 @@ pub fn parse(text: &str, file: &str) -> Result<Vec<ConfigCall>> {
         }
     }
     close(section, &mut out)?;
-    Ok(out.into_iter().map(ConfigCall::Attach).collect())
+    // The rules of the JSON loader, said with the line.
+    for e in &out {
+        e.params
+            .validate()
+            .map_err(|err| anyhow::anyhow!("{file}:{}: {err}", e.addr_line))?;
+    }
+    let params: Vec<AttachParams> = out.iter().map(|e| e.params.clone()).collect();
+    if let Some(c) = crate::config::find_conflict(&params) {
+        let (line, first) = match c.what {
+            crate::config::ConflictKind::Name => (out[c.later].name_line, out[c.first].name_line),
+            crate::config::ConflictKind::Address => {
+                (out[c.later].addr_line, out[c.first].addr_line)
+            }
+        };
+        let hint = if c.what == crate::config::ConflictKind::Name
+            && !(out[c.first].named && out[c.later].named)
+        {
+            "; [Virtio] Dev lines are named VirtioScsi0, 1, ... in order, and a [VirtioUserN] section without a Name VirtioScsiN or VirtioBlkN: give the section a Name"
+        } else {
+            ""
+        };
+        bail!("{file}:{line}: {} (first at line {first}){hint}", c.message);
+    }
+    Ok(out
+        .into_iter()
+        .map(|e| ConfigCall::Attach(e.params))
+        .collect())
 }
 
 /// Read `path`, INI or JSON.
@@ -316,5 +406,85 @@ mod tests {
         let calls = parse("[VirtioUser0]\nPath /tmp/a\nType Blk\n", "s.ini").unwrap();
         let doc = to_json(&calls);
         assert_eq!(crate::config::parse_config(&doc).unwrap(), calls);
+    }
+
+    /// INIs at the edges of what the reader takes. Each is either refused with file and
+    /// line, or converts to JSON that the JSON loader takes back unchanged.
+    const TRICKY: &[&str] = &[
+        "[VirtioUser0]\nPath /a\nName A\n[VirtioUser1]\nPath /b\nName A\n",
+        "[Virtio]\nDev User /a\n[VirtioUser0]\nPath /b\n",
+        "[VirtioUser0]\nPath /a\n[VirtioUser0]\nPath /b\n",
+        "[VirtioUser0]\nPath /a\nName A\n[VirtioUser0]\nPath /b\nName B\n",
+        "[VirtioUser0]\nPath /a\nName A\x01B\n",
+        "[VirtioUser0]\nPath /a\nName \x7f\n",
+        "[VirtioUser0]\nPath /a\nName A\u{85}B\n",
+        "[VirtioUser0]\nPath /a\nName A\u{a0}B\n",
+        "[VirtioUser0]\nPath /a\nName A#B\n",
+        "[VirtioUser0]\nPath /a\nName A\nName B\n",
+        "[VirtioUser0]\nPath /a\nQueues 65535\nType blk\n",
+        "[VirtioUser0]\nPath /a\nQueues 65536\n",
+        "[VirtioUser99999999999999999999]\nPath /a\n",
+        "[VirtioUser0]\nPath /a\nName VirtioScsi1\n[VirtioUser1]\nPath /b\n",
+        "[VirtioUser0]\nPath /a\nType Blk\n[VirtioUser1]\nPath /b\nName VirtioBlk0\n",
+        "[Virtio]\nDev User /a\nDev User /b\n[Virtio]\nDev User /c\n",
+        "[Virtio]\nDev Pci\n[VirtioPci]\nEnable Yes\n",
+        "[VirtioPci]\nEnable Yes\nEnable Yes\n",
+        "[VirtioPci]\nEnable Yes\n[VirtioPci]\nEnable No\n",
+        "[Virtio]\nDev User /a\n[VirtioUser1]\nPath /a\n",
+        "[VirtioUser0]\nPath /a\r\nName X\r\n",
+        "\u{feff}[Virtio]\nDev User /a\n",
+        "",
+    ];
+
+    #[test]
+    fn every_ini_the_reader_accepts_converts_to_json_the_json_loader_accepts() {
+        for text in TRICKY {
+            match parse(text, "t.ini") {
+                Ok(calls) => {
+                    let doc = to_json(&calls);
+                    let back = crate::config::parse_config(&doc).unwrap_or_else(|e| {
+                        panic!("{text:?} is accepted as INI but its JSON is refused: {e}")
+                    });
+                    assert_eq!(back, calls, "{text:?}");
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(e.starts_with("t.ini:"), "{text:?}: no file:line in {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn duplicates_and_bad_names_are_refused_with_file_and_line() {
+        for (text, want) in [
+            (TRICKY[0], "t.ini:6: controller name \"A\" is used twice"),
+            (
+                TRICKY[1],
+                "t.ini:3: controller name \"VirtioScsi0\" is used twice",
+            ),
+            (TRICKY[2], "t.ini:3: section [VirtioUser0] appears twice"),
+            (TRICKY[3], "t.ini:4: section [VirtioUser0] appears twice"),
+            (TRICKY[4], "t.ini:3: controller name"),
+            (TRICKY[9], "t.ini:4: Name is given twice"),
+            (
+                TRICKY[13],
+                "t.ini:4: controller name \"VirtioScsi1\" is used twice",
+            ),
+            (
+                TRICKY[14],
+                "t.ini:6: controller name \"VirtioBlk0\" is used twice",
+            ),
+            (TRICKY[15], "t.ini:4: section [Virtio] appears twice"),
+            (TRICKY[16], "t.ini:4: "),
+            (TRICKY[17], "t.ini:3: "),
+            (TRICKY[19], "t.ini:4: "),
+        ] {
+            let e = parse(text, "t.ini")
+                .map(|c| format!("{c:?}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{text:?}: expected {want:?} in {e}");
+        }
     }
 }

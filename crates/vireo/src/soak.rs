@@ -13,6 +13,7 @@
 //! request).
 
 use std::collections::VecDeque;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use vireo_bdev::config::{MAX_TIMEOUT, MIN_TIMEOUT};
 use vireo_bdev::{AttachParams, Bdev, Completion, DevType, IoBuf, IoRequest, Registry, TrType};
 use vireo_virtio::DmaConfig;
 
@@ -115,7 +117,14 @@ pub fn cmd_soak(dma: &DmaConfig, a: SoakArgs) -> Result<bool> {
         down: std::time::Duration::try_from_secs_f64(a.down)
             .ok()
             .context("--down must be a non-negative number of seconds")?,
-        reconnect_timeout: secs(a.reconnect_timeout, "reconnect-timeout")?,
+        reconnect_timeout: Some(secs(a.reconnect_timeout, "reconnect-timeout")?)
+            .filter(|t| (MIN_TIMEOUT..=MAX_TIMEOUT).contains(t))
+            .with_context(|| {
+                format!(
+                    "--reconnect-timeout must be 0.001 to 86400 seconds (the controller's reconnect_timeout), got {}",
+                    a.reconnect_timeout
+                )
+            })?,
         queue_depth: a.queue_depth,
         io_size: a.io_size,
         flush_every: a.flush_every.max(1),
@@ -419,10 +428,12 @@ pub fn run(reg: &Registry, o: &SoakOptions) -> Result<SoakReport> {
         None => dir.path().join("soak.img"),
     };
     {
+        // The disk's data: the owner's only (an existing file keeps its mode).
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&file)
             .with_context(|| format!("cannot create {}", file.display()))?;
         f.set_len(o.size)

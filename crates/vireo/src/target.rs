@@ -49,9 +49,9 @@ pub struct TargetArgs {
     /// Largest segments per request (seg_max).
     #[arg(long, default_value_t = 126)]
     seg_max: u32,
-    /// Largest segment in bytes (size_max).
-    #[arg(long, default_value = "1m", value_parser = crate::units::parse_size)]
-    size_max: usize,
+    /// Largest segment in bytes (size_max; below 4g).
+    #[arg(long, default_value = "1m", value_parser = crate::units::parse_size_u32)]
+    size_max: u32,
     /// Export read-only.
     #[arg(long)]
     read_only: bool,
@@ -205,7 +205,7 @@ mod on {
                 num_queues: a.queues,
                 queue_size: a.queue_size,
                 seg_max: a.seg_max,
-                size_max: a.size_max as u32,
+                size_max: a.size_max,
                 read_only: a.read_only,
                 flush: !a.no_flush,
                 ..Default::default()

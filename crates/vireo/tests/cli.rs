@@ -860,3 +860,132 @@ fn wait_mode_sleep_is_the_librarys_name_and_wait_still_works() {
         .unwrap();
     assert_fails_with(&out, "[possible values: poll, sleep, hybrid]");
 }
+
+/// Run `cmd`, killing it if it has not ended within 30 s (a wrapped size could start
+/// a server that never stops).
+fn output_within(cmd: &mut std::process::Command) -> std::process::Output {
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Numbers that do not fit what they size are refused with the limit, before anything
+/// is allocated: never wrapped, never a panic or an abort.
+#[test]
+fn numbers_too_large_for_what_they_size_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("t.sock");
+    let sock = sock.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["perf", "-t", "0.1", "-m", "0-99999999999"],
+            "-m 0-99999999999: CPU 99999999999 is not one this process may run on",
+        ),
+        (
+            vec!["perf", "-t", "0.1", "-m", "0-18446744073709551615"],
+            "CPU 18446744073709551615 is not one this process may run on",
+        ),
+        (
+            vec!["perf", "-t", "0.1", "-m", "0,18446744073709551616"],
+            "invalid core",
+        ),
+        (
+            vec!["perf", "-t", "0.1", "-w", "flush", "-q", "99999999999"],
+            "-q 99999999999: the queue depth is 1 to 65536",
+        ),
+        (
+            vec!["soak", "-t", "1", "--reconnect-timeout", "1e-9"],
+            "--reconnect-timeout must be 0.001 to 86400 seconds",
+        ),
+        (
+            vec!["perf", "-t", "0.1", "-o", "17179869185g"],
+            "size \"17179869185g\" is too large",
+        ),
+        (
+            vec!["target", "--size", "17179869184g", "-s", sock],
+            "size \"17179869184g\" is too large",
+        ),
+        (
+            vec!["target", "--size", "1m", "--size-max", "4g", "-s", sock],
+            "at most 4294967295 bytes",
+        ),
+    ] {
+        let out = output_within(vireo().args(&args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: expected {want:?} in: {err}");
+    }
+}
+
+/// `vireo target --file` creates its backing images for the owner only (they hold the
+/// disk's data); a file that exists keeps its mode.
+#[test]
+fn target_backing_files_it_creates_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("b.sock");
+    let img = dir.path().join("b.img");
+    let mut t = start_target(
+        &sock,
+        &[
+            "--type",
+            "blk",
+            "--size",
+            "1m",
+            "--file",
+            img.to_str().unwrap(),
+        ],
+    );
+    let _ = t.kill();
+    let _ = t.wait();
+    assert_eq!(mode(&img), 0o600, "blk backing file mode {:o}", mode(&img));
+    let sock = dir.path().join("s.sock");
+    let base = dir.path().join("s.img");
+    let mut t = start_target(
+        &sock,
+        &[
+            "--type",
+            "scsi",
+            "--size",
+            "1m",
+            "--file",
+            base.to_str().unwrap(),
+        ],
+    );
+    let _ = t.kill();
+    let _ = t.wait();
+    let lun = base.with_extension("t0l0.img");
+    assert_eq!(mode(&lun), 0o600, "scsi backing file mode {:o}", mode(&lun));
+    // An existing image is the user's: its mode is left alone.
+    let own = dir.path().join("own.img");
+    std::fs::write(&own, vec![0u8; 1 << 20]).unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let sock = dir.path().join("o.sock");
+    let mut t = start_target(
+        &sock,
+        &[
+            "--type",
+            "blk",
+            "--size",
+            "1m",
+            "--file",
+            own.to_str().unwrap(),
+        ],
+    );
+    let _ = t.kill();
+    let _ = t.wait();
+    assert_eq!(mode(&own), 0o640);
+}

@@ -968,3 +968,119 @@ fn a_slow_detach_does_not_stall_other_controllers() {
     );
     assert_eq!(code, -19);
 }
+
+/// A vq_count beyond what a blk device offers says how many queues it offers, without
+/// suggesting the other dev_type; a blk device attached as scsi (no request queues in
+/// the scsi layout) still gets the dev_type suggestion.
+#[test]
+fn a_too_large_vq_count_says_what_the_device_offers_not_another_dev_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("blk.sock");
+    let _t = blk_target(&sock, 8);
+    let srv = Server::start(dir.path(), None);
+    let mut p = attach_params("B", &sock, "blk");
+    p["vq_count"] = json!(65535);
+    let (_, msg) = srv.err("bdev_virtio_attach_controller", Some(p));
+    assert!(
+        msg.contains("vq_count=65535") && msg.contains("the device offers 1"),
+        "{msg}"
+    );
+    assert!(!msg.contains("dev_type"), "no dev_type suggestion: {msg}");
+    let (_, msg) = srv.err(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("S", &sock, "scsi")),
+    );
+    assert!(msg.contains(r#"set "dev_type": "blk""#), "{msg}");
+    // Still attachable as what it is.
+    srv.ok(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("B", &sock, "blk")),
+    );
+}
+
+/// The warnings of a vhost-user connection name the controller they are about.
+#[test]
+fn vhost_user_warnings_name_their_controller() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("blk.sock");
+    let t = blk_target(&sock, 8);
+    let srv = Server::start(dir.path(), None);
+    srv.ok(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("Named7", &sock, "blk")),
+    );
+    t.stop();
+    let t0 = Instant::now();
+    let line = loop {
+        let log = srv.log_text();
+        if let Some(l) = log.lines().find(|l| l.contains("closed the connection")) {
+            break l.to_string();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no warning about the closed connection: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(line.contains("Named7"), "{line}");
+}
+
+/// A back-end that serves one front-end at a time turns the next away by closing its
+/// connection (qemu-storage-daemon) or by never accepting it (vhost-device-scsi, the
+/// in-tree target): the error says so. An answer that is no vhost-user message is
+/// still asked about.
+#[test]
+fn a_back_end_busy_with_another_front_end_is_named_as_such() {
+    use std::os::unix::net::UnixListener;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(dir.path(), None);
+    let attach = |name: &str, sock: &Path| {
+        srv.err(
+            "bdev_virtio_attach_controller",
+            Some(attach_params(name, sock, "blk")),
+        )
+        .1
+    };
+    // Accepts and closes at once.
+    let closes = dir.path().join("closes.sock");
+    let l = UnixListener::bind(&closes).unwrap();
+    let closer = std::thread::spawn(move || {
+        let (c, _) = l.accept().unwrap();
+        drop(c);
+    });
+    let msg = attach("C", &closes);
+    closer.join().unwrap();
+    assert!(
+        msg.contains("may be serving another front-end") && msg.contains("one front-end at a time"),
+        "{msg}"
+    );
+    assert!(!msg.contains("is this a vhost-user"), "{msg}");
+    // Accepted by the kernel, never answered: the in-tree target serves one front-end
+    // at a time and accepts the next when that one leaves.
+    let busy = dir.path().join("busy.sock");
+    let _t = blk_target(&busy, 8);
+    srv.ok(
+        "bdev_virtio_attach_controller",
+        Some(attach_params("First", &busy, "blk")),
+    );
+    let msg = attach("Second", &busy);
+    assert!(
+        msg.contains("may be serving another front-end") && msg.contains("one front-end at a time"),
+        "{msg}"
+    );
+    assert!(!msg.contains("is this a vhost-user"), "{msg}");
+    // Answers garbage.
+    let garbage = dir.path().join("garbage.sock");
+    let l = UnixListener::bind(&garbage).unwrap();
+    let talker = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let _ = c.write_all(&[0xff; 64]);
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let msg = attach("G", &garbage);
+    talker.join().unwrap();
+    assert!(
+        msg.contains("is this a vhost-user back-end socket?"),
+        "{msg}"
+    );
+}

@@ -72,7 +72,7 @@ pub enum Error {
     Features(String),
     /// The back-end's listen queue stayed full until the deadline: it does not accept
     /// connections (frozen, or serving another front-end and deaf to the next).
-    #[error("the back-end at {} did not accept the connection within {}: its listen queue is full or it is not accepting; is another front-end connected?", path.display(), crate::unix::secs(*timeout))]
+    #[error("the back-end at {} did not accept the connection within {}: its listen queue is full; it may be serving another front-end (qemu-storage-daemon and vhost-device-scsi accept one front-end at a time), or it is frozen", path.display(), crate::unix::secs(*timeout))]
     NotAccepting {
         /// The socket.
         path: std::path::PathBuf,

@@ -28,6 +28,23 @@ pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Queue index limit of the vhost-user protocol.
 const MAX_VRINGS: u64 = 0x8000;
 
+/// Back-ends known to serve one front-end at a time, for messages about a back-end that
+/// turns a connection away.
+const ONE_FRONT_END: &str =
+    "qemu-storage-daemon and vhost-device-scsi accept one front-end at a time";
+
+/// Whether `e` says the peer hung up (end of file, a reset or broken socket) rather
+/// than sending something that is not vhost-user.
+fn connection_closed(e: &vhost::Error) -> bool {
+    use vhost::vhost_user::Error as U;
+    matches!(
+        e,
+        vhost::Error::VhostUserProtocol(
+            U::Disconnected | U::PartialMessage | U::SocketBroken(_) | U::SocketError(_)
+        )
+    )
+}
+
 /// Protocol features vireo understands and acks when offered (`INFLIGHT_SHMFD` only
 /// for a controller that reconnects, see [`VhostUserTransport::connect_with_options`]).
 fn wanted_protocol_features() -> VhostUserProtocolFeatures {
@@ -35,6 +52,25 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+/// Whom a connection's log lines are about: its controller (when the caller named
+/// one) and its socket. A warning without them does not say which of several
+/// controllers it concerns.
+#[derive(Debug, Clone)]
+struct Who {
+    controller: Option<Arc<str>>,
+    socket: Arc<Path>,
+}
+
+impl Who {
+    fn warn(&self, msg: std::fmt::Arguments<'_>) {
+        let socket = self.socket.display();
+        match &self.controller {
+            Some(c) => tracing::warn!(controller = %c, socket = %socket, "{msg}"),
+            None => tracing::warn!(socket = %socket, "{msg}"),
+        }
+    }
 }
 
 struct Vring {
@@ -52,6 +88,7 @@ struct MemoryShare {
     broken: Arc<AtomicBool>,
     watchdog: Arc<Watchdog>,
     timeout: Duration,
+    who: Who,
 }
 
 fn region_msg(r: &DmaRegionInfo) -> VhostUserMemoryRegionInfo {
@@ -123,7 +160,9 @@ impl RegionListener for MemoryShare {
             // back-end already dead, it does not need the region (a reconnection shares
             // every region anew), and the memory grows for the other controllers.
             Err(e) if self.broken.load(Ordering::Acquire) => {
-                tracing::warn!("not sharing a new DMA region with a back-end that is gone: {e}");
+                self.who.warn(format_args!(
+                    "not sharing a new DMA region with a back-end that is gone: {e}"
+                ));
                 Ok(())
             }
             r => r,
@@ -152,6 +191,7 @@ impl RegionListener for MemoryShare {
 /// A connection to a vhost-user back-end.
 pub struct VhostUserTransport {
     path: PathBuf,
+    who: Who,
     frontend: Frontend,
     mem: Arc<DmaMemory>,
     protocol: VhostUserProtocolFeatures,
@@ -190,18 +230,24 @@ impl VhostUserTransport {
         mem: Arc<DmaMemory>,
         timeout: Duration,
     ) -> Result<VhostUserTransport> {
-        Self::connect_with_options(path, mem, timeout, false)
+        Self::connect_with_options(path, mem, timeout, false, None)
     }
 
     /// As [`connect_with_timeout`](Self::connect_with_timeout); `track_inflight`: ack
     /// `INFLIGHT_SHMFD` when offered (for a controller that reconnects: the back-end
-    /// then resends what it had in flight, see [`Transport::get_inflight`]).
+    /// then resends what it had in flight, see [`Transport::get_inflight`]);
+    /// `controller`: the name the connection's warnings carry (field `controller`).
     pub fn connect_with_options(
         path: &Path,
         mem: Arc<DmaMemory>,
         timeout: Duration,
         track_inflight: bool,
+        controller: Option<&str>,
     ) -> Result<VhostUserTransport> {
+        let who = Who {
+            controller: controller.map(Arc::from),
+            socket: Arc::from(path),
+        };
         let ctx = |what: &str| format!("vhost-user {}: {what}", path.display());
         let stream = crate::unix::connect_unix(path, timeout).map_err(|e| {
             if e.kind() == std::io::ErrorKind::TimedOut {
@@ -240,23 +286,35 @@ impl VhostUserTransport {
             let broken = broken.clone();
             let stop = stop_monitor.clone();
             let wd = watchdog.clone();
+            let who = who.clone();
             std::thread::Builder::new()
                 .name("vhost-user-monitor".into())
-                .spawn(move || monitor_socket(monitor_stream, &stop, &broken, &wd))
+                .spawn(move || monitor_socket(monitor_stream, &stop, &broken, &wd, &who))
                 .map_err(|e| Error::io(ctx("cannot start monitor thread"), e))?
         };
         let mut frontend = Frontend::from_stream(stream, MAX_VRINGS);
         let wd = watchdog.clone();
-        let not_vhost = move |e: vhost::Error| {
+        // Whether the back-end answered a message yet: a back-end that closes the
+        // connection before its first answer is turning this front-end away.
+        let answered = std::cell::Cell::new(false);
+        let not_vhost = |e: vhost::Error| {
             let why = if wd.fired() {
                 // A connection waits in the listen queue until the back-end accepts
                 // it: a back-end serving another front-end may never do so.
                 format!(
-                    "no reply within {} (the back-end did not accept the connection or did not answer: is another front-end connected? is this a vhost-user back-end socket?)",
+                    "no reply within {}: the back-end may be serving another front-end ({ONE_FRONT_END}) and take this one only once that one disconnects; or it is frozen",
                     crate::unix::secs(timeout)
                 )
+            } else if connection_closed(&e) && !answered.get() {
+                format!(
+                    "the back-end closed the connection without answering: it may be serving another front-end ({ONE_FRONT_END}); disconnect that one first"
+                )
+            } else if connection_closed(&e) {
+                "the back-end closed the connection during the handshake (its log may say why)"
+                    .to_string()
             } else {
-                "no valid reply (is this a vhost-user back-end socket?)".to_string()
+                "the answer is not a valid vhost-user message (is this a vhost-user back-end socket?)"
+                    .to_string()
             };
             Error::transport(format!("{}: {why}", ctx("handshake")), e)
         };
@@ -264,6 +322,7 @@ impl VhostUserTransport {
         let handshake = (|| -> Result<_> {
             frontend.set_owner().map_err(&not_vhost)?;
             let offered = frontend.get_features().map_err(&not_vhost)?;
+            answered.set(true);
             let mut protocol = VhostUserProtocolFeatures::empty();
             if offered & tf::VHOST_USER_PROTOCOL_FEATURES != 0 {
                 let theirs = frontend.get_protocol_features().map_err(&not_vhost)?;
@@ -297,6 +356,7 @@ impl VhostUserTransport {
         };
         Ok(VhostUserTransport {
             path: path.to_path_buf(),
+            who,
             frontend,
             mem,
             protocol,
@@ -365,6 +425,7 @@ impl VhostUserTransport {
             broken: self.broken.clone(),
             watchdog: self.watchdog.clone(),
             timeout: self.timeout,
+            who: self.who.clone(),
         });
         let weak: std::sync::Weak<dyn RegionListener> =
             Arc::downgrade(&(share.clone() as Arc<dyn RegionListener>));
@@ -422,7 +483,13 @@ impl Watchdog {
 
 /// Wait until the peer hangs up (or we are told to stop) and raise the broken flag;
 /// enforce the watchdog's deadline.
-fn monitor_socket(stream: UnixStream, stop: &EventFd, broken: &AtomicBool, wd: &Watchdog) {
+fn monitor_socket(
+    stream: UnixStream,
+    stop: &EventFd,
+    broken: &AtomicBool,
+    wd: &Watchdog,
+    who: &Who,
+) {
     use std::os::fd::AsRawFd;
     let mut fds = [
         libc::pollfd {
@@ -440,7 +507,9 @@ fn monitor_socket(stream: UnixStream, stop: &EventFd, broken: &AtomicBool, wd: &
         // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
         if wd.expired() {
-            tracing::warn!("vhost-user back-end did not answer in time; closing the connection");
+            who.warn(format_args!(
+                "vhost-user back-end did not answer in time; closing the connection"
+            ));
             wd.fired.store(true, Ordering::Release);
             broken.store(true, Ordering::Release);
             let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -456,7 +525,7 @@ fn monitor_socket(stream: UnixStream, stop: &EventFd, broken: &AtomicBool, wd: &
             return;
         }
         if fds[0].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-            tracing::warn!("vhost-user back-end closed the connection");
+            who.warn(format_args!("vhost-user back-end closed the connection"));
             broken.store(true, Ordering::Release);
             return;
         }
@@ -525,7 +594,9 @@ impl Transport for VhostUserTransport {
             Err(e) if !self.broken.load(Ordering::Relaxed) => {
                 // The back-end offered tracking but cannot give a buffer: go without
                 // (vireo resends from its own records).
-                tracing::warn!("{}; reconnection resends from vireo's records", e);
+                self.who.warn(format_args!(
+                    "{e}; reconnection resends from vireo's records"
+                ));
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -578,6 +649,7 @@ impl Transport for VhostUserTransport {
 
     fn reopener(&self) -> Option<crate::transport::Reopen> {
         let (path, mem, limit) = (self.path.clone(), self.mem.clone(), self.timeout);
+        let controller = self.who.controller.clone();
         let inflight = self
             .protocol
             .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
@@ -587,15 +659,16 @@ impl Transport for VhostUserTransport {
                 mem.clone(),
                 timeout.min(limit),
                 inflight,
+                controller.as_deref(),
             )?) as Box<dyn Transport>)
         }))
     }
 
     fn abort(&self) {
-        tracing::warn!(
+        self.who.warn(format_args!(
             "{}: dropping the connection to a back-end that stopped answering",
             self.describe()
-        );
+        ));
         self.broken.store(true, Ordering::Release);
         let _ = self.abort_stream.shutdown(std::net::Shutdown::Both);
     }

@@ -217,11 +217,12 @@ impl BlkController {
         let transport_queues = transport.max_queues().map_err(verr)?.unwrap_or(u16::MAX);
         let avail = dev_queues.min(transport_queues);
         if params.vq_count > avail {
-            return Err(BdevError::Unsatisfiable {
+            return Err(BdevError::TooFewQueues {
                 name: name.to_string(),
-                reason: format!(
-                    "vq_count={} request queues asked for, but the device offers {avail} (num_queues {}, MQ {}, back-end queues {})",
-                    params.vq_count,
+                asked: params.vq_count,
+                offered: avail,
+                detail: format!(
+                    " (num_queues {}, MQ {}, back-end queues {}); set \"vq_count\" to at most {avail}",
                     cfg.num_queues,
                     if has(bf::MQ) { "negotiated" } else { "not offered" },
                     if transport_queues == u16::MAX { "unknown".to_string() } else { transport_queues.to_string() },

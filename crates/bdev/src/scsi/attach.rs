@@ -67,12 +67,18 @@ impl ScsiController {
             None => dev_queues,
         };
         if params.vq_count == 0 || params.vq_count > avail {
-            return Err(BdevError::Unsatisfiable {
+            return Err(BdevError::TooFewQueues {
                 name: name.to_string(),
-                reason: format!(
-                    "vq_count={} request queues asked for, but the device offers {avail}",
-                    params.vq_count
-                ),
+                asked: params.vq_count,
+                offered: avail,
+                detail: match transport_queues {
+                    // Control and event queues come first: fewer than 3 is no scsi device.
+                    Some(n) if n < 3 => format!(
+                        " (the back-end has only {n} queue(s); a virtio-scsi device has a control, an event and at least one request queue)"
+                    ),
+                    _ if avail == 0 => " (num_queues 0)".to_string(),
+                    _ => format!("; set \"vq_count\" to at most {avail}"),
+                },
             });
         }
         let mut vq_size = params.vq_size;

@@ -128,6 +128,51 @@ struct Reply {
     cost: usize,
 }
 
+/// Why an export cannot be started or stopped (`nbd_start_disk`, `nbd_stop_disk`);
+/// the JSON-RPC methods answer each with the code of its kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportError {
+    /// `vireo serve` runs without `--nbd`.
+    NotListening,
+    /// No bdev of that name (-ENODEV, like every unknown bdev).
+    NoSuchBdev(String),
+    /// No export of that name (-ENODEV).
+    NoSuchExport(String),
+    /// The export name is empty or longer than NBD allows (its length; invalid params).
+    BadExportName(usize),
+    /// The export name serves another bdev (-EEXIST).
+    ExportTaken {
+        /// The export name.
+        export: String,
+        /// The bdev it serves.
+        bdev: String,
+    },
+}
+
+impl std::fmt::Display for ExportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExportError::NotListening => f.write_str(
+                "no NBD listener: start vireo serve with --nbd unix:PATH or --nbd tcp:HOST:PORT",
+            ),
+            ExportError::NoSuchBdev(b) => write!(f, "no bdev named {b:?}"),
+            ExportError::NoSuchExport(e) => {
+                write!(f, "no NBD export named {e:?} (nbd_get_disks lists them)")
+            }
+            ExportError::BadExportName(len) => write!(
+                f,
+                "an export name is 1 to 4096 bytes, this one has {len}"
+            ),
+            ExportError::ExportTaken { export, bdev } => write!(
+                f,
+                "export {export:?} already serves bdev {bdev:?}: stop it first (nbd_stop_disk) or choose another name"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ExportError {}
+
 /// A bdev's I/O thread: the bdev it serves and its request channel.
 type Worker = (Arc<Bdev>, Sender<Job>);
 
@@ -190,23 +235,30 @@ impl NbdServer {
     }
 
     /// `nbd_start_disk`: export `bdev` as `export` (default: the bdev's name).
-    pub fn start_disk(&self, bdev: &str, export: Option<&str>) -> Result<String> {
+    pub fn start_disk(
+        &self,
+        bdev: &str,
+        export: Option<&str>,
+    ) -> std::result::Result<String, ExportError> {
         if !self.listening {
-            bail!("no NBD listener: start vireo serve with --nbd unix:PATH or --nbd tcp:HOST:PORT");
-        }
-        if self.reg.bdev(bdev).is_none() {
-            bail!("no bdev named {bdev:?}");
+            return Err(ExportError::NotListening);
         }
         let export = export.unwrap_or(bdev).to_string();
         if export.is_empty() || export.len() > 4096 {
-            bail!("an export name is 1 to 4096 bytes");
+            return Err(ExportError::BadExportName(export.len()));
         }
-        if self
+        if self.reg.bdev(bdev).is_none() {
+            return Err(ExportError::NoSuchBdev(bdev.to_string()));
+        }
+        if let Some((_, other)) = self
             .exports()
-            .iter()
-            .any(|(e, b)| *e == export && b != bdev)
+            .into_iter()
+            .find(|(e, b)| *e == export && b != bdev)
         {
-            bail!("export {export:?} already serves another bdev");
+            return Err(ExportError::ExportTaken {
+                export,
+                bdev: other,
+            });
         }
         if export == bdev {
             lock(&self.stopped).remove(bdev);
@@ -217,10 +269,10 @@ impl NbdServer {
 
     /// `nbd_stop_disk`: stop exporting `export` (new connections are refused; open ones
     /// finish).
-    pub fn stop_disk(&self, export: &str) -> Result<()> {
+    pub fn stop_disk(&self, export: &str) -> std::result::Result<(), ExportError> {
         let found = self.exports().into_iter().find(|(e, _)| e == export);
         let Some((_, bdev)) = found else {
-            bail!("no NBD export named {export:?}");
+            return Err(ExportError::NoSuchExport(export.to_string()));
         };
         lock(&self.explicit).remove(export);
         if self.auto && export == bdev {

@@ -6,8 +6,11 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::NbdServer;
-use crate::rpc::{opt_str, params_obj, req_str, Methods, RpcError, RpcResult, INTERNAL_ERROR};
+use super::{ExportError, NbdServer};
+use crate::rpc::{
+    no_such_bdev, opt_str, params_obj, req_str, Methods, RpcError, RpcResult, EEXIST, ENODEV,
+    INTERNAL_ERROR,
+};
 
 /// Register nbd_start_disk, nbd_stop_disk and nbd_get_disks for `server`.
 pub fn register(m: &mut Methods, server: Option<Arc<NbdServer>>) {
@@ -25,12 +28,19 @@ pub fn register(m: &mut Methods, server: Option<Arc<NbdServer>>) {
 }
 
 fn listening(server: Option<&NbdServer>) -> Result<&NbdServer, RpcError> {
-    server.ok_or_else(|| {
-        RpcError::new(
-            INTERNAL_ERROR,
-            "no NBD listener: start vireo serve with --nbd unix:PATH or --nbd tcp:HOST:PORT",
-        )
-    })
+    server.ok_or_else(|| export_error(ExportError::NotListening))
+}
+
+/// The code of each kind: an unknown bdev or export -ENODEV (the answer of every
+/// method to an unknown bdev), a name in use -EEXIST, a bad name invalid params.
+fn export_error(e: ExportError) -> RpcError {
+    match e {
+        ExportError::NoSuchBdev(b) => no_such_bdev(&b),
+        ExportError::NoSuchExport(_) => RpcError::new(ENODEV, e.to_string()),
+        ExportError::ExportTaken { .. } => RpcError::new(EEXIST, e.to_string()),
+        ExportError::BadExportName(_) => RpcError::params(e.to_string()),
+        ExportError::NotListening => RpcError::new(INTERNAL_ERROR, e.to_string()),
+    }
 }
 
 fn start_disk(server: Option<&NbdServer>, method: &str, params: &Value) -> RpcResult {
@@ -40,7 +50,7 @@ fn start_disk(server: Option<&NbdServer>, method: &str, params: &Value) -> RpcRe
     listening(server)?
         .start_disk(&bdev, export.as_deref())
         .map(Value::String)
-        .map_err(|e| RpcError::new(INTERNAL_ERROR, format!("{e:#}")))
+        .map_err(export_error)
 }
 
 fn stop_disk(server: Option<&NbdServer>, method: &str, params: &Value) -> RpcResult {
@@ -49,7 +59,7 @@ fn stop_disk(server: Option<&NbdServer>, method: &str, params: &Value) -> RpcRes
     listening(server)?
         .stop_disk(&export)
         .map(|_| Value::Bool(true))
-        .map_err(|e| RpcError::new(INTERNAL_ERROR, format!("{e:#}")))
+        .map_err(export_error)
 }
 
 fn get_disks(server: Option<&NbdServer>, method: &str, params: &Value) -> RpcResult {
@@ -82,5 +92,32 @@ mod tests {
         assert!(e.message.contains("--nbd unix:PATH"), "{}", e.message);
         let e = m.call("nbd_stop_disk", &json!({})).unwrap_err();
         assert_eq!(e.code, INVALID_PARAMS);
+    }
+
+    /// An unknown bdev or export is -ENODEV (-19), like every other "no such bdev"; a
+    /// bad export name is invalid params.
+    #[test]
+    fn unknown_bdevs_and_exports_answer_enodev() {
+        let reg = Arc::new(vireo_bdev::Registry::new(
+            vireo_virtio::DmaMemory::new(Default::default()).unwrap(),
+        ));
+        let mut m = Methods::new();
+        register(&mut m, Some(NbdServer::new(reg, true, true)));
+        let e = m
+            .call("nbd_start_disk", &json!({"bdev_name": "nope"}))
+            .unwrap_err();
+        assert_eq!(e.code, ENODEV, "{e:?}");
+        assert!(e.to_json().to_string().contains("nope"), "{e:?}");
+        let e = m
+            .call("nbd_stop_disk", &json!({"nbd_device": "nope"}))
+            .unwrap_err();
+        assert_eq!(e.code, ENODEV, "{e:?}");
+        let e = m
+            .call(
+                "nbd_start_disk",
+                &json!({"bdev_name": "nope", "nbd_device": ""}),
+            )
+            .unwrap_err();
+        assert_eq!(e.code, INVALID_PARAMS, "{e:?}");
     }
 }

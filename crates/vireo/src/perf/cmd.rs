@@ -85,8 +85,16 @@ pub fn cmd_perf(dma: &DmaConfig, a: PerfArgs) -> Result<bool> {
     crate::signals::install();
     // Declared first so it is dropped last, after the controllers that use it.
     let mut _embedded = None;
-    let reg = crate::dma::registry(dma)?;
+    // The cores and depth first: a bad -m or -q costs nothing.
     let cores = select_cores(a.cores.as_deref(), &allowed_cpus()?)?;
+    if !(1..=super::MAX_QUEUE_DEPTH).contains(&a.queue_depth) {
+        bail!(
+            "-q {}: the queue depth is 1 to {} (I/Os each job keeps in flight)",
+            a.queue_depth,
+            super::MAX_QUEUE_DEPTH
+        );
+    }
+    let reg = crate::dma::registry(dma)?;
     // Without a config: an in-process vhost-user-blk target on RAM, one queue per core.
     let bdevs = match &a.config {
         Some(c) => crate::ini::attach_config(&reg, c)?,
@@ -193,18 +201,10 @@ fn allowed_cpus() -> Result<Vec<usize>> {
 
 /// The cores of `-m`, or the first allowed CPU; every core must be in `allowed`.
 fn select_cores(arg: Option<&str>, allowed: &[usize]) -> Result<Vec<usize>> {
-    let Some(s) = arg else {
-        return Ok(vec![allowed[0]]);
-    };
-    let cores = parse_cores(s)?;
-    if let Some(&c) = cores.iter().find(|c| !allowed.contains(c)) {
-        bail!(
-            "-m {s}: CPU {c} is not one this process may run on (allowed: {}); \
-             pick CPUs from that set or change the affinity (taskset)",
-            cpu_list(allowed)
-        );
+    match arg {
+        None => Ok(vec![allowed[0]]),
+        Some(s) => parse_cores(s, allowed),
     }
-    Ok(cores)
 }
 
 /// `0-3,6` style list of CPUs.
@@ -226,50 +226,60 @@ fn cpu_list(cpus: &[usize]) -> String {
     parts.join(",")
 }
 
-/// Parse `-m`: `0x3`, `0,1`, `0-3`, `[0,2]`.
-fn parse_cores(s: &str) -> Result<Vec<usize>> {
-    let s = s.trim().trim_start_matches('[').trim_end_matches(']');
+/// Parse `-m` (`0x3`, `0,1`, `0-3`, `[0,2]`) into cores this process may run on
+/// (`allowed`), each named once. Every number is checked against `allowed` before a
+/// range is expanded: a huge one is an error, not a huge allocation.
+fn parse_cores(arg: &str, allowed: &[usize]) -> Result<Vec<usize>> {
+    let s = arg.trim().trim_start_matches('[').trim_end_matches(']');
+    let check = |c: u128| -> Result<usize> {
+        match usize::try_from(c) {
+            Ok(c) if allowed.contains(&c) => Ok(c),
+            _ => bail!(
+                "-m {arg}: CPU {c} is not one this process may run on (allowed: {}); \
+                 pick CPUs from that set or change the affinity (taskset)",
+                cpu_list(allowed)
+            ),
+        }
+    };
+    let number = |n: &str, part: &str| -> Result<u128> {
+        n.trim().parse::<u64>().map(u128::from).with_context(|| {
+            format!("-m {arg}: invalid core {part:?} (a CPU number, a range like 0-3 or a mask like 0x3)")
+        })
+    };
     let mut cores = Vec::new();
     if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        let mask =
-            u128::from_str_radix(hex, 16).with_context(|| format!("invalid core mask {s:?}"))?;
+        let mask = u128::from_str_radix(hex, 16)
+            .with_context(|| format!("-m {arg}: invalid core mask {s:?} (at most 128 bits)"))?;
         for i in 0..128 {
             if mask & (1u128 << i) != 0 {
-                cores.push(i);
+                cores.push(check(i)?);
             }
         }
     } else {
         for part in s.split(',').filter(|p| !p.is_empty()) {
             if let Some((a, b)) = part.split_once('-') {
-                let a: usize = a
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("invalid core range {part:?}"))?;
-                let b: usize = b
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("invalid core range {part:?}"))?;
+                let (a, b) = (number(a, part)?, number(b, part)?);
                 if a > b {
-                    bail!("invalid core range {part:?}");
+                    bail!(
+                        "-m {arg}: invalid core range {part:?} (the first CPU is above the last)"
+                    );
                 }
-                cores.extend(a..=b);
+                // Both ends first: the range is then no longer than the allowed set.
+                check(b)?;
+                for c in a..=b {
+                    cores.push(check(c)?);
+                }
             } else {
-                cores.push(
-                    part.trim()
-                        .parse()
-                        .with_context(|| format!("invalid core {part:?}"))?,
-                );
+                cores.push(check(number(part, part)?)?);
             }
         }
     }
     if cores.is_empty() {
-        bail!("no cores in {s:?}");
+        bail!("-m {arg}: no cores in {s:?}");
     }
-    let n = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    if let Some(&c) = cores.iter().find(|&&c| c >= n.max(1024)) {
-        bail!("core {c} does not exist");
+    let mut seen = std::collections::HashSet::new();
+    if let Some(c) = cores.iter().find(|&&c| !seen.insert(c)) {
+        bail!("-m {arg}: CPU {c} is named twice (one thread runs on each core named)");
     }
     Ok(cores)
 }
@@ -280,11 +290,45 @@ mod tests {
 
     #[test]
     fn cores_parse() {
-        assert_eq!(parse_cores("0x3").unwrap(), vec![0, 1]);
-        assert_eq!(parse_cores("0,2").unwrap(), vec![0, 2]);
-        assert_eq!(parse_cores("[0-2]").unwrap(), vec![0, 1, 2]);
-        assert!(parse_cores("0x0").is_err());
-        assert!(parse_cores("3-1").is_err());
-        assert!(parse_cores("x").is_err());
+        let all: Vec<usize> = (0..8).collect();
+        assert_eq!(parse_cores("0x3", &all).unwrap(), vec![0, 1]);
+        assert_eq!(parse_cores("0,2", &all).unwrap(), vec![0, 2]);
+        assert_eq!(parse_cores("[0-2]", &all).unwrap(), vec![0, 1, 2]);
+        assert!(parse_cores("0x0", &all).is_err());
+        assert!(parse_cores("3-1", &all).is_err());
+        assert!(parse_cores("x", &all).is_err());
+    }
+
+    /// A range is checked against the CPUs there are before it is expanded: a huge one
+    /// is an error naming the CPU, not an 800 GB allocation or a capacity overflow.
+    #[test]
+    fn huge_core_ranges_are_refused_before_anything_is_allocated() {
+        let allowed = [0, 1, 2, 3];
+        for (s, want) in [
+            ("0-99999999999", "CPU 99999999999 is not one"),
+            (
+                "0-18446744073709551615",
+                "CPU 18446744073709551615 is not one",
+            ),
+            (
+                "18446744073709551615",
+                "CPU 18446744073709551615 is not one",
+            ),
+            ("2-4", "CPU 4 is not one"),
+            ("0,18446744073709551616", "invalid core"),
+            ("0x1ffffffffffffffffffffffffffffffff", "invalid core mask"),
+        ] {
+            let e = select_cores(Some(s), &allowed)
+                .map(|c| format!("{c:?}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{s}: {e}");
+        }
+        assert_eq!(select_cores(Some("1-3"), &allowed).unwrap(), vec![1, 2, 3]);
+        // One thread per core: a core named twice is a mistake, not two threads on it.
+        let e = select_cores(Some("0-2,1"), &allowed)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CPU 1 is named twice"), "{e}");
     }
 }

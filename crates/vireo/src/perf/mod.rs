@@ -499,7 +499,7 @@ impl<'o> Job<'o> {
             self.idle_polls = self.idle_polls.wrapping_add(1);
             if self.idle_polls.is_multiple_of(1024)
                 && clock::ticks_to_ns(clock::ticks().saturating_sub(self.last_progress))
-                    >= self.o.io_timeout.as_nanos() as u64
+                    >= u64::try_from(self.o.io_timeout.as_nanos()).unwrap_or(u64::MAX)
             {
                 let n = self.in_flight;
                 self.error(format!(
@@ -756,13 +756,17 @@ fn cdf(h: &Histogram<u64>) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// The deepest queue a job keeps (`-q`): twice the largest virtqueue; its slots are
+/// allocated before the run.
+pub const MAX_QUEUE_DEPTH: usize = 65536;
+
 /// Run the workload on every bdev from every core; one channel per (bdev, core).
 pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
     if bdevs.is_empty() {
         bail!("no bdevs to run on");
     }
-    if o.queue_depth == 0 {
-        bail!("queue depth (-q) must be at least 1");
+    if !(1..=MAX_QUEUE_DEPTH).contains(&o.queue_depth) {
+        bail!("queue depth (-q) must be 1 to {MAX_QUEUE_DEPTH}");
     }
     if o.seconds.is_nan() || o.seconds <= 0.0 {
         bail!("run time (-t) must be positive");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 use vireo_bdev::{AttachParams, Bdev, ConfigCall, Registry};
 
-use super::{opt_str, params_obj, req_str, Methods, RpcError, RpcResult, ENODEV};
+use super::{no_such_bdev, opt_str, params_obj, req_str, Methods, RpcError, RpcResult};
 
 /// Register the methods on `reg` in `m`.
 pub fn register(m: &mut Methods, reg: Arc<Registry>) {
@@ -40,15 +40,6 @@ pub fn register(m: &mut Methods, reg: Arc<Registry>) {
     add(m, "framework_get_config", framework_get_config);
     add(m, "framework_get_subsystems", framework_get_subsystems);
     add(m, "save_config", save_config);
-}
-
-/// -ENODEV with SPDK's message, for a bdev that does not exist.
-fn no_such_bdev(name: &str) -> RpcError {
-    RpcError {
-        code: ENODEV,
-        message: "No such device".into(),
-        data: Some(Value::String(format!("no bdev named {name}"))),
-    }
 }
 
 fn bdev_virtio_attach_controller(reg: &Registry, _method: &str, params: &Value) -> RpcResult {

@@ -86,6 +86,16 @@ impl From<BdevError> for RpcError {
     }
 }
 
+/// -ENODEV with SPDK's message, for a bdev that does not exist: every method's answer
+/// to an unknown bdev.
+pub fn no_such_bdev(name: &str) -> RpcError {
+    RpcError {
+        code: ENODEV,
+        message: "No such device".into(),
+        data: Some(Value::String(format!("no bdev named {name}"))),
+    }
+}
+
 /// What a method answers: its result, or an error object.
 pub type RpcResult = std::result::Result<Value, RpcError>;
 
