@@ -1,9 +1,9 @@
 //! The per-thread I/O path to a bdev: [`IoChannel`]. An I/O is validated
-//! ([`validate`]), its data placed where the device can reach it (in place, or through
-//! a [`bounce`] buffer), recorded in a slot ([`slots`]), split into device requests
-//! within the device's limits ([`split`]) and handed to the driver; a full ring makes
+//! (`validate`), its data placed where the device can reach it (in place, or through
+//! a `bounce` buffer), recorded in a slot (`slots`), split into device requests
+//! within the device's limits (`split`) and handed to the driver; a full ring makes
 //! requests wait here. Completions are matched to their slot and handed out by
-//! [`IoChannel::poll`]; time limits and escalation live in [`deadline`].
+//! [`IoChannel::poll`]; time limits and escalation live in `deadline`.
 
 mod bounce;
 mod deadline;
