@@ -357,7 +357,7 @@ impl Registry {
             let open = entries[pos].controller.open_channels();
             if open > 0 {
                 return Err(BdevError::Config(format!(
-                    "controller {name} still has {open} open I/O channels (close them, or stop the NBD exports of its bdevs, first)"
+                    "controller {name} still has {open} open I/O channels (close them first: disconnect the NBD clients of its bdevs)"
                 )));
             }
             entries.remove(pos)

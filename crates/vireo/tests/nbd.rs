@@ -364,3 +364,72 @@ fn a_client_that_never_reads_replies_is_held_back() {
     ok_io(&url(&sock, "VirtioBlk0"), &["read 0 64k"]);
     drop(s);
 }
+
+/// A controller whose bdev NBD clients used detaches once they have disconnected: the
+/// export's I/O thread closes its channel with its last client (it used to keep it
+/// until the device was gone, so the detach was refused for ever; found by
+/// tests/rpc_properties.rs). While a client is connected the detach is refused.
+#[test]
+fn detach_after_the_nbd_clients_left() {
+    let qsd = Qsd::start(QsdOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    let detach = || s.rpc("bdev_virtio_detach_controller", r#"{"name":"VirtioBlk0"}"#);
+    let client = || {
+        let mut c = raw_client(&sock);
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        // The handshake's replies, up to NBD_REP_ACK; then one READ answered (the I/O
+        // thread has its channel).
+        loop {
+            let mut h = [0u8; 20];
+            c.read_exact(&mut h).unwrap();
+            let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            let mut d = vec![0u8; len as usize];
+            c.read_exact(&mut d).unwrap();
+            assert_eq!(ty & 0x8000_0000, 0, "export refused");
+            if ty == 1 {
+                break;
+            }
+        }
+        c.write_all(&read_request(1, 0, 4096)).unwrap();
+        let mut r = vec![0u8; 16 + 4096];
+        c.read_exact(&mut r).unwrap();
+        assert_eq!(&r[4..8], &[0, 0, 0, 0], "READ failed");
+        c
+    };
+    let a = client();
+    let b = client();
+    let o = detach();
+    assert!(!o.status.success(), "detach while clients are connected");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("open I/O channel"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    drop(a);
+    // One client left: still in use.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        !detach().status.success(),
+        "detach while a client is connected"
+    );
+    drop(b);
+    let t0 = std::time::Instant::now();
+    loop {
+        let o = detach();
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(3),
+            "the controller is still in use 3 s after its NBD clients left: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = s.rpc("bdev_get_bdevs", "{}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
+}

@@ -173,8 +173,36 @@ impl std::fmt::Display for ExportError {
 
 impl std::error::Error for ExportError {}
 
-/// A bdev's I/O thread: the bdev it serves and its request channel.
-type Worker = (Arc<Bdev>, Sender<Job>);
+/// A bdev's I/O thread: the bdev it serves, its request channel and how many clients
+/// use it. The thread ends, closing the bdev's channel, once the last client has left
+/// (so the controller can be detached), and a new one starts with the next client.
+struct Worker {
+    bdev: Arc<Bdev>,
+    jobs: Sender<Job>,
+    clients: usize,
+}
+
+/// A client's use of its bdev's I/O thread, given back on drop.
+struct WorkerLease<'a> {
+    server: &'a NbdServer,
+    bdev: Arc<Bdev>,
+}
+
+impl Drop for WorkerLease<'_> {
+    fn drop(&mut self) {
+        let mut w = lock(&self.server.workers);
+        if let Some(x) = w.get_mut(self.bdev.name()) {
+            if Arc::ptr_eq(&x.bdev, &self.bdev) {
+                x.clients = x.clients.saturating_sub(1);
+                if x.clients == 0 {
+                    // The thread's last sender is the leaving client's own: once that
+                    // is dropped too, the thread closes the channel and ends.
+                    w.remove(self.bdev.name());
+                }
+            }
+        }
+    }
+}
 
 /// Exports and their I/O threads.
 pub struct NbdServer {
@@ -281,13 +309,21 @@ impl NbdServer {
         Ok(())
     }
 
-    fn worker(&self, bdev: &Arc<Bdev>) -> Result<Sender<Job>> {
+    /// The request channel of `bdev`'s I/O thread (started if need be) for a new
+    /// client, and the client's lease on it.
+    fn worker(&self, bdev: &Arc<Bdev>) -> Result<(Sender<Job>, WorkerLease<'_>)> {
         let mut w = lock(&self.workers);
+        // (Made only once the count is taken: its drop takes the lock.)
+        let lease = || WorkerLease {
+            server: self,
+            bdev: bdev.clone(),
+        };
         // The same bdev (not merely the same name: a re-attached controller has new
         // bdevs) and a worker still running.
-        if let Some((b, s)) = w.get(bdev.name()) {
-            if Arc::ptr_eq(b, bdev) && !bdev.is_removed() {
-                return Ok(s.clone());
+        if let Some(x) = w.get_mut(bdev.name()) {
+            if Arc::ptr_eq(&x.bdev, bdev) && !bdev.is_removed() {
+                x.clients += 1;
+                return Ok((x.jobs.clone(), lease()));
             }
         }
         let (tx, rx) = mpsc::channel();
@@ -296,8 +332,16 @@ impl NbdServer {
             .name(format!("vireo-nbd-{}", bdev.name()))
             .spawn(move || io_thread(b, rx))
             .context("cannot start an NBD I/O thread")?;
-        w.insert(bdev.name().to_string(), (bdev.clone(), tx.clone()));
-        Ok(tx)
+        w.insert(
+            bdev.name().to_string(),
+            Worker {
+                bdev: bdev.clone(),
+                jobs: tx.clone(),
+                clients: 1,
+            },
+        );
+        drop(w);
+        Ok((tx, lease()))
     }
 
     fn forget_worker(&self, bdev: &str) {
@@ -640,7 +684,8 @@ fn client(server: &Arc<NbdServer>, mut c: Box<dyn Conn>) -> Result<()> {
         return Ok(());
     };
     c.set_read_timeout(None)?;
-    let jobs = server.worker(&bdev)?;
+    // Dropped in reverse order: the lease, then this client's sender of the jobs.
+    let (jobs, _lease) = server.worker(&bdev)?;
     let mut w = c.split(CLIENT_TIMEOUT)?;
     let (reply_tx, reply_rx) = mpsc::channel::<Reply>();
     let credit = Arc::new(Credit::default());

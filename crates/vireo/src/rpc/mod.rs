@@ -324,9 +324,19 @@ fn serve_client(methods: &Methods, stream: UnixStream) {
     // A client that stops reading its replies is dropped too, instead of holding a
     // client slot for ever.
     let _ = out.set_write_timeout(Some(CLIENT_IDLE));
+    serve_stream(methods, stream, &mut out);
+}
+
+/// The framing of one client connection: answer the requests read from `input` on
+/// `out`, one response (object, or array for a batch) and a newline each, until
+/// `input` ends or fails, a request is not JSON (a parse error is sent, then no more),
+/// a request is over [`MAX_REQUEST_BYTES`] (an invalid-request error, then no more), or
+/// a write fails. Notifications get nothing. What [`serve`] runs for each client; the
+/// RPC fuzz target (`fuzz/fuzz_targets/rpc_request.rs`) runs it on arbitrary bytes.
+pub fn serve_stream(methods: &Methods, input: impl std::io::Read, out: &mut impl Write) {
     let used = std::rc::Rc::new(std::cell::Cell::new(0u64));
     let reader = BufReader::new(Limited {
-        inner: stream,
+        inner: input,
         used: used.clone(),
     });
     let mut send = |v: &Value| -> bool {
