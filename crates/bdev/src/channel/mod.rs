@@ -335,6 +335,7 @@ impl IoChannel {
 
     /// Where the device finds the data of `req`: the caller's DMA buffer in place, or a
     /// bounce buffer (heap buffers, vectored requests; filled now for a write).
+    #[inline(always)]
     fn place_data(
         &mut self,
         req: &IoRequest,
@@ -369,6 +370,7 @@ impl IoChannel {
         Ok((b.iova(), Some(b)))
     }
 
+    #[inline(always)]
     fn enqueue(&mut self, child: Child) {
         self.counters.local.device_requests += 1;
         self.unpublished = true;

@@ -18,6 +18,7 @@ pub(crate) struct Split {
 }
 
 /// The largest request of `op` the device takes, in blocks (at least 1).
+#[inline(always)]
 pub(crate) fn blocks_per_request(op: IoOp, limits: &Limits) -> u64 {
     match op {
         IoOp::Read | IoOp::Write => limits.max_rw_blocks,
@@ -30,6 +31,7 @@ pub(crate) fn blocks_per_request(op: IoOp, limits: &Limits) -> u64 {
 
 /// Split I/O `parent` (`op` of `blocks` at `lba`, data at device address `addr`) into
 /// requests within `limits`.
+#[inline(always)]
 pub(crate) fn split(
     parent: u32,
     op: IoOp,
@@ -54,6 +56,7 @@ pub(crate) fn split(
 impl Iterator for Split {
     type Item = Child;
 
+    #[inline(always)]
     fn next(&mut self) -> Option<Child> {
         if self.op == IoOp::Flush {
             if self.flush_done {

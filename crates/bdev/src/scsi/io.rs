@@ -320,6 +320,7 @@ impl ScsiRequests {
 
     /// Put command `c` of channel `chan` on the ring; `Err(c)` when the ring has no
     /// room. A command that cannot be sent at all comes back with its error.
+    #[inline(always)]
     fn place(&mut self, chan: u32, c: Child) -> Result<Option<IoError>, Child> {
         let Some(slot) = self.sq.rq.take_slot() else {
             return Err(c);
