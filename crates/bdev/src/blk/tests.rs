@@ -137,7 +137,7 @@ fn a_flush_is_sent_to_a_device_with_a_write_cache() {
 fn a_read_longer_than_the_segment_limit_is_split_into_requests_the_device_takes() {
     // SIZE_MAX 4 KiB and SEG_MAX 8: at most 32 KiB (64 blocks) per request.
     let blk = FakeBlk::new(SECTORS, 1, 8);
-    blk.dev.set_features(FAKE_BLK_FEATURES | bf::SIZE_MAX);
+    blk.dev.set_features(FakeBlk::FEATURES | bf::SIZE_MAX);
     let mut config = blk.dev.config();
     config[8..12].copy_from_slice(&4096u32.to_le_bytes());
     blk.dev.set_config(config);
@@ -163,16 +163,6 @@ fn a_read_longer_than_the_segment_limit_is_split_into_requests_the_device_takes(
         .collect();
     assert_eq!(reqs, vec![(0, 32768), (64, 32768), (128, 1536)]);
 }
-
-/// The features `FakeBlk::new` offers with one queue.
-const FAKE_BLK_FEATURES: u64 = tf::VERSION_1
-    | tf::RING_EVENT_IDX
-    | tf::RING_INDIRECT_DESC
-    | bf::SEG_MAX
-    | bf::BLK_SIZE
-    | bf::FLUSH
-    | bf::DISCARD
-    | bf::WRITE_ZEROES;
 
 #[test]
 fn device_status_errors_become_io_errors_and_the_controller_works_on() {
@@ -421,7 +411,7 @@ fn attached_offering(features: u64) -> (FakeBlk, BlkController) {
 
 #[test]
 fn a_read_only_device_refuses_writes_and_serves_reads() {
-    let (_blk, c) = attached_offering(FAKE_BLK_FEATURES | bf::RO);
+    let (_blk, c) = attached_offering(FakeBlk::FEATURES | bf::RO);
     assert!(c.bdev().info().read_only);
     let mut ch = c.bdev().open_channel().unwrap();
     let w = ch.run(IoRequest::write(0, 1, IoBuf::Heap(vec![1; 512]), 1));
@@ -438,7 +428,7 @@ fn a_read_only_device_refuses_writes_and_serves_reads() {
 
 #[test]
 fn without_flush_the_device_is_write_through_and_flushes_send_nothing() {
-    let (blk, c) = attached_offering(FAKE_BLK_FEATURES & !bf::FLUSH);
+    let (blk, c) = attached_offering(FakeBlk::FEATURES & !bf::FLUSH);
     assert!(!c.bdev().info().volatile_write_cache);
     let mut ch = c.bdev().open_channel().unwrap();
     let before = blk.requests_seen().len();
@@ -451,7 +441,7 @@ fn without_flush_the_device_is_write_through_and_flushes_send_nothing() {
 
 #[test]
 fn without_discard_unmap_is_refused_before_the_device() {
-    let (blk, c) = attached_offering(FAKE_BLK_FEATURES & !bf::DISCARD);
+    let (blk, c) = attached_offering(FakeBlk::FEATURES & !bf::DISCARD);
     assert!(!c.bdev().info().ops.unmap);
     let mut ch = c.bdev().open_channel().unwrap();
     let before = blk.requests_seen().len();

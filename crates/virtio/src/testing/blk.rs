@@ -57,6 +57,16 @@ impl std::fmt::Debug for FakeBlk {
 }
 
 impl FakeBlk {
+    /// The features a disk of one queue offers (more queues add `MQ`).
+    pub const FEATURES: u64 = tf::VERSION_1
+        | tf::RING_EVENT_IDX
+        | tf::RING_INDIRECT_DESC
+        | bf::SEG_MAX
+        | bf::BLK_SIZE
+        | bf::FLUSH
+        | bf::DISCARD
+        | bf::WRITE_ZEROES;
+
     /// A disk of `sectors` 512-byte sectors with `num_queues` request queues (of at most
     /// 256 descriptors) and `seg_max` data segments per request. Offered features:
     /// `VERSION_1`, `RING_EVENT_IDX`, `RING_INDIRECT_DESC`, `SEG_MAX`, `BLK_SIZE` (512),
@@ -64,14 +74,7 @@ impl FakeBlk {
     /// write-zeroes take 16 ranges of up to 65536 sectors each, alignment 1, and
     /// write-zeroes may unmap.
     pub fn new(sectors: u64, num_queues: u16, seg_max: u32) -> FakeBlk {
-        let mut features = tf::VERSION_1
-            | tf::RING_EVENT_IDX
-            | tf::RING_INDIRECT_DESC
-            | bf::SEG_MAX
-            | bf::BLK_SIZE
-            | bf::FLUSH
-            | bf::DISCARD
-            | bf::WRITE_ZEROES;
+        let mut features = Self::FEATURES;
         if num_queues > 1 {
             features |= bf::MQ;
         }
