@@ -243,6 +243,69 @@ fn poll_until(ch: &mut IoChannel, n: usize, limit: Duration) -> Vec<Completion> 
 
 // --- validation ---
 
+/// The fast yes/no of validation and the checks that explain a refusal agree on every
+/// request of a grid (ops, ranges around the end, buffer shapes, read-only, removed).
+#[test]
+fn validation_fast_path_and_its_explanation_agree() {
+    let ops = [
+        IoOp::Read,
+        IoOp::Write,
+        IoOp::Flush,
+        IoOp::Unmap,
+        IoOp::WriteZeroes,
+    ];
+    let ranges = [
+        (0, 0),
+        (0, 1),
+        (1020, 4),
+        (1020, 5),
+        (1024, 1),
+        (u64::MAX, 2),
+    ];
+    let mut checked = 0;
+    for read_only in [false, true] {
+        for unmap in [false, true] {
+            for removed in [false, true] {
+                let (_, bdev, _) = setup_with(16, |i| {
+                    i.read_only = read_only;
+                    i.ops.unmap = unmap;
+                });
+                if removed {
+                    bdev.mark_removed();
+                }
+                for op in ops {
+                    for (offset, blocks) in ranges {
+                        // None: no buffer; Some(v): a buf (one length) or an iov (more).
+                        for shape in [
+                            vec![],
+                            vec![0usize],
+                            vec![blocks as usize % 8],
+                            vec![1, 3],
+                            vec![2, 2],
+                        ] {
+                            let mut req = IoRequest::no_data(op, offset, blocks, 0);
+                            match shape.len() {
+                                0 => {}
+                                1 => req.buf = Some(heap(shape[0] as u64, 0)),
+                                _ => req.iov = shape.iter().map(|&n| heap(n as u64, 0)).collect(),
+                            }
+                            let fast = validate::acceptable(&bdev, &req);
+                            let slow = validate::check(&bdev, &req);
+                            assert_eq!(fast, slow.is_ok(), "{op:?} {offset}+{blocks} {shape:?} ro={read_only} unmap={unmap} removed={removed}: {slow:?}");
+                            if !fast {
+                                let e = validate::validate(&bdev, &req).unwrap_err();
+                                assert_eq!(format!("{e:?}"), format!("{:?}", slow.unwrap_err()));
+                            }
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 8 * 5 * 6 * 5);
+}
+
 #[test]
 fn a_request_past_the_end_is_refused_with_its_buffer_back() {
     let (dev, bdev, mut ch) = setup(16);

@@ -5,7 +5,73 @@ use crate::error::IoError;
 use crate::io::{IoOp, IoRequest};
 
 /// Whether `req` can go to `bdev`: supported, in range, with a buffer of its length.
+///
+/// Every I/O passes here, so the answer comes from branches only ([`acceptable`], inlined
+/// into submit); the error, with its text, is built out of line ([`explain`]) for the
+/// rare request that fails.
+#[inline]
 pub(crate) fn validate(bdev: &Bdev, req: &IoRequest) -> Result<(), IoError> {
+    if acceptable(bdev, req) {
+        Ok(())
+    } else {
+        Err(explain(bdev, req))
+    }
+}
+
+/// The checks of [`validate`], as a yes or no.
+#[inline]
+pub(super) fn acceptable(bdev: &Bdev, req: &IoRequest) -> bool {
+    let info = &bdev.info;
+    let ops = &info.ops;
+    let supported = match req.op {
+        IoOp::Read => ops.read,
+        IoOp::Write => ops.write,
+        IoOp::Flush => ops.flush,
+        IoOp::Unmap => ops.unmap,
+        IoOp::WriteZeroes => ops.write_zeroes,
+    };
+    if bdev.is_removed()
+        || !supported
+        || (info.read_only && req.op != IoOp::Read && req.op != IoOp::Flush)
+    {
+        return false;
+    }
+    if req.op == IoOp::Flush {
+        return true;
+    }
+    match req.offset_blocks.checked_add(req.num_blocks) {
+        Some(end) if req.num_blocks != 0 && end <= bdev.num_blocks() => {}
+        _ => return false,
+    }
+    if !req.op.has_data() {
+        return true;
+    }
+    let want = req.num_blocks as u128 * info.block_size as u128;
+    if req.iov.is_empty() {
+        matches!(&req.buf, Some(b) if b.len() as u128 == want)
+    } else {
+        req.buf.is_none() && req.iov.iter().map(|b| b.len() as u128).sum::<u128>() == want
+    }
+}
+
+/// Why [`acceptable`] refused `req`: the first check it fails, in words.
+#[cold]
+#[inline(never)]
+fn explain(bdev: &Bdev, req: &IoRequest) -> IoError {
+    match check(bdev, req) {
+        Err(error) => error,
+        // The two functions disagree: a bug here, but the request is still refused.
+        Ok(()) => IoError::InvalidRequest(format!(
+            "{} at block {} of {} blocks was refused by a check that cannot say why",
+            req.op.name(),
+            req.offset_blocks,
+            req.num_blocks
+        )),
+    }
+}
+
+/// The checks of [`validate`], each with its error.
+pub(super) fn check(bdev: &Bdev, req: &IoRequest) -> Result<(), IoError> {
     let info = &bdev.info;
     let ops = &info.ops;
     if bdev.is_removed() {
