@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use vireo_virtio::{DmaBuf, DmaMemory};
 
-use crate::channel::IoChannel;
+use crate::channel::{IoChannel, MovableChannel};
 use crate::driver::BdevDriver;
 use crate::error::{BdevError, IoError};
 use crate::stats::{BdevStats, IoStats};
@@ -242,5 +242,12 @@ impl Bdev {
     /// Open an I/O channel for the calling thread.
     pub fn open_channel(self: &Arc<Self>) -> Result<IoChannel, BdevError> {
         IoChannel::open(self)
+    }
+
+    /// Open an I/O channel on a request queue of its own (never shared with the calling
+    /// thread's other channels, as [`open_channel`](Self::open_channel)'s scsi channels
+    /// share theirs), which may move to another thread between uses: the C API's queues.
+    pub fn open_movable_channel(self: &Arc<Self>) -> Result<MovableChannel, BdevError> {
+        IoChannel::open_movable(self)
     }
 }

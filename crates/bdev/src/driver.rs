@@ -96,6 +96,10 @@ pub(crate) trait BdevDriver: Send + Sync {
     /// Take a request queue for a new channel.
     fn open_channel(&self) -> Result<Box<dyn ChannelDriver>, BdevError>;
 
+    /// Take a request queue that no other channel shares, for a channel that may move
+    /// between threads.
+    fn open_exclusive_channel(&self) -> Result<Box<dyn ChannelDriver + Send>, BdevError>;
+
     /// Reset the device behind the bdev (SCSI: LOGICAL UNIT RESET). Waits at most
     /// `timeout`.
     fn reset(&self, _timeout: std::time::Duration) -> Result<(), IoError> {

@@ -44,6 +44,9 @@ pub enum IoBuf {
     Dma(DmaBuf),
     /// Ordinary memory: bounced through DMA memory.
     Heap(Vec<u8>),
+    /// A caller's memory (the C API's buffers): used in place when it lies in memory
+    /// shared with the device (`DmaMemory::add_external`), else bounced.
+    Foreign(vireo_virtio::ForeignBuf),
 }
 
 impl IoBuf {
@@ -52,6 +55,7 @@ impl IoBuf {
         match self {
             IoBuf::Dma(b) => b.len(),
             IoBuf::Heap(v) => v.len(),
+            IoBuf::Foreign(b) => b.len(),
         }
     }
 
@@ -65,6 +69,7 @@ impl IoBuf {
         match self {
             IoBuf::Dma(b) => b.as_slice(),
             IoBuf::Heap(v) => v,
+            IoBuf::Foreign(b) => b.as_slice(),
         }
     }
 
@@ -73,6 +78,7 @@ impl IoBuf {
         match self {
             IoBuf::Dma(b) => b.as_mut_slice(),
             IoBuf::Heap(v) => v,
+            IoBuf::Foreign(b) => b.as_mut_slice(),
         }
     }
 }

@@ -31,7 +31,7 @@ pub mod stats;
 pub use aio::{AsyncChannel, IoFuture};
 pub use bdev::{Bdev, BdevInfo, Limits, OpSupport, ScsiAddress};
 pub use blk::{BlkConfig, BlkController, BlkParams};
-pub use channel::{Armed, IoChannel, WaitMode};
+pub use channel::{Armed, IoChannel, MovableChannel, WaitMode};
 pub use config::{AttachParams, ConfigCall, DevType, TrType};
 pub use error::{BdevError, ErrorKind, IoError};
 pub use io::{Completion, IoBuf, IoOp, IoRequest, Rejected};

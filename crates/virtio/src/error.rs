@@ -51,6 +51,9 @@ pub enum Error {
     /// A listener (transport) refused a new region.
     #[error("transport refused new DMA region: {0}")]
     RegionRejected(String),
+    /// Memory a caller wants to share cannot be shared as given.
+    #[error("cannot share the memory region: {0}")]
+    ExternalRegion(String),
     /// Bad virtqueue parameters.
     #[error("invalid virtqueue: {0}")]
     InvalidQueue(String),

@@ -23,7 +23,7 @@ pub mod wire;
 
 pub use error::{Error, Result};
 pub use memory::{
-    Addressing, DmaBuf, DmaConfig, DmaMemory, DmaRegionInfo, RegionListener, Translator,
+    Addressing, DmaBuf, DmaConfig, DmaMemory, DmaRegionInfo, ForeignBuf, RegionListener, Translator,
 };
 pub use notify::{wait_readable, Notifier};
 pub use pci::{PciAddress, PciTransport};

@@ -20,8 +20,10 @@
 //! Every region (every run of a physical region) is linear in device addresses, so
 //! translation stays a bounds check plus an offset, and no buffer is ever handed out
 //! across a run boundary: a buffer from this memory is always one contiguous device
-//! extent, whatever the addressing. Regions are never removed while the memory lives,
-//! so a [`Translator`]'s cached snapshot can only miss, never be wrong.
+//! extent, whatever the addressing. The memory's own regions are never removed while it
+//! lives; memory a caller shares ([`DmaMemory::add_external`], the C API's mapped memory
+//! regions) can be withdrawn, and a [`Translator`] re-reads the region list whenever it
+//! changed (one atomic load per translation).
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -35,6 +37,17 @@ const PAGE_SIZE: usize = 4096;
 const HUGE_PAGE_SIZE: usize = 2 << 20;
 /// Largest region the memory adds at once when growing.
 const MAX_REGION_SIZE: usize = 1 << 30;
+/// First index of external regions (the memory's own regions count up from 0).
+pub const EXTERNAL_INDEX_BASE: u32 = 1 << 24;
+
+/// A caller's memory shared with the devices: its runs as announced, and its file.
+struct External {
+    va: u64,
+    len: u64,
+    infos: Vec<DmaRegionInfo>,
+    /// A duplicate of the caller's descriptor (the caller may close its own).
+    _fd: Option<OwnedFd>,
+}
 
 /// How a device addresses DMA memory (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -307,6 +320,11 @@ impl Drop for Region {
 
 struct State {
     regions: Vec<Region>,
+    /// Memory a caller owns and shared with the devices ([`DmaMemory::add_external`]).
+    external: Vec<External>,
+    /// Index of the next external region (indices of external regions start at
+    /// [`EXTERNAL_INDEX_BASE`], apart from the memory's own).
+    next_external: u32,
     /// Next free device address of [`Addressing::Linear`].
     next_iova: u64,
     listeners: Vec<Weak<dyn RegionListener>>,
@@ -363,6 +381,8 @@ impl DmaMemory {
             config,
             state: Mutex::new(State {
                 regions: vec![first],
+                external: Vec::new(),
+                next_external: EXTERNAL_INDEX_BASE,
                 next_iova,
                 listeners: Vec::new(),
                 snapshot,
@@ -407,6 +427,140 @@ impl DmaMemory {
             generation: self.generation.load(Ordering::Acquire),
             regions: self.regions(),
         }
+    }
+
+    /// Share `len` bytes of the caller's memory at `addr` with every device of this
+    /// memory, so that buffers in it are used in place (no bounce copy). `fd` is the file
+    /// backing the memory at `fd_offset` (vhost-user devices map it; it is duplicated,
+    /// the caller may close its own); without one, only devices that reach memory by
+    /// virtual address through an IOMMU (VFIO) can use it. With physical addressing
+    /// (no IOMMU) nothing is shared: the memory is not pinned, buffers in it are bounced.
+    ///
+    /// `addr` and `len` must be page multiples, and the range must not overlap memory
+    /// already shared. The caller keeps the memory mapped until
+    /// [`remove_external`](Self::remove_external) (or until this memory is dropped) and
+    /// has no I/O in flight on it then.
+    pub fn add_external(
+        &self,
+        addr: u64,
+        len: u64,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+        fd_offset: u64,
+    ) -> Result<()> {
+        let bad = |m: String| Err(Error::ExternalRegion(m));
+        if len == 0
+            || !addr.is_multiple_of(PAGE_SIZE as u64)
+            || !len.is_multiple_of(PAGE_SIZE as u64)
+        {
+            return bad(format!(
+                "address {addr:#x} and length {len} must be non-zero multiples of {PAGE_SIZE}"
+            ));
+        }
+        let Some(end) = addr.checked_add(len) else {
+            return bad(format!("{addr:#x} + {len} overflows"));
+        };
+        if fd.is_none() && self.config.addressing == Addressing::Virtual {
+            return bad("this device maps shared memory through a file descriptor (vhost-user): give the region's fd (memfd_create, or a file mapped MAP_SHARED)".into());
+        }
+        let fd = match fd {
+            Some(f) => Some(f.try_clone_to_owned().map_err(|e| {
+                Error::ExternalRegion(format!("cannot duplicate the region's descriptor: {e}"))
+            })?),
+            None => None,
+        };
+        let _grow = self.grow.lock().unwrap_or_else(|e| e.into_inner());
+        let st = self.lock();
+        let overlaps = |va: u64, l: u64| va < end && addr < va + l;
+        if st
+            .regions
+            .iter()
+            .any(|r| overlaps(r.ptr.as_ptr() as u64, r.len as u64))
+            || st.external.iter().any(|x| overlaps(x.va, x.len))
+        {
+            return bad(format!(
+                "[{addr:#x}, {end:#x}) overlaps memory already shared"
+            ));
+        }
+        let index = st.next_external;
+        let iova = match self.config.addressing {
+            Addressing::Virtual => Some(addr),
+            Addressing::Linear { .. } => Some(st.next_iova),
+            Addressing::Physical => None,
+        };
+        let infos: Vec<DmaRegionInfo> = iova
+            .map(|iova| DmaRegionInfo {
+                index,
+                va: addr,
+                iova,
+                len,
+                fd: fd.as_ref().map_or(-1, |f| f.as_raw_fd()),
+                fd_offset,
+            })
+            .into_iter()
+            .collect();
+        let listeners: Vec<Arc<dyn RegionListener>> =
+            st.listeners.iter().filter_map(Weak::upgrade).collect();
+        drop(st);
+        let mut announced: Vec<(&Arc<dyn RegionListener>, &DmaRegionInfo)> = Vec::new();
+        for l in &listeners {
+            for info in &infos {
+                if let Err(e) = l.region_added(info) {
+                    for (done, i) in announced {
+                        done.region_removed(i);
+                    }
+                    return Err(Error::RegionRejected(e.to_string()));
+                }
+                announced.push((l, info));
+            }
+        }
+        let mut st = self.lock();
+        st.next_external += 1;
+        if let Addressing::Linear { .. } = self.config.addressing {
+            st.next_iova += round_up(len as usize, HUGE_PAGE_SIZE) as u64;
+        }
+        let mut snap: Vec<DmaRegionInfo> = st.snapshot.to_vec();
+        snap.extend(infos.iter().copied());
+        st.snapshot = Arc::from(snap);
+        st.external.push(External {
+            va: addr,
+            len,
+            infos,
+            _fd: fd,
+        });
+        self.generation.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// Stop sharing the caller's memory added as `[addr, addr+len)`; returns whether
+    /// there was such a region (exactly those bounds). No I/O may be in flight on it.
+    pub fn remove_external(&self, addr: u64, len: u64) -> bool {
+        let _grow = self.grow.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock();
+        let Some(pos) = st
+            .external
+            .iter()
+            .position(|x| x.va == addr && x.len == len)
+        else {
+            return false;
+        };
+        let gone = st.external.remove(pos);
+        let snap: Vec<DmaRegionInfo> = st
+            .snapshot
+            .iter()
+            .filter(|r| !gone.infos.iter().any(|g| g.index == r.index))
+            .copied()
+            .collect();
+        st.snapshot = Arc::from(snap);
+        self.generation.fetch_add(1, Ordering::Release);
+        let listeners: Vec<Arc<dyn RegionListener>> =
+            st.listeners.iter().filter_map(Weak::upgrade).collect();
+        drop(st);
+        for l in &listeners {
+            for info in &gone.infos {
+                l.region_removed(info);
+            }
+        }
+        true
     }
 
     /// Bytes free in all regions.
@@ -725,6 +879,71 @@ impl Drop for DmaBuf {
     }
 }
 
+/// A caller's buffer, for the length of one I/O: memory vireo does not own (the C
+/// API's request buffers). Used in place when it lies in memory shared with the device
+/// ([`DmaMemory::add_external`], or a [`DmaBuf`]'s region), else bounced.
+#[derive(Debug)]
+pub struct ForeignBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the creator of a ForeignBuf promised exclusive access to its bytes until the
+// buffer is dropped (see `ForeignBuf::new`), like a `&'static mut [u8]` it hands over.
+unsafe impl Send for ForeignBuf {}
+// SAFETY: shared references only read through `as_slice`.
+unsafe impl Sync for ForeignBuf {}
+
+impl ForeignBuf {
+    /// A buffer over `len` bytes at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for reads and writes of `len` bytes, and nothing else may
+    /// access them, until the returned buffer is dropped (for an I/O: until its
+    /// completion hands the buffer back).
+    pub unsafe fn new(ptr: NonNull<u8>, len: usize) -> ForeignBuf {
+        ForeignBuf { ptr, len }
+    }
+
+    /// Length in bytes.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer has no bytes.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Virtual address of the first byte.
+    #[inline]
+    pub fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    /// The bytes.
+    #[inline]
+    pub fn as_slice(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `new`'s contract: valid and exclusively ours for `len` bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes, mutable.
+    #[inline]
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        if self.len == 0 {
+            return &mut [];
+        }
+        // SAFETY: as in `as_slice`; `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
 /// Per-thread cache of a memory's regions for lock-free address checks.
 pub struct Translator {
     mem: Arc<DmaMemory>,
@@ -736,15 +955,12 @@ impl Translator {
     /// Device address of `[va, va+len)` if it lies entirely in one region.
     #[inline]
     pub fn translate(&mut self, va: u64, len: u64) -> Option<u64> {
-        if let Some(r) = self.regions.iter().find(|r| r.contains(va, len)) {
-            return Some(r.iova + (va - r.va));
-        }
+        // External regions can go away: the cached list is used only while it is current.
         let gen = self.mem.generation.load(Ordering::Acquire);
-        if gen == self.generation {
-            return None;
+        if gen != self.generation {
+            self.generation = gen;
+            self.regions = self.mem.regions();
         }
-        self.generation = gen;
-        self.regions = self.mem.regions();
         self.regions
             .iter()
             .find(|r| r.contains(va, len))
@@ -765,6 +981,73 @@ mod tests {
             addressing: Addressing::Virtual,
         })
         .unwrap()
+    }
+
+    /// A listener that records what it was told.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(bool, DmaRegionInfo)>>);
+
+    impl RegionListener for Recorder {
+        fn region_added(&self, region: &DmaRegionInfo) -> Result<()> {
+            self.0.lock().unwrap().push((true, *region));
+            Ok(())
+        }
+        fn region_removed(&self, region: &DmaRegionInfo) {
+            self.0.lock().unwrap().push((false, *region));
+        }
+    }
+
+    /// Caller memory: a memfd of `len` bytes mapped shared.
+    fn caller_memory(len: usize) -> (OwnedFd, u64) {
+        let r = Region::create(len, false, 99).unwrap();
+        // Keep the mapping: the region's Drop would unmap it.
+        let r = std::mem::ManuallyDrop::new(r);
+        (r.fd.try_clone().unwrap(), r.ptr.as_ptr() as u64)
+    }
+
+    #[test]
+    fn external_memory_is_announced_translated_and_withdrawn() {
+        use std::os::fd::AsFd;
+        let mem = small();
+        let rec = Arc::new(Recorder::default());
+        let listener: Arc<dyn RegionListener> = rec.clone();
+        mem.add_listener(Arc::downgrade(&listener));
+        let mut t = mem.translator();
+        let (fd, va) = caller_memory(1 << 20);
+        assert_eq!(t.translate(va + 4096, 512), None);
+        mem.add_external(va, 1 << 20, Some(fd.as_fd()), 0).unwrap();
+        // Virtual addressing: the device address is the address.
+        assert_eq!(t.translate(va + 4096, 512), Some(va + 4096));
+        // Not across its end.
+        assert_eq!(t.translate(va + (1 << 20) - 256, 512), None);
+        // Overlaps are refused, as is memory that is not page-aligned.
+        assert!(mem
+            .add_external(va + 4096, 4096, Some(fd.as_fd()), 4096)
+            .is_err());
+        assert!(mem
+            .add_external(va + (1 << 20) + 1, 4096, Some(fd.as_fd()), 0)
+            .is_err());
+        // vhost-user needs the file.
+        assert!(mem.add_external(va + (2 << 20), 4096, None, 0).is_err());
+        assert!(
+            !mem.remove_external(va, 4096),
+            "only the bounds it was added with"
+        );
+        assert!(mem.remove_external(va, 1 << 20));
+        assert_eq!(
+            t.translate(va + 4096, 512),
+            None,
+            "a withdrawn region no longer translates"
+        );
+        let seen = rec.0.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2);
+        assert!(seen[0].0 && !seen[1].0);
+        assert_eq!(
+            (seen[0].1.va, seen[0].1.len, seen[0].1.fd_offset),
+            (va, 1 << 20, 0)
+        );
+        assert!(seen[0].1.index >= EXTERNAL_INDEX_BASE);
+        assert_eq!(seen[0].1, seen[1].1);
     }
 
     #[test]

@@ -146,19 +146,29 @@ impl std::fmt::Debug for BlkController {
 
 struct BlkBdevDriver(Arc<BlkShared>);
 
-impl BdevDriver for BlkBdevDriver {
-    fn open_channel(&self) -> Result<Box<dyn ChannelDriver>, BdevError> {
+impl BlkBdevDriver {
+    /// A channel on a queue of the pool (a blk channel always has its queue to itself).
+    fn open(&self) -> Result<BlkChannel, BdevError> {
         self.0.link.wait_reconnected();
         if self.0.health.is_failed() {
             return Err(BdevError::Failed(self.0.name.clone()));
         }
         let q = self.0.queues.take_for(&self.0.name)?;
-        let ch = BlkChannel::new(self.0.clone(), q).map_err(|e| BdevError::Io {
+        BlkChannel::new(self.0.clone(), q).map_err(|e| BdevError::Io {
             name: self.0.name.clone(),
             what: "allocate request slots".into(),
             source: e,
-        })?;
-        Ok(Box::new(ch))
+        })
+    }
+}
+
+impl BdevDriver for BlkBdevDriver {
+    fn open_channel(&self) -> Result<Box<dyn ChannelDriver>, BdevError> {
+        Ok(Box::new(self.open()?))
+    }
+
+    fn open_exclusive_channel(&self) -> Result<Box<dyn ChannelDriver + Send>, BdevError> {
+        Ok(Box::new(self.open()?))
     }
 
     fn reset_controller(&self) -> Result<(), IoError> {

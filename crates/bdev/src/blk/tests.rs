@@ -547,3 +547,104 @@ fn a_silent_device_is_escalated_to_a_controller_reset_and_io_goes_on() {
     assert!(r.result.is_ok(), "{:?}", r.result);
     assert_eq!(ch.in_flight(), 0);
 }
+
+/// Caller memory as the C API gets it: a file of `len` bytes mapped shared.
+fn caller_memory(len: usize) -> (std::fs::File, *mut u8) {
+    use std::os::fd::AsRawFd;
+    let f = tempfile::tempfile().unwrap();
+    f.set_len(len as u64).unwrap();
+    // SAFETY: a fresh shared mapping of the whole file at an address the kernel picks;
+    // no existing memory is affected. The test never unmaps it (the process ends).
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    (f, p.cast())
+}
+
+/// The C API's path: a channel on a queue of its own moves to another thread, and
+/// caller memory shared with the device (`add_external`) is used in place, while a
+/// caller buffer outside it is bounced.
+#[test]
+fn a_movable_channel_moves_threads_and_uses_shared_caller_memory_in_place() {
+    use std::os::fd::AsFd;
+    use std::ptr::NonNull;
+    use std::sync::{Arc, Mutex};
+    use vireo_virtio::ForeignBuf;
+
+    let blk = FakeBlk::new(SECTORS, 1, 8);
+    let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let log = seen.clone();
+    blk.on_kick(move |b, q| {
+        for r in b.dev.take_requests(q) {
+            // The data segment: after the header (write) or before the status (read).
+            let data = if r.readable.len() > 1 {
+                r.readable[1].0
+            } else {
+                r.writable[0].0
+            };
+            log.lock().unwrap().push(data);
+            let w = b.execute(&r);
+            b.dev.complete(q, &r, w);
+        }
+    });
+    let c = attach_with(&blk, &params(None));
+    let bdev = c.bdev().clone();
+    let (file, base) = caller_memory(1 << 20);
+    bdev.memory()
+        .add_external(base as u64, 1 << 20, Some(file.as_fd()), 0)
+        .unwrap();
+    let ch = bdev.open_movable_channel().unwrap();
+    seen.lock().unwrap().clear(); // the attach's own requests
+    let data = pattern(4096, 7);
+    let base_addr = base as usize;
+    let worker = std::thread::spawn(move || {
+        let mut ch = ch;
+        let base = base_addr as *mut u8;
+        // SAFETY: 8 KiB into the 1 MiB mapping; nothing else touches it during the I/O.
+        let at = unsafe { base.add(8192) };
+        // SAFETY: as above.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), at, 4096) };
+        // SAFETY: `at` is valid for 4096 bytes, ours until the completion returns it.
+        let buf = unsafe { ForeignBuf::new(NonNull::new(at).unwrap(), 4096) };
+        ch.submit(IoRequest::write(16, 8, IoBuf::Foreign(buf), 1))
+            .unwrap();
+        let done = wait_for(&mut ch, 1);
+        assert!(done[0].result.is_ok(), "{:?}", done[0].result);
+        // A read into caller memory outside any shared region: bounced.
+        let mut outside = vec![0u8; 4096];
+        // SAFETY: `outside` lives until after the completion below.
+        let buf = unsafe { ForeignBuf::new(NonNull::new(outside.as_mut_ptr()).unwrap(), 4096) };
+        ch.submit(IoRequest::read(16, 8, IoBuf::Foreign(buf), 2))
+            .unwrap();
+        let done = wait_for(&mut ch, 1);
+        assert!(done[0].result.is_ok());
+        (ch, outside, data)
+    });
+    let (ch, outside, data) = worker.join().unwrap();
+    assert_eq!(blk.read_disk(16, 4096), data);
+    assert_eq!(
+        outside, data,
+        "the bounced read came back into the caller's buffer"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[0],
+        base as u64 + 8192,
+        "the write's data was used in place"
+    );
+    assert!(
+        !(base as u64..base as u64 + (1 << 20)).contains(&seen[1]),
+        "the read of unshared memory went through a bounce buffer"
+    );
+    drop(ch);
+    assert!(bdev.memory().remove_external(base as u64, 1 << 20));
+}

@@ -65,6 +65,55 @@ pub struct IoChannel {
     _not_sync: PhantomData<Cell<()>>,
 }
 
+/// An [`IoChannel`] on a request queue no other channel shares
+/// ([`Bdev::open_movable_channel`]): it may be handed to another thread between calls,
+/// as a C caller's queue is (libblkio's queues belong to no thread). Like every channel
+/// it is used by one thread at a time (`!Sync`).
+pub struct MovableChannel(IoChannel);
+
+// SAFETY: an IoChannel is !Send only through its driver box, typed `dyn ChannelDriver`
+// (without `Send`) because a shared-queue driver (scsi's per-thread queue, an `Rc`) is
+// not Send. A movable channel's driver came from `BdevDriver::open_exclusive_channel`
+// as a `Box<dyn ChannelDriver + Send>`: the compiler checked it there, and it shares no
+// state with another channel. Every other field is Send (checked in `fields_are_send`).
+unsafe impl Send for MovableChannel {}
+
+/// The compile-time check behind `MovableChannel`'s Send: every field of an IoChannel
+/// but its driver is Send.
+#[allow(dead_code)]
+fn fields_are_send() {
+    fn send<T: Send>() {}
+    send::<Arc<Bdev>>();
+    send::<Parents>();
+    send::<VecDeque<Child>>();
+    send::<Translator>();
+    send::<BouncePool>();
+    send::<Counters>();
+    send::<Vec<ChildDone>>();
+    send::<Vec<Completion>>();
+    send::<PhantomData<Cell<()>>>();
+}
+
+impl std::ops::Deref for MovableChannel {
+    type Target = IoChannel;
+    fn deref(&self) -> &IoChannel {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for MovableChannel {
+    fn deref_mut(&mut self) -> &mut IoChannel {
+        &mut self.0
+    }
+}
+
+impl MovableChannel {
+    /// The channel, for code that takes an [`IoChannel`] (it stays on this thread then).
+    pub fn into_inner(self) -> IoChannel {
+        self.0
+    }
+}
+
 /// The channel's statistics: counted locally, published for other threads now and then.
 struct Counters {
     local: IoStats,
@@ -114,8 +163,18 @@ impl IoChannel {
     /// A channel on `bdev` for the calling thread.
     pub(crate) fn open(bdev: &Arc<Bdev>) -> Result<IoChannel, BdevError> {
         let drv = bdev.driver.open_channel()?;
+        Ok(IoChannel::with_driver(bdev, drv))
+    }
+
+    /// A channel on a request queue of its own, which may move between threads.
+    pub(crate) fn open_movable(bdev: &Arc<Bdev>) -> Result<MovableChannel, BdevError> {
+        let drv: Box<dyn ChannelDriver + Send> = bdev.driver.open_exclusive_channel()?;
+        Ok(MovableChannel(IoChannel::with_driver(bdev, drv)))
+    }
+
+    fn with_driver(bdev: &Arc<Bdev>, drv: Box<dyn ChannelDriver>) -> IoChannel {
         clock::init();
-        Ok(IoChannel {
+        IoChannel {
             bdev: bdev.clone(),
             drv,
             parents: Parents::default(),
@@ -138,7 +197,7 @@ impl IoChannel {
             timed_out_held: 0,
             next_timeout_check: 0,
             _not_sync: PhantomData,
-        })
+        }
     }
 
     /// The bdev this channel serves.
@@ -358,8 +417,13 @@ impl IoChannel {
                 req.op.name()
             )));
         };
-        if let IoBuf::Dma(b) = buf {
-            if let Some(a) = self.translator.translate(b.addr(), b.len() as u64) {
+        let shared = match buf {
+            IoBuf::Dma(b) => Some((b.addr(), b.len())),
+            IoBuf::Foreign(b) => Some((b.addr(), b.len())),
+            IoBuf::Heap(_) => None,
+        };
+        if let Some((addr, len)) = shared {
+            if let Some(a) = self.translator.translate(addr, len as u64) {
                 return Ok((a, None));
             }
         }

@@ -146,6 +146,10 @@ impl BdevDriver for ScriptedBdev {
         Ok(Box::new(ScriptedChannel(self.0.clone())))
     }
 
+    fn open_exclusive_channel(&self) -> Result<Box<dyn ChannelDriver + Send>, BdevError> {
+        Ok(Box::new(ScriptedChannel(self.0.clone())))
+    }
+
     fn reset(&self, _timeout: Duration) -> Result<(), IoError> {
         let mut s = self.0.s();
         if !s.lun_reset_supported {

@@ -4,6 +4,7 @@
 use super::*;
 use crate::queue_life::{Admission, LifeQueue, QueueLife};
 use crate::reconnect::ControllerShared;
+use std::borrow::Borrow;
 use wire::response;
 
 /// A channel's state inside its thread queue.
@@ -606,10 +607,19 @@ impl From<IoError> for IssueError {
     }
 }
 
-/// A LUN channel: a handle on its thread's queue of the controller.
-pub(super) struct ScsiChannel {
-    tq: Rc<RefCell<ThreadQueue>>,
+/// A LUN channel: a handle on its thread's queue of the controller (`H` an
+/// `Rc<RefCell<ThreadQueue>>` shared with the thread's other LUN channels), or on a
+/// queue of its own (`H` a `RefCell<ThreadQueue>`, which can move between threads).
+pub(super) struct ScsiChannel<H: Borrow<RefCell<ThreadQueue>> = Rc<RefCell<ThreadQueue>>> {
+    tq: H,
     id: u32,
+}
+
+impl<H: Borrow<RefCell<ThreadQueue>>> ScsiChannel<H> {
+    #[inline(always)]
+    fn tq(&self) -> &RefCell<ThreadQueue> {
+        self.tq.borrow()
+    }
 }
 
 /// Open a channel on `ctx`'s LUN for the calling thread.
@@ -628,27 +638,46 @@ pub(super) fn open_channel(
     Ok(Box::new(ScsiChannel { tq, id }))
 }
 
-impl ChannelDriver for ScsiChannel {
+/// Open a channel on `ctx`'s LUN with a queue of the controller to itself.
+pub(super) fn open_exclusive_channel(
+    shared: &Arc<ScsiShared>,
+    ctx: &Arc<LunCtx>,
+    bdev: &str,
+) -> Result<Box<dyn ChannelDriver + Send>, BdevError> {
+    shared.link.wait_reconnected();
+    if shared.health.is_failed() {
+        return Err(BdevError::Failed(shared.name.clone()));
+    }
+    let mut tq = new_thread_queue(shared, bdev)?;
+    let id = tq.q.register(ctx.clone());
+    shared.queues.opened();
+    Ok(Box::new(ScsiChannel {
+        tq: RefCell::new(tq),
+        id,
+    }))
+}
+
+impl<H: Borrow<RefCell<ThreadQueue>>> ChannelDriver for ScsiChannel<H> {
     fn queue(&mut self, c: Child) -> Result<(), Child> {
-        self.tq.borrow_mut().queue(self.id, c)
+        self.tq().borrow_mut().queue(self.id, c)
     }
 
     fn abort(&mut self, parent: u32, timeout: Duration) -> Result<(), IoError> {
-        self.tq.borrow_mut().abort(self.id, parent, timeout)
+        self.tq().borrow_mut().abort(self.id, parent, timeout)
     }
 
     fn reset_controller(&mut self) -> Result<(), IoError> {
-        let tq = self.tq.borrow();
+        let tq = self.tq().borrow();
         tq.life.reset_controller(&tq.q)
     }
 
     fn publish(&mut self) {
-        self.tq.borrow_mut().publish();
+        self.tq().borrow_mut().publish();
     }
 
     fn poll(&mut self, out: &mut Vec<ChildDone>) -> usize {
         let before = out.len();
-        let mut tq = self.tq.borrow_mut();
+        let mut tq = self.tq().borrow_mut();
         tq.poll_all(self.id, out);
         if let Some(Some(st)) = tq.q.chans.get_mut(self.id as usize) {
             if !st.outbox.is_empty() {
@@ -659,7 +688,7 @@ impl ChannelDriver for ScsiChannel {
     }
 
     fn arm(&mut self) -> Option<(std::os::fd::RawFd, bool)> {
-        let mut tq = self.tq.borrow_mut();
+        let mut tq = self.tq().borrow_mut();
         if !tq.life.is_up() {
             return None;
         }
@@ -671,13 +700,13 @@ impl ChannelDriver for ScsiChannel {
     }
 
     fn disarm(&mut self) {
-        self.tq.borrow_mut().q.sq.rq.disarm();
+        self.tq().borrow_mut().q.sq.rq.disarm();
     }
 }
 
-impl Drop for ScsiChannel {
+impl<H: Borrow<RefCell<ThreadQueue>>> Drop for ScsiChannel<H> {
     fn drop(&mut self) {
-        let mut tq = self.tq.borrow_mut();
+        let mut tq = self.tq().borrow_mut();
         tq.q.shared.queues.closed();
         let failed = tq.life.is_failed();
         if let Some(entry) = tq.q.chans.get_mut(self.id as usize) {
@@ -716,6 +745,13 @@ fn thread_queue(
     if let Some(tq) = existing {
         return Ok(tq);
     }
+    let tq = Rc::new(RefCell::new(new_thread_queue(shared, bdev)?));
+    THREAD_QUEUES.with(|t| t.borrow_mut().push((key, Rc::downgrade(&tq))));
+    Ok(tq)
+}
+
+/// A queue of the controller's pool, with no channel on it yet.
+fn new_thread_queue(shared: &Arc<ScsiShared>, bdev: &str) -> Result<ThreadQueue, BdevError> {
     let q = shared.queues.take_for(bdev)?;
     let n = q.size() as usize;
     let index = q.index();
@@ -726,7 +762,7 @@ fn thread_queue(
         what: "allocate request slots".into(),
         source: e,
     })?;
-    let tq = Rc::new(RefCell::new(ThreadQueue {
+    Ok(ThreadQueue {
         q: ScsiRequests {
             sq,
             shared: shared.clone(),
@@ -744,7 +780,5 @@ fn thread_queue(
             index,
         },
         life: QueueLife::new(index, generation),
-    }));
-    THREAD_QUEUES.with(|t| t.borrow_mut().push((key, Rc::downgrade(&tq))));
-    Ok(tq)
+    })
 }

@@ -312,6 +312,10 @@ impl BdevDriver for LunDriver {
         open_channel(&self.shared, &self.ctx, &self.name)
     }
 
+    fn open_exclusive_channel(&self) -> Result<Box<dyn ChannelDriver + Send>, BdevError> {
+        io::open_exclusive_channel(&self.shared, &self.ctx, &self.name)
+    }
+
     fn reset(&self, timeout: Duration) -> Result<(), IoError> {
         lun_reset(&self.shared, &self.ctx.lun, timeout)
     }
