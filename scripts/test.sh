@@ -25,6 +25,8 @@ spdk_notice() {
 }
 spdk_notice
 trap spdk_notice EXIT
+# The C library (libblkio.so): its C programs and the guest test load it from target/.
+cargo build --locked -p vireo-capi
 cargo test --workspace --locked --exclude vireo-bench "$@"
 if [ $# -eq 0 ]; then
   ./scripts/readme-quickstart.sh
