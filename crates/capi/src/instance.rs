@@ -459,7 +459,7 @@ impl Blkio {
                 .map_err(verr)?,
             )
         };
-        if self.driver.scsi() {
+        let (ctrl, bdev) = if self.driver.scsi() {
             let c = ScsiController::attach(
                 &ScsiParams {
                     name: name.into(),
@@ -493,13 +493,7 @@ impl Blkio {
                     }
                 )));
             };
-            let info = bdev.info();
-            Ok(Conn {
-                queues: info.num_queues,
-                queue_size: info.queue_size,
-                bdev,
-                ctrl: Some(Ctrl::Scsi(c)),
-            })
+            (Ctrl::Scsi(c), bdev)
         } else {
             let c = BlkController::attach(
                 &BlkParams {
@@ -511,14 +505,15 @@ impl Blkio {
                 transport,
             )?;
             let bdev = c.bdev().clone();
-            let info = bdev.info();
-            Ok(Conn {
-                queues: info.num_queues,
-                queue_size: info.queue_size,
-                bdev,
-                ctrl: Some(Ctrl::Blk(c)),
-            })
-        }
+            (Ctrl::Blk(c), bdev)
+        };
+        let info = bdev.info();
+        Ok(Conn {
+            queues: info.num_queues,
+            queue_size: info.queue_size,
+            bdev,
+            ctrl: Some(ctrl),
+        })
     }
 
     pub fn connect(&mut self) -> Res<()> {

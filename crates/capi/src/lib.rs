@@ -194,6 +194,23 @@ fn put<T>(p: *mut T, v: T) -> Res<c_int> {
     Ok(0)
 }
 
+/// Read property `name` of type `want` into `value`.
+fn get_typed<T>(
+    b: *mut blkio,
+    name: *const c_char,
+    value: *mut T,
+    want: &str,
+    typed: impl FnOnce(&Value) -> Option<T>,
+) -> c_int {
+    call(|| {
+        let v = get(b, name)?;
+        match typed(&v) {
+            Some(t) => put(value, t),
+            None => Err(mismatch(name, want, &v)),
+        }
+    })
+}
+
 /// # Safety
 /// `b` as [`instance`] says; `name` a string; `value` writable.
 #[no_mangle]
@@ -202,9 +219,9 @@ pub unsafe extern "C" fn blkio_get_bool(
     name: *const c_char,
     value: *mut bool,
 ) -> c_int {
-    call(|| match get(b, name)? {
-        Value::Bool(v) => put(value, v),
-        v => Err(mismatch(name, "bool", &v)),
+    get_typed(b, name, value, "bool", |v| match v {
+        Value::Bool(x) => Some(*x),
+        _ => None,
     })
 }
 
@@ -216,9 +233,9 @@ pub unsafe extern "C" fn blkio_get_int(
     name: *const c_char,
     value: *mut c_int,
 ) -> c_int {
-    call(|| match get(b, name)? {
-        Value::Int(v) => put(value, v),
-        v => Err(mismatch(name, "int", &v)),
+    get_typed(b, name, value, "int", |v| match v {
+        Value::Int(x) => Some(*x),
+        _ => None,
     })
 }
 
@@ -230,9 +247,9 @@ pub unsafe extern "C" fn blkio_get_uint64(
     name: *const c_char,
     value: *mut u64,
 ) -> c_int {
-    call(|| match get(b, name)? {
-        Value::U64(v) => put(value, v),
-        v => Err(mismatch(name, "uint64", &v)),
+    get_typed(b, name, value, "uint64", |v| match v {
+        Value::U64(x) => Some(*x),
+        _ => None,
     })
 }
 
