@@ -15,7 +15,7 @@ use vireo_virtio::{
 };
 
 use crate::error::{busy, invalid, Fail, Res};
-use crate::queue::Queue;
+use crate::queue::{Queue, QueueBox};
 
 /// Memory-region alignment: a page.
 pub const MEM_REGION_ALIGNMENT: u64 = 4096;
@@ -121,8 +121,8 @@ pub struct Blkio {
     queue_size: i32,
     conn: Option<Conn>,
     /// Started queues (None: removed), then poll queues.
-    pub queues: Vec<Option<Box<Queue>>>,
-    pub poll_queues: Vec<Option<Box<Queue>>>,
+    pub queues: Vec<Option<QueueBox>>,
+    pub poll_queues: Vec<Option<QueueBox>>,
     allocated: Vec<Allocated>,
     /// Regions mapped with `blkio_map_mem_region`: (addr, len, shared by us).
     mapped: Vec<(u64, u64, bool)>,
@@ -568,7 +568,11 @@ impl Blkio {
         let mut queues = Vec::new();
         for i in 0..(nq + npq) {
             let poll = i >= nq;
-            queues.push(Some(Box::new(Queue::open(&bdev, poll, self.read_only)?)));
+            queues.push(Some(QueueBox::new(Queue::open(
+                &bdev,
+                poll,
+                self.read_only,
+            )?)));
         }
         self.poll_queues = queues.split_off(nq as usize);
         self.queues = queues;

@@ -450,6 +450,33 @@ impl Queue {
     }
 }
 
+/// A queue owned by its instance and reached by the caller through a raw pointer
+/// (`struct blkioq *`): the instance never forms a reference to it, so a thread using
+/// the queue and a thread reading the instance's properties do not alias.
+pub struct QueueBox(NonNull<Queue>);
+
+// SAFETY: the queue is Send (its channel is a MovableChannel); the box owns it alone.
+unsafe impl Send for QueueBox {}
+
+impl QueueBox {
+    pub fn new(q: Queue) -> QueueBox {
+        QueueBox(NonNull::from(Box::leak(Box::new(q))))
+    }
+
+    /// The `struct blkioq *` the caller uses.
+    pub fn as_ptr(&self) -> *mut Queue {
+        self.0.as_ptr()
+    }
+}
+
+impl Drop for QueueBox {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from Box::leak in `new` and is freed once, here; the
+        // caller's pointer is invalid from now on (blkio_remove_queue, blkio_destroy).
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
+    }
+}
+
 impl Drop for Queue {
     fn drop(&mut self) {
         // The caller's buffers must not be touched once the queue is gone: wait (briefly)
