@@ -6,7 +6,8 @@
 
 use std::os::fd::BorrowedFd;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vireo_bdev::{Bdev, BlkController, BlkParams, ScsiController, ScsiParams};
 use vireo_virtio::vhost_user::DEFAULT_REPLY_TIMEOUT;
@@ -19,8 +20,10 @@ use crate::queue::{Queue, QueueBox};
 
 /// Memory-region alignment: a page.
 pub const MEM_REGION_ALIGNMENT: u64 = 4096;
-/// libblkio's default queue size.
-const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// The default queue size: vireo's, which every peer tested takes (libblkio's 256 is
+/// more than QEMU's vhost-user devices use and than vhost-device-scsi accepts; it may be
+/// set higher with "queue-size").
+const DEFAULT_QUEUE_SIZE: u16 = vireo_bdev::config::DEFAULT_VQ_SIZE;
 /// The smallest queue size tried when a back-end refuses a larger one.
 const MIN_QUEUE_SIZE: u16 = 16;
 /// vhost-user memory slots vireo asks for (more regions than this may be refused).
@@ -157,6 +160,14 @@ impl Value {
     }
 }
 
+/// A device property before `blkio_connect`: -ENODEV, as libblkio answers.
+fn not_connected() -> Fail {
+    Fail::new(
+        libc::ENODEV,
+        "the device must be connected first (blkio_connect)",
+    )
+}
+
 fn not_found(name: &str) -> Fail {
     Fail::new(libc::ENOENT, format!("unknown property {name:?}"))
 }
@@ -183,9 +194,7 @@ impl Blkio {
     }
 
     fn conn(&self) -> Res<&Conn> {
-        self.conn
-            .as_ref()
-            .ok_or_else(|| busy("the property is available once connected (blkio_connect)"))
+        self.conn.as_ref().ok_or_else(not_connected)
     }
 
     pub fn bdev(&self) -> Option<&Arc<Bdev>> {
@@ -339,9 +348,7 @@ impl Blkio {
                 };
                 if !connected {
                     if created {
-                        return Err(busy(format!(
-                            "{name:?} is available once connected (blkio_connect)"
-                        )));
+                        return Err(not_connected());
                     }
                     return Err(want_connected(name));
                 }
@@ -469,29 +476,12 @@ impl Blkio {
                 },
                 transport,
             )?;
-            let want = (self.target, self.lun);
-            let found = c.bdevs().into_iter().find(|b| {
-                b.info()
-                    .scsi
-                    .is_some_and(|a| (a.target as i32, a.lun as i32) == want)
-            });
-            let Some(bdev) = found else {
-                let luns: Vec<String> = c
-                    .bdevs()
-                    .iter()
-                    .filter_map(|b| b.info().scsi.map(|a| format!("{}/{}", a.target, a.lun)))
-                    .collect();
-                let _ = c.detach();
-                return Err(vireo_bdev::BdevError::NotFound(format!(
-                    "no LUN at target {} lun {} (set \"target\" and \"lun\"; the device has {})",
-                    want.0,
-                    want.1,
-                    if luns.is_empty() {
-                        "none".to_string()
-                    } else {
-                        luns.join(", ")
-                    }
-                )));
+            let bdev = match select_lun(&c, self.target, self.lun) {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = c.detach();
+                    return Err(e);
+                }
             };
             (Ctrl::Scsi(c), bdev)
         } else {
@@ -523,11 +513,41 @@ impl Blkio {
                 self.state_name()
             )));
         }
-        let conn = self.attach(DEFAULT_QUEUE_SIZE)?;
+        let conn = match self.reuse_parked()? {
+            Some(c) => c,
+            None => self.attach(DEFAULT_QUEUE_SIZE)?,
+        };
         self.queue_size = conn.queue_size as i32;
         self.conn = Some(conn);
         self.state = State::Connected;
         Ok(())
+    }
+
+    /// The connection an earlier instance of this process left parked for this device.
+    fn reuse_parked(&self) -> Res<Option<Conn>> {
+        let Some(path) = &self.path else {
+            return Ok(None);
+        };
+        let Some(ctrl) = unpark(self.driver, path) else {
+            return Ok(None);
+        };
+        let bdev = match &ctrl {
+            Ctrl::Blk(c) => c.bdev().clone(),
+            Ctrl::Scsi(c) => match select_lun(c, self.target, self.lun) {
+                Ok(b) => b,
+                Err(e) => {
+                    ctrl.detach();
+                    return Err(e.into());
+                }
+            },
+        };
+        let info = bdev.info();
+        Ok(Some(Conn {
+            queues: info.num_queues,
+            queue_size: info.queue_size,
+            bdev,
+            ctrl: Some(ctrl),
+        }))
     }
 
     pub fn start(&mut self) -> Res<()> {
@@ -716,7 +736,11 @@ impl Drop for Blkio {
         }
         self.allocated.clear();
         if let Some(ctrl) = self.conn.as_mut().and_then(|c| c.ctrl.take()) {
-            ctrl.detach();
+            match (&self.state, &self.path) {
+                // Never started: the next instance of this process may want it.
+                (State::Connected, Some(path)) => park(self.driver, path.clone(), ctrl),
+                _ => ctrl.detach(),
+            }
         }
     }
 }
@@ -751,6 +775,96 @@ fn file_of_mapping(addr: u64, len: u64) -> Option<(std::fs::File, u64)> {
         return Some((file, offset + (addr - start)));
     }
     None
+}
+
+/// The bdev of LUN `target`/`lun` of a scsi controller.
+fn select_lun(
+    c: &ScsiController,
+    target: i32,
+    lun: i32,
+) -> Result<Arc<Bdev>, vireo_bdev::BdevError> {
+    let found = c.bdevs().into_iter().find(|b| {
+        b.info()
+            .scsi
+            .is_some_and(|a| (a.target as i32, a.lun as i32) == (target, lun))
+    });
+    found.ok_or_else(|| {
+        let luns: Vec<String> = c
+            .bdevs()
+            .iter()
+            .filter_map(|b| b.info().scsi.map(|a| format!("{}/{}", a.target, a.lun)))
+            .collect();
+        vireo_bdev::BdevError::NotFound(format!(
+            "no LUN at target {target} lun {lun} (set \"target\" and \"lun\"; the device has {})",
+            if luns.is_empty() {
+                "none".to_string()
+            } else {
+                luns.join(", ")
+            }
+        ))
+    })
+}
+
+/// How long the connection of an instance destroyed before `blkio_start` waits for the
+/// process's next instance of the same device.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// A connection of an instance that was connected, never started, and destroyed.
+struct Parked {
+    driver: Driver,
+    path: String,
+    ctrl: Ctrl,
+    since: Instant,
+}
+
+/// Connections waiting for reuse: a program that connects to read the device's
+/// properties, destroys the instance and connects again for its I/O (fio's libblkio
+/// engine does) then reaches back-ends that serve one front-end connection in their
+/// life as well as those that serve many.
+static PARKED: Mutex<Vec<Parked>> = Mutex::new(Vec::new());
+
+fn parked() -> std::sync::MutexGuard<'static, Vec<Parked>> {
+    PARKED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Close the parked connections older than [`LINGER`].
+fn close_expired() {
+    let expired: Vec<Parked> = {
+        let mut p = parked();
+        let (old, keep): (Vec<Parked>, Vec<Parked>) =
+            p.drain(..).partition(|x| x.since.elapsed() >= LINGER);
+        *p = keep;
+        old
+    };
+    for x in expired {
+        x.ctrl.detach();
+    }
+}
+
+fn park(driver: Driver, path: String, ctrl: Ctrl) {
+    parked().push(Parked {
+        driver,
+        path,
+        ctrl,
+        since: Instant::now(),
+    });
+    // Closed after LINGER if nobody takes it.
+    let _ = std::thread::Builder::new()
+        .name("blkio-linger".into())
+        .spawn(|| {
+            std::thread::sleep(LINGER + Duration::from_millis(50));
+            close_expired();
+        });
+}
+
+/// A parked connection to `path` with `driver`, if there is one.
+fn unpark(driver: Driver, path: &str) -> Option<Ctrl> {
+    close_expired();
+    let mut p = parked();
+    let i = p
+        .iter()
+        .position(|x| x.driver == driver && x.path == path)?;
+    Some(p.remove(i).ctrl)
 }
 
 fn wrong_type(name: &str, want: &str, got: &Value) -> Fail {
