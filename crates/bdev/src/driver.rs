@@ -73,6 +73,10 @@ pub(crate) trait ChannelDriver {
     }
     /// Back to polling after [`arm`](ChannelDriver::arm).
     fn disarm(&mut self) {}
+    /// The eventfd [`arm`](ChannelDriver::arm) would return, without arming.
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
     /// Ask the device to abort request `parent`'s commands (SCSI: ABORT TASK), waiting
     /// at most `timeout` for each answer. The device then gives them back (aborted).
     fn abort(&mut self, _parent: u32, _timeout: std::time::Duration) -> Result<(), IoError> {

@@ -110,12 +110,18 @@ impl QueuePool {
 }
 
 /// Check the queue parameters of controller `name` before talking to its device.
-pub fn check_queue_params(name: &str, vq_count: u16, vq_size: u16) -> Result<(), BdevError> {
+/// A queue size is a power of two of at least 4.
+pub fn check_queue_size(name: &str, vq_size: u16) -> Result<(), BdevError> {
     if !vq_size.is_power_of_two() || vq_size < 4 {
         return Err(BdevError::Config(format!(
             "controller {name}: vq_size {vq_size} must be a power of two of at least 4"
         )));
     }
+    Ok(())
+}
+
+pub fn check_queue_params(name: &str, vq_count: u16, vq_size: u16) -> Result<(), BdevError> {
+    check_queue_size(name, vq_size)?;
     if vq_count == 0 {
         return Err(BdevError::Config(format!(
             "controller {name}: vq_count must be at least 1"

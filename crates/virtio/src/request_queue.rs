@@ -510,6 +510,12 @@ impl<T: DeviceShared> RequestQueue<T> {
         Some((fd, pending))
     }
 
+    /// The eventfd the device signals completions on (when interrupts are enabled),
+    /// if the transport has one.
+    pub fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.ring.as_ref()?.completion_fd()
+    }
+
     /// Back to polling: interrupts off, a pending signal consumed.
     pub fn disarm(&mut self) {
         if let Some(ring) = self.ring.as_mut() {

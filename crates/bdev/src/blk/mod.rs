@@ -15,7 +15,7 @@ use crate::bdev::{Bdev, BdevInfo, Limits, OpSupport};
 use crate::driver::{BdevDriver, ChannelDriver};
 use crate::error::{BdevError, IoError};
 use crate::health::Health;
-use crate::pool::{check_queue_params, QueuePool};
+use crate::pool::{check_queue_size, QueuePool};
 use crate::reconnect::{self as link, ControllerShared, Link};
 use queue::BlkChannel;
 use reconnect::BlkReconnect;
@@ -92,7 +92,7 @@ impl BlkConfig {
 pub struct BlkParams {
     /// Controller (and bdev) name.
     pub name: String,
-    /// Request queues to use.
+    /// Request queues to use; 0: every queue the device offers.
     pub vq_count: u16,
     /// Descriptors per queue (a power of two).
     pub vq_size: u16,
@@ -191,7 +191,7 @@ impl BlkController {
     ) -> Result<BlkController, BdevError> {
         let name = params.name.as_str();
         let verr = |source| BdevError::virtio(name, source);
-        check_queue_params(name, params.vq_count, params.vq_size)?;
+        check_queue_size(name, params.vq_size)?;
         let wanted = COMMON_FEATURES
             | bf::SIZE_MAX
             | bf::SEG_MAX
@@ -226,10 +226,15 @@ impl BlkController {
         };
         let transport_queues = transport.max_queues().map_err(verr)?.unwrap_or(u16::MAX);
         let avail = dev_queues.min(transport_queues);
-        if params.vq_count > avail {
+        // 0: every queue the device offers (the C API's connect).
+        let vq_count = match params.vq_count {
+            0 => avail,
+            n => n,
+        };
+        if vq_count > avail {
             return Err(BdevError::TooFewQueues {
                 name: name.to_string(),
-                asked: params.vq_count,
+                asked: vq_count,
                 offered: avail,
                 detail: format!(
                     " (num_queues {}, MQ {}, back-end queues {}); set \"vq_count\" to at most {avail}",
@@ -301,14 +306,12 @@ impl BlkController {
         let mem = transport.memory().clone();
         // In-flight tracking by the back-end, for reconnections (INFLIGHT_SHMFD).
         let inflight = if params.reconnect_timeout.is_some() {
-            transport
-                .get_inflight(params.vq_count, vq_size)
-                .map_err(verr)?
+            transport.get_inflight(vq_count, vq_size).map_err(verr)?
         } else {
             None
         };
         let mut queues = Vec::new();
-        for i in 0..params.vq_count {
+        for i in 0..vq_count {
             queues.push(
                 create_queue(transport.as_mut(), i, vq_size, opts)
                     .map_err(|e| BdevError::queue_setup(name, vq_size, e))?,
@@ -390,7 +393,7 @@ impl BlkController {
                     block_size
                 },
             },
-            num_queues: params.vq_count,
+            num_queues: vq_count,
             queue_size: vq_size,
             serial,
             device_id: None,
@@ -411,7 +414,7 @@ impl BlkController {
             block_size,
             sectors_per_block,
             capacity: cfg.capacity,
-            vq_count: params.vq_count,
+            vq_count,
             vq_size,
             opts,
             bdev: Arc::downgrade(&bdev),

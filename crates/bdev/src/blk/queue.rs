@@ -276,6 +276,10 @@ impl ChannelDriver for BlkChannel {
     fn disarm(&mut self) {
         self.q.rq.disarm();
     }
+
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.q.rq.completion_fd()
+    }
 }
 
 impl BlkQueue {

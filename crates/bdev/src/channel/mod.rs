@@ -243,6 +243,13 @@ impl IoChannel {
         }
     }
 
+    /// The eventfd the device signals completions on while the channel is armed
+    /// ([`arm`](Self::arm)); `None` when the transport only polls. It stays the same while
+    /// the queue lives (a reconnection may replace it).
+    pub fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.drv.completion_fd()
+    }
+
     /// Reap completions into `out` until at least `min` were added or `timeout`
     /// passed, waiting as `mode` says; returns how many were added. Returns early when
     /// nothing is in flight.

@@ -22,7 +22,7 @@ impl ScsiController {
     ) -> Result<ScsiController, BdevError> {
         let name = params.name.as_str();
         let verr = |source| BdevError::virtio(name, source);
-        crate::pool::check_queue_params(name, params.vq_count, params.vq_size)?;
+        crate::pool::check_queue_size(name, params.vq_size)?;
         let wanted = COMMON_FEATURES | sf::HOTPLUG | sf::CHANGE;
         let features = negotiate(transport.as_mut(), wanted).map_err(verr)?;
         let cfg = if transport.has_config() {
@@ -66,10 +66,15 @@ impl ScsiController {
             Some(n) => dev_queues.min(n.saturating_sub(2)),
             None => dev_queues,
         };
-        if params.vq_count == 0 || params.vq_count > avail {
+        // 0: every queue the device offers (the C API's connect).
+        let vq_count = match params.vq_count {
+            0 => avail,
+            n => n,
+        };
+        if vq_count == 0 || vq_count > avail {
             return Err(BdevError::TooFewQueues {
                 name: name.to_string(),
-                asked: params.vq_count,
+                asked: vq_count,
                 offered: avail,
                 detail: match transport_queues {
                     // Control and event queues come first: fewer than 3 is no scsi device.
@@ -81,6 +86,11 @@ impl ScsiController {
                 },
             });
         }
+        // The count chosen, for everything that reads the parameters from here on.
+        let params = &ScsiParams {
+            vq_count,
+            ..params.clone()
+        };
         let mut vq_size = params.vq_size;
         if let Some(max) = transport.max_queue_size(2).map_err(verr)? {
             while vq_size > max && vq_size > 4 {
@@ -115,7 +125,7 @@ impl ScsiController {
         let control_q = mk(&mut transport, 0, small, plain)?;
         let mut event_q = mk(&mut transport, 1, small, plain)?;
         let mut queues = Vec::new();
-        for i in 0..params.vq_count {
+        for i in 0..vq_count {
             queues.push(mk(&mut transport, 2 + i, vq_size, opts)?);
         }
         transport
@@ -216,7 +226,7 @@ impl ScsiController {
             num_queues: cfg.num_queues,
             cdb_size,
             sense_size,
-            vq_count: params.vq_count,
+            vq_count,
             vq_size,
             small,
             opts,

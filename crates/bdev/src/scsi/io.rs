@@ -702,6 +702,10 @@ impl<H: Borrow<RefCell<ThreadQueue>>> ChannelDriver for ScsiChannel<H> {
     fn disarm(&mut self) {
         self.tq().borrow_mut().q.sq.rq.disarm();
     }
+
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.tq().borrow().q.sq.rq.completion_fd()
+    }
 }
 
 impl<H: Borrow<RefCell<ThreadQueue>>> Drop for ScsiChannel<H> {

@@ -67,7 +67,7 @@ const UNMAP_LIST_BYTES: usize = 65536;
 pub struct ScsiParams {
     /// Controller name (bdev names derive from it).
     pub name: String,
-    /// Request queues to use.
+    /// Request queues to use; 0: every queue the device offers.
     pub vq_count: u16,
     /// Descriptors per queue.
     pub vq_size: u16,

@@ -1,0 +1,750 @@
+//! A `struct blkio`: one controller, one bdev, its properties and its queues.
+//!
+//! States as libblkio has them: *created* (driver chosen, connection properties set),
+//! *connected* (the controller attached with every queue the device offers, device
+//! properties readable, queue counts settable), *started* (queues open).
+
+use std::os::fd::BorrowedFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use vireo_bdev::{Bdev, BlkController, BlkParams, ScsiController, ScsiParams};
+use vireo_virtio::vhost_user::DEFAULT_REPLY_TIMEOUT;
+use vireo_virtio::{
+    DmaBuf, DmaConfig, DmaMemory, PciAddress, PciTransport, Transport, VhostUserTransport,
+};
+
+use crate::error::{busy, invalid, Fail, Res};
+use crate::queue::Queue;
+
+/// Memory-region alignment: a page.
+pub const MEM_REGION_ALIGNMENT: u64 = 4096;
+/// libblkio's default queue size.
+const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// The smallest queue size tried when a back-end refuses a larger one.
+const MIN_QUEUE_SIZE: u16 = 16;
+/// vhost-user memory slots vireo asks for (more regions than this may be refused).
+const MAX_MEM_REGIONS: u64 = 509;
+
+/// The drivers, by libblkio name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    BlkVhostUser,
+    BlkVfioPci,
+    ScsiVhostUser,
+    ScsiVfioPci,
+}
+
+impl Driver {
+    pub fn from_name(name: &str) -> Option<Driver> {
+        Some(match name {
+            "virtio-blk-vhost-user" => Driver::BlkVhostUser,
+            "virtio-blk-vfio-pci" => Driver::BlkVfioPci,
+            "virtio-scsi-vhost-user" => Driver::ScsiVhostUser,
+            "virtio-scsi-vfio-pci" => Driver::ScsiVfioPci,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::BlkVhostUser => "virtio-blk-vhost-user",
+            Driver::BlkVfioPci => "virtio-blk-vfio-pci",
+            Driver::ScsiVhostUser => "virtio-scsi-vhost-user",
+            Driver::ScsiVfioPci => "virtio-scsi-vfio-pci",
+        }
+    }
+
+    fn scsi(self) -> bool {
+        matches!(self, Driver::ScsiVhostUser | Driver::ScsiVfioPci)
+    }
+
+    fn pci(self) -> bool {
+        matches!(self, Driver::BlkVfioPci | Driver::ScsiVfioPci)
+    }
+
+    /// Every driver name, for messages.
+    pub const ALL: &'static str =
+        "virtio-blk-vhost-user, virtio-blk-vfio-pci, virtio-scsi-vhost-user, virtio-scsi-vfio-pci";
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum State {
+    Created,
+    Connected,
+    Started,
+}
+
+enum Ctrl {
+    Blk(BlkController),
+    Scsi(ScsiController),
+}
+
+impl Ctrl {
+    fn detach(self) {
+        let r = match self {
+            Ctrl::Blk(c) => c.detach(),
+            Ctrl::Scsi(c) => c.detach(),
+        };
+        if let Err(e) = r {
+            tracing::warn!("closing the controller: {e}");
+        }
+    }
+}
+
+/// What `blkio_connect` brought up.
+struct Conn {
+    ctrl: Option<Ctrl>,
+    bdev: Arc<Bdev>,
+    /// Request queues the controller has.
+    queues: u16,
+    /// The queue size the controller was brought up with.
+    queue_size: u16,
+}
+
+/// A region the caller allocated with `blkio_alloc_mem_region`.
+struct Allocated {
+    buf: DmaBuf,
+}
+
+/// A `struct blkio`.
+pub struct Blkio {
+    pub driver: Driver,
+    pub state: State,
+    path: Option<String>,
+    read_only: bool,
+    direct: bool,
+    target: i32,
+    lun: i32,
+    num_queues: i32,
+    num_poll_queues: i32,
+    queue_size: i32,
+    conn: Option<Conn>,
+    /// Started queues (None: removed), then poll queues.
+    pub queues: Vec<Option<Box<Queue>>>,
+    pub poll_queues: Vec<Option<Box<Queue>>>,
+    allocated: Vec<Allocated>,
+    /// Regions mapped with `blkio_map_mem_region`: (addr, len, shared by us).
+    mapped: Vec<(u64, u64, bool)>,
+}
+
+/// A property's value, typed.
+#[derive(Debug, Clone)]
+pub enum Value {
+    Bool(bool),
+    Int(i32),
+    U64(u64),
+    Str(String),
+}
+
+impl Value {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Value::Bool(_) => "bool",
+            Value::Int(_) => "int",
+            Value::U64(_) => "uint64",
+            Value::Str(_) => "str",
+        }
+    }
+
+    pub fn to_text(&self) -> String {
+        match self {
+            Value::Bool(b) => b.to_string(),
+            Value::Int(i) => i.to_string(),
+            Value::U64(u) => u.to_string(),
+            Value::Str(s) => s.clone(),
+        }
+    }
+}
+
+fn not_found(name: &str) -> Fail {
+    Fail::new(libc::ENOENT, format!("unknown property {name:?}"))
+}
+
+impl Blkio {
+    pub fn new(driver: Driver) -> Blkio {
+        Blkio {
+            driver,
+            state: State::Created,
+            path: None,
+            read_only: false,
+            direct: false,
+            target: 0,
+            lun: 0,
+            num_queues: 1,
+            num_poll_queues: 0,
+            queue_size: DEFAULT_QUEUE_SIZE as i32,
+            conn: None,
+            queues: Vec::new(),
+            poll_queues: Vec::new(),
+            allocated: Vec::new(),
+            mapped: Vec::new(),
+        }
+    }
+
+    fn conn(&self) -> Res<&Conn> {
+        self.conn
+            .as_ref()
+            .ok_or_else(|| busy("the property is available once connected (blkio_connect)"))
+    }
+
+    pub fn bdev(&self) -> Option<&Arc<Bdev>> {
+        self.conn.as_ref().map(|c| &c.bdev)
+    }
+
+    /// Read a property.
+    pub fn get(&self, name: &str) -> Res<Value> {
+        let connected = || -> Res<&Conn> { self.conn() };
+        Ok(match name {
+            "driver" => Value::Str(self.driver.name().into()),
+            "can-add-queues" => Value::Bool(false),
+            "read-only" => {
+                Value::Bool(self.read_only || self.bdev().is_some_and(|b| b.info().read_only))
+            }
+            "path" => Value::Str(self.path.clone().unwrap_or_default()),
+            "direct" => Value::Bool(self.direct),
+            "target" | "lun" if self.driver.scsi() => Value::Int(if name == "target" {
+                self.target
+            } else {
+                self.lun
+            }),
+            _ => {
+                let c = connected().map_err(|e| {
+                    if is_device_property(name) {
+                        e
+                    } else {
+                        not_found(name)
+                    }
+                })?;
+                self.device_property(c, name)?
+            }
+        })
+    }
+
+    fn device_property(&self, c: &Conn, name: &str) -> Res<Value> {
+        let info = c.bdev.info();
+        let bs = info.block_size as u64;
+        let l = info.limits;
+        let clamp_int = |v: u64| Value::Int(v.min(i32::MAX as u64) as i32);
+        Ok(match name {
+            "capacity" => Value::U64(c.bdev.num_blocks() * bs),
+            "max-queues" => Value::Int(c.queues as i32),
+            "num-queues" => Value::Int(self.num_queues),
+            "num-poll-queues" => Value::Int(self.num_poll_queues),
+            "supports-poll-queues" => Value::Bool(true),
+            "max-mem-regions" => Value::U64(MAX_MEM_REGIONS),
+            "may-pin-mem-regions" => Value::Bool(self.driver.pci()),
+            "mem-region-alignment" => Value::U64(MEM_REGION_ALIGNMENT),
+            "needs-mem-regions" => Value::Bool(false),
+            "needs-mem-region-fd" => Value::Bool(!self.driver.pci()),
+            "request-alignment" => clamp_int(bs),
+            "optimal-io-alignment" => clamp_int(bs.max(l.physical_block_size as u64).max(bs)),
+            "optimal-io-size" => {
+                let align = bs.max(l.physical_block_size as u64);
+                let opt = l.optimal_io_blocks as u64 * bs;
+                clamp_int(if align != 0 && opt.is_multiple_of(align) {
+                    opt
+                } else {
+                    0
+                })
+            }
+            "buf-alignment" => Value::Int(1),
+            "optimal-buf-alignment" => Value::Int(MEM_REGION_ALIGNMENT as i32),
+            // Vectored requests go through one buffer: no per-request segment limit.
+            "max-segments" => Value::Int(libc::UIO_MAXIOV),
+            "max-segment-len" => Value::Int(0),
+            // Larger requests are split to the device's limits.
+            "max-transfer" => Value::Int(0),
+            "can-grow" => Value::Bool(false),
+            "supports-fua-natively" => Value::Bool(false),
+            "flush-needed" => Value::Bool(info.volatile_write_cache),
+            "max-write-zeroes-len" => Value::U64(0),
+            "max-discard-len" => Value::U64(0),
+            "discard-alignment" => clamp_int(if info.ops.unmap { bs } else { 0 }),
+            "discard-alignment-offset" => Value::Int(0),
+            "queue-size" => Value::Int(self.queue_size),
+            "max-queue-size" => Value::Int(if self.driver.pci() {
+                c.queue_size as i32
+            } else {
+                // vhost-user has no way to ask; the virtio limit.
+                32768
+            }),
+            _ => return Err(not_found(name)),
+        })
+    }
+
+    /// Write a property.
+    pub fn set(&mut self, name: &str, v: Value) -> Res<()> {
+        let created = self.state == State::Created;
+        let connected = self.state == State::Connected;
+        let want_created = |what: &str| {
+            busy(format!(
+                "{what:?} can only be set before blkio_connect (the instance is {})",
+                self.state_name()
+            ))
+        };
+        let want_connected = |what: &str| {
+            busy(format!(
+                "{what:?} can only be set between blkio_connect and blkio_start (the instance is {})",
+                self.state_name()
+            ))
+        };
+        match name {
+            "path" => {
+                let Value::Str(s) = v else {
+                    return Err(wrong_type(name, "str", &v));
+                };
+                if !created {
+                    return Err(want_created(name));
+                }
+                if s.is_empty() {
+                    return Err(invalid("\"path\" is empty"));
+                }
+                self.path = Some(s);
+            }
+            "read-only" | "direct" => {
+                let Value::Bool(b) = v else {
+                    return Err(wrong_type(name, "bool", &v));
+                };
+                if !created {
+                    return Err(want_created(name));
+                }
+                if name == "direct" {
+                    // vireo's virtio drivers never go through a page cache.
+                    self.direct = b;
+                } else {
+                    self.read_only = b;
+                }
+            }
+            "target" | "lun" if self.driver.scsi() => {
+                let Value::Int(i) = v else {
+                    return Err(wrong_type(name, "int", &v));
+                };
+                if !created {
+                    return Err(want_created(name));
+                }
+                let max = if name == "target" { 255 } else { 16383 };
+                if !(0..=max).contains(&i) {
+                    return Err(invalid(format!("{name:?} {i} must be 0 to {max}")));
+                }
+                if name == "target" {
+                    self.target = i;
+                } else {
+                    self.lun = i;
+                }
+            }
+            "num-queues" | "num-poll-queues" | "queue-size" => {
+                let Value::Int(i) = v else {
+                    return Err(wrong_type(name, "int", &v));
+                };
+                if !connected {
+                    if created {
+                        return Err(busy(format!(
+                            "{name:?} is available once connected (blkio_connect)"
+                        )));
+                    }
+                    return Err(want_connected(name));
+                }
+                let c = self.conn()?;
+                match name {
+                    "queue-size" => {
+                        if !(4..=32768).contains(&i) || (i as u32).count_ones() != 1 {
+                            return Err(invalid(format!(
+                                "\"queue-size\" {i} must be a power of two from 4 to 32768"
+                            )));
+                        }
+                        self.queue_size = i;
+                    }
+                    _ => {
+                        if i < 0 || i > c.queues as i32 {
+                            return Err(invalid(format!(
+                                "{name:?} {i} must be 0 to {} (\"max-queues\")",
+                                c.queues
+                            )));
+                        }
+                        if name == "num-queues" {
+                            self.num_queues = i;
+                        } else {
+                            self.num_poll_queues = i;
+                        }
+                    }
+                }
+            }
+            _ => {
+                // A known read-only property, or none at all.
+                if self.get(name).is_ok() || is_device_property(name) || is_created_property(name) {
+                    return Err(Fail::new(
+                        libc::EACCES,
+                        format!("property {name:?} is read-only"),
+                    ));
+                }
+                return Err(not_found(name));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            State::Created => "created",
+            State::Connected => "connected",
+            State::Started => "started",
+        }
+    }
+
+    /// Bring the controller up with `queue_size` (halved while the back-end refuses it).
+    fn attach(&self, queue_size: u16) -> Res<Conn> {
+        let Some(path) = self.path.clone() else {
+            return Err(invalid(format!(
+                "set \"path\" before blkio_connect ({})",
+                if self.driver.pci() {
+                    "the device's sysfs directory, e.g. /sys/bus/pci/devices/0000:00:04.0"
+                } else {
+                    "the vhost-user socket"
+                }
+            )));
+        };
+        let mut size = queue_size;
+        loop {
+            match self.attach_once(&path, size) {
+                Err(e)
+                    if size > MIN_QUEUE_SIZE
+                        && matches!(
+                            e,
+                            vireo_bdev::BdevError::QueueSizeRefused { .. }
+                                | vireo_bdev::BdevError::QueueSetup { .. }
+                        ) =>
+                {
+                    tracing::info!("{e}; trying queue size {}", size / 2);
+                    size /= 2;
+                }
+                Err(e) => return Err(e.into()),
+                Ok(c) => return Ok(c),
+            }
+        }
+    }
+
+    fn attach_once(&self, path: &str, queue_size: u16) -> Result<Conn, vireo_bdev::BdevError> {
+        let name = "blkio";
+        let verr = |source| vireo_bdev::BdevError::Virtio {
+            name: name.into(),
+            source,
+        };
+        let transport: Box<dyn Transport> = if self.driver.pci() {
+            // libblkio's path is the sysfs directory; its last component is the address.
+            let bdf = Path::new(path)
+                .file_name()
+                .and_then(|s| s.to_str())
+                .unwrap_or(path);
+            let addr: PciAddress = bdf.parse().map_err(verr)?;
+            let dma = DmaConfig {
+                initial_region_size: 16 << 20,
+                ..DmaConfig::default()
+            };
+            Box::new(PciTransport::open(addr, &dma).map_err(verr)?)
+        } else {
+            let mem = DmaMemory::new(DmaConfig {
+                initial_region_size: 16 << 20,
+                ..DmaConfig::default()
+            })
+            .map_err(verr)?;
+            Box::new(
+                VhostUserTransport::connect_with_options(
+                    Path::new(path),
+                    mem,
+                    DEFAULT_REPLY_TIMEOUT,
+                    false,
+                    Some(name),
+                )
+                .map_err(verr)?,
+            )
+        };
+        if self.driver.scsi() {
+            let c = ScsiController::attach(
+                &ScsiParams {
+                    name: name.into(),
+                    vq_count: 0,
+                    vq_size: queue_size,
+                    reconnect_timeout: None,
+                },
+                transport,
+            )?;
+            let want = (self.target, self.lun);
+            let found = c.bdevs().into_iter().find(|b| {
+                b.info()
+                    .scsi
+                    .is_some_and(|a| (a.target as i32, a.lun as i32) == want)
+            });
+            let Some(bdev) = found else {
+                let luns: Vec<String> = c
+                    .bdevs()
+                    .iter()
+                    .filter_map(|b| b.info().scsi.map(|a| format!("{}/{}", a.target, a.lun)))
+                    .collect();
+                let _ = c.detach();
+                return Err(vireo_bdev::BdevError::NotFound(format!(
+                    "no LUN at target {} lun {} (set \"target\" and \"lun\"; the device has {})",
+                    want.0,
+                    want.1,
+                    if luns.is_empty() {
+                        "none".to_string()
+                    } else {
+                        luns.join(", ")
+                    }
+                )));
+            };
+            let info = bdev.info();
+            Ok(Conn {
+                queues: info.num_queues,
+                queue_size: info.queue_size,
+                bdev,
+                ctrl: Some(Ctrl::Scsi(c)),
+            })
+        } else {
+            let c = BlkController::attach(
+                &BlkParams {
+                    name: name.into(),
+                    vq_count: 0,
+                    vq_size: queue_size,
+                    reconnect_timeout: None,
+                },
+                transport,
+            )?;
+            let bdev = c.bdev().clone();
+            let info = bdev.info();
+            Ok(Conn {
+                queues: info.num_queues,
+                queue_size: info.queue_size,
+                bdev,
+                ctrl: Some(Ctrl::Blk(c)),
+            })
+        }
+    }
+
+    pub fn connect(&mut self) -> Res<()> {
+        if self.state != State::Created {
+            return Err(busy(format!(
+                "blkio_connect on an instance that is {}",
+                self.state_name()
+            )));
+        }
+        let conn = self.attach(DEFAULT_QUEUE_SIZE)?;
+        self.queue_size = conn.queue_size as i32;
+        self.conn = Some(conn);
+        self.state = State::Connected;
+        Ok(())
+    }
+
+    pub fn start(&mut self) -> Res<()> {
+        if self.state != State::Connected {
+            return Err(busy(format!(
+                "blkio_start on an instance that is {}",
+                self.state_name()
+            )));
+        }
+        let (nq, npq) = (self.num_queues, self.num_poll_queues);
+        let c = self.conn()?;
+        if nq + npq == 0 {
+            return Err(invalid("\"num-queues\" and \"num-poll-queues\" are both 0"));
+        }
+        if nq + npq > c.queues as i32 {
+            return Err(invalid(format!(
+                "\"num-queues\" {nq} + \"num-poll-queues\" {npq} exceed the {} queues of the device (\"max-queues\")",
+                c.queues
+            )));
+        }
+        if self.queue_size != c.queue_size as i32 {
+            // The queue size is the controller's: bring it up again with the one asked for.
+            let size = self.queue_size as u16;
+            if let Some(old) = self.conn.take().and_then(|mut c| c.ctrl.take()) {
+                old.detach();
+            }
+            let conn = self.attach(size)?;
+            if conn.queue_size != size {
+                let got = conn.queue_size;
+                self.conn = Some(conn);
+                return Err(invalid(format!(
+                    "the device refused queue size {size} (it takes {got}; see \"max-queue-size\")"
+                )));
+            }
+            self.conn = Some(conn);
+        }
+        let bdev = self.conn()?.bdev.clone();
+        let mut queues = Vec::new();
+        for i in 0..(nq + npq) {
+            let poll = i >= nq;
+            queues.push(Some(Box::new(Queue::open(&bdev, poll, self.read_only)?)));
+        }
+        self.poll_queues = queues.split_off(nq as usize);
+        self.queues = queues;
+        self.state = State::Started;
+        Ok(())
+    }
+
+    fn memory(&self) -> Res<Arc<DmaMemory>> {
+        Ok(self.conn()?.bdev.memory().clone())
+    }
+
+    /// `blkio_alloc_mem_region`: page-aligned memory the device can use in place, with
+    /// the file backing it.
+    pub fn alloc_mem_region(&mut self, len: usize) -> Res<(u64, u64, i32, u64)> {
+        if self.state != State::Started {
+            return Err(busy("blkio_alloc_mem_region before blkio_start"));
+        }
+        if len == 0 || !(len as u64).is_multiple_of(MEM_REGION_ALIGNMENT) {
+            return Err(invalid(format!(
+                "length {len} must be a non-zero multiple of \"mem-region-alignment\" ({MEM_REGION_ALIGNMENT})"
+            )));
+        }
+        let mem = self.memory()?;
+        let buf = mem
+            .alloc(len, MEM_REGION_ALIGNMENT as usize)
+            .map_err(|e| Fail::new(libc::ENOMEM, e.to_string()))?;
+        let addr = buf.addr();
+        let region = mem
+            .regions()
+            .iter()
+            .find(|r| r.contains(addr, len as u64))
+            .copied()
+            .ok_or_else(|| Fail::new(libc::EIO, "allocated memory is in no region"))?;
+        let fd_offset = region.fd_offset + (addr - region.va);
+        self.allocated.push(Allocated { buf });
+        Ok((addr, len as u64, region.fd, fd_offset))
+    }
+
+    /// `blkio_free_mem_region`.
+    pub fn free_mem_region(&mut self, addr: u64, len: u64) {
+        self.mapped.retain(|&(a, l, _)| !(a == addr && l == len));
+        self.allocated
+            .retain(|a| !(a.buf.addr() == addr && a.buf.len() as u64 == len));
+    }
+
+    /// `blkio_map_mem_region`.
+    pub fn map_mem_region(
+        &mut self,
+        addr: u64,
+        len: u64,
+        fd: Option<BorrowedFd<'_>>,
+        fd_offset: u64,
+    ) -> Res<()> {
+        if self.state != State::Started {
+            return Err(busy("blkio_map_mem_region before blkio_start"));
+        }
+        if self
+            .mapped
+            .iter()
+            .any(|&(a, l, _)| addr < a + l && a < addr.saturating_add(len))
+        {
+            return Err(invalid(format!(
+                "[{addr:#x}, +{len}) overlaps a region already mapped"
+            )));
+        }
+        // Memory from blkio_alloc_mem_region is shared with the device already.
+        let ours = self
+            .allocated
+            .iter()
+            .any(|a| a.buf.addr() <= addr && addr + len <= a.buf.addr() + a.buf.len() as u64);
+        if !ours {
+            if !addr.is_multiple_of(MEM_REGION_ALIGNMENT)
+                || !len.is_multiple_of(MEM_REGION_ALIGNMENT)
+                || len == 0
+            {
+                return Err(invalid(format!(
+                    "addr {addr:#x} and len {len} must be non-zero multiples of \"mem-region-alignment\" ({MEM_REGION_ALIGNMENT})"
+                )));
+            }
+            if fd.is_none() && !self.driver.pci() {
+                return Err(invalid(
+                    "a vhost-user device maps memory through its file: give the region's fd (\"needs-mem-region-fd\")",
+                ));
+            }
+            self.memory()?
+                .add_external(addr, len, fd, fd_offset)
+                .map_err(|e| invalid(e.to_string()))?;
+        }
+        self.mapped.push((addr, len, !ours));
+        Ok(())
+    }
+
+    /// `blkio_unmap_mem_region`.
+    pub fn unmap_mem_region(&mut self, addr: u64, len: u64) {
+        let Some(pos) = self
+            .mapped
+            .iter()
+            .position(|&(a, l, _)| a == addr && l == len)
+        else {
+            return;
+        };
+        let (_, _, external) = self.mapped.remove(pos);
+        if external {
+            if let Ok(mem) = self.memory() {
+                mem.remove_external(addr, len);
+            }
+        }
+    }
+}
+
+impl Drop for Blkio {
+    fn drop(&mut self) {
+        // Queues first (their requests end), then the caller's memory, then the device.
+        self.queues.clear();
+        self.poll_queues.clear();
+        let mapped = std::mem::take(&mut self.mapped);
+        for (addr, len, external) in mapped {
+            if external {
+                if let Ok(mem) = self.memory() {
+                    mem.remove_external(addr, len);
+                }
+            }
+        }
+        self.allocated.clear();
+        if let Some(ctrl) = self.conn.as_mut().and_then(|c| c.ctrl.take()) {
+            ctrl.detach();
+        }
+    }
+}
+
+fn wrong_type(name: &str, want: &str, got: &Value) -> Fail {
+    Fail::new(
+        libc::ENOTTY,
+        format!("property {name:?} is a {want}, not a {}", got.type_name()),
+    )
+}
+
+/// Properties that exist once connected.
+fn is_device_property(name: &str) -> bool {
+    matches!(
+        name,
+        "capacity"
+            | "max-queues"
+            | "num-queues"
+            | "num-poll-queues"
+            | "supports-poll-queues"
+            | "max-mem-regions"
+            | "may-pin-mem-regions"
+            | "mem-region-alignment"
+            | "needs-mem-regions"
+            | "needs-mem-region-fd"
+            | "request-alignment"
+            | "optimal-io-alignment"
+            | "optimal-io-size"
+            | "buf-alignment"
+            | "optimal-buf-alignment"
+            | "max-segments"
+            | "max-segment-len"
+            | "max-transfer"
+            | "can-grow"
+            | "supports-fua-natively"
+            | "flush-needed"
+            | "max-write-zeroes-len"
+            | "max-discard-len"
+            | "discard-alignment"
+            | "discard-alignment-offset"
+            | "queue-size"
+            | "max-queue-size"
+    )
+}
+
+fn is_created_property(name: &str) -> bool {
+    matches!(name, "driver" | "can-add-queues")
+}
