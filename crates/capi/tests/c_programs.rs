@@ -256,6 +256,59 @@ fn blkio_test_on_vireo_target_blk_4k() {
     );
 }
 
+/// blkio_test linked with libblkio.a (and what `pkg-config --static` adds), run in poll
+/// mode against `vireo target`.
+#[test]
+fn static_archive_links_and_runs() {
+    let p = prefix();
+    let out = p.bin.join("blkio_test_static");
+    let private: Vec<String> = p
+        .pkg_config(&["--static", "--libs"])
+        .into_iter()
+        .filter(|w| !w.starts_with("-L") && w != "-lblkio")
+        .collect();
+    let res = Command::new("cc")
+        .args(["-Wall", "-Wextra", "-Werror"])
+        .arg(c_source("blkio_test.c"))
+        .args(p.pkg_config(&["--cflags"]))
+        .arg(p.lib().join("libblkio.a"))
+        .args(&private)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("cc");
+    assert!(
+        res.status.success(),
+        "linking libblkio.a with {private:?}:\n{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let dynamic = Command::new("readelf")
+        .arg("-d")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&dynamic.stdout).contains("libblkio"),
+        "a program linked with libblkio.a needs no libblkio.so"
+    );
+    let t = Peer::vireo_target(&["--type", "blk", "--size", "64m"]);
+    let ran = run(
+        Command::new(&out)
+            .arg("virtio-blk-vhost-user")
+            .arg(&t.sock)
+            .arg("poll"),
+        t.dir.path(),
+        "static",
+    );
+    println!("{}", ran.stdout);
+    let fails: Vec<&str> = ran
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("FAIL"))
+        .collect();
+    assert!(ran.status.success(), "{}\n{}", fails.join("\n"), ran.stderr);
+}
+
 #[test]
 fn blkio_test_on_vireo_target_scsi_two_luns() {
     let t = Peer::vireo_target(&["--type", "scsi", "--luns", "2", "--size", "64m"]);

@@ -1,9 +1,9 @@
 //! fio's libblkio engine on vireo's libblkio.so.1: verified random writes
 //! (`--verify=crc32c`) through poll queues (`--hipri`), the completion fd
 //! (`--libblkio_wait_mode=eventfd`) and two threads sharing one instance (`--numjobs=2
-//! --thread`), against qemu-storage-daemon, `vireo target` (blk and scsi),
-//! vhost-device-scsi when installed, and SPDK's vhost target when `SPDK_DIR` names a
-//! build.
+//! --thread`), against qemu-storage-daemon, `vireo target` (blk and scsi), and SPDK's
+//! vhost target when `SPDK_DIR` names a build. (vhost-device-scsi cannot serve fio: it
+//! takes one connection and fio's engine makes two; that test says SKIPPED.)
 //!
 //! Runs when `VIREO_FIO` names a fio binary (>= 3.34) built with the libblkio engine
 //! against this library's installed prefix (docs/capi.md); otherwise each test says
@@ -13,11 +13,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use common::{installed, run, skipped, Peer, Prefix};
+use common::{installed, run_within, skipped, Peer, Prefix};
 
 /// Bytes each fio job writes and verifies.
 const JOB_SIZE: u64 = 16 << 20;
+
+/// How long one fio run may take before the test calls it hung and kills it (a hang
+/// guard: a run takes seconds).
+const FIO_HANG: Duration = Duration::from_secs(300);
 
 fn fio() -> Option<PathBuf> {
     match std::env::var_os("VIREO_FIO") {
@@ -50,12 +55,12 @@ fn fio_or_skip(what: &str) -> Option<PathBuf> {
 /// The three ways fio waits, as extra arguments.
 const VARIANTS: [(&str, &[&str]); 3] = [
     ("hipri", &["--hipri"]),
-    ("eventfd", &["--libblkio_wait_mode=eventfd"]),
     ("2 threads", &["--numjobs=2", "--thread"]),
+    ("eventfd", &["--libblkio_wait_mode=eventfd"]),
 ];
 
-/// One fio run: its JSON report after checking the exit status, the errors and that
-/// verification read everything back.
+/// One fio run; `Err` says what went wrong: its exit status, a job's error, or a
+/// verification that did not read everything back.
 fn run_fio(
     fio: &Path,
     dir: &Path,
@@ -64,7 +69,7 @@ fn run_fio(
     props: Option<&str>,
     variant: (&str, &[&str]),
     core: Option<usize>,
-) {
+) -> Result<(), String> {
     let p = prefix();
     let (name, extra) = variant;
     let mut cmd = match core {
@@ -76,55 +81,70 @@ fn run_fio(
         }
         None => p.command(fio),
     };
-    cmd.args([
-        "--name=capi",
-        "--ioengine=libblkio",
-        &format!("--libblkio_driver={driver}"),
-        &format!("--libblkio_path={}", sock.display()),
-        "--rw=randwrite",
-        "--verify=crc32c",
-        "--bs=4k",
-        &format!("--size={JOB_SIZE}"),
-        &format!("--offset_increment={JOB_SIZE}"),
-        "--iodepth=16",
-        "--output-format=json",
-    ])
-    .args(extra);
+    // fio leaves verify state files in its working directory when a job is cut short.
+    cmd.current_dir(dir)
+        .args([
+            "--name=capi",
+            "--ioengine=libblkio",
+            &format!("--libblkio_driver={driver}"),
+            &format!("--libblkio_path={}", sock.display()),
+            "--rw=randwrite",
+            "--verify=crc32c",
+            "--bs=4k",
+            &format!("--size={JOB_SIZE}"),
+            &format!("--offset_increment={JOB_SIZE}"),
+            "--iodepth=16",
+            "--output-format=json",
+        ])
+        .args(extra);
     if let Some(props) = props {
         cmd.arg(format!("--libblkio_pre_connect_props={props}"));
     }
     let tag = format!("fio-{}", name.replace(' ', "-"));
-    let ran = run(&mut cmd, dir, &tag);
-    let ctx = || format!("fio {driver} {name}: {}", ran.text());
-    assert!(ran.status.success(), "{}", ctx());
-    let json_start = ran
-        .stdout
-        .find('{')
-        .unwrap_or_else(|| panic!("no JSON: {}", ctx()));
+    let ran = run_within(&mut cmd, dir, &tag, FIO_HANG)
+        .map_err(|e| format!("fio {driver} {name}: {e}"))?;
+    let ctx = |why: &str| format!("fio {driver} {name}: {why}\n{}", ran.text());
+    if !ran.status.success() {
+        return Err(ctx("failed"));
+    }
+    let json_start = ran.stdout.find('{').ok_or_else(|| ctx("no JSON report"))?;
     let report: serde_json::Value = serde_json::from_str(&ran.stdout[json_start..])
-        .unwrap_or_else(|e| panic!("fio's JSON: {e}: {}", ctx()));
-    let jobs = report["jobs"].as_array().expect("jobs");
+        .map_err(|e| ctx(&format!("fio's JSON: {e}")))?;
+    let jobs = report["jobs"].as_array().ok_or_else(|| ctx("no jobs"))?;
     let want_jobs = if extra.contains(&"--numjobs=2") { 2 } else { 1 };
-    assert_eq!(jobs.len(), want_jobs, "{}", ctx());
+    if jobs.len() != want_jobs {
+        return Err(ctx(&format!("{} jobs, want {want_jobs}", jobs.len())));
+    }
     for j in jobs {
-        assert_eq!(j["error"].as_i64(), Some(0), "job error: {}", ctx());
+        let error = j["error"].as_i64();
         let written = j["write"]["io_bytes"].as_u64().unwrap_or(0);
-        let verified = j["read"]["io_bytes"].as_u64().unwrap_or(0);
         // The verify phase reads back every block written (the read side of the report).
-        assert_eq!(written, JOB_SIZE, "written: {}", ctx());
-        assert_eq!(verified, JOB_SIZE, "verify read back: {}", ctx());
-        assert_eq!(j["write"]["total_ios"].as_u64(), Some(JOB_SIZE / 4096));
-        assert_eq!(j["read"]["total_ios"].as_u64(), Some(JOB_SIZE / 4096));
+        let verified = j["read"]["io_bytes"].as_u64().unwrap_or(0);
+        if error != Some(0) || written != JOB_SIZE || verified != JOB_SIZE {
+            return Err(ctx(&format!(
+                "job error {error:?}, {written} bytes written, {verified} verified; want 0, \
+                 {JOB_SIZE}, {JOB_SIZE}"
+            )));
+        }
     }
     println!(
         "fio {driver} {name}: ok ({want_jobs} job(s), {JOB_SIZE} bytes written and verified each)"
     );
+    Ok(())
 }
 
+/// Every variant against one peer, then fail with what failed.
 fn all_variants(fio: &Path, peer: &Peer, driver: &str, props: Option<&str>) {
-    for v in VARIANTS {
-        run_fio(fio, peer.dir.path(), driver, &peer.sock, props, v, None);
-    }
+    let failures: Vec<String> = VARIANTS
+        .iter()
+        .filter_map(|v| run_fio(fio, peer.dir.path(), driver, &peer.sock, props, *v, None).err())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{}\n--- peer log\n{}",
+        failures.join("\n"),
+        peer.log()
+    );
 }
 
 #[test]
@@ -159,29 +179,18 @@ fn fio_on_vireo_target_scsi_lun1() {
 
 #[test]
 fn fio_on_vhost_device_scsi() {
-    let Some(fio) = fio_or_skip("vhost-device-scsi") else {
-        return;
-    };
-    if common::vds_binary().is_none() {
-        skipped(
-            "fio on vhost-device-scsi (crates/capi/tests/fio.rs)",
-            "vhost-device-scsi is not installed: cargo install vhost-device-scsi --locked",
-        );
+    if fio_or_skip("vhost-device-scsi").is_none() {
         return;
     }
-    for v in VARIANTS {
-        // It serves one front-end and exits: a fresh one per fio run.
-        let vds = Peer::vhost_device_scsi(1, 2 * JOB_SIZE).unwrap();
-        run_fio(
-            &fio,
-            vds.dir.path(),
-            "virtio-scsi-vhost-user",
-            &vds.sock,
-            None,
-            v,
-            None,
-        );
-    }
+    // fio's engine connects twice (setup() reads the capacity and destroys the instance,
+    // then the job connects again); vhost-device-scsi (0.1.0) serves one front-end and
+    // exits, and takes queues of 128 descriptors at most where libblkio's default
+    // "queue-size" is 256. No fio run can pass against it.
+    skipped(
+        "fio on vhost-device-scsi (crates/capi/tests/fio.rs)",
+        "vhost-device-scsi serves a single front-end connection and fio's libblkio engine \
+         needs two (setup, then the job); vireo target --type scsi covers virtio-scsi here",
+    );
 }
 
 #[test]
@@ -202,20 +211,30 @@ fn fio_on_spdk_vhost() {
     let _one = vireo_peers::spdk::exclusive();
     // The target polls CPU 0; fio runs on CPU 1.
     let spdk = vireo_peers::spdk::SpdkVhost::start(&build, 0).expect("start SPDK vhost");
+    let mut failures = Vec::new();
     for (ctrl, driver) in [
         ("blk.mal", "virtio-blk-vhost-user"),
         ("scsi.mal", "virtio-scsi-vhost-user"),
     ] {
         for v in VARIANTS {
-            run_fio(
-                &fio,
-                spdk.dir(),
-                driver,
-                &spdk.socket(ctrl),
-                None,
-                v,
-                Some(1),
+            failures.extend(
+                run_fio(
+                    &fio,
+                    spdk.dir(),
+                    driver,
+                    &spdk.socket(ctrl),
+                    None,
+                    v,
+                    Some(1),
+                )
+                .err(),
             );
         }
     }
+    assert!(
+        failures.is_empty(),
+        "{}\n--- SPDK log\n{}",
+        failures.join("\n"),
+        spdk.log()
+    );
 }

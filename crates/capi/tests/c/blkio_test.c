@@ -11,7 +11,12 @@
  *   poll  a poll queue (num-queues 0, num-poll-queues 1, blkio_get_poll_queue), and
  *         blkioq_do_io() spinning with min_completions;
  *   fd    a regular queue with its completion fd enabled: poll(2) on the fd, read its
- *         8 bytes, then blkioq_do_io() with min_completions 0.
+ *         8 bytes, then blkioq_do_io() with min_completions 0; and once with the fd
+ *         switched to blocking mode, a blocking read(2) instead of poll(2), as fio's
+ *         libblkio_wait_mode=eventfd does.
+ *
+ * A wait for completions that lasts HANG_S seconds is reported as a FAIL line naming the
+ * step, and the program exits 1.
  *
  * It prints one line per check ("ok - ..." or "FAIL - ...") and a count, and exits 0
  * only when every check passed. It writes to the device: give it a scratch disk.
@@ -43,9 +48,35 @@
 #include <time.h>
 #include <unistd.h>
 
-/* How long fd mode waits on the completion fd before calling the queue hung. A hang
- * guard, not a performance bound. */
-#define HANG_MS 60000
+/* How long one wait for completions may last before the program calls it hung, says
+ * which step and exits: a hang guard (SIGALRM), not a performance bound. */
+#define HANG_S 120
+
+/* The step the guard names: written before each wait, read by the signal handler. */
+static char hang_msg[512];
+static volatile size_t hang_len;
+
+static void on_alarm(int sig)
+{
+    (void)sig;
+    ssize_t w = write(STDOUT_FILENO, hang_msg, hang_len);
+    (void)w;
+    _exit(1);
+}
+
+/* Arm the guard for the step `what`; disarm with guard(NULL). */
+static void guard(const char *what)
+{
+    if (!what) {
+        alarm(0);
+        return;
+    }
+    int n = snprintf(hang_msg, sizeof(hang_msg),
+                     "FAIL - %s: no completion in %d s (hang)\nblkio_test: hung\n", what,
+                     HANG_S);
+    hang_len = n < 0 ? 0 : (size_t)n < sizeof(hang_msg) ? (size_t)n : sizeof(hang_msg) - 1;
+    alarm(HANG_S);
+}
 
 static int passed;
 static int failed;
@@ -355,16 +386,12 @@ static bool collect(struct ctx *c, struct req *reqs, int n, const char *what)
     got = r;
     while (got < n) {
         struct pollfd pfd = { .fd = c->cfd, .events = POLLIN };
-        int pr = poll(&pfd, 1, HANG_MS);
+        int pr = poll(&pfd, 1, -1);
         if (pr < 0 && errno == EINTR) {
             continue;
         }
         if (pr < 0) {
             return check(false, "%s: poll(completion fd): %s", what, strerror(errno));
-        }
-        if (pr == 0) {
-            return check(false, "%s: no event on the completion fd in %d s with %d of %d "
-                         "requests done (hang)", what, HANG_MS / 1000, got, n);
         }
         uint64_t event;
         ssize_t rd = read(c->cfd, &event, sizeof(event));
@@ -389,10 +416,13 @@ static bool collect(struct ctx *c, struct req *reqs, int n, const char *what)
 /* Queue reqs[0..n) all at once, then wait for them. */
 static bool run(struct ctx *c, struct req *reqs, int n, const char *what)
 {
+    guard(what);
     for (int i = 0; i < n; i++) {
         queue_req(c, &reqs[i]);
     }
-    return collect(c, reqs, n, what);
+    bool ok = collect(c, reqs, n, what);
+    guard(NULL);
+    return ok;
 }
 
 /* One request; its completion's ret, or 1 when it was not collected (reported). */
@@ -741,11 +771,14 @@ static bool started_state(struct ctx *c)
     }
     /* libblkio: min_completions above the requests in flight is -EINVAL. The timeout only
      * keeps a library that waits instead from hanging the test. */
+    guard("blkioq_do_io(min 1 > max 0)");
     r = blkioq_do_io(c->q, NULL, 1, 0, &ts);
     check(r == -EINVAL, "blkioq_do_io(min 1 > max 0) = %s (want -EINVAL)", errname(r));
     struct blkio_completion comp;
     ts.tv_sec = 5;
+    guard("blkioq_do_io(min 1) with nothing in flight");
     r = blkioq_do_io(c->q, &comp, 1, 1, &ts);
+    guard(NULL);
     check(r == -EINVAL, "blkioq_do_io(min 1) with nothing in flight = %s (libblkio: -EINVAL)",
           errname(r));
     return true;
@@ -946,6 +979,66 @@ static void deep_queue(struct ctx *c, uint64_t seed)
     }
 }
 
+/* fio's libblkio_wait_mode=eventfd: the completion fd switched to blocking mode (libblkio:
+ * "The application may switch the file descriptor to blocking mode"); 64 writes kept 16
+ * in flight, each wait as fio's getevents(min 1): blkioq_do_io() with min_completions 0,
+ * then while nothing came back a blocking read(2) of the fd's 8 bytes and
+ * blkioq_do_io() again. */
+static void blocking_completion_fd(struct ctx *c, uint64_t seed)
+{
+    enum { TOTAL = 64 };
+    struct req w[TOTAL];
+    struct blkio_completion comps[DEPTH];
+    uint64_t io = c->io;
+    uint64_t base = (c->p.capacity / io / 7) * io;
+    const char *what = "blocking completion fd (fio's eventfd mode)";
+    int fl = fcntl(c->cfd, F_GETFL);
+    int queued = 0, done = 0;
+    bool ok = true;
+
+    if (fl < 0 || fcntl(c->cfd, F_SETFL, fl & ~O_NONBLOCK) != 0) {
+        check(false, "%s: fcntl: %s", what, strerror(errno));
+        return;
+    }
+    guard(what);
+    while (ok && done < TOTAL) {
+        while (queued < TOTAL && queued - done < DEPTH) {
+            /* Slot by position in the window: a request's buffer is free once it is done. */
+            char *buf = slot(c, 120 + queued % DEPTH);
+            fill(buf, io, seed + base + (uint64_t)queued * io);
+            w[queued] = (struct req){ .op = OP_WRITE, .start = base + (uint64_t)queued * io,
+                                      .buf = buf, .len = io };
+            queue_req(c, &w[queued]);
+            queued++;
+        }
+        int n = blkioq_do_io(c->q, comps, 0, queued - done, NULL);
+        while (n == 0) {
+            uint64_t event;
+            ssize_t rd = read(c->cfd, &event, sizeof(event));
+            if (rd != (ssize_t)sizeof(event)) {
+                ok = check(false, "%s: read(completion fd) = %zd: %s", what, rd,
+                           rd < 0 ? strerror(errno) : "short read");
+                break;
+            }
+            n = blkioq_do_io(c->q, comps, 0, queued - done, NULL);
+        }
+        if (ok && n < 0) {
+            ok = check(false, "%s: blkioq_do_io(min 0) = %s: %s", what, errname(n), msg());
+        }
+        for (int i = 0; ok && i < n; i++) {
+            ok = take(w, queued, &comps[i], what);
+        }
+        if (ok) {
+            done += n;
+        }
+    }
+    guard(NULL);
+    fcntl(c->cfd, F_SETFL, fl);
+    if (ok && all_ok(w, TOTAL, what)) {
+        check(true, "%s: %d writes, %d in flight, completed", what, TOTAL, DEPTH);
+    }
+}
+
 /* Buffers in no mapped region: bounced by the library (needs-mem-regions false). */
 static void unmapped_buffers(struct ctx *c, uint64_t seed)
 {
@@ -1048,9 +1141,9 @@ static bool setup_region(struct ctx *c)
     check(r < 0, "mapping it again fails (libblkio: already mapped): %s", errname(r));
     c->buf = region.addr;
     c->buf_len = region.len;
-    /* The I/O below needs 120 slots of io bytes. */
-    if (c->buf_len < 120 * c->io) {
-        check(false, "region of %zu bytes too small for 120 * %zu", c->buf_len, c->io);
+    /* The I/O below needs 136 slots of io bytes. */
+    if (c->buf_len < 136 * c->io) {
+        check(false, "region of %zu bytes too small for 136 * %zu", c->buf_len, c->io);
         return false;
     }
     return true;
@@ -1222,6 +1315,8 @@ int main(int argc, char **argv)
         cfg.lun = atoi(argv[5]);
     }
     c.poll = cfg.poll;
+    struct sigaction sa = { .sa_handler = on_alarm };
+    sigaction(SIGALRM, &sa, NULL);
     /* A seed per run: data from an earlier run never passes for this run's. */
     uint64_t seed = mix((uint64_t)getpid() ^ ((uint64_t)time(NULL) << 20));
     note("blkio_test %s %s %s target %d lun %d", cfg.driver, cfg.path, cfg.mode, cfg.target,
@@ -1271,6 +1366,9 @@ int main(int argc, char **argv)
     zeroes_and_discard(&c, seed);
     deep_queue(&c, seed);
     unmapped_buffers(&c, seed);
+    if (!c.poll) {
+        blocking_completion_fd(&c, seed);
+    }
     bad_requests(&c);
     /* After the failures, the queue still works. */
     r = run1(&c, (struct req){ .op = OP_FLUSH }, "flush");

@@ -187,6 +187,18 @@ impl Ran {
 /// Run `cmd` to completion with its output in files under `dir`; kill it and fail the
 /// test when it outlives [`HANG`].
 pub fn run(cmd: &mut Command, dir: &Path, what: &str) -> Ran {
+    run_within(cmd, dir, what, HANG).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Run `cmd` in a process group of its own with its output in files under `dir`; when it
+/// outlives `limit`, kill the group (a forked child too: fio's jobs) and say so in `Err`.
+pub fn run_within(
+    cmd: &mut Command,
+    dir: &Path,
+    what: &str,
+    limit: Duration,
+) -> Result<Ran, String> {
+    use std::os::unix::process::CommandExt;
     let out_path = dir.join(format!("{what}.stdout"));
     let err_path = dir.join(format!("{what}.stderr"));
     let out = std::fs::File::create(&out_path).expect("stdout file");
@@ -195,29 +207,67 @@ pub fn run(cmd: &mut Command, dir: &Path, what: &str) -> Ran {
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
+        .process_group(0)
         .spawn()
         .unwrap_or_else(|e| panic!("start {what} ({cmd:?}): {e}"));
-    let deadline = Instant::now() + HANG;
+    let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait") {
             break s;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
+            let pgid = child.id() as libc::pid_t;
+            // fio's job processes call setsid(): find them by parentage, not by group.
+            for pid in descendants(child.id()) {
+                // SAFETY: kill(2) on a pid this test's child started; touches no memory.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+            // SAFETY: kill(2) with a negative pid signals the process group the child leads
+            // (process_group(0) above); it touches no memory.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
             let _ = child.wait();
-            panic!(
-                "{what} did not finish within {} s (hang):\n{}",
-                HANG.as_secs(),
-                std::fs::read_to_string(&out_path).unwrap_or_default()
-            );
+            return Err(format!(
+                "{what} did not finish within {} s (hang), killed:\n--- stdout\n{}--- stderr\n{}",
+                limit.as_secs(),
+                std::fs::read_to_string(&out_path).unwrap_or_default(),
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    Ran {
+    Ok(Ran {
         status,
         stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
         stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
+    })
+}
+
+/// Every live descendant of `root` (from /proc's parent links), children first.
+fn descendants(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| {
+                let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+                let after = &stat[stat.rfind(')')? + 1..];
+                let ppid: u32 = after.split_whitespace().nth(1)?.parse().ok()?;
+                Some((pid, ppid))
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for &(pid, ppid) in &parents {
+            if ppid == p && !out.contains(&pid) {
+                out.push(pid);
+                frontier.push(pid);
+            }
+        }
     }
+    out
 }
 
 /// Print a loud notice that `what` was skipped, and why.
