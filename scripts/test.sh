@@ -29,8 +29,8 @@ spdk_notice() {
 }
 spdk_notice
 trap spdk_notice EXIT
-# The C-side tests of the C library (crates/capi/tests/c_programs.rs, fio.rs) install and
-# run the built libblkio.so and the vireo binary: build both first.
+# The C library (libblkio.so) and the vireo binary: the C programs
+# (crates/capi/tests/c_programs.rs, fio.rs) and the guest test load them from target/.
 cargo build --locked -p vireo-capi -p vireo
 cargo test --workspace --locked --exclude vireo-bench "$@"
 if [ $# -eq 0 ]; then

@@ -31,6 +31,21 @@ pub struct OpSupport {
     pub reset: bool,
 }
 
+impl OpSupport {
+    /// Whether the bdev takes I/O of kind `op`.
+    #[inline]
+    pub fn supports(&self, op: crate::io::IoOp) -> bool {
+        use crate::io::IoOp;
+        match op {
+            IoOp::Read => self.read,
+            IoOp::Write => self.write,
+            IoOp::Flush => self.flush,
+            IoOp::Unmap => self.unmap,
+            IoOp::WriteZeroes => self.write_zeroes,
+        }
+    }
+}
+
 /// Per-request limits of the device, in blocks unless named otherwise.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Limits {

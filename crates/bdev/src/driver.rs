@@ -3,11 +3,15 @@
 //! [`ChannelDriver`] and gets [`ChildDone`] records back. SPDK's split vocabulary: a
 //! *parent* is the caller's I/O, its *children* are the device requests it became.
 
+use std::sync::Arc;
+
+use vireo_virtio::Segment;
+
 use crate::error::{BdevError, IoError};
 use crate::io::IoOp;
 
 /// One request as the device sees it, after splitting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Child {
     /// Parent I/O slot in the channel.
     pub parent: u32,
@@ -17,10 +21,15 @@ pub(crate) struct Child {
     pub lba: u64,
     /// Blocks (0 for flush).
     pub blocks: u64,
-    /// Device address of the data (read/write).
+    /// Device address of the data (read/write); with `sg`, the offset of the data in
+    /// that list.
     pub addr: u64,
     /// Data bytes (read/write).
     pub len: u32,
+    /// A vectored I/O's data, used in place: the caller's segments, in device
+    /// addresses; this request carries bytes `[addr, addr+len)` of them. `None`: the
+    /// data is one extent at `addr`.
+    pub sg: Option<Arc<[Segment]>>,
 }
 
 impl Child {
@@ -32,7 +41,47 @@ impl Child {
         blocks: 0,
         addr: 0,
         len: 0,
+        sg: None,
     };
+}
+
+impl Child {
+    /// The request's data as device segments of at most `max_bytes` each (a long
+    /// extent, or a long caller segment, becomes several), in order.
+    pub fn data_segments(&self, max_bytes: u64, mut push: impl FnMut(Segment)) {
+        let max_bytes = max_bytes.max(1);
+        let mut piece = |mut addr: u64, mut left: u64| {
+            while left > 0 {
+                let n = left.min(max_bytes);
+                push(Segment {
+                    addr,
+                    len: n as u32,
+                });
+                addr += n;
+                left -= n;
+            }
+        };
+        let Some(sg) = &self.sg else {
+            piece(self.addr, self.len as u64);
+            return;
+        };
+        // Bytes [addr, addr+len) of the list.
+        let (mut skip, mut left) = (self.addr, self.len as u64);
+        for s in sg.iter() {
+            if left == 0 {
+                break;
+            }
+            let l = s.len as u64;
+            if skip >= l {
+                skip -= l;
+                continue;
+            }
+            let n = (l - skip).min(left);
+            piece(s.addr + skip, n);
+            skip = 0;
+            left -= n;
+        }
+    }
 }
 
 /// A finished device request.
@@ -121,5 +170,72 @@ pub(crate) trait BdevDriver: Send + Sync {
             op: "controller reset",
             bdev: String::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(addr: u64, len: u32) -> Segment {
+        Segment { addr, len }
+    }
+
+    fn segments(c: &Child, max: u64) -> Vec<(u64, u32)> {
+        let mut v = Vec::new();
+        c.data_segments(max, |s| v.push((s.addr, s.len)));
+        v
+    }
+
+    #[test]
+    fn one_extent_is_cut_at_the_segment_limit() {
+        let c = Child {
+            addr: 0x1000,
+            len: 10_000,
+            ..Child::EMPTY
+        };
+        assert_eq!(
+            segments(&c, 4096),
+            vec![(0x1000, 4096), (0x2000, 4096), (0x3000, 1808)]
+        );
+    }
+
+    #[test]
+    fn a_request_takes_its_byte_range_of_the_callers_segments() {
+        let sg: Arc<[Segment]> = Arc::from(vec![
+            seg(0x10_000, 1024),
+            seg(0x20_000, 512),
+            seg(0x30_000, 10_000),
+        ]);
+        // Bytes 1536.. 1536+4096 of the list: inside the third segment.
+        let c = Child {
+            addr: 1536,
+            len: 4096,
+            sg: Some(sg.clone()),
+            ..Child::EMPTY
+        };
+        assert_eq!(segments(&c, 1 << 20), vec![(0x30_000, 4096)]);
+        // Bytes 512..2560: the tail of the first, all of the second, the third's head.
+        let c = Child {
+            addr: 512,
+            len: 2048,
+            sg: Some(sg.clone()),
+            ..Child::EMPTY
+        };
+        assert_eq!(
+            segments(&c, 1 << 20),
+            vec![(0x10_200, 512), (0x20_000, 512), (0x30_000, 1024)]
+        );
+        // A long caller segment is cut at the limit too.
+        let c = Child {
+            addr: 1536,
+            len: 10_000,
+            sg: Some(sg),
+            ..Child::EMPTY
+        };
+        assert_eq!(
+            segments(&c, 4096),
+            vec![(0x30_000, 4096), (0x31_000, 4096), (0x32_000, 1808)]
+        );
     }
 }

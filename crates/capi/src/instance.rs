@@ -15,7 +15,7 @@ use vireo_virtio::{
 };
 
 use crate::error::{busy, invalid, Fail, Res};
-use crate::queue::Queue;
+use crate::queue::{Queue, QueueBox};
 
 /// Memory-region alignment: a page.
 pub const MEM_REGION_ALIGNMENT: u64 = 4096;
@@ -121,8 +121,8 @@ pub struct Blkio {
     queue_size: i32,
     conn: Option<Conn>,
     /// Started queues (None: removed), then poll queues.
-    pub queues: Vec<Option<Box<Queue>>>,
-    pub poll_queues: Vec<Option<Box<Queue>>>,
+    pub queues: Vec<Option<QueueBox>>,
+    pub poll_queues: Vec<Option<QueueBox>>,
     allocated: Vec<Allocated>,
     /// Regions mapped with `blkio_map_mem_region`: (addr, len, shared by us).
     mapped: Vec<(u64, u64, bool)>,
@@ -459,7 +459,7 @@ impl Blkio {
                 .map_err(verr)?,
             )
         };
-        if self.driver.scsi() {
+        let (ctrl, bdev) = if self.driver.scsi() {
             let c = ScsiController::attach(
                 &ScsiParams {
                     name: name.into(),
@@ -493,13 +493,7 @@ impl Blkio {
                     }
                 )));
             };
-            let info = bdev.info();
-            Ok(Conn {
-                queues: info.num_queues,
-                queue_size: info.queue_size,
-                bdev,
-                ctrl: Some(Ctrl::Scsi(c)),
-            })
+            (Ctrl::Scsi(c), bdev)
         } else {
             let c = BlkController::attach(
                 &BlkParams {
@@ -511,14 +505,15 @@ impl Blkio {
                 transport,
             )?;
             let bdev = c.bdev().clone();
-            let info = bdev.info();
-            Ok(Conn {
-                queues: info.num_queues,
-                queue_size: info.queue_size,
-                bdev,
-                ctrl: Some(Ctrl::Blk(c)),
-            })
-        }
+            (Ctrl::Blk(c), bdev)
+        };
+        let info = bdev.info();
+        Ok(Conn {
+            queues: info.num_queues,
+            queue_size: info.queue_size,
+            bdev,
+            ctrl: Some(ctrl),
+        })
     }
 
     pub fn connect(&mut self) -> Res<()> {
@@ -573,7 +568,11 @@ impl Blkio {
         let mut queues = Vec::new();
         for i in 0..(nq + npq) {
             let poll = i >= nq;
-            queues.push(Some(Box::new(Queue::open(&bdev, poll, self.read_only)?)));
+            queues.push(Some(QueueBox::new(Queue::open(
+                &bdev,
+                poll,
+                self.read_only,
+            )?)));
         }
         self.poll_queues = queues.split_off(nq as usize);
         self.queues = queues;
@@ -653,16 +652,34 @@ impl Blkio {
                     "addr {addr:#x} and len {len} must be non-zero multiples of \"mem-region-alignment\" ({MEM_REGION_ALIGNMENT})"
                 )));
             }
+            let mut shared = true;
             if fd.is_none() && !self.driver.pci() {
-                return Err(invalid(
-                    "a vhost-user device maps memory through its file: give the region's fd (\"needs-mem-region-fd\")",
-                ));
+                // vhost-user shares memory through its file: find it, as the kernel knows
+                // it (a shared file or memfd mapping); private memory cannot be shared and
+                // is bounced, the mapping is then only a promise the caller keeps.
+                match file_of_mapping(addr, len) {
+                    Some((file, off)) => {
+                        use std::os::fd::AsFd;
+                        self.memory()?
+                            .add_external(addr, len, Some(file.as_fd()), off)
+                            .map_err(|e| invalid(e.to_string()))?;
+                    }
+                    None => {
+                        tracing::info!(
+                            "memory region [{addr:#x}, +{len}) has no file to share with a vhost-user device (fd -1, not a shared file mapping): I/O in it is copied through vireo's memory"
+                        );
+                        shared = false;
+                    }
+                }
+            } else {
+                self.memory()?
+                    .add_external(addr, len, fd, fd_offset)
+                    .map_err(|e| invalid(e.to_string()))?;
             }
-            self.memory()?
-                .add_external(addr, len, fd, fd_offset)
-                .map_err(|e| invalid(e.to_string()))?;
+            self.mapped.push((addr, len, shared));
+            return Ok(());
         }
-        self.mapped.push((addr, len, !ours));
+        self.mapped.push((addr, len, false));
         Ok(())
     }
 
@@ -702,6 +719,38 @@ impl Drop for Blkio {
             ctrl.detach();
         }
     }
+}
+
+/// The file behind `[addr, addr+len)` when one shared file mapping (a memfd, a file
+/// mapped `MAP_SHARED`) holds it: the file (from `/proc/self/map_files`) and the offset of
+/// `addr` in it.
+fn file_of_mapping(addr: u64, len: u64) -> Option<(std::fs::File, u64)> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    for line in maps.lines() {
+        // start-end perms offset dev inode [path]
+        let mut f = line.split_whitespace();
+        let range = f.next()?;
+        let perms = f.next()?;
+        let offset = u64::from_str_radix(f.next()?, 16).ok()?;
+        let (s, e) = range.split_once('-')?;
+        let (start, end) = (
+            u64::from_str_radix(s, 16).ok()?,
+            u64::from_str_radix(e, 16).ok()?,
+        );
+        if addr < start || addr >= end {
+            continue;
+        }
+        if addr + len > end || !perms.ends_with('s') {
+            return None;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/self/map_files/{range}"))
+            .ok()?;
+        return Some((file, offset + (addr - start)));
+    }
+    None
 }
 
 fn wrong_type(name: &str, want: &str, got: &Value) -> Fail {

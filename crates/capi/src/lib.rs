@@ -24,7 +24,7 @@ use vireo_bdev::IoOp;
 
 use error::{invalid, set_message, Fail, Res};
 use instance::{Blkio, Driver, State, Value};
-use queue::{Queue, Wait};
+use queue::{Queue, QueueBox, Wait};
 /// `BLKIO_REQ_FUA`.
 pub const BLKIO_REQ_FUA: u32 = queue::REQ_FUA;
 /// `BLKIO_REQ_NO_UNMAP`.
@@ -87,6 +87,16 @@ fn call_void(f: impl FnOnce()) {
 unsafe fn instance<'a>(b: *mut blkio) -> Res<&'a mut Blkio> {
     // SAFETY: the caller's contract.
     unsafe { b.as_mut() }.ok_or_else(|| invalid("the struct blkio pointer is NULL"))
+}
+
+/// A shared view, for calls that only read (properties): a thread may read them while
+/// others use the instance's queues.
+///
+/// # Safety
+/// As [`instance`].
+unsafe fn instance_ref<'a>(b: *const blkio) -> Res<&'a Blkio> {
+    // SAFETY: the caller's contract.
+    unsafe { b.as_ref() }.ok_or_else(|| invalid("the struct blkio pointer is NULL"))
 }
 
 /// # Safety
@@ -165,7 +175,7 @@ pub unsafe extern "C" fn blkio_destroy(bp: *mut *mut blkio) {
 
 fn get(b: *mut blkio, name: *const c_char) -> Res<Value> {
     // SAFETY: the public functions' contracts (they are the only callers).
-    let (b, name) = unsafe { (instance(b)?, text(name, "name")?) };
+    let (b, name) = unsafe { (instance_ref(b)?, text(name, "name")?) };
     b.get(name)
 }
 
@@ -194,6 +204,23 @@ fn put<T>(p: *mut T, v: T) -> Res<c_int> {
     Ok(0)
 }
 
+/// Read property `name` of type `want` into `value`.
+fn get_typed<T>(
+    b: *mut blkio,
+    name: *const c_char,
+    value: *mut T,
+    want: &str,
+    typed: impl FnOnce(&Value) -> Option<T>,
+) -> c_int {
+    call(|| {
+        let v = get(b, name)?;
+        match typed(&v) {
+            Some(t) => put(value, t),
+            None => Err(mismatch(name, want, &v)),
+        }
+    })
+}
+
 /// # Safety
 /// `b` as [`instance`] says; `name` a string; `value` writable.
 #[no_mangle]
@@ -202,9 +229,9 @@ pub unsafe extern "C" fn blkio_get_bool(
     name: *const c_char,
     value: *mut bool,
 ) -> c_int {
-    call(|| match get(b, name)? {
-        Value::Bool(v) => put(value, v),
-        v => Err(mismatch(name, "bool", &v)),
+    get_typed(b, name, value, "bool", |v| match v {
+        Value::Bool(x) => Some(*x),
+        _ => None,
     })
 }
 
@@ -216,9 +243,9 @@ pub unsafe extern "C" fn blkio_get_int(
     name: *const c_char,
     value: *mut c_int,
 ) -> c_int {
-    call(|| match get(b, name)? {
-        Value::Int(v) => put(value, v),
-        v => Err(mismatch(name, "int", &v)),
+    get_typed(b, name, value, "int", |v| match v {
+        Value::Int(x) => Some(*x),
+        _ => None,
     })
 }
 
@@ -230,9 +257,9 @@ pub unsafe extern "C" fn blkio_get_uint64(
     name: *const c_char,
     value: *mut u64,
 ) -> c_int {
-    call(|| match get(b, name)? {
-        Value::U64(v) => put(value, v),
-        v => Err(mismatch(name, "uint64", &v)),
+    get_typed(b, name, value, "uint64", |v| match v {
+        Value::U64(x) => Some(*x),
+        _ => None,
     })
 }
 
@@ -410,12 +437,12 @@ pub unsafe extern "C" fn blkio_unmap_mem_region(b: *mut blkio, region: *const bl
     })
 }
 
-fn queue_ptr(list: &mut [Option<Box<Queue>>], index: c_int) -> *mut blkioq {
+fn queue_ptr(list: &[Option<QueueBox>], index: c_int) -> *mut blkioq {
     usize::try_from(index)
         .ok()
-        .and_then(|i| list.get_mut(i))
-        .and_then(|q| q.as_deref_mut())
-        .map_or(std::ptr::null_mut(), |q| q as *mut Queue)
+        .and_then(|i| list.get(i))
+        .and_then(|q| q.as_ref())
+        .map_or(std::ptr::null_mut(), QueueBox::as_ptr)
 }
 
 /// # Safety
@@ -424,7 +451,7 @@ fn queue_ptr(list: &mut [Option<Box<Queue>>], index: c_int) -> *mut blkioq {
 pub unsafe extern "C" fn blkio_get_queue(b: *mut blkio, index: c_int) -> *mut blkioq {
     // SAFETY: the caller's contract.
     match unsafe { instance(b) } {
-        Ok(b) if b.state == State::Started => queue_ptr(&mut b.queues, index),
+        Ok(b) if b.state == State::Started => queue_ptr(&b.queues, index),
         _ => std::ptr::null_mut(),
     }
 }
@@ -435,7 +462,7 @@ pub unsafe extern "C" fn blkio_get_queue(b: *mut blkio, index: c_int) -> *mut bl
 pub unsafe extern "C" fn blkio_get_poll_queue(b: *mut blkio, index: c_int) -> *mut blkioq {
     // SAFETY: the caller's contract.
     match unsafe { instance(b) } {
-        Ok(b) if b.state == State::Started => queue_ptr(&mut b.poll_queues, index),
+        Ok(b) if b.state == State::Started => queue_ptr(&b.poll_queues, index),
         _ => std::ptr::null_mut(),
     }
 }
@@ -462,7 +489,7 @@ pub unsafe extern "C" fn blkio_add_poll_queue(b: *mut blkio) -> c_int {
     })
 }
 
-fn remove(list: &mut [Option<Box<Queue>>], index: c_int, what: &str) -> Res<c_int> {
+fn remove(list: &mut [Option<QueueBox>], index: c_int, what: &str) -> Res<c_int> {
     let slot = usize::try_from(index).ok().and_then(|i| list.get_mut(i));
     match slot {
         Some(q @ Some(_)) => {

@@ -97,8 +97,17 @@ impl Queue {
         }
     }
 
-    /// Check a request's flags and byte range; the range in blocks when it is good.
-    fn check(&self, start: u64, len: u64, flags: u32, allowed: u32) -> Result<(u64, u64), i32> {
+    /// Check a request's flags, byte range and (`write`) the instance's read-only
+    /// setting: its range in blocks, `Ok(None)` for an empty one (done at once), or the
+    /// errno it fails with.
+    fn check(
+        &self,
+        start: u64,
+        len: u64,
+        flags: u32,
+        allowed: u32,
+        write: bool,
+    ) -> Result<Option<(u64, u64)>, i32> {
         if flags & !allowed != 0 {
             return Err(libc::EINVAL);
         }
@@ -106,7 +115,26 @@ impl Queue {
         if !start.is_multiple_of(bs) || !len.is_multiple_of(bs) {
             return Err(libc::EINVAL);
         }
-        Ok((start / bs, len / bs))
+        if write && self.read_only {
+            return Err(libc::EBADF);
+        }
+        Ok((len > 0).then_some((start / bs, len / bs)))
+    }
+
+    /// Queue a request through [`check`](Self::check): `make` builds it from its range.
+    fn checked(
+        &mut self,
+        (start, len, flags, allowed, write): (u64, u64, u32, u32, bool),
+        user_data: usize,
+        make: impl FnOnce(u64, u64) -> IoRequest,
+    ) {
+        match self.check(start, len, flags, allowed, write) {
+            Err(e) => self.fail_now(user_data, e),
+            Ok(None) => self.ready.push_back(Done { user_data, ret: 0 }),
+            Ok(Some((lba, blocks))) => {
+                self.submit(make(lba, blocks), user_data, flags & REQ_FUA != 0)
+            }
+        }
     }
 
     /// Queue `req` (tagged with a new slot of `user_data`).
@@ -135,28 +163,24 @@ impl Queue {
         user_data: usize,
         flags: u32,
     ) {
-        let allowed = if write { REQ_FUA } else { 0 };
-        let (lba, blocks) = match self.check(start, len as u64, flags, allowed) {
-            Ok(r) => r,
-            Err(e) => return self.fail_now(user_data, e),
-        };
-        if write && self.read_only {
-            return self.fail_now(user_data, libc::EBADF);
-        }
-        if blocks == 0 {
-            return self.ready.push_back(Done { user_data, ret: 0 });
-        }
-        let Some(ptr) = NonNull::new(buf) else {
+        // An empty request needs no buffer (it completes at once).
+        let Some(ptr) = NonNull::new(buf).or_else(|| (len == 0).then(NonNull::dangling)) else {
             return self.fail_now(user_data, libc::EFAULT);
         };
-        // SAFETY: the caller's contract (this function's): valid until completion.
-        let b = IoBuf::Foreign(unsafe { ForeignBuf::new(ptr, len) });
-        let req = if write {
-            IoRequest::write(lba, blocks, b, 0)
-        } else {
-            IoRequest::read(lba, blocks, b, 0)
-        };
-        self.submit(req, user_data, flags & REQ_FUA != 0);
+        let allowed = if write { REQ_FUA } else { 0 };
+        self.checked(
+            (start, len as u64, flags, allowed, write),
+            user_data,
+            |lba, blocks| {
+                // SAFETY: the caller's contract (this function's): valid until completion.
+                let b = IoBuf::Foreign(unsafe { ForeignBuf::new(ptr, len) });
+                if write {
+                    IoRequest::write(lba, blocks, b, 0)
+                } else {
+                    IoRequest::read(lba, blocks, b, 0)
+                }
+            },
+        );
     }
 
     /// A vectored read or write.
@@ -195,22 +219,17 @@ impl Queue {
             bufs.push(IoBuf::Foreign(unsafe { ForeignBuf::new(ptr, e.iov_len) }));
         }
         let allowed = if write { REQ_FUA } else { 0 };
-        let (lba, blocks) = match self.check(start, len, flags, allowed) {
-            Ok(r) => r,
-            Err(e) => return self.fail_now(user_data, e),
-        };
-        if write && self.read_only {
-            return self.fail_now(user_data, libc::EBADF);
-        }
-        if blocks == 0 {
-            return self.ready.push_back(Done { user_data, ret: 0 });
-        }
-        let req = if write {
-            IoRequest::writev(lba, blocks, bufs, 0)
-        } else {
-            IoRequest::readv(lba, blocks, bufs, 0)
-        };
-        self.submit(req, user_data, flags & REQ_FUA != 0);
+        self.checked(
+            (start, len, flags, allowed, write),
+            user_data,
+            |lba, blocks| {
+                if write {
+                    IoRequest::writev(lba, blocks, bufs, 0)
+                } else {
+                    IoRequest::readv(lba, blocks, bufs, 0)
+                }
+            },
+        );
     }
 
     /// Write zeroes or discard `len` bytes at `start`.
@@ -221,20 +240,10 @@ impl Queue {
             IoOp::WriteZeroes => REQ_FUA | REQ_NO_UNMAP | REQ_NO_FALLBACK,
             _ => 0,
         };
-        let (lba, blocks) = match self.check(start, len, flags, allowed) {
-            Ok(r) => r,
-            Err(e) => return self.fail_now(user_data, e),
-        };
-        if self.read_only {
-            return self.fail_now(user_data, libc::EBADF);
-        }
-        if blocks == 0 {
-            return self.ready.push_back(Done { user_data, ret: 0 });
-        }
-        self.submit(
-            IoRequest::no_data(op, lba, blocks, 0),
+        self.checked(
+            (start, len, flags, allowed, true),
             user_data,
-            flags & REQ_FUA != 0,
+            |lba, blocks| IoRequest::no_data(op, lba, blocks, 0),
         );
     }
 
@@ -438,6 +447,33 @@ impl Queue {
     /// Requests queued and not yet handed out.
     pub fn outstanding(&self) -> usize {
         self.ready.len() + self.in_flight
+    }
+}
+
+/// A queue owned by its instance and reached by the caller through a raw pointer
+/// (`struct blkioq *`): the instance never forms a reference to it, so a thread using
+/// the queue and a thread reading the instance's properties do not alias.
+pub struct QueueBox(NonNull<Queue>);
+
+// SAFETY: the queue is Send (its channel is a MovableChannel); the box owns it alone.
+unsafe impl Send for QueueBox {}
+
+impl QueueBox {
+    pub fn new(q: Queue) -> QueueBox {
+        QueueBox(NonNull::from(Box::leak(Box::new(q))))
+    }
+
+    /// The `struct blkioq *` the caller uses.
+    pub fn as_ptr(&self) -> *mut Queue {
+        self.0.as_ptr()
+    }
+}
+
+impl Drop for QueueBox {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from Box::leak in `new` and is freed once, here; the
+        // caller's pointer is invalid from now on (blkio_remove_queue, blkio_destroy).
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
     }
 }
 

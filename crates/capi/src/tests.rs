@@ -427,3 +427,112 @@ fn struct_layouts_are_libblkios() {
     assert_eq!(offset_of!(blkio_completion, ret), 16);
     assert_eq!(size_of::<blkio_zone>(), 64);
 }
+
+/// `len` bytes mapped at an address the kernel picks: shared from a memfd (`Some(fd)`)
+/// or private anonymous memory (`None`).
+fn caller_mapping(len: usize, shared: bool) -> (*mut u8, Option<std::os::fd::OwnedFd>) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let fd = shared.then(|| {
+        // SAFETY: a NUL-terminated name; memfd_create has no other memory effects.
+        let raw = unsafe { libc::memfd_create(c"capi-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: resizing our own memfd.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }, 0);
+        fd
+    });
+    let (flags, raw) = match &fd {
+        Some(f) => (libc::MAP_SHARED, f.as_raw_fd()),
+        None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
+    };
+    // SAFETY: a new mapping at an address the kernel picks; no existing memory changes.
+    let p = unsafe {
+        libc::mmap(
+            null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            raw,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    (p.cast(), fd)
+}
+
+/// Caller memory mapped with `blkio_map_mem_region` is shared with the device (used in
+/// place): with its fd, and with fd -1 when it is a shared file mapping (vireo finds
+/// the file); private memory is accepted and bounced. Unmapping withdraws it.
+#[test]
+fn mapped_caller_memory_is_shared_with_the_device() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("blk.sock");
+    let t = spawn_blk_target(
+        &sock,
+        BlkTargetConfig {
+            backend: Backing::Ram {
+                size_bytes: 16 << 20,
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let b = B::create("virtio-blk-vhost-user", &sock);
+    b.connect();
+    b.set_int("num-queues", 0);
+    b.set_int("num-poll-queues", 1);
+    b.start();
+    // SAFETY: live instance.
+    let q = unsafe { blkio_get_poll_queue(b.0, 0) };
+    // SAFETY: the instance is live (tests reach into it).
+    let mem = unsafe { &*b.0 }.bdev().unwrap().memory().clone();
+    let shared_now = |addr: *mut u8| mem.regions().iter().any(|r| r.contains(addr as u64, 4096));
+    let len = 1 << 20;
+    let cases: [(&str, bool, bool); 3] = [
+        ("memfd with its fd", true, true),
+        ("memfd with fd -1", true, false),
+        ("private memory", false, false),
+    ];
+    for (i, (what, shared, give_fd)) in cases.into_iter().enumerate() {
+        let (p, fd) = caller_mapping(len, shared);
+        let region = blkio_mem_region {
+            addr: p.cast(),
+            len,
+            iova: 0,
+            fd_offset: 0,
+            fd: if give_fd {
+                fd.as_ref().unwrap().as_raw_fd()
+            } else {
+                -1
+            },
+            flags: 0,
+        };
+        // SAFETY: the region describes our live mapping.
+        let r = unsafe { blkio_map_mem_region(b.0, &region) };
+        assert_eq!(r, 0, "{what}: {}", msg());
+        assert_eq!(shared_now(p), shared, "{what}: shared with the device");
+        // SAFETY: as above: mapping it twice is refused.
+        let r = unsafe { blkio_map_mem_region(b.0, &region) };
+        assert_eq!(r, -libc::EINVAL, "{what}: mapped twice");
+        // SAFETY: the mapping is `len` bytes and ours.
+        let buf = unsafe { std::slice::from_raw_parts_mut(p, len) };
+        buf[..4096].fill(0x40 + i as u8);
+        // SAFETY: the buffers live in the mapping until the completions.
+        unsafe { blkioq_write(q, 0, buf.as_ptr().cast(), 4096, null_mut(), 0) };
+        assert_eq!(reap(q, 1, false)[0].ret, 0, "{what}");
+        // SAFETY: as above.
+        unsafe { blkioq_read(q, 0, buf[8192..].as_mut_ptr().cast(), 4096, null_mut(), 0) };
+        assert_eq!(reap(q, 1, false)[0].ret, 0, "{what}");
+        assert!(
+            buf[8192..12288].iter().all(|&x| x == 0x40 + i as u8),
+            "{what}"
+        );
+        // SAFETY: no I/O is in flight on the region.
+        unsafe { blkio_unmap_mem_region(b.0, &region) };
+        assert!(!shared_now(p), "{what}: withdrawn");
+    }
+    drop(b);
+    t.stop();
+}

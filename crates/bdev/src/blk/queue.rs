@@ -182,7 +182,7 @@ impl LifeQueue for BlkQueue {
         let slots = self.rq.drain_in_flight();
         slots
             .into_iter()
-            .map(|s| self.slot_child[s as usize])
+            .map(|s| std::mem::replace(&mut self.slot_child[s as usize], Child::EMPTY))
             .collect()
     }
 
@@ -292,7 +292,10 @@ impl BlkQueue {
         let sh = &*self.shared;
         let base = self.rq.slot_addr(slot);
         let sector = c.lba * sh.sectors_per_block;
-        if matches!(c.op, IoOp::Read | IoOp::Write) && c.len > 0 && c.len as u64 <= sh.segment_bytes
+        if matches!(c.op, IoOp::Read | IoOp::Write)
+            && c.len > 0
+            && c.len as u64 <= sh.segment_bytes
+            && c.sg.is_none()
         {
             // The common read or write: one data segment, the chain built on the stack.
             let s = self.rq.slot_mut(slot);
@@ -340,17 +343,7 @@ impl BlkQueue {
                     ioprio: 0.into(),
                     sector: sector.into(),
                 };
-                let mut addr = c.addr;
-                let mut left = c.len as u64;
-                while left > 0 {
-                    let n = left.min(sh.segment_bytes);
-                    segs.push(Segment {
-                        addr,
-                        len: n as u32,
-                    });
-                    addr += n;
-                    left -= n;
-                }
+                c.data_segments(sh.segment_bytes, |s| segs.push(s));
                 if c.op == IoOp::Read {
                     1
                 } else {

@@ -648,3 +648,148 @@ fn a_movable_channel_moves_threads_and_uses_shared_caller_memory_in_place() {
     drop(ch);
     assert!(bdev.memory().remove_external(base as u64, 1 << 20));
 }
+
+/// A vectored I/O whose segments lie in memory the device reaches goes to the device
+/// as those segments (no bounce), split at max_rw_blocks with each request taking its
+/// byte range of them; one with more pieces than seg_max, or a heap segment, is bounced.
+#[test]
+fn vectored_io_in_shared_memory_goes_to_the_device_in_place() {
+    use std::os::fd::AsFd;
+    use std::ptr::NonNull;
+    use std::sync::{Arc, Mutex};
+    use vireo_virtio::ForeignBuf;
+
+    // seg_max 8: 8 data segments per request (max_rw_blocks follows from it).
+    let blk = FakeBlk::new(SECTORS, 1, 8);
+    type Log = Arc<Mutex<Vec<Vec<(u64, u32)>>>>;
+    let seen: Log = Arc::default();
+    let log = seen.clone();
+    blk.on_kick(move |b, q| {
+        for r in b.dev.take_requests(q) {
+            // Data segments: a write's readable after the header, a read's writable
+            // before the status.
+            let data: Vec<(u64, u32)> = if r.readable.len() > 1 {
+                r.readable[1..].to_vec()
+            } else {
+                r.writable[..r.writable.len() - 1].to_vec()
+            };
+            log.lock().unwrap().push(data);
+            let w = b.execute(&r);
+            b.dev.complete(q, &r, w);
+        }
+    });
+    let c = attach_with(&blk, &params(None));
+    let bdev = c.bdev().clone();
+    let (file, base) = caller_memory(1 << 20);
+    let base = base as u64;
+    bdev.memory()
+        .add_external(base, 1 << 20, Some(file.as_fd()), 0)
+        .unwrap();
+    let mut ch = bdev.open_channel().unwrap();
+    seen.lock().unwrap().clear();
+    let data = pattern(6144, 3);
+    let at = |off: u64, len: usize| {
+        let p = (base + off) as *mut u8;
+        // SAFETY: inside the 1 MiB mapping; each test segment is used by one I/O at a time.
+        unsafe { ForeignBuf::new(NonNull::new(p).unwrap(), len) }
+    };
+    // Three segments of 1024, 512 and 4608 bytes (6 KiB, 12 sectors) at odd places.
+    let segs = [(0x1000u64, 1024usize), (0x8200, 512), (0x20000, 4608)];
+    let mut off = 0;
+    for &(o, l) in &segs {
+        // SAFETY: as above.
+        let dst = unsafe { std::slice::from_raw_parts_mut((base + o) as *mut u8, l) };
+        dst.copy_from_slice(&data[off..off + l]);
+        off += l;
+    }
+    let iov = segs
+        .iter()
+        .map(|&(o, l)| IoBuf::Foreign(at(o, l)))
+        .collect();
+    ch.submit(IoRequest::writev(40, 12, iov, 1)).unwrap();
+    assert!(wait_for(&mut ch, 1)[0].result.is_ok());
+    assert_eq!(blk.read_disk(40, 6144), data, "the data reached the disk");
+    let got = seen.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "one request: {got:?}");
+    assert_eq!(
+        got[0],
+        vec![
+            (base + 0x1000, 1024),
+            (base + 0x8200, 512),
+            (base + 0x20000, 4608)
+        ],
+        "the caller's segments, in place"
+    );
+    // Read it back in place into other segments.
+    seen.lock().unwrap().clear();
+    let back = [(0x40000u64, 2048usize), (0x50000, 4096)];
+    let iov = back
+        .iter()
+        .map(|&(o, l)| IoBuf::Foreign(at(o, l)))
+        .collect();
+    ch.submit(IoRequest::readv(40, 12, iov, 2)).unwrap();
+    assert!(wait_for(&mut ch, 1)[0].result.is_ok());
+    let mut read = Vec::new();
+    for &(o, l) in &back {
+        // SAFETY: as above.
+        read.extend_from_slice(unsafe { std::slice::from_raw_parts((base + o) as *const u8, l) });
+    }
+    assert_eq!(read, data);
+    assert_eq!(
+        seen.lock().unwrap()[0],
+        vec![(base + 0x40000, 2048), (base + 0x50000, 4096)]
+    );
+    // Nine segments: more than seg_max, bounced into one extent outside the region.
+    seen.lock().unwrap().clear();
+    let iov = (0..9)
+        .map(|i| IoBuf::Foreign(at(0x60000 + i * 0x1000, 512)))
+        .collect();
+    ch.submit(IoRequest::writev(0, 9, iov, 3)).unwrap();
+    assert!(wait_for(&mut ch, 1)[0].result.is_ok());
+    let got = seen.lock().unwrap().clone();
+    assert!(
+        got.iter()
+            .flatten()
+            .all(|&(a, _)| !(base..base + (1 << 20)).contains(&a)),
+        "bounced: {got:?}"
+    );
+    // A heap segment among them: bounced too.
+    seen.lock().unwrap().clear();
+    let iov = vec![IoBuf::Foreign(at(0x70000, 512)), IoBuf::Heap(vec![7; 512])];
+    ch.submit(IoRequest::writev(0, 2, iov, 4)).unwrap();
+    assert!(wait_for(&mut ch, 1)[0].result.is_ok());
+    assert_eq!(blk.read_disk(1, 512), vec![7; 512]);
+    let got = seen.lock().unwrap().clone();
+    assert!(got
+        .iter()
+        .flatten()
+        .all(|&(a, _)| !(base..base + (1 << 20)).contains(&a)));
+}
+
+/// A controller dropped while its reconnection thread is trying (the back-end gone and
+/// refusing) takes the thread with it: nothing connects afterwards, and the drop
+/// returns (the thread was joined, so the transport's own shutdown can run).
+#[test]
+fn dropping_a_controller_ends_its_reconnection_thread() {
+    let (blk, c) = attached(Some(Duration::from_secs(60)));
+    blk.dev.refuse_connections(true);
+    blk.dev.disconnect();
+    // The thread is trying: connection attempts are refused and counted.
+    let before = blk.dev.reconnect_attempts();
+    let until = Instant::now() + Duration::from_secs(10);
+    while blk.dev.reconnect_attempts() == before && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        blk.dev.reconnect_attempts() > before,
+        "the reconnection thread tried"
+    );
+    drop(c);
+    let after = blk.dev.reconnect_attempts();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        blk.dev.reconnect_attempts(),
+        after,
+        "no attempt after the drop"
+    );
+}

@@ -114,6 +114,14 @@ impl MovableChannel {
     }
 }
 
+/// Where an I/O's data is for the device: a device address (or the offset in the
+/// segments), the bounce buffer it went through, the caller's segments used in place.
+type Placed = (
+    u64,
+    Option<vireo_virtio::DmaBuf>,
+    Option<Arc<[vireo_virtio::Segment]>>,
+);
+
 /// The channel's statistics: counted locally, published for other threads now and then.
 struct Counters {
     local: IoStats,
@@ -347,7 +355,7 @@ impl IoChannel {
             });
             return Ok(());
         }
-        let (addr, bounce) = match self.place_data(&req) {
+        let (addr, bounce, sg) = match self.place_data(&req) {
             Ok(placed) => placed,
             Err(error) => return Err(Rejected::of(error, &mut req)),
         };
@@ -388,7 +396,7 @@ impl IoChannel {
             req.op,
             req.offset_blocks,
             req.num_blocks,
-            addr,
+            (addr, sg),
             block_size,
             &limits,
         ) {
@@ -402,12 +410,14 @@ impl IoChannel {
     /// Where the device finds the data of `req`: the caller's DMA buffer in place, or a
     /// bounce buffer (heap buffers, vectored requests; filled now for a write).
     #[inline(always)]
-    fn place_data(
-        &mut self,
-        req: &IoRequest,
-    ) -> Result<(u64, Option<vireo_virtio::DmaBuf>), IoError> {
+    fn place_data(&mut self, req: &IoRequest) -> Result<Placed, IoError> {
         if !req.op.has_data() {
-            return Ok((0, None));
+            return Ok((0, None, None));
+        }
+        if !req.iov.is_empty() {
+            if let Some(sg) = self.in_place(&req.iov) {
+                return Ok((0, None, Some(sg)));
+            }
         }
         let mem = self.bdev.memory();
         if !req.iov.is_empty() {
@@ -416,7 +426,7 @@ impl IoChannel {
             if req.op == IoOp::Write {
                 bounce::gather(&mut b, &req.iov);
             }
-            return Ok((b.iova(), Some(b)));
+            return Ok((b.iova(), Some(b), None));
         }
         let Some(buf) = req.buf.as_ref() else {
             return Err(IoError::InvalidBuffer(format!(
@@ -431,14 +441,45 @@ impl IoChannel {
         };
         if let Some((addr, len)) = shared {
             if let Some(a) = self.translator.translate(addr, len as u64) {
-                return Ok((a, None));
+                return Ok((a, None, None));
             }
         }
         let mut b = self.bounce.take(mem, buf.len())?;
         if req.op == IoOp::Write {
             b.as_mut_slice()[..buf.len()].copy_from_slice(buf.as_slice());
         }
-        Ok((b.iova(), Some(b)))
+        Ok((b.iova(), Some(b), None))
+    }
+
+    /// A vectored I/O's segments in device addresses, when every one lies in memory
+    /// the device can reach and each device request can carry them (no more pieces
+    /// than the device's segment limit); else `None`, and the data is bounced.
+    fn in_place(&mut self, iov: &[IoBuf]) -> Option<Arc<[vireo_virtio::Segment]>> {
+        let limits = &self.bdev.info.limits;
+        let max_bytes = match limits.max_segment_bytes {
+            0 => u32::MAX as u64,
+            n => n as u64,
+        };
+        let mut pieces = 0u64;
+        let mut segs = Vec::with_capacity(iov.len());
+        for b in iov {
+            let (addr, len) = match b {
+                IoBuf::Dma(d) => (d.addr(), d.len()),
+                IoBuf::Foreign(f) => (f.addr(), f.len()),
+                IoBuf::Heap(_) => return None,
+            };
+            if len == 0 {
+                continue;
+            }
+            let len = u32::try_from(len).ok()?;
+            pieces += (len as u64).div_ceil(max_bytes);
+            if pieces > limits.max_segments.max(1) as u64 {
+                return None;
+            }
+            let iova = self.translator.translate(addr, len as u64)?;
+            segs.push(vireo_virtio::Segment { addr: iova, len });
+        }
+        Some(Arc::from(segs))
     }
 
     #[inline(always)]

@@ -88,7 +88,7 @@ impl ChannelDriver for ScriptedChannel {
         if s.on_ring.len() >= s.capacity {
             return Err(child);
         }
-        s.on_ring.push(child);
+        s.on_ring.push(child.clone());
         s.log.push(child);
         Ok(())
     }
@@ -590,7 +590,7 @@ fn slots_are_reused_after_completion() {
 fn a_heap_write_goes_through_a_bounce_buffer_in_dma_memory() {
     let (dev, bdev, mut ch) = setup(16);
     ch.submit(IoRequest::write(0, 2, heap(2, 0xab), 1)).unwrap();
-    let c = dev.log()[0];
+    let c = dev.log()[0].clone();
     assert_eq!(c.len, 1024);
     let mut t = bdev.memory().translator();
     assert_eq!(

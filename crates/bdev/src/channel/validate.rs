@@ -23,13 +23,7 @@ pub(crate) fn validate(bdev: &Bdev, req: &IoRequest) -> Result<(), IoError> {
 pub(super) fn acceptable(bdev: &Bdev, req: &IoRequest) -> bool {
     let info = &bdev.info;
     let ops = &info.ops;
-    let supported = match req.op {
-        IoOp::Read => ops.read,
-        IoOp::Write => ops.write,
-        IoOp::Flush => ops.flush,
-        IoOp::Unmap => ops.unmap,
-        IoOp::WriteZeroes => ops.write_zeroes,
-    };
+    let supported = ops.supports(req.op);
     if bdev.is_removed()
         || !supported
         || (info.read_only && req.op != IoOp::Read && req.op != IoOp::Flush)
@@ -78,13 +72,7 @@ pub(super) fn check(bdev: &Bdev, req: &IoRequest) -> Result<(), IoError> {
         return Err(IoError::Removed(info.name.clone()));
     }
     let num_blocks = bdev.num_blocks();
-    let supported = match req.op {
-        IoOp::Read => ops.read,
-        IoOp::Write => ops.write,
-        IoOp::Flush => ops.flush,
-        IoOp::Unmap => ops.unmap,
-        IoOp::WriteZeroes => ops.write_zeroes,
-    };
+    let supported = ops.supports(req.op);
     if info.read_only && req.op != IoOp::Read && req.op != IoOp::Flush {
         return Err(IoError::ReadOnly(info.name.clone()));
     }

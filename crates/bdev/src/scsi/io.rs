@@ -59,18 +59,20 @@ fn command_tag(index: u16, slot: u16) -> u64 {
 impl ScsiRequests {
     /// The command in `slot` and its channel, if any.
     #[inline]
-    fn child(&self, slot: u16) -> Option<(u32, Child)> {
+    fn child(&self, slot: u16) -> Option<(u32, &Child)> {
         let chan = *self.slot_chan.get(slot as usize)?;
-        (chan != NO_CHAN).then(|| (chan, self.slot_child[slot as usize]))
+        (chan != NO_CHAN).then(|| (chan, &self.slot_child[slot as usize]))
     }
 
     /// Take the command out of `slot`.
     fn take_child(&mut self, slot: u16) -> Option<(u32, Child)> {
-        let c = self.child(slot);
-        if c.is_some() {
-            self.slot_chan[slot as usize] = NO_CHAN;
+        let chan = *self.slot_chan.get(slot as usize)?;
+        if chan == NO_CHAN {
+            return None;
         }
-        c
+        self.slot_chan[slot as usize] = NO_CHAN;
+        let c = std::mem::replace(&mut self.slot_child[slot as usize], Child::EMPTY);
+        Some((chan, c))
     }
 
     fn register(&mut self, ctx: Arc<LunCtx>) -> u32 {
@@ -285,7 +287,7 @@ impl ScsiRequests {
             IoOp::Read | IoOp::Write => (c.len, false),
             _ => (out_segs[..n_out].iter().map(|s| s.len).sum(), true),
         };
-        if c.op.has_data() && c.len > 0 && c.len as u64 <= SEGMENT_BYTES {
+        if c.op.has_data() && c.len > 0 && c.len as u64 <= SEGMENT_BYTES && c.sg.is_none() {
             // The common read or write: one data segment, the chain built in place.
             let data = Segment {
                 addr: c.addr,
@@ -299,16 +301,7 @@ impl ScsiRequests {
         let mut data = std::mem::take(&mut self.data_segs);
         data.clear();
         if c.op.has_data() {
-            let (mut addr, mut left) = (c.addr, c.len as u64);
-            while left > 0 {
-                let k = left.min(SEGMENT_BYTES);
-                data.push(Segment {
-                    addr,
-                    len: k as u32,
-                });
-                addr += k;
-                left -= k;
-            }
+            c.data_segments(SEGMENT_BYTES, |s| data.push(s));
         }
         let r = match (c.op, data_in) {
             (IoOp::Read, _) => sq.add(slot, &[], &data),
@@ -369,7 +362,7 @@ impl ScsiRequests {
         let mut retry = std::mem::take(&mut self.retry);
         retry.clear();
         for &slot in &completed {
-            let Some((chan, c)) = self.child(slot) else {
+            let Some((chan, parent)) = self.child(slot).map(|(ch, c)| (ch, c.parent)) else {
                 // Not ours (cannot happen: the ring checks ids); keep the slot.
                 self.sq.rq.release_slot(slot);
                 continue;
@@ -417,13 +410,13 @@ impl ScsiRequests {
                 self.unmap_pool.push(b);
             }
             self.sq.rq.release_slot(slot);
-            self.deliver_from_poll(chan, ChildDone::new(c.parent, result), me, out);
+            self.deliver_from_poll(chan, ChildDone::new(parent, result), me, out);
         }
         self.completed = completed;
         // Retries reuse their slot; the ring has room since their chains were freed.
         for &slot in &retry {
             self.slot_tries[slot as usize] += 1;
-            let Some((chan, c)) = self.child(slot) else {
+            let Some((chan, c)) = self.child(slot).map(|(ch, c)| (ch, c.clone())) else {
                 continue;
             };
             if let Err(e) = self.issue(chan, slot, &c) {
@@ -495,10 +488,11 @@ impl LifeQueue for ScsiRequests {
             self.deliver(chan, ChildDone::new(c.parent, Err(IoError::Disconnected)));
             return Ok(());
         }
+        let parent = c.parent;
         match self.place(chan, c) {
             Ok(None) => Ok(()),
             Ok(Some(e)) => {
-                self.deliver(chan, ChildDone::new(c.parent, Err(e)));
+                self.deliver(chan, ChildDone::new(parent, Err(e)));
                 Ok(())
             }
             Err(c) => Err((chan, c)),
@@ -548,6 +542,7 @@ impl LifeQueue for ScsiRequests {
 
 impl ThreadQueue {
     fn queue(&mut self, chan: u32, c: Child) -> Result<(), Child> {
+        let parent = c.parent;
         let refused = match self.life.admission() {
             Admission::Send => match self.q.place(chan, c)? {
                 None => {
@@ -563,7 +558,7 @@ impl ThreadQueue {
             Admission::Refuse(e) => e.clone(),
         };
         if let Some(Some(st)) = self.q.chans.get_mut(chan as usize) {
-            st.outbox.push(ChildDone::new(c.parent, Err(refused)));
+            st.outbox.push(ChildDone::new(parent, Err(refused)));
         }
         Ok(())
     }

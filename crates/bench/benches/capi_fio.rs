@@ -1,0 +1,277 @@
+//! The C API's cost per I/O: fio's `libblkio` engine on vireo's libblkio.so.1 against
+//! `vireo perf` (the Rust API), on the same device, same CPU, alternating.
+//!
+//! Targets: qemu-storage-daemon's vhost-user-blk export of a `null-co` node, and, with an
+//! SPDK build, SPDK's vhost target (Null bdevs, CPU 0) behind virtio-blk and
+//! virtio-scsi. Both initiators run on CPU 1 (`taskset`), 4 KiB random reads on one queue
+//! (fio: one job, `--hipri`, so a poll queue as `vireo perf` polls), ABAB rounds; the
+//! table has the median of the per-round ratios fio/vireo (1.00: the C API and fio's
+//! engine add nothing) and both medians.
+//!
+//! `VIREO_FIO=/path/to/fio cargo bench -p vireo-bench --bench capi_fio -- [--seconds S]
+//! [--rounds R] [--qd 1,32] [--target qsd,spdk-blk,spdk-scsi]`
+//!
+//! fio must be 3.34 or later with the libblkio engine (`scripts/build-fio.sh`); without
+//! `VIREO_FIO` the bench says SKIPPED and exits 0, and SPDK's targets are skipped the
+//! same way without `SPDK_DIR`. It builds `vireo` and `vireo-capi` in release mode first.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use vireo_peers::spdk::{self, SpdkBuild, SpdkVhost};
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"))
+}
+
+/// Build the binary and the library; the directory to put on LD_LIBRARY_PATH.
+fn build() -> (PathBuf, PathBuf) {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let ok = Command::new(cargo)
+        .args(["build", "--release", "-p", "vireo", "-p", "vireo-capi"])
+        .status()
+        .expect("cargo build")
+        .success();
+    assert!(ok, "cargo build --release failed");
+    let release = target_dir().join("release");
+    // The library's SONAME is libblkio.so.1: a directory with that name in it.
+    let lib = release.join("capi-lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    let link = lib.join("libblkio.so.1");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(release.join("libblkio.so"), &link).unwrap();
+    (release.join("vireo"), lib)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn output(mut c: Command) -> String {
+    let out = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{c:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn vireo_iops(text: &str) -> f64 {
+    let v: serde_json::Value = serde_json::from_str(text).expect("vireo perf --json");
+    assert_eq!(v["total"]["errors"], 0, "vireo perf had errors");
+    v["total"]["iops"].as_f64().expect("iops")
+}
+
+fn fio_iops(text: &str) -> f64 {
+    // fio may print lines before the JSON document.
+    let start = text.find('{').expect("fio JSON");
+    let v: serde_json::Value = serde_json::from_str(&text[start..]).expect("fio JSON");
+    let job = &v["jobs"][0];
+    assert_eq!(job["error"], 0, "fio job error");
+    job["read"]["iops"].as_f64().expect("read iops")
+}
+
+/// One device to measure: its vhost-user socket and libblkio driver name.
+struct Device {
+    name: String,
+    socket: PathBuf,
+    dev_type: &'static str,
+}
+
+struct Qsd(Child);
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_qsd(dir: &Path) -> (Qsd, Device) {
+    let sock = dir.join("qsd.sock");
+    let child = Command::new("qemu-storage-daemon")
+        .args([
+            "--blockdev",
+            "driver=null-co,node-name=n0,size=1073741824",
+            "--export",
+        ])
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-storage-daemon");
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (
+        Qsd(child),
+        Device {
+            name: "qsd null-co".into(),
+            socket: sock,
+            dev_type: "blk",
+        },
+    )
+}
+
+fn main() {
+    let mut secs = 3.0;
+    let mut rounds = 3;
+    let mut qds = vec![1usize, 32];
+    let mut targets = vec![
+        "qsd".to_string(),
+        "spdk-blk".to_string(),
+        "spdk-scsi".to_string(),
+    ];
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut list = || {
+            args.next()
+                .expect("a value")
+                .split(',')
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        match a.as_str() {
+            "--seconds" => secs = list()[0].parse().expect("--seconds N"),
+            "--rounds" => rounds = list()[0].parse().expect("--rounds N"),
+            "--qd" => {
+                qds = list()
+                    .iter()
+                    .map(|q| q.parse().expect("--qd N,M"))
+                    .collect()
+            }
+            "--target" => targets = list(),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let Some(fio) = std::env::var_os("VIREO_FIO").map(PathBuf::from) else {
+        spdk::skipped(
+            "bench capi_fio",
+            "VIREO_FIO is not set: point it at a fio 3.34+ built with the libblkio engine (scripts/build-fio.sh)",
+        );
+        return;
+    };
+    let (vireo, lib) = build();
+    let dir = tempfile::tempdir().unwrap();
+    let mut devices = Vec::new();
+    let _qsd = if targets.iter().any(|t| t == "qsd") {
+        let (q, d) = start_qsd(dir.path());
+        devices.push(d);
+        Some(q)
+    } else {
+        None
+    };
+    let spdk_wanted: Vec<&str> = targets
+        .iter()
+        .filter_map(|t| t.strip_prefix("spdk-"))
+        .collect();
+    let _spdk = if spdk_wanted.is_empty() {
+        None
+    } else {
+        match SpdkBuild::from_env() {
+            Ok(b) => {
+                let t = SpdkVhost::start(&b, 0).expect("SPDK vhost");
+                for dev in &spdk_wanted {
+                    devices.push(Device {
+                        name: format!("SPDK {dev} Null"),
+                        socket: t.socket(&format!("{dev}.null")),
+                        dev_type: if *dev == "scsi" { "scsi" } else { "blk" },
+                    });
+                }
+                Some(t)
+            }
+            Err(why) => {
+                spdk::skipped("bench capi_fio on SPDK's vhost target", &why);
+                None
+            }
+        }
+    };
+    println!(
+        "4 KiB randread, one queue, initiator on CPU 1; fio {} (libblkio engine, --hipri, one job) on vireo's libblkio.so.1 vs vireo perf; {secs} s x {rounds} rounds, alternating",
+        fio.display()
+    );
+    println!(
+        "{:>16} {:>4} {:>9} {:>12} {:>12}",
+        "device", "QD", "pair med", "fio med", "vireo med"
+    );
+    for d in &devices {
+        let conf = dir
+            .path()
+            .join(format!("{}.json", d.name.replace(' ', "_")));
+        std::fs::write(&conf, spdk::attach_config("V", &d.socket, d.dev_type, None)).unwrap();
+        let driver = format!("virtio-{}-vhost-user", d.dev_type);
+        for &qd in &qds {
+            let (mut f, mut v, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            for round in 0..rounds {
+                let mut pair = [0.0; 2];
+                let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+                for which in order {
+                    let t = format!("{secs}");
+                    if which == 0 {
+                        let mut c = Command::new("taskset");
+                        c.arg("-c").arg("1").arg(&fio);
+                        c.env("LD_LIBRARY_PATH", &lib).args([
+                            "--name=capi",
+                            "--ioengine=libblkio",
+                            &format!("--libblkio_driver={driver}"),
+                            &format!("--libblkio_path={}", d.socket.display()),
+                            "--rw=randread",
+                            "--bs=4k",
+                            &format!("--iodepth={qd}"),
+                            "--hipri",
+                            "--size=512m",
+                            "--time_based",
+                            &format!("--runtime={t}"),
+                            "--output-format=json",
+                        ]);
+                        pair[0] = fio_iops(&output(c));
+                    } else {
+                        let mut c = Command::new("taskset");
+                        c.arg("-c").arg("1").arg(&vireo);
+                        c.args(["perf", "--json", "-c"]).arg(&conf).args([
+                            "-q",
+                            &qd.to_string(),
+                            "-o",
+                            "4096",
+                            "-w",
+                            "randread",
+                            "-t",
+                            &t,
+                        ]);
+                        pair[1] = vireo_iops(&output(c));
+                    }
+                }
+                f.push(pair[0]);
+                v.push(pair[1]);
+                ratios.push(pair[0] / pair[1]);
+            }
+            println!(
+                "{:>16} {:>4} {:>9.3} {:>12.0} {:>12.0}   fio {:?} vireo {:?}",
+                d.name,
+                qd,
+                median(&mut ratios),
+                median(&mut f.clone()),
+                median(&mut v.clone()),
+                f.iter().map(|x| *x as u64).collect::<Vec<_>>(),
+                v.iter().map(|x| *x as u64).collect::<Vec<_>>(),
+            );
+        }
+    }
+}
