@@ -841,7 +841,27 @@ fn close_expired() {
     }
 }
 
+/// Before the process forks (fio runs its jobs in forked processes unless `--thread`),
+/// parked connections are closed: a child must not share them with its parent, and
+/// back-ends that serve one connection at a time must be free for the child's.
+extern "C" fn close_parked_before_fork() {
+    let all: Vec<Parked> = std::mem::take(&mut *parked());
+    for x in all {
+        x.ctrl.detach();
+    }
+}
+
 fn park(driver: Driver, path: String, ctrl: Ctrl) {
+    static AT_FORK: std::sync::Once = std::sync::Once::new();
+    AT_FORK.call_once(|| {
+        // SAFETY: registers a handler that only touches this library's own state; it
+        // stays valid for the life of the process (the library is never unloaded while
+        // it has parked connections: they hold its threads).
+        let r = unsafe { libc::pthread_atfork(Some(close_parked_before_fork), None, None) };
+        if r != 0 {
+            tracing::warn!("pthread_atfork failed ({r}): connections are not closed at fork");
+        }
+    });
     parked().push(Parked {
         driver,
         path,
