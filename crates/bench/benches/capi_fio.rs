@@ -11,7 +11,7 @@
 //! `VIREO_FIO=/path/to/fio cargo bench -p vireo-bench --bench capi_fio -- [--seconds S]
 //! [--rounds R] [--qd 1,32] [--target qsd,spdk-blk,spdk-scsi]`
 //!
-//! fio must be 3.34 or later with the libblkio engine (`scripts/build-fio.sh`); without
+//! fio must be 3.34 or later with the libblkio engine (docs/capi.md says how to build one); without
 //! `VIREO_FIO` the bench says SKIPPED and exits 0, and SPDK's targets are skipped the
 //! same way without `SPDK_DIR`. It builds `vireo` and `vireo-capi` in release mode first.
 
@@ -164,7 +164,7 @@ fn main() {
     let Some(fio) = std::env::var_os("VIREO_FIO").map(PathBuf::from) else {
         spdk::skipped(
             "bench capi_fio",
-            "VIREO_FIO is not set: point it at a fio 3.34+ built with the libblkio engine (scripts/build-fio.sh)",
+            "VIREO_FIO is not set: point it at a fio 3.34+ built with the libblkio engine (see docs/capi.md)",
         );
         return;
     };
