@@ -444,17 +444,10 @@ impl Blkio {
                 .and_then(|s| s.to_str())
                 .unwrap_or(path);
             let addr: PciAddress = bdf.parse().map_err(verr)?;
-            let dma = DmaConfig {
-                initial_region_size: 16 << 20,
-                ..DmaConfig::default()
-            };
+            let dma = dma_config();
             Box::new(PciTransport::open(addr, &dma).map_err(verr)?)
         } else {
-            let mem = DmaMemory::new(DmaConfig {
-                initial_region_size: 16 << 20,
-                ..DmaConfig::default()
-            })
-            .map_err(verr)?;
+            let mem = DmaMemory::new(dma_config()).map_err(verr)?;
             Box::new(
                 VhostUserTransport::connect_with_options(
                     Path::new(path),
@@ -775,6 +768,18 @@ fn file_of_mapping(addr: u64, len: u64) -> Option<(std::fs::File, u64)> {
         return Some((file, offset + (addr - start)));
     }
     None
+}
+
+/// The library's DMA memory: huge pages when the system has them reserved, else normal
+/// pages (as `vireo perf --hugepages=auto`): some back-ends need memory in 2 MiB units
+/// (SPDK's vhost target fails on anything else). 16 MiB to start, growing on demand.
+fn dma_config() -> DmaConfig {
+    DmaConfig {
+        initial_region_size: 16 << 20,
+        hugetlb: true,
+        hugetlb_fallback: true,
+        ..DmaConfig::default()
+    }
 }
 
 /// The bdev of LUN `target`/`lun` of a scsi controller.
