@@ -8,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
 
 use common::*;
 
@@ -18,6 +19,11 @@ struct Serve {
 
 impl Serve {
     fn start(qsd: &Qsd, nbd: &str) -> Serve {
+        Serve::start_with(qsd, nbd, &[])
+    }
+
+    /// `vireo serve` with more flags (`--nbd-timeout 3`, ...).
+    fn start_with(qsd: &Qsd, nbd: &str, extra: &[&str]) -> Serve {
         let dir = tempfile::tempdir().unwrap();
         let conf = write_config(
             dir.path(),
@@ -32,6 +38,7 @@ impl Serve {
             .arg("-r")
             .arg(&rpc)
             .args(["--nbd", nbd])
+            .args(extra)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -115,12 +122,17 @@ fn file_qsd(mib: u64) -> (tempfile::TempDir, PathBuf, Qsd) {
 
 /// Connect to the export `VirtioBlk0` by hand (fixed newstyle, NO_ZEROES, OPT_GO).
 fn raw_client(sock: &Path) -> UnixStream {
+    raw_client_to(sock, "VirtioBlk0")
+}
+
+/// Connect to `export` by hand (fixed newstyle, NO_ZEROES, OPT_GO sent, not answered).
+fn raw_client_to(sock: &Path, export: &str) -> UnixStream {
     let mut c = UnixStream::connect(sock).unwrap();
     let mut hello = [0u8; 18];
     c.read_exact(&mut hello).unwrap();
     assert_eq!(&hello[..8], b"NBDMAGIC");
     c.write_all(&3u32.to_be_bytes()).unwrap();
-    let name = b"VirtioBlk0";
+    let name = export.as_bytes();
     let mut opt = Vec::new();
     opt.extend_from_slice(b"IHAVEOPT");
     opt.extend_from_slice(&7u32.to_be_bytes());
@@ -432,4 +444,348 @@ fn detach_after_the_nbd_clients_left() {
     }
     let o = s.rpc("bdev_get_bdevs", "{}");
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
+}
+
+/// One option reply: (type, data).
+fn option_reply(c: &mut UnixStream) -> (u32, Vec<u8>) {
+    let mut h = [0u8; 20];
+    c.read_exact(&mut h).unwrap();
+    assert_eq!(
+        &h[..8],
+        &0x0003_e889_0455_65a9u64.to_be_bytes(),
+        "option reply magic"
+    );
+    let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+    let mut d = vec![0u8; len as usize];
+    c.read_exact(&mut d).unwrap();
+    (ty, d)
+}
+
+/// A client by hand through NBD_OPT_GO's ACK: (stream, export size, transmission flags).
+fn go(sock: &Path, export: &str) -> (UnixStream, u64, u16) {
+    let mut c = raw_client_to(sock, export);
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let (mut size, mut flags) = (0, 0);
+    loop {
+        let (ty, d) = option_reply(&mut c);
+        assert_eq!(
+            ty & 0x8000_0000,
+            0,
+            "export refused: {}",
+            String::from_utf8_lossy(&d)
+        );
+        if ty == 3 && d.len() == 12 && d[..2] == [0, 0] {
+            size = u64::from_be_bytes(d[2..10].try_into().unwrap());
+            flags = u16::from_be_bytes(d[10..12].try_into().unwrap());
+        }
+        if ty == 1 {
+            return (c, size, flags);
+        }
+    }
+}
+
+/// A request header.
+fn request(cmd: u16, flags: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut r = Vec::new();
+    r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    r.extend_from_slice(&flags.to_be_bytes());
+    r.extend_from_slice(&cmd.to_be_bytes());
+    r.extend_from_slice(&handle.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&len.to_be_bytes());
+    r
+}
+
+/// A simple reply's (error, handle); `data` bytes follow it when the error is 0.
+fn simple_reply(c: &mut UnixStream, data: usize) -> (u32, u64) {
+    let mut h = [0u8; 16];
+    c.read_exact(&mut h).unwrap();
+    assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes(), "simple reply magic");
+    let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
+    if error == 0 && data > 0 {
+        let mut d = vec![0u8; data];
+        c.read_exact(&mut d).unwrap();
+    }
+    (error, u64::from_be_bytes(h[8..16].try_into().unwrap()))
+}
+
+const EPERM: u32 = 1;
+const EINVAL: u32 = 22;
+
+/// The NBD spec on a read-only export: it advertises neither WRITE_ZEROES, FUA nor
+/// TRIM, and answers WRITE, TRIM and WRITE_ZEROES with EPERM; a command flag the
+/// server does not know is EINVAL (TRIM used to succeed and WRITE_ZEROES to answer
+/// ENOTSUP; unknown flags were ignored).
+#[test]
+fn a_read_only_export_follows_the_spec() {
+    let dir = tempfile::tempdir().unwrap();
+    let back = dir.path().join("ro.img");
+    std::fs::File::create(&back)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let qsd = Qsd::start(QsdOpts {
+        backend: Backend::File(back),
+        read_only: true,
+        ..Default::default()
+    });
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    let (mut c, size, flags) = go(&sock, "VirtioBlk0");
+    assert_eq!(size, 16 << 20);
+    assert_ne!(flags & 2, 0, "READ_ONLY advertised: {flags:#x}");
+    for (bit, what) in [(8, "FUA"), (32, "TRIM"), (64, "WRITE_ZEROES")] {
+        assert_eq!(flags & bit, 0, "{what} advertised on a read-only export");
+    }
+    c.write_all(&request(4, 0, 1, 0, 4096)).unwrap();
+    assert_eq!(simple_reply(&mut c, 0), (EPERM, 1), "TRIM");
+    c.write_all(&request(6, 0, 2, 0, 4096)).unwrap();
+    assert_eq!(simple_reply(&mut c, 0), (EPERM, 2), "WRITE_ZEROES");
+    let mut w = request(1, 0, 3, 0, 4096);
+    w.extend_from_slice(&[7u8; 4096]);
+    c.write_all(&w).unwrap();
+    assert_eq!(simple_reply(&mut c, 0), (EPERM, 3), "WRITE");
+    c.write_all(&request(0, 0x80, 4, 0, 4096)).unwrap();
+    assert_eq!(
+        simple_reply(&mut c, 4096),
+        (EINVAL, 4),
+        "READ, unknown flag"
+    );
+    c.write_all(&request(0, 0, 5, 0, 4096)).unwrap();
+    assert_eq!(simple_reply(&mut c, 4096), (0, 5), "READ");
+    drop(s);
+}
+
+/// 64 clients that finished the handshake fill the server: the next one is told so
+/// (an option error that says "full"), not just closed. When the 64 stall halfway
+/// through a request (8 of its 28 bytes), they are dropped after --nbd-timeout and new
+/// clients are served again (they used to lock every new client out for ever).
+#[test]
+fn stalled_clients_time_out_and_a_full_server_says_so() {
+    let qsd = Qsd::start(QsdOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start_with(
+        &qsd,
+        &format!("unix:{}", sock.display()),
+        &["--nbd-timeout", "2"],
+    );
+    let mut idle: Vec<UnixStream> = (0..64).map(|_| go(&sock, "VirtioBlk0").0).collect();
+    let mut c = raw_client(&sock);
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let (ty, msg) = option_reply(&mut c);
+    let msg = String::from_utf8_lossy(&msg).into_owned();
+    assert!(ty & 0x8000_0000 != 0, "a 65th client was served");
+    assert!(msg.contains("full"), "the refusal says why: {msg:?}");
+    drop(c);
+    // Idle clients are not dropped (with nothing half-sent, there is no time limit):
+    // each still gets its reads answered.
+    for (k, c) in idle.iter_mut().enumerate().take(4) {
+        c.write_all(&request(0, 0, k as u64, 0, 4096)).unwrap();
+        assert_eq!(simple_reply(c, 4096), (0, k as u64));
+    }
+    // Now all 64 stall halfway through a request.
+    for c in &mut idle {
+        c.write_all(&request(0, 0, 9, 0, 4096)[..8]).unwrap();
+    }
+    within(
+        120,
+        "a new client is served once the stalled ones time out",
+        move || loop {
+            let mut c = raw_client(&sock);
+            c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let (ty, _) = option_reply(&mut c);
+            if ty & 0x8000_0000 == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        },
+    );
+    // The stalled clients were closed.
+    let mut buf = [0u8; 1];
+    for c in &mut idle {
+        assert_eq!(
+            c.read(&mut buf).unwrap_or(0),
+            0,
+            "a stalled client was closed"
+        );
+    }
+    drop(s);
+}
+
+/// The DMA memory (memfds named vireo-dma-*) `pid` holds, in bytes allocated (each
+/// file once, however many descriptors it has open).
+fn dma_bytes(pid: u32) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if target.to_string_lossy().contains("memfd:vireo-dma") {
+            if let Ok(m) = std::fs::metadata(e.path()) {
+                if seen.insert(m.ino()) {
+                    total += m.blocks() * 512;
+                }
+            }
+        }
+    }
+    total
+}
+
+/// Clients that queue big READs and never read the replies cannot make the server hold
+/// more than its memory budget together, and the memory goes back once they leave
+/// (16 clients with four 32 MiB READs each used to pin 1 GiB, for ever).
+#[test]
+fn memory_for_clients_is_bounded_and_given_back() {
+    let qsd = Qsd::start(QsdOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    let pid = s.child.id();
+    let clients: Vec<UnixStream> = (0..16)
+        .map(|_| {
+            let (mut c, _, _) = go(&sock, "VirtioBlk0");
+            for k in 0..4u64 {
+                c.write_all(&request(0, 0, k, k << 25, 32 << 20)).unwrap();
+            }
+            c
+        })
+        .collect();
+    // Whatever the server could read of the requests is in flight or answered (and
+    // stuck in the sockets) within a few seconds; the peak is watched meanwhile.
+    let mut peak = 0;
+    for _ in 0..40 {
+        peak = peak.max(dma_bytes(pid));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The budget is 256 MiB of payload; DMA regions are allocated whole and double as
+    // they are added (64 + 128 + 256 MiB hold it).
+    assert!(
+        peak <= 512 << 20,
+        "the clients made the server hold {} MiB of DMA memory",
+        peak >> 20
+    );
+    drop(clients);
+    within(
+        60,
+        "the memory goes back after the clients left",
+        move || loop {
+            let now = dma_bytes(pid);
+            if now < 48 << 20 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        },
+    );
+    drop(s);
+}
+
+/// `nbd_stop_disk` disconnects the export's clients, and then the controller detaches
+/// (the export's I/O thread used to keep its channel); a detach refused because the
+/// controller is busy answers -EBUSY (-16), not invalid params.
+#[test]
+fn nbd_stop_disk_lets_the_controller_detach() {
+    let qsd = Qsd::start(QsdOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    let (mut c, _, _) = go(&sock, "VirtioBlk0");
+    c.write_all(&request(0, 0, 1, 0, 4096)).unwrap();
+    assert_eq!(simple_reply(&mut c, 4096), (0, 1));
+    let detach = || s.rpc("bdev_virtio_detach_controller", r#"{"name":"VirtioBlk0"}"#);
+    let o = detach();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "detach while a client is connected");
+    assert!(err.contains("error -16"), "busy is -EBUSY: {err}");
+    let o = s.rpc("nbd_stop_disk", r#"{"nbd_device":"VirtioBlk0"}"#);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The client is disconnected.
+    let mut b = [0u8; 1];
+    assert_eq!(c.read(&mut b).unwrap_or(0), 0, "the client was closed");
+    // (A guard against a hang, not a timing assertion: the detach works once the
+    // export's thread has closed its channel.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = detach();
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the controller still does not detach after nbd_stop_disk: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An export goes with its bdev: after a detach neither nbd_get_disks nor NBD_OPT_LIST
+/// shows it, and a new bdev of the name the export had is exported, not hidden behind
+/// the dead export.
+#[test]
+fn exports_go_with_their_bdev() {
+    let qsd = Qsd::start(QsdOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    let o = s.rpc(
+        "nbd_start_disk",
+        r#"{"bdev_name":"VirtioBlk0","nbd_device":"VirtioBlk1"}"#,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = s.rpc("bdev_virtio_detach_controller", r#"{"name":"VirtioBlk0"}"#);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = s.rpc("nbd_get_disks", "{}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v, serde_json::json!([]), "exports of a detached bdev");
+    // NBD_OPT_LIST by hand: no names.
+    let mut c = UnixStream::connect(&sock).unwrap();
+    let mut hello = [0u8; 18];
+    c.read_exact(&mut hello).unwrap();
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut opt = b"IHAVEOPT".to_vec();
+    opt.extend_from_slice(&3u32.to_be_bytes());
+    opt.extend_from_slice(&0u32.to_be_bytes());
+    c.write_all(&opt).unwrap();
+    let (ty, _) = option_reply(&mut c);
+    assert_eq!(ty, 1, "LIST lists nothing");
+    // A new controller named like the dead export.
+    let params = serde_json::to_string(&blk_params("VirtioBlk1", &qsd.sock, 1)).unwrap();
+    let o = s.rpc("bdev_virtio_attach_controller", &params);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = s.rpc("nbd_get_disks", "{}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!([{"nbd_device": "VirtioBlk1", "bdev_name": "VirtioBlk1"}])
+    );
+    ok_io(
+        &url(&sock, "VirtioBlk1"),
+        &["write -P 0x5a 0 64k", "read 0 64k"],
+    );
+}
+
+/// A `vireo serve` that fails to start (its RPC socket is in use) leaves no NBD socket
+/// behind.
+#[test]
+fn a_serve_that_cannot_start_leaves_no_nbd_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let rpc = dir.path().join("rpc.sock");
+    let _busy = std::os::unix::net::UnixListener::bind(&rpc).unwrap();
+    let sock = nbd_sock(dir.path());
+    let o = vireo()
+        .args(["serve", "-r"])
+        .arg(&rpc)
+        .arg("--nbd")
+        .arg(format!("unix:{}", sock.display()))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_fails_with(&o, "in use");
+    assert!(!sock.exists(), "the NBD socket was left behind");
 }
