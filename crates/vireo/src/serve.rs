@@ -57,7 +57,7 @@ pub fn cmd_serve(dma: &DmaConfig, a: ServeArgs) -> Result<()> {
         .set_nonblocking(true)
         .context("cannot make the RPC socket non-blocking")?;
     let nbd_listener = match &a.nbd.nbd {
-        Some(l) => Some(nbd::Listener::bind(l)?),
+        Some(l) => Some(nbd::Listener::bind(l, &opts)?),
         None => None,
     };
     let mut nbd_thread = None;

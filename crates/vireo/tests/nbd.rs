@@ -789,3 +789,259 @@ fn a_serve_that_cannot_start_leaves_no_nbd_socket() {
     assert_fails_with(&o, "in use");
     assert!(!sock.exists(), "the NBD socket was left behind");
 }
+
+/// Whether `tool` runs; a test that needs it and does not find it says so loudly.
+fn have(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !ok {
+        eprintln!("********************************************************************");
+        eprintln!("SKIPPED: {tool} is not installed (CI installs it: see .ci/run)");
+        eprintln!("********************************************************************");
+    }
+    ok
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A CA in `dir` (ca-cert.pem, ca-key.pem), EC P-256, valid for two days.
+fn make_ca(dir: &Path, cn: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca-cert.pem",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+}
+
+/// `out`/{ROLE-cert.pem, ROLE-key.pem} (role server or client) signed by the CA in
+/// `ca`, and the CA's certificate as `out`/ca-cert.pem: a directory as QEMU's
+/// tls-creds-x509 reads it.
+fn make_creds(ca: &Path, out: &Path, role: &str) {
+    std::fs::create_dir_all(out).unwrap();
+    let usage = if role == "server" {
+        "serverAuth"
+    } else {
+        "clientAuth"
+    };
+    std::fs::write(
+        out.join("ext.cnf"),
+        format!(
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        ),
+    )
+    .unwrap();
+    let key = format!("{role}-key.pem");
+    let cert = format!("{role}-cert.pem");
+    openssl(
+        out,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            "req.csr",
+            "-subj",
+            &format!("/CN=vireo-test-{role}"),
+        ],
+    );
+    let ca_cert = ca.join("ca-cert.pem");
+    let ca_key = ca.join("ca-key.pem");
+    openssl(
+        out,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "req.csr",
+            "-CA",
+            ca_cert.to_str().unwrap(),
+            "-CAkey",
+            ca_key.to_str().unwrap(),
+            "-set_serial",
+            "2",
+            "-days",
+            "2",
+            "-out",
+            &cert,
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    std::fs::copy(&ca_cert, out.join("ca-cert.pem")).unwrap();
+}
+
+/// A TCP port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// TLS (NBD_OPT_STARTTLS) with certificates the test makes: qemu-img writes an image
+/// through the export and qemu-io reads it back with the right CA; a client whose CA
+/// (and certificate) come from another CA is refused, and so is a client without TLS
+/// (`--nbd-tls require`, the default with credentials).
+#[test]
+fn tls_with_the_right_ca_and_refused_with_a_wrong_one() {
+    if !have("openssl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_ca(&d.join("ca"), "vireo-test-ca");
+    make_ca(&d.join("other-ca"), "vireo-other-ca");
+    make_creds(&d.join("ca"), &d.join("server"), "server");
+    make_creds(&d.join("ca"), &d.join("client"), "client");
+    make_creds(&d.join("other-ca"), &d.join("stranger"), "client");
+    let (_back_dir, _back, qsd) = file_qsd(64);
+    let port = free_port();
+    let creds = d.join("server");
+    let s = Serve::start_with(
+        &qsd,
+        &format!("tcp:127.0.0.1:{port}"),
+        &["--nbd-tls-creds", creds.to_str().unwrap()],
+    );
+    let src = d.join("src.raw");
+    std::fs::write(&src, vec![0x5au8; 4 << 20]).unwrap();
+    let object = |creds: &Path| {
+        format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            creds.display()
+        )
+    };
+    let target = format!(
+        "driver=raw,file.driver=nbd,file.host=127.0.0.1,file.port={port},file.export=VirtioBlk0,file.tls-creds=tls0"
+    );
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "--object"])
+        .arg(object(&d.join("client")))
+        .arg("--target-image-opts")
+        .arg(&src)
+        .arg(&target));
+    let qemu_io_tls = |creds: &Path, cmd: &str| {
+        Command::new("qemu-io")
+            .arg("--object")
+            .arg(object(creds))
+            .args(["--image-opts", &target, "-c", cmd])
+            .output()
+            .expect("qemu-io runs")
+    };
+    let o = qemu_io_tls(&d.join("client"), "read -P 0x5a 0 4M");
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && !text.contains("failed") && !text.contains("verification"),
+        "read back over TLS: {text}"
+    );
+    // A client trusting another CA (with a certificate of that CA) is refused.
+    let o = qemu_io_tls(&d.join("stranger"), "read 0 4k");
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() || text.contains("failed"),
+        "a client with the wrong CA was served: {text}"
+    );
+    assert!(!text.contains("read 4096/4096"), "{text}");
+    // A client without TLS is refused.
+    let o = qemu_io(
+        &format!("nbd://127.0.0.1:{port}/VirtioBlk0"),
+        &["read 0 4k"],
+    );
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !text.contains("read 4096/4096"),
+        "a plain client was served: {text}"
+    );
+    assert!(
+        text.contains("TLS"),
+        "the refusal says TLS is required: {text}"
+    );
+    drop(s);
+}
+
+/// Plain TCP on an address other than loopback is refused unless --nbd-insecure;
+/// the unix socket is the owner's only (0600).
+#[test]
+fn plain_tcp_beyond_loopback_needs_nbd_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let rpc = dir.path().join("rpc.sock");
+    let port = free_port();
+    let o = vireo()
+        .args(["serve", "-r"])
+        .arg(&rpc)
+        .args(["--nbd", &format!("tcp:0.0.0.0:{port}")])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_fails_with(&o, "--nbd-insecure");
+    assert!(!rpc.exists(), "the RPC socket was left behind");
+    let mut child = vireo()
+        .args(["serve", "-r"])
+        .arg(&rpc)
+        .args(["--nbd", &format!("tcp:0.0.0.0:{port}"), "--nbd-insecure"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&rpc);
+    let _ = child.kill();
+    let _ = child.wait();
+    let sock = nbd_sock(dir.path());
+    let mut child = vireo()
+        .args(["serve", "-r"])
+        .arg(dir.path().join("rpc2.sock"))
+        .args(["--nbd", &format!("unix:{}", sock.display())])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(mode, 0o600, "the NBD socket is the owner's only");
+}

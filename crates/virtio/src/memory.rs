@@ -1123,9 +1123,15 @@ mod tests {
         let n = mem.trim();
         assert!(n >= 512 << 10, "trimmed {n} bytes");
         assert!(allocated(&mem) + (512 << 10) <= before);
-        assert!(keep.as_slice().iter().all(|&b| b == 0x5a), "a live buffer kept");
+        assert!(
+            keep.as_slice().iter().all(|&b| b == 0x5a),
+            "a live buffer kept"
+        );
         let again = mem.alloc(512 << 10, 4096).unwrap();
-        assert!(again.as_slice().iter().all(|&b| b == 0), "trimmed pages read as zeros");
+        assert!(
+            again.as_slice().iter().all(|&b| b == 0),
+            "trimmed pages read as zeros"
+        );
         let linear = DmaMemory::new(DmaConfig {
             initial_region_size: 1 << 20,
             hugetlb: false,

@@ -9,7 +9,7 @@
 //! the last of those clients, so a controller can be detached once its clients left.
 
 use std::collections::VecDeque;
-use std::io::{IoSlice, Read, Write};
+use std::io::IoSlice;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -20,7 +20,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use vireo_bdev::{Armed, Bdev, Completion, IoBuf, IoChannel, IoError, IoOp, IoRequest};
 
 use super::proto::*;
-use super::{lock, NbdServer, Sock, Wait};
+use super::tls::Stream;
+use super::{lock, NbdServer, Wait};
 
 const WAKER: Token = Token(usize::MAX);
 
@@ -42,7 +43,7 @@ const MAX_SLEEP_IDLE: Duration = Duration::from_secs(1);
 
 /// A connection whose handshake is done, handed to an I/O thread.
 pub(super) struct NewConn {
-    pub sock: Sock,
+    pub stream: Stream,
     pub neg: Negotiated,
 }
 
@@ -170,7 +171,7 @@ struct Payload {
 }
 
 struct Client {
-    sock: Sock,
+    stream: Stream,
     chan: usize,
     export: String,
     structured: bool,
@@ -316,10 +317,8 @@ impl Loop {
                 progress |= self.service_reads(ci);
             }
             // Submissions reach the devices now, before the replies are written.
-            for k in self.chans.indices().collect::<Vec<_>>() {
-                if let Some(c) = self.chans.get_mut(k) {
-                    c.ch.publish();
-                }
+            for c in self.chans.items.iter_mut().flatten() {
+                c.ch.publish();
             }
             progress |= self.reap_completions();
             for ci in 0..self.clients.items.len() {
@@ -344,8 +343,10 @@ impl Loop {
                     break;
                 }
             }
-            if now >= self.next_tick || progress || self.generation_changed() {
+            if now >= self.next_tick || self.generation_changed() {
                 self.tick(now);
+            } else {
+                self.close_finished();
             }
             if stop_deadline.is_some() && self.clients.len() == 0 {
                 break;
@@ -394,7 +395,7 @@ impl Loop {
         }
         let mut in_flight = false;
         let mut nap = false;
-        for k in self.chans.indices().collect::<Vec<_>>() {
+        for k in 0..self.chans.items.len() {
             let Some(c) = self.chans.get_mut(k) else {
                 continue;
             };
@@ -486,7 +487,7 @@ impl Loop {
         };
         let now = Instant::now();
         let mut client = Client {
-            sock: c.sock,
+            stream: c.stream,
             chan,
             export: c.neg.export,
             structured: c.neg.structured,
@@ -508,7 +509,7 @@ impl Loop {
             stall_since: None,
             last_active: now,
         };
-        let fd = client.sock.as_raw_fd();
+        let fd = client.stream.sock().as_raw_fd();
         let ci = self.clients.insert_with(|ci| {
             if let Err(e) = self.poll.registry().register(
                 &mut SourceFd(&fd),
@@ -544,11 +545,11 @@ impl Loop {
                 // Payload straight into its buffer once the read buffer is drained.
                 Some(p) if c.rpos == c.rend => {
                     let want = p.buf.len() - p.got;
-                    c.sock
+                    c.stream
                         .read(&mut p.buf.as_mut_slice()[p.got..p.got + want])
                         .map(|n| {
                             p.got += n;
-                            (n, false)
+                            (n, n < want)
                         })
                 }
                 _ => {
@@ -561,7 +562,11 @@ impl Loop {
                         c.rpos = 0;
                     }
                     let end = c.rend;
-                    c.sock.read(&mut c.rbuf[end..]).map(|n| (n, true))
+                    let want = c.rbuf.len() - end;
+                    c.stream.read(&mut c.rbuf[end..]).map(|n| {
+                        c.rend += n;
+                        (n, n < want)
+                    })
                 }
             };
             match r {
@@ -569,9 +574,12 @@ impl Loop {
                     c.eof = true;
                     break;
                 }
-                Ok((n, into_rbuf)) => {
-                    if into_rbuf {
-                        c.rend += n;
+                Ok((_, short)) => {
+                    // A short read took all there was: the next data is a new event
+                    // (edge-triggered), so no read just to see EAGAIN. (TLS may hold
+                    // more plaintext: read on.)
+                    if short && matches!(c.stream, Stream::Plain(_)) {
+                        c.readable = false;
                     }
                     c.last_active = Instant::now();
                     progress = true;
@@ -918,7 +926,20 @@ impl Loop {
             self.server.release(freed);
             return false;
         }
-        if c.wq.is_empty() || !c.writable {
+        if c.wq.is_empty() {
+            // TLS records of replies already taken may still wait for the socket.
+            if c.writable {
+                match c.stream.pending_output() {
+                    Ok(true) => {
+                        c.stall_since.get_or_insert_with(Instant::now);
+                    }
+                    Ok(false) => c.stall_since = None,
+                    Err(_) => c.dead = true,
+                }
+            }
+            return false;
+        }
+        if !c.writable {
             return false;
         }
         let mut progress = false;
@@ -939,15 +960,18 @@ impl Loop {
                         n += 1;
                     }
                 }
-                c.sock.write_vectored(&iov[..n])
+                let want: usize = iov[..n].iter().map(|x| x.len()).sum();
+                c.stream.write_vectored(&iov[..n]).map(|w| (w, want))
             };
             match r {
-                Ok(0) => {
+                Ok((0, _)) => {
                     c.dead = true;
                     break;
                 }
-                Ok(mut n) => {
+                Ok((mut n, want)) => {
                     progress = true;
+                    // A short write filled the socket: wait for its next event.
+                    let full = n < want && matches!(c.stream, Stream::Plain(_));
                     while n > 0 {
                         let o = c.wq.front_mut().expect("reply");
                         let left = o.len() - o.sent;
@@ -960,6 +984,10 @@ impl Loop {
                         freed += o.cost;
                         c.owed -= 1;
                         self.bufs.put(o.data);
+                    }
+                    if full {
+                        c.writable = false;
+                        break;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -1004,8 +1032,10 @@ impl Loop {
         if regen {
             self.generation = self.server.generation.load(Ordering::Acquire);
         }
-        for ci in self.clients.indices().collect::<Vec<_>>() {
-            let c = self.clients.get_mut(ci).expect("client");
+        for ci in 0..self.clients.items.len() {
+            let Some(c) = self.clients.items[ci].as_mut() else {
+                continue;
+            };
             let chan = c.chan;
             let mut kill = false;
             if let Some(t) = c.partial_since {
@@ -1026,27 +1056,37 @@ impl Loop {
                     kill = true;
                 }
             }
-            let export = c.export.clone();
             if let Some(ch) = self.chans.get_mut(chan) {
                 if ch.dead || ch.bdev.is_removed() {
                     kill = true;
                 } else if regen
                     && !self
                         .server
-                        .resolve(&export)
+                        .resolve(&c.export)
                         .is_some_and(|b| Arc::ptr_eq(&b, &ch.bdev))
                 {
-                    tracing::info!(export = %export, "nbd: the export was stopped; closing its client");
+                    tracing::info!(export = %c.export, "nbd: the export was stopped; closing its client");
                     kill = true;
                 }
             }
             if kill {
                 self.kill(ci);
             }
-            let c = self.clients.get_mut(ci).expect("client");
-            let finished =
-                c.in_flight == 0 && (c.dead || (c.eof && c.wq.is_empty() && c.payload.is_none()));
-            if finished {
+        }
+        self.close_finished();
+    }
+
+    /// Close the clients that are done: nothing in flight, and dead or at the end of
+    /// their stream with every reply written.
+    fn close_finished(&mut self) {
+        for ci in 0..self.clients.items.len() {
+            let Some(c) = self.clients.items[ci].as_ref() else {
+                continue;
+            };
+            if (c.eof || c.dead)
+                && c.in_flight == 0
+                && (c.dead || (c.wq.is_empty() && c.payload.is_none()))
+            {
                 self.remove_client(ci);
             }
         }
@@ -1059,7 +1099,7 @@ impl Loop {
         let _ = self
             .poll
             .registry()
-            .deregister(&mut SourceFd(&c.sock.as_raw_fd()));
+            .deregister(&mut SourceFd(&c.stream.sock().as_raw_fd()));
         let mut freed = c.bytes;
         for o in c.wq.drain(..) {
             self.bufs.put(o.data);
@@ -1069,7 +1109,7 @@ impl Loop {
         }
         c.bytes = 0;
         self.server.release(std::mem::take(&mut freed));
-        drop(c.sock);
+        drop(c.stream);
         let Some(chan) = self.chans.get_mut(c.chan) else {
             return;
         };

@@ -19,6 +19,9 @@
 mod ioloop;
 mod proto;
 pub mod rpc;
+mod tls;
+
+pub use tls::{Tls, TlsMode};
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -138,6 +141,10 @@ pub struct Options {
     pub max_memory: usize,
     /// How I/O threads wait.
     pub wait: Wait,
+    /// TLS (`NBD_OPT_STARTTLS`), required or allowed.
+    pub tls: Option<Tls>,
+    /// Plain TCP on an address other than loopback is allowed.
+    pub insecure: bool,
 }
 
 impl Default for Options {
@@ -148,6 +155,8 @@ impl Default for Options {
             idle_timeout: None,
             max_memory: 256 << 20,
             wait: Wait::Hybrid(Duration::from_micros(50)),
+            tls: None,
+            insecure: false,
         }
     }
 }
@@ -196,6 +205,19 @@ pub struct NbdArgs {
     /// Spin time of --nbd-wait-mode hybrid, in microseconds.
     #[arg(long, value_name = "US", default_value_t = 50)]
     pub nbd_hybrid_spin_us: u64,
+    /// TLS credentials for NBD (NBD_OPT_STARTTLS): a directory with ca-cert.pem,
+    /// server-cert.pem and server-key.pem, as QEMU's tls-creds-x509 reads it. Clients
+    /// must present a certificate signed by that CA.
+    #[arg(long, value_name = "DIR")]
+    pub nbd_tls_creds: Option<std::path::PathBuf>,
+    /// With --nbd-tls-creds: clients must start TLS (require, the default) or may
+    /// (allow).
+    #[arg(long, value_enum)]
+    pub nbd_tls: Option<TlsMode>,
+    /// Serve NBD over TCP on an address other than loopback without requiring TLS
+    /// (anyone who reaches the address reads and writes the bdevs).
+    #[arg(long)]
+    pub nbd_insecure: bool,
 }
 
 impl NbdArgs {
@@ -222,6 +244,12 @@ impl NbdArgs {
                 WaitArg::Sleep => Wait::Sleep,
                 WaitArg::Hybrid => Wait::Hybrid(Duration::from_micros(self.nbd_hybrid_spin_us)),
             },
+            tls: match (&self.nbd_tls_creds, self.nbd_tls) {
+                (Some(dir), mode) => Some(Tls::load(dir, mode.unwrap_or(TlsMode::Require))?),
+                (None, Some(_)) => bail!("--nbd-tls needs --nbd-tls-creds DIR"),
+                (None, None) => None,
+            },
+            insecure: self.nbd_insecure,
         })
     }
 }
@@ -645,8 +673,10 @@ enum ListenerKind {
 }
 
 impl Listener {
-    /// Bind `listen` (a unix socket is made private to the owner, mode 0600).
-    pub fn bind(listen: &Listen) -> Result<Listener> {
+    /// Bind `listen` (a unix socket is made private to the owner, mode 0600). Plain
+    /// TCP (TLS not required) on an address other than loopback is refused unless
+    /// `opts.insecure`.
+    pub fn bind(listen: &Listen, opts: &Options) -> Result<Listener> {
         match listen {
             Listen::Unix(path) => {
                 let l = crate::socket::bind(path)?;
@@ -659,6 +689,22 @@ impl Listener {
                 })
             }
             Listen::Tcp(addr) => {
+                let tls_required = opts
+                    .tls
+                    .as_ref()
+                    .is_some_and(|t| t.mode == TlsMode::Require);
+                if !tls_required && !opts.insecure {
+                    use std::net::ToSocketAddrs;
+                    let addrs: Vec<std::net::SocketAddr> = addr
+                        .to_socket_addrs()
+                        .with_context(|| format!("cannot resolve {addr}"))?
+                        .collect();
+                    if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+                        bail!(
+                            "refusing NBD over plain TCP on {a}, which is not a loopback address: anyone who reaches it could read and write every bdev. Require TLS (--nbd-tls-creds DIR, --nbd-tls require), use a unix socket, or say --nbd-insecure"
+                        );
+                    }
+                }
                 let l = std::net::TcpListener::bind(addr)
                     .with_context(|| format!("cannot listen for NBD on {addr}"))?;
                 l.set_nonblocking(true)?;
@@ -788,13 +834,32 @@ fn handshake(server: &NbdServer, sock: Sock) -> Result<Option<ioloop::NewConn>> 
     };
     d.write_all(&proto::hello())?;
     let no_zeroes = proto::client_flags(&mut d)?;
-    let neg = match proto::options(server, &mut d, no_zeroes, proto::TlsState::Off)? {
-        proto::Outcome::Serve(n) => n,
-        proto::Outcome::Aborted => return Ok(None),
-        proto::Outcome::StartTls => bail!("TLS is not configured"),
+    let state = match &server.opts.tls {
+        None => proto::TlsState::Off,
+        Some(t) if t.mode == TlsMode::Require => proto::TlsState::Required,
+        Some(_) => proto::TlsState::Allowed,
     };
-    let sock = d.sock;
+    let (neg, stream) = match proto::options(server, &mut d, no_zeroes, state)? {
+        proto::Outcome::Serve(n) => (n, tls::Stream::Plain(d.sock)),
+        proto::Outcome::Aborted => return Ok(None),
+        proto::Outcome::StartTls => {
+            let tls = server.opts.tls.as_ref().context("TLS is not configured")?;
+            let mut s = rustls::StreamOwned::new(tls.connection()?, d);
+            while s.conn.is_handshaking() {
+                s.conn.complete_io(&mut s.sock).context("TLS handshake")?;
+            }
+            let neg = match proto::options(server, &mut s, no_zeroes, proto::TlsState::On)? {
+                proto::Outcome::Serve(n) => n,
+                proto::Outcome::Aborted => return Ok(None),
+                proto::Outcome::StartTls => bail!("STARTTLS twice"),
+            };
+            s.flush()?;
+            let rustls::StreamOwned { conn, sock: d } = s;
+            (neg, tls::Stream::Tls(d.sock, Box::new(conn)))
+        }
+    };
+    let sock = stream.sock();
     sock.set_timeouts(None)?;
     sock.set_nonblocking(true)?;
-    Ok(Some(ioloop::NewConn { sock, neg }))
+    Ok(Some(ioloop::NewConn { stream, neg }))
 }

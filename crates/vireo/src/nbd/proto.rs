@@ -250,7 +250,6 @@ fn meta_queries(data: &[u8]) -> Option<(String, Vec<String>)> {
 
 /// How the option phase treats TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(dead_code)] // Allowed and On: TLS is still to come.
 pub(super) enum TlsState {
     /// No TLS configured: STARTTLS is unsupported.
     Off,
