@@ -62,6 +62,12 @@ impl Drop for Serve {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "vireo serve's log:\n{}",
+                std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+            );
+        }
     }
 }
 
@@ -1167,5 +1173,38 @@ fn nbdcopy_round_trip_with_multi_conn_and_nbdinfo() {
         map.lines().count() == 1 && map.contains("data"),
         "one data extent: {map}"
     );
+    drop(s);
+}
+
+/// Many connections at once to a bdev whose controller has one queue, over four I/O
+/// threads: each is served (the threads without the queue hand their clients to the
+/// one that has it, or is opening it; a client that came while the channel was being
+/// opened used to be closed).
+#[test]
+fn simultaneous_clients_share_a_single_queue() {
+    let qsd = Qsd::start(QsdOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start_with(
+        &qsd,
+        &format!("unix:{}", sock.display()),
+        &["--nbd-threads", "4"],
+    );
+    for round in 0..5 {
+        let clients: Vec<_> = (0..12)
+            .map(|k| {
+                let sock = sock.clone();
+                std::thread::spawn(move || {
+                    let (mut c, _, _) = go(&sock, "VirtioBlk0");
+                    c.write_all(&request(0, 0, k, k << 12, 4096)).unwrap();
+                    simple_reply(&mut c, 4096)
+                })
+            })
+            .collect();
+        for (k, t) in clients.into_iter().enumerate() {
+            let r = t.join().expect("a client was not served");
+            assert_eq!(r, (0, k as u64), "round {round}");
+        }
+    }
     drop(s);
 }

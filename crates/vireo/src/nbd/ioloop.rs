@@ -45,6 +45,8 @@ const MAX_SLEEP_IDLE: Duration = Duration::from_secs(1);
 pub(super) struct NewConn {
     pub stream: Stream,
     pub neg: Negotiated,
+    /// Threads that handed it on for want of a queue.
+    pub hops: usize,
 }
 
 /// What other threads use of an I/O thread: its inbox and the waker of its loop.
@@ -287,6 +289,8 @@ struct Loop {
     bufs: BufCache,
     generation: u64,
     next_tick: Instant,
+    /// Requests taken (read and dispatched): progress of a pass.
+    taken: u64,
 }
 
 impl Loop {
@@ -304,6 +308,7 @@ impl Loop {
             bufs: BufCache::default(),
             generation,
             next_tick: Instant::now(),
+            taken: 0,
         }
     }
 
@@ -312,6 +317,7 @@ impl Loop {
         let mut last_progress = Instant::now();
         let mut stop_deadline: Option<Instant> = None;
         loop {
+            let taken = self.taken;
             let mut progress = self.take_inbox();
             for ci in 0..self.clients.items.len() {
                 progress |= self.service_reads(ci);
@@ -324,6 +330,7 @@ impl Loop {
             for ci in 0..self.clients.items.len() {
                 progress |= self.flush(ci);
             }
+            progress |= self.taken != taken;
             let now = Instant::now();
             if progress {
                 last_progress = now;
@@ -391,6 +398,9 @@ impl Loop {
             Wait::Hybrid(d) => busy && now.duration_since(last_progress) < d,
         };
         if spin {
+            // Spinning, give the CPU to whoever else can run (the device's back-end
+            // and the clients, on the same few CPUs, are what this thread waits for).
+            std::thread::yield_now();
             return Some(Duration::ZERO);
         }
         let mut in_flight = false;
@@ -596,7 +606,8 @@ impl Loop {
                 }
             }
         }
-        progress | self.process_buffered(ci)
+        self.process_buffered(ci);
+        progress
     }
 
     /// Take requests from `ci`'s read buffer while it has credit; returns whether its
@@ -692,6 +703,7 @@ impl Loop {
 
     /// Check and submit one admitted request (a WRITE with its payload).
     fn dispatch(&mut self, ci: usize, req: Request, data: Option<IoBuf>, cost: usize) {
+        self.taken += 1;
         let Loop {
             clients,
             chans,
@@ -1083,10 +1095,8 @@ impl Loop {
             let Some(c) = self.clients.items[ci].as_ref() else {
                 continue;
             };
-            if (c.eof || c.dead)
-                && c.in_flight == 0
-                && (c.dead || (c.wq.is_empty() && c.payload.is_none()))
-            {
+            // (A WRITE payload cut short by the end of the stream is dropped.)
+            if (c.eof || c.dead) && c.in_flight == 0 && (c.dead || c.wq.is_empty()) {
                 self.remove_client(ci);
             }
         }

@@ -589,22 +589,31 @@ impl NbdServer {
     }
 
     /// Thread `from` has no queue for `c`'s bdev: give `c` to the least busy thread
-    /// with a channel on it (or back, when there is none).
+    /// with a channel on it, or opening one (or back, when there is none).
     fn redirect(
         &self,
         from: usize,
-        c: ioloop::NewConn,
+        mut c: ioloop::NewConn,
     ) -> std::result::Result<(), ioloop::NewConn> {
         let k = key(&c.neg.bdev);
         let to = {
             let mut p = lock(&self.placement);
+            // A thread with a channel on the bdev, or one that is opening it (a client
+            // of the bdev is placed there); those with a channel first. A connection
+            // that went round every thread gives up.
             let to = (0..p.threads.len())
-                .filter(|&i| i != from && p.threads[i].bdevs.get(&k).is_some_and(|x| x.1))
-                .min_by_key(|&i| p.threads[i].clients);
+                .filter(|&i| i != from && c.hops < p.threads.len())
+                .filter_map(|i| {
+                    let (n, chan) = *p.threads[i].bdevs.get(&k)?;
+                    (n > 0).then_some((!chan, p.threads[i].clients, i))
+                })
+                .min()
+                .map(|x| x.2);
             let Some(to) = to else {
                 return Err(c);
             };
             Self::unplace(&mut p, from, k);
+            c.hops += 1;
             let t = &mut p.threads[to];
             t.clients += 1;
             t.bdevs.entry(k).or_insert((0, true)).0 += 1;
@@ -861,5 +870,9 @@ fn handshake(server: &NbdServer, sock: Sock) -> Result<Option<ioloop::NewConn>> 
     let sock = stream.sock();
     sock.set_timeouts(None)?;
     sock.set_nonblocking(true)?;
-    Ok(Some(ioloop::NewConn { stream, neg }))
+    Ok(Some(ioloop::NewConn {
+        stream,
+        neg,
+        hops: 0,
+    }))
 }
