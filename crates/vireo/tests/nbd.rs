@@ -1006,6 +1006,38 @@ fn tls_with_the_right_ca_and_refused_with_a_wrong_one() {
         "the refusal says TLS is required: {text}"
     );
     drop(s);
+    // --nbd-tls allow: plain clients and TLS clients alike.
+    let port = free_port();
+    let s = Serve::start_with(
+        &qsd,
+        &format!("tcp:127.0.0.1:{port}"),
+        &[
+            "--nbd-tls-creds",
+            creds.to_str().unwrap(),
+            "--nbd-tls",
+            "allow",
+        ],
+    );
+    ok_io(
+        &format!("nbd://127.0.0.1:{port}/VirtioBlk0"),
+        &["read -P 0x5a 0 64k"],
+    );
+    let target = format!(
+        "driver=raw,file.driver=nbd,file.host=127.0.0.1,file.port={port},file.export=VirtioBlk0,file.tls-creds=tls0"
+    );
+    let o = Command::new("qemu-io")
+        .arg("--object")
+        .arg(object(&d.join("client")))
+        .args(["--image-opts", &target, "-c", "read -P 0x5a 0 64k"])
+        .output()
+        .expect("qemu-io runs");
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && !text.contains("failed"),
+        "TLS with allow: {text}"
+    );
+    drop(s);
 }
 
 /// Plain TCP on an address other than loopback is refused unless --nbd-insecure;
@@ -1206,5 +1238,37 @@ fn simultaneous_clients_share_a_single_queue() {
             assert_eq!(r, (0, k as u64), "round {round}");
         }
     }
+    drop(s);
+}
+
+/// --nbd-idle-timeout closes a client with nothing outstanding; one that keeps sending
+/// requests stays.
+#[test]
+fn idle_clients_are_closed_after_nbd_idle_timeout() {
+    let qsd = Qsd::start(QsdOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start_with(
+        &qsd,
+        &format!("unix:{}", sock.display()),
+        &["--nbd-idle-timeout", "2"],
+    );
+    let (mut idle, _, _) = go(&sock, "VirtioBlk0");
+    let (mut busy, _, _) = go(&sock, "VirtioBlk0");
+    for k in 0..30u64 {
+        busy.write_all(&request(0, 0, k, 0, 4096)).unwrap();
+        assert_eq!(
+            simple_reply(&mut busy, 4096),
+            (0, k),
+            "a busy client is served"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut b = [0u8; 1];
+    assert_eq!(
+        idle.read(&mut b).unwrap_or(0),
+        0,
+        "the idle client was closed"
+    );
     drop(s);
 }

@@ -4,7 +4,7 @@
 //! CACHE, BLOCK_STATUS and DISC. This is how bdevs reach other programs (`qemu-img`,
 //! `qemu-io`, fio, libnbd's tools, `nbd-client`) and other hosts.
 //!
-//! `--nbd-threads N` I/O threads each run one event loop ([`ioloop`]) over their client
+//! `--nbd-threads N` I/O threads each run one event loop (`ioloop.rs`) over their client
 //! sockets and their channels: a request is read, submitted, completed and answered on
 //! one thread. A connection's handshake runs on a short-lived thread of its own (within
 //! `--nbd-timeout`), which then hands the socket to the least busy I/O thread
