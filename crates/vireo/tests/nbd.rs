@@ -563,10 +563,38 @@ fn a_read_only_export_follows_the_spec() {
     drop(s);
 }
 
-/// 64 clients that finished the handshake fill the server: the next one is told so
-/// (an option error that says "full"), not just closed. When the 64 stall halfway
-/// through a request (8 of its 28 bytes), they are dropped after --nbd-timeout and new
-/// clients are served again (they used to lock every new client out for ever).
+/// Fill the server (`already` clients connected) with clients by hand up to 64; the
+/// next one is told it is full (an option error that says "full"), not just closed.
+fn fill_server(sock: &Path, already: usize) -> Vec<UnixStream> {
+    let clients: Vec<UnixStream> = (already..64).map(|_| go(sock, "VirtioBlk0").0).collect();
+    let mut c = raw_client(sock);
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let (ty, msg) = option_reply(&mut c);
+    let msg = String::from_utf8_lossy(&msg).into_owned();
+    assert!(ty & 0x8000_0000 != 0, "a 65th client was served");
+    assert!(msg.contains("full"), "the refusal says why: {msg:?}");
+    clients
+}
+
+/// Wait until a new client is served again (a guard against a hang, not a timing
+/// assertion).
+fn served_again(sock: &Path) {
+    let sock = sock.to_path_buf();
+    within(120, "a new client is served", move || loop {
+        let mut c = raw_client(&sock);
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let (ty, _) = option_reply(&mut c);
+        if ty & 0x8000_0000 == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    });
+}
+
+/// 64 clients that finished the handshake fill the server and the next one is told
+/// so; when the 64 stall halfway through a request (8 of its 28 bytes), they are
+/// dropped after --nbd-timeout and new clients are served again (they used to lock
+/// every new client out for ever, and a refused client was closed without a word).
 #[test]
 fn stalled_clients_time_out_and_a_full_server_says_so() {
     let qsd = Qsd::start(QsdOpts::default());
@@ -577,46 +605,46 @@ fn stalled_clients_time_out_and_a_full_server_says_so() {
         &format!("unix:{}", sock.display()),
         &["--nbd-timeout", "2"],
     );
-    let mut idle: Vec<UnixStream> = (0..64).map(|_| go(&sock, "VirtioBlk0").0).collect();
-    let mut c = raw_client(&sock);
-    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let (ty, msg) = option_reply(&mut c);
-    let msg = String::from_utf8_lossy(&msg).into_owned();
-    assert!(ty & 0x8000_0000 != 0, "a 65th client was served");
-    assert!(msg.contains("full"), "the refusal says why: {msg:?}");
-    drop(c);
-    // Idle clients are not dropped (with nothing half-sent, there is no time limit):
-    // each still gets its reads answered.
-    for (k, c) in idle.iter_mut().enumerate().take(4) {
-        c.write_all(&request(0, 0, k as u64, 0, 4096)).unwrap();
-        assert_eq!(simple_reply(c, 4096), (0, k as u64));
-    }
-    // Now all 64 stall halfway through a request.
-    for c in &mut idle {
+    let mut stalled = fill_server(&sock, 0);
+    for c in &mut stalled {
         c.write_all(&request(0, 0, 9, 0, 4096)[..8]).unwrap();
     }
-    within(
-        120,
-        "a new client is served once the stalled ones time out",
-        move || loop {
-            let mut c = raw_client(&sock);
-            c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-            let (ty, _) = option_reply(&mut c);
-            if ty & 0x8000_0000 == 0 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        },
-    );
+    served_again(&sock);
     // The stalled clients were closed.
     let mut buf = [0u8; 1];
-    for c in &mut idle {
+    for c in &mut stalled {
         assert_eq!(
             c.read(&mut buf).unwrap_or(0),
             0,
             "a stalled client was closed"
         );
     }
+    drop(s);
+}
+
+/// Idle clients may stay as long as they like while there is room (no idle limit by
+/// default), but once the server is full and turns a client away, those idle for
+/// longer than --nbd-timeout are closed: idle clients cannot lock new ones out either.
+#[test]
+fn a_full_server_closes_clients_idle_beyond_the_timeout() {
+    let qsd = Qsd::start(QsdOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start_with(
+        &qsd,
+        &format!("unix:{}", sock.display()),
+        &["--nbd-timeout", "2"],
+    );
+    let (mut first, _, _) = go(&sock, "VirtioBlk0");
+    std::thread::sleep(Duration::from_secs(3));
+    first.write_all(&request(0, 0, 1, 0, 4096)).unwrap();
+    assert_eq!(
+        simple_reply(&mut first, 4096),
+        (0, 1),
+        "idle with room: kept"
+    );
+    let _idle = fill_server(&sock, 1);
+    served_again(&sock);
     drop(s);
 }
 
@@ -1111,8 +1139,11 @@ fn fio_verifies_through_the_export_with_four_connections() {
     let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
     for qd in [1, 32] {
         let o = Command::new("fio")
+            // (fio's verify state files go to the test's directory, not the crate's.)
+            .current_dir(dir.path())
             .args([
                 "--name=verify",
+                "--verify_state_save=0",
                 "--ioengine=nbd",
                 &format!("--uri={}", url(&sock, "VirtioBlk0")),
                 "--rw=randwrite",

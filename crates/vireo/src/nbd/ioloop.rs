@@ -1039,7 +1039,15 @@ impl Loop {
     fn tick(&mut self, now: Instant) {
         self.next_tick = now + Duration::from_millis(250);
         let timeout = self.server.opts.timeout;
-        let idle = self.server.opts.idle_timeout;
+        // A full server (it turned a client away) does not keep clients that have been
+        // idle longer than the timeout: idle clients cannot lock new ones out.
+        let full = self.server.full.load(Ordering::Acquire);
+        let idle = match (self.server.opts.idle_timeout, full) {
+            (Some(i), true) => Some(i.min(timeout)),
+            (Some(i), false) => Some(i),
+            (None, true) => Some(timeout),
+            (None, false) => None,
+        };
         let regen = self.generation_changed();
         if regen {
             self.generation = self.server.generation.load(Ordering::Acquire);
@@ -1064,7 +1072,14 @@ impl Loop {
             }
             if let Some(idle) = idle {
                 if c.owed == 0 && c.payload.is_none() && now.duration_since(c.last_active) > idle {
-                    tracing::info!("nbd client: idle for {idle:?}; closing");
+                    tracing::info!(
+                        "nbd client: idle for {idle:?}{}; closing",
+                        if full {
+                            " while the server is full"
+                        } else {
+                            ""
+                        }
+                    );
                     kill = true;
                 }
             }

@@ -351,6 +351,9 @@ pub struct NbdServer {
     /// Clients connected (handshakes included).
     clients: AtomicUsize,
     refusals: AtomicUsize,
+    /// A client was turned away since the count last dropped below the limit: idle
+    /// clients are closed after the timeout.
+    full: AtomicBool,
     /// Payload bytes admitted and not yet given back, all clients together.
     used: AtomicUsize,
     /// A client waits for `used` to drop.
@@ -389,6 +392,7 @@ impl NbdServer {
             generation: AtomicU64::new(0),
             clients: AtomicUsize::new(0),
             refusals: AtomicUsize::new(0),
+            full: AtomicBool::new(false),
             used: AtomicUsize::new(0),
             starved: AtomicBool::new(false),
             grown: AtomicBool::new(false),
@@ -644,8 +648,14 @@ impl NbdServer {
     /// A client of `bdev` on thread `t` is gone; returns whether it was the thread's
     /// last one on the bdev (the thread closes its channel then).
     fn client_gone(&self, t: usize, bdev: &Arc<Bdev>) -> bool {
-        self.clients.fetch_sub(1, Ordering::AcqRel);
+        self.client_left();
         Self::unplace(&mut lock(&self.placement), t, key(bdev))
+    }
+
+    /// A client left (or its handshake ended without it): there is room again.
+    fn client_left(&self) {
+        self.clients.fetch_sub(1, Ordering::AcqRel);
+        self.full.store(false, Ordering::Release);
     }
 
     /// Start the I/O threads (once).
@@ -784,6 +794,7 @@ pub fn serve(server: Arc<NbdServer>, listener: Listener, stop: fn() -> bool) -> 
 fn accept(server: &Arc<NbdServer>, c: Sock) {
     if server.clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
         server.clients.fetch_sub(1, Ordering::AcqRel);
+        server.full.store(true, Ordering::Release);
         if server.refusals.fetch_add(1, Ordering::AcqRel) >= MAX_REFUSALS {
             server.refusals.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!("nbd: more than {MAX_CLIENTS} clients; connection closed");
@@ -827,10 +838,10 @@ fn accept(server: &Arc<NbdServer>, c: Sock) {
                 Ok(None) => {}
                 Err(e) => tracing::info!("nbd client: {e:#}"),
             }
-            s.clients.fetch_sub(1, Ordering::AcqRel);
+            s.client_left();
         });
     if spawned.is_err() {
-        server.clients.fetch_sub(1, Ordering::AcqRel);
+        server.client_left();
     }
 }
 
