@@ -114,6 +114,28 @@ fn reap(q: *mut blkioq, n: usize, fd_mode: bool) -> Vec<blkio_completion> {
     out
 }
 
+/// A single-queue blk target on `size` bytes of RAM: its directory (keep it), socket and
+/// handle.
+fn blk_target(
+    size: u64,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    vireo_target::TargetHandle,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("blk.sock");
+    let t = spawn_blk_target(
+        &sock,
+        BlkTargetConfig {
+            backend: Backing::Ram { size_bytes: size },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (dir, sock, t)
+}
+
 fn exercise(b: &B, q: *mut blkioq, fd_mode: bool) {
     let bs = b.int("request-alignment").unwrap() as usize;
     let mut region = blkio_mem_region {
@@ -467,18 +489,7 @@ fn caller_mapping(len: usize, shared: bool) -> (*mut u8, Option<std::os::fd::Own
 #[test]
 fn mapped_caller_memory_is_shared_with_the_device() {
     use std::os::fd::AsRawFd;
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("blk.sock");
-    let t = spawn_blk_target(
-        &sock,
-        BlkTargetConfig {
-            backend: Backing::Ram {
-                size_bytes: 16 << 20,
-            },
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (_dir, sock, t) = blk_target(16 << 20);
     let b = B::create("virtio-blk-vhost-user", &sock);
     b.connect();
     b.set_int("num-queues", 0);
@@ -543,18 +554,7 @@ fn mapped_caller_memory_is_shared_with_the_device() {
 /// started instance's connection is closed at destroy, not parked.
 #[test]
 fn an_unstarted_instance_leaves_its_connection_to_the_next() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("blk.sock");
-    let t = spawn_blk_target(
-        &sock,
-        BlkTargetConfig {
-            backend: Backing::Ram {
-                size_bytes: 8 << 20,
-            },
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (_dir, sock, t) = blk_target(8 << 20);
     let a = B::create("virtio-blk-vhost-user", &sock);
     a.connect();
     assert_eq!(a.u64("capacity"), Ok(8 << 20));
@@ -590,18 +590,7 @@ fn an_unstarted_instance_leaves_its_connection_to_the_next() {
 /// the fd itself (it reads it only when a signal is there).
 #[test]
 fn a_blocking_completion_fd_is_the_callers_to_wait_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("blk.sock");
-    let t = spawn_blk_target(
-        &sock,
-        BlkTargetConfig {
-            backend: Backing::Ram {
-                size_bytes: 8 << 20,
-            },
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (_dir, sock, t) = blk_target(8 << 20);
     let (tx, rx) = std::sync::mpsc::channel();
     let s = sock.clone();
     std::thread::spawn(move || {
