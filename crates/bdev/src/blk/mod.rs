@@ -302,6 +302,7 @@ impl BlkController {
         let opts = QueueOptions {
             event_idx: has(tf::RING_EVENT_IDX),
             indirect_max,
+            packed: false,
         };
         let mem = transport.memory().clone();
         // In-flight tracking by the back-end, for reconnections (INFLIGHT_SHMFD).

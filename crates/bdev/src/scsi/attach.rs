@@ -112,6 +112,7 @@ impl ScsiController {
         let opts = QueueOptions {
             event_idx: has(tf::RING_EVENT_IDX),
             indirect_max,
+            packed: false,
         };
         let mem = transport.memory().clone();
         let mk = |t: &mut Box<dyn Transport>, i: u16, size: u16, o: QueueOptions| {
@@ -119,8 +120,8 @@ impl ScsiController {
         };
         let small = vq_size.min(64);
         let plain = QueueOptions {
-            event_idx: opts.event_idx,
             indirect_max: 0,
+            ..opts
         };
         let control_q = mk(&mut transport, 0, small, plain)?;
         let mut event_q = mk(&mut transport, 1, small, plain)?;

@@ -32,7 +32,7 @@ use vireo_virtio::features::scsi as sf;
 use vireo_virtio::features::transport as tf;
 use vireo_virtio::{
     create_queue, negotiate, DmaBuf, DmaMemory, QueueFailure, QueueOptions, RequestQueue, Segment,
-    SplitQueue, Transport, COMMON_FEATURES,
+    Transport, Virtqueue, COMMON_FEATURES,
 };
 
 use crate::bdev::{Bdev, BdevInfo, Limits, OpSupport, ScsiAddress};
