@@ -466,6 +466,7 @@ impl Blkio {
                     vq_count: 0,
                     vq_size: queue_size,
                     reconnect_timeout: None,
+                    packed_ring: Default::default(),
                 },
                 transport,
             )?;
@@ -501,6 +502,7 @@ impl Blkio {
                     vq_count: 0,
                     vq_size: queue_size,
                     reconnect_timeout: None,
+                    packed_ring: Default::default(),
                 },
                 transport,
             )?;
