@@ -20,6 +20,8 @@
 #                           plain 1 it does not, and Linux's virtio drivers, whose barriers are
 #                           locked instructions, can lose a notification while probing disks)
 #   --modern                modern-only virtio devices (disable-legacy=on); default: transitional
+#   --packed                the emulated virtio-scsi-pci and virtio-blk-pci devices offer packed
+#                           virtqueues (packed=on); vhost-user devices are not changed
 #   --viommu                intel-iommu (intremap, caching-mode, QEMU's default aw-bits: 48 in QEMU
 #                           10; for 39 add --qemu-arg -global --qemu-arg intel-iommu.aw-bits=39);
 #                           emulated devices get iommu_platform=on; implies --modern
@@ -40,12 +42,13 @@ usage() { sed -n '2,/^set -e/s/^# \{0,1\}//p' "$0"; }
 die() { echo "guest-vm.sh: $*" >&2; exit 2; }
 SELF=$(realpath "$0")
 CACHE=${VIREO_GUEST_CACHE:-$HOME/.cache/vireo-guest}
-MEM=512M SMP=1,maxcpus=2 TIMEOUT=300 APPEND="" MODERN="" VIOMMU="" MONITOR="" PRINT=""
+MEM=512M SMP=1,maxcpus=2 TIMEOUT=300 APPEND="" MODERN="" VIOMMU="" MONITOR="" PRINT="" PACKED=""
 adds=() scsi=() scsi2=() blk=() vublk=() vuscsi=() qextra=()
 while [ $# -gt 0 ]; do
   opt=$1 && shift
   case $opt in
     --modern) MODERN=1 && continue ;;
+    --packed) PACKED=1 && continue ;;
     --viommu) VIOMMU=1 MODERN=1 && continue ;;
     --print-qemu) PRINT=1 && continue ;;
     -h | --help) usage && exit 0 ;;
@@ -239,6 +242,7 @@ if [ -n "$VIOMMU" ]; then
   q+=(-device intel-iommu,intremap=on,caching-mode=on)
   iop=,iommu_platform=on # emulated devices only: vhost-user backends would need IOTLB support
 fi
+[ -z "$PACKED" ] || iop+=,packed=on # emulated devices only (QEMU's own ring code)
 [ -z "$MONITOR" ] || q+=(-monitor "unix:$MONITOR,server,nowait")
 port=0
 dev() { # DEVICE-ARGS: plug behind a new pcie-root-port. qboot numbers the buses from the highest

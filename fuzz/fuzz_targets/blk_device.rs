@@ -8,7 +8,7 @@
 //! Oracle: no panic, no hang; every submitted I/O completes exactly once (with an
 //! error where the device misbehaved, a timeout where it never answered), and a read
 //! that succeeds gives its buffer back at its length. The fake device also panics on a
-//! malformed chain (a driver bug).
+//! malformed chain (a driver bug). The first input byte picks split or packed rings.
 #![no_main]
 
 use std::collections::{HashSet, VecDeque};
@@ -97,6 +97,10 @@ fuzz_target!(|data: &[u8]| {
     }
     c[56] = 0;
     blk.dev.set_config(c);
+    // The first byte of the plan also picks the ring: packed when odd.
+    if plan[0] & 1 != 0 {
+        blk.offer_packed_ring();
+    }
     let script = Arc::new(Mutex::new(Script {
         bytes: script.iter().copied().collect(),
         fuzzing: false,
@@ -125,6 +129,7 @@ fuzz_target!(|data: &[u8]| {
             vq_count: 1,
             vq_size: 16,
             reconnect_timeout: None,
+            packed_ring: Default::default(),
         },
         t,
     );

@@ -77,6 +77,7 @@ fn world() -> World {
             vq_size: 32,
             io_timeout: None,
             reconnect_timeout: None,
+            packed_ring: Default::default(),
         })
         .expect("attach an honest target")
         .pop()

@@ -29,6 +29,7 @@ fuzz_target!(|data: &[u8]| {
     let opts = QueueOptions {
         event_idx: data[0] & 1 != 0,
         indirect_max: if data[0] & 2 != 0 { 8 } else { 0 },
+        packed: false,
     };
     let mut q = SplitQueue::new(memory(), 0, size, opts, Notifier::Counter(Arc::new(AtomicU64::new(0))))
         .expect("queue");

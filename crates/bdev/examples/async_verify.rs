@@ -152,6 +152,7 @@ fn main() {
             vq_size: 128,
             io_timeout: None,
             reconnect_timeout: None,
+            packed_ring: Default::default(),
         })
         .unwrap_or_else(|e| fail(format!("attach {sock}: {e}")))
         .pop()

@@ -103,6 +103,8 @@ pub struct BdevInfo {
     pub num_queues: u16,
     /// Descriptors per queue.
     pub queue_size: u16,
+    /// The queues are packed rings (`VIRTIO_F_RING_PACKED` negotiated), else split.
+    pub packed_ring: bool,
     /// Serial number, when the device reports one.
     pub serial: Option<String>,
     /// Device identifier (SCSI VPD 83h designator).

@@ -33,6 +33,59 @@ pub enum DevType {
     Blk,
 }
 
+/// Whether a controller's queues are packed rings (`packed_ring`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PackedRing {
+    /// Packed rings when the device offers `VIRTIO_F_RING_PACKED`, else split rings.
+    #[default]
+    Auto,
+    /// Packed rings; a device that does not offer them is refused.
+    On,
+    /// Split rings.
+    Off,
+}
+
+impl PackedRing {
+    /// The value of a configuration's `packed_ring` (`auto`, `on`, `off`).
+    pub fn parse(s: &str) -> Option<PackedRing> {
+        match s {
+            "auto" => Some(PackedRing::Auto),
+            "on" => Some(PackedRing::On),
+            "off" => Some(PackedRing::Off),
+            _ => None,
+        }
+    }
+
+    /// Its name in a configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PackedRing::Auto => "auto",
+            PackedRing::On => "on",
+            PackedRing::Off => "off",
+        }
+    }
+
+    fn is_auto(&self) -> bool {
+        *self == PackedRing::Auto
+    }
+
+    /// The ring feature to ask a device that offers `offered` for:
+    /// `VIRTIO_F_RING_PACKED` or nothing; `Err` says why the device is refused (`on`
+    /// and not offered).
+    pub fn feature(self, offered: u64) -> Result<u64, String> {
+        let packed = vireo_virtio::features::transport::RING_PACKED;
+        match self {
+            PackedRing::Off => Ok(0),
+            PackedRing::Auto => Ok(offered & packed),
+            PackedRing::On if offered & packed != 0 => Ok(packed),
+            PackedRing::On => Err(format!(
+                "\"packed_ring\" is \"on\" but the device does not offer VIRTIO_F_RING_PACKED (offered features {offered:#x}); use \"auto\" or \"off\" for split rings"
+            )),
+        }
+    }
+}
+
 /// Parameters of `bdev_virtio_attach_controller`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AttachParams {
@@ -58,6 +111,10 @@ pub struct AttachParams {
     /// at once). Requests the old connection had not completed are sent again.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "seconds")]
     pub reconnect_timeout: Option<Duration>,
+    /// Packed or split rings (`packed_ring`: `auto`, the default, `on`, `off`; written
+    /// back only when not `auto`, so that SPDK reads a saved configuration unchanged).
+    #[serde(skip_serializing_if = "PackedRing::is_auto")]
+    pub packed_ring: PackedRing,
 }
 
 /// Seconds to the microsecond: the number [`timeout_from_secs`] reads back as the same

@@ -32,7 +32,7 @@ pub use aio::{AsyncChannel, IoFuture};
 pub use bdev::{Bdev, BdevInfo, Limits, OpSupport, ScsiAddress};
 pub use blk::{BlkConfig, BlkController, BlkParams};
 pub use channel::{Armed, IoChannel, MovableChannel, WaitMode};
-pub use config::{AttachParams, ConfigCall, DevType, TrType};
+pub use config::{AttachParams, ConfigCall, DevType, PackedRing, TrType};
 pub use error::{BdevError, ErrorKind, IoError};
 pub use io::{Completion, IoBuf, IoOp, IoRequest, Rejected};
 pub use registry::{Controller, Registry};

@@ -3,14 +3,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use vireo_virtio::SplitQueue;
+use vireo_virtio::Virtqueue;
 
 use crate::error::BdevError;
 
 /// The request queues not held by a channel, and how many channels are open.
 #[derive(Debug)]
 pub struct QueuePool {
-    free: Mutex<Vec<SplitQueue>>,
+    free: Mutex<Vec<Virtqueue>>,
     total: usize,
     open: AtomicU64,
     /// Queues lent to the control path right now.
@@ -19,7 +19,7 @@ pub struct QueuePool {
 
 impl QueuePool {
     /// A pool of `queues`; the first one is lent first.
-    pub fn new(mut queues: Vec<SplitQueue>) -> QueuePool {
+    pub fn new(mut queues: Vec<Virtqueue>) -> QueuePool {
         queues.reverse();
         QueuePool {
             total: queues.len(),
@@ -29,19 +29,19 @@ impl QueuePool {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<SplitQueue>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<Virtqueue>> {
         self.free.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A free queue, if any.
-    pub fn take(&self) -> Option<SplitQueue> {
+    pub fn take(&self) -> Option<Virtqueue> {
         self.lock().pop()
     }
 
     /// A free queue, or the error that tells the user to raise `vq_count`. A queue the
     /// control path has borrowed (a rescan after a hot-plug event) is waited for, a
     /// few seconds at most: that borrow is short and not the user's doing.
-    pub fn take_for(&self, bdev: &str) -> Result<SplitQueue, BdevError> {
+    pub fn take_for(&self, bdev: &str) -> Result<Virtqueue, BdevError> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             if let Some(q) = self.take() {
@@ -60,7 +60,7 @@ impl QueuePool {
     /// A free queue for a short control-path job, given back with
     /// [`give_borrowed`](Self::give_borrowed) (or kept from reuse if the device may still
     /// use it, with [`lost_borrowed`](Self::lost_borrowed)).
-    pub fn borrow(&self) -> Option<SplitQueue> {
+    pub fn borrow(&self) -> Option<Virtqueue> {
         let mut free = self.lock();
         let q = free.pop()?;
         self.borrowed.fetch_add(1, Ordering::AcqRel);
@@ -68,7 +68,7 @@ impl QueuePool {
     }
 
     /// Return a borrowed queue.
-    pub fn give_borrowed(&self, q: SplitQueue) {
+    pub fn give_borrowed(&self, q: Virtqueue) {
         self.lock().push(q);
         self.borrowed.fetch_sub(1, Ordering::AcqRel);
     }
@@ -79,7 +79,7 @@ impl QueuePool {
     }
 
     /// Give a queue back (only when the device no longer uses it).
-    pub fn give(&self, q: SplitQueue) {
+    pub fn give(&self, q: Virtqueue) {
         self.lock().push(q);
     }
 

@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use vireo_virtio::{Notifier, QueueFailure, SplitQueue};
+use vireo_virtio::{Notifier, QueueFailure, Virtqueue};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::IoError;
@@ -42,9 +42,9 @@ pub(crate) trait LifeQueue {
         -> Result<(), IoError>;
     /// Take `ring` of the new connection instead of the lost one (whose memory is
     /// leaked: the old back-end may still write it).
-    fn replace_ring(&mut self, ring: SplitQueue) -> Result<(), IoError>;
+    fn replace_ring(&mut self, ring: Virtqueue) -> Result<(), IoError>;
     /// The ring, for the pool (none when it failed).
-    fn take_ring(&mut self) -> Option<SplitQueue>;
+    fn take_ring(&mut self) -> Option<Virtqueue>;
     /// Whether the ring's connection is gone.
     fn ring_lost(&self) -> bool;
     /// The queue closes without its ring: forget any buffer the device may still read.
@@ -344,11 +344,11 @@ mod tests {
             self.reattached = true;
             Ok(())
         }
-        fn replace_ring(&mut self, _: SplitQueue) -> Result<(), IoError> {
+        fn replace_ring(&mut self, _: Virtqueue) -> Result<(), IoError> {
             self.replaced += 1;
             Ok(())
         }
-        fn take_ring(&mut self) -> Option<SplitQueue> {
+        fn take_ring(&mut self) -> Option<Virtqueue> {
             None
         }
         fn ring_lost(&self) -> bool {
@@ -387,7 +387,7 @@ mod tests {
         })
         .unwrap();
         let notifier = Notifier::Counter(Arc::new(AtomicU64::new(0)));
-        let ring = SplitQueue::new(&mem, 0, 8, QueueOptions::default(), notifier).unwrap();
+        let ring = Virtqueue::new(&mem, 0, 8, QueueOptions::default(), notifier).unwrap();
         NewRing::Fresh { ring, aborted }
     }
 

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use vireo_virtio::{Notifier, Reopen, SplitQueue, Transport};
+use vireo_virtio::{Notifier, Reopen, Transport, Virtqueue};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::health::Health;
@@ -48,7 +48,7 @@ pub(crate) enum ReconnectError {
 pub(crate) enum NewRing {
     /// A new ring; the old connection's requests are resent from the channel's records,
     /// or failed as aborted (`aborted`: vireo dropped the connection itself).
-    Fresh { ring: SplitQueue, aborted: bool },
+    Fresh { ring: Virtqueue, aborted: bool },
     /// The same ring, served by the new connection, which resends what the old one had
     /// in flight: the channel goes on with this doorbell and completion eventfd.
     Kept {
@@ -88,7 +88,7 @@ pub(crate) struct ReconnectCtx {
     /// Rings are kept (the back-end tracks in-flight requests).
     pub keep: bool,
     /// Idle rings of the pool to hand to the new connection too (when keeping rings).
-    pub parked: Vec<SplitQueue>,
+    pub parked: Vec<Virtqueue>,
     /// Queues whose ring was lost with a channel during the outage (not set up again).
     pub lost: Vec<u16>,
 }
@@ -155,7 +155,7 @@ struct LinkState {
     to_pool: Vec<u16>,
     /// Idle rings given back while their connection was gone: kept (never freed: a
     /// new connection may be handed them) until a connection says what becomes of them.
-    late: Vec<SplitQueue>,
+    late: Vec<Virtqueue>,
     /// Queues lost for good: closed with requests on a ring the new connection kept.
     dead: Vec<u16>,
     reconnecting: bool,
@@ -213,7 +213,7 @@ impl Link {
     /// it must watch (the current connection's, read together with the generation; a
     /// raised one for a ring of an earlier connection, which the channel then gives up
     /// for its new ring at once).
-    pub(crate) fn bind(&self, ring: &SplitQueue, health: &Health) -> (u64, Arc<AtomicBool>) {
+    pub(crate) fn bind(&self, ring: &Virtqueue, health: &Health) -> (u64, Arc<AtomicBool>) {
         let _st = self.lock();
         let current = self.generation();
         if ring.tag() == current {
@@ -265,7 +265,7 @@ impl Link {
     /// current connection (`lost`: its connection's flag is up); otherwise the queue's
     /// ring of the new connection goes there (or this one, if the new connection kept
     /// it), or the ring waits for the next connection (never freed before).
-    pub(crate) fn give_back(&self, mut ring: SplitQueue, lost: bool, pool: &QueuePool) {
+    pub(crate) fn give_back(&self, mut ring: Virtqueue, lost: bool, pool: &QueuePool) {
         let index = ring.index();
         let mut st = self.lock();
         let current = self.generation();
@@ -536,7 +536,7 @@ fn outage(
         // the new connection, or freed (nothing of theirs is on any device) and
         // replaced.
         let mut parked = Vec::new();
-        let mut idle: Vec<SplitQueue> = std::mem::take(&mut st.late);
+        let mut idle: Vec<Virtqueue> = std::mem::take(&mut st.late);
         while let Some(q) = shared.pool().take() {
             idle.push(q);
         }
@@ -744,8 +744,8 @@ mod tests {
     use std::sync::atomic::AtomicU64;
     use vireo_virtio::{DmaConfig, DmaMemory, QueueOptions};
 
-    fn ring(mem: &Arc<DmaMemory>, index: u16) -> SplitQueue {
-        SplitQueue::new(
+    fn ring(mem: &Arc<DmaMemory>, index: u16) -> Virtqueue {
+        Virtqueue::new(
             mem,
             index,
             8,

@@ -283,6 +283,7 @@ impl Registry {
                     vq_count: params.vq_count,
                     vq_size: params.vq_size,
                     reconnect_timeout: reconnect,
+                    packed_ring: params.packed_ring,
                 },
                 transport,
             )
@@ -293,6 +294,7 @@ impl Registry {
                     vq_count: params.vq_count,
                     vq_size: params.vq_size,
                     reconnect_timeout: reconnect,
+                    packed_ring: params.packed_ring,
                 },
                 transport,
                 claims.clone(),

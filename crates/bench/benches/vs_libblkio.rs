@@ -64,6 +64,7 @@ fn run_vireo(sock: &Path, qd: usize, secs: f64, mode: Mode) -> (f64, f64) {
             vq_size: 256,
             io_timeout: None,
             reconnect_timeout: None,
+            packed_ring: Default::default(),
         })
         .expect("vireo attach")
         .pop()

@@ -466,6 +466,7 @@ impl Blkio {
                     vq_count: 0,
                     vq_size: queue_size,
                     reconnect_timeout: None,
+                    packed_ring: Default::default(),
                 },
                 transport,
             )?;
@@ -484,6 +485,7 @@ impl Blkio {
                     vq_count: 0,
                     vq_size: queue_size,
                     reconnect_timeout: None,
+                    packed_ring: Default::default(),
                 },
                 transport,
             )?;

@@ -23,6 +23,14 @@ pub const CONTROLLERS: [(&str, &str, &str); 4] = [
     ("scsi.mal", "scsi", "Malloc0"),
 ];
 
+/// The controllers [`SpdkVhost::start`] creates with packed virtqueues offered
+/// (`vhost_create_blk_controller -p`; split-ring drivers still work on them): (socket
+/// name, type, backing bdev).
+pub const PACKED_CONTROLLERS: [(&str, &str, &str); 2] = [
+    ("blk.null.packed", "blk", "Null2"),
+    ("blk.mal.packed", "blk", "Malloc2"),
+];
+
 /// An SPDK build: `build/bin/vhost`, `build/examples/bdevperf`, `scripts/rpc.py`.
 #[derive(Debug, Clone)]
 pub struct SpdkBuild {
@@ -173,57 +181,93 @@ pub struct SpdkVhost {
 
 impl SpdkVhost {
     /// Start the target pinned to `core` and create Null and Malloc bdevs (4 KiB
-    /// blocks; Null 1 GiB, Malloc 256 MiB) behind a blk and a scsi controller each.
+    /// blocks; Null 1 GiB, Malloc 256 MiB) behind a blk and a scsi controller each
+    /// ([`CONTROLLERS`]), and a Null (1 GiB) and a Malloc (128 MiB) bdev behind a blk
+    /// controller with packed rings each ([`PACKED_CONTROLLERS`]).
     pub fn start(build: &SpdkBuild, core: usize) -> Result<SpdkVhost, String> {
         ensure_hugepages()?;
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let log = std::fs::File::create(dir.path().join("vhost.log")).map_err(|e| e.to_string())?;
-        let mask = format!("{:#x}", 1u64 << core);
-        let rpc = dir.path().join("spdk.rpc");
-        let mut cmd = build.command(&build.vhost());
-        die_with_parent(&mut cmd);
-        let child = cmd
-            .arg("-S")
-            .arg(dir.path())
-            .args(["-m", &mask, "-s", "1024", "-u", "-r"])
-            .arg(&rpc)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", build.vhost().display()))?;
+        let child = Self::spawn(build, dir.path(), core)?;
         let mut v = SpdkVhost {
             child,
             build: build.clone(),
             dir,
             core,
         };
+        v.configure()?;
+        Ok(v)
+    }
+
+    /// Kill the target and start it again in the same directory with the same bdevs
+    /// and controllers (a target restart, as a front-end sees it: the sockets close,
+    /// then accept again; Malloc bdevs come back empty).
+    pub fn restart(&mut self) -> Result<(), String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for (sock, _, _) in CONTROLLERS.iter().chain(PACKED_CONTROLLERS.iter()) {
+            let _ = std::fs::remove_file(self.socket(sock));
+        }
+        for f in ["spdk.rpc", "spdk.rpc.lock"] {
+            let _ = std::fs::remove_file(self.dir.path().join(f));
+        }
+        self.child = Self::spawn(&self.build, self.dir.path(), self.core)?;
+        self.configure()
+    }
+
+    /// Start `vhost` pinned to `core` with its sockets in `dir` (log: `dir/vhost.log`,
+    /// appended).
+    fn spawn(build: &SpdkBuild, dir: &Path, core: usize) -> Result<Child, String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("vhost.log"))
+            .map_err(|e| e.to_string())?;
+        let mask = format!("{:#x}", 1u64 << core);
+        let mut cmd = build.command(&build.vhost());
+        die_with_parent(&mut cmd);
+        cmd.arg("-S")
+            .arg(dir)
+            .args(["-m", &mask, "-s", "1024", "-u", "-r"])
+            .arg(dir.join("spdk.rpc"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", build.vhost().display()))
+    }
+
+    /// Wait for the RPC socket, then create the bdevs and controllers.
+    fn configure(&mut self) -> Result<(), String> {
+        let mask = format!("{:#x}", 1u64 << self.core);
+        let rpc = self.dir.path().join("spdk.rpc");
         let deadline = Instant::now() + Duration::from_secs(30);
         while !rpc.exists() {
-            if Instant::now() > deadline || v.child.try_wait().ok().flatten().is_some() {
-                return Err(format!("SPDK vhost did not start: {}", v.log()));
+            if Instant::now() > deadline || self.child.try_wait().ok().flatten().is_some() {
+                return Err(format!("SPDK vhost did not start: {}", self.log()));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         // The socket exists before the RPC server accepts: retry the first call.
         let mut first = Err(String::new());
         for _ in 0..100 {
-            first = v.rpc(&["bdev_null_create", "Null0", "1024", "4096"]);
+            first = self.rpc(&["bdev_null_create", "Null0", "1024", "4096"]);
             if first.is_ok() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         first?;
-        v.rpc(&["bdev_null_create", "Null1", "1024", "4096"])?;
-        v.rpc(&["bdev_malloc_create", "-b", "Malloc0", "256", "4096"])?;
-        v.rpc(&["bdev_malloc_create", "-b", "Malloc1", "256", "4096"])?;
+        self.rpc(&["bdev_null_create", "Null1", "1024", "4096"])?;
+        self.rpc(&["bdev_malloc_create", "-b", "Malloc0", "256", "4096"])?;
+        self.rpc(&["bdev_malloc_create", "-b", "Malloc1", "256", "4096"])?;
+        self.rpc(&["bdev_null_create", "Null2", "1024", "4096"])?;
+        self.rpc(&["bdev_malloc_create", "-b", "Malloc2", "128", "4096"])?;
         for (sock, ty, bdev) in CONTROLLERS {
             if ty == "scsi" {
-                v.rpc(&["vhost_create_scsi_controller", "--cpumask", &mask, sock])?;
-                v.rpc(&["vhost_scsi_controller_add_target", sock, "0", bdev])?;
+                self.rpc(&["vhost_create_scsi_controller", "--cpumask", &mask, sock])?;
+                self.rpc(&["vhost_scsi_controller_add_target", sock, "0", bdev])?;
             } else {
-                v.rpc(&[
+                self.rpc(&[
                     "vhost_create_blk_controller",
                     "--cpumask",
                     &mask,
@@ -232,7 +276,25 @@ impl SpdkVhost {
                 ])?;
             }
         }
-        Ok(v)
+        for (sock, _, bdev) in PACKED_CONTROLLERS {
+            self.create_packed_blk(sock, bdev)?;
+        }
+        Ok(())
+    }
+
+    /// Create a blk controller with packed rings offered (rpc.py v25.09 takes `-p`; it
+    /// rejects the long spelling `--packed_ring`).
+    pub fn create_packed_blk(&self, sock: &str, bdev: &str) -> Result<(), String> {
+        let mask = format!("{:#x}", 1u64 << self.core);
+        self.rpc(&[
+            "vhost_create_blk_controller",
+            "--cpumask",
+            &mask,
+            "-p",
+            sock,
+            bdev,
+        ])
+        .map(|_| ())
     }
 
     /// The core the target polls on.

@@ -28,7 +28,7 @@ pub fn cmd_bdevs(dma: &DmaConfig, a: BdevsArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<18} {:<11} {:>6} {:>14} {:>11} {:>3} {:>5} {:>5} {:>5} {:>5} {:>10} {:>10}  device",
+        "{:<18} {:<11} {:>6} {:>14} {:>11} {:>3} {:>5} {:>6} {:>5} {:>5} {:>5} {:>10} {:>10}  device",
         "name",
         "driver",
         "bs",
@@ -36,6 +36,7 @@ pub fn cmd_bdevs(dma: &DmaConfig, a: BdevsArgs) -> Result<()> {
         "capacity",
         "qs",
         "qsize",
+        "ring",
         "unmap",
         "cache",
         "wzero",
@@ -57,7 +58,7 @@ pub fn cmd_bdevs(dma: &DmaConfig, a: BdevsArgs) -> Result<()> {
             device.push_str(" (read-only)");
         }
         println!(
-            "{:<18} {:<11} {:>6} {:>14} {:>11} {:>3} {:>5} {:>5} {:>5} {:>5} {:>10} {:>10}  {}",
+            "{:<18} {:<11} {:>6} {:>14} {:>11} {:>3} {:>5} {:>6} {:>5} {:>5} {:>5} {:>10} {:>10}  {}",
             i.name,
             i.driver,
             i.block_size,
@@ -65,6 +66,7 @@ pub fn cmd_bdevs(dma: &DmaConfig, a: BdevsArgs) -> Result<()> {
             human(i.capacity_bytes()),
             i.num_queues,
             i.queue_size,
+            if i.packed_ring { "packed" } else { "split" },
             yn(i.ops.unmap),
             // Write-back (flushes reach the device) or write-through.
             if i.volatile_write_cache { "wb" } else { "wt" },

@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 use vireo_bdev::config::{
     name_problem, timeout_from_secs, DEFAULT_VQ_COUNT, DEFAULT_VQ_SIZE, TIMEOUT_RANGE,
 };
-use vireo_bdev::{AttachParams, BdevError, ConfigCall, DevType, Registry, TrType};
+use vireo_bdev::{AttachParams, BdevError, ConfigCall, DevType, PackedRing, Registry, TrType};
 
 fn cfg_err(msg: String) -> BdevError {
     BdevError::Config(msg)
@@ -78,6 +78,7 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
             "vq_size",
             "io_timeout",
             "reconnect_timeout",
+            "packed_ring",
         ],
         ctx,
     )?;
@@ -143,6 +144,14 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
             "{ctx}: \"reconnect_timeout\" applies to vhost-user controllers (trtype \"user\"); a PCI function does not go away and come back"
         )));
     }
+    let packed_ring = match get_str(p, "packed_ring", ctx)? {
+        None => PackedRing::Auto,
+        Some(v) => PackedRing::parse(&v.to_ascii_lowercase()).ok_or_else(|| {
+            cfg_err(format!(
+                "{ctx}: \"packed_ring\" must be \"auto\", \"on\" or \"off\", got {v:?}"
+            ))
+        })?,
+    };
     let a = AttachParams {
         name,
         trtype,
@@ -152,6 +161,7 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
         vq_size,
         io_timeout,
         reconnect_timeout,
+        packed_ring,
     };
     // What is left of the rules every way in shares (traddr, for one).
     a.validate().map_err(|e| cfg_err(format!("{ctx}: {e}")))?;
@@ -392,6 +402,7 @@ mod tests {
                 vq_size: 128,
                 io_timeout: None,
                 reconnect_timeout: None,
+                packed_ring: Default::default(),
             })]
         );
     }
@@ -532,6 +543,39 @@ mod tests {
             p["io_timeout"] = bad;
             let e = attach_from_json(&p).unwrap_err().to_string();
             assert!(e.contains("io_timeout"), "{e}");
+        }
+    }
+
+    #[test]
+    fn packed_ring_is_auto_on_or_off_and_written_back_unless_auto() {
+        let base = json!({"name":"A","trtype":"pci","traddr":"*","dev_type":"scsi"});
+        let a = attach_from_json(&base).unwrap();
+        assert_eq!(a.packed_ring, PackedRing::Auto);
+        assert!(
+            attach_to_json(&a).get("packed_ring").is_none(),
+            "auto is the default: not written, so SPDK reads the file unchanged"
+        );
+        for (v, want) in [
+            ("auto", PackedRing::Auto),
+            ("on", PackedRing::On),
+            ("OFF", PackedRing::Off),
+        ] {
+            let mut p = base.clone();
+            p["packed_ring"] = json!(v);
+            let a = attach_from_json(&p).unwrap();
+            assert_eq!(a.packed_ring, want);
+            assert_eq!(attach_from_json(&attach_to_json(&a)).unwrap(), a);
+        }
+        let mut p = base.clone();
+        p["packed_ring"] = json!("on");
+        assert_eq!(
+            attach_to_json(&attach_from_json(&p).unwrap())["packed_ring"],
+            "on"
+        );
+        for bad in [json!("yes"), json!(true), json!(1)] {
+            p["packed_ring"] = bad;
+            let e = attach_from_json(&p).unwrap_err().to_string();
+            assert!(e.contains("packed_ring"), "{e}");
         }
     }
 

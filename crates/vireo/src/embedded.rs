@@ -83,6 +83,7 @@ mod on {
             vq_size: 256,
             io_timeout: None,
             reconnect_timeout: None,
+            packed_ring: Default::default(),
         };
         let b = reg.attach(&params)?;
         Ok((

@@ -465,6 +465,7 @@ pub fn run(reg: &Registry, o: &SoakOptions) -> Result<SoakReport> {
             vq_size: 128,
             io_timeout: None,
             reconnect_timeout: Some(o.reconnect_timeout),
+            packed_ring: Default::default(),
         })
         .context("cannot attach to the target")?;
     let bdev = bdevs[0].clone();

@@ -72,6 +72,7 @@ fn frozen_target_escalates_and_recovers(dev_type: DevType) {
             vq_size: 128,
             io_timeout: Some(io_timeout),
             reconnect_timeout: Some(Duration::from_secs(30)),
+            packed_ring: Default::default(),
         })
         .expect("attach")
         .pop()

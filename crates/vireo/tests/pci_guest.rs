@@ -259,6 +259,86 @@ fn vfio_iommu_every_function_form() {
     assert!(run.out.contains("t0l1 "), "second LUN listed\n{}", run.out);
 }
 
+/// `script` with `"packed_ring": value` in each attach.
+fn with_packed_ring(script: &str, value: &str) -> String {
+    let scsi = format!(r#""dev_type":"scsi","packed_ring":"{value}"}}"#);
+    let blk = format!(r#""dev_type":"blk","packed_ring":"{value}"}}"#);
+    script
+        .replace(r#""dev_type":"scsi"}"#, &scsi)
+        .replace(r#""dev_type":"blk"}"#, &blk)
+}
+
+/// `script` with `"packed_ring":"on"` in each attach: the attach fails unless the
+/// device offers packed rings, so a run that passes ran on them.
+fn packed_on(script: &str) -> String {
+    with_packed_ring(script, "on")
+}
+
+/// Every bdev line of `vireo bdevs` (three: two LUNs and a blk disk) shows `ring`.
+fn rings_listed(run: &GuestRun, ring: &str) {
+    let lines: Vec<&str> = run
+        .out
+        .lines()
+        .filter(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.len() > 2 && (w[1] == "virtio_blk" || w[1] == "virtio_scsi")
+        })
+        .collect();
+    assert_eq!(lines.len(), 3, "three bdevs listed\n{}", run.out);
+    for line in lines {
+        assert!(
+            line.split_whitespace().any(|w| w == ring),
+            "on {ring} rings: {line}"
+        );
+    }
+}
+
+/// QEMU's virtio-scsi-pci and virtio-blk-pci with packed=on under uio_pci_generic:
+/// vireo takes packed rings (`packed_ring` on) and the four workloads pass.
+#[test]
+fn packed_rings_under_uio_scsi_two_luns_and_blk() {
+    let (run, _, _dir) = workloads_in_guest(
+        "vireo setup bind all --driver uio_pci_generic",
+        &packed_on(EXPLICIT_CONFIG),
+        &["--packed", "--append", "hugepages=96"],
+        &[],
+    );
+    rings_listed(&run, "packed");
+}
+
+/// The same devices with packed=on behind an IOMMU (vfio-pci, 39-bit addresses).
+#[test]
+fn packed_rings_under_vfio_iommu() {
+    let (run, _, _dir) = workloads_in_guest(
+        "vireo setup bind all",
+        &packed_on(ALL_CONFIG),
+        &[
+            "--packed",
+            "--viommu",
+            "--qemu-arg",
+            "-global",
+            "--qemu-arg",
+            "intel-iommu.aw-bits=39",
+        ],
+        &[],
+    );
+    assert!(run.out.contains("vfio (IOMMU)"), "{}", run.out);
+    rings_listed(&run, "packed");
+}
+
+/// Split rings still, with `packed_ring` off, on devices that offer packed ones.
+#[test]
+fn packed_ring_off_keeps_split_rings_on_packed_devices() {
+    let off = with_packed_ring(EXPLICIT_CONFIG, "off");
+    let (run, _, _dir) = workloads_in_guest(
+        "vireo setup bind all --driver uio_pci_generic",
+        &off,
+        &["--packed", "--append", "hugepages=96"],
+        &[],
+    );
+    rings_listed(&run, "split");
+}
+
 const ERRORS_SCRIPT: &str = r#"
 # The harness puts its devices behind root ports; the extra legacy-only one is on bus 0.
 B=$(vireo pci | awk '$2=="blk" && $1 !~ /^0000:00:/ {print $1}' | head -1)
@@ -377,6 +457,10 @@ kill $V; wait $V; echo "RC serve=$?"
 /// without a single error, and the process exits with status 1 (I/O errors), after
 /// which the kernel has the function back.
 fn hot_remove(driver: &str, extra: &[&str]) {
+    hot_remove_with(HOT_REMOVE_SCRIPT, driver, extra)
+}
+
+fn hot_remove_with(script: &str, driver: &str, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let s0 = image(dir.path(), "s0", 32);
     let b0 = image(dir.path(), "b0", 32);
@@ -387,7 +471,7 @@ fn hot_remove(driver: &str, extra: &[&str]) {
         b0.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let run = run_guest(&args, &HOT_REMOVE_SCRIPT.replace("DRIVER", driver));
+    let run = run_guest(&args, &script.replace("DRIVER", driver));
     assert_eq!(run.rc, 0, "{}", run.console);
     run.expect_rc("bind", 0);
     run.expect_rc("perf", 1);
@@ -442,6 +526,37 @@ fn hot_remove_under_uio_fails_its_io_and_nothing_else() {
 #[test]
 fn hot_remove_under_vfio_fails_its_io_and_nothing_else() {
     hot_remove("vfio-pci", &["--viommu"]);
+}
+
+/// Ignored: it freezes QEMU (10.0.2, and upstream's hw/virtio/virtio.c as of this
+/// writing), not vireo. When the guest kernel removes a function bound to
+/// uio_pci_generic it clears bus mastering while vireo still has requests available in
+/// the ring and keeps ringing the doorbell; QEMU then marks the device disabled, its
+/// `virtqueue_pop` returns nothing for a disabled device, but
+/// `virtio_queue_packed_empty` (unlike the split ring's `virtio_queue_split_empty`) does
+/// not look at `virtio_device_disabled` and still sees available descriptors, so
+/// `virtio_blk_handle_vq`'s `do { pop... } while (!virtio_queue_empty(vq))` spins
+/// forever holding QEMU's global lock: the whole guest stops (seen with gdb on the
+/// QEMU process). Under vfio-pci (next test) vireo learns of the removal from the
+/// kernel's request and stops before the device is disabled. Run it with `--ignored`
+/// against a QEMU that has the check.
+#[test]
+#[ignore = "QEMU's packed-ring device loop spins forever once the guest clears bus mastering (see the doc comment)"]
+fn hot_remove_of_packed_rings_under_uio_fails_its_io_and_nothing_else() {
+    hot_remove_with(
+        &packed_on(HOT_REMOVE_SCRIPT),
+        "uio_pci_generic",
+        &["--packed", "--append", "hugepages=64"],
+    );
+}
+
+#[test]
+fn hot_remove_of_packed_rings_under_vfio_fails_its_io_and_nothing_else() {
+    hot_remove_with(
+        &packed_on(HOT_REMOVE_SCRIPT),
+        "vfio-pci",
+        &["--packed", "--viommu"],
+    );
 }
 
 /// `vireo target` on the host, killed on drop.

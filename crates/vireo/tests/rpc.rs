@@ -1084,3 +1084,46 @@ fn a_back_end_busy_with_another_front_end_is_named_as_such() {
         "{msg}"
     );
 }
+
+/// `packed_ring` through the RPC: `off` attaches with split rings and is written back
+/// by `save_config`; `on` refuses a device without packed rings (the in-tree target
+/// has split rings only) and says why.
+#[test]
+fn packed_ring_is_an_attach_param_that_save_config_keeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let _ta = blk_target(&a, 16);
+    let _tb = blk_target(&b, 16);
+    let srv = Server::start(dir.path(), None);
+    let mut p = attach_params("Off", &a, "blk");
+    p["packed_ring"] = json!("off");
+    assert_eq!(
+        srv.ok("bdev_virtio_attach_controller", Some(p)),
+        json!(["Off"])
+    );
+    let got = srv.ok("bdev_get_bdevs", Some(json!({"name":"Off"})));
+    assert_eq!(
+        got[0]["driver_specific"]["virtio_blk"]["virtio"]["packed_ring"],
+        false
+    );
+    let mut p = attach_params("On", &b, "blk");
+    p["packed_ring"] = json!("on");
+    let (_, msg) = srv.err("bdev_virtio_attach_controller", Some(p));
+    assert!(
+        msg.contains("packed_ring") && msg.contains("VIRTIO_F_RING_PACKED"),
+        "{msg}"
+    );
+    let mut p = attach_params("Bad", &b, "blk");
+    p["packed_ring"] = json!("sometimes");
+    let (code, msg) = srv.err("bdev_virtio_attach_controller", Some(p));
+    assert_eq!(code, -32602, "{msg}");
+    assert!(msg.contains("packed_ring"), "{msg}");
+    let cfg = srv.ok("framework_get_config", Some(json!({"name":"bdev"})));
+    let attach = cfg
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["params"]["name"] == "Off")
+        .unwrap_or_else(|| panic!("{cfg}"));
+    assert_eq!(attach["params"]["packed_ring"], "off");
+}

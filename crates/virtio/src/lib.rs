@@ -2,8 +2,8 @@
 //! and the transports (vhost-user front-end, virtio-pci through VFIO or uio).
 //!
 //! The layers above (the virtio-blk and virtio-scsi drivers) see a [`transport::Transport`]
-//! for the control plane and one [`ring::SplitQueue`] per request queue for the data
-//! plane.
+//! for the control plane and one [`ring::Virtqueue`] (a split or a packed ring) per
+//! request queue for the data plane.
 
 #![warn(missing_docs)]
 
@@ -28,6 +28,8 @@ pub use memory::{
 pub use notify::{wait_readable, Notifier};
 pub use pci::{PciAddress, PciTransport};
 pub use request_queue::{QueueFailure, RequestQueue};
-pub use ring::{QueueFull, QueueOptions, RingLayout, Segment, SplitQueue, Used};
+pub use ring::{
+    PackedQueue, QueueFull, QueueOptions, RingLayout, Segment, SplitQueue, Used, Virtqueue,
+};
 pub use transport::{create_queue, negotiate, InflightBuffer, Reopen, Transport, COMMON_FEATURES};
 pub use vhost_user::VhostUserTransport;

@@ -1,4 +1,4 @@
-//! One request queue as both device drivers use it: a split ring, one device-shared
+//! One request queue as both device drivers use it: a ring (split or packed), one device-shared
 //! slot per descriptor (the request header the device reads and the status or response
 //! it writes, a typed `#[repr(C)]` struct `T`), and the failure policy.
 //!
@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::memory::{DmaBuf, DmaMemory};
-use crate::ring::{QueueFull, Segment, SplitQueue, Used};
+use crate::ring::{QueueFull, Segment, Used, Virtqueue};
 use crate::wire::DeviceShared;
 
 /// Why a request queue stopped working.
@@ -64,7 +64,7 @@ pub const RENOTIFY_AFTER: std::time::Duration = std::time::Duration::from_millis
 
 /// A request queue with device-shared slots of type `T`. Owned by one thread.
 pub struct RequestQueue<T: DeviceShared> {
-    ring: Option<SplitQueue>,
+    ring: Option<Virtqueue>,
     slots: Option<DmaBuf>,
     base: *mut T,
     /// Device address of slot 0.
@@ -91,7 +91,7 @@ pub struct RequestQueue<T: DeviceShared> {
 }
 
 // SAFETY: `base` points into `slots`, owned by this queue; moving the queue moves that
-// ownership (SplitQueue is Send for the same reason). Not Sync.
+// ownership (the rings are Send for the same reason). Not Sync.
 unsafe impl<T: DeviceShared> Send for RequestQueue<T> {}
 
 impl<T: DeviceShared> std::fmt::Debug for RequestQueue<T> {
@@ -108,10 +108,10 @@ impl<T: DeviceShared + Default> RequestQueue<T> {
     /// Slots for every descriptor of `ring`, in `mem`; `broken` is the transport's flag.
     pub fn new(
         mem: &Arc<DmaMemory>,
-        ring: SplitQueue,
+        ring: impl Into<Virtqueue>,
         broken: Arc<AtomicBool>,
     ) -> Result<RequestQueue<T>> {
-        let mut ring = ring;
+        let mut ring: Virtqueue = ring.into();
         // Slot numbers are the tokens, all below the ring size: with indirect
         // descriptors each slot gets its own head and table.
         ring.use_slot_heads();
@@ -155,7 +155,7 @@ impl<T: DeviceShared> RequestQueue<T> {
     }
 
     /// The ring (index, statistics).
-    pub fn ring(&self) -> Option<&SplitQueue> {
+    pub fn ring(&self) -> Option<&Virtqueue> {
         self.ring.as_ref()
     }
 
@@ -186,7 +186,7 @@ impl<T: DeviceShared> RequestQueue<T> {
     /// give them: a caller that resubmits in completion order keeps each of its
     /// buffers with the same slot, and (the ring frees chains in the same order) the
     /// same chain head, whose descriptors then need no rewrite (with slot heads, see
-    /// [`SplitQueue::use_slot_heads`], the slot is the head). This holds for the
+    /// [`Virtqueue::use_slot_heads`], the slot is the head). This holds for the
     /// slots released before the first take after the reaps (drivers release them
     /// while reaping); after a ring overflow, slots come back as a stack.
     #[inline]
@@ -350,7 +350,7 @@ impl<T: DeviceShared> RequestQueue<T> {
             return Ok(0);
         }
         // Requests that waited for room take slots in their own order: no pairing to
-        // keep then (see `SplitQueue::free_chain`).
+        // keep then (see the split ring's `free_chain`).
         if self.batch_mark.is_none() && !ring.overflowed() {
             self.batch_mark = Some(self.free.len());
         }
@@ -527,7 +527,7 @@ impl<T: DeviceShared> RequestQueue<T> {
     /// Take the ring out for reuse by another channel, freeing the slots: only when the
     /// queue works and the device holds nothing (otherwise `None`, and the memory stays
     /// with this queue, which leaks it when dropped if the device may still use it).
-    pub fn take_ring(&mut self) -> Option<SplitQueue> {
+    pub fn take_ring(&mut self) -> Option<Virtqueue> {
         if self.failure.is_some() || self.in_flight() > 0 {
             return None;
         }
@@ -552,7 +552,7 @@ mod tests {
     use super::*;
     use crate::memory::DmaConfig;
     use crate::notify::Notifier;
-    use crate::ring::QueueOptions;
+    use crate::ring::{QueueOptions, SplitQueue};
     use crate::wire::blk::ReqHeader;
     use std::sync::atomic::{AtomicU16, AtomicU64};
 
@@ -587,6 +587,7 @@ mod tests {
             QueueOptions {
                 event_idx: false,
                 indirect_max: 4,
+                packed: false,
             },
             Notifier::Counter(Arc::new(AtomicU64::new(0))),
         )

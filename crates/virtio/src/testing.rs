@@ -41,10 +41,12 @@ use crate::ring::RingLayout;
 use crate::transport::{Reopen, Transport};
 
 mod blk;
+pub mod packed;
 #[cfg(test)]
 mod tests;
 
 pub use blk::FakeBlk;
+use packed::PackedDeviceRing;
 
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
@@ -79,8 +81,10 @@ struct QueueState {
     used_idx: u16,
     /// Completion signals (interrupts) the device would have sent.
     signals: u64,
-    /// Heads taken and not completed.
+    /// Heads (packed: buffer ids) taken and not completed.
     outstanding: HashSet<u16>,
+    /// The device side of a packed ring (`VIRTIO_F_RING_PACKED` negotiated).
+    packed: Option<PackedDeviceRing>,
     /// A used entry of the test's choosing was pushed ([`FakeDevice::push_used`]): which
     /// heads the driver thinks the device holds is no longer known, so neither a head
     /// offered again nor one completed twice is taken for a bug.
@@ -352,6 +356,11 @@ impl FakeDevice {
         self.lock().conn.as_ref().map_or(0, |c| c.driver_features)
     }
 
+    /// Features offered.
+    pub fn offered_features(&self) -> u64 {
+        self.lock().features
+    }
+
     /// Features offered from the next negotiation on.
     pub fn set_features(&self, features: u64) {
         self.lock().features = features;
@@ -407,6 +416,32 @@ impl FakeDevice {
         let Some(qs) = conn.queues.get_mut(q as usize).and_then(Option::as_mut) else {
             return Vec::new();
         };
+        if let Some(ring) = qs.packed.as_mut() {
+            let mut out = Vec::new();
+            while let Some(chain) = ring.take(|a, l| translate(&mem, a, l)) {
+                let chain = chain.unwrap_or_else(|e| panic!("driver bug: queue {q}: {e}"));
+                assert!(
+                    qs.outstanding.insert(chain.id) || qs.lied,
+                    "driver bug: queue {q}: buffer id {} made available again while the device holds it",
+                    chain.id
+                );
+                out.push(FakeRequest {
+                    head: chain.id,
+                    readable: chain.readable,
+                    writable: chain.writable,
+                    queue: q,
+                    conn: id,
+                    mem: mem.clone(),
+                });
+            }
+            // Kick me for the next one (with event index), else for every one.
+            ring.kick_me(if features & tf::RING_EVENT_IDX != 0 {
+                packed::KickMe::AtNext
+            } else {
+                packed::KickMe::Always
+            });
+            return out;
+        }
         let l = qs.layout;
         let size = l.size;
         let avail_idx = ring_u16(l.avail_va + 2).load(Ordering::Acquire);
@@ -476,6 +511,17 @@ impl FakeDevice {
             "queue {q}: request {} completed twice, or never taken (push_used completes anything)",
             req.head
         );
+        if let Some(ring) = qs.packed.as_mut() {
+            if ring.entries_of(req.head).is_some() {
+                if ring.put_used(req.head, written) {
+                    qs.signals += 1;
+                }
+            } else if ring.put_used_raw(req.head, written, written > 0, 1) {
+                // Completed by a lie already (push_used); this is a second one.
+                qs.signals += 1;
+            }
+            return true;
+        }
         push(qs, features, req.head as u32, written);
         true
     }
@@ -505,6 +551,15 @@ impl FakeDevice {
         qs.lied = true;
         if id < qs.layout.size as u32 {
             qs.outstanding.remove(&(id as u16));
+        }
+        if let Some(ring) = qs.packed.as_mut() {
+            // A packed ring's buffer ids are 16 bits: larger ones are cut to their low
+            // half. The device skips the entries the id took if it holds it, else one.
+            let skip = ring.entries_of(id as u16).unwrap_or(1);
+            if ring.put_used_raw(id as u16, len, true, skip) {
+                qs.signals += 1;
+            }
+            return;
         }
         push(qs, features, id, len);
     }
@@ -807,18 +862,38 @@ impl Transport for FakeTransport {
                 return bad(format!("the fake device has {num_queues} queues"));
             }
             let n = layout.size as u64;
-            if layout.size == 0 || !layout.size.is_power_of_two() || layout.size > max {
+            let packed = conn.driver_features & tf::RING_PACKED != 0;
+            if layout.packed != packed {
                 return bad(format!(
-                    "size {} is not a power of two of at most {max}",
-                    layout.size
+                    "a {} ring, but VIRTIO_F_RING_PACKED was {}negotiated",
+                    if layout.packed { "packed" } else { "split" },
+                    if packed { "" } else { "not " }
+                ));
+            }
+            if layout.size == 0
+                || layout.size > max
+                || (!packed && !layout.size.is_power_of_two())
+            {
+                return bad(format!(
+                    "size {} is not {} of at most {max}",
+                    layout.size,
+                    if packed { "a size" } else { "a power of two" }
                 ));
             }
             let regions = conn.mem.regions();
-            let areas = [
-                ("descriptor table", layout.desc_va, DESC_SIZE * n, 16),
-                ("avail ring", layout.avail_va, 6 + 2 * n, 2),
-                ("used ring", layout.used_va, 6 + 8 * n, 4),
-            ];
+            let areas = if packed {
+                [
+                    ("descriptor ring", layout.desc_va, DESC_SIZE * n, 16),
+                    ("driver area", layout.avail_va, 4, 4),
+                    ("device area", layout.used_va, 4, 4),
+                ]
+            } else {
+                [
+                    ("descriptor table", layout.desc_va, DESC_SIZE * n, 16),
+                    ("avail ring", layout.avail_va, 6 + 2 * n, 2),
+                    ("used ring", layout.used_va, 6 + 8 * n, 4),
+                ]
+            };
             for (what, va, len, align) in areas {
                 if !va.is_multiple_of(align) || !va_inside(&regions, va, len) {
                     return bad(format!(
@@ -833,6 +908,7 @@ impl Transport for FakeTransport {
                 used_idx: 0,
                 signals: 0,
                 outstanding: HashSet::new(),
+                packed: packed.then(|| PackedDeviceRing::new(layout, conn.driver_features)),
                 lied: false,
                 kicks: count.clone(),
             });

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::features::transport as tf;
 use crate::memory::DmaMemory;
 use crate::notify::Notifier;
-use crate::ring::{QueueOptions, RingLayout, SplitQueue};
+use crate::ring::{QueueOptions, RingLayout, Virtqueue};
 use std::sync::atomic::AtomicU64;
 
 /// What a driver needs from a transport (vhost-user, virtio-pci) to bring a device up.
@@ -143,17 +143,17 @@ pub struct InflightBuffer {
 /// bounded by the given time.
 pub type Reopen = Box<dyn Fn(std::time::Duration) -> Result<Box<dyn Transport>> + Send + Sync>;
 
-/// Allocate queue `index` of `size` descriptors in the transport's memory and hand it
-/// to the device.
+/// Allocate queue `index` of `size` descriptors in the transport's memory (a packed ring
+/// when `opts.packed`) and hand it to the device.
 pub fn create_queue(
     t: &mut dyn Transport,
     index: u16,
     size: u16,
     opts: QueueOptions,
-) -> Result<SplitQueue> {
+) -> Result<Virtqueue> {
     let mem = t.memory().clone();
     let placeholder = Notifier::Counter(Arc::new(AtomicU64::new(0)));
-    let mut q = SplitQueue::new(&mem, index, size, opts, placeholder)?;
+    let mut q = Virtqueue::new(&mem, index, size, opts, placeholder)?;
     let notifier = t.setup_queue(index, &q.layout())?;
     q.set_notifier(notifier);
     q.set_completion_signal(t.completion_signal(index));

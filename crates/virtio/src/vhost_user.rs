@@ -562,10 +562,25 @@ impl Transport for VhostUserTransport {
     }
 
     fn setup_queue(&mut self, index: u16, layout: &RingLayout) -> Result<Notifier> {
-        self.guarded(|t| t.setup_queue_inner(index, layout, 0))
+        // SET_VRING_BASE of a fresh ring: the next avail index 0; a packed ring's carries
+        // its wrap counter in bit 15 as well, which starts at 1 (virtio 1.2 2.8.1; QEMU
+        // sends 0x8000 too, and DPDK-based back-ends such as SPDK take the counter from
+        // that bit: a 0 would make them wait for descriptors of the wrong lap).
+        let base = if layout.packed { 0x8000 } else { 0 };
+        self.guarded(|t| t.setup_queue_inner(index, layout, base))
     }
 
     fn resume_queue(&mut self, index: u16, layout: &RingLayout, base: u16) -> Result<Notifier> {
+        if layout.packed {
+            // A packed ring's state is two positions with their wrap counters, which
+            // only the back-end's packed in-flight records restore (SPDK does so only
+            // with its packed-ring recovery switched on): vireo does not resume packed
+            // rings; a reconnection gives them fresh rings and resends.
+            return Err(Error::InvalidQueue(format!(
+                "{}: queue {index} is a packed ring, which vireo does not resume on a new connection (fresh rings are set up instead)",
+                self.describe()
+            )));
+        }
         self.guarded(|t| t.setup_queue_inner(index, layout, base))
     }
 

@@ -12,6 +12,7 @@ use vireo_virtio::wire::blk::{SLOT_RANGES, WRITE_ZEROES_FLAG_UNMAP};
 use vireo_virtio::{create_queue, negotiate, DmaMemory, QueueOptions, Transport, COMMON_FEATURES};
 
 use crate::bdev::{Bdev, BdevInfo, Limits, OpSupport};
+use crate::config::PackedRing;
 use crate::driver::{BdevDriver, ChannelDriver};
 use crate::error::{BdevError, IoError};
 use crate::health::Health;
@@ -99,6 +100,8 @@ pub struct BlkParams {
     /// How long I/O waits while vireo reconnects to a back-end that went away
     /// (vhost-user); `None`: no reconnection, I/O fails at once.
     pub reconnect_timeout: Option<Duration>,
+    /// Packed or split rings.
+    pub packed_ring: PackedRing,
 }
 
 /// What channels need to know, fixed at attach time.
@@ -202,6 +205,12 @@ impl BlkController {
             | bf::DISCARD
             | bf::WRITE_ZEROES
             | bf::RO;
+        let offered = transport.device_features().map_err(verr)?;
+        let wanted = wanted
+            | params
+                .packed_ring
+                .feature(offered)
+                .map_err(|e| bad(name, e))?;
         let features = negotiate(transport.as_mut(), wanted).map_err(verr)?;
         let mut raw = [0u8; CONFIG_LEN];
         transport.read_config(0, &mut raw).map_err(verr)?;
@@ -302,14 +311,26 @@ impl BlkController {
         let opts = QueueOptions {
             event_idx: has(tf::RING_EVENT_IDX),
             indirect_max,
+            packed: has(tf::RING_PACKED),
         };
         let mem = transport.memory().clone();
-        // In-flight tracking by the back-end, for reconnections (INFLIGHT_SHMFD).
-        let inflight = if params.reconnect_timeout.is_some() {
+        // In-flight tracking by the back-end, for reconnections (INFLIGHT_SHMFD), with
+        // split rings: a packed ring is not handed to a new connection (its state is
+        // two positions with wrap counters that only the back-end's packed in-flight
+        // records restore, and SPDK, one back-end with packed rings, does so only with
+        // its recovery switched on); it is replaced by a fresh one, and vireo resends
+        // what was in flight.
+        let inflight = if params.reconnect_timeout.is_some() && !opts.packed {
             transport.get_inflight(vq_count, vq_size).map_err(verr)?
         } else {
             None
         };
+        if params.reconnect_timeout.is_some() && opts.packed {
+            tracing::info!(
+                controller = name,
+                "packed rings: a reconnection sets up fresh rings and resends the requests in flight (the back-end's in-flight tracking is used with split rings only)"
+            );
+        }
         let mut queues = Vec::new();
         for i in 0..vq_count {
             queues.push(
@@ -395,6 +416,7 @@ impl BlkController {
             },
             num_queues: vq_count,
             queue_size: vq_size,
+            packed_ring: opts.packed,
             serial,
             device_id: None,
             vendor: None,
@@ -500,3 +522,9 @@ impl Drop for BlkController {
 
 #[cfg(test)]
 mod tests;
+/// The same tests with the fake disk offering packed rings (see the file's `packed`):
+/// loading the file twice is the point.
+#[cfg(test)]
+#[path = "tests.rs"]
+#[allow(clippy::duplicate_mod)]
+mod tests_packed;

@@ -10,7 +10,7 @@ use vireo_virtio::wire::blk::{
     Range, ReqHeader, RequestSlot, ID_BYTES, SLOT_RANGES, S_IOERR, S_OK, S_UNSET, S_UNSUPP,
     T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
 };
-use vireo_virtio::{Notifier, QueueFailure, RequestQueue, Segment, SplitQueue};
+use vireo_virtio::{Notifier, QueueFailure, RequestQueue, Segment, Virtqueue};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::BlkShared;
@@ -43,7 +43,7 @@ pub(super) struct BlkChannel {
 }
 
 impl BlkChannel {
-    pub(super) fn new(shared: Arc<BlkShared>, ring: SplitQueue) -> Result<BlkChannel, IoError> {
+    pub(super) fn new(shared: Arc<BlkShared>, ring: Virtqueue) -> Result<BlkChannel, IoError> {
         let n = ring.size() as usize;
         let index = ring.index();
         // The ring's generation and the flag to watch, read together (a ring of an
@@ -215,7 +215,7 @@ impl LifeQueue for BlkQueue {
         }
     }
 
-    fn replace_ring(&mut self, ring: SplitQueue) -> Result<(), IoError> {
+    fn replace_ring(&mut self, ring: Virtqueue) -> Result<(), IoError> {
         let rq = RequestQueue::new(&self.shared.mem, ring, self.shared.health.broken_arc())
             .map_err(|e| IoError::NoMemory(e.to_string()))?;
         // The old queue leaks its memory (it failed): a back-end that went away must
@@ -224,7 +224,7 @@ impl LifeQueue for BlkQueue {
         Ok(())
     }
 
-    fn take_ring(&mut self) -> Option<SplitQueue> {
+    fn take_ring(&mut self) -> Option<Virtqueue> {
         self.rq.take_ring()
     }
 

@@ -1,6 +1,10 @@
 //! The virtio-blk driver against the fake device (`vireo_virtio::testing::FakeBlk`, a RAM
 //! disk served in process): attach, the command set, device errors and lies, queue-full
 //! waits, and what becomes of requests when the connection goes away.
+//!
+//! This file is compiled twice: as module `tests`, where the fake disk offers split
+//! rings only, and as `tests_packed`, where it offers `VIRTIO_F_RING_PACKED` too and
+//! the driver takes it (`packed_ring` auto): every test runs on both kinds of ring.
 
 use std::time::{Duration, Instant};
 
@@ -8,10 +12,25 @@ use vireo_virtio::testing::{test_memory, FakeBlk};
 use vireo_virtio::wire::blk::{S_IOERR, S_UNSUPP, T_DISCARD, T_FLUSH, T_IN, T_OUT, T_WRITE_ZEROES};
 
 use super::*;
+use crate::config::PackedRing;
 use crate::io::{Completion, IoBuf, IoOp, IoRequest};
 use crate::IoChannel;
 
 const SECTORS: u64 = 1 << 16;
+
+/// Whether this copy of the tests runs on packed rings.
+fn packed() -> bool {
+    module_path!().ends_with("tests_packed")
+}
+
+/// A fake disk (`FakeBlk::new`) that offers packed rings in the packed copy.
+fn disk(sectors: u64, queues: u16, seg_max: u32) -> FakeBlk {
+    let b = FakeBlk::new(sectors, queues, seg_max);
+    if packed() {
+        b.offer_packed_ring();
+    }
+    b
+}
 
 fn params(reconnect: Option<Duration>) -> BlkParams {
     BlkParams {
@@ -19,6 +38,7 @@ fn params(reconnect: Option<Duration>) -> BlkParams {
         vq_count: 1,
         vq_size: 16,
         reconnect_timeout: reconnect,
+        packed_ring: Default::default(),
     }
 }
 
@@ -29,7 +49,7 @@ fn attach_with(blk: &FakeBlk, p: &BlkParams) -> BlkController {
 
 /// A disk that answers every request as it is kicked, and its controller.
 fn attached(reconnect: Option<Duration>) -> (FakeBlk, BlkController) {
-    let blk = FakeBlk::new(SECTORS, 1, 8);
+    let blk = disk(SECTORS, 1, 8);
     blk.auto_serve(true);
     let c = attach_with(&blk, &params(reconnect));
     (blk, c)
@@ -64,11 +84,49 @@ fn attach_reads_the_geometry_and_limits_from_the_config_space() {
     assert!(i.volatile_write_cache, "FLUSH offered: a write cache");
     assert_eq!(i.limits.max_segments, 8);
     assert_eq!(i.queue_size, 16);
+    assert_eq!(i.packed_ring, packed(), "auto: packed when offered");
+}
+
+#[test]
+fn packed_ring_on_needs_the_device_to_offer_it_and_off_keeps_split_rings() {
+    let blk = disk(SECTORS, 1, 8);
+    blk.auto_serve(true);
+    let mut p = params(None);
+    p.packed_ring = PackedRing::On;
+    let mem = test_memory(4 << 20);
+    match BlkController::attach(&p, blk.dev.connect(&mem)) {
+        Ok(c) => {
+            assert!(
+                packed(),
+                "attached with packed_ring on to a split-only device"
+            );
+            assert!(c.bdev().info().packed_ring);
+        }
+        Err(e) => {
+            assert!(!packed(), "{e}");
+            let m = e.to_string();
+            assert!(
+                m.contains("packed_ring") && m.contains("RING_PACKED"),
+                "{m}"
+            );
+        }
+    }
+    p.packed_ring = PackedRing::Off;
+    let c = attach_with(&blk, &p);
+    assert!(!c.bdev().info().packed_ring);
+    assert_eq!(
+        blk.dev.driver_features() & vireo_virtio::features::transport::RING_PACKED,
+        0
+    );
+    let mut ch = c.bdev().open_channel().unwrap();
+    ch.submit(IoRequest::write(3, 1, IoBuf::Heap(vec![7; 512]), 1))
+        .unwrap();
+    assert!(wait_for(&mut ch, 1)[0].result.is_ok());
 }
 
 #[test]
 fn the_serial_number_comes_from_get_id() {
-    let blk = FakeBlk::new(SECTORS, 1, 8);
+    let blk = disk(SECTORS, 1, 8);
     blk.serial("vireo-serial-1");
     blk.auto_serve(true);
     let c = attach_with(&blk, &params(None));
@@ -136,7 +194,7 @@ fn a_flush_is_sent_to_a_device_with_a_write_cache() {
 #[test]
 fn a_read_longer_than_the_segment_limit_is_split_into_requests_the_device_takes() {
     // SIZE_MAX 4 KiB and SEG_MAX 8: at most 32 KiB (64 blocks) per request.
-    let blk = FakeBlk::new(SECTORS, 1, 8);
+    let blk = disk(SECTORS, 1, 8);
     blk.dev.set_features(FakeBlk::FEATURES | bf::SIZE_MAX);
     let mut config = blk.dev.config();
     config[8..12].copy_from_slice(&4096u32.to_le_bytes());
@@ -223,7 +281,7 @@ fn a_used_id_that_was_never_offered_fails_the_controller() {
 
 #[test]
 fn a_full_ring_makes_requests_wait_and_all_complete() {
-    let blk = FakeBlk::new(SECTORS, 1, 8);
+    let blk = disk(SECTORS, 1, 8);
     blk.auto_serve(true);
     let mut p = params(None);
     p.vq_size = 4;
@@ -402,7 +460,7 @@ fn a_closed_channel_gives_its_queue_back_for_the_next_one() {
 
 /// A disk offering `features` instead of the usual ones, answering as kicked.
 fn attached_offering(features: u64) -> (FakeBlk, BlkController) {
-    let blk = FakeBlk::new(SECTORS, 1, 8);
+    let blk = disk(SECTORS, 1, 8);
     blk.dev.set_features(features);
     blk.auto_serve(true);
     let c = attach_with(&blk, &params(None));
@@ -456,7 +514,7 @@ fn without_discard_unmap_is_refused_before_the_device() {
 
 #[test]
 fn a_device_without_get_id_has_no_serial() {
-    let blk = FakeBlk::new(SECTORS, 1, 8);
+    let blk = disk(SECTORS, 1, 8);
     blk.fail_next(1, S_UNSUPP);
     blk.auto_serve(true);
     let c = attach_with(&blk, &params(None));
@@ -465,7 +523,7 @@ fn a_device_without_get_id_has_no_serial() {
 
 #[test]
 fn each_channel_gets_its_own_queue_of_a_multi_queue_device() {
-    let blk = FakeBlk::new(SECTORS, 2, 8);
+    let blk = disk(SECTORS, 2, 8);
     blk.auto_serve(true);
     let mut p = params(None);
     p.vq_count = 2;
@@ -579,7 +637,7 @@ fn a_movable_channel_moves_threads_and_uses_shared_caller_memory_in_place() {
     use std::sync::{Arc, Mutex};
     use vireo_virtio::ForeignBuf;
 
-    let blk = FakeBlk::new(SECTORS, 1, 8);
+    let blk = disk(SECTORS, 1, 8);
     let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
     let log = seen.clone();
     blk.on_kick(move |b, q| {
@@ -660,7 +718,7 @@ fn vectored_io_in_shared_memory_goes_to_the_device_in_place() {
     use vireo_virtio::ForeignBuf;
 
     // seg_max 8: 8 data segments per request (max_rw_blocks follows from it).
-    let blk = FakeBlk::new(SECTORS, 1, 8);
+    let blk = disk(SECTORS, 1, 8);
     type Log = Arc<Mutex<Vec<Vec<(u64, u32)>>>>;
     let seen: Log = Arc::default();
     let log = seen.clone();

@@ -198,6 +198,7 @@ fn info() -> BdevInfo {
         },
         num_queues: 1,
         queue_size: 16,
+        packed_ring: false,
         serial: None,
         device_id: None,
         vendor: None,

@@ -23,7 +23,14 @@ impl ScsiController {
         let name = params.name.as_str();
         let verr = |source| BdevError::virtio(name, source);
         crate::pool::check_queue_size(name, params.vq_size)?;
-        let wanted = COMMON_FEATURES | sf::HOTPLUG | sf::CHANGE;
+        let offered = transport.device_features().map_err(verr)?;
+        let wanted = COMMON_FEATURES
+            | sf::HOTPLUG
+            | sf::CHANGE
+            | params
+                .packed_ring
+                .feature(offered)
+                .map_err(|e| bad(name, e))?;
         let features = negotiate(transport.as_mut(), wanted).map_err(verr)?;
         let cfg = if transport.has_config() {
             let mut raw = [0u8; wire::CONFIG_LEN];
@@ -112,6 +119,7 @@ impl ScsiController {
         let opts = QueueOptions {
             event_idx: has(tf::RING_EVENT_IDX),
             indirect_max,
+            packed: has(tf::RING_PACKED),
         };
         let mem = transport.memory().clone();
         let mk = |t: &mut Box<dyn Transport>, i: u16, size: u16, o: QueueOptions| {
@@ -119,8 +127,8 @@ impl ScsiController {
         };
         let small = vq_size.min(64);
         let plain = QueueOptions {
-            event_idx: opts.event_idx,
             indirect_max: 0,
+            ..opts
         };
         let control_q = mk(&mut transport, 0, small, plain)?;
         let mut event_q = mk(&mut transport, 1, small, plain)?;
@@ -153,6 +161,7 @@ impl ScsiController {
             queues: QueuePool::new(queues),
             max_segments,
             max_sectors: cfg.max_sectors,
+            packed_ring: opts.packed,
             control: Mutex::new(Some(control)),
         });
 
@@ -450,6 +459,7 @@ pub(super) fn make_lun(
         },
         num_queues: params.vq_count,
         queue_size: vq_size,
+        packed_ring: shared.packed_ring,
         serial: info.serial.clone(),
         device_id: info.device_id.clone(),
         vendor: Some(info.vendor.clone()),

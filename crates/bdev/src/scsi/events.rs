@@ -20,7 +20,7 @@ pub(super) struct EventCtx {
 
 /// Put every event buffer (`size` bytes each, in `buf`) on the event queue.
 pub(super) fn post_event_buffers(
-    q: &mut SplitQueue,
+    q: &mut Virtqueue,
     buf: &DmaBuf,
     size: usize,
 ) -> vireo_virtio::Result<bool> {
@@ -36,7 +36,7 @@ pub(super) fn post_event_buffers(
 
 /// Poll the event queue; apply hot-plug and parameter-change events. After a
 /// reconnection, the event queue's new ring gets fresh buffers.
-pub(super) fn event_loop(mut ctx: EventCtx, mut q: SplitQueue) {
+pub(super) fn event_loop(mut ctx: EventCtx, mut q: Virtqueue) {
     let mut deferred: Vec<wire::Event> = Vec::new();
     let mut generation = ctx.shared.link.generation();
     let index = q.index();

@@ -513,7 +513,7 @@ impl LifeQueue for ScsiRequests {
         ))
     }
 
-    fn replace_ring(&mut self, ring: SplitQueue) -> Result<(), IoError> {
+    fn replace_ring(&mut self, ring: Virtqueue) -> Result<(), IoError> {
         let sq = ScsiQueue::new(
             &self.shared.mem,
             ring,
@@ -527,7 +527,7 @@ impl LifeQueue for ScsiRequests {
         Ok(())
     }
 
-    fn take_ring(&mut self) -> Option<SplitQueue> {
+    fn take_ring(&mut self) -> Option<Virtqueue> {
         self.sq.rq.take_ring()
     }
 

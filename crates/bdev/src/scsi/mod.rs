@@ -32,7 +32,7 @@ use vireo_virtio::features::scsi as sf;
 use vireo_virtio::features::transport as tf;
 use vireo_virtio::{
     create_queue, negotiate, DmaBuf, DmaMemory, QueueFailure, QueueOptions, RequestQueue, Segment,
-    SplitQueue, Transport, COMMON_FEATURES,
+    Transport, Virtqueue, COMMON_FEATURES,
 };
 
 use crate::bdev::{Bdev, BdevInfo, Limits, OpSupport, ScsiAddress};
@@ -74,6 +74,8 @@ pub struct ScsiParams {
     /// How long I/O waits while vireo reconnects to a back-end that went away
     /// (vhost-user); `None`: no reconnection, I/O fails at once.
     pub reconnect_timeout: Option<Duration>,
+    /// Packed or split rings.
+    pub packed_ring: crate::config::PackedRing,
 }
 
 /// A LUN found after attach (hot-plug, rescan) that has no bdev: its bdev name is
@@ -142,6 +144,8 @@ struct ScsiShared {
     max_segments: usize,
     /// The device's transfer size hint (`max_sectors`, 512-byte units; 0: none).
     max_sectors: u32,
+    /// The queues are packed rings.
+    packed_ring: bool,
     control: Mutex<Option<ControlQueue>>,
     link: Arc<crate::reconnect::Link>,
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use vireo_virtio::wire::scsi::{
     CmdReq, CmdSlot, RespHeader, CDB_SIZE, MAX_SENSE, REQ_HEADER, RESP_HEADER,
 };
-use vireo_virtio::{DmaBuf, DmaMemory, QueueFailure, RequestQueue, Segment, SplitQueue};
+use vireo_virtio::{DmaBuf, DmaMemory, QueueFailure, RequestQueue, Segment, Virtqueue};
 
 use super::wire::{response, Resp};
 use crate::error::IoError;
@@ -57,7 +57,7 @@ pub struct ScsiQueue {
 impl ScsiQueue {
     pub fn new(
         mem: &Arc<DmaMemory>,
-        q: SplitQueue,
+        q: Virtqueue,
         geo: Geometry,
         broken: Arc<AtomicBool>,
     ) -> Result<ScsiQueue, IoError> {
@@ -292,7 +292,7 @@ impl ScsiQueue {
 
     /// Give the ring back (for the controller's pool) when the queue works and the
     /// device holds nothing; otherwise the memory is kept from reuse.
-    pub fn into_queue(mut self) -> Option<SplitQueue> {
+    pub fn into_queue(mut self) -> Option<Virtqueue> {
         self.rq.take_ring()
     }
 }

@@ -1041,6 +1041,7 @@ mod tests {
             vq_count: 1,
             vq_size: 16,
             reconnect_timeout: Some(Duration::from_secs(5)),
+            packed_ring: Default::default(),
         };
         let c =
             BlkController::attach(&params, blk.dev.connect(&test_memory(4 << 20))).expect("attach");

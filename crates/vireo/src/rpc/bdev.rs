@@ -182,18 +182,23 @@ fn monotonic_ns() -> u64 {
 /// SPDK's `virtio` object of a controller: queues and transport.
 fn virtio_json(reg: &Registry, a: &AttachParams) -> Value {
     // The queue size in use may be smaller than asked (a back-end that refused it).
-    let (vq_count, vq_size) = reg
+    let (vq_count, vq_size, packed) = reg
         .with_controller(&a.name, |c| {
             c.bdevs()
                 .first()
                 .map(|b| {
                     let i = b.info();
-                    (i.num_queues, i.queue_size)
+                    (i.num_queues, i.queue_size, Some(i.packed_ring))
                 })
-                .unwrap_or((a.vq_count, a.vq_size))
+                .unwrap_or((a.vq_count, a.vq_size, None))
         })
-        .unwrap_or((a.vq_count, a.vq_size));
+        .unwrap_or((a.vq_count, a.vq_size, None));
     let mut v = json!({"vq_count": vq_count, "vq_size": vq_size});
+    // Whether the queues are packed rings (not in SPDK's object, which has split
+    // rings only); absent before the controller has a bdev.
+    if let Some(p) = packed {
+        v["packed_ring"] = p.into();
+    }
     match a.trtype {
         vireo_bdev::TrType::User => {
             v["type"] = "user".into();
@@ -215,7 +220,9 @@ fn bdev_json(reg: &Registry, b: &Bdev) -> Value {
         .find(|(a, _)| a.name == i.controller);
     let mut virtio = match &params {
         Some((a, _)) => virtio_json(reg, a),
-        None => json!({"vq_count": i.num_queues, "vq_size": i.queue_size}),
+        None => {
+            json!({"vq_count": i.num_queues, "vq_size": i.queue_size, "packed_ring": i.packed_ring})
+        }
     };
     if let Some((_, Some(f))) = &params {
         virtio["failed"] = f.clone().into();

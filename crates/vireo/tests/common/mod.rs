@@ -147,6 +147,7 @@ pub fn blk_params(name: &str, sock: &Path, vq_count: u16) -> AttachParams {
         vq_size: 256,
         io_timeout: None,
         reconnect_timeout: None,
+        packed_ring: Default::default(),
     }
 }
 
@@ -262,6 +263,7 @@ pub fn scsi_params(name: &str, sock: &Path, vq_count: u16, vq_size: u16) -> Atta
         vq_size,
         io_timeout: None,
         reconnect_timeout: None,
+        packed_ring: Default::default(),
     }
 }
 

@@ -103,6 +103,13 @@ impl FakeBlk {
         }
     }
 
+    /// Offer `VIRTIO_F_RING_PACKED` too (from the next negotiation on): a driver that
+    /// takes it gets its queues served as packed rings.
+    pub fn offer_packed_ring(&self) {
+        self.dev
+            .set_features(self.dev.offered_features() | tf::RING_PACKED);
+    }
+
     fn lock(&self) -> MutexGuard<'_, BlkState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -1,4 +1,4 @@
-//! The fake device against vireo's own driver side (SplitQueue, RequestQueue).
+//! The fake device against vireo's own driver side (Virtqueue, RequestQueue).
 
 use std::mem::offset_of;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -7,7 +7,7 @@ use super::*;
 use crate::features::blk as bf;
 use crate::memory::DmaBuf;
 use crate::request_queue::RequestQueue;
-use crate::ring::{QueueOptions, Segment, SplitQueue, Used};
+use crate::ring::{QueueOptions, Segment, Used, Virtqueue};
 use crate::transport::{create_queue, negotiate, COMMON_FEATURES};
 use crate::wire::blk::{
     Range, ReqHeader, RequestSlot, ID_BYTES, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID,
@@ -15,6 +15,7 @@ use crate::wire::blk::{
 };
 
 const ALL_BLK: u64 = COMMON_FEATURES
+    | tf::RING_PACKED
     | bf::SEG_MAX
     | bf::BLK_SIZE
     | bf::FLUSH
@@ -23,7 +24,7 @@ const ALL_BLK: u64 = COMMON_FEATURES
     | bf::WRITE_ZEROES;
 
 /// Negotiate `wanted`, set up queue 0 of `size` and start: the queue.
-fn bring_up(t: &mut dyn Transport, wanted: u64, size: u16) -> SplitQueue {
+fn bring_up(t: &mut dyn Transport, wanted: u64, size: u16) -> Virtqueue {
     let f = negotiate(t, wanted).unwrap();
     let opts = QueueOptions {
         event_idx: f & tf::RING_EVENT_IDX != 0,
@@ -32,6 +33,7 @@ fn bring_up(t: &mut dyn Transport, wanted: u64, size: u16) -> SplitQueue {
         } else {
             0
         },
+        packed: f & tf::RING_PACKED != 0,
     };
     let q = create_queue(t, 0, size, opts).unwrap();
     t.start().unwrap();
@@ -60,7 +62,7 @@ fn plain(features: u64) -> (FakeDevice, Arc<DmaMemory>, Box<dyn Transport>) {
     (dev, mem, t)
 }
 
-fn poll_all(q: &mut SplitQueue) -> Vec<Used> {
+fn poll_all(q: &mut Virtqueue) -> Vec<Used> {
     let mut v = Vec::new();
     q.poll(|u| v.push(u)).unwrap();
     v
@@ -168,7 +170,7 @@ fn kicks_are_counted_and_the_device_asks_for_each_batch() {
     let (dev, mem, mut t) = plain(COMMON_FEATURES);
     let mut q = bring_up(t.as_mut(), COMMON_FEATURES, 8);
     let (a, w) = (buf(&mem, 16, 0), buf(&mem, 1, 0));
-    let submit = |q: &mut SplitQueue, token| {
+    let submit = |q: &mut Virtqueue, token| {
         q.add(&[seg(&a), seg(&w)], 1, token).unwrap();
         q.publish().unwrap()
     };
@@ -415,7 +417,18 @@ impl Drv {
 
 #[test]
 fn a_fake_blk_write_then_read_returns_the_data() {
-    let disk = FakeBlk::new(1024, 1, 8);
+    for packed in [false, true] {
+        let disk = FakeBlk::new(1024, 1, 8);
+        if packed {
+            disk.offer_packed_ring();
+        }
+        fake_blk_write_then_read(&disk);
+        assert_eq!(disk.dev.driver_features() & tf::RING_PACKED != 0, packed);
+    }
+}
+
+fn fake_blk_write_then_read(disk: &FakeBlk) {
+    let disk = disk.clone();
     let mut d = Drv::new(&disk);
     let mut data = d.mem.alloc(4096, 512).unwrap();
     for (i, b) in data.as_mut_slice().iter_mut().enumerate() {
@@ -609,4 +622,84 @@ fn the_fakes_go_to_other_threads() {
     server.join().unwrap();
     assert_eq!(done, vec![(slot, S_OK, 1)]);
     assert_eq!(disk.read_disk(3, 512), vec![1; 512]);
+}
+
+#[test]
+fn a_packed_ring_is_served_when_negotiated() {
+    let features = COMMON_FEATURES | tf::RING_PACKED;
+    let (dev, mem, mut t) = plain(features);
+    let mut q = bring_up(t.as_mut(), features, 6);
+    assert!(q.is_packed(), "any size: 6 entries");
+    let (a, b, w) = (buf(&mem, 16, 1), buf(&mem, 100, 2), buf(&mem, 33, 0));
+    q.add(&[seg(&a), seg(&b), seg(&w)], 2, 5).unwrap();
+    q.add(&[seg(&a), seg(&w)], 1, 6).unwrap();
+    assert!(q.publish().unwrap(), "the first batch is notified");
+    let reqs = dev.take_requests(0);
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(reqs[0].readable, vec![(a.iova(), 16), (b.iova(), 100)]);
+    assert_eq!(reqs[0].writable, vec![(w.iova(), 33)]);
+    assert_eq!(reqs[1].readable, vec![(a.iova(), 16)]);
+    assert_eq!(dev.outstanding(0), 2);
+    // With event index the device asks to be kicked at its next read position: the
+    // next batch notifies, one made before it took the previous would not.
+    q.add(&[seg(&a), seg(&w)], 1, 7).unwrap();
+    assert!(q.publish().unwrap());
+    assert_eq!(dev.kicks(0), 2);
+    let more = dev.take_requests(0);
+    assert_eq!(more.len(), 1);
+    // Out of order, a length, interrupts off until asked for.
+    dev.complete(0, &reqs[1], 20);
+    assert_eq!(poll_all(&mut q), vec![Used { token: 6, len: 20 }]);
+    assert_eq!(dev.signals(0), 0, "polled: interrupts off");
+    assert!(!q.enable_interrupts());
+    dev.complete(0, &more[0], 0);
+    assert_eq!(dev.signals(0), 1, "armed: the next used entry interrupts");
+    q.disable_interrupts();
+    dev.complete(0, &reqs[0], 33);
+    assert_eq!(dev.signals(0), 1);
+    assert_eq!(
+        poll_all(&mut q),
+        vec![Used { token: 7, len: 0 }, Used { token: 5, len: 33 }]
+    );
+    assert_eq!(q.num_free(), 6);
+    // A lie: an id not in flight, where the device's next used descriptor goes.
+    q.add(&[seg(&a), seg(&w)], 1, 8).unwrap();
+    q.publish().unwrap();
+    dev.push_used(0, 3, 0);
+    assert!(q.poll(|_| {}).is_err());
+}
+
+#[test]
+fn a_ring_of_the_wrong_kind_is_refused_at_set_up() {
+    let features = COMMON_FEATURES | tf::RING_PACKED;
+    let (_dev, mem, mut t) = plain(features);
+    negotiate(t.as_mut(), features).unwrap();
+    let split = crate::ring::SplitQueue::new(
+        &mem,
+        0,
+        8,
+        QueueOptions::default(),
+        Notifier::Counter(Default::default()),
+    )
+    .unwrap();
+    let e = t.setup_queue(0, &split.layout()).unwrap_err().to_string();
+    assert!(e.contains("split ring") && e.contains("RING_PACKED"), "{e}");
+}
+
+#[test]
+fn a_malformed_packed_list_panics_as_a_driver_bug() {
+    let features = COMMON_FEATURES | tf::RING_PACKED;
+    let (dev, mem, mut t) = plain(features);
+    let mut q = bring_up(t.as_mut(), features, 8);
+    let (a, w) = (buf(&mem, 16, 0), buf(&mem, 16, 0));
+    q.add(&[seg(&a), seg(&w)], 1, 1).unwrap();
+    q.publish().unwrap();
+    // The second descriptor of the list loses its AVAIL bit: the list is not whole.
+    let desc = dev.layout(0).unwrap().desc_va;
+    poke(desc, 1, 14, DESC_F_WRITE | (1 << 15));
+    let m = take_panics(&dev);
+    assert!(
+        m.contains("driver bug") && m.contains("not available"),
+        "{m}"
+    );
 }

@@ -153,6 +153,7 @@ fn many_segments_take_one_slot_with_indirect_descriptors() {
     let opts = QueueOptions {
         event_idx: false,
         indirect_max: 64,
+        packed: false,
     };
     let mut h = harness(4, opts);
     for t in 0..4 {
@@ -178,6 +179,7 @@ fn notifications_follow_the_device_event_index() {
     let opts = QueueOptions {
         event_idx: true,
         indirect_max: 0,
+        packed: false,
     };
     let mut h = harness(16, opts);
     // The device wants a kick for the first buffer (avail_event = 0).
@@ -318,6 +320,7 @@ fn short_chains_go_direct_until_the_ring_is_crowded() {
     let opts = QueueOptions {
         event_idx: false,
         indirect_max: 16,
+        packed: false,
     };
     let mut h = harness(8, opts);
     h.q.add(&segs(3, 1), 1, 1).unwrap();
@@ -499,6 +502,7 @@ fn the_parked_used_event_keeps_the_device_quiet_across_index_wraps() {
         QueueOptions {
             event_idx: true,
             indirect_max: 0,
+            packed: false,
         },
     );
     h.q.disable_interrupts();
@@ -546,6 +550,7 @@ fn mixed_direct_and_indirect_chains_freed_out_of_order_leave_a_whole_free_list()
         QueueOptions {
             event_idx: false,
             indirect_max: 8,
+            packed: false,
         },
     );
     let shapes = [1usize, 3, 6, 2, 1, 3, 5];
@@ -580,6 +585,7 @@ fn indirect_opts(max: u16) -> QueueOptions {
     QueueOptions {
         event_idx: false,
         indirect_max: max,
+        packed: false,
     }
 }
 
