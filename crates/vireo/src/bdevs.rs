@@ -24,10 +24,10 @@ pub fn cmd_bdevs(dma: &DmaConfig, a: BdevsArgs) -> Result<()> {
     let bdevs = crate::ini::attach_config(&reg, &a.config)?;
     if a.json {
         let infos: Vec<_> = bdevs.iter().map(|b| b.info().clone()).collect();
-        println!("{}", serde_json::to_string_pretty(&infos)?);
+        vireo::outln!("{}", serde_json::to_string_pretty(&infos)?)?;
         return Ok(());
     }
-    println!(
+    vireo::outln!(
         "{:<18} {:<11} {:>6} {:>14} {:>11} {:>3} {:>5} {:>6} {:>5} {:>5} {:>5} {:>10} {:>10}  device",
         "name",
         "driver",
@@ -42,7 +42,7 @@ pub fn cmd_bdevs(dma: &DmaConfig, a: BdevsArgs) -> Result<()> {
         "wzero",
         "max_io",
         "max_unmap"
-    );
+    )?;
     let yn = |b: bool| if b { "yes" } else { "no" };
     for b in &bdevs {
         let i = b.info();
@@ -57,7 +57,7 @@ pub fn cmd_bdevs(dma: &DmaConfig, a: BdevsArgs) -> Result<()> {
         if i.read_only {
             device.push_str(" (read-only)");
         }
-        println!(
+        vireo::outln!(
             "{:<18} {:<11} {:>6} {:>14} {:>11} {:>3} {:>5} {:>6} {:>5} {:>5} {:>5} {:>10} {:>10}  {}",
             i.name,
             i.driver,
@@ -82,13 +82,13 @@ pub fn cmd_bdevs(dma: &DmaConfig, a: BdevsArgs) -> Result<()> {
                 "-".into()
             },
             device,
-        );
+        )?;
     }
     for (ctrl, l) in reg.skipped_luns() {
-        println!(
+        vireo::outln!(
             "skipped: controller {ctrl} target {} lun {}: peripheral device type {:#04x} ({} {}), not a disk",
             l.target, l.lun, l.device_type, l.vendor, l.product
-        );
+        )?;
     }
     Ok(())
 }

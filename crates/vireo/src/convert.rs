@@ -20,9 +20,9 @@ pub fn cmd_config(a: ConfigArgs) -> Result<bool> {
         bail!("unknown config action {:?} (convert)", a.action);
     }
     let calls = crate::ini::load(&a.file)?;
-    println!(
+    vireo::outln!(
         "{}",
         serde_json::to_string_pretty(&crate::ini::to_json(&calls))?
-    );
+    )?;
     Ok(true)
 }

@@ -11,6 +11,30 @@
 //!
 //! None of these names a module of the binary.
 
+/// `println!` that returns the write's error instead of panicking: a reader that goes
+/// away (`vireo perf --json | head -1`) ends the command quietly, after its clean-up,
+/// instead of a panic (`main` treats a broken pipe as the end of the output).
+#[macro_export]
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use ::std::io::Write as _;
+        writeln!(::std::io::stdout().lock(), $($t)*).map_err($crate::OutputError)
+    }};
+}
+
+/// Writing the command's output to stdout failed ([`outln!`]); a closed pipe is a quiet
+/// end, anything else an error.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write the output to stdout: {0}")]
+pub struct OutputError(#[source] pub std::io::Error);
+
+impl OutputError {
+    /// The reader of the output went away.
+    pub fn is_broken_pipe(&self) -> bool {
+        self.0.kind() == std::io::ErrorKind::BrokenPipe
+    }
+}
+
 pub mod config;
 pub mod ini;
 pub mod nbd;

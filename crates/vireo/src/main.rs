@@ -123,6 +123,14 @@ fn error_chain(e: &anyhow::Error) -> String {
     msg
 }
 
+/// Whether writing the output failed because its reader closed the pipe.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<vireo::OutputError>()
+            .is_some_and(vireo::OutputError::is_broken_pipe)
+    })
+}
+
 fn main() {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
@@ -160,6 +168,9 @@ fn main() {
     match r {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
+        // The reader of the output went away (`vireo perf --json | head -1`): the
+        // command has cleaned up; end quietly, as a filter does.
+        Err(e) if is_broken_pipe(&e) => {}
         Err(e) => {
             eprintln!("vireo: error: {}", error_chain(&e));
             std::process::exit(2);

@@ -74,27 +74,31 @@ pub fn cmd_pci(a: PciArgs) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        vireo::outln!("{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
     if fns.is_empty() {
-        println!(
+        vireo::outln!(
             "no virtio PCI functions (looked in {})",
             sysfs_root().display()
-        );
+        )?;
         return Ok(());
     }
-    println!(
+    vireo::outln!(
         "{:<13} {:<9} {:<7} {:<16} {:<6} ACCESS",
-        "BDF", "TYPE", "DEVICE", "DRIVER", "GROUP"
-    );
+        "BDF",
+        "TYPE",
+        "DEVICE",
+        "DRIVER",
+        "GROUP"
+    )?;
     for f in &fns {
         let mut access = usable(f).to_string();
         let disks = block_devices(f);
         if !disks.is_empty() {
             access = format!("{access}; disks {}", disks.join(","));
         }
-        println!(
+        vireo::outln!(
             "{:<13} {:<9} {:<7} {:<16} {:<6} {}",
             f.addr.to_string(),
             f.kind.map(|k| k.name()).unwrap_or_default(),
@@ -102,7 +106,7 @@ pub fn cmd_pci(a: PciArgs) -> Result<()> {
             binding_name(&f.binding),
             f.iommu_group.map(|g| g.to_string()).unwrap_or("-".into()),
             access
-        );
+        )?;
     }
     Ok(())
 }
@@ -306,7 +310,7 @@ pub fn cmd_setup(a: SetupArgs) -> Result<bool> {
             _ => rebind(a, None, force),
         };
         match r {
-            Ok(m) => println!("{m}"),
+            Ok(m) => vireo::outln!("{m}")?,
             Err(e) => {
                 eprintln!("vireo: {e:#}");
                 ok = false;

@@ -135,9 +135,9 @@ pub fn cmd_soak(dma: &DmaConfig, a: SoakArgs) -> Result<bool> {
     let reg = crate::dma::registry(dma)?;
     let rep = run(&reg, &o)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rep)?);
+        vireo::outln!("{}", serde_json::to_string_pretty(&rep)?)?;
     } else {
-        println!(
+        vireo::outln!(
             "soak: {:.0} s, {} kills, {} stops, {} disconnects, {} reconnects; {} I/Os, {} writes ({} MiB), {} reads verified, {} flushes, {} ranges read back at the end; {} MiB verified; {} errors, {} verify failures; longest I/O {:.1} ms",
             rep.seconds,
             rep.kills,
@@ -154,12 +154,12 @@ pub fn cmd_soak(dma: &DmaConfig, a: SoakArgs) -> Result<bool> {
             rep.errors,
             rep.verify_failures,
             rep.max_latency_ms
-        );
+        )?;
         if let Some(n) = rep.target_resent {
-            println!("  the target served {n} requests again from its inflight buffer");
+            vireo::outln!("  the target served {n} requests again from its inflight buffer")?;
         }
         for p in &rep.problems {
-            println!("  {p}");
+            vireo::outln!("  {p}")?;
         }
     }
     Ok(rep.ok())

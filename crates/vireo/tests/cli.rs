@@ -91,6 +91,27 @@ fn perf_without_config_runs_the_embedded_target() {
     assert!(v["total"]["ios"].as_u64().unwrap() > 0);
 }
 
+/// A reader that goes away before the report (`vireo perf --json | head -1` with a
+/// late report) ends the command quietly: no panic, exit status 0.
+#[test]
+fn perf_output_to_a_closed_pipe_ends_quietly() {
+    for extra in [&["--json"][..], &[][..]] {
+        let mut child = vireo()
+            .args(["perf", "-t", "0.3", "-w", "randread"])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The read end closes before the report is written.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{extra:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{extra:?}: {err}");
+    }
+}
+
 #[test]
 fn bdevs_lists_and_errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();

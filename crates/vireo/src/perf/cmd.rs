@@ -158,9 +158,9 @@ pub fn cmd_perf(dma: &DmaConfig, a: PerfArgs) -> Result<bool> {
         eprintln!("vireo: plot written to {}", p.display());
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rep)?);
+        vireo::outln!("{}", serde_json::to_string_pretty(&rep)?)?;
     } else {
-        super::report::print_report(&rep);
+        super::report::print_report(&rep)?;
     }
     if rep.stalled {
         // A device that stopped answering would hold an orderly detach for the whole

@@ -93,7 +93,7 @@ fn send(socket: &Path, method: &str, params: Option<&str>, timeout: Duration) ->
     }
     match resp.get("result") {
         Some(r) => {
-            println!("{}", serde_json::to_string_pretty(r)?);
+            crate::outln!("{}", serde_json::to_string_pretty(r)?)?;
             Ok(true)
         }
         None => bail!("the response has neither \"result\" nor \"error\": {resp}"),
