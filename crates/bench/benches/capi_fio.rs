@@ -1,12 +1,16 @@
-//! The C API's cost per I/O: fio's `libblkio` engine on vireo's libblkio.so.1 against
-//! `vireo perf` (the Rust API), on the same device, same CPU, alternating.
+//! The C API's cost per I/O: a minimal C loop on vireo's libblkio.so.1
+//! (`crates/bench/c/capi_loop.c`: random 4 KiB reads on a poll queue, each completion
+//! resubmitted at once) and fio's `libblkio` engine, each against `vireo perf` (the Rust
+//! API), on the same device, same CPU, in rotating order.
 //!
 //! Targets: qemu-storage-daemon's vhost-user-blk export of a `null-co` node, and, with an
 //! SPDK build, SPDK's vhost target (Null bdevs, CPU 0) behind virtio-blk and
 //! virtio-scsi. Both initiators run on CPU 1 (`taskset`), 4 KiB random reads on one queue
-//! (fio: one job, `--hipri`, so a poll queue as `vireo perf` polls), ABAB rounds; the
-//! table has the median of the per-round ratios fio/vireo (1.00: the C API and fio's
-//! engine add nothing) and both medians.
+//! (fio: one job, `--hipri`, so a poll queue as `vireo perf` polls); the table has the
+//! medians of the per-round ratios C loop/vireo (1.00: the C API adds nothing) and
+//! fio/vireo (what fio's user sees: the C API, fio's engine and fio's own per-I/O work)
+//! and the median IOPS of each. The C loop is built with the system `cc`
+//! (`-Wall -Wextra -Werror`).
 //!
 //! `VIREO_FIO=/path/to/fio cargo bench -p vireo-bench --bench capi_fio -- [--seconds S]
 //! [--rounds R] [--qd 1,32] [--target qsd,spdk-blk,spdk-scsi] [--spdk-sockets DIR]`
@@ -29,6 +33,35 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"))
 }
 
+/// Build `crates/bench/c/capi_loop.c` against the library in `lib` into `out`.
+fn build_capi_loop(lib: &Path, out: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("c/capi_loop.c");
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../capi/include");
+    let exe = out.join("capi_loop");
+    let ok = Command::new(std::env::var_os("CC").unwrap_or_else(|| "cc".into()))
+        .args(["-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .arg(format!("-I{}", include.display()))
+        .arg(format!("-L{}", lib.display()))
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg("-lblkio")
+        .status()
+        .expect("cc")
+        .success();
+    assert!(ok, "cc {} failed", src.display());
+    exe
+}
+
+fn capi_loop_iops(text: &str) -> f64 {
+    // "iops N ios N seconds S"
+    let mut w = text.split_whitespace();
+    assert_eq!(w.next(), Some("iops"), "capi_loop output: {text}");
+    w.next()
+        .and_then(|n| n.parse().ok())
+        .expect("capi_loop iops")
+}
+
 /// Build the binary and the library; the directory to put on LD_LIBRARY_PATH.
 fn build() -> (PathBuf, PathBuf) {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -45,6 +78,8 @@ fn build() -> (PathBuf, PathBuf) {
     let link = lib.join("libblkio.so.1");
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(release.join("libblkio.so"), &link).unwrap();
+    let _ = std::fs::remove_file(lib.join("libblkio.so"));
+    std::os::unix::fs::symlink(release.join("libblkio.so"), lib.join("libblkio.so")).unwrap();
     (release.join("vireo"), lib)
 }
 
@@ -176,6 +211,7 @@ fn main() {
     };
     let (vireo, lib) = build();
     let dir = tempfile::tempdir().unwrap();
+    let capi_loop = build_capi_loop(&lib, dir.path());
     let mut devices = Vec::new();
     let _qsd = if targets.iter().any(|t| t == "qsd") {
         let (q, d) = start_qsd(dir.path());
@@ -219,12 +255,12 @@ fn main() {
         }
     };
     println!(
-        "4 KiB randread, one queue, initiator on CPU 1; fio {} (libblkio engine, --hipri, one job) on vireo's libblkio.so.1 vs vireo perf; {secs} s x {rounds} rounds, alternating",
+        "4 KiB randread, one queue, initiator on CPU 1; C loop (crates/bench/c/capi_loop.c) and fio {} (libblkio engine, --hipri, one job) on vireo's libblkio.so.1 vs vireo perf; {secs} s x {rounds} rounds, rotating order",
         fio.display()
     );
     println!(
-        "{:>16} {:>4} {:>9} {:>12} {:>12}",
-        "device", "QD", "pair med", "fio med", "vireo med"
+        "{:>16} {:>4} {:>8} {:>8} {:>12} {:>12} {:>12}",
+        "device", "QD", "C/vireo", "fio/vir", "C med", "fio med", "vireo med"
     );
     for d in &devices {
         let conf = dir
@@ -233,59 +269,76 @@ fn main() {
         std::fs::write(&conf, spdk::attach_config("V", &d.socket, d.dev_type, None)).unwrap();
         let driver = format!("virtio-{}-vhost-user", d.dev_type);
         for &qd in &qds {
-            let (mut f, mut v, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            // [C loop, fio, vireo perf] per round
+            let mut iops: [Vec<f64>; 3] = Default::default();
+            let (mut c_ratio, mut fio_ratio) = (Vec::new(), Vec::new());
             for round in 0..rounds {
-                let mut pair = [0.0; 2];
-                let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-                for which in order {
+                let mut r = [0.0; 3];
+                for k in 0..3 {
+                    let which = (round + k) % 3;
                     let t = format!("{secs}");
-                    if which == 0 {
-                        let mut c = Command::new("taskset");
-                        c.arg("-c").arg("1").arg(&fio);
-                        c.env("LD_LIBRARY_PATH", &lib).args([
-                            "--name=capi",
-                            "--ioengine=libblkio",
-                            &format!("--libblkio_driver={driver}"),
-                            &format!("--libblkio_path={}", d.socket.display()),
-                            "--rw=randread",
-                            "--bs=4k",
-                            &format!("--iodepth={qd}"),
-                            "--hipri",
-                            "--size=512m",
-                            "--time_based",
-                            &format!("--runtime={t}"),
-                            "--output-format=json",
-                        ]);
-                        pair[0] = fio_iops(&output(c));
-                    } else {
-                        let mut c = Command::new("taskset");
-                        c.arg("-c").arg("1").arg(&vireo);
-                        c.args(["perf", "--json", "-c"]).arg(&conf).args([
-                            "-q",
-                            &qd.to_string(),
-                            "-o",
-                            "4096",
-                            "-w",
-                            "randread",
-                            "-t",
-                            &t,
-                        ]);
-                        pair[1] = vireo_iops(&output(c));
-                    }
+                    let mut c = Command::new("taskset");
+                    c.arg("-c").arg("1");
+                    r[which] = match which {
+                        0 => {
+                            c.arg(&capi_loop).arg(&driver).arg(&d.socket);
+                            c.arg(qd.to_string()).arg(&t);
+                            capi_loop_iops(&output(c))
+                        }
+                        1 => {
+                            c.arg(&fio).env("LD_LIBRARY_PATH", &lib).args([
+                                "--name=capi",
+                                "--ioengine=libblkio",
+                                &format!("--libblkio_driver={driver}"),
+                                &format!("--libblkio_path={}", d.socket.display()),
+                                "--rw=randread",
+                                "--bs=4k",
+                                &format!("--iodepth={qd}"),
+                                "--hipri",
+                                "--size=512m",
+                                "--time_based",
+                                &format!("--runtime={t}"),
+                                "--output-format=json",
+                            ]);
+                            fio_iops(&output(c))
+                        }
+                        _ => {
+                            c.arg(&vireo)
+                                .args(["perf", "--json", "-c"])
+                                .arg(&conf)
+                                .args([
+                                    "-q",
+                                    &qd.to_string(),
+                                    "-o",
+                                    "4096",
+                                    "-w",
+                                    "randread",
+                                    "-t",
+                                    &t,
+                                ]);
+                            vireo_iops(&output(c))
+                        }
+                    };
                 }
-                f.push(pair[0]);
-                v.push(pair[1]);
-                ratios.push(pair[0] / pair[1]);
+                for k in 0..3 {
+                    iops[k].push(r[k]);
+                }
+                c_ratio.push(r[0] / r[2]);
+                fio_ratio.push(r[1] / r[2]);
             }
+            let list = |v: &[f64]| v.iter().map(|x| *x as u64).collect::<Vec<_>>();
             println!(
-                "{:>16} {:>4} {:>9.3} {:>12.0} {:>12.0}   fio {:?} vireo {:?}",
+                "{:>16} {:>4} {:>8.3} {:>8.3} {:>12.0} {:>12.0} {:>12.0}   C {:?} fio {:?} vireo {:?}",
                 d.name,
                 qd,
-                median(&mut ratios),
-                median(&mut f.clone()),
-                median(&mut v.clone()),
-                f.iter().map(|x| *x as u64).collect::<Vec<_>>(),
-                v.iter().map(|x| *x as u64).collect::<Vec<_>>(),
+                median(&mut c_ratio),
+                median(&mut fio_ratio),
+                median(&mut iops[0].clone()),
+                median(&mut iops[1].clone()),
+                median(&mut iops[2].clone()),
+                list(&iops[0]),
+                list(&iops[1]),
+                list(&iops[2]),
             );
         }
     }
