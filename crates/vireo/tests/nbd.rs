@@ -1068,6 +1068,108 @@ fn tls_with_the_right_ca_and_refused_with_a_wrong_one() {
     drop(s);
 }
 
+/// An option reply from any stream: (type, data).
+fn option_reply_from(c: &mut impl Read) -> (u32, Vec<u8>) {
+    let mut h = [0u8; 20];
+    c.read_exact(&mut h).unwrap();
+    assert_eq!(&h[..8], &0x0003_e889_0455_65a9u64.to_be_bytes());
+    let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+    c.read_exact(&mut d).unwrap();
+    (ty, d)
+}
+
+/// A TLS session the server ends (after NBD_CMD_DISC) ends with a close_notify alert,
+/// so the client sees an orderly end of the stream, not a truncation: a client by
+/// hand over rustls (STARTTLS, OPT_GO, DISC), whose read of the end fails with
+/// UnexpectedEof when the server closes the socket without the alert.
+#[test]
+fn a_tls_session_ends_with_close_notify() {
+    if !have("openssl") {
+        return;
+    }
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_ca(&d.join("ca"), "vireo-test-ca");
+    make_creds(&d.join("ca"), &d.join("server"), "server");
+    make_creds(&d.join("ca"), &d.join("client"), "client");
+    let (_back_dir, _back, qsd) = file_qsd(16);
+    let port = free_port();
+    let creds = d.join("server");
+    let s = Serve::start_with(
+        &qsd,
+        &format!("tcp:127.0.0.1:{port}"),
+        &["--nbd-tls-creds", creds.to_str().unwrap()],
+    );
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut hello = [0u8; 18];
+    tcp.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello[..8], b"NBDMAGIC");
+    tcp.write_all(&3u32.to_be_bytes()).unwrap();
+    // NBD_OPT_STARTTLS (5), no data: acknowledged, then the TLS handshake.
+    let mut opt = b"IHAVEOPT".to_vec();
+    opt.extend_from_slice(&5u32.to_be_bytes());
+    opt.extend_from_slice(&0u32.to_be_bytes());
+    tcp.write_all(&opt).unwrap();
+    let (ty, _) = option_reply_from(&mut tcp);
+    assert_eq!(ty, 1, "STARTTLS acknowledged");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(d.join("client/ca-cert.pem")).unwrap())
+        .unwrap();
+    let certs = vec![CertificateDer::from_pem_file(d.join("client/client-cert.pem")).unwrap()];
+    let key = PrivateKeyDer::from_pem_file(d.join("client/client-key.pem")).unwrap();
+    // ring, as the server uses (deprecated only for lacking post-quantum exchange).
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .unwrap();
+    let conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    // NBD_OPT_GO (7) for VirtioBlk0, inside TLS.
+    let name = b"VirtioBlk0";
+    let mut opt = b"IHAVEOPT".to_vec();
+    opt.extend_from_slice(&7u32.to_be_bytes());
+    opt.extend_from_slice(&((4 + name.len() + 2) as u32).to_be_bytes());
+    opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    opt.extend_from_slice(name);
+    opt.extend_from_slice(&0u16.to_be_bytes());
+    tls.write_all(&opt).unwrap();
+    loop {
+        let (ty, data) = option_reply_from(&mut tls);
+        assert_eq!(ty & 0x8000_0000, 0, "{}", String::from_utf8_lossy(&data));
+        if ty == 1 {
+            break;
+        }
+    }
+    // A read, to be sure the session carries I/O, then NBD_CMD_DISC (2).
+    tls.write_all(&request(0, 0, 7, 0, 4096)).unwrap();
+    let mut h = [0u8; 16];
+    tls.read_exact(&mut h).unwrap();
+    assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes());
+    assert_eq!(&h[4..8], &[0, 0, 0, 0], "read error");
+    let mut data = vec![0u8; 4096];
+    tls.read_exact(&mut data).unwrap();
+    tls.write_all(&request(2, 0, 8, 0, 0)).unwrap();
+    let mut rest = Vec::new();
+    match tls.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.is_empty(), "nothing follows DISC"),
+        Err(e) => panic!("the server ended the TLS session without close_notify: {e}"),
+    }
+    drop(s);
+}
+
 /// Plain TCP on an address other than loopback is refused unless --nbd-insecure;
 /// the unix socket is the owner's only (0600).
 #[test]

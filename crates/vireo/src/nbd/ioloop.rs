@@ -1134,6 +1134,7 @@ impl Loop {
         }
         c.bytes = 0;
         self.server.release(std::mem::take(&mut freed));
+        c.stream.close();
         drop(c.stream);
         let Some(chan) = self.chans.get_mut(c.chan) else {
             return;

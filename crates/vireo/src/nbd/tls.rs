@@ -178,6 +178,16 @@ impl Stream {
         }
     }
 
+    /// End the session as TLS wants it: a close_notify alert, as far as the socket
+    /// takes it now (the connection closes next), so the client sees an orderly end
+    /// and not a truncated stream. Nothing to do on a plain stream.
+    pub fn close(&mut self) {
+        if let Stream::Tls(s, c) = self {
+            c.send_close_notify();
+            let _ = Self::push(s, c);
+        }
+    }
+
     /// Encrypted bytes wait for the socket.
     pub fn pending_output(&mut self) -> std::io::Result<bool> {
         match self {
