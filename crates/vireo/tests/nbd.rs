@@ -953,6 +953,25 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A CA in `d`/ca, server and client credentials signed by it (`d`/server,
+/// `d`/client), a qemu-storage-daemon file of `mib` MiB, and `vireo serve` exporting it
+/// over TCP on a free loopback port with TLS required: (the daemon's directory, file,
+/// daemon, port, server).
+fn tls_serve(d: &Path, mib: u64) -> (tempfile::TempDir, PathBuf, Qsd, u16, Serve) {
+    make_ca(&d.join("ca"), "vireo-test-ca");
+    make_creds(&d.join("ca"), &d.join("server"), "server");
+    make_creds(&d.join("ca"), &d.join("client"), "client");
+    let (back_dir, back, qsd) = file_qsd(mib);
+    let port = free_port();
+    let creds = d.join("server");
+    let s = Serve::start_with(
+        &qsd,
+        &format!("tcp:127.0.0.1:{port}"),
+        &["--nbd-tls-creds", creds.to_str().unwrap()],
+    );
+    (back_dir, back, qsd, port, s)
+}
+
 /// TLS (NBD_OPT_STARTTLS) with certificates the test makes: qemu-img writes an image
 /// through the export and qemu-io reads it back with the right CA; a client whose CA
 /// (and certificate) come from another CA is refused, and so is a client without TLS
@@ -964,19 +983,9 @@ fn tls_with_the_right_ca_and_refused_with_a_wrong_one() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    make_ca(&d.join("ca"), "vireo-test-ca");
+    let (_back_dir, _back, qsd, port, s) = tls_serve(d, 64);
     make_ca(&d.join("other-ca"), "vireo-other-ca");
-    make_creds(&d.join("ca"), &d.join("server"), "server");
-    make_creds(&d.join("ca"), &d.join("client"), "client");
     make_creds(&d.join("other-ca"), &d.join("stranger"), "client");
-    let (_back_dir, _back, qsd) = file_qsd(64);
-    let port = free_port();
-    let creds = d.join("server");
-    let s = Serve::start_with(
-        &qsd,
-        &format!("tcp:127.0.0.1:{port}"),
-        &["--nbd-tls-creds", creds.to_str().unwrap()],
-    );
     let src = d.join("src.raw");
     std::fs::write(&src, vec![0x5au8; 4 << 20]).unwrap();
     let object = |creds: &Path| {
@@ -1035,6 +1044,7 @@ fn tls_with_the_right_ca_and_refused_with_a_wrong_one() {
     );
     drop(s);
     // --nbd-tls allow: plain clients and TLS clients alike.
+    let creds = d.join("server");
     let port = free_port();
     let s = Serve::start_with(
         &qsd,
@@ -1092,17 +1102,7 @@ fn a_tls_session_ends_with_close_notify() {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    make_ca(&d.join("ca"), "vireo-test-ca");
-    make_creds(&d.join("ca"), &d.join("server"), "server");
-    make_creds(&d.join("ca"), &d.join("client"), "client");
-    let (_back_dir, _back, qsd) = file_qsd(16);
-    let port = free_port();
-    let creds = d.join("server");
-    let s = Serve::start_with(
-        &qsd,
-        &format!("tcp:127.0.0.1:{port}"),
-        &["--nbd-tls-creds", creds.to_str().unwrap()],
-    );
+    let (_back_dir, _back, _qsd, port, s) = tls_serve(d, 16);
     let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut hello = [0u8; 18];
