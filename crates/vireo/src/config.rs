@@ -61,6 +61,9 @@ fn check_keys(p: &Map<String, Value>, allowed: &[&str], ctx: &str) -> Result<(),
     Ok(())
 }
 
+/// The `trtype` values, for messages.
+const TRTYPES: &str = "\"user\", \"pci\", \"vdpa\" or \"vhost-kernel\"";
+
 /// Parse and validate the `params` object of `bdev_virtio_attach_controller`.
 pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
     let ctx = "bdev_virtio_attach_controller";
@@ -79,6 +82,7 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
             "io_timeout",
             "reconnect_timeout",
             "packed_ring",
+            "wwpn",
         ],
         ctx,
     )?;
@@ -90,15 +94,17 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
         )));
     }
     let trtype = match get_str(p, "trtype", ctx)?
-        .ok_or_else(|| cfg_err(format!("{ctx}: \"trtype\" is required (user or pci)")))?
+        .ok_or_else(|| cfg_err(format!("{ctx}: \"trtype\" is required ({TRTYPES})")))?
         .to_ascii_lowercase()
         .as_str()
     {
         "user" => TrType::User,
         "pci" => TrType::Pci,
+        "vdpa" => TrType::Vdpa,
+        "vhost-kernel" => TrType::VhostKernel,
         other => {
             return Err(cfg_err(format!(
-                "{ctx}: \"trtype\" must be \"user\" or \"pci\", got {other:?}"
+                "{ctx}: \"trtype\" must be one of {TRTYPES}, got {other:?}"
             )))
         }
     };
@@ -144,6 +150,7 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
             "{ctx}: \"reconnect_timeout\" applies to vhost-user controllers (trtype \"user\"); a PCI function does not go away and come back"
         )));
     }
+    let wwpn = get_str(p, "wwpn", ctx)?;
     let packed_ring = match get_str(p, "packed_ring", ctx)? {
         None => PackedRing::Auto,
         Some(v) => PackedRing::parse(&v.to_ascii_lowercase()).ok_or_else(|| {
@@ -162,6 +169,7 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
         io_timeout,
         reconnect_timeout,
         packed_ring,
+        wwpn,
     };
     // What is left of the rules every way in shares (traddr, for one).
     a.validate().map_err(|e| cfg_err(format!("{ctx}: {e}")))?;
@@ -315,9 +323,11 @@ pub fn find_conflict(attaches: &[AttachParams]) -> Option<Conflict> {
                     format!("controller name {:?} is used twice", b.name),
                 );
             }
+            // Every open of /dev/vhost-scsi is a device of its own: the WWPN is the place.
             let same_place = a.trtype == b.trtype
-                && a.traddr == b.traddr
-                && (a.traddr != "*" || a.dev_type == b.dev_type);
+                && (a.traddr == b.traddr || b.trtype == TrType::VhostKernel)
+                && (a.traddr != "*" || a.dev_type == b.dev_type)
+                && a.wwpn == b.wwpn;
             if same_place {
                 let place = match (b.trtype, b.traddr.as_str()) {
                     (TrType::User, t) => format!(
@@ -331,6 +341,13 @@ pub fn find_conflict(attaches: &[AttachParams]) -> Option<Conflict> {
                         }
                     ),
                     (TrType::Pci, t) => format!("the PCI function {t}"),
+                    (TrType::Vdpa, t) => {
+                        format!("the vhost-vdpa device {t:?} (it serves one user at a time)")
+                    }
+                    (TrType::VhostKernel, t) => format!(
+                        "the LIO vhost target {} through {t:?} (a target serves one user at a time)",
+                        b.wwpn.as_deref().unwrap_or_default()
+                    ),
                 };
                 return conflict(
                     ConflictKind::Address,
@@ -394,6 +411,7 @@ mod tests {
         assert_eq!(
             calls,
             vec![ConfigCall::Attach(AttachParams {
+                wwpn: None,
                 name: "VirtioBlk0".into(),
                 trtype: TrType::User,
                 traddr: "/tmp/vhost.0".into(),
