@@ -159,19 +159,19 @@ impl VdpaTransport {
     /// `want_id` (2 virtio-blk, 8 virtio-scsi), reset it and read what it offers.
     pub fn open(path: &Path, mem: Arc<DmaMemory>, want_id: u32) -> Result<VdpaTransport> {
         let fd = VhostFd::open(path, "vhost-vdpa device", "vhost_vdpa")?;
+        fd.set_owner()?;
         let device_id = fd.vdpa_device_id()?;
         if device_id != want_id {
-            return Err(Error::Features(format!(
+            return Err(crate::vhost_kernel::refused(format!(
                 "{} is a {} device, not {}",
                 path.display(),
                 device_name(device_id),
                 device_name(want_id)
             )));
         }
-        fd.set_owner()?;
         let offered_backend = fd.get_backend_features()?.unwrap_or(0);
         if offered_backend & BF_IOTLB_MSG_V2 == 0 {
-            return Err(Error::Features(format!(
+            return Err(crate::vhost_kernel::refused(format!(
                 "{} does not offer VHOST_BACKEND_F_IOTLB_MSG_V2 (backend features {offered_backend:#x}); vireo needs a kernel of 5.7 or later",
                 path.display()
             )));

@@ -38,6 +38,18 @@ use resume::VHOST_VDPA_RESUME;
 pub struct VhostFd {
     file: File,
     path: PathBuf,
+    what: &'static str,
+}
+
+/// A device that is not what the configuration says (another kind, another type, a
+/// target that does not exist): the message says what, the cause what to check.
+pub(crate) fn refused(msg: String) -> Error {
+    Error::transport(
+        msg,
+        std::io::Error::other(
+            "check the controller's \"trtype\", \"traddr\", \"dev_type\" and \"wwpn\"",
+        ),
+    )
 }
 
 /// What a failed ioctl returned.
@@ -62,7 +74,7 @@ impl AsRawFd for VhostFd {
 impl VhostFd {
     /// Open the character device at `path`; `what` names it in messages ("vhost-scsi
     /// device", "vhost-vdpa device").
-    pub fn open(path: &Path, what: &str, module: &str) -> Result<VhostFd> {
+    pub fn open(path: &Path, what: &'static str, module: &str) -> Result<VhostFd> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -94,7 +106,7 @@ impl VhostFd {
             .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_char_device() {
-            return Err(Error::Features(format!(
+            return Err(refused(format!(
                 "{} is not a character device, so not a {what}",
                 path.display()
             )));
@@ -102,6 +114,7 @@ impl VhostFd {
         Ok(VhostFd {
             file,
             path: path.to_path_buf(),
+            what,
         })
     }
 
@@ -114,14 +127,16 @@ impl VhostFd {
         Error::io(format!("{} {what}", self.path.display()), e)
     }
 
-    /// `VHOST_SET_OWNER`: this process owns the device (first call on a new fd).
+    /// `VHOST_SET_OWNER`: this process owns the device (first call on a new fd: every
+    /// other vhost ioctl but vDPA's device ID needs it).
     pub fn set_owner(&self) -> Result<()> {
         // SAFETY: a vhost ioctl without argument on an fd we own.
         check(unsafe { ioctl(self, b::VHOST_SET_OWNER()) }).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOTTY) {
-                Error::Features(format!(
-                    "{} does not answer vhost ioctls: it is not a vhost device",
-                    self.path.display()
+                refused(format!(
+                    "{} is not a {} (it does not answer vhost ioctls)",
+                    self.path.display(),
+                    self.what
                 ))
             } else {
                 self.err("VHOST_SET_OWNER", e)
@@ -285,7 +300,7 @@ impl VhostFd {
         check(unsafe { ioctl_with_mut_ref(self, b::VHOST_SCSI_GET_ABI_VERSION(), &mut v) })
             .map_err(|e| {
                 if e.raw_os_error() == Some(libc::ENOTTY) {
-                    Error::Features(format!(
+                    refused(format!(
                         "{} is not a vhost-scsi device (VHOST_SCSI_GET_ABI_VERSION: {e})",
                         self.path.display()
                     ))
@@ -315,7 +330,7 @@ impl VhostFd {
         check(unsafe { ioctl_with_mut_ref(self, b::VHOST_VDPA_GET_DEVICE_ID(), &mut id) })
             .map_err(|e| {
                 if e.raw_os_error() == Some(libc::ENOTTY) {
-                    Error::Features(format!(
+                    refused(format!(
                         "{} is not a vhost-vdpa device (VHOST_VDPA_GET_DEVICE_ID: {e})",
                         self.path.display()
                     ))
@@ -570,23 +585,23 @@ impl VhostScsiTransport {
     /// vhost target `wwpn` (e.g. `naa.5001405000000001`).
     pub fn open(path: &Path, wwpn: &str, mem: Arc<DmaMemory>) -> Result<VhostScsiTransport> {
         if wwpn.is_empty() || wwpn.len() >= WWPN_LEN || wwpn.contains('\0') {
-            return Err(Error::Features(format!(
+            return Err(refused(format!(
                 "WWPN {wwpn:?} must be 1 to {} characters without NUL (e.g. naa.5001405000000001)",
                 WWPN_LEN - 1
             )));
         }
         let fd = VhostFd::open(path, "vhost-scsi device", "vhost_scsi")?;
+        fd.set_owner()?;
         let abi = fd.scsi_abi_version()?;
         if abi != b::VHOST_SCSI_ABI_VERSION as i32 {
-            return Err(Error::Features(format!(
+            return Err(refused(format!(
                 "{}: vhost-scsi ABI version {abi}, vireo speaks version {}",
                 path.display(),
                 b::VHOST_SCSI_ABI_VERSION
             )));
         }
-        fd.set_owner()?;
         let offered = fd.get_features()?;
-        Ok(VhostScsiTransport {
+        let t = VhostScsiTransport {
             fd: Arc::new(fd),
             wwpn: wwpn.to_string(),
             mem,
@@ -595,7 +610,8 @@ impl VhostScsiTransport {
             table: None,
             endpoint: false,
             broken: Arc::new(AtomicBool::new(false)),
-        })
+        };
+        Ok(t)
     }
 
     fn target(&self) -> b::vhost_scsi_target {
@@ -613,32 +629,34 @@ impl VhostScsiTransport {
     fn endpoint_error(&self, e: std::io::Error) -> Error {
         let dir = Path::new(VHOST_CONFIGFS).join(&self.wwpn);
         let why = match e.raw_os_error() {
-            // The kernel answers EEXIST when no TPG of the WWPN is free to attach.
-            Some(libc::EEXIST) if !Path::new(VHOST_CONFIGFS).exists() => format!(
+            // The kernel answers ENODEV (EEXIST before 6.x) when no TPG of the WWPN is
+            // free to attach.
+            Some(libc::ENODEV | libc::EEXIST) if !Path::new(VHOST_CONFIGFS).exists() => format!(
                 "no LIO vhost target with WWPN {} ({VHOST_CONFIGFS} does not exist: mount configfs and load target_core_mod and vhost_scsi)",
                 self.wwpn
             ),
-            Some(libc::EEXIST) if !dir.exists() => format!(
-                "WWPN {} not found: there is no {} (create the target with targetcli or configfs)",
+            Some(libc::ENODEV | libc::EEXIST) if !dir.exists() => format!(
+                "WWPN {} not found: there is no {} (create the target with targetcli or in configfs)",
                 self.wwpn,
                 dir.display()
             ),
-            Some(libc::EEXIST) => format!(
-                "WWPN {} has no TPG ready to attach: each tpgt_N under {} needs a nexus (echo the WWPN to tpgt_N/nexus), and none may be in use by another vhost-scsi user (a QEMU vhost-scsi-pci device, another vireo)",
+            Some(libc::ENODEV | libc::EEXIST) => format!(
+                "WWPN {} has no TPG ready to attach: a tpgt_N under {} needs a nexus (echo the WWPN to tpgt_N/nexus) and must not be in use by another vhost-scsi user (a QEMU vhost-scsi-pci device, another vireo)",
                 self.wwpn,
                 dir.display()
             ),
-            Some(libc::EFAULT) => "the kernel cannot access a ring".to_string(),
-            _ => String::new(),
+            _ => {
+                return Error::io(
+                    format!(
+                        "{}: VHOST_SCSI_SET_ENDPOINT {}",
+                        self.fd.path.display(),
+                        self.wwpn
+                    ),
+                    e,
+                )
+            }
         };
-        Error::io(
-            format!(
-                "{}: VHOST_SCSI_SET_ENDPOINT {}: {why}",
-                self.fd.path.display(),
-                self.wwpn
-            ),
-            e,
-        )
+        refused(format!("{}: {why}", self.fd.path.display()))
     }
 }
 
@@ -672,6 +690,17 @@ impl Transport for VhostScsiTransport {
             }
         }
         self.table = Some(table);
+        // Attach the target once and detach it again: a WWPN that does not exist or is
+        // not ready is refused now, with its reason, rather than after the queues. The
+        // kernel wants the memory table first; no queue is set up yet, so it touches
+        // no ring.
+        let target = self.target();
+        self.fd
+            .scsi_endpoint(&target, true)
+            .map_err(|e| self.endpoint_error(e))?;
+        self.fd
+            .scsi_endpoint(&target, false)
+            .map_err(|e| self.fd.err("VHOST_SCSI_CLEAR_ENDPOINT", e))?;
         Ok(())
     }
 
