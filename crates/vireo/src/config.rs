@@ -493,6 +493,60 @@ mod tests {
     }
 
     #[test]
+    fn kernel_vhost_trtypes_parse_and_are_written_back() {
+        let k = json!({"name":"K","trtype":"vhost-kernel","traddr":"/dev/vhost-scsi","wwpn":"naa.5001405000000001","dev_type":"scsi"});
+        let v = json!({"name":"V","trtype":"vdpa","traddr":"/dev/vhost-vdpa-0","dev_type":"blk"});
+        for (p, trtype, wwpn) in [
+            (&k, TrType::VhostKernel, Some("naa.5001405000000001")),
+            (&v, TrType::Vdpa, None),
+        ] {
+            let a = attach_from_json(p).unwrap();
+            assert_eq!((a.trtype, a.wwpn.as_deref()), (trtype, wwpn));
+            // save_config writes them as read.
+            let w = serde_json::to_value(&a).unwrap();
+            for key in ["trtype", "traddr", "wwpn"] {
+                assert_eq!(w.get(key), p.get(key), "{key}");
+            }
+        }
+        let cases = [
+            (
+                json!({"name":"K","trtype":"vhost-kernel","traddr":"/dev/vhost-scsi","dev_type":"scsi"}),
+                "needs \"wwpn\"",
+            ),
+            (
+                json!({"name":"K","trtype":"vhost-kernel","traddr":"/dev/vhost-scsi","wwpn":"naa.1","dev_type":"blk"}),
+                "\"dev_type\" must be \"scsi\"",
+            ),
+            (
+                json!({"name":"K","trtype":"user","traddr":"/s","wwpn":"naa.1","dev_type":"scsi"}),
+                "\"wwpn\" applies to trtype \"vhost-kernel\" only",
+            ),
+            (
+                json!({"name":"V","trtype":"vdpa","traddr":"/dev/vhost-vdpa-0","dev_type":"blk","reconnect_timeout":5}),
+                "reconnect_timeout",
+            ),
+        ];
+        for (p, needle) in cases {
+            let e = attach_from_json(&p).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} should mention {needle}");
+        }
+        // Two controllers on one WWPN conflict; on two WWPNs they do not.
+        let mut k2 = k.clone();
+        k2["name"] = "K2".into();
+        let a = [
+            attach_from_json(&k).unwrap(),
+            attach_from_json(&k2).unwrap(),
+        ];
+        assert!(find_conflict(&a).is_some());
+        k2["wwpn"] = "naa.5001405000000002".into();
+        let a = [
+            attach_from_json(&k).unwrap(),
+            attach_from_json(&k2).unwrap(),
+        ];
+        assert!(find_conflict(&a).is_none());
+    }
+
+    #[test]
     fn duplicate_names_are_refused() {
         let p = json!({"name":"A","trtype":"user","traddr":"/s","dev_type":"blk"});
         let doc = json!({"subsystems":[{"subsystem":"bdev","config":[

@@ -168,11 +168,11 @@ n=0; while [ ! -e /dev/vhost-vdpa-0 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1))
             r#""name":"V","trtype":"vhost-kernel","traddr":"/dev/vhost-vdpa-0","wwpn":"{WWPN}","dev_type":"scsi""#
         ),
     );
-    // vireo's libblkio with libblkio's driver name and `path` the device.
-    cmd += "blkio_hello virtio-blk-vhost-vdpa /dev/vhost-vdpa-0; echo \"RC capi=$?\"\n";
     cmd += "vireo bdevs -c /tmp/scsi.json; echo \"RC scsi=$?\"\n";
     cmd += "vireo bdevs -c /tmp/notscsi.json; echo \"RC notscsi=$?\"\n";
     cmd += "dd if=/tmp/vdpa.img of=/dev/vda bs=1M 2>/dev/null && sync; echo \"RC copy=$?\"\n";
+    // After the copy (it writes LBA 0): vireo's libblkio with libblkio's driver name and `path` the device.
+    cmd += "blkio_hello virtio-blk-vhost-vdpa /dev/vhost-vdpa-0; echo \"RC capi=$?\"\n";
     let (lib, hello) = blkio_hello(dir.path());
     let run = run_guest(
         &[
