@@ -93,6 +93,19 @@ fn vhost_scsi_two_luns_of_a_lio_target() {
     );
     cmd += "vireo bdevs -c /tmp/c.json; echo \"RC bdevs=$?\"\n";
     cmd += &workloads("/tmp/c.json");
+    // Over JSON-RPC: attach, bdev_get_bdevs and save_config name the transport.
+    cmd += &format!(
+        r#"vireo serve -r /tmp/rpc.sock > /tmp/serve.log 2>&1 & S=$!
+n=0; while [ ! -S /tmp/rpc.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+vireo rpc -r /tmp/rpc.sock bdev_virtio_attach_controller '{{"name":"R","trtype":"vhost-kernel","traddr":"/dev/vhost-scsi","wwpn":"{WWPN}","dev_type":"scsi"}}'; echo "RC rpc_attach=$?"
+vireo rpc -r /tmp/rpc.sock bdev_get_bdevs '{{"name":"Rt1l1"}}' | tr -d ' 
+'; echo
+vireo rpc -r /tmp/rpc.sock save_config | tr -d ' 
+'; echo
+vireo rpc -r /tmp/rpc.sock bdev_virtio_detach_controller '{{"name":"R"}}'; echo "RC rpc_detach=$?"
+kill $S; wait $S
+"#
+    );
     cmd += "vireo bdevs -c /tmp/nowwpn.json; echo \"RC nowwpn=$?\"\n";
     cmd += "vireo bdevs -c /tmp/notvdpa.json; echo \"RC notvdpa=$?\"\n";
     // The backing files onto the disks the host checks.
@@ -119,6 +132,20 @@ fn vhost_scsi_two_luns_of_a_lio_target() {
         "{}",
         run.out
     );
+    run.expect_rc("rpc_attach", 0);
+    run.expect_rc("rpc_detach", 0);
+    // bdev_get_bdevs's virtio object ("type", "path", "wwpn") and save_config's params
+    // ("trtype", "traddr", "wwpn").
+    for want in [
+        r#""type":"vhost-kernel""#.to_string(),
+        r#""path":"/dev/vhost-scsi""#.to_string(),
+        r#""trtype":"vhost-kernel""#.to_string(),
+        r#""traddr":"/dev/vhost-scsi""#.to_string(),
+    ] {
+        assert!(run.out.contains(&want), "{want} missing\n{}", run.out);
+    }
+    let wwpn = format!(r#""wwpn":"{WWPN}""#);
+    assert!(run.out.matches(&wwpn).count() >= 2, "{}", run.out);
     run.expect_rc("nowwpn", 2);
     assert!(
         run.out
