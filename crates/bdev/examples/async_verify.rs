@@ -144,6 +144,7 @@ fn main() {
     let reg = Registry::new(mem);
     let bdev = reg
         .attach(&AttachParams {
+            wwpn: None,
             name: "VirtioBlk0".into(),
             trtype: TrType::User,
             traddr: sock.clone(),

@@ -21,6 +21,23 @@ pub enum TrType {
     User,
     /// virtio-pci function.
     Pci,
+    /// vDPA device through the kernel's vhost-vdpa (`/dev/vhost-vdpa-N`).
+    Vdpa,
+    /// The kernel's vhost-scsi (`/dev/vhost-scsi`, a LIO target named by `wwpn`).
+    #[serde(rename = "vhost-kernel")]
+    VhostKernel,
+}
+
+impl TrType {
+    /// Its name in a configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrType::User => "user",
+            TrType::Pci => "pci",
+            TrType::Vdpa => "vdpa",
+            TrType::VhostKernel => "vhost-kernel",
+        }
+    }
 }
 
 /// Which virtio device.
@@ -115,6 +132,10 @@ pub struct AttachParams {
     /// back only when not `auto`, so that SPDK reads a saved configuration unchanged).
     #[serde(skip_serializing_if = "PackedRing::is_auto")]
     pub packed_ring: PackedRing,
+    /// The LIO vhost target's WWPN (`wwpn`, e.g. `naa.5001405000000001`): trtype
+    /// `vhost-kernel` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wwpn: Option<String>,
 }
 
 /// Seconds to the microsecond: the number [`timeout_from_secs`] reads back as the same
@@ -213,10 +234,35 @@ impl AttachParams {
                 }
             }
         }
-        if self.reconnect_timeout.is_some() && self.trtype == TrType::Pci {
-            return bad(
-                "\"reconnect_timeout\" applies to vhost-user controllers (trtype \"user\"); a PCI function does not go away and come back".into(),
-            );
+        if self.reconnect_timeout.is_some() && self.trtype != TrType::User {
+            return bad(format!(
+                "\"reconnect_timeout\" applies to vhost-user controllers (trtype \"user\"); a {} device does not go away and come back",
+                self.trtype.as_str()
+            ));
+        }
+        match (self.trtype, &self.wwpn) {
+            (TrType::VhostKernel, None) => {
+                return bad(
+                    "trtype \"vhost-kernel\" needs \"wwpn\", the LIO vhost target's WWPN (e.g. naa.5001405000000001)".into(),
+                )
+            }
+            (TrType::VhostKernel, Some(w)) if w.is_empty() || w.len() > 223 || w.contains('\0') => {
+                return bad(format!(
+                    "\"wwpn\" {w:?} must be 1 to 223 characters without NUL"
+                ))
+            }
+            (TrType::VhostKernel, Some(_)) if self.dev_type != DevType::Scsi => {
+                return bad(
+                    "trtype \"vhost-kernel\" serves virtio-scsi (the kernel's vhost-scsi): \"dev_type\" must be \"scsi\"".into(),
+                )
+            }
+            (t, Some(_)) if t != TrType::VhostKernel => {
+                return bad(format!(
+                    "\"wwpn\" applies to trtype \"vhost-kernel\" only, not {:?}",
+                    t.as_str()
+                ))
+            }
+            _ => {}
         }
         Ok(())
     }

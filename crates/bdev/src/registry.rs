@@ -4,7 +4,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use vireo_virtio::pci::{virtio_functions, Binding, VirtioKind};
-use vireo_virtio::{DmaMemory, PciAddress, PciTransport, Transport, VhostUserTransport};
+use vireo_virtio::{
+    DmaMemory, PciAddress, PciTransport, Transport, VdpaTransport, VhostScsiTransport,
+    VhostUserTransport,
+};
 
 /// First DMA region of a PCI controller's own memory.
 const PCI_INITIAL_DMA: usize = 16 << 20;
@@ -15,6 +18,10 @@ use crate::config::{AttachParams, ConfigCall, DevType, TrType};
 use crate::error::{BdevError, IoError};
 use crate::names::{NameClaims, NameOwner, Names};
 use crate::scsi::{LunNotAdded, ScsiController, ScsiParams};
+
+/// virtio device IDs (virtio 1.2 section 5).
+const VIRTIO_ID_BLOCK: u32 = 2;
+const VIRTIO_ID_SCSI: u32 = 8;
 
 /// An attached controller of any type.
 #[derive(Debug)]
@@ -269,12 +276,38 @@ impl Registry {
                     source,
                 })?,
             ),
+            TrType::Vdpa => Box::new(
+                VdpaTransport::open(
+                    Path::new(&params.traddr),
+                    self.memory.clone(),
+                    match params.dev_type {
+                        DevType::Blk => VIRTIO_ID_BLOCK,
+                        DevType::Scsi => VIRTIO_ID_SCSI,
+                    },
+                )
+                .map_err(|source| BdevError::Virtio {
+                    name: params.name.clone(),
+                    source,
+                })?,
+            ),
+            TrType::VhostKernel => Box::new(
+                VhostScsiTransport::open(
+                    Path::new(&params.traddr),
+                    params.wwpn.as_deref().unwrap_or_default(),
+                    self.memory.clone(),
+                )
+                .map_err(|source| BdevError::Virtio {
+                    name: params.name.clone(),
+                    source,
+                })?,
+            ),
         };
         // How long I/O waits for the device to come back: vhost-user reconnection, or a
         // PCI device reset (the last step of io_timeout escalation; 5 s to come back).
         let reconnect = match params.trtype {
             TrType::User => params.reconnect_timeout,
             TrType::Pci => params.io_timeout.map(|_| std::time::Duration::from_secs(5)),
+            TrType::Vdpa | TrType::VhostKernel => None,
         };
         let r = match params.dev_type {
             DevType::Blk => BlkController::attach(

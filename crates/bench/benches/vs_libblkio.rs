@@ -56,6 +56,7 @@ fn run_vireo(sock: &Path, qd: usize, secs: f64, mode: Mode) -> (f64, f64) {
     let reg = Registry::new(DmaMemory::new(DmaConfig::default()).expect("dma"));
     let b = reg
         .attach(&AttachParams {
+            wwpn: None,
             name: "B".into(),
             trtype: TrType::User,
             traddr: sock.display().to_string(),

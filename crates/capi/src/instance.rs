@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use vireo_bdev::{Bdev, BlkController, BlkParams, ScsiController, ScsiParams};
 use vireo_virtio::vhost_user::DEFAULT_REPLY_TIMEOUT;
 use vireo_virtio::{
-    DmaBuf, DmaConfig, DmaMemory, PciAddress, PciTransport, Transport, VhostUserTransport,
+    DmaBuf, DmaConfig, DmaMemory, PciAddress, PciTransport, Transport, VdpaTransport,
+    VhostUserTransport,
 };
 
 use crate::error::{busy, invalid, Fail, Res};
@@ -36,6 +37,8 @@ pub enum Driver {
     BlkVfioPci,
     ScsiVhostUser,
     ScsiVfioPci,
+    BlkVhostVdpa,
+    ScsiVhostVdpa,
 }
 
 impl Driver {
@@ -45,6 +48,8 @@ impl Driver {
             "virtio-blk-vfio-pci" => Driver::BlkVfioPci,
             "virtio-scsi-vhost-user" => Driver::ScsiVhostUser,
             "virtio-scsi-vfio-pci" => Driver::ScsiVfioPci,
+            "virtio-blk-vhost-vdpa" => Driver::BlkVhostVdpa,
+            "virtio-scsi-vhost-vdpa" => Driver::ScsiVhostVdpa,
             _ => return None,
         })
     }
@@ -55,11 +60,20 @@ impl Driver {
             Driver::BlkVfioPci => "virtio-blk-vfio-pci",
             Driver::ScsiVhostUser => "virtio-scsi-vhost-user",
             Driver::ScsiVfioPci => "virtio-scsi-vfio-pci",
+            Driver::BlkVhostVdpa => "virtio-blk-vhost-vdpa",
+            Driver::ScsiVhostVdpa => "virtio-scsi-vhost-vdpa",
         }
     }
 
     fn scsi(self) -> bool {
-        matches!(self, Driver::ScsiVhostUser | Driver::ScsiVfioPci)
+        matches!(
+            self,
+            Driver::ScsiVhostUser | Driver::ScsiVfioPci | Driver::ScsiVhostVdpa
+        )
+    }
+
+    fn vdpa(self) -> bool {
+        matches!(self, Driver::BlkVhostVdpa | Driver::ScsiVhostVdpa)
     }
 
     fn pci(self) -> bool {
@@ -67,8 +81,7 @@ impl Driver {
     }
 
     /// Every driver name, for messages.
-    pub const ALL: &'static str =
-        "virtio-blk-vhost-user, virtio-blk-vfio-pci, virtio-scsi-vhost-user, virtio-scsi-vfio-pci";
+    pub const ALL: &'static str = "virtio-blk-vhost-user, virtio-blk-vfio-pci, virtio-blk-vhost-vdpa, virtio-scsi-vhost-user, virtio-scsi-vfio-pci, virtio-scsi-vhost-vdpa";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -245,7 +258,8 @@ impl Blkio {
             "num-poll-queues" => Value::Int(self.num_poll_queues),
             "supports-poll-queues" => Value::Bool(true),
             "max-mem-regions" => Value::U64(MAX_MEM_REGIONS),
-            "may-pin-mem-regions" => Value::Bool(self.driver.pci()),
+            // A vDPA device may pin what is mapped into it (hardware ones do).
+            "may-pin-mem-regions" => Value::Bool(self.driver.pci() || self.driver.vdpa()),
             "mem-region-alignment" => Value::U64(MEM_REGION_ALIGNMENT),
             "needs-mem-regions" => Value::Bool(false),
             "needs-mem-region-fd" => Value::Bool(!self.driver.pci()),
@@ -409,6 +423,8 @@ impl Blkio {
                 "set \"path\" before blkio_connect ({})",
                 if self.driver.pci() {
                     "the device's sysfs directory, e.g. /sys/bus/pci/devices/0000:00:04.0"
+                } else if self.driver.vdpa() {
+                    "the vhost-vdpa character device, e.g. /dev/vhost-vdpa-0"
                 } else {
                     "the vhost-user socket"
                 }
@@ -454,6 +470,11 @@ impl Blkio {
             let addr: PciAddress = bdf.parse().map_err(verr)?;
             let dma = dma_config();
             Box::new(PciTransport::open(addr, &dma).map_err(verr)?)
+        } else if self.driver.vdpa() {
+            // The character device, e.g. /dev/vhost-vdpa-0.
+            let mem = DmaMemory::new(dma_config()).map_err(verr)?;
+            let id = if self.driver.scsi() { 8 } else { 2 };
+            Box::new(VdpaTransport::open(Path::new(path), mem, id).map_err(verr)?)
         } else {
             let mem = DmaMemory::new(dma_config()).map_err(verr)?;
             Box::new(

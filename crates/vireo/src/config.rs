@@ -61,6 +61,9 @@ fn check_keys(p: &Map<String, Value>, allowed: &[&str], ctx: &str) -> Result<(),
     Ok(())
 }
 
+/// The `trtype` values, for messages.
+const TRTYPES: &str = "\"user\", \"pci\", \"vdpa\" or \"vhost-kernel\"";
+
 /// Parse and validate the `params` object of `bdev_virtio_attach_controller`.
 pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
     let ctx = "bdev_virtio_attach_controller";
@@ -79,6 +82,7 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
             "io_timeout",
             "reconnect_timeout",
             "packed_ring",
+            "wwpn",
         ],
         ctx,
     )?;
@@ -90,15 +94,17 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
         )));
     }
     let trtype = match get_str(p, "trtype", ctx)?
-        .ok_or_else(|| cfg_err(format!("{ctx}: \"trtype\" is required (user or pci)")))?
+        .ok_or_else(|| cfg_err(format!("{ctx}: \"trtype\" is required ({TRTYPES})")))?
         .to_ascii_lowercase()
         .as_str()
     {
         "user" => TrType::User,
         "pci" => TrType::Pci,
+        "vdpa" => TrType::Vdpa,
+        "vhost-kernel" => TrType::VhostKernel,
         other => {
             return Err(cfg_err(format!(
-                "{ctx}: \"trtype\" must be \"user\" or \"pci\", got {other:?}"
+                "{ctx}: \"trtype\" must be one of {TRTYPES}, got {other:?}"
             )))
         }
     };
@@ -144,6 +150,7 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
             "{ctx}: \"reconnect_timeout\" applies to vhost-user controllers (trtype \"user\"); a PCI function does not go away and come back"
         )));
     }
+    let wwpn = get_str(p, "wwpn", ctx)?;
     let packed_ring = match get_str(p, "packed_ring", ctx)? {
         None => PackedRing::Auto,
         Some(v) => PackedRing::parse(&v.to_ascii_lowercase()).ok_or_else(|| {
@@ -162,6 +169,7 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
         io_timeout,
         reconnect_timeout,
         packed_ring,
+        wwpn,
     };
     // What is left of the rules every way in shares (traddr, for one).
     a.validate().map_err(|e| cfg_err(format!("{ctx}: {e}")))?;
@@ -315,9 +323,11 @@ pub fn find_conflict(attaches: &[AttachParams]) -> Option<Conflict> {
                     format!("controller name {:?} is used twice", b.name),
                 );
             }
+            // Every open of /dev/vhost-scsi is a device of its own: the WWPN is the place.
             let same_place = a.trtype == b.trtype
-                && a.traddr == b.traddr
-                && (a.traddr != "*" || a.dev_type == b.dev_type);
+                && (a.traddr == b.traddr || b.trtype == TrType::VhostKernel)
+                && (a.traddr != "*" || a.dev_type == b.dev_type)
+                && a.wwpn == b.wwpn;
             if same_place {
                 let place = match (b.trtype, b.traddr.as_str()) {
                     (TrType::User, t) => format!(
@@ -331,6 +341,13 @@ pub fn find_conflict(attaches: &[AttachParams]) -> Option<Conflict> {
                         }
                     ),
                     (TrType::Pci, t) => format!("the PCI function {t}"),
+                    (TrType::Vdpa, t) => {
+                        format!("the vhost-vdpa device {t:?} (it serves one user at a time)")
+                    }
+                    (TrType::VhostKernel, t) => format!(
+                        "the LIO vhost target {} through {t:?} (a target serves one user at a time)",
+                        b.wwpn.as_deref().unwrap_or_default()
+                    ),
                 };
                 return conflict(
                     ConflictKind::Address,
@@ -394,6 +411,7 @@ mod tests {
         assert_eq!(
             calls,
             vec![ConfigCall::Attach(AttachParams {
+                wwpn: None,
                 name: "VirtioBlk0".into(),
                 trtype: TrType::User,
                 traddr: "/tmp/vhost.0".into(),
@@ -472,6 +490,60 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("subsystem"), "{e}");
+    }
+
+    #[test]
+    fn kernel_vhost_trtypes_parse_and_are_written_back() {
+        let k = json!({"name":"K","trtype":"vhost-kernel","traddr":"/dev/vhost-scsi","wwpn":"naa.5001405000000001","dev_type":"scsi"});
+        let v = json!({"name":"V","trtype":"vdpa","traddr":"/dev/vhost-vdpa-0","dev_type":"blk"});
+        for (p, trtype, wwpn) in [
+            (&k, TrType::VhostKernel, Some("naa.5001405000000001")),
+            (&v, TrType::Vdpa, None),
+        ] {
+            let a = attach_from_json(p).unwrap();
+            assert_eq!((a.trtype, a.wwpn.as_deref()), (trtype, wwpn));
+            // save_config writes them as read.
+            let w = serde_json::to_value(&a).unwrap();
+            for key in ["trtype", "traddr", "wwpn"] {
+                assert_eq!(w.get(key), p.get(key), "{key}");
+            }
+        }
+        let cases = [
+            (
+                json!({"name":"K","trtype":"vhost-kernel","traddr":"/dev/vhost-scsi","dev_type":"scsi"}),
+                "needs \"wwpn\"",
+            ),
+            (
+                json!({"name":"K","trtype":"vhost-kernel","traddr":"/dev/vhost-scsi","wwpn":"naa.1","dev_type":"blk"}),
+                "\"dev_type\" must be \"scsi\"",
+            ),
+            (
+                json!({"name":"K","trtype":"user","traddr":"/s","wwpn":"naa.1","dev_type":"scsi"}),
+                "\"wwpn\" applies to trtype \"vhost-kernel\" only",
+            ),
+            (
+                json!({"name":"V","trtype":"vdpa","traddr":"/dev/vhost-vdpa-0","dev_type":"blk","reconnect_timeout":5}),
+                "reconnect_timeout",
+            ),
+        ];
+        for (p, needle) in cases {
+            let e = attach_from_json(&p).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} should mention {needle}");
+        }
+        // Two controllers on one WWPN conflict; on two WWPNs they do not.
+        let mut k2 = k.clone();
+        k2["name"] = "K2".into();
+        let a = [
+            attach_from_json(&k).unwrap(),
+            attach_from_json(&k2).unwrap(),
+        ];
+        assert!(find_conflict(&a).is_some());
+        k2["wwpn"] = "naa.5001405000000002".into();
+        let a = [
+            attach_from_json(&k).unwrap(),
+            attach_from_json(&k2).unwrap(),
+        ];
+        assert!(find_conflict(&a).is_none());
     }
 
     #[test]

@@ -75,6 +75,7 @@ mod on {
             );
         }
         let params = vireo_bdev::AttachParams {
+            wwpn: None,
             name: "Embedded0".into(),
             trtype: vireo_bdev::TrType::User,
             traddr: sock.display().to_string(),

@@ -50,6 +50,7 @@ struct Entry {
 fn scsi(name: String, traddr: String, trtype: TrType, line: usize) -> Entry {
     Entry {
         params: AttachParams {
+            wwpn: None,
             name,
             trtype,
             traddr,
@@ -96,6 +97,7 @@ impl UserSection {
             .unwrap_or_else(|| (format!("Virtio{kind}{}", self.index), self.line));
         Ok(Entry {
             params: AttachParams {
+                wwpn: None,
                 name,
                 trtype: TrType::User,
                 traddr: path,

@@ -457,6 +457,7 @@ pub fn run(reg: &Registry, o: &SoakOptions) -> Result<SoakReport> {
     let name = "Soak0".to_string();
     let bdevs = reg
         .attach(&AttachParams {
+            wwpn: None,
             name: name.clone(),
             trtype: TrType::User,
             traddr: target.socket.display().to_string(),

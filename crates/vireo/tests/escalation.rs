@@ -64,6 +64,7 @@ fn frozen_target_escalates_and_recovers(dev_type: DevType) {
     let io_timeout = Duration::from_millis(300);
     let bdev = reg
         .attach(&AttachParams {
+            wwpn: None,
             name: "F".into(),
             trtype: TrType::User,
             traddr: t.sock.display().to_string(),

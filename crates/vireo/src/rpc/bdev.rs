@@ -208,6 +208,13 @@ fn virtio_json(reg: &Registry, a: &AttachParams) -> Value {
             v["type"] = "pci".into();
             v["pci_address"] = a.traddr.clone().into();
         }
+        t @ (vireo_bdev::TrType::Vdpa | vireo_bdev::TrType::VhostKernel) => {
+            v["type"] = t.as_str().into();
+            v["path"] = a.traddr.clone().into();
+            if let Some(w) = &a.wwpn {
+                v["wwpn"] = w.clone().into();
+            }
+        }
     }
     v
 }

@@ -139,6 +139,7 @@ pub fn registry() -> Registry {
 
 pub fn blk_params(name: &str, sock: &Path, vq_count: u16) -> AttachParams {
     AttachParams {
+        wwpn: None,
         name: name.into(),
         trtype: TrType::User,
         traddr: sock.display().to_string(),
@@ -255,6 +256,7 @@ impl Drop for Vds {
 
 pub fn scsi_params(name: &str, sock: &Path, vq_count: u16, vq_size: u16) -> AttachParams {
     AttachParams {
+        wwpn: None,
         name: name.into(),
         trtype: TrType::User,
         traddr: sock.display().to_string(),
@@ -354,3 +356,4 @@ pub fn json_output(cmd: &mut Command) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).expect("JSON on stdout")
 }
+pub mod guest;
