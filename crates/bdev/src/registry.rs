@@ -59,6 +59,15 @@ impl Controller {
         }
     }
 
+    /// The device is gone (a removed PCI function): its bdevs are going away, and the
+    /// controller is released once no channel is open on it.
+    pub fn is_gone(&self) -> bool {
+        match self {
+            Controller::Blk(c) => c.is_gone(),
+            Controller::Scsi(c) => c.is_gone(),
+        }
+    }
+
     fn reapable(&self, trtype: TrType) -> bool {
         let (gone, open) = match self {
             Controller::Blk(c) => (c.is_gone(), c.channels_open()),

@@ -79,7 +79,9 @@ fn start_ublk(server: &UblkServer, ublk: &[String], queues: u16, depth: u16) -> 
     }
     let wanted: Vec<(String, Option<u32>)> =
         ublk.iter().map(|s| parse_ublk(s)).collect::<Result<_>>()?;
-    server.create_target(None).context("--ublk")?;
+    if server.target_opt().is_none() {
+        server.create_target(None).context("--ublk")?;
+    }
     let t = server.target()?;
     let mut next = 0u32;
     for (bdev, id) in wanted {
@@ -136,11 +138,22 @@ pub fn cmd_serve(dma: &DmaConfig, a: ServeArgs) -> Result<()> {
         );
     }
     let ublk = UblkServer::new(reg.clone());
+    let methods = Arc::new(methods(reg.clone(), nbd_server, ublk.clone()));
+    if let Some(doc) = a
+        .config
+        .as_ref()
+        .and_then(|c| std::fs::read(c).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    {
+        if let Err(e) = crate::ublk::rpc::apply_config(&methods, &doc) {
+            ublk.target_opt().inspect(|t| t.shutdown());
+            anyhow::bail!("{e}");
+        }
+    }
     if let Err(e) = start_ublk(&ublk, &a.ublk, a.ublk_queues, a.ublk_queue_depth) {
         ublk.target_opt().inspect(|t| t.shutdown());
         return Err(e);
     }
-    let methods = Arc::new(methods(reg.clone(), nbd_server, ublk.clone()));
     eprintln!(
         "vireo: serving JSON-RPC on {} ({} bdevs)",
         socket.display(),

@@ -531,6 +531,10 @@ impl UblkTarget {
             .values()
             .filter(|d| {
                 d.bdev.is_removed()
+                    || self
+                        .reg
+                        .with_controller(&d.bdev.info().controller, |c| c.is_gone())
+                        .unwrap_or(true)
                     || !self
                         .reg
                         .bdev(d.bdev.name())
@@ -549,6 +553,8 @@ impl UblkTarget {
             if let Err(e) = self.remove(d) {
                 tracing::warn!("ublk: removing device {id}: {e}");
             }
+            // Its channels are closed: a removed function's controller can go now.
+            self.reg.reap_removed();
         }
     }
 }

@@ -3,7 +3,7 @@
 //! submitted to the channel, completed and committed on this thread; the thread sleeps
 //! in the ring, which also polls the channel's completion eventfd and a kick eventfd.
 //!
-//! Data: each tag's buffer is a slice of one DMA buffer of the bdev, given to the
+//! Data: each tag's buffer is a DMA buffer of the bdev, given to the
 //! kernel as the tag's address, so the kernel copies a write's data straight into
 //! memory the device reads, and a read's data straight out of memory the device wrote
 //! (no bounce in vireo).
@@ -137,7 +137,8 @@ struct Queue {
     spec: QueueSpec,
     ring: IoUring,
     descs: Descs,
-    base: *mut u8,
+    /// Each tag's buffer (its address in this process).
+    addrs: Vec<u64>,
     tags: Vec<Tag>,
     gone: usize,
     block_size: u64,
@@ -154,16 +155,21 @@ pub fn run(spec: QueueSpec, ready: std::sync::mpsc::Sender<Result<(), String>>) 
             return;
         }
     };
-    let total = spec.depth as usize * spec.max_io;
-    let buf = match spec.bdev.alloc_buf(total) {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = ready.send(Err(format!(
-                "{name}: cannot allocate {total} bytes of DMA memory for the tags' buffers: {e}"
-            )));
-            return;
+    // A buffer per tag: a physically contiguous extent each where the device takes
+    // physical addresses (uio), which one buffer for every tag would not get.
+    let mut bufs = Vec::with_capacity(spec.depth as usize);
+    for _ in 0..spec.depth {
+        match spec.bdev.alloc_buf(spec.max_io) {
+            Ok(b) => bufs.push(b),
+            Err(e) => {
+                let _ = ready.send(Err(format!(
+                    "{name}: cannot allocate {} bytes of DMA memory for each of {} tags: {e}",
+                    spec.max_io, spec.depth
+                )));
+                return;
+            }
         }
-    };
+    }
     let descs = match Descs::map(&spec.cdev, spec.q_id, spec.depth) {
         Ok(d) => d,
         Err(e) => {
@@ -184,7 +190,7 @@ pub fn run(spec: QueueSpec, ready: std::sync::mpsc::Sender<Result<(), String>>) 
     let mut q = Queue {
         block_size: spec.bdev.info().block_size as u64,
         tags: vec![Tag::Fetching; spec.depth as usize],
-        base: buf.as_ptr(),
+        addrs: bufs.iter().map(|b| b.as_ptr() as u64).collect(),
         spec,
         ring,
         descs,
@@ -211,17 +217,17 @@ pub fn run(spec: QueueSpec, ready: std::sync::mpsc::Sender<Result<(), String>>) 
     if ch.in_flight() > 0 {
         tracing::warn!("{name}: I/O still with the device at exit; its buffers are leaked");
         ch.abandon();
-        std::mem::forget(buf);
+        std::mem::forget(bufs);
     } else {
         drop(ch);
-        drop(buf);
+        drop(bufs);
     }
     tracing::debug!("{name}: stopped");
 }
 
 impl Queue {
     fn tag_addr(&self, tag: u16) -> u64 {
-        self.base as u64 + tag as u64 * self.spec.max_io as u64
+        self.addrs[tag as usize]
     }
 
     fn push(&mut self, op: u32, tag: u16, result: i32) {
@@ -272,7 +278,7 @@ impl Queue {
                     return self.commit(tag, -libc::EINVAL);
                 }
                 let ptr = NonNull::new(self.tag_addr(tag) as *mut u8).expect("tag buffer");
-                // SAFETY: the tag's slice of the queue's DMA buffer, which outlives the
+                // SAFETY: the tag's DMA buffer (`max_io` bytes, at least `bytes`), which outlives the
                 // request; only this request uses it until it is committed.
                 let buf = IoBuf::Foreign(unsafe { ForeignBuf::new(ptr, bytes as usize) });
                 if op == sys::OP_READ {

@@ -1,0 +1,254 @@
+//! ublk (bdevs as /dev/ublkbN) inside a real guest: the host's kernel is not ours, so
+//! QEMU (TCG) boots bookworm-backports' 6.12 kernel with `ublk_drv` (scripts/guest-vm.sh
+//! `--kver` `--mod`), vireo serves a virtio-blk PCI function (uio_pci_generic) and the
+//! in-tree vhost-user target as /dev/ublkb0 and /dev/ublkb1, and the guest runs fio
+//! (io_uring and libaio, verify=crc32c, QD 1 and 32), ext4 (mkfs, mount, files written
+//! and read back, fsck -n), blkdiscard, and a kill -9 of vireo during a verify with
+//! `ublk_recover_disk` after it (fio finishes with no error).
+//!
+//! Needs qemu-system-x86_64, cpio, fio, e2fsprogs and the 6.12 kernel package from
+//! bookworm-backports (`.ci/run` sets them up). `VIREO_UBLK_FIGURES=1` also runs
+//! `ublk_figures_in_guest` (slow): fio on /dev/ublkb0 vs vireo perf vs the guest's own
+//! virtio_blk on the same PCI function, 4 KiB randread QD 1 and 32, as ratios.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The vireo binary without debug info (the guest's initramfs holds it).
+fn vireo_for_guest() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = std::env::temp_dir().join(format!("vireo-ublk-bin-{}", std::process::id()));
+        let st = Command::new("objcopy")
+            .args(["--strip-debug", env!("CARGO_BIN_EXE_vireo")])
+            .arg(&out)
+            .status()
+            .expect("objcopy (binutils) runs");
+        assert!(st.success(), "objcopy --strip-debug failed");
+        out
+    })
+}
+
+fn sh(cmd: &str) -> String {
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The kernel with ublk_drv: VIREO_UBLK_KVER, else a 6.12 one already downloaded, else
+/// the newest bookworm-backports 6.12 apt knows.
+fn ublk_kver() -> String {
+    if let Ok(v) = std::env::var("VIREO_UBLK_KVER") {
+        return v;
+    }
+    let cache = std::env::var("VIREO_GUEST_CACHE")
+        .unwrap_or_else(|_| format!("{}/.cache/vireo-guest", std::env::var("HOME").unwrap()));
+    let cached = sh(&format!(
+        "ls {cache}/debs/ 2>/dev/null | sed -n 's/^linux-image-\\(6\\.12\\.[^_]*-amd64\\)_.*/\\1/p' | sort -V | tail -1"
+    ));
+    if !cached.is_empty() {
+        return cached;
+    }
+    let known = sh(
+        "apt-cache search --names-only '^linux-image-6\\.12\\.[0-9.]*\\+deb12-amd64$' \
+         | sed 's/^linux-image-\\([^ ]*\\) .*/\\1/' | sort -V | tail -1",
+    );
+    assert!(
+        !known.is_empty(),
+        "no linux-image-6.12.*+deb12-amd64 known to apt: add bookworm-backports and apt-get update (.ci/run does)"
+    );
+    known
+}
+
+struct GuestRun {
+    out: String,
+    console: String,
+}
+
+impl GuestRun {
+    fn rc(&self, name: &str) -> Option<i32> {
+        self.out
+            .lines()
+            .filter_map(|l| l.find("RC ").map(|i| &l[i + 3..]))
+            .filter_map(|l| l.split_once('='))
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| v.trim().parse().ok())
+    }
+
+    fn expect_rc(&self, name: &str, want: i32) {
+        let got = self.rc(name);
+        assert_eq!(
+            got,
+            Some(want),
+            "{name}: exit status {got:?}, expected {want}\n{}",
+            self.console
+        );
+    }
+}
+
+/// Boot the 6.12 guest with ublk_drv and ext4, vireo, fio and e2fsprogs in it, a
+/// virtio-blk function on a fresh `img_mib` image, and run `cmd`.
+fn run_guest(cmd: &str, img_mib: u64, timeout: u32) -> GuestRun {
+    for tool in [
+        "qemu-system-x86_64",
+        "cpio",
+        "fio",
+        "mkfs.ext4",
+        "fsck.ext4",
+    ] {
+        assert!(
+            !sh(&format!("command -v {tool}")).is_empty(),
+            "{tool} is missing: install qemu-system-x86 (bookworm-backports), cpio, fio and e2fsprogs (see .ci/run)"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("b0");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(img_mib << 20)
+        .unwrap();
+    let mut c = Command::new(repo().join("scripts/guest-vm.sh"));
+    c.args(["--kver", &ublk_kver()]);
+    for m in ["ublk_drv", "ext4", "crc32c_generic"] {
+        c.args(["--mod", m]);
+    }
+    c.arg("--add")
+        .arg(format!("{}:/extra/vireo", vireo_for_guest().display()));
+    // By their real paths (mkfs.ext4 and fsck.ext4 are links) under their own names.
+    for tool in ["fio", "mkfs.ext4", "fsck.ext4", "blkdiscard"] {
+        c.arg("--add")
+            .arg(sh(&format!("echo $(realpath $(command -v {tool})):{tool}")));
+    }
+    c.args(["--mem", "1G", "--append", "hugepages=128"]);
+    c.arg("--blk-img").arg(&img);
+    c.args(["--timeout", &timeout.to_string(), "--"]).arg(cmd);
+    let o = c.output().expect("guest-vm.sh runs");
+    let console =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    let out = console
+        .split_once("=== guest-cmd begin ===")
+        .map(|(_, r)| r.split("=== guest-cmd end").next().unwrap_or(""))
+        .unwrap_or("")
+        .to_string();
+    GuestRun { out, console }
+}
+
+/// Guest side: bind the PCI function, start the in-tree target, write the config of
+/// both bdevs (P: the PCI function, T: the target) and the helpers.
+const SETUP: &str = r#"
+vireo setup bind all --driver uio_pci_generic >/dev/null; echo "RC bind=$?"
+B=$(vireo pci | awk '$2=="blk"{print $1}' | head -1)
+vireo target --socket /tmp/t.sock --size 16m > /tmp/target.log 2>&1 &
+cat > /tmp/c.json <<EOF
+{"subsystems":[{"subsystem":"bdev","config":[
+ {"method":"bdev_virtio_attach_controller","params":{"name":"P","trtype":"pci","traddr":"$B","dev_type":"blk"}},
+ {"method":"bdev_virtio_attach_controller","params":{"name":"T","trtype":"user","traddr":"/tmp/t.sock","dev_type":"blk"}}]}]}
+EOF
+i=0; while [ ! -S /tmp/t.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+wait_dev() { i=0; while [ ! -b $1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; [ -b $1 ]; }
+# fio verify: a written pattern read back and checked (crc32c), fatal on the first mismatch.
+fverify() { # NAME DEV ENGINE QD SIZE
+  [ -b $2 ] || { echo "RC $1=99 (no $2)"; return; }
+  fio --name=$1 --filename=$2 --ioengine=$3 --iodepth=$4 --size=$5 --direct=1 --rw=randwrite \
+      --bs=4k --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never --output=/tmp/$1.fio
+  r=$?; echo "RC $1=$r"; [ $r = 0 ] || cat /tmp/$1.fio
+}
+"#;
+
+const TESTS: &str = r#"
+vireo serve -c /tmp/c.json -r /tmp/r.sock --ublk P:0 --ublk T:1 > /tmp/serve.log 2>&1 &
+SP=$!
+wait_dev /dev/ublkb0 && wait_dev /dev/ublkb1; echo "RC devices=$?"
+cat /tmp/serve.log
+vireo rpc -r /tmp/r.sock ublk_get_disks
+for d in 0 1; do for e in io_uring libaio; do for q in 1 32; do
+  fverify fio_${e}_qd${q}_ublkb$d /dev/ublkb$d $e $q 2m
+done; done; done
+for d in 0 1; do blkdiscard /dev/ublkb$d; echo "RC discard_ublkb$d=$?"; done
+for d in 0 1; do
+  mkfs.ext4 -q -F /dev/ublkb$d; echo "RC mkfs_ublkb$d=$?"
+  mkdir -p /mnt/$d && mount -t ext4 /dev/ublkb$d /mnt/$d; echo "RC mount_ublkb$d=$?"
+  dd if=/dev/urandom of=/tmp/f$d bs=64k count=16 2>/dev/null
+  cp /tmp/f$d /mnt/$d/big && echo hello > /mnt/$d/small && mkdir /mnt/$d/dir && cp /tmp/f$d /mnt/$d/dir/copy
+  umount /mnt/$d; echo "RC umount_ublkb$d=$?"
+  mount -t ext4 /dev/ublkb$d /mnt/$d
+  cmp /tmp/f$d /mnt/$d/big && cmp /tmp/f$d /mnt/$d/dir/copy && [ "$(cat /mnt/$d/small)" = hello ]; echo "RC readback_ublkb$d=$?"
+  umount /mnt/$d
+  fsck.ext4 -n /dev/ublkb$d > /tmp/fsck$d 2>&1; r=$?; echo "RC fsck_ublkb$d=$r"; [ $r = 0 ] || cat /tmp/fsck$d
+done
+# kill -9 during a verify of both devices; a new vireo takes them back
+fio --name=r0 --filename=/dev/ublkb0 --ioengine=io_uring --iodepth=16 --size=8m --direct=1 --rw=randwrite \
+    --bs=4k --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never --output=/tmp/r0.fio &
+F0=$!
+fio --name=r1 --filename=/dev/ublkb1 --ioengine=libaio --iodepth=16 --size=8m --direct=1 --rw=randwrite \
+    --bs=4k --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never --output=/tmp/r1.fio &
+F1=$!
+sleep 1.5
+kill -0 $F0 && kill -0 $F1; echo "RC fio_running_at_kill=$?"
+kill -9 $SP; wait $SP 2>/dev/null
+ls /dev/ublkb0 /dev/ublkb1 >/dev/null; echo "RC kept_after_kill=$?"
+rm -f /tmp/r.sock
+vireo serve -c /tmp/c.json -r /tmp/r.sock > /tmp/serve2.log 2>&1 &
+SP=$!
+i=0; while [ ! -S /tmp/r.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+vireo rpc -r /tmp/r.sock ublk_create_target; echo "RC create_target=$?"
+vireo rpc -r /tmp/r.sock ublk_recover_disk '{"bdev_name":"P","ublk_id":0}'; echo "RC recover0=$?"
+vireo rpc -r /tmp/r.sock ublk_recover_disk '{"bdev_name":"T","ublk_id":1}'; echo "RC recover1=$?"
+wait $F0; r=$?; echo "RC fio_recovery_ublkb0=$r"; [ $r = 0 ] || cat /tmp/r0.fio
+wait $F1; r=$?; echo "RC fio_recovery_ublkb1=$r"; [ $r = 0 ] || cat /tmp/r1.fio
+grep -h "issued rwts" /tmp/r0.fio /tmp/r1.fio
+vireo rpc -r /tmp/r.sock save_config
+vireo rpc -r /tmp/r.sock ublk_stop_disk '{"ublk_id":1}'; echo "RC stop1=$?"
+[ ! -e /dev/ublkb1 ]; echo "RC gone1=$?"
+# a bdev that goes away takes its device with it: the PCI function is removed
+echo 1 > /sys/bus/pci/devices/$B/remove &
+i=0; while [ -e /dev/ublkb0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+[ ! -e /dev/ublkb0 ]; echo "RC gone0=$?"
+vireo rpc -r /tmp/r.sock ublk_get_disks
+kill $SP; wait $SP; echo "RC serve_exit=$?"
+cat /tmp/serve2.log | tail -20
+"#;
+
+/// The guest tests of the issue, in one boot (about a minute under TCG).
+#[test]
+fn ublk_on_pci_and_target_fio_ext4_discard_recovery() {
+    let run = run_guest(&format!("{SETUP}{TESTS}"), 16, 280);
+    for name in [
+        "bind",
+        "devices",
+        "discard_ublkb0",
+        "discard_ublkb1",
+        "fio_running_at_kill",
+        "kept_after_kill",
+        "create_target",
+        "recover0",
+        "recover1",
+        "fio_recovery_ublkb0",
+        "fio_recovery_ublkb1",
+        "stop1",
+        "gone0",
+        "gone1",
+        "serve_exit",
+    ] {
+        run.expect_rc(name, 0);
+    }
+    for d in 0..2 {
+        for e in ["io_uring", "libaio"] {
+            for q in [1, 32] {
+                run.expect_rc(&format!("fio_{e}_qd{q}_ublkb{d}"), 0);
+            }
+        }
+        for step in ["mkfs", "mount", "umount", "readback", "fsck"] {
+            run.expect_rc(&format!("{step}_ublkb{d}"), 0);
+        }
+    }
+    println!("{}", run.out);
+}
