@@ -19,13 +19,16 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The vireo binary without debug info (the guest's initramfs holds it).
+/// The vireo binary without debug info (the guest's initramfs holds it):
+/// VIREO_UBLK_GUEST_BIN (a release build, for the figures) or the test's build.
 fn vireo_for_guest() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let out = std::env::temp_dir().join(format!("vireo-ublk-bin-{}", std::process::id()));
+        let bin = std::env::var("VIREO_UBLK_GUEST_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_vireo").to_string());
         let st = Command::new("objcopy")
-            .args(["--strip-debug", env!("CARGO_BIN_EXE_vireo")])
+            .args(["--strip-debug", &bin])
             .arg(&out)
             .status()
             .expect("objcopy (binutils) runs");
@@ -97,6 +100,10 @@ impl GuestRun {
 /// Boot the 6.12 guest with ublk_drv and ext4, vireo, fio and e2fsprogs in it, a
 /// virtio-blk function on a fresh `img_mib` image, and run `cmd`.
 fn run_guest(cmd: &str, img_mib: u64, timeout: u32) -> GuestRun {
+    run_guest_with(cmd, img_mib, timeout, &[])
+}
+
+fn run_guest_with(cmd: &str, img_mib: u64, timeout: u32, extra: &[String]) -> GuestRun {
     for tool in [
         "qemu-system-x86_64",
         "cpio",
@@ -128,6 +135,7 @@ fn run_guest(cmd: &str, img_mib: u64, timeout: u32) -> GuestRun {
             .arg(sh(&format!("echo $(realpath $(command -v {tool})):{tool}")));
     }
     c.args(["--mem", "1G", "--append", "hugepages=128"]);
+    c.args(extra);
     c.arg("--blk-img").arg(&img);
     c.args(["--timeout", &timeout.to_string(), "--"]).arg(cmd);
     let o = c.output().expect("guest-vm.sh runs");
@@ -251,4 +259,137 @@ fn ublk_on_pci_and_target_fio_ext4_discard_recovery() {
         }
     }
     println!("{}", run.out);
+}
+
+/// SPDK's build or source tree (VIREO_SPDK_DIR or SPDK_DIR) with scripts/rpc.py.
+fn spdk_rpc_py() -> Option<PathBuf> {
+    let dir = std::env::var("VIREO_SPDK_DIR")
+        .or_else(|_| std::env::var("SPDK_DIR"))
+        .ok()?;
+    let p = Path::new(&dir).join("scripts/rpc.py");
+    p.exists().then_some(p)
+}
+
+const RPC_PY_GUEST: &str = r#"
+vireo target --socket /tmp/t.sock --size 16m > /tmp/target.log 2>&1 &
+i=0; while [ ! -S /tmp/t.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+cat > /tmp/c.json <<EOF
+{"subsystems":[{"subsystem":"bdev","config":[
+ {"method":"bdev_virtio_attach_controller","params":{"name":"T","trtype":"user","traddr":"/tmp/t.sock","dev_type":"blk"}}]}]}
+EOF
+vireo serve -c /tmp/c.json -r /tmp/r.sock > /tmp/serve.log 2>&1 &
+i=0; while [ ! -S /tmp/r.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+R="python3 /spdk/scripts/rpc.py -s /tmp/r.sock"
+$R ublk_create_target -m 0x1; echo "RC create_target=$?"
+$R ublk_start_disk T 3 -q 1 -d 64; echo "RC start_disk=$?"
+[ -b /dev/ublkb3 ]; echo "RC ublkb3=$?"
+$R ublk_get_disks; echo "RC get_disks=$?"
+$R ublk_get_disks -n 3 | grep -q '"bdev_name": "T"'; echo "RC get_disk3=$?"
+dd if=/dev/urandom of=/tmp/x bs=4k count=64 2>/dev/null; dd if=/tmp/x of=/dev/ublkb3 bs=4k oflag=direct 2>/dev/null
+dd if=/dev/ublkb3 of=/tmp/y bs=4k count=64 iflag=direct 2>/dev/null; cmp /tmp/x /tmp/y; echo "RC data=$?"
+$R ublk_stop_disk 3; echo "RC stop_disk=$?"
+[ ! -e /dev/ublkb3 ]; echo "RC gone=$?"
+$R ublk_destroy_target; echo "RC destroy_target=$?"
+"#;
+
+/// SPDK's rpc.py, unchanged, drives the ublk methods of `vireo serve`: on the host
+/// (whose kernel has no ublk_drv: ublk_create_target answers what to load) and in the
+/// guest for real (python3 with its standard library and SPDK's scripts/rpc.py and
+/// python/ copied in).
+#[test]
+fn spdk_rpc_py_drives_the_ublk_methods() {
+    let Some(rpc_py) = spdk_rpc_py() else {
+        eprintln!("********************************************************************");
+        eprintln!("SKIPPED: spdk_rpc_py_drives_the_ublk_methods: set SPDK_DIR (or");
+        eprintln!("  VIREO_SPDK_DIR) to an SPDK v25.09 tree (scripts/rpc.py, python/).");
+        eprintln!("********************************************************************");
+        return;
+    };
+    let spdk = rpc_py.parent().unwrap().parent().unwrap().to_path_buf();
+    // Host side.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("r.sock");
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_vireo"))
+        .args(["serve", "-r"])
+        .arg(&sock)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let rpc = |args: &[&str]| {
+        let o = Command::new("python3")
+            .arg(&rpc_py)
+            .arg("-s")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+        )
+    };
+    let (ok, out) = rpc(&["ublk_get_disks"]);
+    assert!(ok && out.trim() == "[]", "{out}");
+    let (ok, out) = rpc(&["ublk_create_target", "-m", "0x1"]);
+    if Path::new("/dev/ublk-control").exists() {
+        assert!(ok, "{out}");
+        let (ok, out) = rpc(&["ublk_destroy_target"]);
+        assert!(ok, "{out}");
+    } else {
+        assert!(!ok && out.contains("modprobe ublk_drv"), "{out}");
+    }
+    let (ok, out) = rpc(&["ublk_start_disk", "X", "1"]);
+    assert!(!ok && out.contains("ublk_create_target"), "{out}");
+    let _ = serve.kill();
+    let _ = serve.wait();
+
+    // Guest side: this python3 with its standard library (trimmed) where it looks for
+    // it, SPDK's rpc.py and package.
+    let python = sh("python3 -c 'import sys, os; print(os.path.realpath(sys.executable))'");
+    let stdlib = sh("python3 -c 'import sysconfig; print(sysconfig.get_paths()[\"stdlib\"])'");
+    let prefix = sh("python3 -c 'import sys; print(sys.prefix)'");
+    let py = dir.path().join("stdlib");
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "mkdir -p {py} && cd {stdlib} && tar -c --exclude=test --exclude=idlelib \
+             --exclude=tkinter --exclude=ensurepip --exclude=lib2to3 --exclude=pydoc_data \
+             --exclude=__pycache__ --exclude='config-*' --exclude=site-packages . | tar -x -C {py}",
+            py = py.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let extra = vec![
+        "--add".to_string(),
+        format!("{python}:python3"),
+        "--add".to_string(),
+        format!("{}:{stdlib}", py.display()),
+        "--add".to_string(),
+        format!("{}:/spdk/scripts/rpc.py", rpc_py.display()),
+        "--add".to_string(),
+        format!("{}:/spdk/python", spdk.join("python").display()),
+    ];
+    let cmd = format!("export PYTHONHOME={prefix}\n{RPC_PY_GUEST}");
+    let run = run_guest_with(&cmd, 8, 200, &extra);
+    println!("{}", run.out);
+    for name in [
+        "create_target",
+        "start_disk",
+        "ublkb3",
+        "get_disks",
+        "get_disk3",
+        "data",
+        "stop_disk",
+        "gone",
+        "destroy_target",
+    ] {
+        run.expect_rc(name, 0);
+    }
 }
