@@ -59,8 +59,10 @@ impl Controller {
         }
     }
 
-    /// The device is gone (a removed PCI function): its bdevs are going away, and the
-    /// controller is released once no channel is open on it.
+    /// The connection to the device is gone: for a PCI function, it was removed (its
+    /// bdevs go away, and the controller is released once no channel is open on it);
+    /// for vhost-user, the back-end hung up (with `reconnect_timeout`, a reconnection
+    /// may bring it back).
     pub fn is_gone(&self) -> bool {
         match self {
             Controller::Blk(c) => c.is_gone(),

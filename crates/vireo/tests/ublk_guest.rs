@@ -199,7 +199,10 @@ F0=$!
 fio --name=r1 --filename=/dev/ublkb1 --ioengine=libaio --iodepth=16 --size=8m --direct=1 --rw=randwrite \
     --bs=4k --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never --output=/tmp/r1.fio &
 F1=$!
-sleep 1.5
+# kill once both devices have requests in flight (/sys/block/*/inflight: reads writes)
+inflight() { awk '{print $1+$2}' /sys/block/$1/inflight; }
+sleep 0.5; i=0
+until [ "$(inflight ublkb0)" -gt 0 ] && [ "$(inflight ublkb1)" -gt 0 ] || [ $i -ge 400 ]; do sleep 0.02; i=$((i+1)); done
 kill -0 $F0 && kill -0 $F1; echo "RC fio_running_at_kill=$?"
 kill -9 $SP; wait $SP 2>/dev/null
 ls /dev/ublkb0 /dev/ublkb1 >/dev/null; echo "RC kept_after_kill=$?"
@@ -391,5 +394,107 @@ fn spdk_rpc_py_drives_the_ublk_methods() {
         "destroy_target",
     ] {
         run.expect_rc(name, 0);
+    }
+}
+
+const FIGURES: &str = r#"
+echo 1 > /proc/sys/kernel/printk
+vireo setup bind all --driver uio_pci_generic >/dev/null; echo "RC bind=$?"
+B=$(vireo pci | awk '$2=="blk"{print $1}' | head -1)
+cat > /tmp/p.json <<EOF
+{"subsystems":[{"subsystem":"bdev","config":[
+ {"method":"bdev_virtio_attach_controller","params":{"name":"P","trtype":"pci","traddr":"$B","dev_type":"blk"}}]}]}
+EOF
+wait_dev() { i=0; while [ ! -b $1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; [ -b $1 ]; }
+fiofig() { # KIND DEV QD
+  fio --name=f --filename=$2 --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth=$3 \
+      --runtime=$T --time_based --size=48m --output-format=terse --eta=never \
+    | awk -F';' -v k=$1 -v q=$3 '{print "FIG " k " " q " " $8}'
+}
+fig_ublk() {
+  vireo serve -c /tmp/p.json -r /tmp/r.sock --ublk P:0 > /tmp/s.log 2>&1 & SP=$!
+  wait_dev /dev/ublkb0 || cat /tmp/s.log
+  fiofig ublk /dev/ublkb0 $1
+  kill $SP; wait $SP
+}
+fig_perf() {
+  vireo perf -c /tmp/p.json -w randread -q $1 -o 4096 -t $T --json > /tmp/perf.json 2>/dev/null
+  echo "FIGJSON perf $1 $(tr -d '\n ' < /tmp/perf.json)"
+}
+fig_kernel() {
+  vbind virtio-pci $B >/dev/null 2>&1
+  D=$(ls /sys/bus/pci/devices/$B/virtio*/block/ 2>/dev/null | head -1)
+  wait_dev /dev/$D
+  fiofig kernel /dev/$D $1
+  vbind uio_pci_generic $B >/dev/null 2>&1
+}
+for r in $ROUNDS; do
+  for q in 1 32; do
+    case $r in
+      1) fig_ublk $q; fig_perf $q; fig_kernel $q ;;
+      2) fig_perf $q; fig_kernel $q; fig_ublk $q ;;
+      *) fig_kernel $q; fig_ublk $q; fig_perf $q ;;
+    esac
+  done
+done
+"#;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The figures of the issue (VIREO_UBLK_FIGURES=1; a release build through
+/// VIREO_UBLK_GUEST_BIN): on one virtio-blk PCI function in one guest run, 4 KiB
+/// random reads at QD 1 and 32 through fio io_uring on /dev/ublkb0 (vireo's ublk
+/// server), `vireo perf` on the same bdev, and fio io_uring on the guest kernel's own
+/// virtio_blk; each round runs the three in a rotated order; ratios of the rounds'
+/// medians. TCG makes the absolute numbers meaningless, so only ratios are printed.
+#[test]
+fn ublk_figures_in_guest() {
+    if std::env::var("VIREO_UBLK_FIGURES").is_err() {
+        eprintln!("SKIPPED: ublk_figures_in_guest (slow): set VIREO_UBLK_FIGURES=1 to run it");
+        return;
+    }
+    let secs = std::env::var("VIREO_UBLK_FIGURE_SECS").unwrap_or_else(|_| "5".into());
+    let cmd = format!("T={secs}\nROUNDS='1 2 3'\n{FIGURES}");
+    let extra = vec!["--smp".to_string(), "2".to_string()];
+    let run = run_guest_with(&cmd, 64, 900, &extra);
+    run.expect_rc("bind", 0);
+    let mut iops: std::collections::HashMap<(String, u32), Vec<f64>> = Default::default();
+    for l in run.out.lines() {
+        let l = l.trim();
+        if let Some(r) = l.strip_prefix("FIG ") {
+            let f: Vec<&str> = r.split_whitespace().collect();
+            if let (Some(k), Some(q), Some(v)) = (f.first(), f.get(1), f.get(2)) {
+                if let (Ok(q), Ok(v)) = (q.parse(), v.parse()) {
+                    iops.entry((k.to_string(), q)).or_default().push(v);
+                }
+            }
+        } else if let Some(r) = l.strip_prefix("FIGJSON perf ") {
+            let (q, json) = r.split_once(' ').unwrap_or(("0", "{}"));
+            let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+            if let (Ok(q), Some(x)) = (q.parse(), v["total"]["iops"].as_f64()) {
+                iops.entry(("perf".into(), q)).or_default().push(x);
+            }
+        }
+    }
+    for q in [1u32, 32] {
+        let get = |k: &str| {
+            let v = iops.get(&(k.to_string(), q)).cloned().unwrap_or_default();
+            assert_eq!(v.len(), 3, "{k} QD{q}: {v:?}\n{}", run.console);
+            v
+        };
+        let (u, p, k) = (get("ublk"), get("perf"), get("kernel"));
+        let ratio = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
+        println!(
+            "FIGURES QD{q}: ublk/perf {:.2}, ublk/kernel {:.2}, perf/kernel {:.2} (round medians of ratios; IOPS ublk {:?} perf {:?} kernel {:?})",
+            ratio(&u, &p),
+            ratio(&u, &k),
+            ratio(&p, &k),
+            u,
+            p,
+            k
+        );
     }
 }

@@ -5,8 +5,8 @@
 //! device to this server through io_uring `URING_CMD`s on `/dev/ublkcN`. Each of a
 //! device's queues runs on its own thread with its own bdev channel (its own virtqueue
 //! while the controller has free ones): a request is fetched, submitted, completed and
-//! committed on that thread ([`queue`]). The control commands go through
-//! `/dev/ublk-control` ([`ctrl`]).
+//! committed on that thread (`queue.rs`). The control commands go through
+//! `/dev/ublk-control` (`ctrl.rs`).
 //!
 //! Devices are added with `UBLK_F_USER_RECOVERY` and `UBLK_F_USER_RECOVERY_REISSUE`
 //! when the driver has them: when vireo dies the kernel keeps the device, quiesced,
@@ -524,17 +524,28 @@ impl UblkTarget {
         }
     }
 
-    /// Remove the devices whose bdev went away (hot-remove, detach).
+    /// Remove the devices whose bdev went away (a removed PCI function, a detach). A
+    /// vhost-user back-end that hangs up does not count: it may come back (reconnect),
+    /// and until then the device's I/O fails.
     fn reap(&self) {
+        let pci: Vec<String> = self
+            .reg
+            .controllers()
+            .into_iter()
+            .filter(|(a, _)| a.trtype == vireo_bdev::TrType::Pci)
+            .map(|(a, _)| a.name)
+            .collect();
         let gone: Vec<u32> = self
             .disks()
             .values()
             .filter(|d| {
+                let ctrl = d.bdev.info().controller;
                 d.bdev.is_removed()
-                    || self
-                        .reg
-                        .with_controller(&d.bdev.info().controller, |c| c.is_gone())
-                        .unwrap_or(true)
+                    || (pci.contains(&ctrl)
+                        && self
+                            .reg
+                            .with_controller(&ctrl, |c| c.is_gone())
+                            .unwrap_or(true))
                     || !self
                         .reg
                         .bdev(d.bdev.name())

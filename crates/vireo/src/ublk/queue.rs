@@ -119,8 +119,6 @@ const POLL_CHANNEL: u64 = 1 << 32;
 const POLL_KICK: u64 = (1 << 32) + 1;
 /// Spin this long after the last progress before sleeping in the ring.
 const SPIN: Duration = Duration::from_micros(50);
-/// Longest sleep while the channel has I/O in flight and no fd to wait on.
-const NAP: Duration = Duration::from_micros(50);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Tag {
@@ -387,7 +385,6 @@ impl Queue {
                 self.push_entry(e);
                 kick_poll = true;
             }
-            let mut nap = false;
             if ch.in_flight() > 0 {
                 match ch.arm() {
                     vireo_bdev::Armed::Ready => continue,
@@ -400,16 +397,18 @@ impl Queue {
                             chan_poll = Some(fd);
                         }
                     }
-                    vireo_bdev::Armed::NoFd => nap = true,
+                    // A transport that only polls (PCI without interrupts): only polling
+                    // sees the device's completions, so the thread polls while the device
+                    // has requests (a 50 µs nap here: 0.43x the guest kernel driver's IOPS at QD 1
+                    // in the guest test's figures, polling: 0.61x).
+                    vireo_bdev::Armed::NoFd => {
+                        let _ = self.ring.submit();
+                        std::thread::yield_now();
+                        continue;
+                    }
                 }
             }
-            let r = if nap {
-                let ts = types::Timespec::from(NAP);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
-            } else {
-                self.ring.submit_and_wait(1)
-            };
+            let r = self.ring.submit_and_wait(1);
             match r {
                 Ok(_) => {}
                 Err(e)
