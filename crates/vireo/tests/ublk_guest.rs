@@ -154,11 +154,11 @@ fn run_guest_with(cmd: &str, img_mib: u64, timeout: u32, extra: &[String]) -> Gu
 const SETUP: &str = r#"
 vireo setup bind all --driver uio_pci_generic >/dev/null; echo "RC bind=$?"
 B=$(vireo pci | awk '$2=="blk"{print $1}' | head -1)
-vireo target --socket /tmp/t.sock --size 16m > /tmp/target.log 2>&1 &
+vireo target --socket /tmp/t.sock --size 16m --queues 2 > /tmp/target.log 2>&1 &
 cat > /tmp/c.json <<EOF
 {"subsystems":[{"subsystem":"bdev","config":[
  {"method":"bdev_virtio_attach_controller","params":{"name":"P","trtype":"pci","traddr":"$B","dev_type":"blk"}},
- {"method":"bdev_virtio_attach_controller","params":{"name":"T","trtype":"user","traddr":"/tmp/t.sock","dev_type":"blk"}}]}]}
+ {"method":"bdev_virtio_attach_controller","params":{"name":"T","trtype":"user","traddr":"/tmp/t.sock","dev_type":"blk","vq_count":2}}]}]}
 EOF
 i=0; while [ ! -S /tmp/t.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 wait_dev() { i=0; while [ ! -b $1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; [ -b $1 ]; }
@@ -172,9 +172,12 @@ fverify() { # NAME DEV ENGINE QD SIZE
 "#;
 
 const TESTS: &str = r#"
-vireo serve -c /tmp/c.json -r /tmp/r.sock --ublk P:0 --ublk T:1 > /tmp/serve.log 2>&1 &
+vireo serve -c /tmp/c.json -r /tmp/r.sock --ublk P:0 > /tmp/serve.log 2>&1 &
 SP=$!
-wait_dev /dev/ublkb0 && wait_dev /dev/ublkb1; echo "RC devices=$?"
+wait_dev /dev/ublkb0; i=0; while [ ! -S /tmp/r.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+vireo rpc -r /tmp/r.sock ublk_start_disk '{"bdev_name":"T","ublk_id":1,"num_queues":2,"queue_depth":64}'
+vireo rpc -r /tmp/r.sock ublk_start_disk '{"bdev_name":"P","ublk_id":2,"num_queues":2}'; echo "RC too_many_queues=$?"
+wait_dev /dev/ublkb1; echo "RC devices=$?"
 cat /tmp/serve.log
 vireo rpc -r /tmp/r.sock ublk_get_disks
 for d in 0 1; do for e in io_uring libaio; do for q in 1 32; do
@@ -232,6 +235,12 @@ cat /tmp/serve2.log | tail -20
 #[test]
 fn ublk_on_pci_and_target_fio_ext4_discard_recovery() {
     let run = run_guest(&format!("{SETUP}{TESTS}"), 16, 280);
+    run.expect_rc("too_many_queues", 1);
+    assert!(
+        run.out.contains("num_queues must be at most 1"),
+        "{}",
+        run.console
+    );
     for name in [
         "bind",
         "devices",

@@ -338,6 +338,13 @@ impl UblkTarget {
             return Err(UblkError::Invalid("ublk_id must be below 2^32-1".into()));
         }
         let b = self.lookup(bdev)?;
+        let vqs = b.info().num_queues;
+        if num_queues > vqs {
+            return Err(UblkError::Invalid(format!(
+                "bdev {bdev} has {vqs} request queue(s) (the controller's vq_count) and each ublk \
+                 queue needs its own: num_queues must be at most {vqs}"
+            )));
+        }
         let mut disks = self.disks();
         if disks.contains_key(&id) {
             return Err(UblkError::DiskExists(id));
