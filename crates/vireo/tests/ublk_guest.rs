@@ -98,11 +98,8 @@ impl GuestRun {
 }
 
 /// Boot the 6.12 guest with ublk_drv and ext4, vireo, fio and e2fsprogs in it, a
-/// virtio-blk function on a fresh `img_mib` image, and run `cmd`.
-fn run_guest(cmd: &str, img_mib: u64, timeout: u32) -> GuestRun {
-    run_guest_with(cmd, img_mib, timeout, &[])
-}
-
+/// virtio-blk function on a fresh `img_mib` image, and run `cmd` (`extra`: more
+/// guest-vm.sh arguments).
 fn run_guest_with(cmd: &str, img_mib: u64, timeout: u32, extra: &[String]) -> GuestRun {
     for tool in [
         "qemu-system-x86_64",
@@ -234,7 +231,14 @@ cat /tmp/serve2.log | tail -20
 /// The guest tests of the issue, in one boot (about a minute under TCG).
 #[test]
 fn ublk_on_pci_and_target_fio_ext4_discard_recovery() {
-    let run = run_guest(&format!("{SETUP}{TESTS}"), 16, 280);
+    // Two vCPUs: the kernel gives a ublk device at most one queue per CPU.
+    let smp = vec!["--smp".to_string(), "2".to_string()];
+    let run = run_guest_with(&format!("{SETUP}{TESTS}"), 16, 280, &smp);
+    assert!(
+        run.out.contains("\"num_queues\": 2"),
+        "ublkb1 has 2 queues\n{}",
+        run.console
+    );
     run.expect_rc("too_many_queues", 1);
     assert!(
         run.out.contains("num_queues must be at most 1"),
