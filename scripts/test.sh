@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 spdk_notice() {
   if [ -z "${VIREO_SPDK_DIR:-${SPDK_DIR:-}}" ]; then
     echo "********************************************************************" >&2
-    echo "SKIPPED: SPDK vhost tests (crates/vireo/tests/spdk.rs): no SPDK build." >&2
+    echo "SKIPPED: SPDK vhost tests (crates/vireo/tests/spdk.rs) and SPDK's rpc.py on the" >&2
+    echo "  ublk methods (ublk_guest::spdk_rpc_py_drives_the_ublk_methods): no SPDK build." >&2
     echo "  Set SPDK_DIR to an SPDK v25.09 build (vhost, virtio, bdevperf) to run them." >&2
     echo "********************************************************************" >&2
   else
@@ -20,6 +21,10 @@ spdk_notice() {
   if [ -z "${VIREO_FIO:-}" ]; then
     echo "SKIPPED: fio on the C library (crates/capi/tests/fio.rs): set VIREO_FIO to a fio" >&2
     echo "  binary built with the libblkio engine against this library (docs/capi.md)." >&2
+  fi
+  if [ -z "${VIREO_UBLK_FIGURES:-}" ]; then
+    echo "SKIPPED: ublk figures in a guest (ublk_guest::ublk_figures_in_guest, ~4 min):" >&2
+    echo "  set VIREO_UBLK_FIGURES=1 (README, Kernel block devices) to run them." >&2
   fi
   if [ -z "${VIREO_GUEST_NOIOMMU_KERNEL:-}" ]; then
     echo "SKIPPED: VFIO no-IOMMU guest test (pci_guest::vfio_noiommu_with_a_custom_kernel):" >&2

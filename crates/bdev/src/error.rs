@@ -267,7 +267,7 @@ pub enum BdevError {
         queues: usize,
     },
     /// A controller cannot be detached while I/O channels are open on it.
-    #[error("controller {name} still has {open} open I/O channels (close them first: disconnect the NBD clients of its bdevs, or stop their exports with nbd_stop_disk)")]
+    #[error("controller {name} still has {open} open I/O channels (close them first: disconnect the NBD clients of its bdevs, or stop their exports with nbd_stop_disk and ublk_stop_disk)")]
     ControllerBusy {
         /// Controller name.
         name: String,

@@ -66,6 +66,17 @@ impl Controller {
         }
     }
 
+    /// The connection to the device is gone: for a PCI function, it was removed (its
+    /// bdevs go away, and the controller is released once no channel is open on it);
+    /// for vhost-user, the back-end hung up (with `reconnect_timeout`, a reconnection
+    /// may bring it back).
+    pub fn is_gone(&self) -> bool {
+        match self {
+            Controller::Blk(c) => c.is_gone(),
+            Controller::Scsi(c) => c.is_gone(),
+        }
+    }
+
     fn reapable(&self, trtype: TrType) -> bool {
         let (gone, open) = match self {
             Controller::Blk(c) => (c.is_gone(), c.channels_open()),

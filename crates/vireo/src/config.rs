@@ -213,12 +213,17 @@ pub fn parse_config(doc: &Value) -> Result<Vec<ConfigCall>, BdevError> {
                 )))
             }
         };
+        // `vireo serve` applies the ublk subsystem's calls itself, once the bdevs are
+        // there (crate::ublk::rpc::apply_config); nothing else has kernel devices.
+        if name == "ublk" {
+            continue;
+        }
         if name != "bdev" {
             if config.is_empty() {
                 continue;
             }
             return Err(cfg_err(format!(
-                "unknown subsystem \"{name}\" with configuration (vireo configures only \"bdev\")"
+                "unknown subsystem \"{name}\" with configuration (vireo configures only \"bdev\", and \"ublk\" in vireo serve)"
             )));
         }
         for (j, c) in config.iter().enumerate() {

@@ -6,6 +6,7 @@
 //!   [`rpc::Methods`] table), the bdev and framework methods ([`rpc::bdev`]) and the
 //!   `vireo rpc` client;
 //! - [`nbd`]: the NBD server and its methods ([`nbd::rpc`]);
+//! - [`ublk`]: the ublk server (bdevs as /dev/ublkbN) and its methods ([`ublk::rpc`]);
 //! - [`config`] and [`ini`]: SPDK's JSON configuration and the legacy INI format;
 //! - [`socket`] and [`units`]: leaves the others and the binary share.
 //!
@@ -40,4 +41,5 @@ pub mod ini;
 pub mod nbd;
 pub mod rpc;
 pub mod socket;
+pub mod ublk;
 pub mod units;

@@ -6,7 +6,8 @@
 //! ```text
 //! main      -> bdevs, perf::cmd, target, serve, rpc::client, soak, pcisetup, convert,
 //!              dma, perf
-//! serve     -> rpc, rpc::bdev, nbd, nbd::rpc, socket, ini, dma, signals
+//! serve     -> rpc, rpc::bdev, nbd, nbd::rpc, ublk, ublk::rpc, socket, ini, dma, signals
+//! ublk::rpc -> ublk, rpc, config        (rpc never names ublk)
 //! nbd::rpc  -> nbd, rpc                 (rpc never names nbd)
 //! nbd       -> socket
 //! rpc::bdev -> rpc, config
@@ -22,7 +23,7 @@
 //!         pcisetup, perf::report, perf::plot (these two name only their parent)
 //! ```
 //!
-//! rpc (with rpc::bdev, rpc::client), nbd (with nbd::rpc), config, ini, socket and
+//! rpc (with rpc::bdev, rpc::client), nbd (with nbd::rpc), ublk (with ublk::rpc), config, ini, socket and
 //! units live in the library (lib.rs), which the fuzz targets link; the others are the
 //! binary's.
 
@@ -40,7 +41,7 @@ mod target;
 // The library's modules (lib.rs), under the same paths: `crate::rpc`, `crate::ini`, ...
 // (all of them, so a module of the binary may name any; none names `config` today).
 #[allow(unused_imports)]
-use vireo::{config, ini, nbd, rpc, socket, units};
+use vireo::{config, ini, nbd, rpc, socket, ublk, units};
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 

@@ -14,6 +14,7 @@ use vireo_virtio::DmaConfig;
 
 use crate::nbd::{self, NbdServer};
 use crate::rpc::{self, Methods};
+use crate::ublk::UblkServer;
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -26,17 +27,81 @@ pub struct ServeArgs {
     socket: PathBuf,
     #[command(flatten)]
     nbd: nbd::NbdArgs,
+    /// Export a bdev as the kernel block device /dev/ublkbID (default ID: the
+    /// next free one from 0); repeatable. Needs the kernel's ublk_drv. The ublk_* RPCs
+    /// (ublk_create_target, ublk_start_disk, ...) manage devices at run time.
+    #[arg(long, value_name = "BDEV[:ID]")]
+    ublk: Vec<String>,
+    /// Tags per queue of the --ublk devices.
+    #[arg(long, value_name = "N", default_value_t = crate::ublk::DEFAULT_QUEUE_DEPTH)]
+    ublk_queue_depth: u16,
+    /// Queues of each --ublk device, each served by its own thread on its own channel.
+    #[arg(long, value_name = "N", default_value_t = crate::ublk::DEFAULT_NUM_QUEUES)]
+    ublk_queues: u16,
     #[command(flatten)]
     pub dma: crate::dma::DmaArgs,
 }
 
 /// Every method `vireo serve` answers: the server's own, the bdev subsystem's and the
 /// NBD subsystem's (those answer "no NBD listener" without `nbd`).
-fn methods(reg: Arc<Registry>, nbd: Option<Arc<NbdServer>>) -> Methods {
+fn methods(reg: Arc<Registry>, nbd: Option<Arc<NbdServer>>, ublk: Arc<UblkServer>) -> Methods {
     let mut m = Methods::new();
-    rpc::bdev::register(&mut m, reg);
+    rpc::bdev::register(&mut m, reg.clone());
     nbd::rpc::register(&mut m, nbd);
+    crate::ublk::rpc::register(&mut m, reg, ublk);
     m
+}
+
+/// `--ublk BDEV[:ID]`: the bdev and the device id (None: the next free one).
+fn parse_ublk(s: &str) -> Result<(String, Option<u32>)> {
+    match s.rsplit_once(':') {
+        Some((b, id)) if !b.is_empty() => {
+            let id = id
+                .parse::<u32>()
+                .ok()
+                .filter(|&i| i != u32::MAX)
+                .with_context(|| {
+                    format!(
+                        "--ublk {s}: the device id after ':' must be a number, like VirtioBlk0:0"
+                    )
+                })?;
+            Ok((b.to_string(), Some(id)))
+        }
+        _ if !s.is_empty() => Ok((s.to_string(), None)),
+        _ => anyhow::bail!("--ublk takes BDEV or BDEV:ID"),
+    }
+}
+
+/// Start the --ublk devices: the target, then each device.
+fn start_ublk(server: &UblkServer, ublk: &[String], queues: u16, depth: u16) -> Result<()> {
+    if ublk.is_empty() {
+        return Ok(());
+    }
+    let wanted: Vec<(String, Option<u32>)> =
+        ublk.iter().map(|s| parse_ublk(s)).collect::<Result<_>>()?;
+    if server.target_opt().is_none() {
+        server.create_target(None).context("--ublk")?;
+    }
+    let t = server.target()?;
+    let mut next = 0u32;
+    for (bdev, id) in wanted {
+        let id = match id {
+            Some(i) => i,
+            None => {
+                let used: Vec<u32> = t.list().iter().map(|d| d.id).collect();
+                while used.contains(&next)
+                    || std::path::Path::new(&format!("/dev/ublkc{next}")).exists()
+                {
+                    next += 1;
+                }
+                next
+            }
+        };
+        t.start_disk(&bdev, id, queues, depth)
+            .with_context(|| format!("--ublk {bdev}:{id}"))?;
+        eprintln!("vireo: bdev {bdev} is /dev/ublkb{id}");
+    }
+    Ok(())
 }
 
 /// `vireo serve`: attach the config's controllers, then serve JSON-RPC on the socket
@@ -72,7 +137,23 @@ pub fn cmd_serve(dma: &DmaConfig, a: ServeArgs) -> Result<()> {
                 .context("cannot start the NBD server thread")?,
         );
     }
-    let methods = Arc::new(methods(reg.clone(), nbd_server));
+    let ublk = UblkServer::new(reg.clone());
+    let methods = Arc::new(methods(reg.clone(), nbd_server, ublk.clone()));
+    if let Some(doc) = a
+        .config
+        .as_ref()
+        .and_then(|c| std::fs::read(c).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    {
+        if let Err(e) = crate::ublk::rpc::apply_config(&methods, &doc) {
+            ublk.target_opt().inspect(|t| t.shutdown());
+            anyhow::bail!("{e}");
+        }
+    }
+    if let Err(e) = start_ublk(&ublk, &a.ublk, a.ublk_queues, a.ublk_queue_depth) {
+        ublk.target_opt().inspect(|t| t.shutdown());
+        return Err(e);
+    }
     eprintln!(
         "vireo: serving JSON-RPC on {} ({} bdevs)",
         socket.display(),
@@ -87,6 +168,10 @@ pub fn cmd_serve(dma: &DmaConfig, a: ServeArgs) -> Result<()> {
             Err(_) => tracing::warn!("the NBD server thread panicked"),
             Ok(Ok(())) => {}
         }
+    }
+    // The kernel devices go before the bdevs they serve.
+    if let Some(t) = ublk.target_opt() {
+        t.shutdown();
     }
     for (a, _) in reg.controllers() {
         if let Err(e) = reg.detach(&a.name) {
@@ -104,7 +189,8 @@ mod tests {
     #[test]
     fn serve_answers_every_method() {
         let reg = Registry::new(vireo_virtio::DmaMemory::new(Default::default()).unwrap());
-        let m = methods(Arc::new(reg), None);
+        let reg = Arc::new(reg);
+        let m = methods(reg.clone(), None, UblkServer::new(reg));
         assert_eq!(
             m.call("rpc_get_methods", &serde_json::Value::Null),
             Ok(serde_json::json!([
@@ -121,7 +207,13 @@ mod tests {
                 "nbd_stop_disk",
                 "rpc_get_methods",
                 "save_config",
-                "spdk_get_version"
+                "spdk_get_version",
+                "ublk_create_target",
+                "ublk_destroy_target",
+                "ublk_get_disks",
+                "ublk_recover_disk",
+                "ublk_start_disk",
+                "ublk_stop_disk"
             ]))
         );
     }

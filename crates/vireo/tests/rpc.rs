@@ -267,7 +267,12 @@ fn attach_query_save_config_and_detach() {
     // What SPDK's `rpc.py save_config` asks before framework_get_config.
     assert_eq!(
         srv.ok("framework_get_subsystems", None),
-        json!([{"subsystem":"bdev","depends_on":[]}])
+        json!([{"subsystem":"bdev","depends_on":[]},{"subsystem":"ublk","depends_on":["bdev"]}])
+    );
+    assert_eq!(
+        cfg["subsystems"][1],
+        json!({"subsystem":"ublk","config":[]}),
+        "no ublk target, no ublk calls"
     );
     assert_eq!(cfg["subsystems"][0]["config"], bdev_cfg);
     let methods: Vec<&str> = bdev_cfg
@@ -418,7 +423,7 @@ fn bad_requests_get_errors_and_never_kill_the_server() {
     assert_eq!(r[2]["id"], "three");
     assert_eq!(
         r[2]["result"],
-        json!({"subsystems":[{"subsystem":"bdev","config":[]}]})
+        json!({"subsystems":[{"subsystem":"bdev","config":[]},{"subsystem":"ublk","config":[]}]})
     );
     // A client that hangs up mid-request.
     {
