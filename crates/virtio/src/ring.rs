@@ -214,8 +214,7 @@ impl Virtqueue {
     }
 
     /// Queue a request: `segs[..n_out]` are read by the device, the rest written by it.
-    /// The device is notified (if it asks) at [`publish`](Self::publish); a split ring
-    /// shows the request to the device only then, a packed ring at once.
+    /// Nothing is visible to the device until [`publish`](Self::publish).
     #[inline]
     pub fn add(
         &mut self,
