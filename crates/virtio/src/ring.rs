@@ -215,7 +215,7 @@ impl Virtqueue {
 
     /// Queue a request: `segs[..n_out]` are read by the device, the rest written by it.
     /// Nothing is visible to the device until [`publish`](Self::publish).
-    #[inline]
+    #[inline(always)]
     pub fn add(
         &mut self,
         segs: &[Segment],
