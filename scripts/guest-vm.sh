@@ -25,6 +25,10 @@
 #   --viommu                intel-iommu (intremap, caching-mode, QEMU's default aw-bits: 48 in QEMU
 #                           10; for 39 add --qemu-arg -global --qemu-arg intel-iommu.aw-bits=39);
 #                           emulated devices get iommu_platform=on; implies --modern
+#   --kver VER              Debian kernel ABI for this run (e.g. 6.12.95+deb12-amd64 from
+#                           bookworm-backports: ublk_drv, vduse, vhost_vdpa); default below
+#   --mod NAME              also load kernel module NAME and its dependencies at boot (.ko.xz,
+#                           .ko.zst decompressed into the initramfs); repeatable
 #   --append STR            extra kernel command line, e.g. hugepages=64
 #   --qemu-arg ARG          extra QEMU argument (repeatable)
 #   --timeout SEC           kill QEMU after SEC seconds (default 300)
@@ -43,7 +47,7 @@ die() { echo "guest-vm.sh: $*" >&2; exit 2; }
 SELF=$(realpath "$0")
 CACHE=${VIREO_GUEST_CACHE:-$HOME/.cache/vireo-guest}
 MEM=512M SMP=1,maxcpus=2 TIMEOUT=300 APPEND="" MODERN="" VIOMMU="" MONITOR="" PRINT="" PACKED=""
-adds=() scsi=() scsi2=() blk=() vublk=() vuscsi=() qextra=()
+adds=() scsi=() scsi2=() blk=() vublk=() vuscsi=() qextra=() xmods=() OPT_KVER=""
 while [ $# -gt 0 ]; do
   opt=$1 && shift
   case $opt in
@@ -66,6 +70,8 @@ while [ $# -gt 0 ]; do
     --mem) MEM=$arg ;;
     --smp) SMP=$arg ;;
     --append) APPEND=$arg ;;
+    --kver) OPT_KVER=$arg ;;
+    --mod) xmods+=("$arg") ;;
     --qemu-arg) qextra+=("$arg") ;;
     --timeout) TIMEOUT=$arg ;;
     --monitor) MONITOR=$arg ;;
@@ -92,9 +98,11 @@ else
   mkdir -p "$CACHE" # the default kernel is chosen once (delete $CACHE/default-kver to choose again)
   [ -n "${VIREO_GUEST_KVER:-}" ] || [ -s "$CACHE/default-kver" ] || apt-cache search --names-only \
     '^linux-image-6\.1\.[0-9.-]*-amd64$' | sed 's/^linux-image-\([^ ]*\) .*/\1/' | sort -V | tail -1 >"$CACHE/default-kver"
-  KVER=${VIREO_GUEST_KVER:-$(cat "$CACHE/default-kver")}
+  KVER=${OPT_KVER:-${VIREO_GUEST_KVER:-$(cat "$CACHE/default-kver")}}
   KVER=${KVER:-6.1.0-56-amd64}
   G=$CACHE/$KVER
+  # extra modules make their own base initramfs
+  [ ${#xmods[@]} -eq 0 ] || G=$G-$(echo "${xmods[*]}" | md5sum | cut -c1-8)
 fi
 W=$(mktemp -d /tmp/guest-vm.XXXXXX)
 trap 'rm -rf "$W"' EXIT
@@ -131,7 +139,8 @@ build_base() {
       for d in $(tr '\0' '\n' <"$R/mods/$m.ko" | sed -n 's/^depends=//p' | tr , ' '); do add_mod "$d"; done
       echo "$m" >>"$R/mods/order" # after its dependencies
     }
-    for m in virtio_pci virtio_blk virtio_scsi sd_mod vfio vfio_iommu_type1 vfio_pci uio uio_pci_generic; do add_mod $m; done
+    for m in virtio_pci virtio_blk virtio_scsi sd_mod vfio vfio_iommu_type1 vfio_pci uio uio_pci_generic \
+      ${xmods[@]+"${xmods[@]}"}; do add_mod "$m"; done
   fi
   cat >"$R/init" <<'EOF'
 #!/bin/busybox sh

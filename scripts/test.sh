@@ -17,6 +17,10 @@ spdk_notice() {
   else
     echo "SPDK tests use the build at ${VIREO_SPDK_DIR:-$SPDK_DIR}" >&2
   fi
+  if [ -z "${VIREO_FIO:-}" ]; then
+    echo "SKIPPED: fio on the C library (crates/capi/tests/fio.rs): set VIREO_FIO to a fio" >&2
+    echo "  binary built with the libblkio engine against this library (docs/capi.md)." >&2
+  fi
   if [ -z "${VIREO_GUEST_NOIOMMU_KERNEL:-}" ]; then
     echo "SKIPPED: VFIO no-IOMMU guest test (pci_guest::vfio_noiommu_with_a_custom_kernel):" >&2
     echo "  set VIREO_GUEST_NOIOMMU_KERNEL to a bzImage with CONFIG_VFIO_NOIOMMU=y to run it" >&2
@@ -25,8 +29,9 @@ spdk_notice() {
 }
 spdk_notice
 trap spdk_notice EXIT
-# The C library (libblkio.so): its C programs and the guest test load it from target/.
-cargo build --locked -p vireo-capi
+# The C library (libblkio.so) and the vireo binary: the C programs
+# (crates/capi/tests/c_programs.rs, fio.rs) and the guest test load them from target/.
+cargo build --locked -p vireo-capi -p vireo
 cargo test --workspace --locked --exclude vireo-bench "$@"
 if [ $# -eq 0 ]; then
   ./scripts/readme-quickstart.sh

@@ -65,7 +65,7 @@ impl BdevError {
             BdevError::Unsatisfiable { .. }
             | BdevError::TooFewQueues { .. }
             | BdevError::QueueSizeRefused { .. } => ErrorKind::Unsupported,
-            BdevError::NoFreeQueue { .. } => ErrorKind::Busy,
+            BdevError::NoFreeQueue { .. } | BdevError::ControllerBusy { .. } => ErrorKind::Busy,
             BdevError::NameTaken(_) | BdevError::NameHeld { .. } | BdevError::Attaching(_) => {
                 ErrorKind::AlreadyExists
             }
@@ -265,6 +265,14 @@ pub enum BdevError {
         bdev: String,
         /// Queues of the controller.
         queues: usize,
+    },
+    /// A controller cannot be detached while I/O channels are open on it.
+    #[error("controller {name} still has {open} open I/O channels (close them first: disconnect the NBD clients of its bdevs, or stop their exports with nbd_stop_disk)")]
+    ControllerBusy {
+        /// Controller name.
+        name: String,
+        /// Channels open.
+        open: u64,
     },
     /// A name is taken.
     #[error("a controller or bdev named {0} already exists")]

@@ -358,9 +358,10 @@ impl Registry {
             // reset the device under their I/O.
             let open = entries[pos].controller.open_channels();
             if open > 0 {
-                return Err(BdevError::Config(format!(
-                    "controller {name} still has {open} open I/O channels (close them first: disconnect the NBD clients of its bdevs)"
-                )));
+                return Err(BdevError::ControllerBusy {
+                    name: name.to_string(),
+                    open,
+                });
             }
             entries.remove(pos)
         };

@@ -9,9 +9,11 @@
 //! engine add nothing) and both medians.
 //!
 //! `VIREO_FIO=/path/to/fio cargo bench -p vireo-bench --bench capi_fio -- [--seconds S]
-//! [--rounds R] [--qd 1,32] [--target qsd,spdk-blk,spdk-scsi]`
+//! [--rounds R] [--qd 1,32] [--target qsd,spdk-blk,spdk-scsi] [--spdk-sockets DIR]`
+//! (`--spdk-sockets`: the socket directory of an SPDK vhost target already running, with
+//! `blk.null` and `scsi.null`, instead of starting one).
 //!
-//! fio must be 3.34 or later with the libblkio engine (`scripts/build-fio.sh`); without
+//! fio must be 3.34 or later with the libblkio engine (docs/capi.md says how to build one); without
 //! `VIREO_FIO` the bench says SKIPPED and exits 0, and SPDK's targets are skipped the
 //! same way without `SPDK_DIR`. It builds `vireo` and `vireo-capi` in release mode first.
 
@@ -138,6 +140,9 @@ fn main() {
         "spdk-blk".to_string(),
         "spdk-scsi".to_string(),
     ];
+    // A running SPDK vhost target's socket directory (blk.null, scsi.null), instead of
+    // starting one.
+    let mut spdk_sockets: Option<PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut list = || {
@@ -157,6 +162,7 @@ fn main() {
                     .collect()
             }
             "--target" => targets = list(),
+            "--spdk-sockets" => spdk_sockets = Some(PathBuf::from(&list()[0])),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -164,7 +170,7 @@ fn main() {
     let Some(fio) = std::env::var_os("VIREO_FIO").map(PathBuf::from) else {
         spdk::skipped(
             "bench capi_fio",
-            "VIREO_FIO is not set: point it at a fio 3.34+ built with the libblkio engine (scripts/build-fio.sh)",
+            "VIREO_FIO is not set: point it at a fio 3.34+ built with the libblkio engine (see docs/capi.md)",
         );
         return;
     };
@@ -183,6 +189,15 @@ fn main() {
         .filter_map(|t| t.strip_prefix("spdk-"))
         .collect();
     let _spdk = if spdk_wanted.is_empty() {
+        None
+    } else if let Some(dir) = &spdk_sockets {
+        for dev in &spdk_wanted {
+            devices.push(Device {
+                name: format!("SPDK {dev} Null"),
+                socket: dir.join(format!("{dev}.null")),
+                dev_type: if *dev == "scsi" { "scsi" } else { "blk" },
+            });
+        }
         None
     } else {
         match SpdkBuild::from_env() {

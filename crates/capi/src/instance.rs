@@ -6,7 +6,8 @@
 
 use std::os::fd::BorrowedFd;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vireo_bdev::{Bdev, BlkController, BlkParams, ScsiController, ScsiParams};
 use vireo_virtio::vhost_user::DEFAULT_REPLY_TIMEOUT;
@@ -19,8 +20,10 @@ use crate::queue::{Queue, QueueBox};
 
 /// Memory-region alignment: a page.
 pub const MEM_REGION_ALIGNMENT: u64 = 4096;
-/// libblkio's default queue size.
-const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// The default queue size: vireo's, which every peer tested takes (libblkio's 256 is
+/// more than QEMU's vhost-user devices use and than vhost-device-scsi accepts; it may be
+/// set higher with "queue-size").
+const DEFAULT_QUEUE_SIZE: u16 = vireo_bdev::config::DEFAULT_VQ_SIZE;
 /// The smallest queue size tried when a back-end refuses a larger one.
 const MIN_QUEUE_SIZE: u16 = 16;
 /// vhost-user memory slots vireo asks for (more regions than this may be refused).
@@ -119,6 +122,8 @@ pub struct Blkio {
     num_queues: i32,
     num_poll_queues: i32,
     queue_size: i32,
+    /// Request queues the device offers (known once connected).
+    max_queues: u16,
     conn: Option<Conn>,
     /// Started queues (None: removed), then poll queues.
     pub queues: Vec<Option<QueueBox>>,
@@ -157,6 +162,14 @@ impl Value {
     }
 }
 
+/// A device property before `blkio_connect`: -ENODEV, as libblkio answers.
+fn not_connected() -> Fail {
+    Fail::new(
+        libc::ENODEV,
+        "the device must be connected first (blkio_connect)",
+    )
+}
+
 fn not_found(name: &str) -> Fail {
     Fail::new(libc::ENOENT, format!("unknown property {name:?}"))
 }
@@ -173,6 +186,7 @@ impl Blkio {
             lun: 0,
             num_queues: 1,
             num_poll_queues: 0,
+            max_queues: 0,
             queue_size: DEFAULT_QUEUE_SIZE as i32,
             conn: None,
             queues: Vec::new(),
@@ -183,9 +197,7 @@ impl Blkio {
     }
 
     fn conn(&self) -> Res<&Conn> {
-        self.conn
-            .as_ref()
-            .ok_or_else(|| busy("the property is available once connected (blkio_connect)"))
+        self.conn.as_ref().ok_or_else(not_connected)
     }
 
     pub fn bdev(&self) -> Option<&Arc<Bdev>> {
@@ -228,7 +240,7 @@ impl Blkio {
         let clamp_int = |v: u64| Value::Int(v.min(i32::MAX as u64) as i32);
         Ok(match name {
             "capacity" => Value::U64(c.bdev.num_blocks() * bs),
-            "max-queues" => Value::Int(c.queues as i32),
+            "max-queues" => Value::Int(self.max_queues as i32),
             "num-queues" => Value::Int(self.num_queues),
             "num-poll-queues" => Value::Int(self.num_poll_queues),
             "supports-poll-queues" => Value::Bool(true),
@@ -339,13 +351,11 @@ impl Blkio {
                 };
                 if !connected {
                     if created {
-                        return Err(busy(format!(
-                            "{name:?} is available once connected (blkio_connect)"
-                        )));
+                        return Err(not_connected());
                     }
                     return Err(want_connected(name));
                 }
-                let c = self.conn()?;
+                self.conn()?;
                 match name {
                     "queue-size" => {
                         if !(4..=32768).contains(&i) || (i as u32).count_ones() != 1 {
@@ -356,10 +366,10 @@ impl Blkio {
                         self.queue_size = i;
                     }
                     _ => {
-                        if i < 0 || i > c.queues as i32 {
+                        if i < 0 || i > self.max_queues as i32 {
                             return Err(invalid(format!(
                                 "{name:?} {i} must be 0 to {} (\"max-queues\")",
-                                c.queues
+                                self.max_queues
                             )));
                         }
                         if name == "num-queues" {
@@ -393,7 +403,7 @@ impl Blkio {
     }
 
     /// Bring the controller up with `queue_size` (halved while the back-end refuses it).
-    fn attach(&self, queue_size: u16) -> Res<Conn> {
+    fn attach(&self, queue_size: u16, vq_count: u16) -> Res<Conn> {
         let Some(path) = self.path.clone() else {
             return Err(invalid(format!(
                 "set \"path\" before blkio_connect ({})",
@@ -406,7 +416,7 @@ impl Blkio {
         };
         let mut size = queue_size;
         loop {
-            match self.attach_once(&path, size) {
+            match self.attach_once(&path, size, vq_count) {
                 Err(e)
                     if size > MIN_QUEUE_SIZE
                         && matches!(
@@ -424,7 +434,12 @@ impl Blkio {
         }
     }
 
-    fn attach_once(&self, path: &str, queue_size: u16) -> Result<Conn, vireo_bdev::BdevError> {
+    fn attach_once(
+        &self,
+        path: &str,
+        queue_size: u16,
+        vq_count: u16,
+    ) -> Result<Conn, vireo_bdev::BdevError> {
         let name = "blkio";
         let verr = |source| vireo_bdev::BdevError::Virtio {
             name: name.into(),
@@ -437,17 +452,10 @@ impl Blkio {
                 .and_then(|s| s.to_str())
                 .unwrap_or(path);
             let addr: PciAddress = bdf.parse().map_err(verr)?;
-            let dma = DmaConfig {
-                initial_region_size: 16 << 20,
-                ..DmaConfig::default()
-            };
+            let dma = dma_config();
             Box::new(PciTransport::open(addr, &dma).map_err(verr)?)
         } else {
-            let mem = DmaMemory::new(DmaConfig {
-                initial_region_size: 16 << 20,
-                ..DmaConfig::default()
-            })
-            .map_err(verr)?;
+            let mem = DmaMemory::new(dma_config()).map_err(verr)?;
             Box::new(
                 VhostUserTransport::connect_with_options(
                     Path::new(path),
@@ -463,43 +471,26 @@ impl Blkio {
             let c = ScsiController::attach(
                 &ScsiParams {
                     name: name.into(),
-                    vq_count: 0,
+                    vq_count,
                     vq_size: queue_size,
                     reconnect_timeout: None,
                     packed_ring: Default::default(),
                 },
                 transport,
             )?;
-            let want = (self.target, self.lun);
-            let found = c.bdevs().into_iter().find(|b| {
-                b.info()
-                    .scsi
-                    .is_some_and(|a| (a.target as i32, a.lun as i32) == want)
-            });
-            let Some(bdev) = found else {
-                let luns: Vec<String> = c
-                    .bdevs()
-                    .iter()
-                    .filter_map(|b| b.info().scsi.map(|a| format!("{}/{}", a.target, a.lun)))
-                    .collect();
-                let _ = c.detach();
-                return Err(vireo_bdev::BdevError::NotFound(format!(
-                    "no LUN at target {} lun {} (set \"target\" and \"lun\"; the device has {})",
-                    want.0,
-                    want.1,
-                    if luns.is_empty() {
-                        "none".to_string()
-                    } else {
-                        luns.join(", ")
-                    }
-                )));
+            let bdev = match select_lun(&c, self.target, self.lun) {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = c.detach();
+                    return Err(e);
+                }
             };
             (Ctrl::Scsi(c), bdev)
         } else {
             let c = BlkController::attach(
                 &BlkParams {
                     name: name.into(),
-                    vq_count: 0,
+                    vq_count,
                     vq_size: queue_size,
                     reconnect_timeout: None,
                     packed_ring: Default::default(),
@@ -525,11 +516,43 @@ impl Blkio {
                 self.state_name()
             )));
         }
-        let conn = self.attach(DEFAULT_QUEUE_SIZE)?;
+        let conn = match self.reuse_parked()? {
+            Some(c) => c,
+            // Every queue the device offers: "max-queues" is known from here on.
+            None => self.attach(DEFAULT_QUEUE_SIZE, 0)?,
+        };
         self.queue_size = conn.queue_size as i32;
+        self.max_queues = conn.queues;
         self.conn = Some(conn);
         self.state = State::Connected;
         Ok(())
+    }
+
+    /// The connection an earlier instance of this process left parked for this device.
+    fn reuse_parked(&self) -> Res<Option<Conn>> {
+        let Some(path) = &self.path else {
+            return Ok(None);
+        };
+        let Some(ctrl) = unpark(self.driver, path) else {
+            return Ok(None);
+        };
+        let bdev = match &ctrl {
+            Ctrl::Blk(c) => c.bdev().clone(),
+            Ctrl::Scsi(c) => match select_lun(c, self.target, self.lun) {
+                Ok(b) => b,
+                Err(e) => {
+                    ctrl.detach();
+                    return Err(e.into());
+                }
+            },
+        };
+        let info = bdev.info();
+        Ok(Some(Conn {
+            queues: info.num_queues,
+            queue_size: info.queue_size,
+            bdev,
+            ctrl: Some(ctrl),
+        }))
     }
 
     pub fn start(&mut self) -> Res<()> {
@@ -544,19 +567,23 @@ impl Blkio {
         if nq + npq == 0 {
             return Err(invalid("\"num-queues\" and \"num-poll-queues\" are both 0"));
         }
-        if nq + npq > c.queues as i32 {
+        if nq + npq > self.max_queues as i32 {
             return Err(invalid(format!(
                 "\"num-queues\" {nq} + \"num-poll-queues\" {npq} exceed the {} queues of the device (\"max-queues\")",
-                c.queues
+                self.max_queues
             )));
         }
-        if self.queue_size != c.queue_size as i32 {
-            // The queue size is the controller's: bring it up again with the one asked for.
+        let need = (nq + npq) as u16;
+        if self.queue_size != c.queue_size as i32 || c.queues > need {
+            // The controller came up with every queue the device offers, and with the
+            // default size: bring it up again with the queues that will be used (a
+            // polling back-end serves every enabled queue: SPDK's vhost-blk at QD1 ran
+            // at a quarter of its speed with its 32 queues enabled) and the size asked for.
             let size = self.queue_size as u16;
             if let Some(old) = self.conn.take().and_then(|mut c| c.ctrl.take()) {
                 old.detach();
             }
-            let conn = self.attach(size)?;
+            let conn = self.attach(size, need)?;
             if conn.queue_size != size {
                 let got = conn.queue_size;
                 self.conn = Some(conn);
@@ -718,7 +745,11 @@ impl Drop for Blkio {
         }
         self.allocated.clear();
         if let Some(ctrl) = self.conn.as_mut().and_then(|c| c.ctrl.take()) {
-            ctrl.detach();
+            match (&self.state, &self.path) {
+                // Never started: the next instance of this process may want it.
+                (State::Connected, Some(path)) => park(self.driver, path.clone(), ctrl),
+                _ => ctrl.detach(),
+            }
         }
     }
 }
@@ -753,6 +784,128 @@ fn file_of_mapping(addr: u64, len: u64) -> Option<(std::fs::File, u64)> {
         return Some((file, offset + (addr - start)));
     }
     None
+}
+
+/// The library's DMA memory: huge pages when the system has them reserved, else normal
+/// pages (as `vireo perf --hugepages=auto`): some back-ends need memory in 2 MiB units
+/// (SPDK's vhost target fails on anything else). 16 MiB to start, growing on demand.
+fn dma_config() -> DmaConfig {
+    DmaConfig {
+        initial_region_size: 16 << 20,
+        hugetlb: true,
+        hugetlb_fallback: true,
+        ..DmaConfig::default()
+    }
+}
+
+/// The bdev of LUN `target`/`lun` of a scsi controller.
+fn select_lun(
+    c: &ScsiController,
+    target: i32,
+    lun: i32,
+) -> Result<Arc<Bdev>, vireo_bdev::BdevError> {
+    let found = c.bdevs().into_iter().find(|b| {
+        b.info()
+            .scsi
+            .is_some_and(|a| (a.target as i32, a.lun as i32) == (target, lun))
+    });
+    found.ok_or_else(|| {
+        let luns: Vec<String> = c
+            .bdevs()
+            .iter()
+            .filter_map(|b| b.info().scsi.map(|a| format!("{}/{}", a.target, a.lun)))
+            .collect();
+        vireo_bdev::BdevError::NotFound(format!(
+            "no LUN at target {target} lun {lun} (set \"target\" and \"lun\"; the device has {})",
+            if luns.is_empty() {
+                "none".to_string()
+            } else {
+                luns.join(", ")
+            }
+        ))
+    })
+}
+
+/// How long the connection of an instance destroyed before `blkio_start` waits for the
+/// process's next instance of the same device.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// A connection of an instance that was connected, never started, and destroyed.
+struct Parked {
+    driver: Driver,
+    path: String,
+    ctrl: Ctrl,
+    since: Instant,
+}
+
+/// Connections waiting for reuse: a program that connects to read the device's
+/// properties, destroys the instance and connects again for its I/O (fio's libblkio
+/// engine does) then reaches back-ends that serve one front-end connection in their
+/// life as well as those that serve many.
+static PARKED: Mutex<Vec<Parked>> = Mutex::new(Vec::new());
+
+fn parked() -> std::sync::MutexGuard<'static, Vec<Parked>> {
+    PARKED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Close the parked connections older than [`LINGER`].
+fn close_expired() {
+    let expired: Vec<Parked> = {
+        let mut p = parked();
+        let (old, keep): (Vec<Parked>, Vec<Parked>) =
+            p.drain(..).partition(|x| x.since.elapsed() >= LINGER);
+        *p = keep;
+        old
+    };
+    for x in expired {
+        x.ctrl.detach();
+    }
+}
+
+/// Before the process forks (fio runs its jobs in forked processes unless `--thread`),
+/// parked connections are closed: a child must not share them with its parent, and
+/// back-ends that serve one connection at a time must be free for the child's.
+extern "C" fn close_parked_before_fork() {
+    let all: Vec<Parked> = std::mem::take(&mut *parked());
+    for x in all {
+        x.ctrl.detach();
+    }
+}
+
+fn park(driver: Driver, path: String, ctrl: Ctrl) {
+    static AT_FORK: std::sync::Once = std::sync::Once::new();
+    AT_FORK.call_once(|| {
+        // SAFETY: registers a handler that only touches this library's own state; it
+        // stays valid for the life of the process (the library is never unloaded while
+        // it has parked connections: they hold its threads).
+        let r = unsafe { libc::pthread_atfork(Some(close_parked_before_fork), None, None) };
+        if r != 0 {
+            tracing::warn!("pthread_atfork failed ({r}): connections are not closed at fork");
+        }
+    });
+    parked().push(Parked {
+        driver,
+        path,
+        ctrl,
+        since: Instant::now(),
+    });
+    // Closed after LINGER if nobody takes it.
+    let _ = std::thread::Builder::new()
+        .name("blkio-linger".into())
+        .spawn(|| {
+            std::thread::sleep(LINGER + Duration::from_millis(50));
+            close_expired();
+        });
+}
+
+/// A parked connection to `path` with `driver`, if there is one.
+fn unpark(driver: Driver, path: &str) -> Option<Ctrl> {
+    close_expired();
+    let mut p = parked();
+    let i = p
+        .iter()
+        .position(|x| x.driver == driver && x.path == path)?;
+    Some(p.remove(i).ctrl)
 }
 
 fn wrong_type(name: &str, want: &str, got: &Value) -> Fail {

@@ -344,8 +344,13 @@ impl Queue {
                 emit(i, d);
             }
         }
-        if self.fd_enabled && !self.poll && self.in_flight > 0 {
-            self.arm_for_caller();
+        if self.fd_enabled && !self.poll {
+            if !self.ready.is_empty() {
+                // Completions beyond max_completions wait: do_io has work now.
+                self.signal_caller();
+            } else if self.in_flight > 0 {
+                self.arm_for_caller();
+            }
         }
         Ok(n)
     }
@@ -419,11 +424,17 @@ impl Queue {
     /// now if something already did.
     fn arm_for_caller(&mut self) {
         if let Armed::Ready = self.ch.arm() {
-            if let Some(fd) = self.ch.completion_fd() {
-                let one = 1u64;
-                // SAFETY: writing 8 bytes from a u64 to an eventfd.
-                let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-            }
+            self.signal_caller();
+        }
+    }
+
+    /// Make the completion fd readable.
+    fn signal_caller(&self) {
+        if let Some(fd) = self.ch.completion_fd() {
+            let one = 1u64;
+            // SAFETY: writing 8 bytes from a u64 to an eventfd (never blocks: the count
+            // is far from overflowing).
+            let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
         }
     }
 

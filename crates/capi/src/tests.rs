@@ -114,6 +114,28 @@ fn reap(q: *mut blkioq, n: usize, fd_mode: bool) -> Vec<blkio_completion> {
     out
 }
 
+/// A single-queue blk target on `size` bytes of RAM: its directory (keep it), socket and
+/// handle.
+fn blk_target(
+    size: u64,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    vireo_target::TargetHandle,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("blk.sock");
+    let t = spawn_blk_target(
+        &sock,
+        BlkTargetConfig {
+            backend: Backing::Ram { size_bytes: size },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (dir, sock, t)
+}
+
 fn exercise(b: &B, q: *mut blkioq, fd_mode: bool) {
     let bs = b.int("request-alignment").unwrap() as usize;
     let mut region = blkio_mem_region {
@@ -280,8 +302,8 @@ fn blk_over_vhost_user_in_both_wait_modes() {
     for fd_mode in [false, true] {
         let b = B::create("virtio-blk-vhost-user", &sock);
         // Before connect: device properties are not there yet.
-        assert_eq!(b.u64("capacity"), Err(-libc::EBUSY));
-        assert_eq!(b.set_int("num-queues", 1), -libc::EBUSY);
+        assert_eq!(b.u64("capacity"), Err(-libc::ENODEV));
+        assert_eq!(b.set_int("num-queues", 1), -libc::ENODEV);
         b.connect();
         assert_eq!(b.u64("capacity"), Ok(64 << 20));
         assert_eq!(b.int("max-queues"), Ok(2));
@@ -467,18 +489,7 @@ fn caller_mapping(len: usize, shared: bool) -> (*mut u8, Option<std::os::fd::Own
 #[test]
 fn mapped_caller_memory_is_shared_with_the_device() {
     use std::os::fd::AsRawFd;
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("blk.sock");
-    let t = spawn_blk_target(
-        &sock,
-        BlkTargetConfig {
-            backend: Backing::Ram {
-                size_bytes: 16 << 20,
-            },
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (_dir, sock, t) = blk_target(16 << 20);
     let b = B::create("virtio-blk-vhost-user", &sock);
     b.connect();
     b.set_int("num-queues", 0);
@@ -534,5 +545,115 @@ fn mapped_caller_memory_is_shared_with_the_device() {
         assert!(!shared_now(p), "{what}: withdrawn");
     }
     drop(b);
+    t.stop();
+}
+
+/// fio's libblkio engine connects to read the capacity, destroys the instance, then
+/// connects again for the job: the second connect reuses the first's connection (parked
+/// for a moment), so back-ends that serve one connection in their life work too. A
+/// started instance's connection is closed at destroy, not parked.
+#[test]
+fn an_unstarted_instance_leaves_its_connection_to_the_next() {
+    let (_dir, sock, t) = blk_target(8 << 20);
+    let a = B::create("virtio-blk-vhost-user", &sock);
+    a.connect();
+    assert_eq!(a.u64("capacity"), Ok(8 << 20));
+    drop(a);
+    let b = B::create("virtio-blk-vhost-user", &sock);
+    b.connect();
+    assert_eq!(
+        t.stats().connections,
+        1,
+        "the second instance reused the connection"
+    );
+    b.start();
+    // SAFETY: live instance.
+    let q = unsafe { blkio_get_queue(b.0, 0) };
+    let mut buf = vec![0u8; 512];
+    // SAFETY: `buf` outlives the request.
+    unsafe { blkioq_read(q, 0, buf.as_mut_ptr().cast(), 512, null_mut(), 0) };
+    assert_eq!(reap(q, 1, false)[0].ret, 0);
+    drop(b);
+    let c = B::create("virtio-blk-vhost-user", &sock);
+    c.connect();
+    assert_eq!(
+        t.stats().connections,
+        2,
+        "a started instance's connection is not reused"
+    );
+    drop(c);
+    t.stop();
+}
+
+/// fio's eventfd mode: the completion fd switched to blocking mode, a blocking read
+/// while requests are in flight, then do_io without waiting. The library never blocks on
+/// the fd itself (it reads it only when a signal is there).
+#[test]
+fn a_blocking_completion_fd_is_the_callers_to_wait_on() {
+    let (_dir, sock, t) = blk_target(8 << 20);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s = sock.clone();
+    std::thread::spawn(move || {
+        let b = B::create("virtio-blk-vhost-user", &s);
+        b.connect();
+        b.start();
+        // SAFETY: live instance.
+        let q = unsafe { blkio_get_queue(b.0, 0) };
+        // SAFETY: live queue; fcntl on its fd.
+        let fd = unsafe {
+            blkioq_set_completion_fd_enabled(q, true);
+            let fd = blkioq_get_completion_fd(q);
+            let fl = libc::fcntl(fd, libc::F_GETFL);
+            assert_eq!(
+                fl & libc::O_NONBLOCK,
+                libc::O_NONBLOCK,
+                "non-blocking at first"
+            );
+            libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK);
+            fd
+        };
+        let mut bufs = vec![vec![0u8; 4096]; 8];
+        let mut done = 0;
+        for round in 0..16 {
+            for (i, b) in bufs.iter_mut().enumerate() {
+                // SAFETY: the buffers outlive the requests.
+                unsafe {
+                    blkioq_read(
+                        q,
+                        (i * 4096) as u64,
+                        b.as_mut_ptr().cast(),
+                        4096,
+                        null_mut(),
+                        0,
+                    )
+                };
+            }
+            let mut c = [blkio_completion {
+                user_data: null_mut(),
+                error_msg: std::ptr::null(),
+                ret: 0,
+                reserved_: [0; 12],
+            }; 8];
+            // SAFETY: live queue, 8 entries.
+            let mut n = unsafe { blkioq_do_io(q, c.as_mut_ptr(), 0, 8, null_mut()) };
+            while n < 8 {
+                let mut v = 0u64;
+                // SAFETY: a blocking 8-byte read of the eventfd, as fio does.
+                let r = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+                assert_eq!(r, 8, "round {round}");
+                // SAFETY: as above.
+                let m =
+                    unsafe { blkioq_do_io(q, c[n as usize..].as_mut_ptr(), 0, 8 - n, null_mut()) };
+                assert!(m >= 0, "{}", msg());
+                n += m;
+            }
+            done += n;
+        }
+        tx.send(done).unwrap();
+    });
+    let done = rx.recv_timeout(std::time::Duration::from_secs(60)).expect(
+        "the eventfd round trips finished (a hang here is the library blocking on the caller's fd)",
+    );
+    assert_eq!(done, 128);
     t.stop();
 }

@@ -7,7 +7,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use vireo_bdev::Registry;
@@ -25,10 +24,8 @@ pub struct ServeArgs {
     /// Unix socket to serve JSON-RPC on.
     #[arg(short = 'r', long = "rpc-socket")]
     socket: PathBuf,
-    /// Also export every bdev over NBD under its own name: unix:PATH or tcp:HOST:PORT
-    /// (nbd_start_disk / nbd_stop_disk / nbd_get_disks manage the exports).
-    #[arg(long)]
-    nbd: Option<nbd::Listen>,
+    #[command(flatten)]
+    nbd: nbd::NbdArgs,
     #[command(flatten)]
     pub dma: crate::dma::DmaArgs,
 }
@@ -50,36 +47,32 @@ pub fn cmd_serve(dma: &DmaConfig, a: ServeArgs) -> Result<()> {
         crate::ini::attach_config(&reg, c)?;
     }
     crate::signals::install();
-    let mut nbd_thread = None;
-    let mut nbd_server = None;
-    if let Some(listen) = a.nbd {
-        let server = NbdServer::new(reg.clone(), true, true);
-        nbd_server = Some(server.clone());
-        // Bind now, so a bad address fails the command instead of a thread.
-        let (tx, rx) = std::sync::mpsc::channel();
-        nbd_thread = Some(
-            std::thread::Builder::new()
-                .name("vireo-nbd".into())
-                .spawn(move || nbd::serve(server, listen, crate::signals::stop_requested, tx))
-                .context("cannot start the NBD server thread")?,
-        );
-        match rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(anyhow::anyhow!(e)),
-            Err(_) => {
-                if let Some(Err(e)) = nbd_thread.take().map(|t| t.join().unwrap_or(Ok(()))) {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    let methods = Arc::new(methods(reg.clone(), nbd_server));
+    let opts = a.nbd.options()?;
+    // Both sockets are bound before anything serves on either: a start that fails
+    // (a socket in use) leaves neither behind.
     let socket = a.socket;
     let listener = crate::socket::bind(&socket)?;
     let _guard = crate::socket::SocketFile(socket.clone());
     listener
         .set_nonblocking(true)
         .context("cannot make the RPC socket non-blocking")?;
+    let nbd_listener = match &a.nbd.nbd {
+        Some(l) => Some(nbd::Listener::bind(l, &opts)?),
+        None => None,
+    };
+    let mut nbd_thread = None;
+    let mut nbd_server = None;
+    if let Some(l) = nbd_listener {
+        let server = NbdServer::with_options(reg.clone(), true, true, opts);
+        nbd_server = Some(server.clone());
+        nbd_thread = Some(
+            std::thread::Builder::new()
+                .name("vireo-nbd".into())
+                .spawn(move || nbd::serve(server, l, crate::signals::stop_requested))
+                .context("cannot start the NBD server thread")?,
+        );
+    }
+    let methods = Arc::new(methods(reg.clone(), nbd_server));
     eprintln!(
         "vireo: serving JSON-RPC on {} ({} bdevs)",
         socket.display(),
@@ -88,9 +81,12 @@ pub fn cmd_serve(dma: &DmaConfig, a: ServeArgs) -> Result<()> {
     rpc::serve(&listener, methods, crate::signals::stop_requested);
     eprintln!("vireo: shutting down");
     if let Some(t) = nbd_thread {
-        let _ = t.join();
-        // NBD I/O threads close their channels within their 200 ms receive timeout.
-        std::thread::sleep(Duration::from_millis(300));
+        // The NBD threads have closed their clients and channels when it ends.
+        match t.join() {
+            Ok(Err(e)) => tracing::warn!("NBD server: {e:#}"),
+            Err(_) => tracing::warn!("the NBD server thread panicked"),
+            Ok(Ok(())) => {}
+        }
     }
     for (a, _) in reg.controllers() {
         if let Err(e) = reg.detach(&a.name) {

@@ -8,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
 
 use common::*;
 
@@ -18,6 +19,11 @@ struct Serve {
 
 impl Serve {
     fn start(qsd: &Qsd, nbd: &str) -> Serve {
+        Serve::start_with(qsd, nbd, &[])
+    }
+
+    /// `vireo serve` with more flags (`--nbd-timeout 3`, ...).
+    fn start_with(qsd: &Qsd, nbd: &str, extra: &[&str]) -> Serve {
         let dir = tempfile::tempdir().unwrap();
         let conf = write_config(
             dir.path(),
@@ -32,6 +38,7 @@ impl Serve {
             .arg("-r")
             .arg(&rpc)
             .args(["--nbd", nbd])
+            .args(extra)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -55,6 +62,12 @@ impl Drop for Serve {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "vireo serve's log:\n{}",
+                std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+            );
+        }
     }
 }
 
@@ -115,12 +128,17 @@ fn file_qsd(mib: u64) -> (tempfile::TempDir, PathBuf, Qsd) {
 
 /// Connect to the export `VirtioBlk0` by hand (fixed newstyle, NO_ZEROES, OPT_GO).
 fn raw_client(sock: &Path) -> UnixStream {
+    raw_client_to(sock, "VirtioBlk0")
+}
+
+/// Connect to `export` by hand (fixed newstyle, NO_ZEROES, OPT_GO sent, not answered).
+fn raw_client_to(sock: &Path, export: &str) -> UnixStream {
     let mut c = UnixStream::connect(sock).unwrap();
     let mut hello = [0u8; 18];
     c.read_exact(&mut hello).unwrap();
     assert_eq!(&hello[..8], b"NBDMAGIC");
     c.write_all(&3u32.to_be_bytes()).unwrap();
-    let name = b"VirtioBlk0";
+    let name = export.as_bytes();
     let mut opt = Vec::new();
     opt.extend_from_slice(b"IHAVEOPT");
     opt.extend_from_slice(&7u32.to_be_bytes());
@@ -432,4 +450,856 @@ fn detach_after_the_nbd_clients_left() {
     }
     let o = s.rpc("bdev_get_bdevs", "{}");
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
+}
+
+/// One option reply: (type, data).
+fn option_reply(c: &mut UnixStream) -> (u32, Vec<u8>) {
+    let mut h = [0u8; 20];
+    c.read_exact(&mut h).unwrap();
+    assert_eq!(
+        &h[..8],
+        &0x0003_e889_0455_65a9u64.to_be_bytes(),
+        "option reply magic"
+    );
+    let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+    let mut d = vec![0u8; len as usize];
+    c.read_exact(&mut d).unwrap();
+    (ty, d)
+}
+
+/// A client by hand through NBD_OPT_GO's ACK: (stream, export size, transmission flags).
+fn go(sock: &Path, export: &str) -> (UnixStream, u64, u16) {
+    let mut c = raw_client_to(sock, export);
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let (mut size, mut flags) = (0, 0);
+    loop {
+        let (ty, d) = option_reply(&mut c);
+        assert_eq!(
+            ty & 0x8000_0000,
+            0,
+            "export refused: {}",
+            String::from_utf8_lossy(&d)
+        );
+        if ty == 3 && d.len() == 12 && d[..2] == [0, 0] {
+            size = u64::from_be_bytes(d[2..10].try_into().unwrap());
+            flags = u16::from_be_bytes(d[10..12].try_into().unwrap());
+        }
+        if ty == 1 {
+            return (c, size, flags);
+        }
+    }
+}
+
+/// A request header.
+fn request(cmd: u16, flags: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut r = Vec::new();
+    r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    r.extend_from_slice(&flags.to_be_bytes());
+    r.extend_from_slice(&cmd.to_be_bytes());
+    r.extend_from_slice(&handle.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&len.to_be_bytes());
+    r
+}
+
+/// A simple reply's (error, handle); `data` bytes follow it when the error is 0.
+fn simple_reply(c: &mut UnixStream, data: usize) -> (u32, u64) {
+    let mut h = [0u8; 16];
+    c.read_exact(&mut h).unwrap();
+    assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes(), "simple reply magic");
+    let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
+    if error == 0 && data > 0 {
+        let mut d = vec![0u8; data];
+        c.read_exact(&mut d).unwrap();
+    }
+    (error, u64::from_be_bytes(h[8..16].try_into().unwrap()))
+}
+
+const EPERM: u32 = 1;
+const EINVAL: u32 = 22;
+
+/// The NBD spec on a read-only export: it advertises neither WRITE_ZEROES, FUA nor
+/// TRIM, and answers WRITE, TRIM and WRITE_ZEROES with EPERM; a command flag the
+/// server does not know is EINVAL (TRIM used to succeed and WRITE_ZEROES to answer
+/// ENOTSUP; unknown flags were ignored).
+#[test]
+fn a_read_only_export_follows_the_spec() {
+    let dir = tempfile::tempdir().unwrap();
+    let back = dir.path().join("ro.img");
+    std::fs::File::create(&back)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let qsd = Qsd::start(QsdOpts {
+        backend: Backend::File(back),
+        read_only: true,
+        ..Default::default()
+    });
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    let (mut c, size, flags) = go(&sock, "VirtioBlk0");
+    assert_eq!(size, 16 << 20);
+    assert_ne!(flags & 2, 0, "READ_ONLY advertised: {flags:#x}");
+    for (bit, what) in [(8, "FUA"), (32, "TRIM"), (64, "WRITE_ZEROES")] {
+        assert_eq!(flags & bit, 0, "{what} advertised on a read-only export");
+    }
+    c.write_all(&request(4, 0, 1, 0, 4096)).unwrap();
+    assert_eq!(simple_reply(&mut c, 0), (EPERM, 1), "TRIM");
+    c.write_all(&request(6, 0, 2, 0, 4096)).unwrap();
+    assert_eq!(simple_reply(&mut c, 0), (EPERM, 2), "WRITE_ZEROES");
+    let mut w = request(1, 0, 3, 0, 4096);
+    w.extend_from_slice(&[7u8; 4096]);
+    c.write_all(&w).unwrap();
+    assert_eq!(simple_reply(&mut c, 0), (EPERM, 3), "WRITE");
+    c.write_all(&request(0, 0x80, 4, 0, 4096)).unwrap();
+    assert_eq!(
+        simple_reply(&mut c, 4096),
+        (EINVAL, 4),
+        "READ, unknown flag"
+    );
+    c.write_all(&request(0, 0, 5, 0, 4096)).unwrap();
+    assert_eq!(simple_reply(&mut c, 4096), (0, 5), "READ");
+    drop(s);
+}
+
+/// Fill the server (`already` clients connected) with clients by hand up to 64; the
+/// next one is told it is full (an option error that says "full"), not just closed.
+fn fill_server(sock: &Path, already: usize) -> Vec<UnixStream> {
+    let clients: Vec<UnixStream> = (already..64).map(|_| go(sock, "VirtioBlk0").0).collect();
+    let mut c = raw_client(sock);
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let (ty, msg) = option_reply(&mut c);
+    let msg = String::from_utf8_lossy(&msg).into_owned();
+    assert!(ty & 0x8000_0000 != 0, "a 65th client was served");
+    assert!(msg.contains("full"), "the refusal says why: {msg:?}");
+    clients
+}
+
+/// Wait until a new client is served again (a guard against a hang, not a timing
+/// assertion).
+fn served_again(sock: &Path) {
+    let sock = sock.to_path_buf();
+    within(120, "a new client is served", move || loop {
+        let mut c = raw_client(&sock);
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let (ty, _) = option_reply(&mut c);
+        if ty & 0x8000_0000 == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    });
+}
+
+/// 64 clients that finished the handshake fill the server and the next one is told
+/// so; when the 64 stall halfway through a request (8 of its 28 bytes), they are
+/// dropped after --nbd-timeout and new clients are served again (they used to lock
+/// every new client out for ever, and a refused client was closed without a word).
+#[test]
+fn stalled_clients_time_out_and_a_full_server_says_so() {
+    let qsd = Qsd::start(QsdOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start_with(
+        &qsd,
+        &format!("unix:{}", sock.display()),
+        &["--nbd-timeout", "2"],
+    );
+    let mut stalled = fill_server(&sock, 0);
+    for c in &mut stalled {
+        c.write_all(&request(0, 0, 9, 0, 4096)[..8]).unwrap();
+    }
+    served_again(&sock);
+    // The stalled clients were closed.
+    let mut buf = [0u8; 1];
+    for c in &mut stalled {
+        assert_eq!(
+            c.read(&mut buf).unwrap_or(0),
+            0,
+            "a stalled client was closed"
+        );
+    }
+    drop(s);
+}
+
+/// Idle clients may stay as long as they like while there is room (no idle limit by
+/// default), but once the server is full and turns a client away, those idle for
+/// longer than --nbd-timeout are closed: idle clients cannot lock new ones out either.
+#[test]
+fn a_full_server_closes_clients_idle_beyond_the_timeout() {
+    let qsd = Qsd::start(QsdOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start_with(
+        &qsd,
+        &format!("unix:{}", sock.display()),
+        &["--nbd-timeout", "2"],
+    );
+    let (mut first, _, _) = go(&sock, "VirtioBlk0");
+    std::thread::sleep(Duration::from_secs(3));
+    first.write_all(&request(0, 0, 1, 0, 4096)).unwrap();
+    assert_eq!(
+        simple_reply(&mut first, 4096),
+        (0, 1),
+        "idle with room: kept"
+    );
+    let _idle = fill_server(&sock, 1);
+    served_again(&sock);
+    drop(s);
+}
+
+/// The DMA memory (memfds named vireo-dma-*) `pid` holds, in bytes allocated (each
+/// file once, however many descriptors it has open).
+fn dma_bytes(pid: u32) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if target.to_string_lossy().contains("memfd:vireo-dma") {
+            if let Ok(m) = std::fs::metadata(e.path()) {
+                if seen.insert(m.ino()) {
+                    total += m.blocks() * 512;
+                }
+            }
+        }
+    }
+    total
+}
+
+/// Clients that queue big READs and never read the replies cannot make the server hold
+/// more than its memory budget together, and the memory goes back once they leave
+/// (16 clients with four 32 MiB READs each used to pin 1 GiB, for ever).
+#[test]
+fn memory_for_clients_is_bounded_and_given_back() {
+    let qsd = Qsd::start(QsdOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    let pid = s.child.id();
+    let clients: Vec<UnixStream> = (0..16)
+        .map(|_| {
+            let (mut c, _, _) = go(&sock, "VirtioBlk0");
+            for k in 0..4u64 {
+                c.write_all(&request(0, 0, k, k << 25, 32 << 20)).unwrap();
+            }
+            c
+        })
+        .collect();
+    // Whatever the server could read of the requests is in flight or answered (and
+    // stuck in the sockets) within a few seconds; the peak is watched meanwhile.
+    let mut peak = 0;
+    for _ in 0..40 {
+        peak = peak.max(dma_bytes(pid));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The budget is 256 MiB of payload; DMA regions are allocated whole and double as
+    // they are added (64 + 128 + 256 MiB hold it).
+    assert!(
+        peak <= 512 << 20,
+        "the clients made the server hold {} MiB of DMA memory",
+        peak >> 20
+    );
+    drop(clients);
+    within(
+        60,
+        "the memory goes back after the clients left",
+        move || loop {
+            let now = dma_bytes(pid);
+            if now < 48 << 20 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        },
+    );
+    drop(s);
+}
+
+/// `nbd_stop_disk` disconnects the export's clients, and then the controller detaches
+/// (the export's I/O thread used to keep its channel); a detach refused because the
+/// controller is busy answers -EBUSY (-16), not invalid params.
+#[test]
+fn nbd_stop_disk_lets_the_controller_detach() {
+    let qsd = Qsd::start(QsdOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    let (mut c, _, _) = go(&sock, "VirtioBlk0");
+    c.write_all(&request(0, 0, 1, 0, 4096)).unwrap();
+    assert_eq!(simple_reply(&mut c, 4096), (0, 1));
+    let detach = || s.rpc("bdev_virtio_detach_controller", r#"{"name":"VirtioBlk0"}"#);
+    let o = detach();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "detach while a client is connected");
+    assert!(err.contains("error -16"), "busy is -EBUSY: {err}");
+    let o = s.rpc("nbd_stop_disk", r#"{"nbd_device":"VirtioBlk0"}"#);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The client is disconnected.
+    let mut b = [0u8; 1];
+    assert_eq!(c.read(&mut b).unwrap_or(0), 0, "the client was closed");
+    // (A guard against a hang, not a timing assertion: the detach works once the
+    // export's thread has closed its channel.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = detach();
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the controller still does not detach after nbd_stop_disk: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An export goes with its bdev: after a detach neither nbd_get_disks nor NBD_OPT_LIST
+/// shows it, and a new bdev of the name the export had is exported, not hidden behind
+/// the dead export.
+#[test]
+fn exports_go_with_their_bdev() {
+    let qsd = Qsd::start(QsdOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    let o = s.rpc(
+        "nbd_start_disk",
+        r#"{"bdev_name":"VirtioBlk0","nbd_device":"VirtioBlk1"}"#,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = s.rpc("bdev_virtio_detach_controller", r#"{"name":"VirtioBlk0"}"#);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = s.rpc("nbd_get_disks", "{}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v, serde_json::json!([]), "exports of a detached bdev");
+    // NBD_OPT_LIST by hand: no names.
+    let mut c = UnixStream::connect(&sock).unwrap();
+    let mut hello = [0u8; 18];
+    c.read_exact(&mut hello).unwrap();
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut opt = b"IHAVEOPT".to_vec();
+    opt.extend_from_slice(&3u32.to_be_bytes());
+    opt.extend_from_slice(&0u32.to_be_bytes());
+    c.write_all(&opt).unwrap();
+    let (ty, _) = option_reply(&mut c);
+    assert_eq!(ty, 1, "LIST lists nothing");
+    // A new controller named like the dead export.
+    let params = serde_json::to_string(&blk_params("VirtioBlk1", &qsd.sock, 1)).unwrap();
+    let o = s.rpc("bdev_virtio_attach_controller", &params);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = s.rpc("nbd_get_disks", "{}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!([{"nbd_device": "VirtioBlk1", "bdev_name": "VirtioBlk1"}])
+    );
+    ok_io(
+        &url(&sock, "VirtioBlk1"),
+        &["write -P 0x5a 0 64k", "read 0 64k"],
+    );
+}
+
+/// A `vireo serve` that fails to start (its RPC socket is in use) leaves no NBD socket
+/// behind.
+#[test]
+fn a_serve_that_cannot_start_leaves_no_nbd_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let rpc = dir.path().join("rpc.sock");
+    let _busy = std::os::unix::net::UnixListener::bind(&rpc).unwrap();
+    let sock = nbd_sock(dir.path());
+    let o = vireo()
+        .args(["serve", "-r"])
+        .arg(&rpc)
+        .arg("--nbd")
+        .arg(format!("unix:{}", sock.display()))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_fails_with(&o, "in use");
+    assert!(!sock.exists(), "the NBD socket was left behind");
+}
+
+/// Whether `tool` runs; a test that needs it and does not find it says so loudly.
+fn have(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !ok {
+        eprintln!("********************************************************************");
+        eprintln!("SKIPPED: {tool} is not installed (CI installs it: see .ci/run)");
+        eprintln!("********************************************************************");
+    }
+    ok
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A CA in `dir` (ca-cert.pem, ca-key.pem), EC P-256, valid for two days.
+fn make_ca(dir: &Path, cn: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca-cert.pem",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+}
+
+/// `out`/{ROLE-cert.pem, ROLE-key.pem} (role server or client) signed by the CA in
+/// `ca`, and the CA's certificate as `out`/ca-cert.pem: a directory as QEMU's
+/// tls-creds-x509 reads it.
+fn make_creds(ca: &Path, out: &Path, role: &str) {
+    std::fs::create_dir_all(out).unwrap();
+    let usage = if role == "server" {
+        "serverAuth"
+    } else {
+        "clientAuth"
+    };
+    std::fs::write(
+        out.join("ext.cnf"),
+        format!(
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        ),
+    )
+    .unwrap();
+    let key = format!("{role}-key.pem");
+    let cert = format!("{role}-cert.pem");
+    openssl(
+        out,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            "req.csr",
+            "-subj",
+            &format!("/CN=vireo-test-{role}"),
+        ],
+    );
+    let ca_cert = ca.join("ca-cert.pem");
+    let ca_key = ca.join("ca-key.pem");
+    openssl(
+        out,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "req.csr",
+            "-CA",
+            ca_cert.to_str().unwrap(),
+            "-CAkey",
+            ca_key.to_str().unwrap(),
+            "-set_serial",
+            "2",
+            "-days",
+            "2",
+            "-out",
+            &cert,
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    std::fs::copy(&ca_cert, out.join("ca-cert.pem")).unwrap();
+}
+
+/// A TCP port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// TLS (NBD_OPT_STARTTLS) with certificates the test makes: qemu-img writes an image
+/// through the export and qemu-io reads it back with the right CA; a client whose CA
+/// (and certificate) come from another CA is refused, and so is a client without TLS
+/// (`--nbd-tls require`, the default with credentials).
+#[test]
+fn tls_with_the_right_ca_and_refused_with_a_wrong_one() {
+    if !have("openssl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_ca(&d.join("ca"), "vireo-test-ca");
+    make_ca(&d.join("other-ca"), "vireo-other-ca");
+    make_creds(&d.join("ca"), &d.join("server"), "server");
+    make_creds(&d.join("ca"), &d.join("client"), "client");
+    make_creds(&d.join("other-ca"), &d.join("stranger"), "client");
+    let (_back_dir, _back, qsd) = file_qsd(64);
+    let port = free_port();
+    let creds = d.join("server");
+    let s = Serve::start_with(
+        &qsd,
+        &format!("tcp:127.0.0.1:{port}"),
+        &["--nbd-tls-creds", creds.to_str().unwrap()],
+    );
+    let src = d.join("src.raw");
+    std::fs::write(&src, vec![0x5au8; 4 << 20]).unwrap();
+    let object = |creds: &Path| {
+        format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            creds.display()
+        )
+    };
+    let target = format!(
+        "driver=raw,file.driver=nbd,file.host=127.0.0.1,file.port={port},file.export=VirtioBlk0,file.tls-creds=tls0"
+    );
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "--object"])
+        .arg(object(&d.join("client")))
+        .arg("--target-image-opts")
+        .arg(&src)
+        .arg(&target));
+    let qemu_io_tls = |creds: &Path, cmd: &str| {
+        Command::new("qemu-io")
+            .arg("--object")
+            .arg(object(creds))
+            .args(["--image-opts", &target, "-c", cmd])
+            .output()
+            .expect("qemu-io runs")
+    };
+    let o = qemu_io_tls(&d.join("client"), "read -P 0x5a 0 4M");
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && !text.contains("failed") && !text.contains("verification"),
+        "read back over TLS: {text}"
+    );
+    // A client trusting another CA (with a certificate of that CA) is refused.
+    let o = qemu_io_tls(&d.join("stranger"), "read 0 4k");
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() || text.contains("failed"),
+        "a client with the wrong CA was served: {text}"
+    );
+    assert!(!text.contains("read 4096/4096"), "{text}");
+    // A client without TLS is refused.
+    let o = qemu_io(
+        &format!("nbd://127.0.0.1:{port}/VirtioBlk0"),
+        &["read 0 4k"],
+    );
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !text.contains("read 4096/4096"),
+        "a plain client was served: {text}"
+    );
+    assert!(
+        text.contains("TLS"),
+        "the refusal says TLS is required: {text}"
+    );
+    drop(s);
+    // --nbd-tls allow: plain clients and TLS clients alike.
+    let port = free_port();
+    let s = Serve::start_with(
+        &qsd,
+        &format!("tcp:127.0.0.1:{port}"),
+        &[
+            "--nbd-tls-creds",
+            creds.to_str().unwrap(),
+            "--nbd-tls",
+            "allow",
+        ],
+    );
+    ok_io(
+        &format!("nbd://127.0.0.1:{port}/VirtioBlk0"),
+        &["read -P 0x5a 0 64k"],
+    );
+    let target = format!(
+        "driver=raw,file.driver=nbd,file.host=127.0.0.1,file.port={port},file.export=VirtioBlk0,file.tls-creds=tls0"
+    );
+    let o = Command::new("qemu-io")
+        .arg("--object")
+        .arg(object(&d.join("client")))
+        .args(["--image-opts", &target, "-c", "read -P 0x5a 0 64k"])
+        .output()
+        .expect("qemu-io runs");
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && !text.contains("failed"),
+        "TLS with allow: {text}"
+    );
+    drop(s);
+}
+
+/// Plain TCP on an address other than loopback is refused unless --nbd-insecure;
+/// the unix socket is the owner's only (0600).
+#[test]
+fn plain_tcp_beyond_loopback_needs_nbd_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let rpc = dir.path().join("rpc.sock");
+    let port = free_port();
+    let o = vireo()
+        .args(["serve", "-r"])
+        .arg(&rpc)
+        .args(["--nbd", &format!("tcp:0.0.0.0:{port}")])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_fails_with(&o, "--nbd-insecure");
+    assert!(!rpc.exists(), "the RPC socket was left behind");
+    let mut child = vireo()
+        .args(["serve", "-r"])
+        .arg(&rpc)
+        .args(["--nbd", &format!("tcp:0.0.0.0:{port}"), "--nbd-insecure"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&rpc);
+    let _ = child.kill();
+    let _ = child.wait();
+    let sock = nbd_sock(dir.path());
+    let mut child = vireo()
+        .args(["serve", "-r"])
+        .arg(dir.path().join("rpc2.sock"))
+        .args(["--nbd", &format!("unix:{}", sock.display())])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(mode, 0o600, "the NBD socket is the owner's only");
+}
+
+/// `len` bytes of xorshift noise (deterministic for `seed`).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// fio's nbd engine (libnbd) writes and verifies with crc32c at QD 1 and 32, four jobs
+/// (four connections, multi-conn) on one export, each on its own quarter.
+#[test]
+fn fio_verifies_through_the_export_with_four_connections() {
+    if !have("fio") {
+        return;
+    }
+    let (_back_dir, _back, qsd) = file_qsd(64);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    for qd in [1, 32] {
+        let o = Command::new("fio")
+            // (fio's verify state files go to the test's directory, not the crate's.)
+            .current_dir(dir.path())
+            .args([
+                "--name=verify",
+                "--verify_state_save=0",
+                "--ioengine=nbd",
+                &format!("--uri={}", url(&sock, "VirtioBlk0")),
+                "--rw=randwrite",
+                "--bsrange=4k-64k",
+                "--size=8m",
+                "--offset_increment=16m",
+                "--numjobs=4",
+                &format!("--iodepth={qd}"),
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--output-format=json",
+            ])
+            .output()
+            .expect("fio runs");
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "fio QD{qd}: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        // fio's nbd engine prints a line before the JSON.
+        let json: serde_json::Value =
+            serde_json::from_str(&out[out.find('{').expect("fio JSON")..]).unwrap();
+        let jobs = json["jobs"].as_array().unwrap();
+        assert_eq!(jobs.len(), 4);
+        for j in jobs {
+            assert_eq!(j["error"], 0, "QD{qd}: {j}");
+            assert!(
+                j["write"]["io_bytes"].as_u64().unwrap() >= 8 << 20,
+                "QD{qd}: {j}"
+            );
+            assert!(
+                j["read"]["io_bytes"].as_u64().unwrap() >= 8 << 20,
+                "QD{qd}: verified"
+            );
+        }
+    }
+    drop(s);
+}
+
+/// nbdcopy copies a random 256 MiB file in and out with four connections (multi-conn),
+/// byte for byte; nbdinfo shows the export (its size, multi-conn, the list, the map
+/// through base:allocation).
+#[test]
+fn nbdcopy_round_trip_with_multi_conn_and_nbdinfo() {
+    if !have("nbdcopy") || !have("nbdinfo") {
+        return;
+    }
+    let (_back_dir, back, qsd) = file_qsd(256);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    let u = url(&sock, "VirtioBlk0");
+    let data = noise(256 << 20, 0x9e37_79b9_7f4a_7c15);
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, &data).unwrap();
+    run(Command::new("nbdcopy")
+        .args(["--connections=4", "--flush"])
+        .arg(&src)
+        .arg(&u));
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "the backing file holds the copy"
+    );
+    let out = dir.path().join("out.raw");
+    std::fs::File::create(&out)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    run(Command::new("nbdcopy")
+        .arg("--connections=4")
+        .arg(&u)
+        .arg(&out));
+    assert!(
+        std::fs::read(&out).unwrap() == data,
+        "copied out byte for byte"
+    );
+    let o = run(Command::new("nbdinfo").arg("--json").arg(&u));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let e = &v["exports"][0];
+    assert_eq!(e["export-name"], "VirtioBlk0", "{v}");
+    assert_eq!(e["export-size"], 256u64 << 20, "{v}");
+    assert_eq!(e["can_multi_conn"], true, "{v}");
+    let o = run(Command::new("nbdinfo").arg("--list").arg(&u));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("VirtioBlk0"));
+    let o = run(Command::new("nbdinfo").arg("--map").arg(&u));
+    let map = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        map.lines().count() == 1 && map.contains("data"),
+        "one data extent: {map}"
+    );
+    drop(s);
+}
+
+/// Many connections at once to a bdev whose controller has one queue, over four I/O
+/// threads: each is served (the threads without the queue hand their clients to the
+/// one that has it, or is opening it; a client that came while the channel was being
+/// opened used to be closed).
+#[test]
+fn simultaneous_clients_share_a_single_queue() {
+    let qsd = Qsd::start(QsdOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start_with(
+        &qsd,
+        &format!("unix:{}", sock.display()),
+        &["--nbd-threads", "4"],
+    );
+    for round in 0..5 {
+        let clients: Vec<_> = (0..12)
+            .map(|k| {
+                let sock = sock.clone();
+                std::thread::spawn(move || {
+                    let (mut c, _, _) = go(&sock, "VirtioBlk0");
+                    c.write_all(&request(0, 0, k, k << 12, 4096)).unwrap();
+                    simple_reply(&mut c, 4096)
+                })
+            })
+            .collect();
+        for (k, t) in clients.into_iter().enumerate() {
+            let r = t.join().expect("a client was not served");
+            assert_eq!(r, (0, k as u64), "round {round}");
+        }
+    }
+    drop(s);
+}
+
+/// --nbd-idle-timeout closes a client with nothing outstanding; one that keeps sending
+/// requests stays.
+#[test]
+fn idle_clients_are_closed_after_nbd_idle_timeout() {
+    let qsd = Qsd::start(QsdOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start_with(
+        &qsd,
+        &format!("unix:{}", sock.display()),
+        &["--nbd-idle-timeout", "2"],
+    );
+    let (mut idle, _, _) = go(&sock, "VirtioBlk0");
+    let (mut busy, _, _) = go(&sock, "VirtioBlk0");
+    for k in 0..30u64 {
+        busy.write_all(&request(0, 0, k, 0, 4096)).unwrap();
+        assert_eq!(
+            simple_reply(&mut busy, 4096),
+            (0, k),
+            "a busy client is served"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut b = [0u8; 1];
+    assert_eq!(
+        idle.read(&mut b).unwrap_or(0),
+        0,
+        "the idle client was closed"
+    );
+    drop(s);
 }

@@ -802,7 +802,7 @@ EOF
 cat > /tmp/n.json <<EOF
 {"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_virtio_attach_controller","params":{"name":"B0","trtype":"pci","traddr":"$B","dev_type":"blk"}}]}]}
 EOF
-vireo perf -c /tmp/t.json -w randread -q 2 -o 4096 -t 8 --io-timeout 30 --json > /tmp/p.json 2>/tmp/p.err; echo "RC slow=$?"
+vireo perf -c /tmp/t.json -w randread -q 2 -o 4096 -t 4 --io-timeout 30 --json > /tmp/p.json 2>/tmp/p.err; echo "RC slow=$?"
 echo "RESETS $(grep -c 'resetting a device that stopped answering' /tmp/p.err)"
 echo "BACK $(grep -c 'reconnected after' /tmp/p.err)"
 echo "FAILED $(grep -c 'controller failed' /tmp/p.err)"

@@ -859,6 +859,9 @@ fn step(srv: &Serve, t: &Targets, m: &mut Model, op: &Op) -> Result<String, Test
                         !after.iter().any(|(e, _)| e == export),
                         "{export} still in nbd_get_disks after nbd_stop_disk: {after:?}"
                     );
+                    // Its clients are disconnected (their bdevs' controllers may be
+                    // detached once the server closed them).
+                    m.clients.retain(|c| c.export != export);
                     Ok("stopped".into())
                 }
                 Err((code, msg)) => {

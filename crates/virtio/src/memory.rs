@@ -306,6 +306,34 @@ impl Region {
     fn free_bytes(&self) -> usize {
         self.free.iter().map(|&(_, l)| l).sum()
     }
+
+    /// Give the whole pages (of `unit` bytes) of the free extents back to the system;
+    /// returns the bytes punched out.
+    fn trim(&self, unit: usize) -> usize {
+        let mut n = 0;
+        for &(off, len) in &self.free {
+            let start = round_up(off, unit);
+            let end = round_down(off + len, unit);
+            if end <= start {
+                continue;
+            }
+            // SAFETY: fallocate on the region's own memfd, within its length; the range
+            // is free (no DmaBuf covers it), so nothing in this process or the device
+            // uses its contents, which read as zeros afterwards.
+            let r = unsafe {
+                libc::fallocate(
+                    self.fd.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    start as libc::off_t,
+                    (end - start) as libc::off_t,
+                )
+            };
+            if r == 0 {
+                n += end - start;
+            }
+        }
+        n
+    }
 }
 
 impl Drop for Region {
@@ -561,6 +589,23 @@ impl DmaMemory {
             }
         }
         true
+    }
+
+    /// Give the pages of free buffers back to the system (a burst of large I/O leaves
+    /// the regions grown; they stay mapped, and pages come back as they are used
+    /// again). Returns the bytes given back. Only memory the device addresses by
+    /// virtual address (vhost-user, which maps the same files) is trimmed: pages that
+    /// are pinned for a device (VFIO, physical addresses) must stay where they are.
+    pub fn trim(&self) -> usize {
+        if self.config.addressing != Addressing::Virtual {
+            return 0;
+        }
+        let unit = if self.config.hugetlb {
+            HUGE_PAGE_SIZE
+        } else {
+            PAGE_SIZE
+        };
+        self.lock().regions.iter().map(|r| r.trim(unit)).sum()
     }
 
     /// Bytes free in all regions.
@@ -1048,6 +1093,55 @@ mod tests {
         );
         assert!(seen[0].1.index >= EXTERNAL_INDEX_BASE);
         assert_eq!(seen[0].1, seen[1].1);
+    }
+
+    /// Pages a region's file has allocated.
+    fn allocated(mem: &DmaMemory) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let st = mem.lock();
+        st.regions
+            .iter()
+            .map(|r| {
+                let f = std::fs::File::from(r.fd.try_clone().unwrap());
+                f.metadata().unwrap().blocks() * 512
+            })
+            .sum()
+    }
+
+    /// Trimming gives the pages of free extents back (they read as zeros when used
+    /// again) and leaves those of live buffers alone; memory pinned for a device
+    /// (linear or physical addressing) is never trimmed.
+    #[test]
+    fn trim_gives_free_pages_back_and_keeps_live_ones() {
+        let mem = small();
+        let mut keep = mem.alloc(64 << 10, 4096).unwrap();
+        keep.as_mut_slice().fill(0x5a);
+        let mut big = mem.alloc(512 << 10, 4096).unwrap();
+        big.as_mut_slice().fill(0xa5);
+        let before = allocated(&mem);
+        drop(big);
+        let n = mem.trim();
+        assert!(n >= 512 << 10, "trimmed {n} bytes");
+        assert!(allocated(&mem) + (512 << 10) <= before);
+        assert!(
+            keep.as_slice().iter().all(|&b| b == 0x5a),
+            "a live buffer kept"
+        );
+        let again = mem.alloc(512 << 10, 4096).unwrap();
+        assert!(
+            again.as_slice().iter().all(|&b| b == 0),
+            "trimmed pages read as zeros"
+        );
+        let linear = DmaMemory::new(DmaConfig {
+            initial_region_size: 1 << 20,
+            hugetlb: false,
+            hugetlb_fallback: false,
+            max_total_size: 8 << 20,
+            addressing: Addressing::Linear { base: 1 << 32 },
+        })
+        .unwrap();
+        drop(linear.alloc(4096, 4096).unwrap());
+        assert_eq!(linear.trim(), 0);
     }
 
     #[test]

@@ -41,6 +41,17 @@ impl Notifier {
     }
 }
 
+/// Whether `fd` is readable now (a poll that does not wait).
+pub fn is_readable(fd: std::os::fd::RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call; poll only writes `revents`.
+    unsafe { libc::poll(&mut p, 1, 0) > 0 }
+}
+
 /// Sleep until one of `fds` is readable or `timeout` passes; returns whether one is.
 /// (For completion eventfds: the caller consumes the signal.)
 pub fn wait_readable(fds: &[std::os::fd::RawFd], timeout: std::time::Duration) -> bool {

@@ -113,6 +113,8 @@ struct Inner {
     max_queue_size: u16,
     refuse: bool,
     connections: u64,
+    /// Reconnection attempts through a transport's reopener, refused ones included.
+    attempts: u64,
     /// `Transport::abort` calls, on any connection.
     aborts: u64,
     conn: Option<Conn>,
@@ -304,6 +306,7 @@ impl FakeDevice {
                 max_queue_size,
                 refuse: false,
                 connections: 0,
+                attempts: 0,
                 aborts: 0,
                 conn: None,
                 kick_hook: None,
@@ -607,6 +610,12 @@ impl FakeDevice {
     /// Connections made so far.
     pub fn connections(&self) -> u64 {
         self.lock().connections
+    }
+
+    /// Reconnection attempts so far (through a transport's reopener), refused ones
+    /// included.
+    pub fn reconnect_attempts(&self) -> u64 {
+        self.lock().attempts
     }
 
     /// How often a driver dropped a connection itself (`Transport::abort`).
@@ -939,7 +948,12 @@ impl Transport for FakeTransport {
     fn reopener(&self) -> Option<Reopen> {
         let (dev, mem) = (self.dev.clone(), self.mem.clone());
         Some(Box::new(move |_timeout| {
-            if dev.lock().refuse {
+            let refuse = {
+                let mut d = dev.lock();
+                d.attempts += 1;
+                d.refuse
+            };
+            if refuse {
                 return Err(Error::io(
                     "fake device: reconnect",
                     std::io::Error::new(

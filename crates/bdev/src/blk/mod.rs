@@ -512,6 +512,14 @@ impl BlkController {
         })
     }
 }
+impl Drop for BlkController {
+    fn drop(&mut self) {
+        // As for scsi: the reconnection thread ends with the controller, so that the
+        // transport's shutdown runs when the last holder lets go.
+        self.shared.link.stop();
+    }
+}
+
 #[cfg(test)]
 mod tests;
 /// The same tests with the fake disk offering packed rings (see the file's `packed`):

@@ -823,3 +823,31 @@ fn vectored_io_in_shared_memory_goes_to_the_device_in_place() {
         .flatten()
         .all(|&(a, _)| !(base..base + (1 << 20)).contains(&a)));
 }
+
+/// A controller dropped while its reconnection thread is trying (the back-end gone and
+/// refusing) takes the thread with it: nothing connects afterwards, and the drop
+/// returns (the thread was joined, so the transport's own shutdown can run).
+#[test]
+fn dropping_a_controller_ends_its_reconnection_thread() {
+    let (blk, c) = attached(Some(Duration::from_secs(60)));
+    blk.dev.refuse_connections(true);
+    blk.dev.disconnect();
+    // The thread is trying: connection attempts are refused and counted.
+    let before = blk.dev.reconnect_attempts();
+    let until = Instant::now() + Duration::from_secs(10);
+    while blk.dev.reconnect_attempts() == before && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        blk.dev.reconnect_attempts() > before,
+        "the reconnection thread tried"
+    );
+    drop(c);
+    let after = blk.dev.reconnect_attempts();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        blk.dev.reconnect_attempts(),
+        after,
+        "no attempt after the drop"
+    );
+}

@@ -298,6 +298,11 @@ impl ScsiController {
 impl Drop for ScsiController {
     fn drop(&mut self) {
         self.stop_event_thread();
+        // A reconnection (or PCI device reset) under way ends before the controller
+        // does: the transport's own shutdown (a PCI device reset, bus mastering off)
+        // runs when its last holder lets go, not never because the process exited
+        // while the reconnection thread held it.
+        self.shared.link.stop();
     }
 }
 

@@ -1,82 +1,45 @@
-//! NBD export of bdevs (`vireo serve --nbd unix:PATH|tcp:HOST:PORT`): the newstyle
-//! fixed handshake with `NBD_OPT_GO`/`INFO`/`LIST`/`EXPORT_NAME`, simple replies,
-//! READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES, CACHE and DISC. This is how bdevs
-//! reach other programs (`qemu-img`, `qemu-io`, `nbd-client`) and other hosts.
+//! NBD export of bdevs (`vireo serve --nbd unix:PATH|tcp:HOST:PORT`): the fixed
+//! newstyle handshake (`NBD_OPT_GO`/`INFO`/`LIST`/`EXPORT_NAME`, structured replies,
+//! the `base:allocation` meta context), READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES,
+//! CACHE, BLOCK_STATUS and DISC. This is how bdevs reach other programs (`qemu-img`,
+//! `qemu-io`, fio, libnbd's tools, `nbd-client`) and other hosts.
 //!
-//! Each exported bdev has one I/O thread that owns its channel (several clients share
-//! it, so a controller with one queue serves them all); each client connection has a
-//! reader (requests in) and a writer (replies out) thread. The I/O thread sleeps on its
-//! request channel while nothing is in flight and polls while something is.
+//! `--nbd-threads N` I/O threads each run one event loop (`ioloop.rs`) over their client
+//! sockets and their channels: a request is read, submitted, completed and answered on
+//! one thread. A connection's handshake runs on a short-lived thread of its own (within
+//! `--nbd-timeout`), which then hands the socket to the least busy I/O thread
+//! (`Placement`); that thread opens a channel on the bdev, on a queue of its own while
+//! the controller has free queues, and otherwise gives the client to a thread that has
+//! a channel on it (the queue is shared then). So a bdev's connections (multi-conn)
+//! spread over the threads and the controller's queues.
 //!
 //! [`rpc`] holds the JSON-RPC methods that manage the exports (nbd_start_disk,
 //! nbd_stop_disk, nbd_get_disks).
 
+mod ioloop;
+mod proto;
 pub mod rpc;
+mod tls;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+pub use tls::{Tls, TlsMode};
+
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use vireo_bdev::{Bdev, Completion, IoBuf, IoError, IoOp, IoRequest, Registry};
+use vireo_bdev::{Bdev, Registry};
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-
-const OPT_EXPORT_NAME: u32 = 1;
-const OPT_ABORT: u32 = 2;
-const OPT_LIST: u32 = 3;
-const OPT_INFO: u32 = 6;
-const OPT_GO: u32 = 7;
-
-const REP_ACK: u32 = 1;
-const REP_SERVER: u32 = 2;
-const REP_INFO: u32 = 3;
-const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
-const REP_ERR_INVALID: u32 = (1 << 31) + 3;
-const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
-
-const INFO_EXPORT: u16 = 0;
-const INFO_BLOCK_SIZE: u16 = 3;
-
-const TF_HAS_FLAGS: u16 = 1;
-const TF_READ_ONLY: u16 = 2;
-const TF_SEND_FLUSH: u16 = 4;
-const TF_SEND_FUA: u16 = 8;
-const TF_SEND_TRIM: u16 = 32;
-const TF_SEND_WRITE_ZEROES: u16 = 64;
-const TF_CAN_MULTI_CONN: u16 = 256;
-const TF_SEND_CACHE: u16 = 1024;
-
-const CMD_FLAG_FUA: u16 = 1;
-
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_TRIM: u16 = 4;
-const CMD_CACHE: u16 = 5;
-const CMD_WRITE_ZEROES: u16 = 6;
-
-const EPERM: u32 = 1;
-const EIO: u32 = 5;
-const ENOMEM: u32 = 12;
-const EINVAL: u32 = 22;
-const ENOSPC: u32 = 28;
-const ENOTSUP: u32 = 95;
-
-/// Largest READ/WRITE payload (advertised as the maximum block size).
-const MAX_PAYLOAD: u32 = 32 << 20;
-/// Largest option payload a client may send.
-const MAX_OPTION: u32 = 64 << 10;
+/// Clients served at once (handshakes included).
+const MAX_CLIENTS: usize = 64;
+/// Refusals (a full server telling a client so) under way at once; past that, a
+/// client of a full server is closed at once.
+const MAX_REFUSALS: usize = 8;
+/// Outstanding payload above which the memory given back later is worth a trim.
+const TRIM_ABOVE: usize = 32 << 20;
 
 /// Where the server listens.
 #[derive(Debug, Clone)]
@@ -104,28 +67,6 @@ impl std::str::FromStr for Listen {
             bail!("--nbd takes unix:PATH or tcp:HOST:PORT, got {s:?}")
         }
     }
-}
-
-/// One request handed to a bdev's I/O thread.
-struct Job {
-    handle: u64,
-    cmd: u16,
-    flags: u16,
-    offset: u64,
-    length: u32,
-    /// A WRITE's payload, read straight into DMA memory when there is room.
-    data: Option<IoBuf>,
-    /// Payload bytes counted against the client's credit (given back with the reply).
-    cost: usize,
-    reply: Sender<Reply>,
-}
-
-/// One reply for a client's writer.
-struct Reply {
-    handle: u64,
-    error: u32,
-    data: Option<IoBuf>,
-    cost: usize,
 }
 
 /// Why an export cannot be started or stopped (`nbd_start_disk`, `nbd_stop_disk`);
@@ -173,48 +114,255 @@ impl std::fmt::Display for ExportError {
 
 impl std::error::Error for ExportError {}
 
-/// A bdev's I/O thread: the bdev it serves, its request channel and how many clients
-/// use it. The thread ends, closing the bdev's channel, once the last client has left
-/// (so the controller can be detached), and a new one starts with the next client.
-struct Worker {
-    bdev: Arc<Bdev>,
-    jobs: Sender<Job>,
-    clients: usize,
+/// How an I/O thread waits when a pass found nothing to do (as `vireo perf
+/// --wait-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Spin while the thread has clients (lowest latency; a CPU busy per thread).
+    Poll,
+    /// Sleep on the sockets and the completion eventfds at once.
+    Sleep,
+    /// Spin this long after the last progress, then sleep.
+    Hybrid(Duration),
 }
 
-/// A client's use of its bdev's I/O thread, given back on drop.
-struct WorkerLease<'a> {
-    server: &'a NbdServer,
-    bdev: Arc<Bdev>,
+/// Server settings (`vireo serve --nbd-*`).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// I/O threads.
+    pub threads: usize,
+    /// Time limit of a handshake, of a half-sent request and of a reply the client
+    /// does not take.
+    pub timeout: Duration,
+    /// Clients with nothing outstanding are closed after this long (none: never).
+    pub idle_timeout: Option<Duration>,
+    /// Payload bytes all clients together may have outstanding (one request may
+    /// exceed it alone).
+    pub max_memory: usize,
+    /// How I/O threads wait.
+    pub wait: Wait,
+    /// TLS (`NBD_OPT_STARTTLS`), required or allowed.
+    pub tls: Option<Tls>,
+    /// Plain TCP on an address other than loopback is allowed.
+    pub insecure: bool,
 }
 
-impl Drop for WorkerLease<'_> {
-    fn drop(&mut self) {
-        let mut w = lock(&self.server.workers);
-        if let Some(x) = w.get_mut(self.bdev.name()) {
-            if Arc::ptr_eq(&x.bdev, &self.bdev) {
-                x.clients = x.clients.saturating_sub(1);
-                if x.clients == 0 {
-                    // The thread's last sender is the leaving client's own: once that
-                    // is dropped too, the thread closes the channel and ends.
-                    w.remove(self.bdev.name());
-                }
-            }
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            threads: default_threads(),
+            timeout: Duration::from_secs(30),
+            idle_timeout: None,
+            max_memory: 256 << 20,
+            wait: Wait::Hybrid(Duration::from_micros(50)),
+            tls: None,
+            insecure: false,
         }
     }
 }
 
-/// Exports and their I/O threads.
+/// One I/O thread per CPU this process may run on (it respects `taskset`).
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `--nbd-wait-mode`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitArg {
+    /// Spin while the thread has clients.
+    Poll,
+    /// Sleep on the sockets and completion eventfds.
+    Sleep,
+    /// Spin --nbd-hybrid-spin-us after the last progress, then sleep.
+    Hybrid,
+}
+
+/// The NBD flags of `vireo serve`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NbdArgs {
+    /// Export every bdev over NBD under its own name: unix:PATH or tcp:HOST:PORT
+    /// (nbd_start_disk / nbd_stop_disk / nbd_get_disks manage the exports).
+    #[arg(long)]
+    pub nbd: Option<Listen>,
+    /// NBD I/O threads; a bdev's connections spread over them, each thread with its
+    /// own channel (its own queue while the controller has free ones). Default: one
+    /// per CPU the process may use.
+    #[arg(long, value_name = "N")]
+    pub nbd_threads: Option<usize>,
+    /// Seconds a handshake, a half-sent request or a reply the client does not take
+    /// may last before the connection is closed.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub nbd_timeout: u64,
+    /// Close NBD clients with nothing outstanding after this many seconds (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub nbd_idle_timeout: u64,
+    /// Payload bytes all NBD clients together may have outstanding (suffixes k, m, g).
+    #[arg(long, value_name = "BYTES", default_value = "256m", value_parser = crate::units::parse_size)]
+    pub nbd_max_memory: usize,
+    /// How NBD I/O threads wait for work.
+    #[arg(long, value_enum, default_value = "hybrid")]
+    pub nbd_wait_mode: WaitArg,
+    /// Spin time of --nbd-wait-mode hybrid, in microseconds.
+    #[arg(long, value_name = "US", default_value_t = 50)]
+    pub nbd_hybrid_spin_us: u64,
+    /// TLS credentials for NBD (NBD_OPT_STARTTLS): a directory with ca-cert.pem,
+    /// server-cert.pem and server-key.pem, as QEMU's tls-creds-x509 reads it. Clients
+    /// must present a certificate signed by that CA.
+    #[arg(long, value_name = "DIR")]
+    pub nbd_tls_creds: Option<std::path::PathBuf>,
+    /// With --nbd-tls-creds: clients must start TLS (require, the default) or may
+    /// (allow).
+    #[arg(long, value_enum)]
+    pub nbd_tls: Option<TlsMode>,
+    /// Serve NBD over TCP on an address other than loopback without requiring TLS
+    /// (anyone who reaches the address reads and writes the bdevs).
+    #[arg(long)]
+    pub nbd_insecure: bool,
+}
+
+impl NbdArgs {
+    /// The server settings these flags ask for.
+    pub fn options(&self) -> Result<Options> {
+        let threads = self.nbd_threads.unwrap_or_else(default_threads);
+        if threads == 0 || threads > 256 {
+            bail!("--nbd-threads takes 1 to 256, got {threads}");
+        }
+        if self.nbd_timeout == 0 {
+            bail!("--nbd-timeout must be at least 1 second");
+        }
+        if self.nbd_max_memory < (1 << 20) {
+            bail!("--nbd-max-memory must be at least 1m");
+        }
+        Ok(Options {
+            threads,
+            timeout: Duration::from_secs(self.nbd_timeout),
+            idle_timeout: (self.nbd_idle_timeout > 0)
+                .then(|| Duration::from_secs(self.nbd_idle_timeout)),
+            max_memory: self.nbd_max_memory,
+            wait: match self.nbd_wait_mode {
+                WaitArg::Poll => Wait::Poll,
+                WaitArg::Sleep => Wait::Sleep,
+                WaitArg::Hybrid => Wait::Hybrid(Duration::from_micros(self.nbd_hybrid_spin_us)),
+            },
+            tls: match (&self.nbd_tls_creds, self.nbd_tls) {
+                (Some(dir), mode) => Some(Tls::load(dir, mode.unwrap_or(TlsMode::Require))?),
+                (None, Some(_)) => bail!("--nbd-tls needs --nbd-tls-creds DIR"),
+                (None, None) => None,
+            },
+            insecure: self.nbd_insecure,
+        })
+    }
+}
+
+/// A client socket.
+pub(crate) enum Sock {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl Sock {
+    fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Sock::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            Sock::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+    fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.set_nonblocking(on),
+            Sock::Tcp(s) => s.set_nonblocking(on),
+        }
+    }
+}
+
+impl AsRawFd for Sock {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Sock::Unix(s) => s.as_raw_fd(),
+            Sock::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.read(buf),
+            Sock::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.write(buf),
+            Sock::Tcp(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.write_vectored(bufs),
+            Sock::Tcp(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Which I/O threads serve which bdevs: the client counts behind the choice of a
+/// thread for a new connection, and whether a thread has a channel on a bdev.
+#[derive(Default)]
+struct Placement {
+    threads: Vec<ThreadLoad>,
+}
+
+#[derive(Default)]
+struct ThreadLoad {
+    clients: usize,
+    /// Per bdev (by address): (clients placed here, a channel is open here).
+    bdevs: HashMap<usize, (usize, bool)>,
+}
+
+fn key(b: &Arc<Bdev>) -> usize {
+    Arc::as_ptr(b) as usize
+}
+
+/// Exports, their I/O threads and the limits all clients share.
 pub struct NbdServer {
     reg: Arc<Registry>,
     /// Export every bdev under its own name (unless stopped).
     auto: bool,
-    /// Explicit exports: export name -> bdev name.
-    explicit: Mutex<BTreeMap<String, String>>,
-    /// Bdev names whose automatic export was stopped.
-    stopped: Mutex<BTreeSet<String>>,
-    workers: Mutex<HashMap<String, Worker>>,
+    /// Explicit exports: export name -> the bdev (gone with it).
+    explicit: Mutex<BTreeMap<String, Weak<Bdev>>>,
+    /// Bdevs whose automatic export was stopped.
+    stopped: Mutex<Vec<Weak<Bdev>>>,
     listening: bool,
+    opts: Options,
+    /// Bumped when exports stop: I/O threads check their clients' exports then.
+    generation: AtomicU64,
+    /// Clients connected (handshakes included).
+    clients: AtomicUsize,
+    refusals: AtomicUsize,
+    /// A client was turned away since the count last dropped below the limit: idle
+    /// clients are closed after the timeout.
+    full: AtomicBool,
+    /// Payload bytes admitted and not yet given back, all clients together.
+    used: AtomicUsize,
+    /// A client waits for `used` to drop.
+    starved: AtomicBool,
+    /// `used` went above TRIM_ABOVE since the last trim.
+    grown: AtomicBool,
+    stopping: AtomicBool,
+    placement: Mutex<Placement>,
+    threads: OnceLock<Vec<Arc<ioloop::Handle>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -222,44 +370,86 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl NbdServer {
-    /// A server for `reg`'s bdevs; `auto` exports every bdev under its own name.
+    /// A server for `reg`'s bdevs with default settings; `auto` exports every bdev
+    /// under its own name.
     pub fn new(reg: Arc<Registry>, auto: bool, listening: bool) -> Arc<NbdServer> {
+        NbdServer::with_options(reg, auto, listening, Options::default())
+    }
+
+    /// A server with these settings.
+    pub fn with_options(
+        reg: Arc<Registry>,
+        auto: bool,
+        listening: bool,
+        opts: Options,
+    ) -> Arc<NbdServer> {
         Arc::new(NbdServer {
             reg,
             auto,
             explicit: Mutex::new(BTreeMap::new()),
-            stopped: Mutex::new(BTreeSet::new()),
-            workers: Mutex::new(HashMap::new()),
+            stopped: Mutex::new(Vec::new()),
             listening,
+            generation: AtomicU64::new(0),
+            clients: AtomicUsize::new(0),
+            refusals: AtomicUsize::new(0),
+            full: AtomicBool::new(false),
+            used: AtomicUsize::new(0),
+            starved: AtomicBool::new(false),
+            grown: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            placement: Mutex::new(Placement {
+                threads: (0..opts.threads).map(|_| ThreadLoad::default()).collect(),
+            }),
+            threads: OnceLock::new(),
+            opts,
         })
+    }
+
+    /// A bdev that is still attached (not one of a detached controller, nor replaced
+    /// by a new bdev of its name).
+    fn live(&self, b: &Arc<Bdev>) -> bool {
+        !b.is_removed() && self.reg.bdev(b.name()).is_some_and(|x| Arc::ptr_eq(&x, b))
+    }
+
+    /// Current exports and their bdevs. Exports of bdevs that are gone go with them.
+    fn export_bdevs(&self) -> Vec<(String, Arc<Bdev>)> {
+        let mut v = Vec::new();
+        lock(&self.explicit).retain(|e, w| match w.upgrade() {
+            Some(b) if self.live(&b) => {
+                v.push((e.clone(), b));
+                true
+            }
+            _ => false,
+        });
+        if self.auto {
+            let mut stopped = lock(&self.stopped);
+            stopped.retain(|w| w.upgrade().is_some_and(|b| self.live(&b)));
+            for b in self.reg.bdevs() {
+                let stop = stopped
+                    .iter()
+                    .any(|w| w.upgrade().is_some_and(|x| Arc::ptr_eq(&x, &b)));
+                if !stop && !v.iter().any(|(e, _)| e == b.name()) {
+                    v.push((b.name().to_string(), b));
+                }
+            }
+        }
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// Current exports: (export name, bdev name).
     pub fn exports(&self) -> Vec<(String, String)> {
-        let mut v: Vec<(String, String)> = lock(&self.explicit)
-            .iter()
-            .map(|(e, b)| (e.clone(), b.clone()))
-            .collect();
-        if self.auto {
-            let stopped = lock(&self.stopped);
-            for b in self.reg.bdevs() {
-                let n = b.name().to_string();
-                if !stopped.contains(&n) && !v.iter().any(|(e, _)| *e == n) {
-                    v.push((n.clone(), n));
-                }
-            }
-        }
-        v.sort();
-        v
+        self.export_bdevs()
+            .into_iter()
+            .map(|(e, b)| (e, b.name().to_string()))
+            .collect()
     }
 
     fn resolve(&self, export: &str) -> Option<Arc<Bdev>> {
-        let bdev = self
-            .exports()
+        self.export_bdevs()
             .into_iter()
             .find(|(e, _)| e == export)
-            .map(|(_, b)| b)?;
-        self.reg.bdev(&bdev)
+            .map(|(_, b)| b)
     }
 
     /// `nbd_start_disk`: export `bdev` as `export` (default: the bdev's name).
@@ -275,9 +465,9 @@ impl NbdServer {
         if export.is_empty() || export.len() > 4096 {
             return Err(ExportError::BadExportName(export.len()));
         }
-        if self.reg.bdev(bdev).is_none() {
+        let Some(b) = self.reg.bdev(bdev) else {
             return Err(ExportError::NoSuchBdev(bdev.to_string()));
-        }
+        };
         if let Some((_, other)) = self
             .exports()
             .into_iter()
@@ -289,240 +479,301 @@ impl NbdServer {
             });
         }
         if export == bdev {
-            lock(&self.stopped).remove(bdev);
+            lock(&self.stopped).retain(|w| w.upgrade().is_some_and(|x| !Arc::ptr_eq(&x, &b)));
         }
-        lock(&self.explicit).insert(export.clone(), bdev.to_string());
+        lock(&self.explicit).insert(export.clone(), Arc::downgrade(&b));
         Ok(export)
     }
 
-    /// `nbd_stop_disk`: stop exporting `export` (new connections are refused; open ones
-    /// finish).
+    /// `nbd_stop_disk`: stop exporting `export`; its clients are disconnected (their
+    /// requests in flight finish first), so its bdev's controller can be detached.
     pub fn stop_disk(&self, export: &str) -> std::result::Result<(), ExportError> {
-        let found = self.exports().into_iter().find(|(e, _)| e == export);
+        let found = self.export_bdevs().into_iter().find(|(e, _)| e == export);
         let Some((_, bdev)) = found else {
             return Err(ExportError::NoSuchExport(export.to_string()));
         };
         lock(&self.explicit).remove(export);
-        if self.auto && export == bdev {
-            lock(&self.stopped).insert(bdev);
+        if self.auto && export == bdev.name() {
+            lock(&self.stopped).push(Arc::downgrade(&bdev));
         }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.wake_all();
         Ok(())
     }
 
-    /// The request channel of `bdev`'s I/O thread (started if need be) for a new
-    /// client, and the client's lease on it.
-    fn worker(&self, bdev: &Arc<Bdev>) -> Result<(Sender<Job>, WorkerLease<'_>)> {
-        let mut w = lock(&self.workers);
-        // (Made only once the count is taken: its drop takes the lock.)
-        let lease = || WorkerLease {
-            server: self,
-            bdev: bdev.clone(),
+    fn wake_all(&self) {
+        if let Some(t) = self.threads.get() {
+            for h in t {
+                h.wake();
+            }
+        }
+    }
+
+    /// Admit `cost` payload bytes against the budget of all clients (always when
+    /// nothing is outstanding, so that any one request goes through).
+    fn admit(&self, cost: usize) -> bool {
+        if cost == 0 {
+            return true;
+        }
+        let max = self.opts.max_memory;
+        let ok = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u == 0 || u + cost <= max).then_some(u + cost)
+            });
+        match ok {
+            Ok(u) => {
+                if u + cost > TRIM_ABOVE {
+                    self.grown.store(true, Ordering::Release);
+                }
+                true
+            }
+            Err(_) => {
+                self.starved.store(true, Ordering::Release);
+                // Freed meanwhile? Then whoever freed it may have missed the flag.
+                self.used.load(Ordering::Acquire) + cost <= max && self.admit_again(cost)
+            }
+        }
+    }
+
+    fn admit_again(&self, cost: usize) -> bool {
+        let max = self.opts.max_memory;
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u == 0 || u + cost <= max).then_some(u + cost)
+            })
+            .is_ok()
+    }
+
+    /// Give back `bytes` admitted by [`admit`](Self::admit); wakes the threads whose
+    /// clients wait for it.
+    fn release(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+        if self.starved.swap(false, Ordering::AcqRel) {
+            self.wake_all();
+        }
+    }
+
+    /// Give free DMA memory back to the system once clients that made it grow are done
+    /// with it.
+    fn maybe_trim(&self, bdev: &Bdev) {
+        if self.used.load(Ordering::Acquire) == 0 && self.grown.swap(false, Ordering::AcqRel) {
+            let n = bdev.memory().trim();
+            tracing::debug!("nbd: gave {} MiB of DMA memory back", n >> 20);
+        }
+    }
+
+    /// The thread for a new connection to `bdev`: the one with the fewest clients,
+    /// one that has a channel on the bdev on a tie.
+    fn place(&self, bdev: &Arc<Bdev>) -> usize {
+        let mut p = lock(&self.placement);
+        let k = key(bdev);
+        let best = (0..p.threads.len())
+            .min_by_key(|&i| {
+                let t = &p.threads[i];
+                let chan = t.bdevs.get(&k).is_some_and(|x| x.1);
+                (t.clients, !chan)
+            })
+            .unwrap_or(0);
+        let t = &mut p.threads[best];
+        t.clients += 1;
+        t.bdevs.entry(k).or_insert((0, false)).0 += 1;
+        best
+    }
+
+    /// Thread `t` opened a channel on `bdev`.
+    fn placement_opened(&self, t: usize, bdev: &Arc<Bdev>) {
+        let mut p = lock(&self.placement);
+        if let Some(x) = p.threads[t].bdevs.get_mut(&key(bdev)) {
+            x.1 = true;
+        }
+    }
+
+    /// Thread `from` has no queue for `c`'s bdev: give `c` to the least busy thread
+    /// with a channel on it, or opening one (or back, when there is none).
+    fn redirect(
+        &self,
+        from: usize,
+        mut c: ioloop::NewConn,
+    ) -> std::result::Result<(), ioloop::NewConn> {
+        let k = key(&c.neg.bdev);
+        let to = {
+            let mut p = lock(&self.placement);
+            // A thread with a channel on the bdev, or one that is opening it (a client
+            // of the bdev is placed there); those with a channel first. A connection
+            // that went round every thread gives up.
+            let to = (0..p.threads.len())
+                .filter(|&i| i != from && c.hops < p.threads.len())
+                .filter_map(|i| {
+                    let (n, chan) = *p.threads[i].bdevs.get(&k)?;
+                    (n > 0).then_some((!chan, p.threads[i].clients, i))
+                })
+                .min()
+                .map(|x| x.2);
+            let Some(to) = to else {
+                return Err(c);
+            };
+            Self::unplace(&mut p, from, k);
+            c.hops += 1;
+            let t = &mut p.threads[to];
+            t.clients += 1;
+            t.bdevs.entry(k).or_insert((0, true)).0 += 1;
+            to
         };
-        // The same bdev (not merely the same name: a re-attached controller has new
-        // bdevs) and a worker still running.
-        if let Some(x) = w.get_mut(bdev.name()) {
-            if Arc::ptr_eq(&x.bdev, bdev) && !bdev.is_removed() {
-                x.clients += 1;
-                return Ok((x.jobs.clone(), lease()));
+        match self.threads.get() {
+            Some(t) => {
+                t[to].give(c);
+                Ok(())
+            }
+            None => Err(c),
+        }
+    }
+
+    fn unplace(p: &mut Placement, t: usize, k: usize) -> bool {
+        let t = &mut p.threads[t];
+        t.clients = t.clients.saturating_sub(1);
+        if let Some(x) = t.bdevs.get_mut(&k) {
+            x.0 = x.0.saturating_sub(1);
+            if x.0 == 0 {
+                t.bdevs.remove(&k);
+                return true;
             }
         }
-        let (tx, rx) = mpsc::channel();
-        let b = bdev.clone();
-        std::thread::Builder::new()
-            .name(format!("vireo-nbd-{}", bdev.name()))
-            .spawn(move || io_thread(b, rx))
-            .context("cannot start an NBD I/O thread")?;
-        w.insert(
-            bdev.name().to_string(),
-            Worker {
-                bdev: bdev.clone(),
-                jobs: tx.clone(),
-                clients: 1,
-            },
-        );
-        drop(w);
-        Ok((tx, lease()))
+        false
     }
 
-    fn forget_worker(&self, bdev: &str) {
-        lock(&self.workers).remove(bdev);
+    /// A client of `bdev` on thread `t` is gone; returns whether it was the thread's
+    /// last one on the bdev (the thread closes its channel then).
+    fn client_gone(&self, t: usize, bdev: &Arc<Bdev>) -> bool {
+        self.client_left();
+        Self::unplace(&mut lock(&self.placement), t, key(bdev))
     }
 
-    /// Let the I/O threads end once their clients are gone (they close their channels).
+    /// A client left (or its handshake ended without it): there is room again.
+    fn client_left(&self) {
+        self.clients.fetch_sub(1, Ordering::AcqRel);
+        self.full.store(false, Ordering::Release);
+    }
+
+    /// Start the I/O threads (once).
+    fn start_threads(self: &Arc<Self>) -> Result<Vec<std::thread::JoinHandle<()>>> {
+        let mut handles = Vec::new();
+        let mut joins = Vec::new();
+        for i in 0..self.opts.threads {
+            let (h, j) =
+                ioloop::spawn(self.clone(), i).context("cannot start an NBD I/O thread")?;
+            handles.push(h);
+            joins.push(j);
+        }
+        let _ = self.threads.set(handles);
+        Ok(joins)
+    }
+
+    /// Let the I/O threads end: their clients are closed once their requests finish.
     pub fn shutdown(&self) {
-        lock(&self.workers).clear();
+        self.stopping.store(true, Ordering::Release);
+        self.wake_all();
     }
 }
 
-/// Tell `ready` how binding went; pass the listener on.
-fn announce<L>(bound: Result<L>, ready: &Sender<std::result::Result<(), String>>) -> Result<L> {
-    match &bound {
-        Ok(_) => {
-            let _ = ready.send(Ok(()));
-        }
-        Err(e) => {
-            let _ = ready.send(Err(format!("{e:#}")));
-        }
-    }
-    bound
+/// A bound NBD listener; a unix socket file is removed when it is dropped.
+pub struct Listener {
+    inner: ListenerKind,
+    _file: Option<crate::socket::SocketFile>,
+    what: String,
 }
 
-/// Accept connections until `stop()` says so; `ready` learns whether the listener is up.
-pub fn serve(
-    server: Arc<NbdServer>,
-    listen: Listen,
-    stop: fn() -> bool,
-    ready: Sender<std::result::Result<(), String>>,
-) -> Result<()> {
-    match listen {
-        Listen::Unix(path) => {
-            let l = announce(
-                crate::socket::bind(&path).and_then(|l| {
-                    l.set_nonblocking(true)?;
-                    Ok(l)
-                }),
-                &ready,
-            )?;
-            let _guard = crate::socket::SocketFile(path.clone());
-            eprintln!("vireo: NBD on unix:{}", path.display());
-            accept_loop(
-                stop,
-                || {
-                    let (s, _) = l.accept()?;
-                    s.set_nonblocking(false)?;
-                    Ok(Box::new(s) as Box<dyn Conn>)
-                },
-                &server,
-            );
-        }
-        Listen::Tcp(addr) => {
-            let l = announce(
-                std::net::TcpListener::bind(&addr)
-                    .with_context(|| format!("cannot listen for NBD on {addr}"))
-                    .and_then(|l| {
-                        l.set_nonblocking(true)?;
-                        Ok(l)
-                    }),
-                &ready,
-            )?;
-            eprintln!("vireo: NBD on tcp:{}", l.local_addr()?);
-            accept_loop(
-                stop,
-                || {
-                    let (s, _) = l.accept()?;
-                    s.set_nonblocking(false)?;
-                    s.set_nodelay(true)?;
-                    Ok(Box::new(s) as Box<dyn Conn>)
-                },
-                &server,
-            );
-        }
-    }
-    server.shutdown();
-    Ok(())
+enum ListenerKind {
+    Unix(std::os::unix::net::UnixListener),
+    Tcp(std::net::TcpListener),
 }
 
-/// A client connection: a stream that can be split into reader and writer.
-trait Conn: Read + Write + Send {
-    /// A writer for the replies; writes give up after `timeout`.
-    fn split(&self, timeout: Duration) -> std::io::Result<Box<dyn Write + Send>>;
-    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
-    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
-}
-
-impl Conn for std::os::unix::net::UnixStream {
-    fn split(&self, timeout: Duration) -> std::io::Result<Box<dyn Write + Send>> {
-        let w = self.try_clone()?;
-        w.set_write_timeout(Some(timeout))?;
-        Ok(Box::new(w))
-    }
-    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        std::os::unix::net::UnixStream::set_read_timeout(self, t)
-    }
-    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        std::os::unix::net::UnixStream::set_write_timeout(self, t)
-    }
-}
-
-impl Conn for std::net::TcpStream {
-    fn split(&self, timeout: Duration) -> std::io::Result<Box<dyn Write + Send>> {
-        let w = self.try_clone()?;
-        w.set_write_timeout(Some(timeout))?;
-        Ok(Box::new(w))
-    }
-    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        std::net::TcpStream::set_read_timeout(self, t)
-    }
-    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        std::net::TcpStream::set_write_timeout(self, t)
-    }
-}
-
-/// Requests and payload bytes one client may have outstanding; its reader stops
-/// reading requests until replies go out (so a client that never reads its replies
-/// cannot make the server buffer without bound).
-const MAX_CLIENT_REQUESTS: usize = 64;
-const MAX_CLIENT_BYTES: usize = 64 << 20;
-/// Clients served at once.
-const MAX_CLIENTS: usize = 64;
-/// A handshake must finish, and a reply be taken, within this.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Outstanding requests and bytes of one client.
-#[derive(Default)]
-struct Credit {
-    used: Mutex<(usize, usize)>,
-    freed: std::sync::Condvar,
-}
-
-impl Credit {
-    fn take(&self, bytes: usize) {
-        let mut u = lock(&self.used);
-        while u.0 >= MAX_CLIENT_REQUESTS || (u.0 > 0 && u.1 + bytes > MAX_CLIENT_BYTES) {
-            u = self.freed.wait(u).unwrap_or_else(|e| e.into_inner());
-        }
-        u.0 += 1;
-        u.1 += bytes;
-    }
-    fn give(&self, bytes: usize) {
-        let mut u = lock(&self.used);
-        u.0 = u.0.saturating_sub(1);
-        u.1 = u.1.saturating_sub(bytes);
-        self.freed.notify_all();
-    }
-}
-
-static CLIENTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-fn accept_loop(
-    stop: fn() -> bool,
-    mut accept: impl FnMut() -> std::io::Result<Box<dyn Conn>>,
-    server: &Arc<NbdServer>,
-) {
-    while !stop() {
-        match accept() {
-            Ok(c) => {
-                use std::sync::atomic::Ordering::AcqRel;
-                if CLIENTS.fetch_add(1, AcqRel) >= MAX_CLIENTS {
-                    CLIENTS.fetch_sub(1, AcqRel);
-                    tracing::warn!("nbd: more than {MAX_CLIENTS} clients; connection refused");
-                    continue;
-                }
-                let s = server.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("vireo-nbd-client".into())
-                    .spawn(move || {
-                        if let Err(e) = client(&s, c) {
-                            tracing::info!("nbd client: {e:#}");
-                        }
-                        CLIENTS.fetch_sub(1, AcqRel);
-                    });
-                if spawned.is_err() {
-                    CLIENTS.fetch_sub(1, AcqRel);
-                }
+impl Listener {
+    /// Bind `listen` (a unix socket is made private to the owner, mode 0600). Plain
+    /// TCP (TLS not required) on an address other than loopback is refused unless
+    /// `opts.insecure`.
+    pub fn bind(listen: &Listen, opts: &Options) -> Result<Listener> {
+        match listen {
+            Listen::Unix(path) => {
+                let l = crate::socket::bind(path)?;
+                let file = crate::socket::SocketFile(path.clone());
+                l.set_nonblocking(true)?;
+                Ok(Listener {
+                    inner: ListenerKind::Unix(l),
+                    _file: Some(file),
+                    what: format!("unix:{}", path.display()),
+                })
             }
+            Listen::Tcp(addr) => {
+                let tls_required = opts
+                    .tls
+                    .as_ref()
+                    .is_some_and(|t| t.mode == TlsMode::Require);
+                if !tls_required && !opts.insecure {
+                    use std::net::ToSocketAddrs;
+                    let addrs: Vec<std::net::SocketAddr> = addr
+                        .to_socket_addrs()
+                        .with_context(|| format!("cannot resolve {addr}"))?
+                        .collect();
+                    if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+                        bail!(
+                            "refusing NBD over plain TCP on {a}, which is not a loopback address: anyone who reaches it could read and write every bdev. Require TLS (--nbd-tls-creds DIR, --nbd-tls require), use a unix socket, or say --nbd-insecure"
+                        );
+                    }
+                }
+                let l = std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("cannot listen for NBD on {addr}"))?;
+                l.set_nonblocking(true)?;
+                let what = format!("tcp:{}", l.local_addr()?);
+                Ok(Listener {
+                    inner: ListenerKind::Tcp(l),
+                    _file: None,
+                    what,
+                })
+            }
+        }
+    }
+
+    fn accept(&self) -> std::io::Result<Sock> {
+        match &self.inner {
+            ListenerKind::Unix(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
+                Ok(Sock::Unix(s))
+            }
+            ListenerKind::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
+                s.set_nodelay(true)?;
+                Ok(Sock::Tcp(s))
+            }
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        match &self.inner {
+            ListenerKind::Unix(l) => l.as_raw_fd(),
+            ListenerKind::Tcp(l) => l.as_raw_fd(),
+        }
+    }
+}
+
+/// Accept connections on `listener` until `stop()` says so, then close the clients
+/// (their requests in flight finish) and end the I/O threads.
+pub fn serve(server: Arc<NbdServer>, listener: Listener, stop: fn() -> bool) -> Result<()> {
+    let joins = server.start_threads()?;
+    eprintln!(
+        "vireo: NBD on {} ({} I/O threads)",
+        listener.what, server.opts.threads
+    );
+    while !stop() {
+        match listener.accept() {
+            Ok(c) => accept(&server, c),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20))
+                vireo_virtio::wait_readable(&[listener.fd()], Duration::from_millis(100));
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -531,430 +782,108 @@ fn accept_loop(
             }
         }
     }
-}
-
-fn rd_u16(r: &mut (impl Read + ?Sized)) -> std::io::Result<u16> {
-    let mut b = [0u8; 2];
-    r.read_exact(&mut b)?;
-    Ok(u16::from_be_bytes(b))
-}
-
-fn rd_u32(r: &mut (impl Read + ?Sized)) -> std::io::Result<u32> {
-    let mut b = [0u8; 4];
-    r.read_exact(&mut b)?;
-    Ok(u32::from_be_bytes(b))
-}
-
-fn rd_u64(r: &mut (impl Read + ?Sized)) -> std::io::Result<u64> {
-    let mut b = [0u8; 8];
-    r.read_exact(&mut b)?;
-    Ok(u64::from_be_bytes(b))
-}
-
-fn opt_reply(
-    w: &mut (impl Write + ?Sized),
-    opt: u32,
-    kind: u32,
-    data: &[u8],
-) -> std::io::Result<()> {
-    let mut m = Vec::with_capacity(20 + data.len());
-    m.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
-    m.extend_from_slice(&opt.to_be_bytes());
-    m.extend_from_slice(&kind.to_be_bytes());
-    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    m.extend_from_slice(data);
-    w.write_all(&m)
-}
-
-fn transmission_flags(b: &Bdev) -> u16 {
-    let i = b.info();
-    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_WRITE_ZEROES | TF_SEND_CACHE;
-    // A flush reaches the device and covers every completed write, whichever
-    // connection sent it.
-    f |= TF_CAN_MULTI_CONN;
-    if i.read_only {
-        f |= TF_READ_ONLY;
+    server.shutdown();
+    for j in joins {
+        let _ = j.join();
     }
-    if i.ops.unmap {
-        f |= TF_SEND_TRIM;
-    }
-    f
+    Ok(())
 }
 
-/// The handshake; returns the bdev to serve, or `None` when the client aborted.
-fn handshake(server: &NbdServer, c: &mut dyn Conn) -> Result<Option<Arc<Bdev>>> {
-    let mut hello = Vec::new();
-    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
-    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    c.write_all(&hello)?;
-    let client_flags = rd_u32(c)?;
-    if client_flags & !(FLAG_FIXED_NEWSTYLE as u32 | FLAG_NO_ZEROES as u32) != 0 {
-        bail!("unknown client flags {client_flags:#x}");
-    }
-    let no_zeroes = client_flags & FLAG_NO_ZEROES as u32 != 0;
-    loop {
-        if rd_u64(c)? != IHAVEOPT {
-            bail!("option without IHAVEOPT");
-        }
-        let opt = rd_u32(c)?;
-        let len = rd_u32(c)?;
-        if len > MAX_OPTION {
-            bail!("option {opt} of {len} bytes is too long");
-        }
-        let mut data = vec![0u8; len as usize];
-        c.read_exact(&mut data)?;
-        match opt {
-            OPT_EXPORT_NAME => {
-                let name = String::from_utf8_lossy(&data).into_owned();
-                let Some(b) = server.resolve(&name) else {
-                    // This option has no error reply: the connection closes.
-                    bail!("client asked for unknown export {name:?}");
-                };
-                let mut m = Vec::new();
-                m.extend_from_slice(&b.info().capacity_bytes().to_be_bytes());
-                m.extend_from_slice(&transmission_flags(&b).to_be_bytes());
-                if !no_zeroes {
-                    m.extend_from_slice(&[0u8; 124]);
-                }
-                c.write_all(&m)?;
-                return Ok(Some(b));
-            }
-            OPT_ABORT => {
-                let _ = opt_reply(c, opt, REP_ACK, &[]);
-                return Ok(None);
-            }
-            OPT_LIST => {
-                if !data.is_empty() {
-                    opt_reply(c, opt, REP_ERR_INVALID, b"LIST takes no data")?;
-                    continue;
-                }
-                for (e, _) in server.exports() {
-                    let mut d = (e.len() as u32).to_be_bytes().to_vec();
-                    d.extend_from_slice(e.as_bytes());
-                    opt_reply(c, opt, REP_SERVER, &d)?;
-                }
-                opt_reply(c, opt, REP_ACK, &[])?;
-            }
-            OPT_INFO | OPT_GO => {
-                let parsed = (|| {
-                    let n = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
-                    let name = data.get(4..4 + n)?;
-                    let k = u16::from_be_bytes(data.get(4 + n..6 + n)?.try_into().ok()?) as usize;
-                    (data.len() == 6 + n + 2 * k)
-                        .then(|| String::from_utf8_lossy(name).into_owned())
-                })();
-                let Some(name) = parsed else {
-                    opt_reply(c, opt, REP_ERR_INVALID, b"malformed INFO/GO request")?;
-                    continue;
-                };
-                let Some(b) = server.resolve(&name) else {
-                    let msg = format!("no export named {name:?}; NBD_OPT_LIST shows them");
-                    opt_reply(c, opt, REP_ERR_UNKNOWN, msg.as_bytes())?;
-                    continue;
-                };
-                let info = b.info();
-                let mut d = INFO_EXPORT.to_be_bytes().to_vec();
-                d.extend_from_slice(&info.capacity_bytes().to_be_bytes());
-                d.extend_from_slice(&transmission_flags(&b).to_be_bytes());
-                opt_reply(c, opt, REP_INFO, &d)?;
-                let bs = info.block_size;
-                let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                d.extend_from_slice(&bs.to_be_bytes());
-                d.extend_from_slice(&bs.max(4096).to_be_bytes());
-                d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
-                opt_reply(c, opt, REP_INFO, &d)?;
-                opt_reply(c, opt, REP_ACK, &[])?;
-                if opt == OPT_GO {
-                    return Ok(Some(b));
-                }
-            }
-            _ => {
-                opt_reply(c, opt, REP_ERR_UNSUP, b"not supported by vireo")?;
-            }
-        }
-    }
-}
-
-fn client(server: &Arc<NbdServer>, mut c: Box<dyn Conn>) -> Result<()> {
-    c.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    // The handshake's replies too: a client that does not read them is dropped.
-    c.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let Some(bdev) = handshake(server, c.as_mut())? else {
-        return Ok(());
-    };
-    c.set_read_timeout(None)?;
-    // Dropped in reverse order: the lease, then this client's sender of the jobs.
-    let (jobs, _lease) = server.worker(&bdev)?;
-    let mut w = c.split(CLIENT_TIMEOUT)?;
-    let (reply_tx, reply_rx) = mpsc::channel::<Reply>();
-    let credit = Arc::new(Credit::default());
-    let credit_w = credit.clone();
-    let writer = std::thread::Builder::new()
-        .name("vireo-nbd-writer".into())
-        .spawn(move || {
-            let mut ok = true;
-            // Replies keep coming until every job of this client finished (a client
-            // that went away still gets its requests completed, not dropped mid-I/O).
-            for r in reply_rx {
-                let bytes = r.cost;
-                if !ok {
-                    credit_w.give(bytes);
-                    continue;
-                }
-                let mut m = Vec::with_capacity(16);
-                m.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-                m.extend_from_slice(&r.error.to_be_bytes());
-                m.extend_from_slice(&r.handle.to_be_bytes());
-                let res = w.write_all(&m).and_then(|_| match (&r.data, r.error) {
-                    (Some(d), 0) => w.write_all(d.as_slice()),
-                    _ => Ok(()),
-                });
-                ok = res.is_ok();
-                credit_w.give(bytes);
-            }
-        })
-        .context("cannot start an NBD writer thread")?;
-    let result = (|| -> Result<()> {
-        loop {
-            let magic = match rd_u32(&mut c) {
-                Ok(m) => m,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e.into()),
-            };
-            if magic != REQUEST_MAGIC {
-                bail!("bad request magic {magic:#x}");
-            }
-            let flags = rd_u16(&mut c)?;
-            let cmd = rd_u16(&mut c)?;
-            let handle = rd_u64(&mut c)?;
-            let offset = rd_u64(&mut c)?;
-            let length = rd_u32(&mut c)?;
-            let mut data = None;
-            if cmd == CMD_WRITE {
-                if length > MAX_PAYLOAD {
-                    bail!("WRITE of {length} bytes exceeds the advertised maximum {MAX_PAYLOAD}");
-                }
-                let mut d = match bdev.alloc_buf(length as usize) {
-                    Ok(b) if length > 0 => IoBuf::Dma(b),
-                    _ => IoBuf::Heap(vec![0u8; length as usize]),
-                };
-                c.read_exact(d.as_mut_slice())?;
-                data = Some(d);
-            }
-            if cmd == CMD_DISC {
-                return Ok(());
-            }
-            let cost = match cmd {
-                CMD_READ | CMD_WRITE => (length as usize).min(MAX_PAYLOAD as usize),
-                _ => 0,
-            };
-            credit.take(cost);
-            let job = Job {
-                handle,
-                cmd,
-                flags,
-                offset,
-                length,
-                data,
-                cost,
-                reply: reply_tx.clone(),
-            };
-            if jobs.send(job).is_err() {
-                server.forget_worker(bdev.name());
-                bail!("the I/O thread of {} is gone", bdev.name());
-            }
-        }
-    })();
-    drop(reply_tx);
-    let _ = writer.join();
-    result
-}
-
-struct Pending {
-    handle: u64,
-    reply: Sender<Reply>,
-    cost: usize,
-    /// Write with FUA: a flush follows before the reply.
-    fua: bool,
-    read: bool,
-}
-
-fn errno(e: &IoError) -> u32 {
-    match e {
-        IoError::ReadOnly(_) => EPERM,
-        IoError::NoMemory(_) => ENOMEM,
-        IoError::OutOfRange { .. } => ENOSPC,
-        IoError::InvalidRequest(_) | IoError::InvalidBuffer(_) => EINVAL,
-        IoError::Unsupported { .. } | IoError::DeviceUnsupported => ENOTSUP,
-        _ => EIO,
-    }
-}
-
-/// The I/O thread of one bdev.
-fn io_thread(bdev: Arc<Bdev>, rx: Receiver<Job>) {
-    let mut ch = match bdev.open_channel() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(bdev = %bdev.name(), "nbd: cannot open an I/O channel: {e}");
-            for j in rx {
-                send_reply(&j.reply, j.handle, EIO, j.cost);
-            }
+/// A new connection: its handshake on a thread of its own, or a refusal when the
+/// server is full.
+fn accept(server: &Arc<NbdServer>, c: Sock) {
+    if server.clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+        server.clients.fetch_sub(1, Ordering::AcqRel);
+        server.full.store(true, Ordering::Release);
+        if server.refusals.fetch_add(1, Ordering::AcqRel) >= MAX_REFUSALS {
+            server.refusals.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!("nbd: more than {MAX_CLIENTS} clients; connection closed");
             return;
         }
-    };
-    let info = bdev.info();
-    let bs = info.block_size as u64;
-    let mut pending: HashMap<u64, Pending> = HashMap::new();
-    let mut next_id = 1u64;
-    let mut done: Vec<Completion> = Vec::new();
-    let mut dead = false;
-    loop {
-        // A device that is gone (or a bdev that was removed): close the channel so the
-        // controller can be released; clients get errors from a new worker.
-        if (dead || bdev.is_removed()) && ch.in_flight() == 0 {
-            tracing::warn!(bdev = %bdev.name(), "nbd: the device is gone; closing the export's channel");
-            break;
-        }
-        let first = if ch.in_flight() == 0 {
-            match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(j) => Some(j),
-                // Still poll: timed-out requests the device holds are reaped (and
-                // escalated) only by polling.
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-        } else {
-            rx.try_recv().ok()
-        };
-        let mut next = first;
-        while let Some(j) = next {
-            start(&mut ch, &bdev, bs, j, &mut pending, &mut next_id);
-            next = rx.try_recv().ok();
-        }
-        ch.poll(&mut done);
-        for c in done.drain(..) {
-            let Some(p) = pending.remove(&c.user_data) else {
-                continue;
-            };
-            if p.fua && c.result.is_ok() {
-                let id = next_id;
-                next_id += 1;
-                if let Err(r) = ch.submit(IoRequest::no_data(IoOp::Flush, 0, 0, id)) {
-                    send_reply(&p.reply, p.handle, errno(&r.error), p.cost);
-                } else {
-                    pending.insert(id, Pending { fua: false, ..p });
-                }
-                continue;
-            }
-            if let Err(e) = &c.result {
-                dead |= matches!(
-                    e.kind(),
-                    vireo_bdev::ErrorKind::Disconnected | vireo_bdev::ErrorKind::ControllerFailed
+        tracing::warn!("nbd: more than {MAX_CLIENTS} clients; connection refused");
+        let s = server.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vireo-nbd-refuse".into())
+            .spawn(move || {
+                let mut d = proto::Deadlined {
+                    sock: c,
+                    deadline: Instant::now() + s.opts.timeout.min(Duration::from_secs(5)),
+                };
+                let why = format!(
+                    "server full: vireo serves at most {MAX_CLIENTS} NBD clients at once; try again later"
                 );
-            }
-            let error = c.result.as_ref().err().map_or(0, errno);
-            let data = if p.read && error == 0 { c.buf } else { None };
-            let _ = p.reply.send(Reply {
-                handle: p.handle,
-                error,
-                data,
-                cost: p.cost,
+                let _ = proto::refuse(&mut d, &why);
+                s.refusals.fetch_sub(1, Ordering::AcqRel);
             });
+        if spawned.is_err() {
+            server.refusals.fetch_sub(1, Ordering::AcqRel);
         }
+        return;
+    }
+    let s = server.clone();
+    let spawned = std::thread::Builder::new()
+        .name("vireo-nbd-handshake".into())
+        .spawn(move || {
+            match handshake(&s, c) {
+                Ok(Some(conn)) => {
+                    let t = s.place(&conn.neg.bdev);
+                    match s.threads.get() {
+                        Some(threads) => threads[t].give(conn),
+                        None => {
+                            s.client_gone(t, &conn.neg.bdev);
+                        }
+                    }
+                    return;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::info!("nbd client: {e:#}"),
+            }
+            s.client_left();
+        });
+    if spawned.is_err() {
+        server.client_left();
     }
 }
 
-fn start(
-    ch: &mut vireo_bdev::IoChannel,
-    bdev: &Arc<Bdev>,
-    bs: u64,
-    mut j: Job,
-    pending: &mut HashMap<u64, Pending>,
-    next_id: &mut u64,
-) {
-    let data = j.data.take();
-    let reply_now = |error: u32| send_reply(&j.reply, j.handle, error, j.cost);
-    let info = bdev.info();
-    let len = j.length as u64;
-    let with_range = matches!(
-        j.cmd,
-        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_CACHE
-    );
-    if with_range {
-        let sized = matches!(j.cmd, CMD_READ | CMD_WRITE);
-        if !j.offset.is_multiple_of(bs)
-            || !len.is_multiple_of(bs)
-            || (sized && len > MAX_PAYLOAD as u64)
-        {
-            return reply_now(EINVAL);
-        }
-        if j.offset
-            .checked_add(len)
-            .is_none_or(|end| end > info.capacity_bytes())
-        {
-            return reply_now(ENOSPC);
-        }
-    }
-    let id = *next_id;
-    *next_id += 1;
-    let (lba, n) = (j.offset / bs, len / bs);
-    let fua = j.flags & CMD_FLAG_FUA != 0;
-    let req = match j.cmd {
-        CMD_READ => match bdev.alloc_buf(len as usize) {
-            Ok(b) => IoRequest::read(lba, n, IoBuf::Dma(b), id),
-            Err(_) => IoRequest::read(lba, n, IoBuf::Heap(vec![0; len as usize]), id),
-        },
-        CMD_WRITE => IoRequest::write(lba, n, data.unwrap_or_else(|| IoBuf::Heap(Vec::new())), id),
-        CMD_FLUSH => IoRequest::no_data(IoOp::Flush, 0, 0, id),
-        CMD_TRIM => {
-            if !info.ops.unmap || n == 0 {
-                // TRIM is advisory.
-                return reply_now(0);
-            }
-            IoRequest::no_data(IoOp::Unmap, lba, n, id)
-        }
-        CMD_WRITE_ZEROES => {
-            if n == 0 {
-                return reply_now(0);
-            }
-            if info.ops.write_zeroes {
-                IoRequest::no_data(IoOp::WriteZeroes, lba, n, id)
-            } else if len <= 1 << 20 {
-                // Without device write-zeroes, small ranges are written as zeros; larger
-                // ones are refused (ENOTSUP makes clients write zeros themselves).
-                IoRequest::write(lba, n, IoBuf::Heap(vec![0; len as usize]), id)
-            } else {
-                return reply_now(ENOTSUP);
-            }
-        }
-        CMD_CACHE => return reply_now(0),
-        _ => return reply_now(EINVAL),
+/// The handshake, within the server's timeout: the connection to hand to an I/O
+/// thread, or `None` when the client aborted.
+fn handshake(server: &NbdServer, sock: Sock) -> Result<Option<ioloop::NewConn>> {
+    let mut d = proto::Deadlined {
+        sock,
+        deadline: Instant::now() + server.opts.timeout,
     };
-    let read = j.cmd == CMD_READ;
-    let fua = fua && matches!(j.cmd, CMD_WRITE | CMD_WRITE_ZEROES);
-    match ch.submit(req) {
-        Ok(()) => {
-            pending.insert(
-                id,
-                Pending {
-                    handle: j.handle,
-                    reply: j.reply,
-                    cost: j.cost,
-                    fua,
-                    read,
-                },
-            );
+    d.write_all(&proto::hello())?;
+    let no_zeroes = proto::client_flags(&mut d)?;
+    let state = match &server.opts.tls {
+        None => proto::TlsState::Off,
+        Some(t) if t.mode == TlsMode::Require => proto::TlsState::Required,
+        Some(_) => proto::TlsState::Allowed,
+    };
+    let (neg, stream) = match proto::options(server, &mut d, no_zeroes, state)? {
+        proto::Outcome::Serve(n) => (n, tls::Stream::Plain(d.sock)),
+        proto::Outcome::Aborted => return Ok(None),
+        proto::Outcome::StartTls => {
+            let tls = server.opts.tls.as_ref().context("TLS is not configured")?;
+            let mut s = rustls::StreamOwned::new(tls.connection()?, d);
+            while s.conn.is_handshaking() {
+                s.conn.complete_io(&mut s.sock).context("TLS handshake")?;
+            }
+            let neg = match proto::options(server, &mut s, no_zeroes, proto::TlsState::On)? {
+                proto::Outcome::Serve(n) => n,
+                proto::Outcome::Aborted => return Ok(None),
+                proto::Outcome::StartTls => bail!("STARTTLS twice"),
+            };
+            s.flush()?;
+            let rustls::StreamOwned { conn, sock: d } = s;
+            (neg, tls::Stream::Tls(d.sock, Box::new(conn)))
         }
-        Err(r) => send_reply(&j.reply, j.handle, errno(&r.error), j.cost),
-    }
-}
-
-fn send_reply(tx: &Sender<Reply>, handle: u64, error: u32, cost: usize) {
-    let _ = tx.send(Reply {
-        handle,
-        error,
-        data: None,
-        cost,
-    });
+    };
+    let sock = stream.sock();
+    sock.set_timeouts(None)?;
+    sock.set_nonblocking(true)?;
+    Ok(Some(ioloop::NewConn {
+        stream,
+        neg,
+        hops: 0,
+    }))
 }

@@ -178,7 +178,7 @@ pub fn cmd_perf(dma: &DmaConfig, a: PerfArgs) -> Result<bool> {
 }
 
 /// The CPUs this process may run on (its inherited affinity, as `taskset` sets it).
-fn allowed_cpus() -> Result<Vec<usize>> {
+pub(super) fn allowed_cpus() -> Result<Vec<usize>> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size into it.
     let set = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();

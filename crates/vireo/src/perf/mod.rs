@@ -431,6 +431,9 @@ impl<'o> Job<'o> {
             Workload::Flush => IoOp::Flush,
             Workload::WriteZeroes => IoOp::WriteZeroes,
         };
+        if op.has_data() && self.slots[i].buf.is_none() && !self.replace_buffer(i) {
+            return false;
+        }
         let bs = self.bs;
         if o.workload == Workload::Verify && self.slots[i].phase == Phase::Write {
             self.gen_counter += 1;
@@ -474,6 +477,26 @@ impl<'o> Job<'o> {
         }
         self.in_flight += 1;
         true
+    }
+
+    /// Slot `i` lost its buffer with its last I/O: one that timed out (a buffer the
+    /// device uses in place stays with the device, which may still write it) or that a
+    /// controller reset aborted (its buffer is never reused). A new buffer lets the slot
+    /// go on; without one its next submission would be refused, and a job would end at
+    /// its first timeouts instead of running its time while the device is reset.
+    #[cold]
+    fn replace_buffer(&mut self, i: usize) -> bool {
+        match self.ch.bdev().alloc_buf(self.o.io_size) {
+            Ok(mut b) => {
+                b.as_mut_slice().fill(0x5a);
+                self.slots[i].buf = Some(IoBuf::Dma(b));
+                true
+            }
+            Err(e) => {
+                self.error(format!("no buffer for the next I/O: {e}"));
+                false
+            }
+        }
     }
 
     fn start(&mut self) {
@@ -999,6 +1022,74 @@ pub fn stderr_is_terminal() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vireo_bdev::{BlkController, BlkParams, WaitMode};
+    use vireo_virtio::testing::{test_memory, FakeBlk};
+
+    /// A disk that keeps every request: each I/O times out (its buffer, used in place,
+    /// stays with the device), escalates to a controller reset, and the requests the
+    /// reset aborts lose their buffers too. The job goes on with new buffers until the
+    /// error limit stops it; it used to end at its first timeouts, each slot's next
+    /// submission refused for want of a buffer (the guest test's slow run then lasted
+    /// 0.3 s, not its -t, and its process could exit while the device was still being
+    /// brought back).
+    #[test]
+    fn a_job_goes_on_after_its_io_timed_out_and_was_aborted() {
+        let blk = FakeBlk::new(1 << 16, 1, 8);
+        blk.auto_serve(true);
+        let params = BlkParams {
+            name: "B".into(),
+            vq_count: 1,
+            vq_size: 16,
+            reconnect_timeout: Some(Duration::from_secs(5)),
+            packed_ring: Default::default(),
+        };
+        let c =
+            BlkController::attach(&params, blk.dev.connect(&test_memory(4 << 20))).expect("attach");
+        // From now on the device answers nothing.
+        blk.hold(true);
+        let bdev = c.bdev().clone();
+        bdev.set_default_timeout(Some(Duration::from_millis(20)));
+        let qd = 2;
+        let o = PerfOptions {
+            workload: Workload::Randread,
+            io_size: 4096,
+            queue_depth: qd,
+            // Ended by the error limit (16 errors per queued I/O) long before this, which
+            // only bounds a broken run.
+            seconds: 60.0,
+            cores: vec![cmd::allowed_cpus().unwrap()[0]],
+            read_percent: 100,
+            seed: 1,
+            progress: false,
+            io_timeout: Duration::from_secs(60),
+            wait_mode: WaitMode::Poll,
+        };
+        let rep = run(&[bdev], &o).expect("the run");
+        assert!(
+            rep.total.errors >= 16 * qd as u64,
+            "the job stopped at the error limit, not at its first timeouts: {} errors, the first: {:?}",
+            rep.total.errors,
+            rep.total.first_error
+        );
+        assert!(
+            rep.total
+                .first_error
+                .as_deref()
+                .is_some_and(|e| e.contains("timed out")),
+            "{:?}",
+            rep.total.first_error
+        );
+        assert!(
+            blk.held() > 2 * qd,
+            "the device got new requests after the first timeouts: {}",
+            blk.held()
+        );
+        assert!(
+            c.reconnects() >= 1,
+            "the controller was reset and came back"
+        );
+        assert_eq!(rep.total.ios, 0);
+    }
 
     #[test]
     fn stamps_round_trip_and_catch_corruption() {

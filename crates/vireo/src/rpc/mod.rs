@@ -37,6 +37,8 @@ pub const INTERNAL_ERROR: i64 = -32603;
 pub const ENODEV: i64 = -(libc::ENODEV as i64);
 /// -EEXIST: the name is taken.
 pub const EEXIST: i64 = -(libc::EEXIST as i64);
+/// -EBUSY: in use (a controller with open I/O channels).
+pub const EBUSY: i64 = -(libc::EBUSY as i64);
 
 /// A JSON-RPC error object.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +82,7 @@ impl From<BdevError> for RpcError {
             (BdevError::Config(_), _) => INVALID_PARAMS,
             (_, ErrorKind::NotFound) => ENODEV,
             (_, ErrorKind::AlreadyExists) => EEXIST,
+            (_, ErrorKind::Busy) => EBUSY,
             _ => INTERNAL_ERROR,
         };
         RpcError::new(code, e.to_string())

@@ -832,10 +832,15 @@ impl PackedQueue {
         self.signal.as_ref().map(|e| e.as_raw_fd())
     }
 
-    /// Consume a pending completion signal (non-blocking).
+    /// Consume a pending completion signal, if one is there.
     pub fn clear_completion_signal(&self) {
         if let Some(e) = &self.signal {
-            let _ = e.read();
+            // Never wait for a signal: the fd may be in blocking mode (the libblkio API
+            // lets its caller switch it); read it only when one is there.
+            use std::os::fd::AsRawFd;
+            if crate::notify::is_readable(e.as_raw_fd()) {
+                let _ = e.read();
+            }
         }
     }
 
