@@ -231,6 +231,7 @@ fuzz_target!(|bytes: &[u8]| {
     }
     // The end: an honest device completes everything it holds; the driver gets it all.
     if honest {
+        let _ = q.publish();
         while let Some(c) = dev.take(translate) {
             let c = c.expect("an honest run has well-formed lists");
             held.push((c.id, c.writable.iter().map(|s| s.1).sum()));

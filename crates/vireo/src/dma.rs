@@ -36,9 +36,10 @@ pub struct DmaArgs {
         default_missing_value = "on"
     )]
     hugepages: HugePages,
-    /// Size of the first DMA memory region (suffixes k, m, g); more regions are added
-    /// as needed.
-    #[arg(long, default_value = "64m", value_parser = parse_size)]
+    /// Size of the first DMA memory region (suffixes k, m, g): rings, request slots,
+    /// bounce buffers. More regions are added as needed (`vireo perf` adds one sized to
+    /// its I/O buffers, queue depth x I/O size per job).
+    #[arg(long, default_value = "4m", value_parser = parse_size)]
     dma_region_size: usize,
 }
 

@@ -152,6 +152,52 @@ fn workloads_pass_on_every_controller() {
     assert!(!log.contains("Invalid"), "{log}");
 }
 
+/// The default DMA memory (a 4 MiB first region) grows for large I/O on SPDK's target,
+/// which has no CONFIGURE_MEM_SLOTS (every region goes in a new SET_MEM_TABLE, at most
+/// 8): `vireo perf` adds one region for the buffers of both controllers' jobs (2 x 128 x
+/// 1 MiB), and the data goes through it intact.
+#[test]
+fn default_dma_memory_grows_for_large_io() {
+    let Some((v, _g)) = spdk("default_dma_memory_grows_for_large_io") else {
+        return;
+    };
+    let mut c: serde_json::Value =
+        serde_json::from_str(&spdk::attach_config("B", &v.socket("blk.mal"), "blk", None)).unwrap();
+    let scsi: serde_json::Value = serde_json::from_str(&spdk::attach_config(
+        "S",
+        &v.socket("scsi.mal"),
+        "scsi",
+        None,
+    ))
+    .unwrap();
+    let second = scsi["subsystems"][0]["config"][0].clone();
+    c["subsystems"][0]["config"]
+        .as_array_mut()
+        .unwrap()
+        .push(second);
+    let conf = v.dir().join("grow.json");
+    std::fs::write(&conf, c.to_string()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vireo"))
+        .args(["perf", "--json", "-m", "1", "-c"])
+        .arg(&conf)
+        .args(["-w", "verify", "-q", "128", "-o", "1m", "-t", "1"])
+        .output()
+        .unwrap();
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "vireo perf on blk.mal and scsi.mal: {e}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let t = &j["total"];
+    assert_eq!(t["errors"], 0, "{j}");
+    assert_eq!(t["verify_failures"], 0, "{j}");
+    assert!(t["ios"].as_u64().unwrap() > 256, "{j}");
+    assert_eq!(j["jobs"].as_array().unwrap().len(), 2, "{j}");
+    let log = v.log();
+    assert!(!log.contains("Invalid"), "{log}");
+}
+
 #[test]
 fn spdk_bdevperf_runs_against_the_same_target() {
     // The peer itself works here: its own initiator reads the same controllers.

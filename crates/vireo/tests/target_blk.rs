@@ -320,7 +320,7 @@ fn queue_full_waits_instead_of_failing() {
 #[test]
 fn dma_memory_grows_through_add_mem_reg() {
     let (t, _d) = target(ram(256 << 20));
-    let reg = registry(); // 32 MiB first region
+    let reg = registry(); // 4 MiB first region (the default)
     let b = attach_blk(&reg, t.socket_path(), 1);
     let mut ch = b.open_channel().unwrap();
     // 64 MiB does not fit the first region: a new region is shared with the target.

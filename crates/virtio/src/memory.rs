@@ -37,6 +37,10 @@ const PAGE_SIZE: usize = 4096;
 const HUGE_PAGE_SIZE: usize = 2 << 20;
 /// Largest region the memory adds at once when growing.
 const MAX_REGION_SIZE: usize = 1 << 30;
+/// First region of [`DmaConfig::default`]: two huge pages, room for the rings, request
+/// slots and bounce buffers of a few queues; buffers beyond that come in further regions
+/// (see [`DmaMemory::reserve`]).
+pub const DEFAULT_INITIAL_REGION_SIZE: usize = 4 << 20;
 /// First index of external regions (the memory's own regions count up from 0).
 pub const EXTERNAL_INDEX_BASE: u32 = 1 << 24;
 
@@ -84,7 +88,7 @@ pub struct DmaConfig {
 impl Default for DmaConfig {
     fn default() -> Self {
         DmaConfig {
-            initial_region_size: 64 << 20,
+            initial_region_size: DEFAULT_INITIAL_REGION_SIZE,
             hugetlb: false,
             hugetlb_fallback: false,
             max_total_size: 64 << 30,
@@ -636,6 +640,41 @@ impl DmaMemory {
         if let Some(buf) = self.alloc_existing(size, align) {
             return Ok(buf);
         }
+        let (index, off) = self.grow(size, align, true)?;
+        let st = self.lock();
+        Ok(self.make_buf(&st.regions[index], index, off, size))
+    }
+
+    /// Make sure `bytes` of buffers to come fit without growing the memory piece by
+    /// piece: when less than `bytes` is free in all regions together, add one region of
+    /// at least `bytes` (announced to the devices once). For a program that knows its
+    /// work before it allocates (`vireo perf`: queue depth x I/O size per job), so the
+    /// memory is sized to it instead of a large first region held by every process.
+    /// Errors as [`alloc`](Self::alloc) when the memory may not grow that much or a
+    /// device refuses the region.
+    pub fn reserve(self: &Arc<Self>, bytes: usize) -> Result<()> {
+        if bytes == 0 || self.free_bytes() >= bytes {
+            return Ok(());
+        }
+        if bytes > self.config.max_total_size {
+            return Err(Error::OutOfMemory {
+                size: bytes,
+                limit: self.config.max_total_size,
+            });
+        }
+        let _grow = self.grow.lock().unwrap_or_else(|e| e.into_inner());
+        if self.free_bytes() >= bytes {
+            return Ok(());
+        }
+        self.grow(bytes, 1, false)?;
+        Ok(())
+    }
+
+    /// Add a region with room for `size` bytes at `align` (at least double the last
+    /// region, at most 1 GiB unless the request needs more), announce it, and (`take`)
+    /// allocate that extent in it: (region index, offset; 0 without `take`). The caller
+    /// holds `grow`.
+    fn grow(self: &Arc<Self>, size: usize, align: usize, take: bool) -> Result<(usize, usize)> {
         let st = self.lock();
         // Grow: a new region at least double the last one, big enough for the request.
         let unit = if self.config.hugetlb {
@@ -645,10 +684,18 @@ impl DmaMemory {
         };
         let total: usize = st.regions.iter().map(|r| r.len).sum();
         let last = st.regions.last().map(|r| r.len).unwrap_or(0);
-        let want = round_up(size + align, unit).max((last * 2).min(MAX_REGION_SIZE));
+        // A region starts on a page: an alignment up to that costs no room, a larger one
+        // may cost up to `align` (a hugetlb region that fell back to normal pages is
+        // only page-aligned).
+        let need = if align <= PAGE_SIZE {
+            size
+        } else {
+            size + align
+        };
+        let want = round_up(need, unit).max((last * 2).min(MAX_REGION_SIZE));
         let room = self.config.max_total_size.saturating_sub(total);
         let len = want.min(round_down(room, unit));
-        if len < size + align {
+        if len < need {
             return Err(Error::OutOfMemory {
                 size,
                 limit: self.config.max_total_size,
@@ -661,11 +708,15 @@ impl DmaMemory {
         // Only growers (one at a time, under `grow`) push regions or move next_iova.
         drop(st);
         let mut region = Region::create_addressed(len, &self.config, index, &mut next_iova)?;
-        let off = region.alloc(size, align).ok_or_else(|| {
-            Error::InvalidAllocation(format!(
-                "no physically contiguous extent of {size} bytes in a new region of {len} bytes; allocate smaller buffers"
-            ))
-        })?;
+        let off = if take {
+            region.alloc(size, align).ok_or_else(|| {
+                Error::InvalidAllocation(format!(
+                    "no physically contiguous extent of {size} bytes in a new region of {len} bytes; allocate smaller buffers"
+                ))
+            })?
+        } else {
+            0
+        };
         let infos: Vec<DmaRegionInfo> = region.infos(index as u32).collect();
         let mut announced: Vec<(&Arc<dyn RegionListener>, &DmaRegionInfo)> = Vec::new();
         for l in &listeners {
@@ -681,13 +732,12 @@ impl DmaMemory {
         }
         let mut st = self.lock();
         st.next_iova = next_iova;
-        let buf = self.make_buf(&region, index, off, size);
         st.regions.push(region);
         let mut snap: Vec<DmaRegionInfo> = st.snapshot.to_vec();
         snap.extend(infos);
         st.snapshot = Arc::from(snap);
         self.generation.fetch_add(1, Ordering::Release);
-        Ok(buf)
+        Ok((index, off))
     }
 
     /// A buffer from the regions there are, if one has room.
@@ -1335,6 +1385,35 @@ mod tests {
         assert!(t.translate(b.addr(), 4096).is_some());
         let err = mem.alloc(16 << 20, 4096).unwrap_err();
         assert!(matches!(err, Error::OutOfMemory { .. }), "{err}");
+    }
+
+    #[test]
+    fn reserve_adds_one_region_sized_to_the_work_and_only_when_needed() {
+        let mem = DmaMemory::new(DmaConfig {
+            initial_region_size: 1 << 20,
+            max_total_size: 64 << 20,
+            ..DmaConfig::default()
+        })
+        .unwrap();
+        // What the first region has free is enough: nothing grows.
+        mem.reserve(256 << 10).unwrap();
+        assert_eq!(mem.regions().len(), 1);
+        // 24 buffers of 512 KiB: one region of at least 12 MiB, announced once, and
+        // every buffer then fits without another.
+        mem.reserve(24 * (512 << 10)).unwrap();
+        assert_eq!(mem.regions().len(), 2);
+        assert!(mem.regions()[1].len >= 12 << 20);
+        let bufs: Vec<DmaBuf> = (0..24)
+            .map(|_| mem.alloc(512 << 10, 4096).unwrap())
+            .collect();
+        assert_eq!(mem.regions().len(), 2, "no growth after the reservation");
+        drop(bufs);
+        // Beyond what the memory may hold: the error of an allocation that big.
+        assert!(matches!(
+            mem.reserve(128 << 20),
+            Err(Error::OutOfMemory { .. })
+        ));
+        assert!(mem.reserve(0).is_ok());
     }
 
     /// A listener that takes long to register a region (a frozen vhost-user back-end

@@ -214,9 +214,8 @@ impl Virtqueue {
     }
 
     /// Queue a request: `segs[..n_out]` are read by the device, the rest written by it.
-    /// The device is notified (if it asks) at [`publish`](Self::publish); a split ring
-    /// shows the request to the device only then, a packed ring at once.
-    #[inline]
+    /// Nothing is visible to the device until [`publish`](Self::publish).
+    #[inline(always)]
     pub fn add(
         &mut self,
         segs: &[Segment],

@@ -127,7 +127,7 @@ impl MemoryShare {
             None => {
                 if regions.len() >= MAX_MEM_TABLE_REGIONS {
                     return Err(Error::RegionRejected(format!(
-                        "SET_MEM_TABLE carries at most {MAX_MEM_TABLE_REGIONS} regions and the back-end does not offer CONFIGURE_MEM_SLOTS; use a larger initial DMA region or hugepages"
+                        "SET_MEM_TABLE carries at most {MAX_MEM_TABLE_REGIONS} regions and the back-end does not offer CONFIGURE_MEM_SLOTS; use a larger first DMA region (vireo: --dma-region-size)"
                     )));
                 }
                 regions.push(*r);

@@ -867,6 +867,29 @@ pub fn run(bdevs: &[Arc<Bdev>], o: &PerfOptions) -> Result<PerfReport> {
                 );
             }
         }
+        // DMA memory sized to the work: each memory (the vhost-user controllers share
+        // one, a PCI controller has its own) gets one region for its jobs' buffers now,
+        // when its first region has not room enough, instead of a large first region
+        // for every process or growth in doublings while the jobs allocate.
+        let mut per_memory: Vec<(Arc<vireo_virtio::DmaMemory>, usize)> = Vec::new();
+        for b in bdevs {
+            let bytes = o.cores.len() * o.queue_depth * o.io_size;
+            match per_memory
+                .iter_mut()
+                .find(|(m, _)| Arc::ptr_eq(m, b.memory()))
+            {
+                Some((_, n)) => *n += bytes,
+                None => per_memory.push((b.memory().clone(), bytes)),
+            }
+        }
+        for (mem, bytes) in per_memory {
+            mem.reserve(bytes).with_context(|| {
+                format!(
+                    "cannot set up {} MiB of DMA memory for the I/O buffers",
+                    bytes >> 20
+                )
+            })?;
+        }
     }
     let stop = Arc::new(AtomicBool::new(false));
     let njobs = per_core.iter().map(Vec::len).sum::<usize>();

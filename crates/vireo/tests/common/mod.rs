@@ -127,14 +127,10 @@ pub fn image(dir: &Path, size: u64) -> PathBuf {
     p
 }
 
+/// A registry on the default DMA memory (a 4 MiB first region, as `vireo` has): the tests
+/// grow it with every peer.
 pub fn registry() -> Registry {
-    Registry::new(
-        DmaMemory::new(DmaConfig {
-            initial_region_size: 32 << 20,
-            ..DmaConfig::default()
-        })
-        .expect("DMA memory"),
-    )
+    Registry::new(DmaMemory::new(DmaConfig::default()).expect("DMA memory"))
 }
 
 pub fn blk_params(name: &str, sock: &Path, vq_count: u16) -> AttachParams {

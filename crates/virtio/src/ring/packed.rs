@@ -17,8 +17,10 @@
 //!
 //! Ordering: a buffer's other descriptors, then its first descriptor's address, then
 //! one releasing 8-byte store of the first descriptor's length, id and flags (the
-//! flags make the buffer available, virtio 1.2 2.8.6); the notification decision reads
-//! the device's event suppression structure after a full barrier.
+//! flags make the buffer available, virtio 1.2 2.8.6). The first buffer of a batch
+//! keeps that store back until `publish`, which makes the batch available at once (the
+//! device reads the ring in order); the notification decision then reads the device's
+//! event suppression structure after a full barrier.
 //!
 //! Interrupts: the driver event suppression structure says `RING_EVENT_FLAGS_DISABLE`
 //! while completions are polled; a waiter enables them (with `VIRTIO_RING_F_EVENT_IDX`:
@@ -133,6 +135,11 @@ pub struct PackedQueue {
     added: u16,
     /// Ring entries made available since the last notification decision.
     unpublished: u16,
+    /// The first buffer added since the last publish: its ring entry and the last 8
+    /// bytes of its first descriptor (length, id, flags), not stored yet. The device
+    /// reads the ring in order, so the whole batch behind it becomes available at once
+    /// when `publish` stores them (see [`PackedQueue::add`]).
+    withheld: Option<(u16, u64)>,
     in_flight: u16,
     /// An `add` found no room since the last reap.
     overflowed: bool,
@@ -215,6 +222,7 @@ impl PackedQueue {
             order: vec![0; n].into_boxed_slice(),
             added: 0,
             unpublished: 0,
+            withheld: None,
             in_flight: 0,
             overflowed: false,
             notifier,
@@ -333,14 +341,43 @@ impl PackedQueue {
         }
     }
 
+    /// The last 8 bytes of a descriptor: length, id, flags.
+    #[inline]
+    fn tail_word(len: u32, id: u16, flags: u16) -> u64 {
+        (u64::from(len) | (u64::from(id) << 32) | (u64::from(flags) << 48)).to_le()
+    }
+
     /// Write ring entry `pos` whole: address, then length, id and flags in one store,
     /// releasing: everything written before it is visible to a device that sees the
     /// flags.
     #[inline]
     fn put_desc(&self, pos: u16, addr: u64, len: u32, id: u16, flags: u16) {
         self.put_addr(pos, addr);
-        let tail = u64::from(len) | (u64::from(id) << 32) | (u64::from(flags) << 48);
-        self.tail(pos).store(tail.to_le(), Ordering::Release);
+        self.tail(pos)
+            .store(Self::tail_word(len, id, flags), Ordering::Release);
+    }
+
+    /// Write the first descriptor of a buffer at `pos`: as [`put_desc`](Self::put_desc),
+    /// except for the first buffer since the last publish, whose length, id and flags
+    /// wait for `publish` (the batch's one deferred store).
+    #[inline]
+    fn put_head(&mut self, pos: u16, addr: u64, len: u32, id: u16, flags: u16) {
+        self.put_addr(pos, addr);
+        let tail = Self::tail_word(len, id, flags);
+        if self.unpublished == 0 && self.withheld.is_none() {
+            self.withheld = Some((pos, tail));
+        } else {
+            self.tail(pos).store(tail, Ordering::Release);
+        }
+    }
+
+    /// Make the batch available: store the withheld first descriptor's flags (after
+    /// every other store of the batch: releasing).
+    #[inline]
+    fn release_withheld(&mut self) {
+        if let Some((pos, tail)) = self.withheld.take() {
+            self.tail(pos).store(tail, Ordering::Release);
+        }
     }
 
     /// The driver area (the driver event suppression structure), one 4-byte word:
@@ -485,7 +522,7 @@ impl PackedQueue {
         };
         let writable = Self::fill_table(table, segs, n_out);
         let pos = self.next_avail;
-        self.put_desc(
+        self.put_head(
             pos,
             table_iova,
             (segs.len() * DESC_SIZE) as u32,
@@ -512,9 +549,13 @@ impl PackedQueue {
     }
 
     /// Queue a request: `segs[..n_out]` are read by the device, the rest written by it.
-    /// The request is available to the device as soon as this returns (its first
-    /// descriptor's flags are the last store); [`publish`](Self::publish) decides
-    /// whether to notify.
+    /// Nothing is visible to the device until [`publish`](Self::publish), as on a split
+    /// ring: the first buffer added since the last publish keeps its first descriptor's
+    /// flags back (the device reads the ring in order, so it stops there), and publish
+    /// stores them, making the batch available at once. A device that polls the ring
+    /// then takes a batch in one pass instead of chasing each descriptor as it is
+    /// written (every line of four descriptors moving back and forth between the two
+    /// caches up to four times).
     pub fn add(
         &mut self,
         segs: &[Segment],
@@ -552,7 +593,7 @@ impl PackedQueue {
                 return Err(QueueFull);
             };
             let writable = Self::fill_table(table, segs, n_out);
-            self.put_desc(
+            self.put_head(
                 first,
                 table_iova,
                 (segs.len() * DESC_SIZE) as u32,
@@ -583,7 +624,7 @@ impl PackedQueue {
             (pos, wrap) = self.step(pos, wrap);
         }
         // Then the first, whose flags make the whole chain available.
-        self.put_desc(
+        self.put_head(
             first,
             segs[0].addr,
             segs[0].len,
@@ -594,15 +635,16 @@ impl PackedQueue {
         Ok(())
     }
 
-    /// Notify the device if it asks for it: one call per batch (a packed ring has no
-    /// index to publish: buffers are available once added). Returns whether a
-    /// notification was sent.
+    /// Make the requests added since the last call available (one store: the withheld
+    /// flags of the batch's first buffer) and notify the device if it asks for it. One
+    /// call per batch. Returns whether a notification was sent.
     pub fn publish(&mut self) -> Result<bool> {
         let added = self.unpublished;
         if added == 0 {
             return Ok(false);
         }
         self.unpublished = 0;
+        self.release_withheld();
         // The flags stores before the load of the device's suppression state (virtio
         // 1.2 2.8.21.3.1: a store-load barrier).
         full_barrier();
@@ -645,6 +687,9 @@ impl PackedQueue {
         }
         self.renotifications += 1;
         self.notifications += 1;
+        // Whatever was added is made available first: a notification is about it.
+        self.release_withheld();
+        full_barrier();
         self.notifier.notify(self.index)
     }
 

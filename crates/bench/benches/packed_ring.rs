@@ -1,0 +1,168 @@
+//! Packed vs split virtqueues on one SPDK vhost-blk controller that offers both
+//! (`blk.null.packed`: a Null bdev, `vhost_create_blk_controller -p`), with SPDK's own
+//! initiator (bdevperf, split rings only) as the third contender.
+//!
+//! SPDK v25.09's vhost target runs on CPU 0; `vireo perf` with `packed_ring` on,
+//! `vireo perf` with `packed_ring` off and bdevperf take turns on CPU 1 (the order
+//! rotates each round: ABC, BCA, CAB), 4 KiB random reads, one queue each. Per QD the
+//! bench prints the median of the per-round ratios packed/split, packed/SPDK and
+//! split/SPDK (the three runs of a round are back to back, so their ratios are the
+//! least exposed to the machine's slow phases), the median IOPS of each, and every run
+//! in order (stderr).
+//!
+//! `cargo bench -p vireo-bench --bench packed_ring -- [--seconds S] [--rounds R] [--qd 1,32,128] [--vq-size N]`
+//! (`--vq-size`: vireo's queue size for both rings, default vireo's 128).
+//!
+//! Needs an SPDK build (`SPDK_DIR` or `VIREO_SPDK_DIR`); without one it says SKIPPED
+//! and exits 0. It builds `vireo` in release mode first.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use vireo_peers::spdk::{self, SpdkBuild, SpdkVhost};
+
+fn run(mut cmd: Command, parse: impl Fn(&str) -> Option<f64>) -> f64 {
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse(&text).unwrap_or_else(|| {
+        panic!(
+            "no IOPS in the output of {cmd:?}:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn vireo_iops(text: &str) -> Option<f64> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    if v["total"]["errors"] != 0 {
+        return None;
+    }
+    v["total"]["iops"].as_f64()
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn vireo_binary() -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let ok = Command::new(cargo)
+        .args(["build", "--release", "-p", "vireo", "--bin", "vireo"])
+        .status()
+        .expect("cargo build")
+        .success();
+    assert!(ok, "cargo build --release -p vireo failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    target.join("release/vireo")
+}
+
+fn main() {
+    let mut secs = 3.0;
+    let mut rounds = 5;
+    let mut qds = vec![1usize, 32, 128];
+    let mut vq_size: Option<u16> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().expect("a value");
+        match a.as_str() {
+            "--seconds" => secs = value().parse().expect("--seconds N"),
+            "--rounds" => rounds = value().parse().expect("--rounds N"),
+            "--qd" => {
+                qds = value()
+                    .split(',')
+                    .map(|q| q.parse().expect("--qd N,M"))
+                    .collect()
+            }
+            "--vq-size" => vq_size = Some(value().parse().expect("--vq-size N")),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let build = match SpdkBuild::from_env() {
+        Ok(b) => b,
+        Err(why) => {
+            spdk::skipped("bench packed_ring", &why);
+            return;
+        }
+    };
+    let vireo = vireo_binary();
+    let target = SpdkVhost::start(&build, 0).expect("SPDK vhost");
+    let sock = target.socket("blk.null.packed");
+    let conf = |ring: &str| {
+        let mut c: serde_json::Value =
+            serde_json::from_str(&spdk::attach_config("V", &sock, "blk", None)).unwrap();
+        c["subsystems"][0]["config"][0]["params"]["packed_ring"] = ring.into();
+        if let Some(n) = vq_size {
+            c["subsystems"][0]["config"][0]["params"]["vq_size"] = n.into();
+        }
+        let p = target.dir().join(format!("vireo-{ring}.json"));
+        std::fs::write(&p, c.to_string()).unwrap();
+        p
+    };
+    let (packed_conf, split_conf) = (conf("on"), conf("off"));
+    // SPDK's virtio-blk initiator wants a second queue in its config.
+    let bconf = target.dir().join("bdevperf.json");
+    std::fs::write(
+        &bconf,
+        spdk::attach_config("VirtioX", &sock, "blk", Some(2)),
+    )
+    .unwrap();
+    println!(
+        "4 KiB randread on SPDK v25.09 vhost-blk blk.null.packed (Null bdev, target on CPU 0), one queue, initiator on CPU 1, {secs} s x {rounds} rounds, order rotating; medians of the per-round ratios, median IOPS; vireo queue size {}, SPDK's 512",
+        vq_size.unwrap_or(128)
+    );
+    println!(
+        "{:>4} {:>13} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "QD", "packed/split", "packed/SPDK", "split/SPDK", "packed IOPS", "split IOPS", "SPDK IOPS"
+    );
+    for &qd in &qds {
+        let mut runs: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+        for round in 0..rounds {
+            for k in 0..3 {
+                let who = (round + k) % 3;
+                let q = qd.to_string();
+                let t = secs.to_string();
+                let a = ["-q", &q, "-o", "4096", "-w", "randread", "-t", &t];
+                let iops = if who < 2 {
+                    let mut c = Command::new(&vireo);
+                    c.args(["perf", "--json", "-m", "1", "-c"])
+                        .arg(if who == 0 { &packed_conf } else { &split_conf })
+                        .args(a);
+                    run(c, vireo_iops)
+                } else {
+                    let mut c = build.bdevperf_on(1);
+                    c.arg("--json").arg(&bconf).args(a);
+                    run(c, spdk::bdevperf_total_iops)
+                };
+                runs[who].push(iops);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        let ratio = |a: usize, b: usize| {
+            let r: Vec<f64> = runs[a].iter().zip(&runs[b]).map(|(x, y)| x / y).collect();
+            (median(&r), r)
+        };
+        let (ps, ps_all) = ratio(0, 1);
+        let (pd, _) = ratio(0, 2);
+        let (sd, _) = ratio(1, 2);
+        println!(
+            "{qd:>4} {ps:>13.2} {pd:>12.2} {sd:>12.2} {:>12.0} {:>12.0} {:>12.0}",
+            median(&runs[0]),
+            median(&runs[1]),
+            median(&runs[2])
+        );
+        eprintln!(
+            "  QD{qd} runs in order: packed {:.0?}, split {:.0?}, SPDK {:.0?}; packed/split per round {:.2?}",
+            runs[0], runs[1], runs[2], ps_all
+        );
+    }
+}
