@@ -21,6 +21,9 @@ pub enum TrType {
     User,
     /// virtio-pci function.
     Pci,
+    /// A virtio PCI device served over a vfio-user socket (SPDK's spelling `vfio-user`).
+    #[serde(rename = "vfio-user")]
+    VfioUser,
 }
 
 /// Which virtio device.

@@ -90,15 +90,20 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
         )));
     }
     let trtype = match get_str(p, "trtype", ctx)?
-        .ok_or_else(|| cfg_err(format!("{ctx}: \"trtype\" is required (user or pci)")))?
+        .ok_or_else(|| {
+            cfg_err(format!(
+                "{ctx}: \"trtype\" is required (user, pci or vfio-user)"
+            ))
+        })?
         .to_ascii_lowercase()
         .as_str()
     {
         "user" => TrType::User,
         "pci" => TrType::Pci,
+        "vfio-user" => TrType::VfioUser,
         other => {
             return Err(cfg_err(format!(
-                "{ctx}: \"trtype\" must be \"user\" or \"pci\", got {other:?}"
+                "{ctx}: \"trtype\" must be \"user\", \"pci\" or \"vfio-user\", got {other:?}"
             )))
         }
     };
@@ -331,6 +336,9 @@ pub fn find_conflict(attaches: &[AttachParams]) -> Option<Conflict> {
                         }
                     ),
                     (TrType::Pci, t) => format!("the PCI function {t}"),
+                    (TrType::VfioUser, t) => {
+                        format!("the vfio-user socket {t:?} (a server serves one client at a time)")
+                    }
                 };
                 return conflict(
                     ConflictKind::Address,
@@ -405,6 +413,27 @@ mod tests {
                 packed_ring: Default::default(),
             })]
         );
+    }
+
+    #[test]
+    fn vfio_user_parses_and_saves_with_spdks_spelling() {
+        let doc = attach(
+            json!({"name":"F","trtype":"vfio-user","traddr":"/run/vfu.blk","dev_type":"blk","reconnect_timeout":10}),
+        );
+        let calls = parse_config(&doc).unwrap();
+        let ConfigCall::Attach(p) = &calls[0] else {
+            panic!("{calls:?}")
+        };
+        assert_eq!(p.trtype, TrType::VfioUser);
+        assert_eq!(attach_to_json(p)["trtype"], "vfio-user");
+        let back = parse_config(&attach(attach_to_json(p))).unwrap();
+        assert_eq!(back, calls);
+        let e = parse_config(&attach(
+            json!({"name":"F","trtype":"vfio_user","traddr":"/s","dev_type":"blk"}),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("\"vfio-user\""), "{e}");
     }
 
     #[test]

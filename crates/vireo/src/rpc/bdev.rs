@@ -208,6 +208,10 @@ fn virtio_json(reg: &Registry, a: &AttachParams) -> Value {
             v["type"] = "pci".into();
             v["pci_address"] = a.traddr.clone().into();
         }
+        vireo_bdev::TrType::VfioUser => {
+            v["type"] = "vfio-user".into();
+            v["socket"] = a.traddr.clone().into();
+        }
     }
     v
 }
