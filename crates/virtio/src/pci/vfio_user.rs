@@ -646,6 +646,138 @@ mod tests {
         assert!(parse_sparse(&p, 4000).is_err());
     }
 
+    /// A scripted server: reads one message, answers with what `answer` returns
+    /// (flags, errno, payload, message id offset), for each step.
+    type Step = Box<dyn Fn(u16, &[u8]) -> (u32, u32, Vec<u8>, u16) + Send>;
+
+    fn serve(steps: Vec<Step>) -> std::path::PathBuf {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "vireo-vfu-test-{}-{}.sock",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            for step in steps {
+                let mut h = [0u8; HEADER];
+                if s.read_exact(&mut h).is_err() {
+                    return;
+                }
+                let mut p = vec![0u8; le32(&h, 4) as usize - HEADER];
+                s.read_exact(&mut p).unwrap();
+                let (id, cmd) = (le16(&h, 0), le16(&h, 2));
+                let (flags, errno, body, skew) = step(cmd, &p);
+                let mut m = Vec::new();
+                m.extend_from_slice(&id.wrapping_add(skew).to_le_bytes());
+                m.extend_from_slice(&cmd.to_le_bytes());
+                m.extend_from_slice(&((HEADER + body.len()) as u32).to_le_bytes());
+                m.extend_from_slice(&flags.to_le_bytes());
+                m.extend_from_slice(&errno.to_le_bytes());
+                m.extend_from_slice(&body);
+                s.write_all(&m).unwrap();
+            }
+            // Keep the connection open until the client goes.
+            let mut b = [0u8; 1];
+            let _ = s.read(&mut b);
+        });
+        path
+    }
+
+    fn version(major: u16) -> Step {
+        Box::new(move |cmd, _| {
+            assert_eq!(cmd, VERSION);
+            let mut b = major.to_le_bytes().to_vec();
+            b.extend_from_slice(&MINOR.to_le_bytes());
+            b.extend_from_slice(b"{\"capabilities\":{\"max_data_xfer_size\":65536}}\0");
+            (TYPE_REPLY, 0, b, 0)
+        })
+    }
+
+    fn connect(path: &Path) -> Result<VfuClient> {
+        VfuClient::connect(path, Duration::from_secs(2))
+    }
+
+    #[test]
+    fn a_reply_to_another_message_poisons_the_connection() {
+        let echo_read: Step = Box::new(|_, p| {
+            let mut b = p.to_vec();
+            b.extend_from_slice(&[0u8; 4]);
+            (TYPE_REPLY, 0, b, 1)
+        });
+        let path = serve(vec![version(0), echo_read]);
+        let c = connect(&path).unwrap();
+        let mut buf = [0u8; 4];
+        let e = c.region_read(7, 0, &mut buf).unwrap_err().to_string();
+        assert!(e.contains("reply to message"), "{e}");
+        assert!(c.broken_flag().load(Ordering::Acquire));
+        let e = c.region_read(7, 0, &mut buf).unwrap_err().to_string();
+        assert!(e.contains("failed earlier"), "{e}");
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_refusal_fails_one_call_and_short_answers_are_caught() {
+        let refuse: Step =
+            Box::new(|_, _| (TYPE_REPLY | FLAG_ERROR, libc::EINVAL as u32, vec![], 0));
+        // A read answered with fewer bytes than asked.
+        let short_read: Step = Box::new(|_, p| {
+            let mut b = p.to_vec();
+            b[12..16].copy_from_slice(&2u32.to_le_bytes());
+            b.extend_from_slice(&[0u8; 2]);
+            (TYPE_REPLY, 0, b, 0)
+        });
+        let not_pci: Step = Box::new(|_, _| {
+            let mut b = vec![0u8; 16];
+            b[0..4].copy_from_slice(&16u32.to_le_bytes());
+            b[8..12].copy_from_slice(&9u32.to_le_bytes());
+            (TYPE_REPLY, 0, b, 0)
+        });
+        let path = serve(vec![version(0), refuse, not_pci, short_read]);
+        let c = connect(&path).unwrap();
+        let e = c.region_write(4, 0, &[1, 0]).unwrap_err().to_string();
+        assert!(
+            e.contains("refused VFIO_USER_REGION_WRITE") && e.contains("Invalid argument"),
+            "{e}"
+        );
+        assert!(
+            !c.broken_flag().load(Ordering::Acquire),
+            "a refusal is an answer"
+        );
+        let e = c.device_info().unwrap_err().to_string();
+        assert!(e.contains("not a PCI device"), "{e}");
+        let mut buf = [0u8; 4];
+        let e = c.region_read(7, 0, &mut buf).unwrap_err().to_string();
+        assert!(e.contains("answered with"), "{e}");
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn another_protocol_version_or_silence_is_not_vfio_user() {
+        let path = serve(vec![version(1)]);
+        let e = connect(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("does not speak vfio-user") && e.contains("version 1.1"),
+            "{e}"
+        );
+        let _ = std::fs::remove_file(path);
+        // A server that reads and never answers: bounded by the timeout.
+        let path = serve(vec![Box::new(|_, _| {
+            std::thread::sleep(Duration::from_secs(5));
+            (TYPE_REPLY, 0, vec![], 0)
+        })]);
+        let e = VfuClient::connect(&path, Duration::from_millis(300))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("does not speak vfio-user") && e.contains("no answer in time"),
+            "{e}"
+        );
+        let _ = std::fs::remove_file(path);
+    }
+
     #[test]
     fn json_numbers_are_read() {
         let t = br#"{"capabilities":{"max_msg_fds":8,"max_data_xfer_size": 1048576,"migration":{"pgsize":4096}}}"#;
