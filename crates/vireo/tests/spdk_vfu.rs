@@ -293,7 +293,12 @@ fn a_socket_that_does_not_speak_vfio_user_is_refused() {
             let _ = s.write_all(&[0xffu8; 64]);
         }
     });
+    // A vhost-user target (the in-tree one).
+    let vhost = dir.path().join("vhost.sock");
+    let mut target = spawn_vireo(&["target", "--type", "blk", "-s", vhost.to_str().unwrap()]);
+    wait_for_socket(&vhost);
     for (sock, what) in [
+        (&vhost, "a vhost-user socket needs trtype \"user\""),
         (&silent, "does not speak vfio-user"),
         (&garbage, "does not speak vfio-user"),
         (&dir.path().join("none.sock"), "cannot connect"),
@@ -302,4 +307,6 @@ fn a_socket_that_does_not_speak_vfio_user_is_refused() {
         let out = vireo().args(["bdevs", "-c"]).arg(&conf).output().unwrap();
         assert_fails_with(&out, what);
     }
+    let _ = target.kill();
+    let _ = target.wait();
 }
