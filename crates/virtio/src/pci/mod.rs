@@ -136,6 +136,7 @@ enum ConfigSpace {
 const PCI_COMMAND: u64 = 0x04;
 const CMD_MEMORY: u16 = 0x2;
 const CMD_BUS_MASTER: u16 = 0x4;
+const CMD_INTX_DISABLE: u16 = 0x400;
 
 impl ConfigSpace {
     /// Set and clear bits of the command register.
@@ -444,7 +445,9 @@ impl PciTransport {
         if vfio_user::VfuClient::resettable(&info) {
             client.reset()?;
         }
-        config.command(CMD_MEMORY, CMD_BUS_MASTER)?;
+        // vireo polls: INTx off too (no interrupt fds are set up; SPDK's endpoints would
+        // otherwise try to raise INTx for every completion batch and log a failure).
+        config.command(CMD_MEMORY | CMD_INTX_DISABLE, CMD_BUS_MASTER)?;
         let caps = caps::parse(&image, &name)?;
         let gone = Arc::new(AtomicBool::new(false));
         let mut regions: Vec<Option<vfio_user::RegionInfo>> = (0..6).map(|_| None).collect();
