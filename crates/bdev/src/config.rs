@@ -218,7 +218,7 @@ impl AttachParams {
         }
         if self.reconnect_timeout.is_some() && self.trtype == TrType::Pci {
             return bad(
-                "\"reconnect_timeout\" applies to vhost-user controllers (trtype \"user\"); a PCI function does not go away and come back".into(),
+                "\"reconnect_timeout\" applies to vhost-user and vfio-user controllers (trtype \"user\", \"vfio-user\"); a PCI function does not go away and come back".into(),
             );
         }
         Ok(())

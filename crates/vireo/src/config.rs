@@ -146,7 +146,7 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
     let reconnect_timeout = seconds("reconnect_timeout")?;
     if reconnect_timeout.is_some() && trtype == TrType::Pci {
         return Err(cfg_err(format!(
-            "{ctx}: \"reconnect_timeout\" applies to vhost-user controllers (trtype \"user\"); a PCI function does not go away and come back"
+            "{ctx}: \"reconnect_timeout\" applies to vhost-user and vfio-user controllers (trtype \"user\", \"vfio-user\"); a PCI function does not go away and come back"
         )));
     }
     let packed_ring = match get_str(p, "packed_ring", ctx)? {
