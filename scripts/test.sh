@@ -18,6 +18,10 @@ spdk_notice() {
   else
     echo "SPDK tests use the build at ${VIREO_SPDK_DIR:-$SPDK_DIR}" >&2
   fi
+  if [ -z "${VIREO_SPDK_VFU_DIR:-${SPDK_VFU_DIR:-}}" ]; then
+    echo "SKIPPED: SPDK vfio-user tests (crates/vireo/tests/spdk_vfu.rs): set SPDK_VFU_DIR to" >&2
+    echo "  an SPDK v25.09 build with vfio-user (../shared/peers/spdk-vhost.sh build-vfu)." >&2
+  fi
   if [ -z "${VIREO_FIO:-}" ]; then
     echo "SKIPPED: fio on the C library (crates/capi/tests/fio.rs): set VIREO_FIO to a fio" >&2
     echo "  binary built with the libblkio engine against this library (docs/capi.md)." >&2

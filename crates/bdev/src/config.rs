@@ -26,6 +26,9 @@ pub enum TrType {
     /// The kernel's vhost-scsi (`/dev/vhost-scsi`, a LIO target named by `wwpn`).
     #[serde(rename = "vhost-kernel")]
     VhostKernel,
+    /// A virtio PCI device served over a vfio-user socket (SPDK's spelling `vfio-user`).
+    #[serde(rename = "vfio-user")]
+    VfioUser,
 }
 
 impl TrType {
@@ -36,6 +39,7 @@ impl TrType {
             TrType::Pci => "pci",
             TrType::Vdpa => "vdpa",
             TrType::VhostKernel => "vhost-kernel",
+            TrType::VfioUser => "vfio-user",
         }
     }
 }
@@ -234,9 +238,11 @@ impl AttachParams {
                 }
             }
         }
-        if self.reconnect_timeout.is_some() && self.trtype != TrType::User {
+        if self.reconnect_timeout.is_some()
+            && !matches!(self.trtype, TrType::User | TrType::VfioUser)
+        {
             return bad(format!(
-                "\"reconnect_timeout\" applies to vhost-user controllers (trtype \"user\"); a {} device does not go away and come back",
+                "\"reconnect_timeout\" applies to vhost-user and vfio-user controllers (trtype \"user\", \"vfio-user\"); a {} device does not go away and come back",
                 self.trtype.as_str()
             ));
         }

@@ -273,6 +273,37 @@ impl Registry {
                     })?,
                 )
             }
+            TrType::VfioUser => {
+                let t = PciTransport::open_vfio_user(
+                    Path::new(&params.traddr),
+                    self.memory.clone(),
+                    vireo_virtio::pci::vfio_user::REPLY_TIMEOUT,
+                )
+                .map_err(|source| BdevError::Virtio {
+                    name: params.name.clone(),
+                    source,
+                })?;
+                let want = match params.dev_type {
+                    DevType::Blk => VirtioKind::Blk,
+                    DevType::Scsi => VirtioKind::Scsi,
+                };
+                match t.kind() {
+                    Some(k) if k == want => {}
+                    k => {
+                        return Err(BdevError::Unsatisfiable {
+                            name: params.name.clone(),
+                            reason: format!(
+                                "the vfio-user device at {} is a virtio-{} device, not virtio-{}: attach it with dev_type \"{}\"",
+                                params.traddr,
+                                k.map(|k| k.name()).unwrap_or_default(),
+                                want.name(),
+                                k.map(|k| k.name()).unwrap_or_default()
+                            ),
+                        })
+                    }
+                }
+                Box::new(t)
+            }
             TrType::User => Box::new(
                 VhostUserTransport::connect_with_options(
                     Path::new(&params.traddr),
@@ -316,7 +347,7 @@ impl Registry {
         // How long I/O waits for the device to come back: vhost-user reconnection, or a
         // PCI device reset (the last step of io_timeout escalation; 5 s to come back).
         let reconnect = match params.trtype {
-            TrType::User => params.reconnect_timeout,
+            TrType::User | TrType::VfioUser => params.reconnect_timeout,
             TrType::Pci => params.io_timeout.map(|_| std::time::Duration::from_secs(5)),
             TrType::Vdpa | TrType::VhostKernel => None,
         };

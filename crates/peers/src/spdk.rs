@@ -348,6 +348,269 @@ impl Drop for SpdkVhost {
     }
 }
 
+/// The environment variables that point at an SPDK build configured `--with-vfio-user`
+/// (`spdk-vhost.sh build-vfu`), in order of preference.
+pub const VFU_ENV_VARS: [&str; 2] = ["VIREO_SPDK_VFU_DIR", "SPDK_VFU_DIR"];
+
+/// The endpoints [`SpdkVfu::start`] creates: (socket name, type). Both offer packed
+/// rings (split-ring drivers still work on them); the scsi one has targets 0 and 1.
+pub const VFU_ENDPOINTS: [(&str, &str); 2] = [("vfu.blk", "blk"), ("vfu.scsi", "scsi")];
+
+/// An SPDK build with vfio-user: `build/bin/spdk_tgt` (serving `vfu_virtio` endpoints),
+/// `build/examples/bdevperf`, `scripts/rpc.py`, and the libvfio-user it was built with.
+#[derive(Debug, Clone)]
+pub struct SpdkVfuBuild {
+    build: SpdkBuild,
+}
+
+impl SpdkVfuBuild {
+    /// The build named by `VIREO_SPDK_VFU_DIR` or `SPDK_VFU_DIR`; `Err` says why there is
+    /// none.
+    pub fn from_env() -> Result<SpdkVfuBuild, String> {
+        let Some((var, dir)) = VFU_ENV_VARS
+            .iter()
+            .find_map(|v| std::env::var_os(v).map(|d| (*v, PathBuf::from(d))))
+        else {
+            return Err(format!(
+                "no SPDK build with vfio-user: set {} to an SPDK v25.09 tree built by `spdk-vhost.sh build-vfu` (configure --with-vfio-user)",
+                VFU_ENV_VARS.join(" or ")
+            ));
+        };
+        let b = SpdkVfuBuild {
+            build: SpdkBuild { dir },
+        };
+        for p in [
+            b.tgt(),
+            b.build.bdevperf(),
+            b.build.rpc_py(),
+            b.libvfio_user(),
+        ] {
+            if !p.exists() {
+                return Err(format!(
+                    "{var}={}: {} is missing",
+                    b.build.dir.display(),
+                    p.display()
+                ));
+            }
+        }
+        Ok(b)
+    }
+
+    /// The target binary.
+    pub fn tgt(&self) -> PathBuf {
+        self.build.dir.join("build/bin/spdk_tgt")
+    }
+
+    fn libvfio_user(&self) -> PathBuf {
+        self.build.dir.join("build/libvfio-user/usr/local/lib")
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut c = self.build.command(program);
+        let mut ld = self.libvfio_user().into_os_string();
+        if let Some(old) = c.get_envs().find(|(k, _)| *k == "LD_LIBRARY_PATH") {
+            if let Some(v) = old.1 {
+                ld.push(":");
+                ld.push(v);
+            }
+        }
+        c.env("LD_LIBRARY_PATH", ld);
+        c
+    }
+
+    /// `bdevperf` pinned to `core`, with 512 MiB of hugepage memory in one file, no PCI,
+    /// and IOVA = VA (`--iova-mode va`: with physical addresses the vfio-user target
+    /// cannot map the queues and bdevperf hangs); add the workload arguments. Run it
+    /// with a time limit.
+    pub fn bdevperf_on(&self, core: usize) -> Command {
+        let mut c = self.command(&self.build.bdevperf());
+        c.args([
+            "-m",
+            &format!("{:#x}", 1u64 << core),
+            "-s",
+            "512",
+            "-u",
+            "-g",
+            "--iova-mode",
+            "va",
+        ]);
+        c
+    }
+}
+
+/// A running SPDK target with the [`VFU_ENDPOINTS`] (Malloc bdevs of 64 MiB, 512 B
+/// blocks); killed on drop.
+pub struct SpdkVfu {
+    child: Child,
+    build: SpdkVfuBuild,
+    dir: tempfile::TempDir,
+    core: usize,
+}
+
+impl SpdkVfu {
+    /// Start the target pinned to `core` and create the endpoints.
+    pub fn start(build: &SpdkVfuBuild, core: usize) -> Result<SpdkVfu, String> {
+        ensure_hugepages()?;
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let child = Self::spawn(build, dir.path(), core)?;
+        let mut v = SpdkVfu {
+            child,
+            build: build.clone(),
+            dir,
+            core,
+        };
+        let base = v.dir.path().to_path_buf();
+        v.configure(&base)?;
+        Ok(v)
+    }
+
+    /// Kill the target and start it again with the same endpoints (the sockets close,
+    /// then accept again; the Malloc bdevs come back empty).
+    pub fn restart(&mut self) -> Result<(), String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for (sock, _) in VFU_ENDPOINTS {
+            let _ = std::fs::remove_file(self.socket(sock));
+        }
+        for f in ["spdk.rpc", "spdk.rpc.lock"] {
+            let _ = std::fs::remove_file(self.dir.path().join(f));
+        }
+        self.child = Self::spawn(&self.build, self.dir.path(), self.core)?;
+        // The endpoints are created in a directory of their own and moved into place
+        // once complete: a client reconnecting in between would find the scsi
+        // endpoint without its targets (SPDK adds them after creating it).
+        let staging = self.dir.path().join("staging");
+        std::fs::create_dir_all(&staging).map_err(|e| e.to_string())?;
+        self.configure(&staging)?;
+        for (sock, _) in VFU_ENDPOINTS {
+            std::fs::rename(staging.join(sock), self.socket(sock)).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn spawn(build: &SpdkVfuBuild, dir: &Path, core: usize) -> Result<Child, String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("tgt.log"))
+            .map_err(|e| e.to_string())?;
+        let mask = format!("{:#x}", 1u64 << core);
+        let mut cmd = build.command(&build.tgt());
+        die_with_parent(&mut cmd);
+        cmd.args(["-m", &mask, "-s", "512", "--iova-mode", "va", "-r"])
+            .arg(dir.join("spdk.rpc"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", build.tgt().display()))
+    }
+
+    /// Create the bdevs and the endpoints, with their sockets in `base`.
+    fn configure(&mut self, base: &Path) -> Result<(), String> {
+        let mask = format!("{:#x}", 1u64 << self.core);
+        let rpc = self.dir.path().join("spdk.rpc");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !rpc.exists() {
+            if Instant::now() > deadline || self.child.try_wait().ok().flatten().is_some() {
+                return Err(format!("SPDK spdk_tgt did not start: {}", self.log()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut first = Err(String::new());
+        for _ in 0..100 {
+            first = self.rpc(&["bdev_malloc_create", "-b", "Malloc0", "64", "512"]);
+            if first.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        first?;
+        self.rpc(&["bdev_malloc_create", "-b", "Malloc1", "64", "512"])?;
+        self.rpc(&["bdev_malloc_create", "-b", "Malloc2", "64", "512"])?;
+        let base = base.to_string_lossy().into_owned();
+        self.rpc(&["vfu_tgt_set_base_path", &base])?;
+        #[rustfmt::skip]
+        self.rpc(&["vfu_virtio_create_blk_endpoint", "vfu.blk", "--bdev-name", "Malloc0",
+            "--cpumask", &mask, "--num-queues", "2", "--qsize", "256", "--packed-ring"])?;
+        #[rustfmt::skip]
+        self.rpc(&["vfu_virtio_create_scsi_endpoint", "vfu.scsi", "--cpumask", &mask,
+            "--num-io-queues", "2", "--qsize", "256", "--packed-ring"])?;
+        for (t, b) in [("0", "Malloc1"), ("1", "Malloc2")] {
+            #[rustfmt::skip]
+            self.rpc(&["vfu_virtio_scsi_add_target", "vfu.scsi", "--scsi-target-num", t,
+                "--bdev-name", b])?;
+        }
+        Ok(())
+    }
+
+    /// The build.
+    pub fn build(&self) -> &SpdkVfuBuild {
+        &self.build
+    }
+
+    /// The socket of endpoint `name` (one of [`VFU_ENDPOINTS`]).
+    pub fn socket(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A directory that lives as long as the target (for configs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Run one SPDK RPC; its output, or an error with it.
+    pub fn rpc(&self, args: &[&str]) -> Result<String, String> {
+        let out = self
+            .build
+            .command(Path::new("python3"))
+            .arg(self.build.build.rpc_py())
+            .arg("-s")
+            .arg(self.dir.path().join("spdk.rpc"))
+            .args(args)
+            .output()
+            .map_err(|e| format!("rpc.py: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "rpc.py {}: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// What the target logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tgt.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for SpdkVfu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An SPDK JSON config attaching one controller of transport `trtype` (`user`,
+/// `vfio-user`) at `traddr`, for bdevperf or vireo.
+pub fn attach_config_tr(
+    name: &str,
+    trtype: &str,
+    traddr: &Path,
+    dev_type: &str,
+    vq_count: Option<u16>,
+) -> String {
+    attach_config(name, traddr, dev_type, vq_count).replacen(
+        r#""trtype":"user""#,
+        &format!(r#""trtype":"{trtype}""#),
+        1,
+    )
+}
+
 /// An SPDK JSON config attaching one virtio controller (for bdevperf or vireo).
 pub fn attach_config(name: &str, socket: &Path, dev_type: &str, vq_count: Option<u16>) -> String {
     let mut params = format!(

@@ -62,7 +62,7 @@ fn check_keys(p: &Map<String, Value>, allowed: &[&str], ctx: &str) -> Result<(),
 }
 
 /// The `trtype` values, for messages.
-const TRTYPES: &str = "\"user\", \"pci\", \"vdpa\" or \"vhost-kernel\"";
+const TRTYPES: &str = "\"user\", \"pci\", \"vfio-user\", \"vdpa\" or \"vhost-kernel\"";
 
 /// Parse and validate the `params` object of `bdev_virtio_attach_controller`.
 pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
@@ -102,6 +102,7 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
         "pci" => TrType::Pci,
         "vdpa" => TrType::Vdpa,
         "vhost-kernel" => TrType::VhostKernel,
+        "vfio-user" => TrType::VfioUser,
         other => {
             return Err(cfg_err(format!(
                 "{ctx}: \"trtype\" must be one of {TRTYPES}, got {other:?}"
@@ -145,9 +146,10 @@ pub fn attach_from_json(v: &Value) -> Result<AttachParams, BdevError> {
     };
     let io_timeout = seconds("io_timeout")?;
     let reconnect_timeout = seconds("reconnect_timeout")?;
-    if reconnect_timeout.is_some() && trtype == TrType::Pci {
+    if reconnect_timeout.is_some() && !matches!(trtype, TrType::User | TrType::VfioUser) {
         return Err(cfg_err(format!(
-            "{ctx}: \"reconnect_timeout\" applies to vhost-user controllers (trtype \"user\"); a PCI function does not go away and come back"
+            "{ctx}: \"reconnect_timeout\" applies to vhost-user and vfio-user controllers (trtype \"user\", \"vfio-user\"); a {} device does not go away and come back",
+            trtype.as_str()
         )));
     }
     let wwpn = get_str(p, "wwpn", ctx)?;
@@ -353,6 +355,9 @@ pub fn find_conflict(attaches: &[AttachParams]) -> Option<Conflict> {
                         "the LIO vhost target {} through {t:?} (a target serves one user at a time)",
                         b.wwpn.as_deref().unwrap_or_default()
                     ),
+                    (TrType::VfioUser, t) => {
+                        format!("the vfio-user socket {t:?} (a server serves one client at a time)")
+                    }
                 };
                 return conflict(
                     ConflictKind::Address,
@@ -428,6 +433,27 @@ mod tests {
                 packed_ring: Default::default(),
             })]
         );
+    }
+
+    #[test]
+    fn vfio_user_parses_and_saves_with_spdks_spelling() {
+        let doc = attach(
+            json!({"name":"F","trtype":"vfio-user","traddr":"/run/vfu.blk","dev_type":"blk","reconnect_timeout":10}),
+        );
+        let calls = parse_config(&doc).unwrap();
+        let ConfigCall::Attach(p) = &calls[0] else {
+            panic!("{calls:?}")
+        };
+        assert_eq!(p.trtype, TrType::VfioUser);
+        assert_eq!(attach_to_json(p)["trtype"], "vfio-user");
+        let back = parse_config(&attach(attach_to_json(p))).unwrap();
+        assert_eq!(back, calls);
+        let e = parse_config(&attach(
+            json!({"name":"F","trtype":"vfio_user","traddr":"/s","dev_type":"blk"}),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("\"vfio-user\""), "{e}");
     }
 
     #[test]

@@ -215,6 +215,10 @@ fn virtio_json(reg: &Registry, a: &AttachParams) -> Value {
                 v["wwpn"] = w.clone().into();
             }
         }
+        vireo_bdev::TrType::VfioUser => {
+            v["type"] = "vfio-user".into();
+            v["socket"] = a.traddr.clone().into();
+        }
     }
     v
 }

@@ -38,6 +38,15 @@ pub enum Bar {
         /// Length of the region.
         len: u64,
     },
+    /// Through `REGION_READ`/`REGION_WRITE` messages of a vfio-user server.
+    Remote {
+        /// The connection.
+        client: Arc<super::vfio_user::VfuClient>,
+        /// The region's index.
+        region: u32,
+        /// Length of the region.
+        len: u64,
+    },
 }
 
 // SAFETY: the mapping is device memory accessed only with volatile operations of the
@@ -105,6 +114,7 @@ impl Bar {
                 };
             }
             Bar::File { file, .. } => revoke_file(file),
+            Bar::Remote { client, .. } => client.hang_up(),
         }
     }
 
@@ -112,7 +122,7 @@ impl Bar {
     pub fn len(&self) -> u64 {
         match self {
             Bar::Mapped { len, .. } => *len as u64,
-            Bar::File { len, .. } => *len,
+            Bar::File { len, .. } | Bar::Remote { len, .. } => *len,
         }
     }
 
@@ -179,6 +189,11 @@ macro_rules! accessors {
                         Self::file_read(file, offset + off, &mut b)?;
                         Ok(<$t>::from_le_bytes(b))
                     }
+                    Bar::Remote { client, region, .. } => {
+                        let mut b = [0u8; N as usize];
+                        client.region_read(*region, off, &mut b)?;
+                        Ok(<$t>::from_le_bytes(b))
+                    }
                 }
             }
 
@@ -200,6 +215,9 @@ macro_rules! accessors {
                     }
                     Bar::File { file, offset, .. } => {
                         Self::file_write(file, offset + off, &v.to_le_bytes())
+                    }
+                    Bar::Remote { client, region, .. } => {
+                        client.region_write(*region, off, &v.to_le_bytes())
                     }
                 }
             }

@@ -12,6 +12,7 @@ pub mod bar;
 pub mod caps;
 pub mod sysfs;
 pub mod vfio;
+pub mod vfio_user;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -123,17 +124,19 @@ impl Kick for Doorbell {
     }
 }
 
-/// PCI configuration space of the function (VFIO region 7 or sysfs `config`).
+/// PCI configuration space of the function (VFIO region 7 or sysfs `config`, or a
+/// vfio-user server's region 7).
 #[derive(Debug, Clone)]
-struct ConfigSpace {
-    file: Arc<File>,
-    offset: u64,
+enum ConfigSpace {
+    File { file: Arc<File>, offset: u64 },
+    Remote(Arc<vfio_user::VfuClient>),
 }
 
 /// PCI command register: offset and the bits vireo sets.
 const PCI_COMMAND: u64 = 0x04;
 const CMD_MEMORY: u16 = 0x2;
 const CMD_BUS_MASTER: u16 = 0x4;
+const CMD_INTX_DISABLE: u16 = 0x400;
 
 impl ConfigSpace {
     /// Set and clear bits of the command register.
@@ -145,14 +148,20 @@ impl ConfigSpace {
     }
 
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        self.file
-            .read_exact_at(buf, self.offset + off)
-            .map_err(|e| Error::io("PCI configuration space read", e))
+        match self {
+            ConfigSpace::File { file, offset } => file
+                .read_exact_at(buf, offset + off)
+                .map_err(|e| Error::io("PCI configuration space read", e)),
+            ConfigSpace::Remote(c) => c.region_read(vfio_user::CONFIG_REGION, off, buf),
+        }
     }
     fn write(&self, off: u64, buf: &[u8]) -> Result<()> {
-        self.file
-            .write_all_at(buf, self.offset + off)
-            .map_err(|e| Error::io("PCI configuration space write", e))
+        match self {
+            ConfigSpace::File { file, offset } => file
+                .write_all_at(buf, offset + off)
+                .map_err(|e| Error::io("PCI configuration space write", e)),
+            ConfigSpace::Remote(c) => c.region_write(vfio_user::CONFIG_REGION, off, buf),
+        }
     }
 }
 
@@ -165,6 +174,8 @@ pub enum AccessMode {
     VfioNoIommu,
     /// uio_pci_generic.
     Uio,
+    /// A device emulated by another process, over a vfio-user socket.
+    VfioUser,
 }
 
 impl AccessMode {
@@ -174,13 +185,18 @@ impl AccessMode {
             AccessMode::VfioIommu => "vfio (IOMMU)",
             AccessMode::VfioNoIommu => "vfio (no-IOMMU)",
             AccessMode::Uio => "uio_pci_generic",
+            AccessMode::VfioUser => "vfio-user",
         }
     }
 }
 
 /// A virtio PCI function driven by vireo.
 pub struct PciTransport {
-    function: PciFunction,
+    /// The function's address, or the vfio-user socket's path.
+    name: String,
+    function: Option<PciFunction>,
+    /// The virtio device type, from the function's ids.
+    kind: Option<VirtioKind>,
     mode: AccessMode,
     mem: Arc<DmaMemory>,
     common: Window,
@@ -198,6 +214,8 @@ pub struct PciTransport {
     vfio: Arc<Mutex<Option<vfio::VfioDevice>>>,
     _mapper: Option<Arc<dyn RegionListener>>,
     bars: Vec<Arc<Bar>>,
+    /// The vfio-user connection, if the device is reached that way.
+    vfu: Option<Arc<vfio_user::VfuClient>>,
     offered: u64,
     monitor: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
     started: bool,
@@ -206,7 +224,7 @@ pub struct PciTransport {
 impl std::fmt::Debug for PciTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PciTransport")
-            .field("addr", &self.function.addr.to_string())
+            .field("addr", &self.name)
             .field("mode", &self.mode)
             .finish_non_exhaustive()
     }
@@ -247,7 +265,7 @@ impl PciTransport {
                     AccessMode::VfioNoIommu
                 };
                 let cr = dev.region(vfio::CONFIG_REGION)?;
-                config = ConfigSpace {
+                config = ConfigSpace::File {
                     file: dev.device.clone(),
                     offset: cr.offset,
                 };
@@ -263,7 +281,7 @@ impl PciTransport {
                     .map_err(|e| {
                         Error::io(format!("cannot open {} (root needed)", path.display()), e)
                     })?;
-                config = ConfigSpace {
+                config = ConfigSpace::File {
                     file: Arc::new(f),
                     offset: 0,
                 };
@@ -352,6 +370,7 @@ impl PciTransport {
         cfg.addressing = match mode {
             AccessMode::VfioIommu => Addressing::Linear { base: IOVA_BASE },
             AccessMode::VfioNoIommu | AccessMode::Uio => Addressing::Physical,
+            AccessMode::VfioUser => Addressing::Virtual,
         };
         let mem = DmaMemory::new(cfg).map_err(|e| match e {
             Error::Physical(m) => Error::Physical(format!("{bdf} ({}): {m}", mode.name())),
@@ -369,7 +388,9 @@ impl PciTransport {
             _ => None,
         };
         let t = PciTransport {
-            function,
+            name: bdf,
+            kind: function.kind,
+            function: Some(function),
             mode,
             mem,
             common,
@@ -383,20 +404,162 @@ impl PciTransport {
             vfio: Arc::new(Mutex::new(vfio_dev)),
             _mapper: mapper,
             bars: bars.into_iter().flatten().collect(),
+            vfu: None,
             offered: 0,
             monitor: None,
             started: false,
         };
-        t.reset()?;
-        t.config.command(CMD_BUS_MASTER, 0)?;
-        t.set_status(S_ACKNOWLEDGE)?;
-        t.set_status(S_ACKNOWLEDGE | S_DRIVER)?;
+        t.bring_up()?;
         Ok(t)
     }
 
-    /// The function's description.
-    pub fn function(&self) -> &PciFunction {
-        &self.function
+    /// Open the virtio PCI device a vfio-user server serves at `path`. Its DMA memory is
+    /// `mem` (shared with other controllers; device addresses are virtual addresses),
+    /// passed to the server region by region as files (`DMA_MAP`). Registers are
+    /// reached with region messages, or mapped where the server offers sparse-mmap
+    /// areas (SPDK offers the notification area, so doorbells are plain stores).
+    pub fn open_vfio_user(
+        path: &std::path::Path,
+        mem: Arc<DmaMemory>,
+        timeout: Duration,
+    ) -> Result<PciTransport> {
+        if mem.config().addressing != Addressing::Virtual {
+            return Err(Error::Features(
+                "a vfio-user device needs DMA memory addressed by virtual address".into(),
+            ));
+        }
+        let client = Arc::new(vfio_user::VfuClient::connect(path, timeout)?);
+        let name = path.display().to_string();
+        let info = client.device_info()?;
+        let config = ConfigSpace::Remote(client.clone());
+        let mut image = [0u8; 256];
+        config.read(0, &mut image)?;
+        let id = |at: usize| u16::from_le_bytes([image[at], image[at + 1]]);
+        let (vendor, device) = (id(0), id(2));
+        let (kind, _) = sysfs::virtio_kind(vendor, device, id(0x2e));
+        if kind.is_none() {
+            return Err(Error::Features(format!(
+                "the vfio-user device at {name} is not a virtio device (vendor {vendor:#06x}, device {device:#06x}); vireo drives virtio-blk and virtio-scsi"
+            )));
+        }
+        if vfio_user::VfuClient::resettable(&info) {
+            client.reset()?;
+        }
+        // vireo polls: INTx off too (no interrupt fds are set up; SPDK's endpoints would
+        // otherwise try to raise INTx for every completion batch and log a failure).
+        config.command(CMD_MEMORY | CMD_INTX_DISABLE, CMD_BUS_MASTER)?;
+        let caps = caps::parse(&image, &name)?;
+        let gone = Arc::new(AtomicBool::new(false));
+        let mut regions: Vec<Option<vfio_user::RegionInfo>> = (0..6).map(|_| None).collect();
+        let mut bars: Vec<Arc<Bar>> = Vec::new();
+        let mut remote: Vec<Option<Arc<Bar>>> = vec![None; 6];
+        let mut mapped: Vec<((u8, u64), Arc<Bar>)> = Vec::new();
+        let page = 4096u64;
+        let mut window = |loc: caps::Location| -> Result<Window> {
+            let i = loc.bar as usize;
+            if regions[i].is_none() {
+                regions[i] = Some(client.region_info(loc.bar as u32)?);
+            }
+            let r = regions[i]
+                .as_ref()
+                .ok_or_else(|| Error::Device("no region".into()))?;
+            let (off, len) = (loc.offset as u64, loc.length as u64);
+            if r.size == 0 || off.checked_add(len).is_none_or(|e| e > r.size) {
+                return Err(Error::Device(format!(
+                    "{name}: a virtio structure at {off:#x}+{len:#x} lies outside BAR {} ({} bytes)",
+                    loc.bar, r.size
+                )));
+            }
+            let area = r.sparse.iter().find(|(ao, asz)| {
+                off >= *ao && off + len <= ao + asz && (r.offset + ao).is_multiple_of(page)
+            });
+            if let (Some(&(ao, asz)), Some(fd)) = (area, r.fd.as_ref()) {
+                let bar = match mapped.iter().find(|(k, _)| *k == (loc.bar, ao)) {
+                    Some((_, b)) => b.clone(),
+                    None => {
+                        let b = Arc::new(Bar::map(fd, r.offset + ao, asz as usize, &gone)?);
+                        mapped.push(((loc.bar, ao), b.clone()));
+                        bars.push(b.clone());
+                        b
+                    }
+                };
+                return Ok(Window {
+                    bar,
+                    base: off - ao,
+                    len,
+                });
+            }
+            let bar = match &remote[i] {
+                Some(b) => b.clone(),
+                None => {
+                    let b = Arc::new(Bar::Remote {
+                        client: client.clone(),
+                        region: loc.bar as u32,
+                        len: r.size,
+                    });
+                    remote[i] = Some(b.clone());
+                    bars.push(b.clone());
+                    b
+                }
+            };
+            Ok(Window {
+                bar,
+                base: off,
+                len,
+            })
+        };
+        let common = window(caps.common)?;
+        let notify = window(caps.notify)?;
+        let device_cfg = caps.device.map(&mut window).transpose()?;
+        let mapper = Arc::new(vfio_user::VfuDmaMapper {
+            client: client.clone(),
+        });
+        let l: Arc<dyn RegionListener> = mapper.clone();
+        for r in mem.add_listener(Arc::downgrade(&l)).iter() {
+            client.dma_map(r)?;
+        }
+        let t = PciTransport {
+            name,
+            function: None,
+            kind,
+            mode: AccessMode::VfioUser,
+            mem,
+            common,
+            notify,
+            notify_mult: caps.notify_off_multiplier,
+            device_cfg,
+            config,
+            gone,
+            broken: Arc::new(AtomicBool::new(false)),
+            resetting: Arc::new(AtomicBool::new(false)),
+            vfio: Arc::new(Mutex::new(None)),
+            _mapper: Some(l),
+            bars,
+            vfu: Some(client),
+            offered: 0,
+            monitor: None,
+            started: false,
+        };
+        t.bring_up()?;
+        Ok(t)
+    }
+
+    /// Reset the device, let it master the bus, acknowledge it.
+    fn bring_up(&self) -> Result<()> {
+        self.reset()?;
+        self.config.command(CMD_BUS_MASTER, 0)?;
+        self.set_status(S_ACKNOWLEDGE)?;
+        self.set_status(S_ACKNOWLEDGE | S_DRIVER)
+    }
+
+    /// The function's description (`None` for a vfio-user device).
+    pub fn function(&self) -> Option<&PciFunction> {
+        self.function.as_ref()
+    }
+
+    /// The virtio device type, from the function's vendor and device ids.
+    pub fn kind(&self) -> Option<VirtioKind> {
+        self.kind
     }
 
     /// How the function is reached.
@@ -424,7 +587,7 @@ impl PciTransport {
             if t0.elapsed() > Duration::from_secs(1) {
                 return Err(Error::Device(format!(
                     "{}: device status is {s:#x} a second after reset (it must read 0)",
-                    self.function.addr
+                    self.name
                 )));
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -439,7 +602,10 @@ impl PciTransport {
 
 impl Transport for PciTransport {
     fn describe(&self) -> String {
-        format!("virtio-pci {} ({})", self.function.addr, self.mode.name())
+        match self.mode {
+            AccessMode::VfioUser => format!("vfio-user {}", self.name),
+            m => format!("virtio-pci {} ({})", self.name, m.name()),
+        }
     }
 
     fn device_features(&mut self) -> Result<u64> {
@@ -636,6 +802,18 @@ impl Transport for PciTransport {
         true
     }
 
+    fn reopener(&self) -> Option<crate::transport::Reopen> {
+        let client = self.vfu.as_ref()?;
+        let (path, mem) = (client.path().to_path_buf(), self.mem.clone());
+        Some(Box::new(move |timeout: Duration| {
+            Ok(Box::new(PciTransport::open_vfio_user(
+                &path,
+                mem.clone(),
+                timeout.min(vfio_user::REPLY_TIMEOUT),
+            )?) as Box<dyn Transport>)
+        }))
+    }
+
     fn reinit(&mut self) -> Result<()> {
         if let Some((stop, h)) = self.monitor.take() {
             stop.store(true, Ordering::Release);
@@ -647,10 +825,7 @@ impl Transport for PciTransport {
                 self.describe()
             )));
         }
-        self.reset()?;
-        self.config.command(CMD_BUS_MASTER, 0)?;
-        self.set_status(S_ACKNOWLEDGE)?;
-        self.set_status(S_ACKNOWLEDGE | S_DRIVER)?;
+        self.bring_up()?;
         self.offered = 0;
         self.started = false;
         self.broken = Arc::new(AtomicBool::new(false));
@@ -705,7 +880,9 @@ impl Monitor {
         for b in &self.bars {
             b.revoke();
         }
-        bar::revoke_file(&self.config.file);
+        if let ConfigSpace::File { file, .. } = &self.config {
+            bar::revoke_file(file);
+        }
         if let Some(dev) = self.vfio.lock().unwrap_or_else(|e| e.into_inner()).take() {
             bar::revoke_file(&dev.device);
         }

@@ -127,6 +127,20 @@ pub struct PciFunction {
     pub iommu_group: Option<u32>,
 }
 
+/// The virtio type of a function with these ids (`None`: not virtio) and whether it is
+/// transitional.
+pub fn virtio_kind(vendor: u16, device: u16, subsystem_device: u16) -> (Option<VirtioKind>, bool) {
+    if vendor != VIRTIO_VENDOR {
+        (None, false)
+    } else if (0x1000..=0x103f).contains(&device) {
+        (Some(VirtioKind::from_id(subsystem_device)), true)
+    } else if (0x1040..=0x107f).contains(&device) {
+        (Some(VirtioKind::from_id(device - 0x1040)), false)
+    } else {
+        (None, false)
+    }
+}
+
 /// The sysfs directory of PCI functions (overridable for tests).
 pub fn sysfs_root() -> PathBuf {
     std::env::var_os("VIREO_SYSFS_PCI")
@@ -159,15 +173,7 @@ impl PciFunction {
         let vendor = read_hex(&dir, "vendor").unwrap_or(0);
         let device = read_hex(&dir, "device").unwrap_or(0);
         let subsystem_device = read_hex(&dir, "subsystem_device").unwrap_or(0);
-        let (kind, transitional) = if vendor != VIRTIO_VENDOR {
-            (None, false)
-        } else if (0x1000..=0x103f).contains(&device) {
-            (Some(VirtioKind::from_id(subsystem_device)), true)
-        } else if (0x1040..=0x107f).contains(&device) {
-            (Some(VirtioKind::from_id(device - 0x1040)), false)
-        } else {
-            (None, false)
-        };
+        let (kind, transitional) = virtio_kind(vendor, device, subsystem_device);
         let binding = match link_name(&dir.join("driver")).as_deref() {
             Some("vfio-pci") => Binding::Vfio,
             Some("uio_pci_generic") => Binding::Uio,

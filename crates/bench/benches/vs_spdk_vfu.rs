@@ -1,0 +1,259 @@
+//! vireo vs SPDK's own virtio initiator (bdevperf `--iova-mode va`) over vfio-user, on
+//! SPDK's `vfu_virtio` endpoints.
+//!
+//! SPDK v25.09's spdk_tgt (configured `--with-vfio-user`) runs on CPU 0 with a
+//! virtio-blk endpoint (Malloc, 512 B blocks, packed rings offered) and a virtio-scsi
+//! endpoint (targets 0 and 1, Malloc); `vireo perf` and SPDK's `bdevperf` take turns
+//! (ABBA order) on CPU 1 with 4 KiB random reads on every bdev of the endpoint, with
+//! the queues each initiator picks by default, and the bench prints the median of the
+//! per-round ratios (each round's two runs are back to back), the medians and bests,
+//! and every run in order.
+//!
+//! `cargo bench -p vireo-bench --bench vs_spdk_vfu -- [--seconds S] [--rounds R] [--qd 1,32,128] [--dev blk,scsi] [--packed-ring auto|on|off]`
+//!
+//! Needs an SPDK build with vfio-user (`SPDK_VFU_DIR` or `VIREO_SPDK_VFU_DIR`, built by
+//! `spdk-vhost.sh build-vfu`); without one it says SKIPPED and exits 0. bdevperf runs
+//! under `timeout -k` (a bdevperf that cannot map its queues hangs, ignoring SIGTERM).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use vireo_peers::spdk::{self, SpdkVfu, SpdkVfuBuild};
+
+/// Resident memory of `pid` in KiB: (VmRSS, HugetlbPages).
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("HugetlbPages:"))
+}
+
+/// One run: IOPS and memory sampled in the middle of it.
+struct Run {
+    iops: f64,
+    rss_kib: u64,
+    huge_kib: u64,
+}
+
+fn run(mut cmd: Command, secs: f64, parse: impl Fn(&str) -> Option<f64>) -> Run {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    std::thread::sleep(Duration::from_secs_f64(0.3 + secs * 0.6));
+    let (rss_kib, huge_kib) = memory_kib(pid);
+    let out = child.wait_with_output().expect("wait");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let iops = parse(&text).unwrap_or_else(|| {
+        panic!(
+            "no IOPS in the output of {cmd:?}:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    Run {
+        iops,
+        rss_kib,
+        huge_kib,
+    }
+}
+
+fn vireo_iops(text: &str) -> Option<f64> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    if v["total"]["errors"] != 0 {
+        return None;
+    }
+    v["total"]["iops"].as_f64()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn vireo_binary() -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let ok = Command::new(cargo)
+        .args(["build", "--release", "-p", "vireo", "--bin", "vireo"])
+        .status()
+        .expect("cargo build")
+        .success();
+    assert!(ok, "cargo build --release -p vireo failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    target.join("release/vireo")
+}
+
+/// SPDK's bdevperf over vfio-user with `conf`, killed after `limit` seconds (it may
+/// hang, ignoring SIGTERM).
+fn bdevperf(build: &SpdkVfuBuild, conf: &Path, limit: u64) -> Command {
+    let b = build.bdevperf_on(1);
+    let mut c = Command::new("timeout");
+    c.args(["-k", "5", &limit.to_string()])
+        .arg(b.get_program())
+        .args(b.get_args())
+        .envs(
+            b.get_envs()
+                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
+        )
+        .arg("--json")
+        .arg(conf);
+    c
+}
+
+fn main() {
+    let mut secs = 3.0;
+    let mut rounds = 3;
+    let mut qds = vec![1usize, 32, 128];
+    let mut devs = vec!["blk".to_string(), "scsi".to_string()];
+    let mut packed = "auto".to_string();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut list = || {
+            args.next()
+                .expect("a value")
+                .split(',')
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        match a.as_str() {
+            "--seconds" => secs = list()[0].parse().expect("--seconds N"),
+            "--rounds" => rounds = list()[0].parse().expect("--rounds N"),
+            "--qd" => {
+                qds = list()
+                    .iter()
+                    .map(|q| q.parse().expect("--qd N,M"))
+                    .collect()
+            }
+            "--dev" => devs = list(),
+            "--packed-ring" => packed = list()[0].clone(),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let build = match SpdkVfuBuild::from_env() {
+        Ok(b) => b,
+        Err(why) => {
+            spdk::skipped("bench vs_spdk_vfu", &why);
+            return;
+        }
+    };
+    let vireo = vireo_binary();
+    let target = SpdkVfu::start(&build, 0).expect("SPDK spdk_tgt with vfio-user");
+    println!(
+        "4 KiB randread over vfio-user on SPDK v25.09 vfu_virtio (Malloc, target on CPU 0), initiator on CPU 1, {secs} s x {rounds} rounds each, ABBA; vireo packed_ring {packed}; median of the per-round ratios, medians, bests"
+    );
+    println!(
+        "{:>5} {:>4} {:>9} {:>12} {:>12} {:>6} {:>12} {:>12} {:>6}",
+        "dev",
+        "QD",
+        "pair med",
+        "vireo med",
+        "SPDK med",
+        "ratio",
+        "vireo best",
+        "SPDK best",
+        "ratio"
+    );
+    for dev in &devs {
+        let sock = target.socket(&format!("vfu.{dev}"));
+        let vconf = target.dir().join(format!("vireo-{dev}.json"));
+        let mut conf: serde_json::Value =
+            serde_json::from_str(&spdk::attach_config_tr("V", "vfio-user", &sock, dev, None))
+                .unwrap();
+        conf["subsystems"][0]["config"][0]["params"]["packed_ring"] = packed.clone().into();
+        std::fs::write(&vconf, conf.to_string()).unwrap();
+        let bconf = target.dir().join(format!("bdevperf-{dev}.json"));
+        std::fs::write(
+            &bconf,
+            spdk::attach_config_tr("VirtioX", "vfio-user", &sock, dev, None),
+        )
+        .unwrap();
+        // A first client of a fresh endpoint runs slowly (about a tenth of the rate at
+        // QD1, whichever initiator it is): one untimed run of each before the rounds.
+        for is_vireo in [true, false] {
+            let args = ["-q", "1", "-o", "4096", "-w", "randread", "-t", "1"];
+            let mut c = if is_vireo {
+                let mut c = Command::new(&vireo);
+                c.args(["perf", "--json", "-m", "1", "-c"]).arg(&vconf);
+                c
+            } else {
+                bdevperf(&build, &bconf, 31)
+            };
+            let _ = c
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        for &qd in &qds {
+            let (mut v, mut s) = (Vec::new(), Vec::new());
+            let (mut vmem, mut smem) = ((0, 0), (0, 0));
+            for round in 0..rounds {
+                let order = if round % 2 == 0 {
+                    [true, false]
+                } else {
+                    [false, true]
+                };
+                for is_vireo in order {
+                    let q = qd.to_string();
+                    let t = secs.to_string();
+                    let args = [
+                        "-q",
+                        q.as_str(),
+                        "-o",
+                        "4096",
+                        "-w",
+                        "randread",
+                        "-t",
+                        t.as_str(),
+                    ];
+                    if is_vireo {
+                        let mut c = Command::new(&vireo);
+                        c.args(["perf", "--json", "-m", "1", "-c"])
+                            .arg(&vconf)
+                            .args(args);
+                        let r = run(c, secs, vireo_iops);
+                        v.push(r.iops);
+                        vmem = (r.rss_kib, r.huge_kib);
+                    } else {
+                        let mut c = bdevperf(&build, &bconf, secs as u64 + 30);
+                        c.args(args);
+                        let r = run(c, secs, spdk::bdevperf_total_iops);
+                        s.push(r.iops);
+                        smem = (r.rss_kib, r.huge_kib);
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+            let mut pairs: Vec<f64> = v.iter().zip(&s).map(|(a, b)| a / b).collect();
+            let pair_list: Vec<String> = pairs.iter().map(|r| format!("{r:.2}")).collect();
+            let pm = median(&mut pairs);
+            let (runs_v, runs_s) = (v.clone(), s.clone());
+            let (mv, ms) = (median(&mut v), median(&mut s));
+            let best = |x: &[f64]| x.iter().copied().fold(0.0, f64::max);
+            let (bv, bs) = (best(&v), best(&s));
+            println!(
+                "{dev:>5} {qd:>4} {pm:>9.2} {mv:>12.0} {ms:>12.0} {:>6.2} {bv:>12.0} {bs:>12.0} {:>6.2}",
+                mv / ms,
+                bv / bs,
+            );
+            eprintln!(
+                "  {dev} QD{qd} runs in order: vireo {runs_v:.0?}, SPDK {runs_s:.0?}, ratios {}; RSS vireo {} MiB (+{} MiB huge), bdevperf {} MiB (+{} MiB huge)",
+                pair_list.join(" "),
+                vmem.0 / 1024,
+                vmem.1 / 1024,
+                smem.0 / 1024,
+                smem.1 / 1024
+            );
+        }
+    }
+}
