@@ -37,6 +37,7 @@ impl OutputError {
 }
 
 pub mod config;
+pub mod cpus;
 pub mod ini;
 pub mod nbd;
 pub mod rpc;

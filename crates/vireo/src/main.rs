@@ -41,7 +41,7 @@ mod target;
 // The library's modules (lib.rs), under the same paths: `crate::rpc`, `crate::ini`, ...
 // (all of them, so a module of the binary may name any; none names `config` today).
 #[allow(unused_imports)]
-use vireo::{config, ini, nbd, rpc, socket, ublk, units};
+use vireo::{config, cpus, ini, nbd, rpc, socket, ublk, units};
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 

@@ -210,9 +210,13 @@ rm -f /tmp/r.sock
 vireo serve -c /tmp/c.json -r /tmp/r.sock > /tmp/serve2.log 2>&1 &
 SP=$!
 i=0; while [ ! -S /tmp/r.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-vireo rpc -r /tmp/r.sock ublk_create_target; echo "RC create_target=$?"
+vireo rpc -r /tmp/r.sock ublk_create_target '{"cpumask":"0x3"}'; echo "RC create_target=$?"
 vireo rpc -r /tmp/r.sock ublk_recover_disk '{"bdev_name":"P","ublk_id":0}'; echo "RC recover0=$?"
 vireo rpc -r /tmp/r.sock ublk_recover_disk '{"bdev_name":"T","ublk_id":1}'; echo "RC recover1=$?"
+# the cpumask's CPUs, one per queue in turn: each queue thread pinned to its CPU
+for t in /proc/$SP/task/*; do
+  c=$(cat $t/comm); case $c in vireo-ublk*) echo "PIN $c $(awk '/Cpus_allowed_list/{print $2}' $t/status)";; esac
+done
 wait $F0; r=$?; echo "RC fio_recovery_ublkb0=$r"; [ $r = 0 ] || cat /tmp/r0.fio
 wait $F1; r=$?; echo "RC fio_recovery_ublkb1=$r"; [ $r = 0 ] || cat /tmp/r1.fio
 grep -h "issued rwts" /tmp/r0.fio /tmp/r1.fio
@@ -234,6 +238,17 @@ fn ublk_on_pci_and_target_fio_ext4_discard_recovery() {
     // Two vCPUs: the kernel gives a ublk device at most one queue per CPU.
     let smp = vec!["--smp".to_string(), "2".to_string()];
     let run = run_guest_with(&format!("{SETUP}{TESTS}"), 16, 280, &smp);
+    for pin in [
+        "PIN vireo-ublk1q0 0",
+        "PIN vireo-ublk1q1 1",
+        "PIN vireo-ublk0q0 0",
+    ] {
+        assert!(
+            run.out.contains(pin),
+            "ublk_create_target's cpumask pins the queue threads: {pin}\n{}",
+            run.out
+        );
+    }
     assert!(
         run.out.contains("\"num_queues\": 2"),
         "ublkb1 has 2 queues\n{}",

@@ -267,17 +267,6 @@ struct JobSpec {
     index: u64,
 }
 
-fn pin_to(core: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_SET writes within it; sched_setaffinity reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(core, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            tracing::warn!(core, "cannot pin thread to core");
-        }
-    }
-}
-
 /// A running job: its channel, its I/O slots and its counters.
 struct Job<'o> {
     o: &'o PerfOptions,
@@ -654,7 +643,9 @@ fn run_core(
     barrier: &Barrier,
 ) -> Result<Vec<JobResult>> {
     if let Some(s) = specs.first() {
-        pin_to(s.core);
+        if let Err(e) = crate::cpus::pin_to(s.core) {
+            tracing::warn!(core = s.core, "cannot pin thread to core: {e}");
+        }
     }
     let jobs: Result<Vec<Job<'_>>> = specs.iter().map(|s| Job::new(s, o)).collect();
     // Everybody meets at the barrier, even a thread whose setup failed.
@@ -1080,7 +1071,7 @@ mod tests {
             // Ended by the error limit (16 errors per queued I/O) long before this, which
             // only bounds a broken run.
             seconds: 60.0,
-            cores: vec![cmd::allowed_cpus().unwrap()[0]],
+            cores: vec![crate::cpus::allowed_cpus().unwrap()[0]],
             read_percent: 100,
             seed: 1,
             progress: false,

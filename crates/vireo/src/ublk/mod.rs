@@ -193,6 +193,9 @@ pub struct DiskInfo {
 pub struct UblkTarget {
     ctrl: Control,
     cpumask: Option<String>,
+    /// The CPUs of `cpumask` (empty without one): queue `q` of a device runs on
+    /// `cpus[q % cpus.len()]`, as SPDK spreads its ublk queues over the mask's cores.
+    cpus: Vec<usize>,
     disks: Mutex<BTreeMap<u32, Disk>>,
     reg: Arc<Registry>,
     watcher_stop: Arc<AtomicBool>,
@@ -257,11 +260,18 @@ impl UblkTarget {
     /// Open the control device (the errors say what to load or upgrade) and start the
     /// watcher that removes the devices of bdevs that go away.
     pub fn new(reg: Arc<Registry>, cpumask: Option<String>) -> Result<Arc<UblkTarget>, UblkError> {
+        let cpus = match &cpumask {
+            None => Vec::new(),
+            Some(m) => crate::cpus::allowed_cpus()
+                .and_then(|allowed| crate::cpus::parse_cores("cpumask", m, &allowed))
+                .map_err(|e| UblkError::Invalid(format!("{e:#}")))?,
+        };
         let ctrl = Control::open()?;
         tracing::info!("ublk: driver features {:#x}", ctrl.features);
         let t = Arc::new(UblkTarget {
             ctrl,
             cpumask,
+            cpus,
             disks: Mutex::new(BTreeMap::new()),
             reg,
             watcher_stop: Arc::new(AtomicBool::new(false)),
@@ -474,9 +484,20 @@ impl UblkTarget {
                 kick,
             };
             let tx = tx.clone();
+            let cpu = (!self.cpus.is_empty()).then(|| self.cpus[q_id as usize % self.cpus.len()]);
             let t = std::thread::Builder::new()
                 .name(format!("vireo-ublk{id}q{q_id}"))
-                .spawn(move || queue::run(spec, tx))
+                .spawn(move || {
+                    if let Some(c) = cpu {
+                        if let Err(e) = crate::cpus::pin_to(c) {
+                            tracing::warn!(
+                                cpu = c,
+                                "ublk queue {q_id}: cannot pin to its CPU: {e}"
+                            );
+                        }
+                    }
+                    queue::run(spec, tx)
+                })
                 .map_err(|e| UblkError::Io("start a ublk queue thread", e));
             match t {
                 Ok(t) => disk.threads.push(t),

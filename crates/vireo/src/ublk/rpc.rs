@@ -265,13 +265,15 @@ mod tests {
     #[test]
     fn create_target_names_what_is_missing() {
         let m = methods();
-        match m.call("ublk_create_target", &json!({"cpumask": "0x1"})) {
+        // A CPU this process may run on (under taskset too).
+        let mask = format!("{:#x}", 1u128 << crate::cpus::allowed_cpus().unwrap()[0]);
+        match m.call("ublk_create_target", &json!({"cpumask": mask})) {
             Ok(v) => {
                 assert_eq!(v, json!(true));
                 let cfg = m.call("framework_get_config", &json!({"name": "ublk"}));
                 assert_eq!(
                     cfg,
-                    Ok(json!([{"method": "ublk_create_target", "params": {"cpumask": "0x1"}}]))
+                    Ok(json!([{"method": "ublk_create_target", "params": {"cpumask": mask}}]))
                 );
                 m.call("ublk_destroy_target", &Value::Null).unwrap();
             }
@@ -283,6 +285,25 @@ mod tests {
                 eprintln!("ublk_create_target here: {}", e.message);
             }
         }
+    }
+
+    /// `cpumask` must name CPUs this process may run on (its queues are pinned to them):
+    /// anything else is refused with the set it may use, before the driver is opened.
+    #[test]
+    fn create_target_refuses_a_cpumask_outside_the_allowed_cpus() {
+        let m = methods();
+        for bad in ["0x0", "0x10000000000000000000000000000000", "[3-1]", "x"] {
+            let e = m
+                .call("ublk_create_target", &json!({"cpumask": bad}))
+                .unwrap_err();
+            assert!(e.message.contains("cpumask"), "{bad}: {e:?}");
+        }
+        let e = m
+            .call("ublk_create_target", &json!({"cpumask": "[127]"}))
+            .unwrap_err();
+        assert!(e.message.contains("may run on"), "{e:?}");
+        // Nothing was created.
+        assert!(m.call("ublk_destroy_target", &Value::Null).is_err());
     }
 
     /// A configuration's ublk subsystem holds only target and device calls; an empty
