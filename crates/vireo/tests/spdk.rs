@@ -192,7 +192,10 @@ fn default_dma_memory_grows_for_large_io() {
     let t = &j["total"];
     assert_eq!(t["errors"], 0, "{j}");
     assert_eq!(t["verify_failures"], 0, "{j}");
-    assert!(t["ios"].as_u64().unwrap() > 256, "{j}");
+    // Every slot of both jobs (2 x 128 buffers of 1 MiB, in the grown memory) went
+    // through the device at least once: perf drains what is in flight at the end, so
+    // this holds however slow the machine is.
+    assert!(t["ios"].as_u64().unwrap() >= 256, "{j}");
     assert_eq!(j["jobs"].as_array().unwrap().len(), 2, "{j}");
     let log = v.log();
     assert!(!log.contains("Invalid"), "{log}");
