@@ -27,6 +27,8 @@ use std::time::Duration;
 
 use vireo_peers::spdk::{self, SpdkBuild, SpdkVhost};
 
+use vireo_bench::median;
+
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -81,11 +83,6 @@ fn build() -> (PathBuf, PathBuf) {
     let _ = std::fs::remove_file(lib.join("libblkio.so"));
     std::os::unix::fs::symlink(release.join("libblkio.so"), lib.join("libblkio.so")).unwrap();
     (release.join("vireo"), lib)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn output(mut c: Command) -> String {

@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use vireo_bench::median;
+
 struct Proc(Child);
 
 impl Drop for Proc {
@@ -173,16 +175,6 @@ fn fio_cpu(uri: &str, qd: usize, jobs: usize, secs: u64, pids: &[u32]) -> (f64, 
     let iops = fio(uri, qd, jobs, secs);
     let after: f64 = pids.iter().map(|&p| cpu_secs(p)).sum();
     (iops, (after - before) * 1e6 / (iops * secs as f64).max(1.0))
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn uri(sock: &Path, export: &str) -> String {

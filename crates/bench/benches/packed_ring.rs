@@ -16,10 +16,10 @@
 //! Needs an SPDK build (`SPDK_DIR` or `VIREO_SPDK_DIR`); without one it says SKIPPED
 //! and exits 0. It builds `vireo` in release mode first.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use vireo_bench::{median, vireo_binary, vireo_iops};
 use vireo_peers::spdk::{self, SpdkBuild, SpdkVhost};
 
 fn run(mut cmd: Command, parse: impl Fn(&str) -> Option<f64>) -> f64 {
@@ -35,34 +35,6 @@ fn run(mut cmd: Command, parse: impl Fn(&str) -> Option<f64>) -> f64 {
             String::from_utf8_lossy(&out.stderr)
         )
     })
-}
-
-fn vireo_iops(text: &str) -> Option<f64> {
-    let v: serde_json::Value = serde_json::from_str(text).ok()?;
-    if v["total"]["errors"] != 0 {
-        return None;
-    }
-    v["total"]["iops"].as_f64()
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn vireo_binary() -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let ok = Command::new(cargo)
-        .args(["build", "--release", "-p", "vireo", "--bin", "vireo"])
-        .status()
-        .expect("cargo build")
-        .success();
-    assert!(ok, "cargo build --release -p vireo failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    target.join("release/vireo")
 }
 
 fn main() {
@@ -149,16 +121,16 @@ fn main() {
         }
         let ratio = |a: usize, b: usize| {
             let r: Vec<f64> = runs[a].iter().zip(&runs[b]).map(|(x, y)| x / y).collect();
-            (median(&r), r)
+            (median(&mut r.clone()), r)
         };
         let (ps, ps_all) = ratio(0, 1);
         let (pd, _) = ratio(0, 2);
         let (sd, _) = ratio(1, 2);
         println!(
             "{qd:>4} {ps:>13.2} {pd:>12.2} {sd:>12.2} {:>12.0} {:>12.0} {:>12.0}",
-            median(&runs[0]),
-            median(&runs[1]),
-            median(&runs[2])
+            median(&mut runs[0].clone()),
+            median(&mut runs[1].clone()),
+            median(&mut runs[2].clone())
         );
         eprintln!(
             "  QD{qd} runs in order: packed {:.0?}, split {:.0?}, SPDK {:.0?}; packed/split per round {:.2?}",

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use vireo_bdev::{AttachParams, Completion, DevType, IoBuf, IoRequest, Registry, TrType};
 use vireo_virtio::{DmaConfig, DmaMemory};
 
+use vireo_bench::median;
+
 const IO: usize = 4096;
 const SIZE: u64 = 1 << 30;
 
@@ -216,11 +218,6 @@ impl Drop for Qsd {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() {
