@@ -314,25 +314,12 @@ impl SpdkVhost {
 
     /// Run one SPDK RPC; its output, or an error with it.
     pub fn rpc(&self, args: &[&str]) -> Result<String, String> {
-        let out = self
-            .build
-            .command(Path::new("python3"))
-            .arg(self.build.rpc_py())
-            .arg("-s")
-            .arg(self.dir.path().join("spdk.rpc"))
-            .args(args)
-            .output()
-            .map_err(|e| format!("rpc.py: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "rpc.py {}: {}{}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
+        rpc_py(
+            self.build.command(Path::new("python3")),
+            &self.build.rpc_py(),
+            self.dir.path(),
+            args,
+        )
     }
 
     /// What the target logged.
@@ -561,25 +548,12 @@ impl SpdkVfu {
 
     /// Run one SPDK RPC; its output, or an error with it.
     pub fn rpc(&self, args: &[&str]) -> Result<String, String> {
-        let out = self
-            .build
-            .command(Path::new("python3"))
-            .arg(self.build.build.rpc_py())
-            .arg("-s")
-            .arg(self.dir.path().join("spdk.rpc"))
-            .args(args)
-            .output()
-            .map_err(|e| format!("rpc.py: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "rpc.py {}: {}{}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
+        rpc_py(
+            self.build.command(Path::new("python3")),
+            &self.build.build.rpc_py(),
+            self.dir.path(),
+            args,
+        )
     }
 
     /// What the target logged.
@@ -592,6 +566,28 @@ impl Drop for SpdkVfu {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Run SPDK's rpc.py (`python`, with the build's environment) against the target whose
+/// socket is `dir`/spdk.rpc: its output, or an error with what it printed.
+fn rpc_py(mut python: Command, rpc_py: &Path, dir: &Path, args: &[&str]) -> Result<String, String> {
+    let out = python
+        .arg(rpc_py)
+        .arg("-s")
+        .arg(dir.join("spdk.rpc"))
+        .args(args)
+        .output()
+        .map_err(|e| format!("rpc.py: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "rpc.py {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
