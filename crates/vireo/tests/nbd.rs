@@ -71,6 +71,16 @@ impl Drop for Serve {
     }
 }
 
+/// qemu-storage-daemon (its default null device) behind `vireo serve` with an
+/// NBD unix socket and `extra` flags: (daemon, the socket's directory, socket, server).
+fn unix_serve(extra: &[&str]) -> (Qsd, tempfile::TempDir, PathBuf, Serve) {
+    let qsd = Qsd::start(QsdOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = nbd_sock(dir.path());
+    let s = Serve::start_with(&qsd, &format!("unix:{}", sock.display()), extra);
+    (qsd, dir, sock, s)
+}
+
 fn nbd_sock(dir: &Path) -> PathBuf {
     dir.join("nbd.sock")
 }
@@ -389,10 +399,7 @@ fn a_client_that_never_reads_replies_is_held_back() {
 /// tests/rpc_properties.rs). While a client is connected the detach is refused.
 #[test]
 fn detach_after_the_nbd_clients_left() {
-    let qsd = Qsd::start(QsdOpts::default());
-    let dir = tempfile::tempdir().unwrap();
-    let sock = nbd_sock(dir.path());
-    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    let (_qsd, _dir, sock, s) = unix_serve(&[]);
     let detach = || s.rpc("bdev_virtio_detach_controller", r#"{"name":"VirtioBlk0"}"#);
     let client = || {
         let mut c = raw_client(&sock);
@@ -597,14 +604,7 @@ fn served_again(sock: &Path) {
 /// every new client out for ever, and a refused client was closed without a word).
 #[test]
 fn stalled_clients_time_out_and_a_full_server_says_so() {
-    let qsd = Qsd::start(QsdOpts::default());
-    let dir = tempfile::tempdir().unwrap();
-    let sock = nbd_sock(dir.path());
-    let s = Serve::start_with(
-        &qsd,
-        &format!("unix:{}", sock.display()),
-        &["--nbd-timeout", "2"],
-    );
+    let (_qsd, _dir, sock, s) = unix_serve(&["--nbd-timeout", "2"]);
     let mut stalled = fill_server(&sock, 0);
     for c in &mut stalled {
         c.write_all(&request(0, 0, 9, 0, 4096)[..8]).unwrap();
@@ -627,14 +627,7 @@ fn stalled_clients_time_out_and_a_full_server_says_so() {
 /// longer than --nbd-timeout are closed: idle clients cannot lock new ones out either.
 #[test]
 fn a_full_server_closes_clients_idle_beyond_the_timeout() {
-    let qsd = Qsd::start(QsdOpts::default());
-    let dir = tempfile::tempdir().unwrap();
-    let sock = nbd_sock(dir.path());
-    let s = Serve::start_with(
-        &qsd,
-        &format!("unix:{}", sock.display()),
-        &["--nbd-timeout", "2"],
-    );
+    let (_qsd, _dir, sock, s) = unix_serve(&["--nbd-timeout", "2"]);
     let (mut first, _, _) = go(&sock, "VirtioBlk0");
     std::thread::sleep(Duration::from_secs(3));
     first.write_all(&request(0, 0, 1, 0, 4096)).unwrap();
@@ -676,10 +669,7 @@ fn dma_bytes(pid: u32) -> u64 {
 /// (16 clients with four 32 MiB READs each used to pin 1 GiB, for ever).
 #[test]
 fn memory_for_clients_is_bounded_and_given_back() {
-    let qsd = Qsd::start(QsdOpts::default());
-    let dir = tempfile::tempdir().unwrap();
-    let sock = nbd_sock(dir.path());
-    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    let (_qsd, _dir, sock, s) = unix_serve(&[]);
     let pid = s.child.id();
     let clients: Vec<UnixStream> = (0..16)
         .map(|_| {
@@ -725,10 +715,7 @@ fn memory_for_clients_is_bounded_and_given_back() {
 /// controller is busy answers -EBUSY (-16), not invalid params.
 #[test]
 fn nbd_stop_disk_lets_the_controller_detach() {
-    let qsd = Qsd::start(QsdOpts::default());
-    let dir = tempfile::tempdir().unwrap();
-    let sock = nbd_sock(dir.path());
-    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    let (_qsd, _dir, sock, s) = unix_serve(&[]);
     let (mut c, _, _) = go(&sock, "VirtioBlk0");
     c.write_all(&request(0, 0, 1, 0, 4096)).unwrap();
     assert_eq!(simple_reply(&mut c, 4096), (0, 1));
@@ -764,10 +751,7 @@ fn nbd_stop_disk_lets_the_controller_detach() {
 /// the dead export.
 #[test]
 fn exports_go_with_their_bdev() {
-    let qsd = Qsd::start(QsdOpts::default());
-    let dir = tempfile::tempdir().unwrap();
-    let sock = nbd_sock(dir.path());
-    let s = Serve::start(&qsd, &format!("unix:{}", sock.display()));
+    let (qsd, _dir, sock, s) = unix_serve(&[]);
     let o = s.rpc(
         "nbd_start_disk",
         r#"{"bdev_name":"VirtioBlk0","nbd_device":"VirtioBlk1"}"#,
@@ -1348,14 +1332,7 @@ fn nbdcopy_round_trip_with_multi_conn_and_nbdinfo() {
 /// opened used to be closed).
 #[test]
 fn simultaneous_clients_share_a_single_queue() {
-    let qsd = Qsd::start(QsdOpts::default());
-    let dir = tempfile::tempdir().unwrap();
-    let sock = nbd_sock(dir.path());
-    let s = Serve::start_with(
-        &qsd,
-        &format!("unix:{}", sock.display()),
-        &["--nbd-threads", "4"],
-    );
+    let (_qsd, _dir, sock, s) = unix_serve(&["--nbd-threads", "4"]);
     for round in 0..5 {
         let clients: Vec<_> = (0..12)
             .map(|k| {
@@ -1379,14 +1356,7 @@ fn simultaneous_clients_share_a_single_queue() {
 /// requests stays.
 #[test]
 fn idle_clients_are_closed_after_nbd_idle_timeout() {
-    let qsd = Qsd::start(QsdOpts::default());
-    let dir = tempfile::tempdir().unwrap();
-    let sock = nbd_sock(dir.path());
-    let s = Serve::start_with(
-        &qsd,
-        &format!("unix:{}", sock.display()),
-        &["--nbd-idle-timeout", "2"],
-    );
+    let (_qsd, _dir, sock, s) = unix_serve(&["--nbd-idle-timeout", "2"]);
     let (mut idle, _, _) = go(&sock, "VirtioBlk0");
     let (mut busy, _, _) = go(&sock, "VirtioBlk0");
     for k in 0..30u64 {
