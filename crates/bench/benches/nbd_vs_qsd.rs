@@ -168,6 +168,19 @@ fn cpu_secs(pid: u32) -> f64 {
     f.iter().sum::<u64>() as f64 / hz
 }
 
+/// CPU seconds the reaped children of this process used so far (user + system): fio's,
+/// once a run has ended.
+fn children_cpu_secs() -> f64 {
+    // SAFETY: getrusage writes one rusage into the zeroed struct it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru
+    };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
 /// fio run while measuring the CPU time of `pids`: (IOPS, CPU µs per I/O of all of
 /// them).
 fn fio_cpu(uri: &str, qd: usize, jobs: usize, secs: u64, pids: &[u32]) -> (f64, f64) {
@@ -255,10 +268,32 @@ fn part_conns(vireo: &Path, secs: u64, rounds: usize, extra: &[String]) {
         let _s = serve(vireo, dir.path(), &vhost, 4, &vnbd, extra);
         let u = uri(&vnbd, "VirtioBlk0");
         fio(&u, 16, 1, 1);
+        let (serve_pid, backend_pid) = (_s.0.id(), _b.0.id());
         let mut res = Vec::new();
         for jobs in [1usize, 2, 4] {
-            let mut v: Vec<f64> = (0..rounds).map(|_| fio(&u, 16, jobs, secs)).collect();
-            eprintln!("{backend}: {jobs} conns: {v:?}");
+            let mut v = Vec::new();
+            for _ in 0..rounds {
+                // CPU seconds of fio, vireo serve and the back-end over the run: on a
+                // machine with few CPUs, what a second connection could run on.
+                let before = [
+                    children_cpu_secs(),
+                    cpu_secs(serve_pid),
+                    cpu_secs(backend_pid),
+                ];
+                let iops = fio(&u, 16, jobs, secs);
+                let after = [
+                    children_cpu_secs(),
+                    cpu_secs(serve_pid),
+                    cpu_secs(backend_pid),
+                ];
+                eprintln!(
+                    "{backend}: {jobs} conns: {iops:.0} IOPS; CPU s over {secs} s: fio {:.2}, vireo serve {:.2}, back-end {:.2}",
+                    after[0] - before[0],
+                    after[1] - before[1],
+                    after[2] - before[2]
+                );
+                v.push(iops);
+            }
             res.push(median(&mut v));
         }
         println!(
