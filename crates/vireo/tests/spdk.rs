@@ -403,23 +403,8 @@ fn packed_rings_survive_a_target_restart() {
         "blk",
         serde_json::json!({"packed_ring": "on", "reconnect_timeout": 30}),
     );
-    let child = vireo()
-        .args(["perf", "--json", "-m", "1", "-c"])
-        .arg(&conf)
-        .args(["-w", "randwrite", "-o", "4096", "-q", "32", "-t", "8"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    v.restart().expect("SPDK vhost restarts");
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    let j: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("perf JSON: {e}\n{err}"));
-    assert!(out.status.success(), "{j}\n{err}");
-    assert_eq!(j["total"]["errors"], 0, "{j}\n{err}");
-    assert!(j["total"]["ios"].as_u64().unwrap() > 0, "{j}");
+    let (_j, err) =
+        perf_through_a_restart(&conf, None, 8, || v.restart().expect("SPDK vhost restarts"));
     assert!(
         err.contains("closed the connection"),
         "the outage was noticed: {err}"

@@ -251,23 +251,7 @@ fn a_restarted_server_is_a_pause_not_an_outage() {
             serde_json::json!({"reconnect_timeout": 30}),
         );
         let bdev = if ty == "scsi" { "Vt0" } else { "V" };
-        let child = vireo()
-            .args(["perf", "--json", "-m", "1", "-b", bdev, "-c"])
-            .arg(&conf)
-            .args(["-w", "randwrite", "-o", "4096", "-q", "32", "-t", "6"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_secs(2));
-        v.restart().expect("SPDK restarts");
-        let out = child.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        let j: serde_json::Value =
-            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("perf JSON: {e}\n{err}"));
-        assert!(out.status.success(), "{sock}: {j}\n{err}");
-        assert_eq!(j["total"]["errors"], 0, "{sock}: {j}\n{err}");
-        assert!(j["total"]["ios"].as_u64().unwrap() > 0, "{sock}: {j}");
+        perf_through_a_restart(&conf, Some(bdev), 6, || v.restart().expect("SPDK restarts"));
     }
 }
 

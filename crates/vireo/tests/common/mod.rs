@@ -282,6 +282,53 @@ pub fn vireo() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vireo"))
 }
 
+/// `vireo perf` random writes (4 KiB, QD32, `secs` seconds, on `bdev` if given) on
+/// `conf` while `restart` restarts the target 2 s in: the run must end successfully
+/// with no failed I/O (a pause, not an outage). The report and what perf logged.
+pub fn perf_through_a_restart(
+    conf: &Path,
+    bdev: Option<&str>,
+    secs: u32,
+    restart: impl FnOnce(),
+) -> (serde_json::Value, String) {
+    let mut cmd = vireo();
+    cmd.args(["perf", "--json", "-m", "1"]);
+    if let Some(b) = bdev {
+        cmd.args(["-b", b]);
+    }
+    let child = cmd
+        .arg("-c")
+        .arg(conf)
+        .args([
+            "-w",
+            "randwrite",
+            "-o",
+            "4096",
+            "-q",
+            "32",
+            "-t",
+            &secs.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    restart();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let j: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("perf JSON: {e}\n{err}"));
+    assert!(out.status.success(), "{}: {j}\n{err}", conf.display());
+    assert_eq!(j["total"]["errors"], 0, "{}: {j}\n{err}", conf.display());
+    assert!(
+        j["total"]["ios"].as_u64().unwrap() > 0,
+        "{}: {j}",
+        conf.display()
+    );
+    (j, err)
+}
+
 /// Run `vireo perf -c CONF ARGS... --json`, require success, return the report.
 pub fn perf_json(conf: &Path, args: &[&str]) -> serde_json::Value {
     perf_report(conf, args, true)
