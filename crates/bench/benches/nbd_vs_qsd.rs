@@ -334,7 +334,8 @@ fn main() {
             "--part" => part = args.next().expect("--part qd|conns|all"),
             "--vireo" => vireo = args.next().expect("--vireo PATH").into(),
             "--bench" => {}
-            "--" => extra.extend(args.by_ref()),
+            // (cargo bench appends --bench to the arguments: not a vireo serve flag)
+            "--" => extra.extend(args.by_ref().filter(|a| a != "--bench")),
             x => panic!("unknown argument {x}"),
         }
     }
