@@ -107,9 +107,14 @@ impl ChildDone {
 
 /// The device-specific part of a channel: a request queue used by one thread.
 pub(crate) trait ChannelDriver {
-    /// Put a request on the ring; give it back when the ring is full. Nothing is
-    /// visible to the device until [`publish`](ChannelDriver::publish).
-    fn queue(&mut self, child: Child) -> Result<(), Child>;
+    /// Put a request on the ring (the driver keeps its own copy); `false` when the ring
+    /// is full, and the caller keeps it to queue again later. Nothing is visible to the
+    /// device until [`publish`](ChannelDriver::publish).
+    ///
+    /// By reference: the caller has just built the request, and reading its fields one
+    /// by one where they are needed is cheap, where a by-value move read it back in wide
+    /// words the narrow stores that built it cannot forward to (a stall per request).
+    fn queue(&mut self, child: &Child) -> bool;
     /// Make queued requests visible; notify the device if it asks for it.
     fn publish(&mut self);
     /// Reap completions into `out`; returns how many. A broken device completes

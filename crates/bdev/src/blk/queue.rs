@@ -191,7 +191,11 @@ impl LifeQueue for BlkQueue {
     }
 
     fn send(&mut self, c: Child) -> Result<(), Child> {
-        self.submit_child(c)
+        if self.submit_child(&c) {
+            Ok(())
+        } else {
+            Err(c)
+        }
     }
 
     fn publish_ring(&mut self) -> Result<(), QueueFailure> {
@@ -234,15 +238,15 @@ impl LifeQueue for BlkQueue {
 }
 
 impl ChannelDriver for BlkChannel {
-    fn queue(&mut self, c: Child) -> Result<(), Child> {
+    fn queue(&mut self, c: &Child) -> bool {
         match self.life.admission() {
             Admission::Send => self.q.submit_child(c),
             // Waits for the connection (and the requests kept from the last one).
-            Admission::Wait => Err(c),
+            Admission::Wait => false,
             Admission::Refuse(e) => {
                 let e = e.clone();
-                self.q.complete(c, Err(e));
-                Ok(())
+                self.q.failed_locally.push(ChildDone::new(c.parent, Err(e)));
+                true
             }
         }
     }
@@ -285,9 +289,9 @@ impl ChannelDriver for BlkChannel {
 impl BlkQueue {
     /// Put one request on the ring (or give it back when the ring is full).
     #[inline]
-    fn submit_child(&mut self, c: Child) -> Result<(), Child> {
+    fn submit_child(&mut self, c: &Child) -> bool {
         let Some(slot) = self.rq.take_slot() else {
-            return Err(c);
+            return false;
         };
         let sh = &*self.shared;
         let base = self.rq.slot_addr(slot);
@@ -397,7 +401,7 @@ impl BlkQueue {
                             c.blocks
                         ))),
                     ));
-                    return Ok(());
+                    return true;
                 }
                 segs.push(Segment {
                     addr: base + RANGES_OFF,
@@ -418,14 +422,15 @@ impl BlkQueue {
     /// After putting `c`'s chain in `slot` on the ring: record it, or give the slot
     /// back and the child to its caller (no ring space: it waits).
     #[inline]
-    fn record_on_ring(&mut self, slot: u16, c: Child, on_ring: bool) -> Result<(), Child> {
+    fn record_on_ring(&mut self, slot: u16, c: &Child, on_ring: bool) -> bool {
         if on_ring {
-            self.slot_child[slot as usize] = c;
-            Ok(())
+            // Copied once the request is on the ring: by then the stores that built
+            // `c` have reached the cache.
+            self.slot_child[slot as usize].clone_from(c);
         } else {
             self.rq.release_slot(slot);
-            Err(c)
         }
+        on_ring
     }
 
     /// Reap completions into `out`, each status checked. A device that broke the

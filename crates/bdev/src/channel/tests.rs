@@ -83,14 +83,14 @@ impl Device {
 struct ScriptedChannel(Device);
 
 impl ChannelDriver for ScriptedChannel {
-    fn queue(&mut self, child: Child) -> Result<(), Child> {
+    fn queue(&mut self, child: &Child) -> bool {
         let mut s = self.0.s();
         if s.on_ring.len() >= s.capacity {
-            return Err(child);
+            return false;
         }
         s.on_ring.push(child.clone());
-        s.log.push(child);
-        Ok(())
+        s.log.push(child.clone());
+        true
     }
 
     fn publish(&mut self) {
@@ -959,4 +959,31 @@ fn dropping_a_channel_waits_for_its_io() {
     t.join().unwrap();
     assert!(dev.s().on_ring.is_empty());
     assert_eq!(bdev.iostat().num_read_ops, 1);
+}
+
+#[test]
+fn poll_with_hands_over_ready_device_and_timed_out_completions_once_each() {
+    let (dev, bdev, mut ch) = setup_with(16, |i| i.volatile_write_cache = false);
+    // Ready at once (a flush on a write-through device), from the device, timed out.
+    ch.submit(IoRequest::no_data(IoOp::Flush, 0, 0, 1)).unwrap();
+    ch.submit(IoRequest::read(0, 1, dma(&bdev, 1), 2)).unwrap();
+    ch.submit(IoRequest::read(1, 1, dma(&bdev, 1), 3).with_timeout(LIMIT))
+        .unwrap();
+    ch.publish();
+    dev.complete(1, Ok(()));
+    let mut seen = Vec::new();
+    let until = Instant::now() + Duration::from_secs(5);
+    while seen.len() < 3 && Instant::now() < until {
+        let before = seen.len();
+        let n = ch.poll_with(|c| seen.push((c.user_data, c.result.is_ok(), c.buf.is_some())));
+        assert_eq!(n, seen.len() - before, "the count is what was handed over");
+    }
+    assert_eq!(
+        seen,
+        vec![(1, true, false), (2, true, true), (3, false, false)],
+        "each once, with its result and its buffer (none for the timed-out read)"
+    );
+    assert_eq!(ch.in_flight(), 0);
+    assert_eq!(ch.poll_with(|_| panic!("nothing more")), 0);
+    ch.abandon();
 }

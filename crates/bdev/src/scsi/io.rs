@@ -312,23 +312,26 @@ impl ScsiRequests {
         r.map_err(|()| IssueError::RingFull)
     }
 
-    /// Put command `c` of channel `chan` on the ring; `Err(c)` when the ring has no
-    /// room. A command that cannot be sent at all comes back with its error.
+    /// Put command `c` of channel `chan` on the ring (a copy of it in its slot);
+    /// `Err(())` when the ring has no room. A command that cannot be sent at all comes
+    /// back with its error.
     #[inline(always)]
-    fn place(&mut self, chan: u32, c: Child) -> Result<Option<IoError>, Child> {
+    fn place(&mut self, chan: u32, c: &Child) -> Result<Option<IoError>, ()> {
         let Some(slot) = self.sq.rq.take_slot() else {
-            return Err(c);
+            return Err(());
         };
-        match self.issue(chan, slot, &c) {
+        match self.issue(chan, slot, c) {
             Ok(()) => {
-                self.slot_child[slot as usize] = c;
+                // Copied once the command is on the ring: by then the stores that built
+                // `c` have reached the cache.
+                self.slot_child[slot as usize].clone_from(c);
                 self.slot_chan[slot as usize] = chan;
                 self.slot_tries[slot as usize] = 0;
                 Ok(None)
             }
             Err(IssueError::RingFull) => {
                 self.sq.rq.release_slot(slot);
-                Err(c)
+                Err(())
             }
             Err(IssueError::Failed(e)) => {
                 self.sq.rq.release_slot(slot);
@@ -489,13 +492,13 @@ impl LifeQueue for ScsiRequests {
             return Ok(());
         }
         let parent = c.parent;
-        match self.place(chan, c) {
+        match self.place(chan, &c) {
             Ok(None) => Ok(()),
             Ok(Some(e)) => {
                 self.deliver(chan, ChildDone::new(parent, Err(e)));
                 Ok(())
             }
-            Err(c) => Err((chan, c)),
+            Err(()) => Err((chan, c)),
         }
     }
 
@@ -541,26 +544,26 @@ impl LifeQueue for ScsiRequests {
 }
 
 impl ThreadQueue {
-    fn queue(&mut self, chan: u32, c: Child) -> Result<(), Child> {
-        let parent = c.parent;
+    fn queue(&mut self, chan: u32, c: &Child) -> bool {
         let refused = match self.life.admission() {
-            Admission::Send => match self.q.place(chan, c)? {
-                None => {
+            Admission::Send => match self.q.place(chan, c) {
+                Ok(None) => {
                     if let Some(Some(st)) = self.q.chans.get_mut(chan as usize) {
                         st.in_flight += 1;
                     }
-                    return Ok(());
+                    return true;
                 }
-                Some(e) => e,
+                Ok(Some(e)) => e,
+                Err(()) => return false,
             },
             // Waits for the connection (and the commands kept from the last one).
-            Admission::Wait => return Err(c),
+            Admission::Wait => return false,
             Admission::Refuse(e) => e.clone(),
         };
         if let Some(Some(st)) = self.q.chans.get_mut(chan as usize) {
-            st.outbox.push(ChildDone::new(parent, Err(refused)));
+            st.outbox.push(ChildDone::new(c.parent, Err(refused)));
         }
-        Ok(())
+        true
     }
 
     fn publish(&mut self) {
@@ -653,7 +656,7 @@ pub(super) fn open_exclusive_channel(
 }
 
 impl<H: Borrow<RefCell<ThreadQueue>>> ChannelDriver for ScsiChannel<H> {
-    fn queue(&mut self, c: Child) -> Result<(), Child> {
+    fn queue(&mut self, c: &Child) -> bool {
         self.tq().borrow_mut().queue(self.id, c)
     }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use vireo_bdev::{Bdev, Completion, IoBuf, IoChannel, IoOp, IoRequest};
+use vireo_bdev::{Bdev, IoBuf, IoChannel, IoOp, IoRequest};
 use vireo_virtio::clock;
 
 /// What each I/O of a job does.
@@ -183,6 +183,16 @@ struct JobResult {
     gave_up: bool,
 }
 
+impl JobResult {
+    /// Count an error; the first one is kept for the report.
+    fn error(&mut self, e: String) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(e);
+        }
+    }
+}
+
 /// The first verify mismatch of a job.
 #[derive(Debug, Clone, Copy)]
 struct Mismatch {
@@ -286,11 +296,35 @@ struct Job<'o> {
     /// Clock ticks ([`clock`]) of the last completion.
     last_progress: u64,
     idle_polls: u32,
-    done: Vec<Completion>,
+    /// Slots whose I/O completed in this pass, to submit again.
+    again: Vec<u32>,
     /// Latencies of one pass, recorded after its new I/Os are published.
     lats: Vec<u64>,
     hist: Histogram<u64>,
     res: JobResult,
+}
+
+/// Verify: a slot's write completed (it reads the blocks back next) or its read did
+/// (the data must carry the stamp its write put there).
+#[inline(never)]
+fn check_slot(s: &mut Slot, res: &mut JobResult, bs: usize, seed: u64) {
+    match s.phase {
+        Phase::Write => s.phase = Phase::Read,
+        Phase::Read => {
+            if let Some(b) = s.buf.as_ref() {
+                if let Some(bad) = check_stamp(b.as_slice(), bs, s.lba, seed, s.gen) {
+                    res.verify_failures += 1;
+                    if res.first_mismatch.is_none() {
+                        res.first_mismatch = Some(Mismatch {
+                            lba: bad,
+                            read_zeros: b.as_slice().iter().all(|&x| x == 0),
+                        });
+                    }
+                }
+            }
+            s.phase = Phase::Write;
+        }
+    }
 }
 
 impl<'o> Job<'o> {
@@ -342,7 +376,7 @@ impl<'o> Job<'o> {
             stopping: false,
             last_progress: clock::ticks(),
             idle_polls: 0,
-            done: Vec::with_capacity(o.queue_depth),
+            again: Vec::with_capacity(o.queue_depth),
             lats: Vec::with_capacity(o.queue_depth),
             hist: Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("bounds"),
             res: JobResult {
@@ -393,10 +427,7 @@ impl<'o> Job<'o> {
     }
 
     fn error(&mut self, e: String) {
-        self.res.errors += 1;
-        if self.res.first_error.is_none() {
-            self.res.first_error = Some(e);
-        }
+        self.res.error(e);
     }
 
     /// Build and submit the I/O of slot `i`.
@@ -503,9 +534,43 @@ impl<'o> Job<'o> {
         if self.in_flight == 0 {
             return false;
         }
-        let mut done = std::mem::take(&mut self.done);
-        self.ch.poll(&mut done);
-        if done.is_empty() {
+        // Completions are taken as the channel matches them (no copy through a vector);
+        // their slots are submitted again once the pass is over.
+        let o = self.o;
+        let bs = self.bs;
+        let mut again = std::mem::take(&mut self.again);
+        let mut lats = std::mem::take(&mut self.lats);
+        let (slots, res) = (&mut self.slots, &mut self.res);
+        let n = self.ch.poll_with(|c| {
+            let i = c.user_data as usize;
+            let s = &mut slots[i];
+            if c.buf.is_some() {
+                s.buf = c.buf;
+            }
+            match c.result {
+                Ok(()) => {
+                    if o.workload == Workload::Verify {
+                        check_slot(s, res, bs, o.seed);
+                    }
+                    res.ios += 1;
+                    res.bytes += if c.op == IoOp::Flush {
+                        0
+                    } else {
+                        o.io_size as u64
+                    };
+                    lats.push(c.latency_ns.max(1));
+                }
+                Err(e) => {
+                    s.phase = Phase::Write;
+                    res.error(e.to_string());
+                }
+            }
+            again.push(i as u32);
+        });
+        self.in_flight -= n;
+        if n == 0 {
+            self.lats = lats;
+            self.again = again;
             // A device that stops answering must not hang the run (the clock is read
             // once every 1024 idle polls).
             self.idle_polls = self.idle_polls.wrapping_add(1);
@@ -514,108 +579,55 @@ impl<'o> Job<'o> {
                     >= u64::try_from(self.o.io_timeout.as_nanos()).unwrap_or(u64::MAX)
             {
                 let n = self.in_flight;
-                self.error(format!(
+                self.res.error(format!(
                     "{n} I/Os did not complete within {} s; giving up on them",
                     self.o.io_timeout.as_secs_f64()
                 ));
                 self.res.errors += n as u64 - 1;
                 self.in_flight = 0;
                 self.res.gave_up = true;
-                self.done = done;
                 return false;
             }
             // Nothing to do: back to polling at once (a short idle pass is a short
             // wait between a completion's arrival and its discovery).
-            self.done = done;
             return true;
-        } else {
-            // The channel's clock reading of this pass (no extra one).
-            self.last_progress = self.ch.last_completion_ticks();
-            if !self.stopping
-                && (self.last_progress >= deadline
-                    || stop.load(Ordering::Relaxed)
-                    || crate::signals::stop_requested())
-            {
-                self.stopping = true;
-            }
         }
-        let o = self.o;
-        let bs = self.bs;
-        let mut completed = 0u64;
-        let mut lats = std::mem::take(&mut self.lats);
-        for c in done.drain(..) {
-            self.in_flight -= 1;
-            let i = c.user_data as usize;
-            let lat = c.latency_ns;
-            self.slots[i].buf = c.buf.or(self.slots[i].buf.take());
-            let ok = match c.result {
-                Ok(()) => {
-                    if o.workload == Workload::Verify {
-                        let s = &mut self.slots[i];
-                        match s.phase {
-                            Phase::Write => s.phase = Phase::Read,
-                            Phase::Read => {
-                                if let Some(b) = s.buf.as_ref() {
-                                    if let Some(bad) =
-                                        check_stamp(b.as_slice(), bs, s.lba, o.seed, s.gen)
-                                    {
-                                        self.res.verify_failures += 1;
-                                        if self.res.first_mismatch.is_none() {
-                                            self.res.first_mismatch = Some(Mismatch {
-                                                lba: bad,
-                                                read_zeros: b.as_slice().iter().all(|&x| x == 0),
-                                            });
-                                        }
-                                    }
-                                }
-                                s.phase = Phase::Write;
-                            }
-                        }
-                    }
-                    true
-                }
-                Err(e) => {
-                    self.slots[i].phase = Phase::Write;
-                    self.error(e.to_string());
-                    false
-                }
-            };
-            if ok {
-                self.res.ios += 1;
-                self.res.bytes += if c.op == IoOp::Flush {
-                    0
-                } else {
-                    o.io_size as u64
-                };
-                lats.push(lat.max(1));
-                completed += 1;
-            }
-            // A failed device fails everything: stop early instead of spinning on errors.
-            if self.res.errors >= 16 * o.queue_depth as u64 {
-                self.stopping = true;
-            }
-            if self.stopping {
-                continue;
-            }
-            // Verify: a slot reads back the blocks it just wrote before moving on.
-            let new_lba = if o.workload == Workload::Verify && self.slots[i].phase == Phase::Read {
-                None
-            } else {
-                Some(self.next_offset(i))
-            };
-            self.submit(i, new_lba);
+        // The channel's clock reading of this pass (no extra one).
+        self.last_progress = self.ch.last_completion_ticks();
+        // A failed device fails everything: stop early instead of spinning on errors.
+        if !self.stopping
+            && (self.last_progress >= deadline
+                || stop.load(Ordering::Relaxed)
+                || crate::signals::stop_requested()
+                || self.res.errors >= 16 * o.queue_depth as u64)
+        {
+            self.stopping = true;
         }
-        // The new I/Os go to the device before the bookkeeping of the old ones.
-        self.ch.publish();
+        if !self.stopping {
+            for &i in &again {
+                let i = i as usize;
+                // Verify: a slot reads back the blocks it just wrote before moving on.
+                let new_lba =
+                    if o.workload == Workload::Verify && self.slots[i].phase == Phase::Read {
+                        None
+                    } else {
+                        Some(self.next_offset(i))
+                    };
+                self.submit(i, new_lba);
+            }
+            // The new I/Os go to the device before the bookkeeping of the old ones.
+            self.ch.publish();
+        }
+        again.clear();
+        self.again = again;
         for &l in &lats {
             let _ = self.hist.record(l);
         }
+        if !lats.is_empty() {
+            counter.fetch_add(lats.len() as u64, Ordering::Relaxed);
+        }
         lats.clear();
         self.lats = lats;
-        if completed > 0 {
-            counter.fetch_add(completed, Ordering::Relaxed);
-        }
-        self.done = done;
         self.in_flight > 0
     }
 
