@@ -7,7 +7,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vireo_bdev::{Armed, Bdev, Completion, IoBuf, IoOp, IoRequest, MovableChannel};
+use vireo_bdev::{Armed, Bdev, IoBuf, IoOp, IoRequest, MovableChannel};
 use vireo_virtio::ForeignBuf;
 
 use crate::error::{errno_of_io, invalid, Fail, Res};
@@ -51,7 +51,8 @@ pub struct Queue {
     slots: Vec<Slot>,
     free: Vec<u32>,
     ready: VecDeque<Done>,
-    scratch: Vec<Completion>,
+    /// Completions of one reap: the request's slot and its result (0 or -errno).
+    scratch: Vec<(u32, i32)>,
     /// Requests the device holds (slots taken).
     in_flight: usize,
 }
@@ -262,14 +263,20 @@ impl Queue {
     /// Reap what the device finished into `ready` (FUA writes go on to their flush).
     fn reap(&mut self) -> usize {
         let mut scratch = std::mem::take(&mut self.scratch);
-        self.ch.poll(&mut scratch);
+        // Taken as the channel matches them: nothing is copied but the slot and result.
+        self.ch.poll_with(|c| {
+            let ret = match &c.result {
+                Ok(()) => 0,
+                Err(e) => -errno_of_io(e),
+            };
+            scratch.push((c.user_data as u32, ret));
+        });
         let mut n = 0;
-        for c in scratch.drain(..) {
-            let slot = c.user_data as u32;
+        for (slot, ret) in scratch.drain(..) {
             let Some(s) = self.slots.get(slot as usize).copied() else {
                 continue;
             };
-            if c.result.is_ok() && s.then_flush {
+            if ret == 0 && s.then_flush {
                 // The write is done; its FUA is a flush that completes it.
                 self.slots[slot as usize].then_flush = false;
                 let mut req = IoRequest::no_data(IoOp::Flush, 0, 0, 0);
@@ -290,10 +297,6 @@ impl Queue {
             }
             self.in_flight -= 1;
             self.free.push(slot);
-            let ret = match &c.result {
-                Ok(()) => 0,
-                Err(e) => -errno_of_io(e),
-            };
             self.ready.push_back(Done {
                 user_data: s.user_data,
                 ret,
