@@ -9,14 +9,24 @@
 //! noise comes in phases (runs drop to half speed for seconds at a time), the per-round
 //! ratio is the least exposed to them: both runs of a round usually see the same phase.
 //!
-//! `cargo bench -p vireo-bench --bench vs_spdk -- [--seconds S] [--rounds R] [--qd 1,32,128] [--dev blk,scsi] [--vq-size N]`
+//! `cargo bench -p vireo-bench --bench vs_spdk -- [--seconds S] [--rounds R] [--qd 1,32,128] [--dev blk,scsi] [--vq-size N] [--target-stats]`
 //! (`--vq-size`: vireo's queue size, default its own default of 128; SPDK's initiator uses 512).
+//!
+//! `--target-stats`: what each initiator makes the target do, from the target's own
+//! counters over the middle 40% of every run (SPDK's `thread_get_stats` and
+//! `bdev_get_iostat`, read on its RPC socket): nanoseconds per I/O the controller's
+//! thread was busy, and the reactor's idle time per I/O (polls that found nothing, on
+//! every thread of the core). An initiator that keeps the target fed leaves little idle
+//! time; the busy time is the target's own cost per request.
 //!
 //! Needs an SPDK build (`SPDK_DIR` or `VIREO_SPDK_DIR`); without one it says SKIPPED
 //! and exits 0. It builds `vireo` in release mode first (`cargo build --release -p vireo`).
 
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vireo_bench::{median, run, vireo_binary, vireo_iops};
 use vireo_peers::spdk::{self, SpdkBuild, SpdkVhost};
@@ -29,6 +39,7 @@ fn main() {
     // vireo's queue size (default: vireo's own default, 128, which every tested target
     // accepts; SPDK's initiator defaults to 512).
     let mut vq_size: Option<u16> = None;
+    let mut target_stats = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut list = || {
@@ -49,6 +60,7 @@ fn main() {
             }
             "--dev" => devs = list(),
             "--vq-size" => vq_size = Some(list()[0].parse().expect("--vq-size N")),
+            "--target-stats" => target_stats = true,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -93,8 +105,16 @@ fn main() {
         let bconf = target.dir().join(format!("bdevperf-{dev}.json"));
         let vq = if dev == "blk" { 2 } else { 1 };
         std::fs::write(&bconf, spdk::attach_config("VirtioX", &sock, dev, Some(vq))).unwrap();
+        let rpc_sock = target.dir().join("spdk.rpc");
+        let bdev = spdk::CONTROLLERS
+            .iter()
+            .find(|c| c.0 == format!("{dev}.null"))
+            .map(|c| c.2)
+            .expect("a Null controller");
+        let ctrl = format!("{dev}.null");
         for &qd in &qds {
             let (mut v, mut s) = (Vec::new(), Vec::new());
+            let (mut tv, mut ts) = (Vec::new(), Vec::new());
             let (mut vmem, mut smem) = ((0, 0), (0, 0));
             for round in 0..rounds {
                 let order = if round % 2 == 0 {
@@ -115,20 +135,30 @@ fn main() {
                         "-t",
                         t.as_str(),
                     ];
+                    let (r, per_io) = std::thread::scope(|sc| {
+                        let sampler = target_stats
+                            .then(|| sc.spawn(|| target_per_io(&rpc_sock, &ctrl, bdev, secs)));
+                        let r = if is_vireo {
+                            let mut c = Command::new(&vireo);
+                            c.args(["perf", "--json", "-m", "1", "-c"])
+                                .arg(&vconf)
+                                .args(args);
+                            run(c, secs, vireo_iops)
+                        } else {
+                            let mut c = build.bdevperf_on(1);
+                            c.arg("--json").arg(&bconf).args(args);
+                            run(c, secs, spdk::bdevperf_total_iops)
+                        };
+                        (r, sampler.and_then(|h| h.join().ok().flatten()))
+                    });
                     if is_vireo {
-                        let mut c = Command::new(&vireo);
-                        c.args(["perf", "--json", "-m", "1", "-c"])
-                            .arg(&vconf)
-                            .args(args);
-                        let r = run(c, secs, vireo_iops);
                         v.push(r.iops);
                         vmem = (r.rss_kib, r.huge_kib);
+                        tv.extend(per_io);
                     } else {
-                        let mut c = build.bdevperf_on(1);
-                        c.arg("--json").arg(&bconf).args(args);
-                        let r = run(c, secs, spdk::bdevperf_total_iops);
                         s.push(r.iops);
                         smem = (r.rss_kib, r.huge_kib);
+                        ts.extend(per_io);
                     }
                     std::thread::sleep(Duration::from_millis(200));
                 }
@@ -154,6 +184,106 @@ fn main() {
                 "  {dev} QD{qd} runs in order: vireo {runs_v:.0?}, SPDK {runs_s:.0?}, ratios {}",
                 pair_list.join(" ")
             );
+            if target_stats {
+                for (who, t) in [("vireo", &tv), ("SPDK", &ts)] {
+                    let list: Vec<String> = t
+                        .iter()
+                        .map(|p| format!("{:.1}/{:.1}", p.busy_ns, p.idle_ns))
+                        .collect();
+                    let (mut b, mut i): (Vec<f64>, Vec<f64>) =
+                        t.iter().map(|p| (p.busy_ns, p.idle_ns)).unzip();
+                    if b.is_empty() {
+                        continue;
+                    }
+                    println!(
+                        "  {dev} QD{qd} target per I/O with {who}: {} busy {:.1} ns, reactor idle {:.1} ns (median of {} runs; busy/idle in order: {})",
+                        ctrl,
+                        median(&mut b),
+                        median(&mut i),
+                        t.len(),
+                        list.join(" ")
+                    );
+                }
+            }
         }
     }
+}
+
+/// The target's time per I/O over a window of one run.
+struct PerIo {
+    /// The controller's thread, busy.
+    busy_ns: f64,
+    /// Every thread of the reactor, idle (polls that found nothing).
+    idle_ns: f64,
+}
+
+/// The target's counters in the middle 40% of a run of about `secs` seconds that
+/// starts now: the controller thread `ctrl`'s busy time and the reactor's idle time,
+/// per I/O of `bdev`. `None` if the target did not answer or did no I/O.
+fn target_per_io(sock: &Path, ctrl: &str, bdev: &str, secs: f64) -> Option<PerIo> {
+    std::thread::sleep(Duration::from_secs_f64(0.3 + 0.3 * secs));
+    let a = counters(sock, ctrl, bdev)?;
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(0.4 * secs).saturating_sub(t.elapsed()));
+    let b = counters(sock, ctrl, bdev)?;
+    let ios = b.ios - a.ios;
+    if ios <= 0.0 || a.tick_rate <= 0.0 {
+        return None;
+    }
+    let ns = |ticks: f64| ticks / a.tick_rate * 1e9 / ios;
+    Some(PerIo {
+        busy_ns: ns(b.ctrl_busy - a.ctrl_busy),
+        idle_ns: ns(b.idle - a.idle),
+    })
+}
+
+/// One reading of the target's counters.
+struct Counters {
+    tick_rate: f64,
+    ctrl_busy: f64,
+    idle: f64,
+    ios: f64,
+}
+
+fn counters(sock: &Path, ctrl: &str, bdev: &str) -> Option<Counters> {
+    let st = rpc(sock, "thread_get_stats", None)?;
+    let mut c = Counters {
+        tick_rate: st["tick_rate"].as_f64()?,
+        ctrl_busy: 0.0,
+        idle: 0.0,
+        ios: 0.0,
+    };
+    for t in st["threads"].as_array()? {
+        if t["name"] == ctrl {
+            c.ctrl_busy = t["busy"].as_f64()?;
+        }
+        c.idle += t["idle"].as_f64()?;
+    }
+    let io = rpc(
+        sock,
+        "bdev_get_iostat",
+        Some(serde_json::json!({ "name": bdev })),
+    )?;
+    // An object with a "bdevs" list (SPDK 23.05 and later), or the list itself.
+    let list = io.get("bdevs").unwrap_or(&io);
+    let b = list.get(0)?;
+    c.ios = b["num_read_ops"].as_f64()? + b["num_write_ops"].as_f64()?;
+    Some(c)
+}
+
+/// One JSON-RPC call on SPDK's socket, its result. Spoken directly: `rpc.py`'s Python
+/// start-up would take CPU time from the run being measured.
+fn rpc(sock: &Path, method: &str, params: Option<serde_json::Value>) -> Option<serde_json::Value> {
+    let mut s = UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut req = serde_json::json!({ "jsonrpc": "2.0", "id": 1, "method": method });
+    if let Some(p) = params {
+        req["params"] = p;
+    }
+    s.write_all(req.to_string().as_bytes()).ok()?;
+    let reply = serde_json::Deserializer::from_reader(&mut s)
+        .into_iter::<serde_json::Value>()
+        .next()?
+        .ok()?;
+    reply.get("result").cloned()
 }
