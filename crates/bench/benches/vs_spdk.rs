@@ -19,6 +19,10 @@
 //! every thread of the core). An initiator that keeps the target fed leaves little idle
 //! time; the busy time is the target's own cost per request.
 //!
+//! `--target-profile`: also `perf record -C <target core>` over the same window, and the
+//! share of the target's samples in its vhost libraries (`libspdk_vhost` and
+//! `librte_vhost`, `perf report --sort dso`) with each initiator. Needs `perf`.
+//!
 //! Needs an SPDK build (`SPDK_DIR` or `VIREO_SPDK_DIR`); without one it says SKIPPED
 //! and exits 0. It builds `vireo` in release mode first (`cargo build --release -p vireo`).
 
@@ -40,6 +44,7 @@ fn main() {
     // accepts; SPDK's initiator defaults to 512).
     let mut vq_size: Option<u16> = None;
     let mut target_stats = false;
+    let mut target_profile = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut list = || {
@@ -61,6 +66,10 @@ fn main() {
             "--dev" => devs = list(),
             "--vq-size" => vq_size = Some(list()[0].parse().expect("--vq-size N")),
             "--target-stats" => target_stats = true,
+            "--target-profile" => {
+                target_stats = true;
+                target_profile = true;
+            }
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -136,8 +145,11 @@ fn main() {
                         t.as_str(),
                     ];
                     let (r, per_io) = std::thread::scope(|sc| {
-                        let sampler = target_stats
-                            .then(|| sc.spawn(|| target_per_io(&rpc_sock, &ctrl, bdev, secs)));
+                        let sampler = target_stats.then(|| {
+                            let core = target_profile.then_some(target.core());
+                            let (sock, ctrl) = (&rpc_sock, &ctrl);
+                            sc.spawn(move || target_per_io(sock, ctrl, bdev, secs, core))
+                        });
                         let r = if is_vireo {
                             let mut c = Command::new(&vireo);
                             c.args(["perf", "--json", "-m", "1", "-c"])
@@ -190,6 +202,7 @@ fn main() {
                         .iter()
                         .map(|p| format!("{:.1}/{:.1}", p.busy_ns, p.idle_ns))
                         .collect();
+                    let mut shares: Vec<f64> = t.iter().filter_map(|p| p.vhost_share).collect();
                     let (mut b, mut i): (Vec<f64>, Vec<f64>) =
                         t.iter().map(|p| (p.busy_ns, p.idle_ns)).unzip();
                     if b.is_empty() {
@@ -203,6 +216,14 @@ fn main() {
                         t.len(),
                         list.join(" ")
                     );
+                    if !shares.is_empty() {
+                        let list: Vec<String> = shares.iter().map(|x| format!("{x:.1}")).collect();
+                        println!(
+                            "  {dev} QD{qd} target's vhost share with {who}: {:.1}% (median; in order: {})",
+                            median(&mut shares),
+                            list.join(" ")
+                        );
+                    }
                 }
             }
         }
@@ -215,16 +236,48 @@ struct PerIo {
     busy_ns: f64,
     /// Every thread of the reactor, idle (polls that found nothing).
     idle_ns: f64,
+    /// Percent of the target core's samples in its vhost libraries (`--target-profile`).
+    vhost_share: Option<f64>,
 }
 
 /// The target's counters in the middle 40% of a run of about `secs` seconds that
 /// starts now: the controller thread `ctrl`'s busy time and the reactor's idle time,
 /// per I/O of `bdev`. `None` if the target did not answer or did no I/O.
-fn target_per_io(sock: &Path, ctrl: &str, bdev: &str, secs: f64) -> Option<PerIo> {
+/// With `profile_core`, `perf record` that core over the window too.
+fn target_per_io(
+    sock: &Path,
+    ctrl: &str,
+    bdev: &str,
+    secs: f64,
+    profile_core: Option<usize>,
+) -> Option<PerIo> {
     std::thread::sleep(Duration::from_secs_f64(0.3 + 0.3 * secs));
     let a = counters(sock, ctrl, bdev)?;
     let t = Instant::now();
-    std::thread::sleep(Duration::from_secs_f64(0.4 * secs).saturating_sub(t.elapsed()));
+    let window = Duration::from_secs_f64(0.4 * secs);
+    let vhost_share = match profile_core {
+        Some(core) => {
+            let data =
+                std::env::temp_dir().join(format!("vireo-vs-spdk-{}.perf", std::process::id()));
+            let rec = Command::new("perf")
+                .args(["record", "-q", "-C", &core.to_string(), "-o"])
+                .arg(&data)
+                .args(["--", "sleep", &format!("{:.3}", window.as_secs_f64())])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            let share = rec
+                .ok()
+                .filter(|s| s.success())
+                .and_then(|_| vhost_share(&data));
+            let _ = std::fs::remove_file(&data);
+            share
+        }
+        None => {
+            std::thread::sleep(window.saturating_sub(t.elapsed()));
+            None
+        }
+    };
     let b = counters(sock, ctrl, bdev)?;
     let ios = b.ios - a.ios;
     if ios <= 0.0 || a.tick_rate <= 0.0 {
@@ -234,7 +287,30 @@ fn target_per_io(sock: &Path, ctrl: &str, bdev: &str, secs: f64) -> Option<PerIo
     Some(PerIo {
         busy_ns: ns(b.ctrl_busy - a.ctrl_busy),
         idle_ns: ns(b.idle - a.idle),
+        vhost_share,
     })
+}
+
+/// Percent of the samples in `data` in SPDK's and DPDK's vhost libraries.
+fn vhost_share(data: &Path) -> Option<f64> {
+    let out = Command::new("perf")
+        .args(["report", "--sort", "dso", "--stdio", "-i"])
+        .arg(data)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut share = None;
+    for l in text.lines() {
+        let mut f = l.split_whitespace();
+        let (Some(pct), Some(dso)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if dso.starts_with("libspdk_vhost") || dso.starts_with("librte_vhost") {
+            let v: f64 = pct.trim_end_matches('%').parse().ok()?;
+            *share.get_or_insert(0.0) += v;
+        }
+    }
+    share
 }
 
 /// One reading of the target's counters.
