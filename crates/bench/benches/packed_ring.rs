@@ -10,38 +10,25 @@
 //! least exposed to the machine's slow phases), the median IOPS of each, and every run
 //! in order (stderr).
 //!
-//! `cargo bench -p vireo-bench --bench packed_ring -- [--seconds S] [--rounds R] [--qd 1,32,128] [--vq-size N]`
-//! (`--vq-size`: vireo's queue size for both rings, default vireo's 128).
+//! `cargo bench -p vireo-bench --bench packed_ring -- [--seconds S] [--rounds R] [--qd 1,32,128] [--vq-size N] [--target-stats|--target-profile]`
+//! (`--vq-size`: vireo's queue size for both rings, default vireo's 128; `--target-stats`
+//! and `--target-profile`: what each contender made the target do, as in `vs_spdk`).
 //!
 //! Needs an SPDK build (`SPDK_DIR` or `VIREO_SPDK_DIR`); without one it says SKIPPED
 //! and exits 0. It builds `vireo` in release mode first.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use vireo_bench::{median, vireo_binary, vireo_iops};
+use vireo_bench::{median, report_target, run, target_per_io, vireo_binary, vireo_iops};
 use vireo_peers::spdk::{self, SpdkBuild, SpdkVhost};
-
-fn run(mut cmd: Command, parse: impl Fn(&str) -> Option<f64>) -> f64 {
-    let out = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run");
-    let text = String::from_utf8_lossy(&out.stdout);
-    parse(&text).unwrap_or_else(|| {
-        panic!(
-            "no IOPS in the output of {cmd:?}:\n{text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
 
 fn main() {
     let mut secs = 3.0;
     let mut rounds = 5;
     let mut qds = vec![1usize, 32, 128];
     let mut vq_size: Option<u16> = None;
+    let (mut target_stats, mut target_profile) = (false, false);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().expect("a value");
@@ -55,6 +42,8 @@ fn main() {
                     .collect()
             }
             "--vq-size" => vq_size = Some(value().parse().expect("--vq-size N")),
+            "--target-stats" => target_stats = true,
+            "--target-profile" => (target_stats, target_profile) = (true, true),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -96,26 +85,42 @@ fn main() {
         "{:>4} {:>13} {:>12} {:>12} {:>12} {:>12} {:>12}",
         "QD", "packed/split", "packed/SPDK", "split/SPDK", "packed IOPS", "split IOPS", "SPDK IOPS"
     );
+    let rpc_sock = target.dir().join("spdk.rpc");
+    let (ctrl, bdev) = spdk::PACKED_CONTROLLERS
+        .iter()
+        .find(|c| c.0 == "blk.null.packed")
+        .map(|c| (c.0, c.2))
+        .expect("blk.null.packed");
+    let profile_core = target_profile.then_some(target.core());
     for &qd in &qds {
         let mut runs: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+        let mut per_io: [Vec<_>; 3] = [Vec::new(), Vec::new(), Vec::new()];
         for round in 0..rounds {
             for k in 0..3 {
                 let who = (round + k) % 3;
                 let q = qd.to_string();
                 let t = secs.to_string();
                 let a = ["-q", &q, "-o", "4096", "-w", "randread", "-t", &t];
-                let iops = if who < 2 {
-                    let mut c = Command::new(&vireo);
-                    c.args(["perf", "--json", "-m", "1", "-c"])
-                        .arg(if who == 0 { &packed_conf } else { &split_conf })
-                        .args(a);
-                    run(c, vireo_iops)
-                } else {
-                    let mut c = build.bdevperf_on(1);
-                    c.arg("--json").arg(&bconf).args(a);
-                    run(c, spdk::bdevperf_total_iops)
-                };
+                let (iops, t) = std::thread::scope(|sc| {
+                    let sampler = target_stats.then(|| {
+                        let sock = &rpc_sock;
+                        sc.spawn(move || target_per_io(sock, ctrl, bdev, secs, profile_core))
+                    });
+                    let r = if who < 2 {
+                        let mut c = Command::new(&vireo);
+                        c.args(["perf", "--json", "-m", "1", "-c"])
+                            .arg(if who == 0 { &packed_conf } else { &split_conf })
+                            .args(a);
+                        run(c, secs, vireo_iops)
+                    } else {
+                        let mut c = build.bdevperf_on(1);
+                        c.arg("--json").arg(&bconf).args(a);
+                        run(c, secs, spdk::bdevperf_total_iops)
+                    };
+                    (r.iops, sampler.and_then(|h| h.join().ok().flatten()))
+                });
                 runs[who].push(iops);
+                per_io[who].extend(t);
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
@@ -136,5 +141,8 @@ fn main() {
             "  QD{qd} runs in order: packed {:.0?}, split {:.0?}, SPDK {:.0?}; packed/split per round {:.2?}",
             runs[0], runs[1], runs[2], ps_all
         );
+        for (who, t) in ["vireo packed", "vireo split", "SPDK"].iter().zip(&per_io) {
+            report_target(&format!("QD{qd}"), who, ctrl, t);
+        }
     }
 }

@@ -26,13 +26,10 @@
 //! Needs an SPDK build (`SPDK_DIR` or `VIREO_SPDK_DIR`); without one it says SKIPPED
 //! and exits 0. It builds `vireo` in release mode first (`cargo build --release -p vireo`).
 
-use std::io::Write;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use vireo_bench::{median, run, vireo_binary, vireo_iops};
+use vireo_bench::{median, report_target, run, target_per_io, vireo_binary, vireo_iops};
 use vireo_peers::spdk::{self, SpdkBuild, SpdkVhost};
 
 fn main() {
@@ -198,168 +195,9 @@ fn main() {
             );
             if target_stats {
                 for (who, t) in [("vireo", &tv), ("SPDK", &ts)] {
-                    let list: Vec<String> = t
-                        .iter()
-                        .map(|p| format!("{:.1}/{:.1}", p.busy_ns, p.idle_ns))
-                        .collect();
-                    let mut shares: Vec<f64> = t.iter().filter_map(|p| p.vhost_share).collect();
-                    let (mut b, mut i): (Vec<f64>, Vec<f64>) =
-                        t.iter().map(|p| (p.busy_ns, p.idle_ns)).unzip();
-                    if b.is_empty() {
-                        continue;
-                    }
-                    println!(
-                        "  {dev} QD{qd} target per I/O with {who}: {} busy {:.1} ns, reactor idle {:.1} ns (median of {} runs; busy/idle in order: {})",
-                        ctrl,
-                        median(&mut b),
-                        median(&mut i),
-                        t.len(),
-                        list.join(" ")
-                    );
-                    if !shares.is_empty() {
-                        let list: Vec<String> = shares.iter().map(|x| format!("{x:.1}")).collect();
-                        println!(
-                            "  {dev} QD{qd} target's vhost share with {who}: {:.1}% (median; in order: {})",
-                            median(&mut shares),
-                            list.join(" ")
-                        );
-                    }
+                    report_target(&format!("{dev} QD{qd}"), who, &ctrl, t);
                 }
             }
         }
     }
-}
-
-/// The target's time per I/O over a window of one run.
-struct PerIo {
-    /// The controller's thread, busy.
-    busy_ns: f64,
-    /// Every thread of the reactor, idle (polls that found nothing).
-    idle_ns: f64,
-    /// Percent of the target core's samples in its vhost libraries (`--target-profile`).
-    vhost_share: Option<f64>,
-}
-
-/// The target's counters in the middle 40% of a run of about `secs` seconds that
-/// starts now: the controller thread `ctrl`'s busy time and the reactor's idle time,
-/// per I/O of `bdev`. `None` if the target did not answer or did no I/O.
-/// With `profile_core`, `perf record` that core over the window too.
-fn target_per_io(
-    sock: &Path,
-    ctrl: &str,
-    bdev: &str,
-    secs: f64,
-    profile_core: Option<usize>,
-) -> Option<PerIo> {
-    std::thread::sleep(Duration::from_secs_f64(0.3 + 0.3 * secs));
-    let a = counters(sock, ctrl, bdev)?;
-    let t = Instant::now();
-    let window = Duration::from_secs_f64(0.4 * secs);
-    let vhost_share = match profile_core {
-        Some(core) => {
-            let data =
-                std::env::temp_dir().join(format!("vireo-vs-spdk-{}.perf", std::process::id()));
-            let rec = Command::new("perf")
-                .args(["record", "-q", "-C", &core.to_string(), "-o"])
-                .arg(&data)
-                .args(["--", "sleep", &format!("{:.3}", window.as_secs_f64())])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
-            let share = rec
-                .ok()
-                .filter(|s| s.success())
-                .and_then(|_| vhost_share(&data));
-            let _ = std::fs::remove_file(&data);
-            share
-        }
-        None => {
-            std::thread::sleep(window.saturating_sub(t.elapsed()));
-            None
-        }
-    };
-    let b = counters(sock, ctrl, bdev)?;
-    let ios = b.ios - a.ios;
-    if ios <= 0.0 || a.tick_rate <= 0.0 {
-        return None;
-    }
-    let ns = |ticks: f64| ticks / a.tick_rate * 1e9 / ios;
-    Some(PerIo {
-        busy_ns: ns(b.ctrl_busy - a.ctrl_busy),
-        idle_ns: ns(b.idle - a.idle),
-        vhost_share,
-    })
-}
-
-/// Percent of the samples in `data` in SPDK's and DPDK's vhost libraries.
-fn vhost_share(data: &Path) -> Option<f64> {
-    let out = Command::new("perf")
-        .args(["report", "--sort", "dso", "--stdio", "-i"])
-        .arg(data)
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut share = None;
-    for l in text.lines() {
-        let mut f = l.split_whitespace();
-        let (Some(pct), Some(dso)) = (f.next(), f.next()) else {
-            continue;
-        };
-        if dso.starts_with("libspdk_vhost") || dso.starts_with("librte_vhost") {
-            let v: f64 = pct.trim_end_matches('%').parse().ok()?;
-            *share.get_or_insert(0.0) += v;
-        }
-    }
-    share
-}
-
-/// One reading of the target's counters.
-struct Counters {
-    tick_rate: f64,
-    ctrl_busy: f64,
-    idle: f64,
-    ios: f64,
-}
-
-fn counters(sock: &Path, ctrl: &str, bdev: &str) -> Option<Counters> {
-    let st = rpc(sock, "thread_get_stats", None)?;
-    let mut c = Counters {
-        tick_rate: st["tick_rate"].as_f64()?,
-        ctrl_busy: 0.0,
-        idle: 0.0,
-        ios: 0.0,
-    };
-    for t in st["threads"].as_array()? {
-        if t["name"] == ctrl {
-            c.ctrl_busy = t["busy"].as_f64()?;
-        }
-        c.idle += t["idle"].as_f64()?;
-    }
-    let io = rpc(
-        sock,
-        "bdev_get_iostat",
-        Some(serde_json::json!({ "name": bdev })),
-    )?;
-    // An object with a "bdevs" list (SPDK 23.05 and later), or the list itself.
-    let list = io.get("bdevs").unwrap_or(&io);
-    let b = list.get(0)?;
-    c.ios = b["num_read_ops"].as_f64()? + b["num_write_ops"].as_f64()?;
-    Some(c)
-}
-
-/// One JSON-RPC call on SPDK's socket, its result. Spoken directly: `rpc.py`'s Python
-/// start-up would take CPU time from the run being measured.
-fn rpc(sock: &Path, method: &str, params: Option<serde_json::Value>) -> Option<serde_json::Value> {
-    let mut s = UnixStream::connect(sock).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let mut req = serde_json::json!({ "jsonrpc": "2.0", "id": 1, "method": method });
-    if let Some(p) = params {
-        req["params"] = p;
-    }
-    s.write_all(req.to_string().as_bytes()).ok()?;
-    let reply = serde_json::Deserializer::from_reader(&mut s)
-        .into_iter::<serde_json::Value>()
-        .next()?
-        .ok()?;
-    reply.get("result").cloned()
 }

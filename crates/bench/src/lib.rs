@@ -2,9 +2,11 @@
 //! what several of them share: running `vireo perf` (built in release mode) and other
 //! initiators, reading their IOPS, sampling their memory, and the median.
 
+use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Resident memory of `pid` in KiB: (VmRSS, HugetlbPages).
 pub fn memory_kib(pid: u32) -> (u64, u64) {
@@ -82,4 +84,168 @@ pub fn vireo_binary() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
     target.join("release/vireo")
+}
+
+/// The target's time per I/O over a window of one run.
+pub struct PerIo {
+    /// The controller's thread, busy.
+    pub busy_ns: f64,
+    /// Every thread of the reactor, idle (polls that found nothing).
+    pub idle_ns: f64,
+    /// Percent of the target core's samples in its vhost libraries (`--target-profile`).
+    pub vhost_share: Option<f64>,
+}
+
+/// Print what `t` (runs with initiator `who`) made the target do: the medians of the
+/// controller thread `ctrl`'s busy time and the reactor's idle time per I/O, and of the
+/// vhost share when profiled, each with every run's value.
+pub fn report_target(label: &str, who: &str, ctrl: &str, t: &[PerIo]) {
+    if t.is_empty() {
+        return;
+    }
+    let list: Vec<String> = t
+        .iter()
+        .map(|p| format!("{:.1}/{:.1}", p.busy_ns, p.idle_ns))
+        .collect();
+    let (mut b, mut i): (Vec<f64>, Vec<f64>) = t.iter().map(|p| (p.busy_ns, p.idle_ns)).unzip();
+    println!(
+        "  {label} target per I/O with {who}: {ctrl} busy {:.1} ns, reactor idle {:.1} ns (median of {} runs; busy/idle in order: {})",
+        median(&mut b),
+        median(&mut i),
+        t.len(),
+        list.join(" ")
+    );
+    let mut shares: Vec<f64> = t.iter().filter_map(|p| p.vhost_share).collect();
+    if !shares.is_empty() {
+        let list: Vec<String> = shares.iter().map(|x| format!("{x:.1}")).collect();
+        println!(
+            "  {label} target's vhost share with {who}: {:.1}% (median; in order: {})",
+            median(&mut shares),
+            list.join(" ")
+        );
+    }
+}
+
+/// SPDK's counters in the middle 40% of a run of about `secs` seconds that starts now,
+/// read on its RPC socket `sock`: the controller thread `ctrl`'s busy time and the reactor's idle time,
+/// per I/O of `bdev`. `None` if the target did not answer or did no I/O.
+/// With `profile_core`, `perf record` that core over the window too.
+pub fn target_per_io(
+    sock: &Path,
+    ctrl: &str,
+    bdev: &str,
+    secs: f64,
+    profile_core: Option<usize>,
+) -> Option<PerIo> {
+    std::thread::sleep(Duration::from_secs_f64(0.3 + 0.3 * secs));
+    let a = counters(sock, ctrl, bdev)?;
+    let t = Instant::now();
+    let window = Duration::from_secs_f64(0.4 * secs);
+    let vhost_share = match profile_core {
+        Some(core) => {
+            let data =
+                std::env::temp_dir().join(format!("vireo-vs-spdk-{}.perf", std::process::id()));
+            let rec = Command::new("perf")
+                .args(["record", "-q", "-C", &core.to_string(), "-o"])
+                .arg(&data)
+                .args(["--", "sleep", &format!("{:.3}", window.as_secs_f64())])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            let share = rec
+                .ok()
+                .filter(|s| s.success())
+                .and_then(|_| vhost_share(&data));
+            let _ = std::fs::remove_file(&data);
+            share
+        }
+        None => {
+            std::thread::sleep(window.saturating_sub(t.elapsed()));
+            None
+        }
+    };
+    let b = counters(sock, ctrl, bdev)?;
+    let ios = b.ios - a.ios;
+    if ios <= 0.0 || a.tick_rate <= 0.0 {
+        return None;
+    }
+    let ns = |ticks: f64| ticks / a.tick_rate * 1e9 / ios;
+    Some(PerIo {
+        busy_ns: ns(b.ctrl_busy - a.ctrl_busy),
+        idle_ns: ns(b.idle - a.idle),
+        vhost_share,
+    })
+}
+
+/// Percent of the samples in `data` in SPDK's and DPDK's vhost libraries.
+fn vhost_share(data: &Path) -> Option<f64> {
+    let out = Command::new("perf")
+        .args(["report", "--sort", "dso", "--stdio", "-i"])
+        .arg(data)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut share = None;
+    for l in text.lines() {
+        let mut f = l.split_whitespace();
+        let (Some(pct), Some(dso)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if dso.starts_with("libspdk_vhost") || dso.starts_with("librte_vhost") {
+            let v: f64 = pct.trim_end_matches('%').parse().ok()?;
+            *share.get_or_insert(0.0) += v;
+        }
+    }
+    share
+}
+
+/// One reading of the target's counters.
+struct Counters {
+    tick_rate: f64,
+    ctrl_busy: f64,
+    idle: f64,
+    ios: f64,
+}
+
+fn counters(sock: &Path, ctrl: &str, bdev: &str) -> Option<Counters> {
+    let st = rpc(sock, "thread_get_stats", None)?;
+    let mut c = Counters {
+        tick_rate: st["tick_rate"].as_f64()?,
+        ctrl_busy: 0.0,
+        idle: 0.0,
+        ios: 0.0,
+    };
+    for t in st["threads"].as_array()? {
+        if t["name"] == ctrl {
+            c.ctrl_busy = t["busy"].as_f64()?;
+        }
+        c.idle += t["idle"].as_f64()?;
+    }
+    let io = rpc(
+        sock,
+        "bdev_get_iostat",
+        Some(serde_json::json!({ "name": bdev })),
+    )?;
+    // An object with a "bdevs" list (SPDK 23.05 and later), or the list itself.
+    let list = io.get("bdevs").unwrap_or(&io);
+    let b = list.get(0)?;
+    c.ios = b["num_read_ops"].as_f64()? + b["num_write_ops"].as_f64()?;
+    Some(c)
+}
+
+/// One JSON-RPC call on SPDK's socket, its result. Spoken directly: `rpc.py`'s Python
+/// start-up would take CPU time from the run being measured.
+fn rpc(sock: &Path, method: &str, params: Option<serde_json::Value>) -> Option<serde_json::Value> {
+    let mut s = UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut req = serde_json::json!({ "jsonrpc": "2.0", "id": 1, "method": method });
+    if let Some(p) = params {
+        req["params"] = p;
+    }
+    s.write_all(req.to_string().as_bytes()).ok()?;
+    let reply = serde_json::Deserializer::from_reader(&mut s)
+        .into_iter::<serde_json::Value>()
+        .next()?
+        .ok()?;
+    reply.get("result").cloned()
 }
