@@ -20,7 +20,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use vireo_bench::{median, report_target, run, target_per_io, vireo_binary, vireo_iops};
+use vireo_bench::{median, report_target, run_probed, vireo_binary, vireo_iops, Probe};
 use vireo_peers::spdk::{self, SpdkBuild, SpdkVhost};
 
 fn main() {
@@ -91,7 +91,12 @@ fn main() {
         .find(|c| c.0 == "blk.null.packed")
         .map(|c| (c.0, c.2))
         .expect("blk.null.packed");
-    let profile_core = target_profile.then_some(target.core());
+    let probe = Probe {
+        sock: &rpc_sock,
+        ctrl,
+        bdev,
+        profile_core: target_profile.then_some(target.core()),
+    };
     for &qd in &qds {
         let mut runs: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
         let mut per_io: [Vec<_>; 3] = [Vec::new(), Vec::new(), Vec::new()];
@@ -101,26 +106,21 @@ fn main() {
                 let q = qd.to_string();
                 let t = secs.to_string();
                 let a = ["-q", &q, "-o", "4096", "-w", "randread", "-t", &t];
-                let (iops, t) = std::thread::scope(|sc| {
-                    let sampler = target_stats.then(|| {
-                        let sock = &rpc_sock;
-                        sc.spawn(move || target_per_io(sock, ctrl, bdev, secs, profile_core))
-                    });
-                    let r = if who < 2 {
-                        let mut c = Command::new(&vireo);
-                        c.args(["perf", "--json", "-m", "1", "-c"])
-                            .arg(if who == 0 { &packed_conf } else { &split_conf })
-                            .args(a);
-                        run(c, secs, vireo_iops)
-                    } else {
-                        let mut c = build.bdevperf_on(1);
-                        c.arg("--json").arg(&bconf).args(a);
-                        run(c, secs, spdk::bdevperf_total_iops)
-                    };
-                    (r.iops, sampler.and_then(|h| h.join().ok().flatten()))
-                });
+                let probe = target_stats.then_some(&probe);
+                let (r, measured) = if who < 2 {
+                    let mut c = Command::new(&vireo);
+                    c.args(["perf", "--json", "-m", "1", "-c"])
+                        .arg(if who == 0 { &packed_conf } else { &split_conf })
+                        .args(a);
+                    run_probed(c, secs, vireo_iops, probe)
+                } else {
+                    let mut c = build.bdevperf_on(1);
+                    c.arg("--json").arg(&bconf).args(a);
+                    run_probed(c, secs, spdk::bdevperf_total_iops, probe)
+                };
+                let iops = r.iops;
                 runs[who].push(iops);
-                per_io[who].extend(t);
+                per_io[who].extend(measured);
                 std::thread::sleep(Duration::from_millis(200));
             }
         }

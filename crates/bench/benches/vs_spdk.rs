@@ -29,7 +29,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use vireo_bench::{median, report_target, run, target_per_io, vireo_binary, vireo_iops};
+use vireo_bench::{median, report_target, run_probed, vireo_binary, vireo_iops, Probe};
 use vireo_peers::spdk::{self, SpdkBuild, SpdkVhost};
 
 fn main() {
@@ -141,25 +141,24 @@ fn main() {
                         "-t",
                         t.as_str(),
                     ];
-                    let (r, per_io) = std::thread::scope(|sc| {
-                        let sampler = target_stats.then(|| {
-                            let core = target_profile.then_some(target.core());
-                            let (sock, ctrl) = (&rpc_sock, &ctrl);
-                            sc.spawn(move || target_per_io(sock, ctrl, bdev, secs, core))
-                        });
-                        let r = if is_vireo {
-                            let mut c = Command::new(&vireo);
-                            c.args(["perf", "--json", "-m", "1", "-c"])
-                                .arg(&vconf)
-                                .args(args);
-                            run(c, secs, vireo_iops)
-                        } else {
-                            let mut c = build.bdevperf_on(1);
-                            c.arg("--json").arg(&bconf).args(args);
-                            run(c, secs, spdk::bdevperf_total_iops)
-                        };
-                        (r, sampler.and_then(|h| h.join().ok().flatten()))
-                    });
+                    let probe = Probe {
+                        sock: &rpc_sock,
+                        ctrl: &ctrl,
+                        bdev,
+                        profile_core: target_profile.then_some(target.core()),
+                    };
+                    let probe = target_stats.then_some(&probe);
+                    let (r, per_io) = if is_vireo {
+                        let mut c = Command::new(&vireo);
+                        c.args(["perf", "--json", "-m", "1", "-c"])
+                            .arg(&vconf)
+                            .args(args);
+                        run_probed(c, secs, vireo_iops, probe)
+                    } else {
+                        let mut c = build.bdevperf_on(1);
+                        c.arg("--json").arg(&bconf).args(args);
+                        run_probed(c, secs, spdk::bdevperf_total_iops, probe)
+                    };
                     if is_vireo {
                         v.push(r.iops);
                         vmem = (r.rss_kib, r.huge_kib);

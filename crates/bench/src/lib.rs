@@ -86,6 +86,33 @@ pub fn vireo_binary() -> PathBuf {
     target.join("release/vireo")
 }
 
+/// Where to read what a run made SPDK's target do (see [`target_per_io`]).
+pub struct Probe<'a> {
+    /// The target's RPC socket.
+    pub sock: &'a Path,
+    /// The controller's thread (its name).
+    pub ctrl: &'a str,
+    /// The bdev behind the controller.
+    pub bdev: &'a str,
+    /// `perf record` this core over the window too.
+    pub profile_core: Option<usize>,
+}
+
+/// [`run`], and with `probe` the target's counters over the middle of the run.
+pub fn run_probed(
+    cmd: Command,
+    secs: f64,
+    parse: impl Fn(&str) -> Option<f64>,
+    probe: Option<&Probe<'_>>,
+) -> (Run, Option<PerIo>) {
+    std::thread::scope(|sc| {
+        let sampler = probe
+            .map(|p| sc.spawn(move || target_per_io(p.sock, p.ctrl, p.bdev, secs, p.profile_core)));
+        let r = run(cmd, secs, parse);
+        (r, sampler.and_then(|h| h.join().ok().flatten()))
+    })
+}
+
 /// The target's time per I/O over a window of one run.
 pub struct PerIo {
     /// The controller's thread, busy.
