@@ -17,10 +17,9 @@
 //! Needs an SPDK build (`SPDK_DIR` or `VIREO_SPDK_DIR`); without one it says SKIPPED
 //! and exits 0. It builds `vireo` in release mode first.
 
-use std::process::Command;
 use std::time::Duration;
 
-use vireo_bench::{median, report_target, run_probed, vireo_binary, vireo_iops, Probe};
+use vireo_bench::{median, report_target, run_probed, vireo_binary, vireo_iops, vireo_perf, Probe};
 use vireo_peers::spdk::{self, SpdkBuild, SpdkVhost};
 
 fn main() {
@@ -108,11 +107,8 @@ fn main() {
                 let a = ["-q", &q, "-o", "4096", "-w", "randread", "-t", &t];
                 let probe = target_stats.then_some(&probe);
                 let (r, measured) = if who < 2 {
-                    let mut c = Command::new(&vireo);
-                    c.args(["perf", "--json", "-m", "1", "-c"])
-                        .arg(if who == 0 { &packed_conf } else { &split_conf })
-                        .args(a);
-                    run_probed(c, secs, vireo_iops, probe)
+                    let conf = if who == 0 { &packed_conf } else { &split_conf };
+                    run_probed(vireo_perf(&vireo, conf, &a), secs, vireo_iops, probe)
                 } else {
                     let mut c = build.bdevperf_on(1);
                     c.arg("--json").arg(&bconf).args(a);

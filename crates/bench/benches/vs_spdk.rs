@@ -26,10 +26,7 @@
 //! Needs an SPDK build (`SPDK_DIR` or `VIREO_SPDK_DIR`); without one it says SKIPPED
 //! and exits 0. It builds `vireo` in release mode first (`cargo build --release -p vireo`).
 
-use std::process::Command;
-use std::time::Duration;
-
-use vireo_bench::{median, report_target, run_probed, vireo_binary, vireo_iops, Probe};
+use vireo_bench::{abba, run_probed, vireo_binary, vireo_iops, vireo_perf, Abba, Probe};
 use vireo_peers::spdk::{self, SpdkBuild, SpdkVhost};
 
 fn main() {
@@ -84,20 +81,7 @@ fn main() {
         "4 KiB randread on SPDK v25.09 vhost (Null bdev, target on CPU 0), one queue, initiator on CPU 1, {secs} s x {rounds} rounds each, ABBA; median of the per-round ratios, medians, bests; vireo queue size {}, SPDK's 512",
         vq_size.map_or("128 (default)".to_string(), |n| n.to_string())
     );
-    println!(
-        "{:>5} {:>4} {:>9} {:>12} {:>12} {:>6} {:>12} {:>12} {:>6}   {:>10} {:>22}",
-        "dev",
-        "QD",
-        "pair med",
-        "vireo med",
-        "SPDK med",
-        "ratio",
-        "vireo best",
-        "SPDK best",
-        "ratio",
-        "vireo RSS",
-        "bdevperf RSS (+huge)"
-    );
+    Abba::header();
     for dev in &devs {
         let sock = target.socket(&format!("{dev}.null"));
         let vconf = target.dir().join(format!("vireo-{dev}.json"));
@@ -118,85 +102,25 @@ fn main() {
             .map(|c| c.2)
             .expect("a Null controller");
         let ctrl = format!("{dev}.null");
+        let probe = Probe {
+            sock: &rpc_sock,
+            ctrl: &ctrl,
+            bdev,
+            profile_core: target_profile.then_some(target.core()),
+        };
+        let probe = target_stats.then_some(&probe);
         for &qd in &qds {
-            let (mut v, mut s) = (Vec::new(), Vec::new());
-            let (mut tv, mut ts) = (Vec::new(), Vec::new());
-            let (mut vmem, mut smem) = ((0, 0), (0, 0));
-            for round in 0..rounds {
-                let order = if round % 2 == 0 {
-                    [true, false]
+            let a = abba(rounds, qd, secs, |is_vireo, args| {
+                if is_vireo {
+                    let c = vireo_perf(&vireo, &vconf, args);
+                    run_probed(c, secs, vireo_iops, probe)
                 } else {
-                    [false, true]
-                };
-                for is_vireo in order {
-                    let q = qd.to_string();
-                    let t = secs.to_string();
-                    let args = [
-                        "-q",
-                        q.as_str(),
-                        "-o",
-                        "4096",
-                        "-w",
-                        "randread",
-                        "-t",
-                        t.as_str(),
-                    ];
-                    let probe = Probe {
-                        sock: &rpc_sock,
-                        ctrl: &ctrl,
-                        bdev,
-                        profile_core: target_profile.then_some(target.core()),
-                    };
-                    let probe = target_stats.then_some(&probe);
-                    let (r, per_io) = if is_vireo {
-                        let mut c = Command::new(&vireo);
-                        c.args(["perf", "--json", "-m", "1", "-c"])
-                            .arg(&vconf)
-                            .args(args);
-                        run_probed(c, secs, vireo_iops, probe)
-                    } else {
-                        let mut c = build.bdevperf_on(1);
-                        c.arg("--json").arg(&bconf).args(args);
-                        run_probed(c, secs, spdk::bdevperf_total_iops, probe)
-                    };
-                    if is_vireo {
-                        v.push(r.iops);
-                        vmem = (r.rss_kib, r.huge_kib);
-                        tv.extend(per_io);
-                    } else {
-                        s.push(r.iops);
-                        smem = (r.rss_kib, r.huge_kib);
-                        ts.extend(per_io);
-                    }
-                    std::thread::sleep(Duration::from_millis(200));
+                    let mut c = build.bdevperf_on(1);
+                    c.arg("--json").arg(&bconf).args(args);
+                    run_probed(c, secs, spdk::bdevperf_total_iops, probe)
                 }
-            }
-            // Each round's two runs are back to back: their ratio is the least exposed
-            // to the machine's slow phases, which last seconds and hit both sides.
-            let mut pairs: Vec<f64> = v.iter().zip(&s).map(|(a, b)| a / b).collect();
-            let pair_list: Vec<String> = pairs.iter().map(|r| format!("{r:.2}")).collect();
-            let pm = median(&mut pairs);
-            let (runs_v, runs_s) = (v.clone(), s.clone());
-            let (mv, ms) = (median(&mut v), median(&mut s));
-            let best = |x: &[f64]| x.iter().copied().fold(0.0, f64::max);
-            let (bv, bs) = (best(&v), best(&s));
-            println!(
-                "{dev:>5} {qd:>4} {pm:>9.2} {mv:>12.0} {ms:>12.0} {:>6.2} {bv:>12.0} {bs:>12.0} {:>6.2}   {:>7} MiB {:>9} MiB (+{} MiB)",
-                mv / ms,
-                bv / bs,
-                vmem.0 / 1024,
-                smem.0 / 1024,
-                smem.1 / 1024
-            );
-            eprintln!(
-                "  {dev} QD{qd} runs in order: vireo {runs_v:.0?}, SPDK {runs_s:.0?}, ratios {}",
-                pair_list.join(" ")
-            );
-            if target_stats {
-                for (who, t) in [("vireo", &tv), ("SPDK", &ts)] {
-                    report_target(&format!("{dev} QD{qd}"), who, &ctrl, t);
-                }
-            }
+            });
+            a.print(dev, qd, &ctrl);
         }
     }
 }

@@ -17,9 +17,8 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use vireo_bench::{median, run, vireo_binary, vireo_iops};
+use vireo_bench::{abba, run_probed, vireo_binary, vireo_iops, vireo_perf, Abba};
 use vireo_peers::spdk::{self, SpdkVfu, SpdkVfuBuild};
 
 /// SPDK's bdevperf over vfio-user with `conf`, killed after `limit` seconds (it may
@@ -81,18 +80,7 @@ fn main() {
     println!(
         "4 KiB randread over vfio-user on SPDK v25.09 vfu_virtio (Malloc, target on CPU 0), initiator on CPU 1, {secs} s x {rounds} rounds each, ABBA; vireo packed_ring {packed}; median of the per-round ratios, medians, bests"
     );
-    println!(
-        "{:>5} {:>4} {:>9} {:>12} {:>12} {:>6} {:>12} {:>12} {:>6}",
-        "dev",
-        "QD",
-        "pair med",
-        "vireo med",
-        "SPDK med",
-        "ratio",
-        "vireo best",
-        "SPDK best",
-        "ratio"
-    );
+    Abba::header();
     for dev in &devs {
         let sock = target.socket(&format!("vfu.{dev}"));
         let vconf = target.dir().join(format!("vireo-{dev}.json"));
@@ -125,65 +113,19 @@ fn main() {
                 .status();
         }
         for &qd in &qds {
-            let (mut v, mut s) = (Vec::new(), Vec::new());
-            let (mut vmem, mut smem) = ((0, 0), (0, 0));
-            for round in 0..rounds {
-                let order = if round % 2 == 0 {
-                    [true, false]
+            let mut a = abba(rounds, qd, secs, |is_vireo, args| {
+                if is_vireo {
+                    let c = vireo_perf(&vireo, &vconf, args);
+                    run_probed(c, secs, vireo_iops, None)
                 } else {
-                    [false, true]
-                };
-                for is_vireo in order {
-                    let q = qd.to_string();
-                    let t = secs.to_string();
-                    let args = [
-                        "-q",
-                        q.as_str(),
-                        "-o",
-                        "4096",
-                        "-w",
-                        "randread",
-                        "-t",
-                        t.as_str(),
-                    ];
-                    if is_vireo {
-                        let mut c = Command::new(&vireo);
-                        c.args(["perf", "--json", "-m", "1", "-c"])
-                            .arg(&vconf)
-                            .args(args);
-                        let r = run(c, secs, vireo_iops);
-                        v.push(r.iops);
-                        vmem = (r.rss_kib, r.huge_kib);
-                    } else {
-                        let mut c = bdevperf(&build, &bconf, secs as u64 + 30);
-                        c.args(args);
-                        let r = run(c, secs, spdk::bdevperf_total_iops);
-                        s.push(r.iops);
-                        smem = (r.rss_kib, r.huge_kib);
-                    }
-                    std::thread::sleep(Duration::from_millis(200));
+                    let mut c = bdevperf(&build, &bconf, secs as u64 + 30);
+                    c.args(args);
+                    run_probed(c, secs, spdk::bdevperf_total_iops, None)
                 }
-            }
-            let mut pairs: Vec<f64> = v.iter().zip(&s).map(|(a, b)| a / b).collect();
-            let pair_list: Vec<String> = pairs.iter().map(|r| format!("{r:.2}")).collect();
-            let pm = median(&mut pairs);
-            let (runs_v, runs_s) = (v.clone(), s.clone());
-            let (mv, ms) = (median(&mut v), median(&mut s));
-            let best = |x: &[f64]| x.iter().copied().fold(0.0, f64::max);
-            let (bv, bs) = (best(&v), best(&s));
-            println!(
-                "{dev:>5} {qd:>4} {pm:>9.2} {mv:>12.0} {ms:>12.0} {:>6.2} {bv:>12.0} {bs:>12.0} {:>6.2}",
-                mv / ms,
-                bv / bs,
-            );
-            eprintln!(
-                "  {dev} QD{qd} runs in order: vireo {runs_v:.0?}, SPDK {runs_s:.0?}, ratios {}; RSS vireo {} MiB (+{} MiB huge), bdevperf {} MiB (+{} MiB huge)",
-                pair_list.join(" "),
-                vmem.0 / 1024,
-                vmem.1 / 1024,
-                smem.0 / 1024,
-                smem.1 / 1024
-            );
+            });
+            // bdevperf runs under `timeout`, whose memory is not bdevperf's.
+            a.spdk_mem = (0, 0);
+            a.print(dev, qd, "");
         }
     }
 }

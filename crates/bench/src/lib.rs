@@ -86,6 +86,124 @@ pub fn vireo_binary() -> PathBuf {
     target.join("release/vireo")
 }
 
+/// `vireo perf --json -m 1 -c CONF ARGS` (one job on CPU 1).
+pub fn vireo_perf(vireo: &Path, conf: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(vireo);
+    c.args(["perf", "--json", "-m", "1", "-c"])
+        .arg(conf)
+        .args(args);
+    c
+}
+
+/// vireo against SPDK's initiator at one queue depth: every run of each, in order.
+#[derive(Default)]
+pub struct Abba {
+    /// vireo's IOPS, run by run.
+    pub vireo: Vec<f64>,
+    /// SPDK's IOPS, run by run.
+    pub spdk: Vec<f64>,
+    /// Memory of vireo's last run (VmRSS, HugetlbPages; KiB).
+    pub vireo_mem: (u64, u64),
+    /// Memory of SPDK's last run.
+    pub spdk_mem: (u64, u64),
+    /// What vireo's runs made the target do (when probed).
+    pub vireo_target: Vec<PerIo>,
+    /// What SPDK's runs made the target do.
+    pub spdk_target: Vec<PerIo>,
+}
+
+/// `rounds` rounds of one vireo run and one SPDK run (4 KiB random reads at `qd` for
+/// `secs`), in ABBA order: each round's two runs are back to back, so their ratio is the
+/// least exposed to the machine's slow phases, which last seconds and hit both sides.
+/// `run_one(is_vireo, args)` runs one side with these bdevperf-style arguments.
+pub fn abba(
+    rounds: usize,
+    qd: usize,
+    secs: f64,
+    mut run_one: impl FnMut(bool, &[&str]) -> (Run, Option<PerIo>),
+) -> Abba {
+    let mut a = Abba::default();
+    let (q, t) = (qd.to_string(), secs.to_string());
+    let args = ["-q", &q, "-o", "4096", "-w", "randread", "-t", &t];
+    for round in 0..rounds {
+        for is_vireo in [round % 2 == 0, round % 2 != 0] {
+            let (r, per_io) = run_one(is_vireo, &args);
+            if is_vireo {
+                a.vireo.push(r.iops);
+                a.vireo_mem = (r.rss_kib, r.huge_kib);
+                a.vireo_target.extend(per_io);
+            } else {
+                a.spdk.push(r.iops);
+                a.spdk_mem = (r.rss_kib, r.huge_kib);
+                a.spdk_target.extend(per_io);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    a
+}
+
+impl Abba {
+    /// The columns of [`Abba::print`].
+    pub fn header() {
+        println!(
+            "{:>5} {:>4} {:>9} {:>12} {:>12} {:>6} {:>12} {:>12} {:>6}   {:>10} {:>22}",
+            "dev",
+            "QD",
+            "pair med",
+            "vireo med",
+            "SPDK med",
+            "ratio",
+            "vireo best",
+            "SPDK best",
+            "ratio",
+            "vireo RSS",
+            "bdevperf RSS (+huge)"
+        );
+    }
+
+    /// One line: the median of the per-round ratios, the medians and bests of each side
+    /// with their ratios, and memory; every run in order on stderr; and what each side
+    /// made the target `ctrl` do, when probed.
+    pub fn print(&self, dev: &str, qd: usize, ctrl: &str) {
+        let mut pairs: Vec<f64> = self
+            .vireo
+            .iter()
+            .zip(&self.spdk)
+            .map(|(a, b)| a / b)
+            .collect();
+        let pair_list: Vec<String> = pairs.iter().map(|r| format!("{r:.2}")).collect();
+        let pm = median(&mut pairs);
+        let (mut v, mut s) = (self.vireo.clone(), self.spdk.clone());
+        let (mv, ms) = (median(&mut v), median(&mut s));
+        let best = |x: &[f64]| x.iter().copied().fold(0.0, f64::max);
+        let (bv, bs) = (best(&v), best(&s));
+        // Memory not measured (a wrapper process ran the initiator): "-".
+        let mib = |kib: u64| match kib {
+            0 => "-".to_string(),
+            k => (k / 1024).to_string(),
+        };
+        let (vmem, smem) = (self.vireo_mem, self.spdk_mem);
+        println!(
+            "{dev:>5} {qd:>4} {pm:>9.2} {mv:>12.0} {ms:>12.0} {:>6.2} {bv:>12.0} {bs:>12.0} {:>6.2}   {:>7} MiB {:>9} MiB (+{} MiB)",
+            mv / ms,
+            bv / bs,
+            mib(vmem.0),
+            mib(smem.0),
+            mib(smem.1)
+        );
+        eprintln!(
+            "  {dev} QD{qd} runs in order: vireo {:.0?}, SPDK {:.0?}, ratios {}",
+            self.vireo,
+            self.spdk,
+            pair_list.join(" ")
+        );
+        for (who, t) in [("vireo", &self.vireo_target), ("SPDK", &self.spdk_target)] {
+            report_target(&format!("{dev} QD{qd}"), who, ctrl, t);
+        }
+    }
+}
+
 /// Where to read what a run made SPDK's target do (see [`target_per_io`]).
 pub struct Probe<'a> {
     /// The target's RPC socket.
