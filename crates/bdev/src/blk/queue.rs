@@ -287,7 +287,8 @@ impl ChannelDriver for BlkChannel {
 }
 
 impl BlkQueue {
-    /// Put one request on the ring (or give it back when the ring is full).
+    /// Put one request on the ring (a copy of it in its slot); `false` when the ring is
+    /// full. A request that cannot be sent at all completes with its error (`true`).
     #[inline]
     fn submit_child(&mut self, c: &Child) -> bool {
         let Some(slot) = self.rq.take_slot() else {
@@ -419,8 +420,9 @@ impl BlkQueue {
         self.record_on_ring(slot, c, r.is_ok())
     }
 
-    /// After putting `c`'s chain in `slot` on the ring: record it, or give the slot
-    /// back and the child to its caller (no ring space: it waits).
+    /// After putting `c`'s chain in `slot` on the ring: record a copy of it, or give
+    /// the slot back (no ring space: the caller keeps the child, which waits). Returns
+    /// whether it went on the ring.
     #[inline]
     fn record_on_ring(&mut self, slot: u16, c: &Child, on_ring: bool) -> bool {
         if on_ring {
