@@ -9,7 +9,7 @@
 //! noise comes in phases (runs drop to half speed for seconds at a time), the per-round
 //! ratio is the least exposed to them: both runs of a round usually see the same phase.
 //!
-//! `cargo bench -p vireo-bench --bench vs_spdk -- [--seconds S] [--rounds R] [--qd 1,32,128] [--dev blk,scsi] [--vq-size N] [--target-stats]`
+//! `cargo bench -p vireo-bench --bench vs_spdk -- [--seconds S] [--rounds R] [--qd 1,32,128] [--dev blk,scsi] [--vq-size N] [--target-stats] [--target-profile] [--phase-split IOPS]`
 //! (`--vq-size`: vireo's queue size, default its own default of 128; SPDK's initiator uses 512).
 //!
 //! `--target-stats`: what each initiator makes the target do, from the target's own
@@ -18,6 +18,9 @@
 //! thread was busy, and the reactor's idle time per I/O (polls that found nothing, on
 //! every thread of the core). An initiator that keeps the target fed leaves little idle
 //! time; the busy time is the target's own cost per request.
+//!
+//! `--phase-split IOPS`: also the pair medians of the rounds whose bdevperf run was
+//! above IOPS and of the others (the machine's fast and slow phases apart).
 //!
 //! `--target-profile`: also `perf record -C <target core>` over the same window, and the
 //! share of the target's samples in its vhost libraries (`libspdk_vhost` and
@@ -38,6 +41,7 @@ fn main() {
     // accepts; SPDK's initiator defaults to 512).
     let mut vq_size: Option<u16> = None;
     let mut target_stats = false;
+    let mut phase_split: Option<f64> = None;
     let mut target_profile = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -60,6 +64,7 @@ fn main() {
             "--dev" => devs = list(),
             "--vq-size" => vq_size = Some(list()[0].parse().expect("--vq-size N")),
             "--target-stats" => target_stats = true,
+            "--phase-split" => phase_split = Some(list()[0].parse().expect("--phase-split IOPS")),
             "--target-profile" => {
                 target_stats = true;
                 target_profile = true;
@@ -121,6 +126,9 @@ fn main() {
                 }
             });
             a.print(dev, qd, &ctrl);
+            if let Some(iops) = phase_split {
+                a.print_phases(dev, qd, iops);
+            }
         }
     }
 }

@@ -202,6 +202,25 @@ impl Abba {
             report_target(&format!("{dev} QD{qd}"), who, ctrl, t);
         }
     }
+
+    /// The pair medians of the rounds whose SPDK run was above `iops` and of the others:
+    /// the machine's fast and slow phases apart (a round that straddles a phase change
+    /// lands on the side of its SPDK run).
+    pub fn print_phases(&self, dev: &str, qd: usize, iops: f64) {
+        let (mut fast, mut slow) = (Vec::new(), Vec::new());
+        for (v, s) in self.vireo.iter().zip(&self.spdk) {
+            if *s > iops { &mut fast } else { &mut slow }.push(v / s);
+        }
+        let side = |r: &mut Vec<f64>| match r.len() {
+            0 => "none".to_string(),
+            n => format!("{:.3} ({n} rounds)", median(r)),
+        };
+        println!(
+            "  {dev} QD{qd} pair median of rounds with SPDK above {iops:.0} IOPS: {}; of the others: {}",
+            side(&mut fast),
+            side(&mut slow)
+        );
+    }
 }
 
 /// Where to read what a run made SPDK's target do (see [`target_per_io`]).
