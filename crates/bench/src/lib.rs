@@ -72,7 +72,13 @@ pub fn median(v: &mut [f64]) -> f64 {
 }
 
 /// Build `vireo` in release mode; its path.
+///
+/// `VIREO_BIN` names another binary to measure instead (an older build, for an A/B
+/// against the same peer: run the bench once with each).
 pub fn vireo_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("VIREO_BIN") {
+        return PathBuf::from(bin);
+    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let ok = Command::new(cargo)
         .args(["build", "--release", "-p", "vireo", "--bin", "vireo"])
