@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use vireo_peers::spdk::{self, SpdkBuild, SpdkVhost};
 
-use vireo_bench::median;
+use vireo_bench::{median, parse_args, Common};
 
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
@@ -164,9 +164,11 @@ fn start_qsd(dir: &Path) -> (Qsd, Device) {
 }
 
 fn main() {
-    let mut secs = 3.0;
-    let mut rounds = 3;
-    let mut qds = vec![1usize, 32];
+    let mut c = Common {
+        secs: 3.0,
+        rounds: 3,
+        qds: vec![1, 32],
+    };
     let mut targets = vec![
         "qsd".to_string(),
         "spdk-blk".to_string(),
@@ -175,30 +177,15 @@ fn main() {
     // A running SPDK vhost target's socket directory (blk.null, scsi.null), instead of
     // starting one.
     let mut spdk_sockets: Option<PathBuf> = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut list = || {
-            args.next()
-                .expect("a value")
-                .split(',')
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        };
-        match a.as_str() {
-            "--seconds" => secs = list()[0].parse().expect("--seconds N"),
-            "--rounds" => rounds = list()[0].parse().expect("--rounds N"),
-            "--qd" => {
-                qds = list()
-                    .iter()
-                    .map(|q| q.parse().expect("--qd N,M"))
-                    .collect()
-            }
-            "--target" => targets = list(),
-            "--spdk-sockets" => spdk_sockets = Some(PathBuf::from(&list()[0])),
-            "--bench" => {}
-            other => panic!("unknown argument {other}"),
+    parse_args(&mut c, |flag, value| {
+        match flag {
+            "--target" => targets = value(),
+            "--spdk-sockets" => spdk_sockets = Some(PathBuf::from(&value()[0])),
+            _ => return false,
         }
-    }
+        true
+    });
+    let Common { secs, rounds, qds } = c;
     let Some(fio) = std::env::var_os("VIREO_FIO").map(PathBuf::from) else {
         spdk::skipped(
             "bench capi_fio",

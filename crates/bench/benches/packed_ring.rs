@@ -19,34 +19,30 @@
 
 use std::time::Duration;
 
-use vireo_bench::{median, report_target, run_probed, vireo_binary, vireo_iops, vireo_perf, Probe};
+use vireo_bench::{
+    median, parse_args, report_target, run_probed, vireo_binary, vireo_iops, vireo_perf, Common,
+    Probe,
+};
 use vireo_peers::spdk::{self, SpdkBuild, SpdkVhost};
 
 fn main() {
-    let mut secs = 3.0;
-    let mut rounds = 5;
-    let mut qds = vec![1usize, 32, 128];
+    let mut c = Common {
+        secs: 3.0,
+        rounds: 5,
+        qds: vec![1, 32, 128],
+    };
     let mut vq_size: Option<u16> = None;
     let (mut target_stats, mut target_profile) = (false, false);
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = || args.next().expect("a value");
-        match a.as_str() {
-            "--seconds" => secs = value().parse().expect("--seconds N"),
-            "--rounds" => rounds = value().parse().expect("--rounds N"),
-            "--qd" => {
-                qds = value()
-                    .split(',')
-                    .map(|q| q.parse().expect("--qd N,M"))
-                    .collect()
-            }
-            "--vq-size" => vq_size = Some(value().parse().expect("--vq-size N")),
+    parse_args(&mut c, |flag, value| {
+        match flag {
+            "--vq-size" => vq_size = Some(value()[0].parse().expect("--vq-size N")),
             "--target-stats" => target_stats = true,
             "--target-profile" => (target_stats, target_profile) = (true, true),
-            "--bench" => {}
-            other => panic!("unknown argument {other}"),
+            _ => return false,
         }
-    }
+        true
+    });
+    let Common { secs, rounds, qds } = c;
     let build = match SpdkBuild::from_env() {
         Ok(b) => b,
         Err(why) => {

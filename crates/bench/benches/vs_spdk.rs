@@ -29,50 +29,35 @@
 //! Needs an SPDK build (`SPDK_DIR` or `VIREO_SPDK_DIR`); without one it says SKIPPED
 //! and exits 0. It builds `vireo` in release mode first (`cargo build --release -p vireo`).
 
-use vireo_bench::{abba, run_probed, vireo_binary, vireo_iops, vireo_perf, Abba, Probe};
+use vireo_bench::{
+    abba, parse_args, run_probed, vireo_binary, vireo_iops, vireo_perf, Abba, Common, Probe,
+};
 use vireo_peers::spdk::{self, SpdkBuild, SpdkVhost};
 
 fn main() {
-    let mut secs = 3.0;
-    let mut rounds = 3;
-    let mut qds = vec![1usize, 32, 128];
+    let mut c = Common {
+        secs: 3.0,
+        rounds: 3,
+        qds: vec![1, 32, 128],
+    };
     let mut devs = vec!["blk".to_string(), "scsi".to_string()];
     // vireo's queue size (default: vireo's own default, 128, which every tested target
     // accepts; SPDK's initiator defaults to 512).
     let mut vq_size: Option<u16> = None;
-    let mut target_stats = false;
+    let (mut target_stats, mut target_profile) = (false, false);
     let mut phase_split: Option<f64> = None;
-    let mut target_profile = false;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut list = || {
-            args.next()
-                .expect("a value")
-                .split(',')
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        };
-        match a.as_str() {
-            "--seconds" => secs = list()[0].parse().expect("--seconds N"),
-            "--rounds" => rounds = list()[0].parse().expect("--rounds N"),
-            "--qd" => {
-                qds = list()
-                    .iter()
-                    .map(|q| q.parse().expect("--qd N,M"))
-                    .collect()
-            }
-            "--dev" => devs = list(),
-            "--vq-size" => vq_size = Some(list()[0].parse().expect("--vq-size N")),
+    parse_args(&mut c, |flag, value| {
+        match flag {
+            "--dev" => devs = value(),
+            "--vq-size" => vq_size = Some(value()[0].parse().expect("--vq-size N")),
             "--target-stats" => target_stats = true,
-            "--phase-split" => phase_split = Some(list()[0].parse().expect("--phase-split IOPS")),
-            "--target-profile" => {
-                target_stats = true;
-                target_profile = true;
-            }
-            "--bench" => {}
-            other => panic!("unknown argument {other}"),
+            "--target-profile" => (target_stats, target_profile) = (true, true),
+            "--phase-split" => phase_split = Some(value()[0].parse().expect("--phase-split IOPS")),
+            _ => return false,
         }
-    }
+        true
+    });
+    let Common { secs, rounds, qds } = c;
     let build = match SpdkBuild::from_env() {
         Ok(b) => b,
         Err(why) => {

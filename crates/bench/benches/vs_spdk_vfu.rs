@@ -18,7 +18,9 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use vireo_bench::{abba, run_probed, vireo_binary, vireo_iops, vireo_perf, Abba};
+use vireo_bench::{
+    abba, parse_args, run_probed, vireo_binary, vireo_iops, vireo_perf, Abba, Common,
+};
 use vireo_peers::spdk::{self, SpdkVfu, SpdkVfuBuild};
 
 /// SPDK's bdevperf over vfio-user with `conf`, killed after `limit` seconds (it may
@@ -39,35 +41,22 @@ fn bdevperf(build: &SpdkVfuBuild, conf: &Path, limit: u64) -> Command {
 }
 
 fn main() {
-    let mut secs = 3.0;
-    let mut rounds = 3;
-    let mut qds = vec![1usize, 32, 128];
+    let mut c = Common {
+        secs: 3.0,
+        rounds: 3,
+        qds: vec![1, 32, 128],
+    };
     let mut devs = vec!["blk".to_string(), "scsi".to_string()];
     let mut packed = "auto".to_string();
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut list = || {
-            args.next()
-                .expect("a value")
-                .split(',')
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        };
-        match a.as_str() {
-            "--seconds" => secs = list()[0].parse().expect("--seconds N"),
-            "--rounds" => rounds = list()[0].parse().expect("--rounds N"),
-            "--qd" => {
-                qds = list()
-                    .iter()
-                    .map(|q| q.parse().expect("--qd N,M"))
-                    .collect()
-            }
-            "--dev" => devs = list(),
-            "--packed-ring" => packed = list()[0].clone(),
-            "--bench" => {}
-            other => panic!("unknown argument {other}"),
+    parse_args(&mut c, |flag, value| {
+        match flag {
+            "--dev" => devs = value(),
+            "--packed-ring" => packed = value()[0].clone(),
+            _ => return false,
         }
-    }
+        true
+    });
+    let Common { secs, rounds, qds } = c;
     let build = match SpdkVfuBuild::from_env() {
         Ok(b) => b,
         Err(why) => {

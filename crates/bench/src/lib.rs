@@ -8,6 +8,52 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// What every bench takes: seconds per run, rounds, queue depths.
+pub struct Common {
+    /// `--seconds S`.
+    pub secs: f64,
+    /// `--rounds R`.
+    pub rounds: usize,
+    /// `--qd N,M`.
+    pub qds: Vec<usize>,
+}
+
+/// Read the command line: `--seconds`, `--rounds` and `--qd` into `c` (defaults as
+/// given), cargo's own `--bench` ignored, every other flag to `own(flag, value)`, where
+/// `value()` takes the flag's value split at commas. `own` returns false for a flag it
+/// does not know, which stops the bench naming it.
+pub fn parse_args(
+    c: &mut Common,
+    mut own: impl FnMut(&str, &mut dyn FnMut() -> Vec<String>) -> bool,
+) {
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| panic!("{a} needs a value"))
+                .split(',')
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        match a.as_str() {
+            "--seconds" => c.secs = value()[0].parse().expect("--seconds S"),
+            "--rounds" => c.rounds = value()[0].parse().expect("--rounds R"),
+            "--qd" => {
+                c.qds = value()
+                    .iter()
+                    .map(|q| q.parse().expect("--qd N,M"))
+                    .collect()
+            }
+            "--bench" => {}
+            other => {
+                if !own(other, &mut value) {
+                    panic!("unknown argument {other}");
+                }
+            }
+        }
+    }
+}
+
 /// Resident memory of `pid` in KiB: (VmRSS, HugetlbPages).
 pub fn memory_kib(pid: u32) -> (u64, u64) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
