@@ -171,11 +171,84 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
+/// A running SPDK application in a directory of its own (sockets, `spdk.rpc`, its log):
+/// what the vhost and the vfio-user targets share. Killed on drop.
+struct Process {
+    child: Child,
+    dir: tempfile::TempDir,
+    /// The log's file name in `dir`.
+    log: &'static str,
+}
+
+impl Process {
+    /// Start `cmd` with its output appended to `dir`/`log`.
+    fn spawn(mut cmd: Command, dir: &Path, log: &str) -> Result<Child, String> {
+        let what = cmd.get_program().to_string_lossy().into_owned();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(log))
+            .map_err(|e| e.to_string())?;
+        die_with_parent(&mut cmd);
+        cmd.stdin(Stdio::null())
+            .stdout(f.try_clone().map_err(|e| e.to_string())?)
+            .stderr(f)
+            .spawn()
+            .map_err(|e| format!("cannot start {what}: {e}"))
+    }
+
+    /// Stop the application and remove its sockets `names` and its RPC socket, for a
+    /// restart in the same directory.
+    fn stop(&mut self, names: impl IntoIterator<Item = &'static str>) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for f in names.into_iter().chain(["spdk.rpc", "spdk.rpc.lock"]) {
+            let _ = std::fs::remove_file(self.dir.path().join(f));
+        }
+    }
+
+    /// Wait (at most 30 s) for the RPC socket, then make the first call `first` until
+    /// the server takes it (the socket exists before the server accepts).
+    fn first_rpc(
+        &mut self,
+        what: &str,
+        mut first: impl FnMut() -> Result<String, String>,
+    ) -> Result<(), String> {
+        let rpc = self.dir.path().join("spdk.rpc");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !rpc.exists() {
+            if Instant::now() > deadline || self.child.try_wait().ok().flatten().is_some() {
+                return Err(format!("SPDK {what} did not start: {}", self.log()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut r = Err(String::new());
+        for _ in 0..100 {
+            r = first();
+            if r.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        r.map(|_| ())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(self.log)).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A running SPDK vhost target with the [`CONTROLLERS`]; killed on drop.
 pub struct SpdkVhost {
-    child: Child,
+    p: Process,
     build: SpdkBuild,
-    dir: tempfile::TempDir,
     core: usize,
 }
 
@@ -189,9 +262,12 @@ impl SpdkVhost {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let child = Self::spawn(build, dir.path(), core)?;
         let mut v = SpdkVhost {
-            child,
+            p: Process {
+                child,
+                dir,
+                log: "vhost.log",
+            },
             build: build.clone(),
-            dir,
             core,
         };
         v.configure()?;
@@ -202,61 +278,40 @@ impl SpdkVhost {
     /// and controllers (a target restart, as a front-end sees it: the sockets close,
     /// then accept again; Malloc bdevs come back empty).
     pub fn restart(&mut self) -> Result<(), String> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for (sock, _, _) in CONTROLLERS.iter().chain(PACKED_CONTROLLERS.iter()) {
-            let _ = std::fs::remove_file(self.socket(sock));
-        }
-        for f in ["spdk.rpc", "spdk.rpc.lock"] {
-            let _ = std::fs::remove_file(self.dir.path().join(f));
-        }
-        self.child = Self::spawn(&self.build, self.dir.path(), self.core)?;
+        self.p.stop(
+            CONTROLLERS
+                .iter()
+                .chain(PACKED_CONTROLLERS.iter())
+                .map(|c| c.0),
+        );
+        self.p.child = Self::spawn(&self.build, self.p.dir.path(), self.core)?;
         self.configure()
     }
 
     /// Start `vhost` pinned to `core` with its sockets in `dir` (log: `dir/vhost.log`,
     /// appended).
     fn spawn(build: &SpdkBuild, dir: &Path, core: usize) -> Result<Child, String> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("vhost.log"))
-            .map_err(|e| e.to_string())?;
         let mask = format!("{:#x}", 1u64 << core);
         let mut cmd = build.command(&build.vhost());
-        die_with_parent(&mut cmd);
         cmd.arg("-S")
             .arg(dir)
             .args(["-m", &mask, "-s", "1024", "-u", "-r"])
-            .arg(dir.join("spdk.rpc"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", build.vhost().display()))
+            .arg(dir.join("spdk.rpc"));
+        Process::spawn(cmd, dir, "vhost.log")
     }
 
     /// Wait for the RPC socket, then create the bdevs and controllers.
     fn configure(&mut self) -> Result<(), String> {
         let mask = format!("{:#x}", 1u64 << self.core);
-        let rpc = self.dir.path().join("spdk.rpc");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !rpc.exists() {
-            if Instant::now() > deadline || self.child.try_wait().ok().flatten().is_some() {
-                return Err(format!("SPDK vhost did not start: {}", self.log()));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // The socket exists before the RPC server accepts: retry the first call.
-        let mut first = Err(String::new());
-        for _ in 0..100 {
-            first = self.rpc(&["bdev_null_create", "Null0", "1024", "4096"]);
-            if first.is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        first?;
+        let (build, dir) = (&self.build, self.p.dir.path().to_path_buf());
+        self.p.first_rpc("vhost", || {
+            rpc_py(
+                build.command(Path::new("python3")),
+                &build.rpc_py(),
+                &dir,
+                &["bdev_null_create", "Null0", "1024", "4096"],
+            )
+        })?;
         self.rpc(&["bdev_null_create", "Null1", "1024", "4096"])?;
         self.rpc(&["bdev_malloc_create", "-b", "Malloc0", "256", "4096"])?;
         self.rpc(&["bdev_malloc_create", "-b", "Malloc1", "256", "4096"])?;
@@ -304,12 +359,12 @@ impl SpdkVhost {
 
     /// The socket of controller `name` (one of [`CONTROLLERS`]).
     pub fn socket(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.p.dir.path().join(name)
     }
 
     /// A directory that lives as long as the target (for configs).
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        self.p.dir.path()
     }
 
     /// Run one SPDK RPC; its output, or an error with it.
@@ -317,21 +372,14 @@ impl SpdkVhost {
         rpc_py(
             self.build.command(Path::new("python3")),
             &self.build.rpc_py(),
-            self.dir.path(),
+            self.p.dir.path(),
             args,
         )
     }
 
     /// What the target logged.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("vhost.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for SpdkVhost {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.p.log()
     }
 }
 
@@ -428,9 +476,8 @@ impl SpdkVfuBuild {
 /// A running SPDK target with the [`VFU_ENDPOINTS`] (Malloc bdevs of 64 MiB, 512 B
 /// blocks); killed on drop.
 pub struct SpdkVfu {
-    child: Child,
+    p: Process,
     build: SpdkVfuBuild,
-    dir: tempfile::TempDir,
     core: usize,
 }
 
@@ -441,12 +488,15 @@ impl SpdkVfu {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let child = Self::spawn(build, dir.path(), core)?;
         let mut v = SpdkVfu {
-            child,
+            p: Process {
+                child,
+                dir,
+                log: "tgt.log",
+            },
             build: build.clone(),
-            dir,
             core,
         };
-        let base = v.dir.path().to_path_buf();
+        let base = v.p.dir.path().to_path_buf();
         v.configure(&base)?;
         Ok(v)
     }
@@ -454,19 +504,12 @@ impl SpdkVfu {
     /// Kill the target and start it again with the same endpoints (the sockets close,
     /// then accept again; the Malloc bdevs come back empty).
     pub fn restart(&mut self) -> Result<(), String> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for (sock, _) in VFU_ENDPOINTS {
-            let _ = std::fs::remove_file(self.socket(sock));
-        }
-        for f in ["spdk.rpc", "spdk.rpc.lock"] {
-            let _ = std::fs::remove_file(self.dir.path().join(f));
-        }
-        self.child = Self::spawn(&self.build, self.dir.path(), self.core)?;
+        self.p.stop(VFU_ENDPOINTS.iter().map(|e| e.0));
+        self.p.child = Self::spawn(&self.build, self.p.dir.path(), self.core)?;
         // The endpoints are created in a directory of their own and moved into place
         // once complete: a client reconnecting in between would find the scsi
         // endpoint without its targets (SPDK adds them after creating it).
-        let staging = self.dir.path().join("staging");
+        let staging = self.p.dir.path().join("staging");
         std::fs::create_dir_all(&staging).map_err(|e| e.to_string())?;
         self.configure(&staging)?;
         for (sock, _) in VFU_ENDPOINTS {
@@ -476,43 +519,25 @@ impl SpdkVfu {
     }
 
     fn spawn(build: &SpdkVfuBuild, dir: &Path, core: usize) -> Result<Child, String> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("tgt.log"))
-            .map_err(|e| e.to_string())?;
         let mask = format!("{:#x}", 1u64 << core);
         let mut cmd = build.command(&build.tgt());
-        die_with_parent(&mut cmd);
         cmd.args(["-m", &mask, "-s", "512", "--iova-mode", "va", "-r"])
-            .arg(dir.join("spdk.rpc"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", build.tgt().display()))
+            .arg(dir.join("spdk.rpc"));
+        Process::spawn(cmd, dir, "tgt.log")
     }
 
     /// Create the bdevs and the endpoints, with their sockets in `base`.
     fn configure(&mut self, base: &Path) -> Result<(), String> {
         let mask = format!("{:#x}", 1u64 << self.core);
-        let rpc = self.dir.path().join("spdk.rpc");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !rpc.exists() {
-            if Instant::now() > deadline || self.child.try_wait().ok().flatten().is_some() {
-                return Err(format!("SPDK spdk_tgt did not start: {}", self.log()));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let mut first = Err(String::new());
-        for _ in 0..100 {
-            first = self.rpc(&["bdev_malloc_create", "-b", "Malloc0", "64", "512"]);
-            if first.is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        first?;
+        let (build, dir) = (&self.build, self.p.dir.path().to_path_buf());
+        self.p.first_rpc("spdk_tgt", || {
+            rpc_py(
+                build.command(Path::new("python3")),
+                &build.build.rpc_py(),
+                &dir,
+                &["bdev_malloc_create", "-b", "Malloc0", "64", "512"],
+            )
+        })?;
         self.rpc(&["bdev_malloc_create", "-b", "Malloc1", "64", "512"])?;
         self.rpc(&["bdev_malloc_create", "-b", "Malloc2", "64", "512"])?;
         let base = base.to_string_lossy().into_owned();
@@ -538,12 +563,12 @@ impl SpdkVfu {
 
     /// The socket of endpoint `name` (one of [`VFU_ENDPOINTS`]).
     pub fn socket(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.p.dir.path().join(name)
     }
 
     /// A directory that lives as long as the target (for configs).
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        self.p.dir.path()
     }
 
     /// Run one SPDK RPC; its output, or an error with it.
@@ -551,21 +576,14 @@ impl SpdkVfu {
         rpc_py(
             self.build.command(Path::new("python3")),
             &self.build.build.rpc_py(),
-            self.dir.path(),
+            self.p.dir.path(),
             args,
         )
     }
 
     /// What the target logged.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("tgt.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for SpdkVfu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.p.log()
     }
 }
 
