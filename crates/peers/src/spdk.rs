@@ -119,6 +119,30 @@ pub fn skipped(what: &str, why: &str) {
     );
 }
 
+/// A target for the test named `test`: the build `build` found (else a loud skip
+/// notice and `None`), two CPUs (target and initiator; else a skip), the
+/// [`exclusive`] lock, then `start(build)`, which must succeed.
+pub fn start_for_test<B, T>(
+    test: &str,
+    build: Result<B, String>,
+    start: impl FnOnce(&B) -> Result<T, String>,
+) -> Option<(T, MutexGuard<'static, ()>)> {
+    let build = match build {
+        Ok(b) => b,
+        Err(why) => {
+            skipped(test, &why);
+            return None;
+        }
+    };
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        skipped(test, "needs 2 CPUs (target and initiator)");
+        return None;
+    }
+    let guard = exclusive();
+    let t = start(&build).unwrap_or_else(|e| panic!("{test}: cannot start the SPDK target: {e}"));
+    Some((t, guard))
+}
+
 /// One SPDK peer at a time per process: each wants the same core and hugepages.
 pub fn exclusive() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());

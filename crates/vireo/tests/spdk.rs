@@ -14,23 +14,9 @@ use vireo_peers::spdk::{self, SpdkBuild, SpdkVhost};
 
 /// The SPDK build and a running target, or `None` after a loud skip notice.
 fn spdk(test: &str) -> Option<(SpdkVhost, std::sync::MutexGuard<'static, ()>)> {
-    let build = match SpdkBuild::from_env() {
-        Ok(b) => b,
-        Err(why) => {
-            spdk::skipped(&format!("spdk::{test}"), &why);
-            return None;
-        }
-    };
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
-        spdk::skipped(
-            &format!("spdk::{test}"),
-            "needs 2 CPUs (target and initiator)",
-        );
-        return None;
-    }
-    let guard = spdk::exclusive();
-    let v = SpdkVhost::start(&build, 0).expect("start SPDK vhost");
-    Some((v, guard))
+    spdk::start_for_test(&format!("spdk::{test}"), SpdkBuild::from_env(), |b| {
+        SpdkVhost::start(b, 0)
+    })
 }
 
 /// SPDK's bdevperf on CPU 1 with `conf`: `-q 32 -o 4096 -w WORKLOAD -t SECS`.

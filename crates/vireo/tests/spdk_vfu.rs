@@ -15,23 +15,11 @@ use vireo_peers::spdk::{self, SpdkVfu, SpdkVfuBuild};
 
 /// The SPDK build and a running target, or `None` after a loud skip notice.
 fn spdk_vfu(test: &str) -> Option<(SpdkVfu, std::sync::MutexGuard<'static, ()>)> {
-    let build = match SpdkVfuBuild::from_env() {
-        Ok(b) => b,
-        Err(why) => {
-            spdk::skipped(&format!("spdk_vfu::{test}"), &why);
-            return None;
-        }
-    };
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
-        spdk::skipped(
-            &format!("spdk_vfu::{test}"),
-            "needs 2 CPUs (target and initiator)",
-        );
-        return None;
-    }
-    let guard = spdk::exclusive();
-    let v = SpdkVfu::start(&build, 0).expect("start SPDK spdk_tgt with vfio-user endpoints");
-    Some((v, guard))
+    spdk::start_for_test(
+        &format!("spdk_vfu::{test}"),
+        SpdkVfuBuild::from_env(),
+        |b| SpdkVfu::start(b, 0),
+    )
 }
 
 /// A config of one vfio-user controller with `extra` params, in `dir`.
