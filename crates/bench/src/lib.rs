@@ -310,6 +310,10 @@ pub struct PerIo {
     pub idle_ns: f64,
     /// Percent of the target core's samples in its vhost libraries (`--target-profile`).
     pub vhost_share: Option<f64>,
+    /// Requests per poll of the controller's `vdev_worker` that found work (the batch the
+    /// target takes from the ring at once; its per-poll cost is spread over it), from
+    /// `thread_get_pollers`. `None` where the target does not report pollers.
+    pub per_busy_poll: Option<f64>,
 }
 
 /// Print what `t` (runs with initiator `who`) made the target do: the medians of the
@@ -331,6 +335,15 @@ pub fn report_target(label: &str, who: &str, ctrl: &str, t: &[PerIo]) {
         t.len(),
         list.join(" ")
     );
+    let mut batches: Vec<f64> = t.iter().filter_map(|p| p.per_busy_poll).collect();
+    if !batches.is_empty() {
+        let list: Vec<String> = batches.iter().map(|x| format!("{x:.1}")).collect();
+        println!(
+            "  {label} target's requests per busy poll with {who}: {:.1} (median; in order: {})",
+            median(&mut batches),
+            list.join(" ")
+        );
+    }
     let mut shares: Vec<f64> = t.iter().filter_map(|p| p.vhost_share).collect();
     if !shares.is_empty() {
         let list: Vec<String> = shares.iter().map(|x| format!("{x:.1}")).collect();
@@ -386,10 +399,15 @@ pub fn target_per_io(
         return None;
     }
     let ns = |ticks: f64| ticks / a.tick_rate * 1e9 / ios;
+    let per_busy_poll = match (a.worker_busy, b.worker_busy) {
+        (Some(x), Some(y)) if y > x => Some(ios / (y - x)),
+        _ => None,
+    };
     Some(PerIo {
         busy_ns: ns(b.ctrl_busy - a.ctrl_busy),
         idle_ns: ns(b.idle - a.idle),
         vhost_share,
+        per_busy_poll,
     })
 }
 
@@ -421,6 +439,8 @@ struct Counters {
     ctrl_busy: f64,
     idle: f64,
     ios: f64,
+    /// Polls of the controller's `vdev_worker` that found work.
+    worker_busy: Option<f64>,
 }
 
 fn counters(sock: &Path, ctrl: &str, bdev: &str) -> Option<Counters> {
@@ -430,6 +450,7 @@ fn counters(sock: &Path, ctrl: &str, bdev: &str) -> Option<Counters> {
         ctrl_busy: 0.0,
         idle: 0.0,
         ios: 0.0,
+        worker_busy: None,
     };
     for t in st["threads"].as_array()? {
         if t["name"] == ctrl {
@@ -446,7 +467,26 @@ fn counters(sock: &Path, ctrl: &str, bdev: &str) -> Option<Counters> {
     let list = io.get("bdevs").unwrap_or(&io);
     let b = list.get(0)?;
     c.ios = b["num_read_ops"].as_f64()? + b["num_write_ops"].as_f64()?;
+    c.worker_busy = worker_busy(sock, ctrl);
     Some(c)
+}
+
+/// The busy polls of the `vdev_worker` pollers on thread `ctrl` (`thread_get_pollers`).
+fn worker_busy(sock: &Path, ctrl: &str) -> Option<f64> {
+    let p = rpc(sock, "thread_get_pollers", None)?;
+    let t = p["threads"]
+        .as_array()?
+        .iter()
+        .find(|t| t["name"] == ctrl)?;
+    let mut busy = None;
+    for list in ["active_pollers", "timed_pollers", "paused_pollers"] {
+        for q in t[list].as_array().into_iter().flatten() {
+            if q["name"] == "vdev_worker" {
+                *busy.get_or_insert(0.0) += q["busy_count"].as_f64()?;
+            }
+        }
+    }
+    busy
 }
 
 /// One JSON-RPC call on SPDK's socket, its result. Spoken directly: `rpc.py`'s Python
