@@ -133,6 +133,9 @@ pub struct PackedQueue {
     order: Box<[u16]>,
     /// Requests added so far (mod 2^16).
     added: u16,
+    /// `added` when the last batch was made available: the requests after it are not
+    /// the device's yet.
+    released: u16,
     /// Ring entries made available since the last notification decision.
     unpublished: u16,
     /// The first buffer added since the last publish: its ring entry and the last 8
@@ -221,6 +224,7 @@ impl PackedQueue {
             free_ids: (0..size).rev().collect(),
             order: vec![0; n].into_boxed_slice(),
             added: 0,
+            released: 0,
             unpublished: 0,
             withheld: None,
             in_flight: 0,
@@ -375,6 +379,7 @@ impl PackedQueue {
     /// every other store of the batch: releasing).
     #[inline]
     fn release_withheld(&mut self) {
+        self.released = self.added;
         if let Some((pos, tail)) = self.withheld.take() {
             self.tail(pos).store(tail, Ordering::Release);
         }
@@ -674,6 +679,26 @@ impl PackedQueue {
         Ok(kick)
     }
 
+    /// Whether buffer `id` is one of the requests added since the last batch was made
+    /// available (their first descriptors follow the withheld one in the ring). Off
+    /// the I/O path: only when a poll finds requests added and not yet published.
+    #[cold]
+    #[inline(never)]
+    fn unpublished_has(&self, id: u16) -> bool {
+        let Some((mut pos, _)) = self.withheld else {
+            return false;
+        };
+        for _ in 0..self.added.wrapping_sub(self.released) {
+            let here = self.order[pos as usize];
+            if here == id {
+                return true;
+            }
+            let d = self.bufs[here as usize].descs.max(1) as u32;
+            pos = ((pos as u32 + d) % self.size as u32) as u16;
+        }
+        false
+    }
+
     /// Notify the device now, whatever its suppression state says (for a queue that
     /// stopped moving). Counted in [`renotifications`](Self::renotifications); the
     /// first one is logged.
@@ -758,6 +783,12 @@ impl PackedQueue {
                 )));
             }
             let info = self.bufs[id as usize];
+            if self.added != self.released && self.unpublished_has(id) {
+                return Err(Error::Device(format!(
+                    "queue {}: used buffer id {id} at ring entry {pos} names a request not yet made available",
+                    self.index
+                )));
+            }
             let mut len = if flags & DESC_F_WRITE != 0 {
                 tail as u32
             } else {

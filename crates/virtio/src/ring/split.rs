@@ -628,10 +628,12 @@ impl SplitQueue {
         if pending == 0 {
             return Ok(0);
         }
-        if pending > self.in_flight {
+        // Only published requests are the device's to complete.
+        let published = self.kicked_idx.wrapping_sub(self.last_used);
+        if pending > published {
             return Err(Error::Device(format!(
-                "queue {}: used index {} is {} ahead, but only {} requests are in flight",
-                self.index, used_idx, pending, self.in_flight
+                "queue {}: used index {} is {} ahead, but only {} requests were made available",
+                self.index, used_idx, pending, published
             )));
         }
         let mut n = 0;
@@ -659,6 +661,12 @@ impl SplitQueue {
                 )));
             }
             let info = self.heads[id as usize];
+            if self.avail_idx != self.kicked_idx && self.unpublished_has(id as u16) {
+                return Err(Error::Device(format!(
+                    "queue {}: used id {} names a request not yet made available",
+                    self.index, id
+                )));
+            }
             let mut len = len;
             if len > info.writable {
                 // The length is the device's claim of what it wrote; no device can write
@@ -691,6 +699,18 @@ impl SplitQueue {
             self.park_used_event();
         }
         Ok(n)
+    }
+
+    /// Whether `head` was added since the last publish (its avail entry lies between the
+    /// published index and the driver's). Off the I/O path: only when a poll finds
+    /// requests added and not yet published.
+    #[cold]
+    #[inline(never)]
+    fn unpublished_has(&self, head: u16) -> bool {
+        let n = self.avail_idx.wrapping_sub(self.kicked_idx);
+        (0..n).any(|k| {
+            self.order[(self.kicked_idx.wrapping_add(k) & (self.size - 1)) as usize] == head
+        })
     }
 
     /// Put the chain of `head` back on the free list: on top (`after` is `None`), or

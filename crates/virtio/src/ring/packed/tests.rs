@@ -427,6 +427,30 @@ fn a_lying_device_is_caught() {
     // Without VIRTQ_DESC_F_WRITE the length is reserved: 0.
     let (_, got, _) = lie(0, 100, false);
     assert_eq!(got, vec![Used { token: 1, len: 0 }]);
+
+    // A completion of a request added but not made available yet (its first
+    // descriptor's flags are still withheld): the device cannot know it, and a driver
+    // that took it would hand its id and entries out while `publish` later makes them
+    // available again.
+    let mut h = harness(8, opts(false, 0));
+    let s = segs(&h, 2, 0);
+    h.q.add(&s, 1, 1).unwrap();
+    h.dev.put_used_raw(0, 0, true, 2);
+    let e = h.q.poll(|_| panic!("completed")).unwrap_err().to_string();
+    assert!(e.contains("not yet made available"), "{e}");
+    // One made available, then one not: the first completes, the second is refused.
+    let mut h = harness(8, opts(false, 0));
+    let s = segs(&h, 2, 0);
+    h.q.add(&s, 1, 1).unwrap();
+    h.q.publish().unwrap();
+    let _ = h.take_all();
+    h.q.add(&s, 1, 2).unwrap();
+    h.dev.put_used_raw(0, 0, true, 2);
+    h.dev.put_used_raw(1, 0, true, 2);
+    let mut got = Vec::new();
+    let e = h.q.poll(|u| got.push(u.token)).unwrap_err().to_string();
+    assert!(e.contains("not yet made available"), "{e}");
+    assert_eq!(got, vec![1]);
 }
 
 #[test]

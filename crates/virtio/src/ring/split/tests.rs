@@ -278,6 +278,30 @@ fn lying_device_is_caught() {
     h.q.publish().unwrap();
     write_used(&h, 0, 0, 0, 3);
     assert!(matches!(h.q.poll(|_| {}), Err(Error::Device(_))));
+
+    // A completion of a request added but not yet made available: the device cannot
+    // know it (a driver that took it would hand the head out twice).
+    let mut h = harness(8, QueueOptions::default());
+    h.q.add(&segs(2, 1), 1, 1).unwrap();
+    write_used(&h, 0, 0, 0, 1);
+    let e = h.q.poll(|_| panic!("completed")).unwrap_err().to_string();
+    assert!(e.contains("made available"), "{e}");
+
+    // Two published, a third not: a used index within the published count that names
+    // the third fails there (the one before it completes).
+    let mut h = harness(8, QueueOptions::default());
+    h.q.add(&segs(2, 1), 1, 1).unwrap();
+    h.q.add(&segs(2, 1), 1, 2).unwrap();
+    h.q.publish().unwrap();
+    let heads: Vec<u16> = pop_all(&mut h).iter().map(|c| c.0).collect();
+    h.q.add(&segs(2, 1), 1, 3).unwrap();
+    let third = h.q.order[2] as u32;
+    write_used(&h, 0, heads[0] as u32, 0, 1);
+    write_used(&h, 1, third, 0, 2);
+    let mut done = Vec::new();
+    let e = h.q.poll(|u| done.push(u.token)).unwrap_err().to_string();
+    assert!(e.contains("not yet made available"), "{e}");
+    assert_eq!(done, vec![1]);
 }
 
 #[test]
