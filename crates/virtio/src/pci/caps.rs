@@ -111,7 +111,11 @@ pub fn parse(cfg: &[u8], bdf: &str) -> Result<VirtioCaps> {
                 match cfg_type {
                     COMMON_CFG if common.is_none() => common = Some(loc),
                     NOTIFY_CFG if notify.is_none() && cap_len >= 20 => {
-                        mult = u32_at(cfg, ptr + 16).unwrap_or(0);
+                        mult = u32_at(cfg, ptr + 16).ok_or_else(|| {
+                            bad(format!(
+                                "notification capability at {ptr:#x} runs past the configuration space"
+                            ))
+                        })?;
                         notify = Some(loc);
                     }
                     ISR_CFG if isr.is_none() => isr = Some(loc),
@@ -130,6 +134,42 @@ pub fn parse(cfg: &[u8], bdf: &str) -> Result<VirtioCaps> {
             "common configuration is {} bytes, the spec's layout needs 56",
             common.length
         )));
+    }
+    // Virtio 1.2 4.1.4.3 and 4.1.4.4: the registers' alignment, which every access
+    // relies on; a doorbell is a 16-bit store at notify offset + queue_notify_off x
+    // multiplier.
+    if !common.offset.is_multiple_of(4) || !notify.offset.is_multiple_of(2) {
+        return Err(bad(format!(
+            "misaligned virtio structures: common configuration at {:#x} (4-byte aligned in the spec), notifications at {:#x} (2-byte aligned)",
+            common.offset, notify.offset
+        )));
+    }
+    if mult != 0 && (mult < 2 || !mult.is_power_of_two()) {
+        return Err(bad(format!(
+            "notify_off_multiplier {mult} is neither 0 nor an even power of 2 (virtio 1.2 4.1.4.4)"
+        )));
+    }
+    // The driver writes the common configuration, the doorbells and the device
+    // configuration: none may alias another (a doorbell that lands on device_status
+    // resets the device).
+    let written = [
+        ("common configuration", Some(common)),
+        ("notifications", Some(notify)),
+        ("device configuration", device),
+    ];
+    for (i, (na, a)) in written.iter().enumerate() {
+        for (nb, b) in &written[i + 1..] {
+            if let (Some(a), Some(b)) = (a, b) {
+                let (a0, a1) = (a.offset as u64, a.offset as u64 + a.length as u64);
+                let (b0, b1) = (b.offset as u64, b.offset as u64 + b.length as u64);
+                if a.bar == b.bar && a0 < b1 && b0 < a1 {
+                    return Err(bad(format!(
+                        "the {na} ({:#x}+{:#x}) and the {nb} ({:#x}+{:#x}) overlap in BAR {}",
+                        a.offset, a.length, b.offset, b.length, a.bar
+                    )));
+                }
+            }
+        }
     }
     Ok(VirtioCaps {
         common,
@@ -241,5 +281,58 @@ mod tests {
             (NOTIFY_CFG, 4, 0x3000, 0x1000, Some(4)),
         ]);
         assert!(parse(&c, "x").unwrap_err().to_string().contains("56"));
+    }
+
+    #[test]
+    fn misaligned_or_overlapping_structures_are_refused() {
+        let err = |caps: &[(u8, u8, u32, u32, Option<u32>)]| {
+            parse(&image(caps), "x").unwrap_err().to_string()
+        };
+        // Odd multiplier, and one that is not a power of 2.
+        for m in [1, 3, 6] {
+            let e = err(&[
+                (COMMON_CFG, 4, 0, 0x1000, None),
+                (NOTIFY_CFG, 4, 0x3000, 0x1000, Some(m)),
+            ]);
+            assert!(e.contains("notify_off_multiplier"), "{e}");
+        }
+        // Doorbells at an odd offset; a common configuration off 4 bytes.
+        let e = err(&[
+            (COMMON_CFG, 4, 0, 0x1000, None),
+            (NOTIFY_CFG, 4, 0x3001, 0x1000, Some(4)),
+        ]);
+        assert!(e.contains("misaligned"), "{e}");
+        let e = err(&[
+            (COMMON_CFG, 4, 2, 0x1000, None),
+            (NOTIFY_CFG, 4, 0x3000, 0x1000, Some(4)),
+        ]);
+        assert!(e.contains("misaligned"), "{e}");
+        // Doorbells over the common configuration, and a device configuration inside it.
+        let e = err(&[
+            (COMMON_CFG, 4, 0, 0x1000, None),
+            (NOTIFY_CFG, 4, 0, 0x1000, Some(2)),
+        ]);
+        assert!(e.contains("overlap"), "{e}");
+        let e = err(&[
+            (COMMON_CFG, 4, 0, 0x1000, None),
+            (DEVICE_CFG, 4, 0xf00, 0x100, None),
+            (NOTIFY_CFG, 4, 0x3000, 0x1000, Some(4)),
+        ]);
+        assert!(e.contains("overlap"), "{e}");
+        // The same windows in different BARs are fine, and so is a multiplier of 0.
+        let c = image(&[
+            (COMMON_CFG, 4, 0, 0x1000, None),
+            (NOTIFY_CFG, 2, 0, 0x1000, Some(0)),
+        ]);
+        assert!(parse(&c, "x").is_ok());
+        // A notification capability whose multiplier lies past the configuration space.
+        let mut c = image(&[(COMMON_CFG, 4, 0, 0x1000, None)]);
+        c[0x41] = 0xf0;
+        c[0xf0] = CAP_ID_VENDOR;
+        c[0xf2] = 20;
+        c[0xf3] = NOTIFY_CFG;
+        c[0xf4] = 4;
+        let e = parse(&c, "x").unwrap_err().to_string();
+        assert!(e.contains("past"), "{e}");
     }
 }

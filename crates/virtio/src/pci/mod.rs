@@ -470,14 +470,19 @@ impl PciTransport {
                     loc.bar, r.size
                 )));
             }
-            let area = r.sparse.iter().find(|(ao, asz)| {
-                off >= *ao && off + len <= ao + asz && (r.offset + ao).is_multiple_of(page)
+            // An area the server offers is mapped from the file offset `r.offset + ao`:
+            // sums of the server's numbers, checked (a wrapped sum is no area).
+            let area = r.sparse.iter().find_map(|&(ao, asz)| {
+                let end = ao.checked_add(asz)?;
+                let file_off = r.offset.checked_add(ao)?;
+                (off >= ao && off + len <= end && file_off.is_multiple_of(page))
+                    .then_some((ao, asz, file_off))
             });
-            if let (Some(&(ao, asz)), Some(fd)) = (area, r.fd.as_ref()) {
+            if let (Some((ao, asz, file_off)), Some(fd)) = (area, r.fd.as_ref()) {
                 let bar = match mapped.iter().find(|(k, _)| *k == (loc.bar, ao)) {
                     Some((_, b)) => b.clone(),
                     None => {
-                        let b = Arc::new(Bar::map(fd, r.offset + ao, asz as usize, &gone)?);
+                        let b = Arc::new(Bar::map(fd, file_off, asz as usize, &gone)?);
                         mapped.push(((loc.bar, ao), b.clone()));
                         bars.push(b.clone());
                         b

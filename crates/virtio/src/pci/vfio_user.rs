@@ -8,7 +8,9 @@
 //!
 //! The server is untrusted: every reply is checked (type, message id, command, sizes,
 //! the echoed fields, the error bit) and a reply that does not fit poisons the
-//! connection instead of being guessed at. Every reply is bounded in time.
+//! connection instead of being guessed at. Every exchange is bounded in time as a whole
+//! (a server that trickles a reply byte by byte is cut off at the deadline), and a hang-up
+//! does not wait for an exchange in progress.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -17,7 +19,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -91,6 +93,8 @@ pub struct RegionInfo {
 
 struct Conn {
     stream: UnixStream,
+    /// How long one exchange (the command sent, its whole reply read) may take.
+    timeout: Duration,
     next_id: u16,
     /// A reply did not fit: the byte stream cannot be trusted any more.
     poisoned: Option<String>,
@@ -100,6 +104,8 @@ struct Conn {
 pub struct VfuClient {
     path: PathBuf,
     conn: Mutex<Conn>,
+    /// The same socket, to shut down without waiting for the lock an exchange holds.
+    shut: UnixStream,
     max_xfer: u32,
     /// Raised when the connection fails (the server hung up, a reply was bad).
     broken: Arc<AtomicBool>,
@@ -111,6 +117,51 @@ impl std::fmt::Debug for VfuClient {
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
+}
+
+/// Set the socket's timeouts to what is left until `deadline` (at least a millisecond: a
+/// zero timeout would mean none).
+fn set_timeouts(s: &UnixStream, deadline: Instant) -> std::io::Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(std::io::ErrorKind::TimedOut.into());
+    }
+    let left = left.max(Duration::from_millis(1));
+    s.set_read_timeout(Some(left))?;
+    s.set_write_timeout(Some(left))
+}
+
+/// `read_exact` that ends at `deadline` however the bytes trickle in.
+fn read_by(s: &mut UnixStream, mut buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        set_timeouts(s, deadline)?;
+        match s.read(buf) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server hung up",
+                ))
+            }
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `write_all` that ends at `deadline` however slowly the server reads.
+fn write_by(s: &mut UnixStream, mut buf: &[u8], deadline: Instant) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        set_timeouts(s, deadline)?;
+        match s.write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn le16(b: &[u8], at: usize) -> u16 {
@@ -192,19 +243,18 @@ impl VfuClient {
                 e,
             )
         })?;
-        stream
-            .set_read_timeout(Some(timeout.max(Duration::from_millis(10))))
-            .map_err(|e| Error::io("setting a socket timeout", e))?;
-        stream
-            .set_write_timeout(Some(timeout.max(Duration::from_millis(10))))
-            .map_err(|e| Error::io("setting a socket timeout", e))?;
+        let shut = stream
+            .try_clone()
+            .map_err(|e| Error::io("duplicating the vfio-user socket", e))?;
         let mut c = VfuClient {
             path: path.to_path_buf(),
             conn: Mutex::new(Conn {
                 stream,
+                timeout: timeout.max(Duration::from_millis(10)),
                 next_id: 0,
                 poisoned: None,
             }),
+            shut,
             max_xfer: DEFAULT_XFER,
             broken: Arc::new(AtomicBool::new(false)),
         };
@@ -227,11 +277,11 @@ impl VfuClient {
         self.broken.clone()
     }
 
-    /// Hang up (the server sees the client go; later requests fail).
+    /// Hang up (the server sees the client go; later requests fail, and one in progress
+    /// ends now).
     pub fn hang_up(&self) {
         self.broken.store(true, Ordering::Release);
-        let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        let _ = self.shut.shutdown(std::net::Shutdown::Both);
     }
 
     fn negotiate(&mut self) -> Result<()> {
@@ -313,6 +363,7 @@ impl VfuClient {
         msg.extend_from_slice(&0u32.to_le_bytes());
         msg.extend_from_slice(payload);
         let what = name(cmd);
+        let deadline = Instant::now() + c.timeout;
         let io = |e: std::io::Error, dir: &str| {
             let e = if matches!(
                 e.kind(),
@@ -327,17 +378,15 @@ impl VfuClient {
             };
             Error::io(format!("vfio-user {what}: {dir}"), e)
         };
-        if fds.is_empty() {
-            c.stream.write_all(&msg).map_err(|e| io(e, "send"))?;
-        } else {
-            let n = c
+        let mut sent = 0;
+        if !fds.is_empty() {
+            set_timeouts(&c.stream, deadline).map_err(|e| io(e, "send"))?;
+            sent = c
                 .stream
                 .send_with_fds(&[&msg[..]], fds)
                 .map_err(|e| io(std::io::Error::from_raw_os_error(e.errno()), "send"))?;
-            if n < msg.len() {
-                c.stream.write_all(&msg[n..]).map_err(|e| io(e, "send"))?;
-            }
         }
+        write_by(&mut c.stream, &msg[sent..], deadline).map_err(|e| io(e, "send"))?;
         // The header, with any file descriptors that come along.
         let mut hdr = [0u8; HEADER];
         let mut raw = [-1 as RawFd; 4];
@@ -345,6 +394,7 @@ impl VfuClient {
             iov_base: hdr.as_mut_ptr().cast(),
             iov_len: HEADER,
         }];
+        set_timeouts(&c.stream, deadline).map_err(|e| io(e, "receive"))?;
         // SAFETY: the iovec points at `hdr`, which lives across the call; the received
         // descriptors are owned by us from here and wrapped in File below.
         let (got, nfds) = unsafe { c.stream.recv_with_fds(&mut iov, &mut raw) }
@@ -363,9 +413,7 @@ impl VfuClient {
             ));
         }
         if got < HEADER {
-            c.stream
-                .read_exact(&mut hdr[got..])
-                .map_err(|e| io(e, "receive"))?;
+            read_by(&mut c.stream, &mut hdr[got..], deadline).map_err(|e| io(e, "receive"))?;
         }
         let (rid, rcmd, rsize, rflags, rerr) = (
             le16(&hdr, 0),
@@ -392,9 +440,7 @@ impl VfuClient {
             )));
         }
         let mut body = vec![0u8; rsize - HEADER];
-        c.stream
-            .read_exact(&mut body)
-            .map_err(|e| io(e, "receive"))?;
+        read_by(&mut c.stream, &mut body, deadline).map_err(|e| io(e, "receive"))?;
         let refused = (rflags & FLAG_ERROR != 0).then_some(rerr);
         Ok((body, files, refused))
     }
@@ -531,11 +577,18 @@ impl VfuClient {
             p.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
             p.extend_from_slice(chunk);
             let (r, _) = self.request(REGION_WRITE, &p, &[])?;
-            if r.len() < 16 || le32(&r, 12) as usize != chunk.len() {
+            if r.len() != 16
+                || le64(&r, 0) != off
+                || le32(&r, 8) != index
+                || le32(&r, 12) as usize != chunk.len()
+            {
                 return Err(Error::Device(format!(
-                    "vfio-user: a write of {} bytes at {off:#x} of region {index} was answered with {} bytes written",
+                    "vfio-user: a write of {} bytes at {off:#x} of region {index} was answered with {} bytes for {:#x}/{}/{}",
                     chunk.len(),
-                    if r.len() >= 16 { le32(&r, 12) } else { 0 }
+                    r.len(),
+                    if r.len() >= 8 { le64(&r, 0) } else { 0 },
+                    if r.len() >= 12 { le32(&r, 8) } else { 0 },
+                    if r.len() >= 16 { le32(&r, 12) } else { 0 },
                 )));
             }
         }
@@ -650,7 +703,7 @@ mod tests {
     /// (flags, errno, payload, message id offset), for each step.
     type Step = Box<dyn Fn(u16, &[u8]) -> (u32, u32, Vec<u8>, u16) + Send>;
 
-    fn serve(steps: Vec<Step>) -> std::path::PathBuf {
+    fn sock_path() -> std::path::PathBuf {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let path = std::env::temp_dir().join(format!(
             "vireo-vfu-test-{}-{}.sock",
@@ -658,6 +711,11 @@ mod tests {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    fn serve(steps: Vec<Step>) -> std::path::PathBuf {
+        let path = sock_path();
         let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
         std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
@@ -776,6 +834,112 @@ mod tests {
             "{e}"
         );
         let _ = std::fs::remove_file(path);
+    }
+
+    /// A server that answers the version handshake and then hands its socket and the
+    /// next message's (id, command, payload) to `then`.
+    fn serve_then(
+        then: impl FnOnce(UnixStream, u16, u16, Vec<u8>) + Send + 'static,
+    ) -> std::path::PathBuf {
+        let path = sock_path();
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let next = |mut s: &UnixStream| {
+                let mut h = [0u8; HEADER];
+                s.read_exact(&mut h).ok()?;
+                let mut p = vec![0u8; le32(&h, 4) as usize - HEADER];
+                s.read_exact(&mut p).ok()?;
+                Some((le16(&h, 0), le16(&h, 2), p))
+            };
+            let Some((id, cmd, _)) = next(&s) else { return };
+            let mut b = MAJOR.to_le_bytes().to_vec();
+            b.extend_from_slice(&MINOR.to_le_bytes());
+            b.extend_from_slice(b"{}\0");
+            let mut m = header(id, cmd, b.len(), TYPE_REPLY);
+            m.extend_from_slice(&b);
+            s.write_all(&m).unwrap();
+            let Some((id, cmd, p)) = next(&s) else { return };
+            then(s, id, cmd, p);
+        });
+        path
+    }
+
+    fn header(id: u16, cmd: u16, body: usize, flags: u32) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&id.to_le_bytes());
+        m.extend_from_slice(&cmd.to_le_bytes());
+        m.extend_from_slice(&((HEADER + body) as u32).to_le_bytes());
+        m.extend_from_slice(&flags.to_le_bytes());
+        m.extend_from_slice(&0u32.to_le_bytes());
+        m
+    }
+
+    #[test]
+    fn a_trickled_reply_is_cut_off_at_the_deadline_of_the_whole_exchange() {
+        // The header promises a megabyte; the body then comes a byte every 50 ms, each
+        // well within the 300 ms timeout of one read.
+        let path = serve_then(|mut s, id, cmd, _| {
+            let _ = s.write_all(&header(id, cmd, MAX_REPLY - HEADER, TYPE_REPLY));
+            for _ in 0..200 {
+                std::thread::sleep(Duration::from_millis(50));
+                if s.write_all(&[0]).is_err() {
+                    return;
+                }
+            }
+        });
+        let c = VfuClient::connect(&path, Duration::from_millis(300)).unwrap();
+        let t = Instant::now();
+        let mut buf = [0u8; 4];
+        let e = c.region_read(7, 0, &mut buf).unwrap_err().to_string();
+        assert!(e.contains("no answer in time"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert!(c.broken_flag().load(Ordering::Acquire));
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_hang_up_ends_an_exchange_in_progress() {
+        let path = serve_then(|s, _, _, _| {
+            // Never answer; keep the socket until the client goes.
+            let mut b = [0u8; 1];
+            let _ = (&s).read(&mut b);
+        });
+        let c = Arc::new(VfuClient::connect(&path, Duration::from_secs(20)).unwrap());
+        let c2 = c.clone();
+        let t = Instant::now();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4];
+            c2.region_read(7, 0, &mut buf)
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        c.hang_up();
+        let r = reader.join().unwrap();
+        assert!(r.is_err());
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_write_reply_must_echo_offset_and_region() {
+        for (skew_off, skew_region) in [(4u64, 0u32), (0, 2)] {
+            let path = serve_then(move |mut s, id, cmd, p| {
+                let mut b = p[..16].to_vec();
+                let off = le64(&b, 0) + skew_off;
+                b[0..8].copy_from_slice(&off.to_le_bytes());
+                let r = le32(&b, 8) + skew_region;
+                b[8..12].copy_from_slice(&r.to_le_bytes());
+                let mut m = header(id, cmd, b.len(), TYPE_REPLY);
+                m.extend_from_slice(&b);
+                let _ = s.write_all(&m);
+                let mut x = [0u8; 1];
+                let _ = s.read(&mut x);
+            });
+            let c = connect(&path).unwrap();
+            let e = c.region_write(4, 0x10, &[1, 0]).unwrap_err().to_string();
+            assert!(e.contains("was answered with"), "{e}");
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     #[test]
