@@ -255,8 +255,11 @@ impl BlkController {
         }
         let mut vq_size = params.vq_size;
         if let Some(max) = transport.max_queue_size(0).map_err(verr)? {
-            if max == 0 {
-                return Err(bad(name, "queue 0 has size 0"));
+            if max < 4 {
+                return Err(bad(
+                    name,
+                    format!("queue 0 offers at most {max} entries; vireo needs at least 4"),
+                ));
             }
             while vq_size > max {
                 vq_size /= 2;

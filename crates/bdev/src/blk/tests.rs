@@ -125,6 +125,26 @@ fn packed_ring_on_needs_the_device_to_offer_it_and_off_keeps_split_rings() {
 }
 
 #[test]
+fn queue_sizes_follow_the_device_and_a_ring_too_small_for_a_request_is_refused() {
+    let blk = disk(SECTORS, 1, 8);
+    blk.auto_serve(true);
+    // Not a power of two: the largest one below it.
+    blk.dev.set_max_queue_size(12);
+    let c = attach_with(&blk, &params(None));
+    assert_eq!(c.bdev().info().queue_size, 8);
+    drop(c);
+    for max in [1, 2, 3] {
+        blk.dev.set_max_queue_size(max);
+        let mem = test_memory(4 << 20);
+        let e = BlkController::attach(&params(None), blk.dev.connect(&mem))
+            .err()
+            .unwrap_or_else(|| panic!("attached with queues of {max}"))
+            .to_string();
+        assert!(e.contains(&format!("at most {max} entries")), "{e}");
+    }
+}
+
+#[test]
 fn the_serial_number_comes_from_get_id() {
     let blk = disk(SECTORS, 1, 8);
     blk.serial("vireo-serial-1");

@@ -100,7 +100,13 @@ impl ScsiController {
         };
         let mut vq_size = params.vq_size;
         if let Some(max) = transport.max_queue_size(2).map_err(verr)? {
-            while vq_size > max && vq_size > 4 {
+            if max < 4 {
+                return Err(bad(
+                    name,
+                    format!("request queue 0 offers at most {max} entries; vireo needs at least 4"),
+                ));
+            }
+            while vq_size > max {
                 vq_size /= 2;
             }
         }
