@@ -570,6 +570,67 @@ fn a_read_only_export_follows_the_spec() {
     drop(s);
 }
 
+const ENOSPC: u32 = 28;
+
+/// Requests past the end of the export: a WRITE or WRITE_ZEROES is ENOSPC (the spec's
+/// answer to a write there), a READ, TRIM or BLOCK_STATUS is EINVAL (it used to be
+/// ENOSPC for all).
+#[test]
+fn requests_past_the_end_get_the_specs_error_codes() {
+    let (_qsd, _dir, sock, s) = unix_serve(&[]);
+    let (mut c, size, flags) = go(&sock, "VirtioBlk0");
+    assert_ne!(
+        flags & 64,
+        0,
+        "qsd's virtio-blk has write-zeroes: advertised"
+    );
+    let end = size;
+    c.write_all(&request(0, 0, 1, end, 4096)).unwrap();
+    assert_eq!(simple_reply(&mut c, 0), (EINVAL, 1), "READ past the end");
+    let mut w = request(1, 0, 2, end - 2048, 4096);
+    w.extend_from_slice(&[7u8; 4096]);
+    c.write_all(&w).unwrap();
+    assert_eq!(simple_reply(&mut c, 0), (ENOSPC, 2), "WRITE past the end");
+    c.write_all(&request(6, 0, 3, end, 4096)).unwrap();
+    assert_eq!(
+        simple_reply(&mut c, 0),
+        (ENOSPC, 3),
+        "WRITE_ZEROES past the end"
+    );
+    c.write_all(&request(4, 0, 4, end, 4096)).unwrap();
+    assert_eq!(simple_reply(&mut c, 0), (EINVAL, 4), "TRIM past the end");
+    c.write_all(&request(0, 0, 5, end - 4096, 4096)).unwrap();
+    assert_eq!(simple_reply(&mut c, 4096), (0, 5), "the last block reads");
+    drop(s);
+}
+
+/// Connections that never finish a handshake (no certificate is needed to open one)
+/// are capped on their own: 80 of them neither fill the server nor make it close a
+/// served client that is idle beyond --nbd-timeout (they used to count as clients,
+/// and the 65th made the server full, which closes idle clients).
+#[test]
+fn stalled_handshakes_do_not_crowd_out_served_clients() {
+    let (_qsd, _dir, sock, s) = unix_serve(&["--nbd-timeout", "2"]);
+    let (mut served, _, _) = go(&sock, "VirtioBlk0");
+    // The served client is idle beyond the timeout from 2 s on; the stalled handshakes,
+    // opened at 1.5 s, last until their own deadline at 3.5 s.
+    std::thread::sleep(Duration::from_millis(1500));
+    let silent: Vec<UnixStream> = (0..80)
+        .filter_map(|_| UnixStream::connect(&sock).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    served.write_all(&request(0, 0, 1, 0, 4096)).unwrap();
+    assert_eq!(
+        simple_reply(&mut served, 4096),
+        (0, 1),
+        "the idle served client was kept"
+    );
+    drop(silent);
+    // New clients are served again once the stalled handshakes are gone.
+    served_again(&sock);
+    drop(s);
+}
+
 /// Fill the server (`already` clients connected) with clients by hand up to 64; the
 /// next one is told it is full (an option error that says "full"), not just closed.
 fn fill_server(sock: &Path, already: usize) -> Vec<UnixStream> {

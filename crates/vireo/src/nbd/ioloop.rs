@@ -264,7 +264,9 @@ fn errno(e: &IoError) -> u32 {
         IoError::NoMemory(_) => ENOMEM,
         IoError::OutOfRange { .. } => ENOSPC,
         IoError::InvalidRequest(_) | IoError::InvalidBuffer(_) => EINVAL,
-        IoError::Unsupported { .. } | IoError::DeviceUnsupported => ENOTSUP,
+        // ENOTSUP is only for FAST_ZERO, which is not advertised: a command the bdev
+        // lacks is an invalid request, one the device refused an I/O error.
+        IoError::Unsupported { .. } => EINVAL,
         _ => EIO,
     }
 }
@@ -762,7 +764,14 @@ impl Loop {
                 .checked_add(len)
                 .is_none_or(|end| end > chan.capacity)
             {
-                return reply_now(c, bufs, data, ENOSPC);
+                // ENOSPC is the spec's answer to a write past the end; anything else
+                // there is an invalid request.
+                let e = if matches!(req.cmd, CMD_WRITE | CMD_WRITE_ZEROES) {
+                    ENOSPC
+                } else {
+                    EINVAL
+                };
+                return reply_now(c, bufs, data, e);
             }
         }
         let (lba, n) = (req.offset / chan.bs, len / chan.bs);
@@ -789,16 +798,11 @@ impl Loop {
                 if n == 0 {
                     return reply_now(c, bufs, data, 0);
                 }
-                if chan.write_zeroes {
-                    IoRequest::no_data(IoOp::WriteZeroes, lba, n, 0)
-                } else if len <= 1 << 20 {
-                    // Without device write-zeroes, small ranges are written as zeros;
-                    // larger ones are refused (ENOTSUP makes clients write zeros
-                    // themselves).
-                    IoRequest::write(lba, n, IoBuf::Heap(vec![0; len as usize]), 0)
-                } else {
-                    return reply_now(c, bufs, data, ENOTSUP);
+                if !chan.write_zeroes {
+                    // Not advertised for this export: a client must not send it.
+                    return reply_now(c, bufs, data, EINVAL);
                 }
+                IoRequest::no_data(IoOp::WriteZeroes, lba, n, 0)
             }
             CMD_CACHE => return reply_now(c, bufs, data, 0),
             CMD_BLOCK_STATUS => {

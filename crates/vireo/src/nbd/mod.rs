@@ -35,6 +35,11 @@ use vireo_bdev::{Bdev, Registry};
 
 /// Clients served at once (handshakes included).
 const MAX_CLIENTS: usize = 64;
+/// Handshakes under way at once. Past that a new connection is closed at once: clients
+/// that never finish a handshake (no certificate needed to open a socket) can neither
+/// take the served clients' room nor make the server look full, which would close
+/// served clients that are idle.
+const MAX_HANDSHAKES: usize = 16;
 /// Refusals (a full server telling a client so) under way at once; past that, a
 /// client of a full server is closed at once.
 const MAX_REFUSALS: usize = 8;
@@ -350,6 +355,8 @@ pub struct NbdServer {
     generation: AtomicU64,
     /// Clients connected (handshakes included).
     clients: AtomicUsize,
+    /// Handshakes under way.
+    handshaking: AtomicUsize,
     refusals: AtomicUsize,
     /// A client was turned away since the count last dropped below the limit: idle
     /// clients are closed after the timeout.
@@ -391,6 +398,7 @@ impl NbdServer {
             listening,
             generation: AtomicU64::new(0),
             clients: AtomicUsize::new(0),
+            handshaking: AtomicUsize::new(0),
             refusals: AtomicUsize::new(0),
             full: AtomicBool::new(false),
             used: AtomicUsize::new(0),
@@ -792,6 +800,21 @@ pub fn serve(server: Arc<NbdServer>, listener: Listener, stop: fn() -> bool) -> 
 /// A new connection: its handshake on a thread of its own, or a refusal when the
 /// server is full.
 fn accept(server: &Arc<NbdServer>, c: Sock) {
+    if server.handshaking.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
+        server.handshaking.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!(
+            "nbd: {MAX_HANDSHAKES} handshakes already under way; connection closed (clients that connect and stall are dropped after --nbd-timeout)"
+        );
+        return;
+    }
+    // Ends the handshake's count however it ends.
+    struct Handshaking(Arc<NbdServer>);
+    impl Drop for Handshaking {
+        fn drop(&mut self) {
+            self.0.handshaking.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let hs = Handshaking(server.clone());
     if server.clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
         server.clients.fetch_sub(1, Ordering::AcqRel);
         server.full.store(true, Ordering::Release);
@@ -824,7 +847,9 @@ fn accept(server: &Arc<NbdServer>, c: Sock) {
     let spawned = std::thread::Builder::new()
         .name("vireo-nbd-handshake".into())
         .spawn(move || {
-            match handshake(&s, c) {
+            let r = handshake(&s, c);
+            drop(hs);
+            match r {
                 Ok(Some(conn)) => {
                     let t = s.place(&conn.neg.bdev);
                     match s.threads.get() {

@@ -77,7 +77,6 @@ pub(super) const EIO: u32 = 5;
 pub(super) const ENOMEM: u32 = 12;
 pub(super) const EINVAL: u32 = 22;
 pub(super) const ENOSPC: u32 = 28;
-pub(super) const ENOTSUP: u32 = 95;
 
 /// Largest READ/WRITE payload (advertised as the maximum block size).
 pub(super) const MAX_PAYLOAD: u32 = 32 << 20;
@@ -98,7 +97,9 @@ pub(super) struct Negotiated {
     pub base_allocation: bool,
 }
 
-/// Transmission flags of `b`. A read-only export advertises no write command, nor FUA.
+/// Transmission flags of `b`. A read-only export advertises no write command, nor FUA;
+/// WRITE_ZEROES only where the bdev has write-zeroes (clients write zeros themselves
+/// otherwise, as the Linux client and QEMU do).
 pub(super) fn transmission_flags(b: &Bdev) -> u16 {
     let i = b.info();
     // A flush reaches the device and covers every completed write, whichever
@@ -107,7 +108,10 @@ pub(super) fn transmission_flags(b: &Bdev) -> u16 {
     if i.read_only {
         f |= TF_READ_ONLY;
     } else {
-        f |= TF_SEND_FUA | TF_SEND_WRITE_ZEROES;
+        f |= TF_SEND_FUA;
+        if i.ops.write_zeroes {
+            f |= TF_SEND_WRITE_ZEROES;
+        }
         if i.ops.unmap {
             f |= TF_SEND_TRIM;
         }
