@@ -393,6 +393,45 @@ fn a_client_that_never_reads_replies_is_held_back() {
     drop(s);
 }
 
+/// A client that takes its replies a trickle at a time cannot hold the server's
+/// payload memory: with --nbd-max-memory 64m, two 32 MiB READs read back 64 KiB a
+/// second (progress, but under 1 MiB per --nbd-timeout) get the client closed, and
+/// another client's READ, which waited for the memory, is served (any progress used to
+/// keep the trickler, and every other READ and WRITE waited for as long as it liked).
+#[test]
+fn a_client_that_trickles_its_replies_cannot_hold_the_memory() {
+    let (_qsd, _dir, sock, s) = unix_serve(&["--nbd-timeout", "2", "--nbd-max-memory", "64m"]);
+    let (mut slow, _, _) = go(&sock, "VirtioBlk0");
+    slow.write_all(&read_request(1, 0, 32 << 20)).unwrap();
+    slow.write_all(&read_request(2, 32 << 20, 32 << 20))
+        .unwrap();
+    let trickle = std::thread::spawn(move || {
+        let mut b = vec![0u8; 64 << 10];
+        let mut got = 0usize;
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            match slow.read(&mut b) {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got += n,
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut other, _, _) = go(&sock, "VirtioBlk0");
+    other.write_all(&request(0, 0, 7, 0, 4096)).unwrap();
+    assert_eq!(
+        simple_reply(&mut other, 4096),
+        (0, 7),
+        "served once the trickler went"
+    );
+    let got = trickle.join().unwrap();
+    assert!(
+        got < 64 << 20,
+        "the trickler was closed ({got} bytes taken)"
+    );
+    drop(s);
+}
+
 /// A controller whose bdev NBD clients used detaches once they have disconnected: the
 /// export's I/O thread closes its channel with its last client (it used to keep it
 /// until the device was gone, so the detach was refused for ever; found by

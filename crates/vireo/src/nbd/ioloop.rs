@@ -30,6 +30,11 @@ const WAKER: Token = Token(usize::MAX);
 const MAX_CLIENT_REQUESTS: usize = 64;
 /// Payload bytes one client may have outstanding (one request may exceed it alone).
 const MAX_CLIENT_BYTES: usize = 64 << 20;
+/// Reply bytes a client with replies waiting must take per `--nbd-timeout` (1 MiB per
+/// 30 s by default: any link a person would use), or it is closed: a client that reads
+/// a byte now and then cannot hold the server's payload memory, which every other
+/// client's READs and WRITEs wait for.
+const MIN_REPLY_PROGRESS: usize = 1 << 20;
 /// Bytes read from a socket at a time (headers and small payloads).
 const READ_BUF: usize = 64 << 10;
 /// Buffers a thread keeps for reuse: each at most this size...
@@ -199,8 +204,11 @@ struct Client {
     dead: bool,
     /// Since when a request has been half-read.
     partial_since: Option<Instant>,
-    /// Since when replies have waited for the socket without progress.
+    /// Since when replies have waited for the socket without MIN_REPLY_PROGRESS bytes
+    /// taken.
     stall_since: Option<Instant>,
+    /// Reply bytes taken since `stall_since`.
+    stall_taken: usize,
     last_active: Instant,
 }
 
@@ -462,6 +470,17 @@ impl Loop {
 
     fn adopt(&mut self, c: NewConn) {
         let bdev = c.neg.bdev.clone();
+        // The export may have stopped between the handshake's GO and now, and this
+        // thread may already have checked its clients for that stop: check this one.
+        if !self
+            .server
+            .resolve(&c.neg.export)
+            .is_some_and(|b| Arc::ptr_eq(&b, &bdev))
+        {
+            tracing::info!(export = %c.neg.export, "nbd: the export stopped during the client's handshake; closing it");
+            self.server.client_gone(self.idx, &bdev);
+            return;
+        }
         let existing = self.chans.indices().find(|&k| {
             self.chans.items[k]
                 .as_ref()
@@ -519,6 +538,7 @@ impl Loop {
             dead: false,
             partial_since: None,
             stall_since: None,
+            stall_taken: 0,
             last_active: now,
         };
         let fd = client.stream.sock().as_raw_fd();
@@ -959,6 +979,7 @@ impl Loop {
             return false;
         }
         let mut progress = false;
+        let mut taken = 0;
         let mut freed = 0;
         while !c.wq.is_empty() {
             let r = {
@@ -986,6 +1007,7 @@ impl Loop {
                 }
                 Ok((mut n, want)) => {
                     progress = true;
+                    taken += n;
                     // A short write filled the socket: wait for its next event.
                     let full = n < want && matches!(c.stream, Stream::Plain(_));
                     while n > 0 {
@@ -1020,8 +1042,13 @@ impl Loop {
         c.bytes -= freed;
         if c.wq.is_empty() {
             c.stall_since = None;
-        } else if progress || c.stall_since.is_none() {
-            c.stall_since = Some(Instant::now());
+        } else if c.stall_since.is_none() {
+            (c.stall_since, c.stall_taken) = (Some(Instant::now()), taken);
+        } else {
+            c.stall_taken += taken;
+            if c.stall_taken >= MIN_REPLY_PROGRESS {
+                (c.stall_since, c.stall_taken) = (Some(Instant::now()), 0);
+            }
         }
         if progress {
             c.last_active = Instant::now();
@@ -1070,7 +1097,9 @@ impl Loop {
             }
             if let Some(t) = c.stall_since {
                 if now.duration_since(t) > timeout {
-                    tracing::info!("nbd client: replies not taken for {timeout:?}; closing");
+                    tracing::info!(
+                        "nbd client: replies waiting, and less than {MIN_REPLY_PROGRESS} bytes of them taken in {timeout:?}; closing"
+                    );
                     kill = true;
                 }
             }
