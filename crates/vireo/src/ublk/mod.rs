@@ -356,6 +356,7 @@ impl UblkTarget {
             )));
         }
         let mut disks = self.disks();
+        self.not_shut_down()?;
         if disks.contains_key(&id) {
             return Err(UblkError::DiskExists(id));
         }
@@ -394,6 +395,7 @@ impl UblkTarget {
     pub fn recover_disk(&self, bdev: &str, id: u32) -> Result<u32, UblkError> {
         let b = self.lookup(bdev)?;
         let mut disks = self.disks();
+        self.not_shut_down()?;
         if disks.contains_key(&id) {
             return Err(UblkError::DiskExists(id));
         }
@@ -538,6 +540,16 @@ impl UblkTarget {
         let r2 = self.ctrl.simple(sys::CMD_DEL_DEV, id, 0);
         tracing::info!("ublk: /dev/ublkb{id} removed");
         r.and(r2)
+    }
+
+    /// Refuse a new device once `shutdown` began (it sets the flag before it takes the
+    /// device table; callers check under that table's lock): a device started on a
+    /// target that `ublk_destroy_target` took away would run with nothing to stop it.
+    fn not_shut_down(&self) -> Result<(), UblkError> {
+        if self.watcher_stop.load(Ordering::Acquire) {
+            return Err(UblkError::NoTarget);
+        }
+        Ok(())
     }
 
     /// Stop every device and the watcher.
