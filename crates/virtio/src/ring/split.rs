@@ -9,7 +9,7 @@
 //! flags after a full barrier (`full_barrier`: `MFENCE` on x86_64); the used index is
 //! loaded with `Acquire` before entries are read.
 
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use super::{
@@ -646,14 +646,18 @@ impl SplitQueue {
         }
         while self.last_used != used_idx {
             let slot = (self.last_used & (self.size - 1)) as usize;
-            let mut e = [0u8; 8];
-            // SAFETY: `slot < size`; used ring entries start at byte 4 of the used area and
-            // the area holds `size` entries. The Acquire load above ordered this read.
-            unsafe {
-                std::ptr::copy_nonoverlapping(self.used.add(4 + 8 * slot), e.as_mut_ptr(), 8)
+            // SAFETY: `slot < size`; used ring entries start at byte 4 of the used area
+            // (4-byte aligned) and the area holds `size` entries of two u32s. Atomic
+            // loads: the device may write the entry again (a lying one), and a racing
+            // plain read would be undefined behaviour. The Acquire load of the index
+            // above ordered these.
+            let (id, len) = unsafe {
+                let e = self.used.add(4 + 8 * slot) as *const AtomicU32;
+                (
+                    u32::from_le((*e).load(Ordering::Relaxed)),
+                    u32::from_le((*e.add(1)).load(Ordering::Relaxed)),
+                )
             };
-            let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
-            let len = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
             if id >= self.size as u32 || self.heads[id as usize].chain_len == 0 {
                 return Err(Error::Device(format!(
                     "queue {}: used id {} is out of range or not in flight",
