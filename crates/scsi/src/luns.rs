@@ -218,6 +218,24 @@ impl ReportLuns {
         Ok(ReportLuns { luns })
     }
 
+    /// Parses the LUNs that `buf` holds of a list that may be longer (SPC-5 6.33: an
+    /// initiator may use a list truncated by its allocation length). The LUN LIST
+    /// LENGTH must still be a multiple of 8.
+    pub fn parse_prefix(buf: &[u8]) -> Result<Self, ParseError> {
+        match Self::parse(buf) {
+            Err(ParseError::Truncated { .. }) => {
+                let luns = buf
+                    .get(8..)
+                    .unwrap_or_default()
+                    .chunks_exact(8)
+                    .filter_map(|c| c.try_into().ok().map(Lun))
+                    .collect();
+                Ok(ReportLuns { luns })
+            }
+            r => r,
+        }
+    }
+
     /// Reads only the LUN LIST LENGTH and returns the total data length the
     /// device has, to size the allocation length of a second REPORT LUNS.
     pub fn needed_len(buf: &[u8]) -> Result<usize, ParseError> {
@@ -358,6 +376,23 @@ mod tests {
         let empty = ReportLuns::default();
         assert_eq!(empty.encode().unwrap(), [0; 8]);
         assert_eq!(ReportLuns::parse(&[0; 8]).unwrap(), empty);
+    }
+
+    #[test]
+    fn a_truncated_list_gives_the_luns_it_holds() {
+        // 256 LUNs announced, the data holds two and half of a third.
+        let mut b = vec![0, 0, 0x08, 0x00, 0, 0, 0, 0];
+        b.extend_from_slice(&Lun::from_number(3).unwrap().0);
+        b.extend_from_slice(&Lun::from_number(9).unwrap().0);
+        b.extend_from_slice(&[0; 4]);
+        let r = ReportLuns::parse_prefix(&b).unwrap();
+        let nums: Vec<_> = r.luns.iter().filter_map(|l| l.number()).collect();
+        assert_eq!(nums, vec![3, 9]);
+        // A whole list parses as with `parse`; a bad length is still an error.
+        let mut b = vec![0, 0, 0, 8, 0, 0, 0, 0];
+        b.extend_from_slice(&Lun::from_number(1).unwrap().0);
+        assert_eq!(ReportLuns::parse_prefix(&b), ReportLuns::parse(&b));
+        assert!(ReportLuns::parse_prefix(&[0, 0, 0, 12, 0, 0, 0, 0]).is_err());
     }
 
     #[test]

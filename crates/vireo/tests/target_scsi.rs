@@ -419,6 +419,59 @@ fn luns_hot_added_and_removed_while_io_runs_on_another() {
     assert!(n > 10, "I/O kept running ({n} writes)");
 }
 
+/// A target that sends no events (no HOTPLUG, no CHANGE) replaces the disk at 0:1 with
+/// one of 4096-byte blocks and says so only by unit attentions: REPORTED LUNS DATA HAS
+/// CHANGED makes vireo rescan, the old bdev is removed and a new one with the new
+/// geometry takes its name (it used to keep the old bdev, whose 512-byte LBAs then
+/// landed at 8 times the offset); CAPACITY DATA HAS CHANGED updates the capacity.
+#[test]
+fn unit_attentions_alone_make_vireo_rescan_and_a_replaced_lun_a_new_bdev() {
+    let mut luns = BTreeMap::new();
+    luns.insert((0, 0), ram_lun(8));
+    luns.insert((0, 1), ram_lun(8));
+    let (t, _d) = target(ScsiTargetConfig {
+        luns,
+        hotplug: false,
+        change: false,
+        num_request_queues: 2,
+        ..Default::default()
+    });
+    let reg = std::sync::Arc::new(registry());
+    // Two queues: the rescan takes the one the channel below does not hold.
+    let _bdevs = attach(&reg, &t, 2);
+    let b0 = reg.bdev("St0").unwrap();
+    let b1 = reg.bdev("St0l1").unwrap();
+    assert_eq!(b1.info().block_size, 512);
+    t.remove_lun(0, 1).unwrap();
+    t.add_lun(
+        0,
+        1,
+        LunConfig {
+            block_size: 4096,
+            ..ram_lun(8)
+        },
+    )
+    .unwrap();
+    t.raise_unit_attention(0, 0, vireo_scsi::Asc::new(0x3f, 0x0e))
+        .unwrap();
+    let mut ch = b0.open_channel().unwrap();
+    ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1))
+        .result
+        .unwrap();
+    wait_for("the replaced LUN's new bdev", || {
+        reg.bdev("St0l1")
+            .is_some_and(|b| b.info().block_size == 4096)
+    });
+    assert!(b1.is_removed(), "the old bdev is gone");
+    // Capacity: a resize raises CAPACITY DATA HAS CHANGED only (no CHANGE event).
+    t.resize_lun(0, 0, 16 << 20).unwrap();
+    ch.run(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2))
+        .result
+        .unwrap();
+    wait_for("the new capacity", || b0.num_blocks() == (16 << 20) / 512);
+    assert!(!b0.is_removed(), "a resized LUN keeps its bdev");
+}
+
 #[test]
 fn cli_target_scsi_and_perf_verify_unmap() {
     let dir = tempfile::tempdir().unwrap();

@@ -73,9 +73,10 @@ impl ScsiController {
             Some(n) => dev_queues.min(n.saturating_sub(2)),
             None => dev_queues,
         };
-        // 0: every queue the device offers (the C API's connect).
+        // 0: every queue the device offers (the C API's connect), up to 256: the
+        // device's number does not size vireo's memory and eventfds unchecked.
         let vq_count = match params.vq_count {
-            0 => avail,
+            0 => avail.min(crate::pool::MAX_ALL_QUEUES),
             n => n,
         };
         if vq_count == 0 || vq_count > avail {
@@ -169,6 +170,7 @@ impl ScsiController {
             max_sectors: cfg.max_sectors,
             packed_ring: opts.packed,
             control: Mutex::new(Some(control)),
+            rescan_wanted: AtomicBool::new(false),
         });
 
         // Scan.
@@ -208,7 +210,9 @@ impl ScsiController {
         let luns = Arc::new(Mutex::new(luns));
         let not_added = Arc::new(Mutex::new(Vec::new()));
         let stop_events = Arc::new(AtomicBool::new(false));
-        let event_thread = if events {
+        // The event thread runs whether or not the device reports events: unit
+        // attentions on the I/O path ask it for rescans too.
+        let event_thread = {
             let ctx = EventCtx {
                 shared: shared.clone(),
                 luns: luns.clone(),
@@ -227,11 +231,6 @@ impl ScsiController {
                     .spawn(move || event_loop(ctx, event_q))
                     .map_err(|e| BdevError::Config(format!("cannot start event thread: {e}")))?,
             )
-        } else {
-            // Nobody polls the event queue: keep its memory alive with the controller.
-            std::mem::forget(event_q);
-            std::mem::forget(ev_buf);
-            None
         };
         let transport = Arc::new(Mutex::new(transport));
         let redo = ScsiReconnect {
@@ -404,7 +403,9 @@ pub(super) fn make_lun(
     let bs = info.block_size as u64;
     // Read/write: VPD B0 maximum transfer length, segments, and 65535 blocks for 10-byte
     // CDBs unless the LUN needs (and has) 16-byte ones.
-    let mut max_rw = (shared.max_segments as u64 * SEGMENT_BYTES / bs).min(u32::MAX as u64);
+    // A command's byte count is a u32 (the residual is measured against it): at most
+    // u32::MAX bytes, whatever the block count a 16-byte CDB could carry.
+    let mut max_rw = (shared.max_segments as u64 * SEGMENT_BYTES / bs).min(u32::MAX as u64 / bs);
     if let Some(mt) = info.limits.and_then(|l| l.max_transfer()) {
         max_rw = max_rw.min(mt as u64);
     }

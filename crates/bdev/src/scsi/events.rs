@@ -62,7 +62,7 @@ pub(super) fn event_loop(mut ctx: EventCtx, mut q: Virtqueue) {
                         break;
                     };
                     // The old ring and buffers stay with the old back-end.
-                    std::mem::forget(std::mem::replace(&mut q, ring));
+                    std::mem::replace(&mut q, ring).leak();
                     let Ok(mut buf) = ctx
                         .shared
                         .mem
@@ -79,6 +79,9 @@ pub(super) fn event_loop(mut ctx: EventCtx, mut q: Virtqueue) {
                     deferred.push(wire::Event::missed());
                 }
             }
+        }
+        if ctx.shared.rescan_wanted.swap(false, Ordering::AcqRel) {
+            deferred.push(wire::Event::missed());
         }
         let mut got = Vec::new();
         if let Err(e) = q.poll(|u| got.push(u)) {
@@ -109,7 +112,7 @@ pub(super) fn event_loop(mut ctx: EventCtx, mut q: Virtqueue) {
         std::thread::sleep(Duration::from_millis(5));
     }
     // The device may still hold the event buffers.
-    std::mem::forget(q);
+    q.leak();
     std::mem::forget(ctx.ev_buf);
 }
 
@@ -263,6 +266,47 @@ fn remove_lun(ctx: &EventCtx, t: u8, l: u16) {
     }
 }
 
+/// Whether `new`, found at `old`'s address, is the same disk with the same geometry:
+/// only then may its bdev go on (with a new capacity or write cache). A different
+/// identity, block size or set of limits makes a new bdev: requests built for the old
+/// geometry would land elsewhere on the device.
+fn same_disk(old: &LunInfo, new: &LunInfo) -> bool {
+    old.device_type == new.device_type
+        && old.vendor == new.vendor
+        && old.product == new.product
+        && old.serial == new.serial
+        && old.device_id == new.device_id
+        && old.block_size == new.block_size
+        && old.rw16 == new.rw16
+        && old.read_only == new.read_only
+        && old.unmap == new.unmap
+        && old.write_same == new.write_same
+        && old.limits == new.limits
+}
+
+/// Apply what a rescan found at an address that has a bdev: the same disk gets its
+/// capacity and write cache updated; another one replaces the bdev. Returns whether
+/// the entry stays.
+fn update_lun(ctx: &EventCtx, e: &mut LunEntry, info: &LunInfo) -> bool {
+    if !same_disk(&e.info, info) {
+        tracing::warn!(bdev = %e.bdev.name(), "the LUN at this address changed its identity or geometry; its bdev goes and a new one is made");
+        drop_lun(ctx, e);
+        return false;
+    }
+    if e.info.num_blocks != info.num_blocks {
+        e.ctx.num_blocks.store(info.num_blocks, Ordering::Relaxed);
+        e.bdev.set_num_blocks(info.num_blocks);
+        tracing::info!(bdev = %e.bdev.name(), blocks = info.num_blocks, "capacity changed");
+    }
+    // Mode parameters (the write cache) may have changed too.
+    e.bdev
+        .write_cache_flag()
+        .store(info.write_cache.unwrap_or(true), Ordering::Relaxed);
+    e.info.num_blocks = info.num_blocks;
+    e.info.write_cache = info.write_cache;
+    true
+}
+
 fn refresh_capacity(ctx: &EventCtx, t: u8, l: u16) -> bool {
     let Some(r) = with_scanner(ctx, |s| s.lun(t, l)) else {
         return false;
@@ -270,15 +314,17 @@ fn refresh_capacity(ctx: &EventCtx, t: u8, l: u16) -> bool {
     let Ok(Some(info)) = r else {
         return true;
     };
-    let luns = lock(&ctx.luns);
-    if let Some(e) = luns.iter().find(|e| e.info.target == t && e.info.lun == l) {
-        e.ctx.num_blocks.store(info.num_blocks, Ordering::Relaxed);
-        e.bdev.set_num_blocks(info.num_blocks);
-        // Mode parameters (the write cache) may have changed too.
-        e.bdev
-            .write_cache_flag()
-            .store(info.write_cache.unwrap_or(true), Ordering::Relaxed);
-        tracing::info!(bdev = %e.bdev.name(), blocks = info.num_blocks, "capacity changed");
+    let mut luns = lock(&ctx.luns);
+    if let Some(pos) = luns
+        .iter()
+        .position(|e| e.info.target == t && e.info.lun == l)
+    {
+        if !update_lun(ctx, &mut luns[pos], &info) {
+            luns.remove(pos);
+            if info.device_type == 0 {
+                add_disk(ctx, &mut luns, info);
+            }
+        }
     }
     true
 }
@@ -295,14 +341,17 @@ fn rescan_all(ctx: &EventCtx) -> bool {
             .any(|f| f.device_type == 0 && f.target == n.target && f.lun == n.lun)
     });
     let mut luns = lock(&ctx.luns);
-    luns.retain(|e| {
-        let keep = found
+    luns.retain_mut(|e| {
+        match found
             .iter()
-            .any(|f| f.target == e.info.target && f.lun == e.info.lun);
-        if !keep {
-            drop_lun(ctx, e);
+            .find(|f| f.target == e.info.target && f.lun == e.info.lun)
+        {
+            Some(f) => update_lun(ctx, e, f),
+            None => {
+                drop_lun(ctx, e);
+                false
+            }
         }
-        keep
     });
     for info in found {
         if info.device_type != 0

@@ -33,6 +33,9 @@ struct ScsiRequests {
     slot_unmap: Vec<Option<DmaBuf>>,
     unmap_pool: Vec<DmaBuf>,
     zero: Option<DmaBuf>,
+    /// Smaller write-zeroes sources replaced by a larger one (a LUN with larger blocks):
+    /// a WRITE SAME in flight may still read them, so they live as long as the queue.
+    zero_retired: Vec<DmaBuf>,
     data_segs: Vec<Segment>,
     completed: Vec<u16>,
     retry: Vec<u16>,
@@ -242,7 +245,7 @@ impl ScsiRequests {
             }
             IoOp::WriteZeroes => {
                 if self.zero.as_ref().is_some_and(|z| (z.len() as u64) < bs) {
-                    self.zero = None;
+                    self.zero_retired.extend(self.zero.take());
                 }
                 if self.zero.is_none() {
                     let mut z = self
@@ -395,6 +398,14 @@ impl ScsiRequests {
                         // MODE PARAMETERS CHANGED: the write cache may be on now.
                         self.assume_write_cache(chan);
                     }
+                    if s.is_unit_attention()
+                        && matches!((s.asc, s.ascq), (0x3f, 0x0e) | (0x2a, 0x09))
+                    {
+                        // REPORTED LUNS DATA / CAPACITY DATA HAS CHANGED: the LUNs are
+                        // read again (a LUN replaced at this address becomes a new
+                        // bdev; see events.rs).
+                        self.shared.rescan_wanted.store(true, Ordering::Release);
+                    }
                     if sense_is_retryable(&s) && self.slot_tries[slot as usize] < MAX_RETRIES {
                         retry.push(slot);
                         continue;
@@ -454,6 +465,9 @@ impl ScsiRequests {
             std::mem::forget(b);
         }
         std::mem::forget(self.zero.take());
+        for b in self.zero_retired.drain(..) {
+            std::mem::forget(b);
+        }
     }
 }
 
@@ -527,6 +541,9 @@ impl LifeQueue for ScsiRequests {
         // read by the old back-end: not reused.
         drop(std::mem::replace(&mut self.sq, sq));
         std::mem::forget(self.zero.take());
+        for b in self.zero_retired.drain(..) {
+            std::mem::forget(b);
+        }
         Ok(())
     }
 
@@ -776,6 +793,7 @@ fn new_thread_queue(shared: &Arc<ScsiShared>, bdev: &str) -> Result<ThreadQueue,
             slot_unmap: (0..n).map(|_| None).collect(),
             unmap_pool: Vec::new(),
             zero: None,
+            zero_retired: Vec::new(),
             data_segs: Vec::new(),
             completed: Vec::with_capacity(n),
             retry: Vec::new(),

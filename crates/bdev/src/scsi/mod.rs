@@ -148,6 +148,9 @@ struct ScsiShared {
     packed_ring: bool,
     control: Mutex<Option<ControlQueue>>,
     link: Arc<crate::reconnect::Link>,
+    /// A command saw REPORTED LUNS DATA HAS CHANGED (3F/0E) or CAPACITY DATA HAS
+    /// CHANGED (2A/09): the event thread rescans (a device need not send events).
+    rescan_wanted: AtomicBool,
 }
 
 /// The control queue: task management functions, one at a time.

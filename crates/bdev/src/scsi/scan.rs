@@ -140,11 +140,14 @@ impl Scanner<'_> {
                     let data = &b.as_slice()[..n as usize];
                     let need = ReportLuns::needed_len(data)
                         .map_err(|e| IoError::Scsi(format!("REPORT LUNS: {e}")))?;
-                    if need > alloc && need <= 8 + 8 * 16384 {
+                    // Virtio-scsi addresses at most 16384 LUNs; of a longer list the
+                    // first 16384 entries are read.
+                    let need = need.min(ReportLuns::data_len(16384));
+                    if need > alloc {
                         alloc = need;
                         continue;
                     }
-                    let list = ReportLuns::parse(data)
+                    let list = ReportLuns::parse_prefix(data)
                         .map_err(|e| IoError::Scsi(format!("REPORT LUNS: {e}")))?;
                     let mut luns: Vec<u16> = list
                         .luns
@@ -345,6 +348,11 @@ impl Scanner<'_> {
         if num_blocks == 0 {
             return Err(IoError::Scsi("capacity is 0 blocks".into()));
         }
+        if num_blocks.checked_mul(block_size as u64).is_none() {
+            return Err(IoError::Scsi(format!(
+                "capacity of {num_blocks} blocks of {block_size} bytes does not fit in 64 bits"
+            )));
+        }
         // UNMAP: claimed by VPD B2 (LBPU) and B0 limits, then probed with an empty
         // parameter list (PARAMETER LIST LENGTH 0 unmaps nothing, SBC-4 5.32).
         let claimed = provisioning.map(|p| p.lbpu).unwrap_or(false)
@@ -385,7 +393,13 @@ impl Scanner<'_> {
             }
             .to_cdb();
             match self.run(t, l, cdb.as_bytes(), Some(&z), None)? {
-                Cmd::Check(s) => !s.is_unsupported_command(),
+                // The answer of a device with WRITE SAME(16) to an LBA past its end;
+                // any other (an invalid opcode or field, an unexpected error) is no
+                // evidence of support.
+                Cmd::Check(s) => s.is(
+                    vireo_scsi::SenseKey::IllegalRequest,
+                    vireo_scsi::Asc::LBA_OUT_OF_RANGE,
+                ),
                 // A device that accepted a write past its end is not to be trusted with it.
                 Cmd::Ok(_) | Cmd::BadTarget => false,
             }
