@@ -111,6 +111,10 @@ impl QueuePool {
 
 /// Check the queue parameters of controller `name` before talking to its device.
 /// A queue size is a power of two of at least 4.
+/// Request queues a controller attached with `vq_count` 0 ("every queue the device
+/// offers") takes at most.
+pub const MAX_ALL_QUEUES: u16 = 256;
+
 pub fn check_queue_size(name: &str, vq_size: u16) -> Result<(), BdevError> {
     if !vq_size.is_power_of_two() || vq_size < 4 {
         return Err(BdevError::Config(format!(

@@ -544,8 +544,11 @@ impl<T: DeviceShared> Drop for RequestQueue<T> {
     fn drop(&mut self) {
         let in_flight = self.ring.as_ref().is_some_and(|r| r.in_flight() > 0);
         if self.leak || in_flight {
-            // The device may still read or write the ring and the slots.
-            std::mem::forget(self.ring.take());
+            // The device may still read or write the ring and the slots (their
+            // eventfds go).
+            if let Some(r) = self.ring.take() {
+                r.leak();
+            }
             std::mem::forget(self.slots.take());
         }
     }

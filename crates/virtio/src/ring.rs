@@ -185,6 +185,15 @@ impl Virtqueue {
         each!(self, q => q.notifier())
     }
 
+    /// Give up the ring for good while a device may still use its memory: the memory
+    /// (ring, tables) is leaked, its notifier and completion signal (eventfds of a
+    /// connection that is gone) are closed.
+    pub fn leak(mut self) {
+        self.set_notifier(Notifier::Counter(Arc::default()));
+        self.set_completion_signal(None);
+        std::mem::forget(self);
+    }
+
     /// Replace the notifier (the transport hands it out after it learned the layout).
     pub fn set_notifier(&mut self, notifier: Notifier) {
         each!(self, q => q.set_notifier(notifier))

@@ -152,9 +152,9 @@ impl RegionListener for MemoryShare {
             // A dead back-end does not need the region; its I/O fails anyway.
             return Ok(());
         }
-        self.watchdog.arm(self.timeout);
+        let armed = self.watchdog.arm(self.timeout);
         let r = self.share(region);
-        self.watchdog.disarm();
+        drop(armed);
         match r {
             // It stopped answering (the watchdog cut it off) or hung up meanwhile: like a
             // back-end already dead, it does not need the region (a reconnection shares
@@ -178,12 +178,12 @@ impl RegionListener for MemoryShare {
             }
             let mut fe = self.frontend.lock().unwrap_or_else(|e| e.into_inner());
             // Bounded like every control message: a silent back-end is cut off.
-            self.watchdog.arm(self.timeout);
+            let armed = self.watchdog.arm(self.timeout);
             let _ = match self.mem_slots {
                 Some(_) => fe.remove_mem_region(&region_msg(region)),
                 None => fe.set_mem_table(&mem_table(&regions)).map(|_| ()),
             };
-            self.watchdog.disarm();
+            drop(armed);
         }
     }
 }
@@ -318,7 +318,7 @@ impl VhostUserTransport {
             };
             Error::transport(format!("{}: {why}", ctx("handshake")), e)
         };
-        watchdog.arm(timeout);
+        let armed = watchdog.arm(timeout);
         let handshake = (|| -> Result<_> {
             frontend.set_owner().map_err(&not_vhost)?;
             let offered = frontend.get_features().map_err(&not_vhost)?;
@@ -345,7 +345,7 @@ impl VhostUserTransport {
             };
             Ok((offered, protocol, queue_num))
         })();
-        watchdog.disarm();
+        drop(armed);
         let (offered, protocol, queue_num) = match handshake {
             Ok(v) => v,
             Err(e) => {
@@ -382,9 +382,9 @@ impl VhostUserTransport {
     /// Run a control-plane call under the reply deadline.
     fn guarded<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let wd = self.watchdog.clone();
-        wd.arm(self.timeout);
+        let armed = wd.arm(self.timeout);
         let r = f(self);
-        wd.disarm();
+        drop(armed);
         if r.is_err() && wd.fired() {
             return r.map_err(|e| {
                 Error::transport(
@@ -457,19 +457,44 @@ impl VhostUserTransport {
 /// Bounds control-plane calls: the `vhost` crate retries a socket that has no data
 /// forever, so a back-end that never answers would hang us. When an armed deadline
 /// passes, the monitor shuts the socket down and the pending call fails.
+///
+/// The reply deadlines of the control calls under way on one connection: each call
+/// (from any thread: an attach, a reconnection, a DMA region shared on another
+/// controller's behalf) has its own, and the monitor cuts the connection when any one
+/// passes.
 #[derive(Debug, Default)]
 struct Watchdog {
-    deadline: Mutex<Option<Instant>>,
+    deadlines: Mutex<Vec<(u64, Instant)>>,
+    next: std::sync::atomic::AtomicU64,
     fired: AtomicBool,
 }
 
+/// One armed deadline; disarmed when dropped.
+struct Armed<'a> {
+    wd: &'a Watchdog,
+    id: u64,
+}
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        self.wd.lock().retain(|(i, _)| *i != self.id);
+    }
+}
+
 impl Watchdog {
-    fn arm(&self, timeout: Duration) {
-        *self.deadline.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + timeout);
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Instant)>> {
+        self.deadlines.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn disarm(&self) {
-        *self.deadline.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    fn arm(&self, timeout: Duration) -> Armed<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().push((id, Instant::now() + timeout));
+        Armed { wd: self, id }
+    }
+
+    /// Forget every deadline (the connection was cut).
+    fn clear(&self) {
+        self.lock().clear();
     }
 
     fn fired(&self) -> bool {
@@ -477,7 +502,8 @@ impl Watchdog {
     }
 
     fn expired(&self) -> bool {
-        matches!(*self.deadline.lock().unwrap_or_else(|e| e.into_inner()), Some(d) if Instant::now() >= d)
+        let now = Instant::now();
+        self.lock().iter().any(|(_, d)| now >= *d)
     }
 }
 
@@ -513,7 +539,7 @@ fn monitor_socket(
             wd.fired.store(true, Ordering::Release);
             broken.store(true, Ordering::Release);
             let _ = stream.shutdown(std::net::Shutdown::Both);
-            wd.disarm();
+            wd.clear();
         }
         if rc < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
@@ -832,5 +858,29 @@ impl Drop for VhostUserTransport {
         if let Some(m) = self.monitor.take() {
             let _ = m.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two control calls under way at once (an attach and a DMA region shared for
+    /// another controller): the first one's end does not disarm the second's deadline
+    /// (one shared deadline did, and a silent back-end then hung the second for ever).
+    #[test]
+    fn each_control_call_keeps_its_own_deadline() {
+        let wd = Watchdog::default();
+        let first = wd.arm(Duration::from_secs(60));
+        let second = wd.arm(Duration::from_millis(1));
+        drop(first);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(wd.expired(), "the second call's deadline was disarmed");
+        drop(second);
+        assert!(!wd.expired());
+        let _third = wd.arm(Duration::from_millis(1));
+        wd.clear();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!wd.expired(), "a cut connection has no deadlines left");
     }
 }

@@ -235,9 +235,10 @@ impl BlkController {
         };
         let transport_queues = transport.max_queues().map_err(verr)?.unwrap_or(u16::MAX);
         let avail = dev_queues.min(transport_queues);
-        // 0: every queue the device offers (the C API's connect).
+        // 0: every queue the device offers (the C API's connect), up to 256: the
+        // device's number does not size vireo's memory and eventfds unchecked.
         let vq_count = match params.vq_count {
-            0 => avail,
+            0 => avail.min(crate::pool::MAX_ALL_QUEUES),
             n => n,
         };
         if vq_count > avail {
