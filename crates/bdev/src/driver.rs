@@ -30,12 +30,17 @@ pub(crate) struct Child {
     /// addresses; this request carries bytes `[addr, addr+len)` of them. `None`: the
     /// data is one extent at `addr`.
     pub sg: Option<Arc<[Segment]>>,
+    /// Write-zeroes: keep the blocks allocated ([`IoRequest::no_unmap`]).
+    ///
+    /// [`IoRequest::no_unmap`]: crate::IoRequest::no_unmap
+    pub no_unmap: bool,
 }
 
 impl Child {
     /// A placeholder (an empty slot's record).
     pub const EMPTY: Child = Child {
         parent: 0,
+        no_unmap: false,
         op: IoOp::Read,
         lba: 0,
         blocks: 0,

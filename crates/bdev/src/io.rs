@@ -107,6 +107,11 @@ pub struct IoRequest {
     /// request back (then it is dropped); the channel then escalates: a SCSI LUN gets
     /// a LOGICAL UNIT RESET once the request is still out after another period.
     pub timeout: Option<std::time::Duration>,
+    /// Write-zeroes only: the blocks must stay allocated (libblkio's
+    /// `BLKIO_REQ_NO_UNMAP`, Linux's `REQ_NOUNMAP`). By default the device may deallocate
+    /// them where it says they then read back as zeros (virtio-blk
+    /// `write_zeroes_may_unmap`, SCSI LBPRZ with WRITE SAME's UNMAP bit).
+    pub no_unmap: bool,
 }
 
 impl IoRequest {
@@ -120,6 +125,7 @@ impl IoRequest {
             iov: Vec::new(),
             user_data,
             timeout: None,
+            no_unmap: false,
         }
     }
 
@@ -133,6 +139,7 @@ impl IoRequest {
             iov: Vec::new(),
             user_data,
             timeout: None,
+            no_unmap: false,
         }
     }
 
@@ -146,6 +153,7 @@ impl IoRequest {
             iov: Vec::new(),
             user_data,
             timeout: None,
+            no_unmap: false,
         }
     }
 
@@ -163,6 +171,12 @@ impl IoRequest {
             iov,
             ..IoRequest::no_data(IoOp::Write, offset_blocks, num_blocks, user_data)
         }
+    }
+
+    /// The same request with the blocks kept allocated (see [`no_unmap`](Self::no_unmap)).
+    pub fn with_no_unmap(mut self) -> Self {
+        self.no_unmap = true;
+        self
     }
 
     /// The same request with a time limit (see [`timeout`](Self::timeout)).

@@ -360,15 +360,18 @@ impl Blkio {
                 }
             }
             "num-queues" | "num-poll-queues" | "queue-size" => {
-                let Value::Int(i) = v else {
-                    return Err(wrong_type(name, "int", &v));
-                };
+                // The state first: before connect these cannot be read, so
+                // blkio_set_str passes its text through, and must get the same answer
+                // as blkio_set_int.
                 if !connected {
                     if created {
                         return Err(not_connected());
                     }
                     return Err(want_connected(name));
                 }
+                let Value::Int(i) = v else {
+                    return Err(wrong_type(name, "int", &v));
+                };
                 self.conn()?;
                 match name {
                     "queue-size" => {
@@ -417,7 +420,9 @@ impl Blkio {
     }
 
     /// Bring the controller up with `queue_size` (halved while the back-end refuses it).
-    fn attach(&self, queue_size: u16, vq_count: u16) -> Res<Conn> {
+    /// Bring the controller up; `mem`: the DMA memory to use (vhost-user and vhost-vdpa;
+    /// a PCI function's memory comes with its transport), else new memory.
+    fn attach(&self, queue_size: u16, vq_count: u16, mem: Option<Arc<DmaMemory>>) -> Res<Conn> {
         let Some(path) = self.path.clone() else {
             return Err(invalid(format!(
                 "set \"path\" before blkio_connect ({})",
@@ -432,7 +437,7 @@ impl Blkio {
         };
         let mut size = queue_size;
         loop {
-            match self.attach_once(&path, size, vq_count) {
+            match self.attach_once(&path, size, vq_count, mem.clone()) {
                 Err(e)
                     if size > MIN_QUEUE_SIZE
                         && matches!(
@@ -455,7 +460,12 @@ impl Blkio {
         path: &str,
         queue_size: u16,
         vq_count: u16,
+        mem: Option<Arc<DmaMemory>>,
     ) -> Result<Conn, vireo_bdev::BdevError> {
+        let mem = |verr: &dyn Fn(vireo_virtio::Error) -> vireo_bdev::BdevError| match &mem {
+            Some(m) => Ok(m.clone()),
+            None => DmaMemory::new(dma_config()).map_err(verr),
+        };
         let name = "blkio";
         let verr = |source| vireo_bdev::BdevError::Virtio {
             name: name.into(),
@@ -472,11 +482,11 @@ impl Blkio {
             Box::new(PciTransport::open(addr, &dma).map_err(verr)?)
         } else if self.driver.vdpa() {
             // The character device, e.g. /dev/vhost-vdpa-0.
-            let mem = DmaMemory::new(dma_config()).map_err(verr)?;
+            let mem = mem(&verr)?;
             let id = if self.driver.scsi() { 8 } else { 2 };
             Box::new(VdpaTransport::open(Path::new(path), mem, id).map_err(verr)?)
         } else {
-            let mem = DmaMemory::new(dma_config()).map_err(verr)?;
+            let mem = mem(&verr)?;
             Box::new(
                 VhostUserTransport::connect_with_options(
                     Path::new(path),
@@ -540,7 +550,7 @@ impl Blkio {
         let conn = match self.reuse_parked()? {
             Some(c) => c,
             // Every queue the device offers: "max-queues" is known from here on.
-            None => self.attach(DEFAULT_QUEUE_SIZE, 0)?,
+            None => self.attach(DEFAULT_QUEUE_SIZE, 0, None)?,
         };
         self.queue_size = conn.queue_size as i32;
         self.max_queues = conn.queues;
@@ -601,10 +611,17 @@ impl Blkio {
             // polling back-end serves every enabled queue: SPDK's vhost-blk at QD1 ran
             // at a quarter of its speed with its 32 queues enabled) and the size asked for.
             let size = self.queue_size as u16;
+            // The same DMA memory goes on (but for a PCI function, whose memory comes
+            // with its transport): regions allocated since connect stay valid.
+            let keep = if self.driver.pci() {
+                None
+            } else {
+                self.conn.as_ref().map(|c| c.bdev.memory().clone())
+            };
             if let Some(old) = self.conn.take().and_then(|mut c| c.ctrl.take()) {
                 old.detach();
             }
-            let conn = self.attach(size, need)?;
+            let conn = self.attach(size, need, keep)?;
             if conn.queue_size != size {
                 let got = conn.queue_size;
                 self.conn = Some(conn);
@@ -637,8 +654,19 @@ impl Blkio {
     /// `blkio_alloc_mem_region`: page-aligned memory the device can use in place, with
     /// the file backing it.
     pub fn alloc_mem_region(&mut self, len: usize) -> Res<(u64, u64, i32, u64)> {
-        if self.state != State::Started {
-            return Err(busy("blkio_alloc_mem_region before blkio_start"));
+        // From connect on (as libblkio), but for a PCI function, whose DMA memory is
+        // made again when blkio_start brings the controller up with its final queues.
+        let ok = match self.state {
+            State::Started => true,
+            State::Connected => !self.driver.pci(),
+            _ => false,
+        };
+        if !ok {
+            return Err(busy(if self.driver.pci() {
+                "blkio_alloc_mem_region before blkio_start (virtio-blk-vfio-pci: the DMA memory is made at start)"
+            } else {
+                "blkio_alloc_mem_region before blkio_connect"
+            }));
         }
         if len == 0 || !(len as u64).is_multiple_of(MEM_REGION_ALIGNMENT) {
             return Err(invalid(format!(
@@ -678,6 +706,11 @@ impl Blkio {
     ) -> Res<()> {
         if self.state != State::Started {
             return Err(busy("blkio_map_mem_region before blkio_start"));
+        }
+        if addr.checked_add(len).is_none() {
+            return Err(invalid(format!(
+                "[{addr:#x}, +{len}) runs past the end of the address space"
+            )));
         }
         if self
             .mapped
@@ -794,7 +827,7 @@ fn file_of_mapping(addr: u64, len: u64) -> Option<(std::fs::File, u64)> {
         if addr < start || addr >= end {
             continue;
         }
-        if addr + len > end || !perms.ends_with('s') {
+        if addr.checked_add(len).is_none_or(|e| e > end) || !perms.ends_with('s') {
             return None;
         }
         let file = std::fs::OpenOptions::new()

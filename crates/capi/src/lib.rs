@@ -522,6 +522,23 @@ pub unsafe extern "C" fn blkio_remove_poll_queue(b: *mut blkio, index: c_int) ->
     })
 }
 
+/// Queue request `user_data` with `f`. A request is never lost: should `f` panic (a
+/// bug), the request completes with -EIO. A null queue only sets the message.
+fn with_request(q: *mut blkioq, user_data: *mut c_void, f: impl FnOnce(&mut Queue)) {
+    call_void(|| {
+        // SAFETY: as in `with_queue`.
+        match unsafe { q.as_mut() } {
+            Some(q) => {
+                if catch_unwind(AssertUnwindSafe(|| f(&mut *q))).is_err() {
+                    set_message("internal error in vireo's libblkio (a bug: please report it)");
+                    q.fail_now(user_data as usize, libc::EIO);
+                }
+            }
+            None => set_message("the struct blkioq pointer is NULL"),
+        }
+    })
+}
+
 /// Run `f` on the queue; a null queue only sets the message.
 fn with_queue(q: *mut blkioq, f: impl FnOnce(&mut Queue)) {
     call_void(|| {
@@ -546,7 +563,7 @@ pub unsafe extern "C" fn blkioq_read(
     flags: u32,
 ) {
     // SAFETY: the caller's contract.
-    with_queue(q, |q| unsafe {
+    with_request(q, user_data, |q| unsafe {
         q.rw(false, start, buf.cast(), len, user_data as usize, flags)
     })
 }
@@ -563,7 +580,7 @@ pub unsafe extern "C" fn blkioq_write(
     flags: u32,
 ) {
     // SAFETY: the caller's contract; a write only reads the buffer.
-    with_queue(q, |q| unsafe {
+    with_request(q, user_data, |q| unsafe {
         q.rw(true, start, buf as *mut u8, len, user_data as usize, flags)
     })
 }
@@ -580,7 +597,7 @@ pub unsafe extern "C" fn blkioq_readv(
     flags: u32,
 ) {
     // SAFETY: the caller's contract.
-    with_queue(q, |q| unsafe {
+    with_request(q, user_data, |q| unsafe {
         q.rwv(false, start, iovec, iovcnt, user_data as usize, flags)
     })
 }
@@ -597,7 +614,7 @@ pub unsafe extern "C" fn blkioq_writev(
     flags: u32,
 ) {
     // SAFETY: the caller's contract.
-    with_queue(q, |q| unsafe {
+    with_request(q, user_data, |q| unsafe {
         q.rwv(true, start, iovec, iovcnt, user_data as usize, flags)
     })
 }
@@ -612,7 +629,7 @@ pub unsafe extern "C" fn blkioq_write_zeroes(
     user_data: *mut c_void,
     flags: u32,
 ) {
-    with_queue(q, |q| {
+    with_request(q, user_data, |q| {
         q.no_data(IoOp::WriteZeroes, start, len, user_data as usize, flags)
     })
 }
@@ -627,7 +644,7 @@ pub unsafe extern "C" fn blkioq_discard(
     user_data: *mut c_void,
     flags: u32,
 ) {
-    with_queue(q, |q| {
+    with_request(q, user_data, |q| {
         q.no_data(IoOp::Unmap, start, len, user_data as usize, flags)
     })
 }
@@ -636,7 +653,7 @@ pub unsafe extern "C" fn blkioq_discard(
 /// `q` a live queue.
 #[no_mangle]
 pub unsafe extern "C" fn blkioq_flush(q: *mut blkioq, user_data: *mut c_void, flags: u32) {
-    with_queue(q, |q| q.flush(user_data as usize, flags))
+    with_request(q, user_data, |q| q.flush(user_data as usize, flags))
 }
 
 /// `struct blkio_zone` (zoned storage; no vireo device is zoned).
@@ -664,7 +681,7 @@ pub unsafe extern "C" fn blkioq_report_zones(
     user_data: *mut c_void,
     _flags: u32,
 ) {
-    with_queue(q, |q| q.unsupported(user_data as usize))
+    with_request(q, user_data, |q| q.unsupported(user_data as usize))
 }
 
 macro_rules! zone_op {
@@ -675,7 +692,7 @@ macro_rules! zone_op {
         /// `q` a live queue.
         #[no_mangle]
         pub unsafe extern "C" fn $name(q: *mut blkioq, _offset: u64, user_data: *mut c_void, _flags: u32) {
-            with_queue(q, |q| q.unsupported(user_data as usize))
+            with_request(q, user_data, |q| q.unsupported(user_data as usize))
         }
     )*};
 }
@@ -694,7 +711,7 @@ macro_rules! zone_all_op {
         /// `q` a live queue.
         #[no_mangle]
         pub unsafe extern "C" fn $name(q: *mut blkioq, user_data: *mut c_void, _flags: u32) {
-            with_queue(q, |q| q.unsupported(user_data as usize))
+            with_request(q, user_data, |q| q.unsupported(user_data as usize))
         }
     )*};
 }

@@ -74,7 +74,7 @@ impl Queue {
         })
     }
 
-    fn fail_now(&mut self, user_data: usize, errno: i32) {
+    pub(crate) fn fail_now(&mut self, user_data: usize, errno: i32) {
         self.ready.push_back(Done {
             user_data,
             ret: -errno,
@@ -209,7 +209,8 @@ impl Queue {
         let mut len: u64 = 0;
         let mut bufs = Vec::with_capacity(entries.len());
         for e in entries {
-            len += e.iov_len as u64;
+            // Saturating: a sum past u64 is refused below like any wrong length.
+            len = len.saturating_add(e.iov_len as u64);
             if e.iov_len == 0 {
                 continue;
             }
@@ -236,15 +237,23 @@ impl Queue {
     /// Write zeroes or discard `len` bytes at `start`.
     pub fn no_data(&mut self, op: IoOp, start: u64, len: u64, user_data: usize, flags: u32) {
         let allowed = match op {
-            // vireo never asks the device to deallocate on write zeroes (NO_UNMAP holds),
-            // and never falls back to writing zeroed buffers (NO_FALLBACK holds).
+            // NO_UNMAP: the device is told to keep the blocks allocated. vireo never
+            // falls back to writing zeroed buffers (NO_FALLBACK holds).
             IoOp::WriteZeroes => REQ_FUA | REQ_NO_UNMAP | REQ_NO_FALLBACK,
             _ => 0,
         };
+        let keep = op == IoOp::WriteZeroes && flags & REQ_NO_UNMAP != 0;
         self.checked(
             (start, len, flags, allowed, true),
             user_data,
-            |lba, blocks| IoRequest::no_data(op, lba, blocks, 0),
+            |lba, blocks| {
+                let r = IoRequest::no_data(op, lba, blocks, 0);
+                if keep {
+                    r.with_no_unmap()
+                } else {
+                    r
+                }
+            },
         );
     }
 

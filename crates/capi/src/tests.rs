@@ -657,3 +657,53 @@ fn a_blocking_completion_fd_is_the_callers_to_wait_on() {
     assert_eq!(done, 128);
     t.stop();
 }
+
+/// A region allocated between connect and start (libblkio allows it) stays valid when
+/// start brings the controller up again with its final queues and queue size: the same
+/// DMA memory goes on (it used to be refused with -EBUSY). Here start does come up
+/// again (queue size 64, not the connect's 128).
+#[test]
+fn a_region_allocated_before_start_survives_the_start() {
+    let (_dir, sock, t) = blk_target(16 << 20);
+    let b = B::create("virtio-blk-vhost-user", &sock);
+    b.connect();
+    let mut region = blkio_mem_region {
+        addr: null_mut(),
+        len: 0,
+        iova: 0,
+        fd_offset: 0,
+        fd: -1,
+        flags: 0,
+    };
+    // SAFETY: live instance, writable region.
+    let r = unsafe { blkio_alloc_mem_region(b.0, &mut region, 1 << 20) };
+    assert_eq!(r, 0, "{}", msg());
+    b.set_int("queue-size", 64);
+    b.start();
+    // SAFETY: as above.
+    let r = unsafe { blkio_map_mem_region(b.0, &region) };
+    assert_eq!(r, 0, "{}", msg());
+    // SAFETY: live instance.
+    let q = unsafe { blkio_get_queue(b.0, 0) };
+    // SAFETY: the region is 1 MiB of ours.
+    let buf = unsafe { std::slice::from_raw_parts_mut(region.addr.cast::<u8>(), region.len) };
+    buf[..4096].fill(0x5a);
+    // SAFETY: the buffers live in the region until the completions.
+    unsafe { blkioq_write(q, 4096, buf.as_ptr().cast(), 4096, null_mut(), 0) };
+    assert_eq!(reap(q, 1, false)[0].ret, 0);
+    // SAFETY: as above.
+    unsafe {
+        blkioq_read(
+            q,
+            4096,
+            buf[65536..].as_mut_ptr().cast(),
+            4096,
+            null_mut(),
+            0,
+        )
+    };
+    assert_eq!(reap(q, 1, false)[0].ret, 0);
+    assert!(buf[65536..65536 + 4096].iter().all(|&x| x == 0x5a));
+    drop(b);
+    t.stop();
+}

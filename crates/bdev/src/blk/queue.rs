@@ -367,7 +367,8 @@ impl BlkQueue {
                 let (ty, per, flags) = if c.op == IoOp::Unmap {
                     (T_DISCARD, sh.range_sectors_unmap, 0u32)
                 } else {
-                    (T_WRITE_ZEROES, sh.range_sectors_wz, sh.write_zeroes_flags)
+                    let flags = if c.no_unmap { 0 } else { sh.write_zeroes_flags };
+                    (T_WRITE_ZEROES, sh.range_sectors_wz, flags)
                 };
                 s.hdr = ReqHeader {
                     type_: ty.into(),

@@ -145,6 +145,31 @@ fn queue_sizes_follow_the_device_and_a_ring_too_small_for_a_request_is_refused()
 }
 
 #[test]
+fn write_zeroes_may_unmap_unless_the_request_keeps_the_blocks_allocated() {
+    // The fake disk says write-zeroes may unmap (config byte 56).
+    let (blk, c) = attached(None);
+    let mut ch = c.bdev().open_channel().unwrap();
+    let c1 = ch.run(IoRequest::no_data(IoOp::WriteZeroes, 0, 8, 1));
+    assert!(c1.result.is_ok());
+    let c2 = ch.run(IoRequest::no_data(IoOp::WriteZeroes, 8, 8, 2).with_no_unmap());
+    assert!(c2.result.is_ok());
+    assert_eq!(
+        blk.write_zeroes_flags_seen(),
+        vec![vireo_virtio::wire::blk::WRITE_ZEROES_FLAG_UNMAP, 0]
+    );
+}
+
+#[test]
+fn every_queue_means_at_most_256_of_them() {
+    let blk = disk(SECTORS, 300, 8);
+    blk.auto_serve(true);
+    let mut p = params(None);
+    p.vq_count = 0;
+    let c = attach_with(&blk, &p);
+    assert_eq!(c.bdev().info().num_queues, 256);
+}
+
+#[test]
 fn the_serial_number_comes_from_get_id() {
     let blk = disk(SECTORS, 1, 8);
     blk.serial("vireo-serial-1");

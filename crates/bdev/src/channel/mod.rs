@@ -399,7 +399,9 @@ impl IoChannel {
             (addr, sg),
             block_size,
             &limits,
-        ) {
+        )
+        .no_unmap(req.no_unmap && req.op == IoOp::WriteZeroes)
+        {
             self.enqueue(child);
             children += 1;
         }

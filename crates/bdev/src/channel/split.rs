@@ -21,6 +21,7 @@ pub(crate) struct Split {
     flush_done: bool,
     /// The data in place, as segments (`addr` is then an offset in them).
     sg: Option<Arc<[Segment]>>,
+    no_unmap: bool,
 }
 
 /// The largest request of `op` the device takes, in blocks (at least 1).
@@ -57,6 +58,16 @@ pub(crate) fn split(
         block_size: block_size as u64,
         flush_done: false,
         sg,
+        no_unmap: false,
+    }
+}
+
+impl Split {
+    /// Children that keep the blocks allocated (write-zeroes with `no_unmap`).
+    #[inline(always)]
+    pub(crate) fn no_unmap(mut self, on: bool) -> Self {
+        self.no_unmap = on;
+        self
     }
 }
 
@@ -78,6 +89,7 @@ impl Iterator for Split {
                 addr: 0,
                 len: 0,
                 sg: None,
+                no_unmap: false,
             });
         }
         if self.left == 0 {
@@ -97,6 +109,7 @@ impl Iterator for Split {
                 0
             },
             sg: if data { self.sg.clone() } else { None },
+            no_unmap: self.no_unmap,
         };
         self.lba += n;
         self.left -= n;

@@ -262,7 +262,7 @@ impl ScsiRequests {
                     blocks: u32::try_from(c.blocks).map_err(|_| {
                         IoError::InvalidRequest("WRITE SAME of more than 2^32-1 blocks".into())
                     })?,
-                    unmap: ctx.write_same_unmap,
+                    unmap: ctx.write_same_unmap && !c.no_unmap,
                     anchor: false,
                     ndob: false,
                     protect: 0,

@@ -488,6 +488,7 @@ impl<'o> Job<'o> {
             iov: Vec::new(),
             user_data: i as u64,
             timeout: None,
+            no_unmap: false,
         };
         if let Err(r) = self.ch.submit(req) {
             let s = &mut self.slots[i];

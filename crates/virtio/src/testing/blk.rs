@@ -27,6 +27,8 @@ struct BlkState {
     /// Requests still to fail, and their status byte.
     fail: (usize, u8),
     log: Vec<(u32, u64, u32)>,
+    /// The flags of each write-zeroes range answered.
+    wz_flags: Vec<u32>,
     serial: [u8; ID_BYTES],
 }
 
@@ -98,6 +100,7 @@ impl FakeBlk {
                 held: Vec::new(),
                 fail: (0, S_OK),
                 log: Vec::new(),
+                wz_flags: Vec::new(),
                 serial: [0; ID_BYTES],
             })),
         }
@@ -237,6 +240,11 @@ impl FakeBlk {
         self.lock().log.clone()
     }
 
+    /// The flags of every write-zeroes range answered so far, in order.
+    pub fn write_zeroes_flags_seen(&self) -> Vec<u32> {
+        self.lock().wz_flags.clone()
+    }
+
     /// The device id GET_ID answers (at most 20 bytes; NUL-padded, none when exactly 20).
     pub fn serial(&self, id: &str) {
         let mut s = [0u8; ID_BYTES];
@@ -374,6 +382,9 @@ impl FakeBlk {
                 } else if ranges.iter().any(|&(s, n, _)| !inside(s, n as u64)) {
                     (S_IOERR, 0)
                 } else {
+                    if type_ == T_WRITE_ZEROES {
+                        st.wz_flags.extend(ranges.iter().map(|r| r.2));
+                    }
                     for &(s, n, _) in &ranges {
                         let keys: Vec<u64> =
                             st.disk.range(s..s + n as u64).map(|(&k, _)| k).collect();
