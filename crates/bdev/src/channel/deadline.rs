@@ -102,12 +102,13 @@ impl IoChannel {
                     waited as f64 / 1e9,
                     limit as f64 / 1e9
                 );
-                // A caller's buffer the device uses in place stays with the device; one
-                // that went through a bounce buffer (heap, vectored) is given back.
-                let buf = if p.bounce.is_some() {
-                    p.buf.take()
+                // A caller's buffer the device uses in place stays with the device (one
+                // extent, or a vectored request's segments); one that went through a
+                // bounce buffer is given back.
+                let (buf, iov) = if p.bounce.is_some() {
+                    (p.buf.take(), std::mem::take(&mut p.iov))
                 } else {
-                    None
+                    (None, Vec::new())
                 };
                 out.push(Completion {
                     user_data: p.user_data,
@@ -119,7 +120,7 @@ impl IoChannel {
                         limit as f64 / 1e9
                     ))),
                     buf,
-                    iov: std::mem::take(&mut p.iov),
+                    iov,
                     latency_ns: waited,
                 });
                 n += 1;

@@ -604,7 +604,13 @@ impl IoChannel {
         };
         if let Err(e) = d.result {
             let e = *e;
-            if matches!(e, IoError::Aborted(_)) {
+            // Aborted by a reset vireo forced, or failed with the connection or the
+            // controller: the device may still be alive and using the buffers (its
+            // rings are leaked for the same reason).
+            if matches!(
+                e,
+                IoError::Aborted(_) | IoError::Disconnected | IoError::ControllerFailed(_)
+            ) {
                 p.aborted = true;
             }
             if p.error.is_none() {
@@ -619,12 +625,17 @@ impl IoChannel {
         if p.deadline != 0 {
             self.timed -= 1;
         }
-        // Aborted by a controller reset: the old back-end may still write the buffers,
-        // which are never freed or handed back.
+        // Aborted (see above): the old back-end may still write the buffers, which are
+        // never freed or handed back.
         let aborted = p.aborted;
         if aborted {
             if let Some(IoBuf::Dma(b)) = &p.buf {
                 b.retire();
+            }
+            for s in &p.iov {
+                if let IoBuf::Dma(b) = s {
+                    b.retire();
+                }
             }
             if let Some(b) = &p.bounce {
                 b.retire();
@@ -751,6 +762,7 @@ impl Drop for IoChannel {
             for (_, p) in self.parents.active_mut() {
                 std::mem::forget(p.buf.take());
                 std::mem::forget(p.bounce.take());
+                std::mem::forget(std::mem::take(&mut p.iov));
             }
         }
         self.counters.published.publish(&self.counters.local);

@@ -932,6 +932,57 @@ fn an_aborted_request_retires_its_buffers_and_completes_without_them() {
     let _ = bdev;
 }
 
+/// The in-place segments of a vectored request stay with a device that may still use
+/// them, as a single in-place buffer does: not handed back on a timeout, never freed
+/// when aborted, failed with the connection, or left on an abandoned channel (they
+/// used to be handed back or freed, and a later allocation got the same memory).
+#[test]
+fn in_place_vectored_segments_stay_with_a_device_that_may_still_use_them() {
+    // Two segments of DMA memory, and a device that takes two per request: in place.
+    let segs = |bdev: &Bdev| vec![dma(bdev, 1), dma(bdev, 1)];
+    // Timed out.
+    let (_, bdev, mut ch) = setup_with(16, |i| i.limits.max_segments = 8);
+    ch.submit(IoRequest::readv(0, 2, segs(&bdev), 1).with_timeout(LIMIT))
+        .unwrap();
+    let out = poll_until(&mut ch, 1, Duration::from_secs(5));
+    assert!(matches!(out[0].result, Err(IoError::Timeout(_))));
+    assert!(out[0].iov.is_empty(), "the device may still write them");
+    ch.abandon();
+    // Aborted, and failed with the connection or the controller: retired, not freed.
+    for err in [
+        IoError::Aborted("reset".into()),
+        IoError::Disconnected,
+        IoError::ControllerFailed("bad used id".into()),
+    ] {
+        let (dev, bdev, mut ch) = setup_with(16, |i| i.limits.max_segments = 8);
+        let mem = bdev.memory().clone();
+        ch.submit(IoRequest::readv(0, 2, segs(&bdev), 1)).unwrap();
+        ch.publish();
+        let free = mem.free_bytes();
+        dev.complete(1, Err(err));
+        let out = poll_all(&mut ch);
+        assert!(out[0].iov.is_empty());
+        assert_eq!(
+            mem.free_bytes(),
+            free,
+            "{:?}: segments freed",
+            out[0].result
+        );
+    }
+    // Left on an abandoned channel.
+    let (_, bdev, mut ch) = setup_with(16, |i| i.limits.max_segments = 8);
+    let mem = bdev.memory().clone();
+    ch.submit(IoRequest::readv(0, 2, segs(&bdev), 1)).unwrap();
+    ch.publish();
+    let free = mem.free_bytes();
+    ch.abandon();
+    assert_eq!(
+        mem.free_bytes(),
+        free,
+        "segments freed by an abandoned channel"
+    );
+}
+
 // --- closing ---
 
 #[test]
