@@ -66,9 +66,10 @@ impl BdevError {
             | BdevError::TooFewQueues { .. }
             | BdevError::QueueSizeRefused { .. } => ErrorKind::Unsupported,
             BdevError::NoFreeQueue { .. } | BdevError::ControllerBusy { .. } => ErrorKind::Busy,
-            BdevError::NameTaken(_) | BdevError::NameHeld { .. } | BdevError::Attaching(_) => {
-                ErrorKind::AlreadyExists
-            }
+            BdevError::NameTaken(_)
+            | BdevError::NameHeld { .. }
+            | BdevError::Attaching(_)
+            | BdevError::PciFunctionInUse { .. } => ErrorKind::AlreadyExists,
             BdevError::NotFound(_) => ErrorKind::NotFound,
             BdevError::Io { source, .. } => source.kind(),
             BdevError::Failed(_) => ErrorKind::ControllerFailed,
@@ -277,6 +278,17 @@ pub enum BdevError {
     /// A name is taken.
     #[error("a controller or bdev named {0} already exists")]
     NameTaken(String),
+    /// The PCI function is attached (or being attached) as another controller: opening
+    /// it again would reset the device under that controller's I/O.
+    #[error("controller {name}: PCI function {addr} is already attached as controller {holder}; detach {holder} first")]
+    PciFunctionInUse {
+        /// The controller being attached.
+        name: String,
+        /// The function.
+        addr: String,
+        /// The controller that has it.
+        holder: String,
+    },
     /// A name the controller needs (its own, or one of its bdevs') is held by another
     /// controller: two bdevs of one name would send I/O to the wrong disk.
     #[error("controller {controller}: the name {name} is taken by {held}; controller and bdev names are unique across all controllers (a scsi controller C names its bdevs Ct<target> and Ct<target>l<lun>): attach {controller} under another name, or detach {holder} first")]

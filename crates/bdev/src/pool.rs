@@ -1,6 +1,6 @@
 //! A controller's request queues, lent to I/O channels one at a time.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use vireo_virtio::Virtqueue;
@@ -15,6 +15,8 @@ pub struct QueuePool {
     open: AtomicU64,
     /// Queues lent to the control path right now.
     borrowed: AtomicU64,
+    /// The controller is being stopped: no channel may open any more.
+    closing: AtomicBool,
 }
 
 impl QueuePool {
@@ -26,6 +28,7 @@ impl QueuePool {
             free: Mutex::new(queues),
             open: AtomicU64::new(0),
             borrowed: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
         }
     }
 
@@ -83,38 +86,54 @@ impl QueuePool {
         self.lock().push(q);
     }
 
-    /// A channel was opened.
-    pub fn opened(&self) {
-        self.open.fetch_add(1, Ordering::Relaxed);
+    /// A channel opens: false (and nothing counted) once the controller is stopping.
+    /// With [`check_idle`](Self::check_idle) a Dekker pair: the count goes up before the
+    /// flag is read, the flag up before the count is read, so a channel opening while
+    /// the controller stops is either counted by the stop (which is then refused) or
+    /// refused itself; never both missed.
+    #[must_use]
+    pub fn opened(&self) -> bool {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        if self.closing.load(Ordering::SeqCst) {
+            self.open.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
     }
 
     /// A channel was closed.
     pub fn closed(&self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.open.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Channels currently open.
     pub fn open_channels(&self) -> u64 {
-        self.open.load(Ordering::Relaxed)
+        self.open.load(Ordering::SeqCst)
     }
 
-    /// Refuse to stop controller `name` while channels are open.
+    /// Controller `name` stops: from now on no channel opens. Refused (and nothing
+    /// changed) while channels are open.
     pub fn check_idle(&self, name: &str) -> Result<(), BdevError> {
-        match self.open_channels() {
+        self.closing.store(true, Ordering::SeqCst);
+        match self.open.load(Ordering::SeqCst) {
             0 => Ok(()),
-            open => Err(BdevError::Config(format!(
-                "controller {name} still has {open} open I/O channels"
-            ))),
+            open => {
+                self.closing.store(false, Ordering::SeqCst);
+                Err(BdevError::ControllerBusy {
+                    name: name.to_string(),
+                    open,
+                })
+            }
         }
     }
 }
 
-/// Check the queue parameters of controller `name` before talking to its device.
-/// A queue size is a power of two of at least 4.
 /// Request queues a controller attached with `vq_count` 0 ("every queue the device
 /// offers") takes at most.
 pub const MAX_ALL_QUEUES: u16 = 256;
 
+/// Check the queue parameters of controller `name` before talking to its device.
+/// A queue size is a power of two of at least 4.
 pub fn check_queue_size(name: &str, vq_size: u16) -> Result<(), BdevError> {
     if !vq_size.is_power_of_two() || vq_size < 4 {
         return Err(BdevError::Config(format!(

@@ -533,8 +533,8 @@ fn outage(
         let forced = st.forced;
         let keep = !forced && bring_up.keeps_rings();
         // Idle rings of the pool (and given back since the connection went): kept for
-        // the new connection, or freed (nothing of theirs is on any device) and
-        // replaced.
+        // the new connection, or replaced: freed when the back-end went away (nothing of
+        // theirs is on any device), leaked when vireo cut it off (see below).
         let mut parked = Vec::new();
         let mut idle: Vec<Virtqueue> = std::mem::take(&mut st.late);
         while let Some(q) = shared.pool().take() {
@@ -544,6 +544,10 @@ fn outage(
             st.to_pool.push(q.index());
             if keep {
                 parked.push(q);
+            } else if forced {
+                // vireo cut off a back-end that stopped answering: its queue threads
+                // may still poll these rings, so their memory is never reused.
+                q.leak();
             }
         }
         ReconnectCtx {

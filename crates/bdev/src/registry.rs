@@ -57,12 +57,11 @@ impl Controller {
         }
     }
 
-    /// The device is gone and nothing uses the controller: a removed PCI function is
-    /// released (the kernel waits for that to complete the removal).
-    fn open_channels(&self) -> u64 {
+    /// No channel opens from now on; refused while channels are open.
+    fn stop_opening(&self) -> Result<(), BdevError> {
         match self {
-            Controller::Blk(c) => c.channels_open(),
-            Controller::Scsi(c) => c.channels_open(),
+            Controller::Blk(c) => c.stop_opening(),
+            Controller::Scsi(c) => c.stop_opening(),
         }
     }
 
@@ -77,6 +76,8 @@ impl Controller {
         }
     }
 
+    /// The device is gone and nothing uses the controller: a removed PCI function is
+    /// released (the kernel waits for that to complete the removal).
     fn reapable(&self, trtype: TrType) -> bool {
         let (gone, open) = match self {
             Controller::Blk(c) => (c.is_gone(), c.channels_open()),
@@ -107,15 +108,36 @@ struct Entry {
     controller: Controller,
     /// The controller's name and its bdevs' names, given back when the entry goes.
     names: NameOwner,
+    /// The PCI function a PCI controller holds.
+    pci: Option<PciClaim>,
 }
 
 impl Entry {
     /// Leave the registry: the names are free at once; the device is torn down by the
     /// caller, outside the registry lock (a frozen device takes the control-plane
-    /// deadline to answer, and nothing else waits for it).
-    fn leave(self) -> (AttachParams, Controller) {
+    /// deadline to answer, and nothing else waits for it). The PCI function stays held
+    /// until the caller drops the claim, after the teardown.
+    fn leave(self) -> (AttachParams, Controller, Option<PciClaim>) {
         drop(self.names);
-        (self.params, self.controller)
+        (self.params, self.controller, self.pci)
+    }
+}
+
+/// PCI functions attached or being attached, and by which controller.
+type PciClaims = Arc<Mutex<Vec<(PciAddress, String)>>>;
+
+/// One PCI function held by one controller; released when dropped.
+struct PciClaim {
+    set: PciClaims,
+    addr: PciAddress,
+}
+
+impl Drop for PciClaim {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(a, _)| *a != self.addr);
     }
 }
 
@@ -127,6 +149,9 @@ pub struct Registry {
     /// before connecting, so concurrent attaches of one name fail at once instead of
     /// queueing on the back-end).
     names: Arc<Names>,
+    /// PCI functions held (an attach of a function already attached is refused before
+    /// the function is opened: under uio_pci_generic, opening resets the live device).
+    pci: PciClaims,
     hotplug: Mutex<Option<(bool, Option<u64>)>>,
 }
 
@@ -143,6 +168,7 @@ impl Registry {
             memory,
             entries: Mutex::new(Vec::new()),
             names: Arc::new(Names::default()),
+            pci: Arc::default(),
             hotplug: Mutex::new(None),
         }
     }
@@ -174,10 +200,14 @@ impl Registry {
             return self.attach_all_pci(params);
         }
         let mut names = Some(self.names.reserve(&params.name)?);
+        let mut pci = match params.trtype {
+            TrType::Pci => Some(self.claim_pci(params)?),
+            _ => None,
+        };
         let mut p = params.clone();
         let mut first: Option<BdevError> = None;
         loop {
-            match self.attach_once(&p, &mut names) {
+            match self.attach_once(&p, &mut names, &mut pci) {
                 Err(e @ (BdevError::QueueSizeRefused { .. } | BdevError::QueueSetup { .. }))
                     if p.vq_size > 16 =>
                 {
@@ -203,6 +233,28 @@ impl Registry {
                 Ok(b) => return Ok(b),
             }
         }
+    }
+
+    /// Hold the PCI function of `params` for its controller (refused when another
+    /// controller has it).
+    fn claim_pci(&self, params: &AttachParams) -> Result<PciClaim, BdevError> {
+        let addr: PciAddress = params.traddr.parse().map_err(|source| BdevError::Virtio {
+            name: params.name.clone(),
+            source,
+        })?;
+        let mut held = self.pci.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, holder)) = held.iter().find(|(a, _)| *a == addr) {
+            return Err(BdevError::PciFunctionInUse {
+                name: params.name.clone(),
+                addr: addr.to_string(),
+                holder: holder.clone(),
+            });
+        }
+        held.push((addr, params.name.clone()));
+        Ok(PciClaim {
+            set: self.pci.clone(),
+            addr,
+        })
     }
 
     fn attach_all_pci(&self, params: &AttachParams) -> Result<Vec<Arc<Bdev>>, BdevError> {
@@ -233,12 +285,31 @@ impl Registry {
                 ),
             });
         }
+        // All or nothing: a function that fails takes back the ones attached before it.
+        // A function another controller already holds is left to it.
         let mut bdevs = Vec::new();
+        let mut done: Vec<String> = Vec::new();
         for f in usable {
             let mut p = params.clone();
             p.name = format!("{}-{}", params.name, f.addr);
             p.traddr = f.addr.to_string();
-            bdevs.extend(self.attach(&p)?);
+            match self.attach(&p) {
+                Ok(b) => {
+                    bdevs.extend(b);
+                    done.push(p.name);
+                }
+                Err(BdevError::PciFunctionInUse { holder, .. }) => {
+                    tracing::info!(controller = %params.name, "traddr \"*\": {} is attached as {holder} already; left to it", f.addr);
+                }
+                Err(e) => {
+                    for name in done.iter().rev() {
+                        if let Err(d) = self.detach(name) {
+                            tracing::warn!(controller = %name, "taking back an attach of traddr \"*\": {d}");
+                        }
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(bdevs)
     }
@@ -249,6 +320,7 @@ impl Registry {
         &self,
         params: &AttachParams,
         names: &mut Option<NameOwner>,
+        pci: &mut Option<PciClaim>,
     ) -> Result<Vec<Arc<Bdev>>, BdevError> {
         let claims: NameClaims = match names {
             Some(n) => n.claims().clone(),
@@ -401,6 +473,7 @@ impl Registry {
             params: params.clone(),
             controller,
             names,
+            pci: pci.take(),
         });
         Ok(bdevs)
     }
@@ -430,19 +503,17 @@ impl Registry {
                 .position(|e| e.params.name == name)
                 .ok_or_else(|| BdevError::NotFound(name.to_string()))?;
             // Refused, and nothing touched, while channels are open: detaching would
-            // reset the device under their I/O.
-            let open = entries[pos].controller.open_channels();
-            if open > 0 {
-                return Err(BdevError::ControllerBusy {
-                    name: name.to_string(),
-                    open,
-                });
-            }
+            // reset the device under their I/O. Past this point no channel opens (a
+            // holder of a bdev that opened one between a count and the stop used to
+            // leave the controller serving I/O outside the registry).
+            entries[pos].controller.stop_opening()?;
             entries.remove(pos)
         };
-        let (params, controller) = e.leave();
-        if let Err(err) = controller.detach() {
-            // Not detached: the controller is gone from the registry only if it stopped.
+        let (params, controller, pci) = e.leave();
+        let r = controller.detach();
+        // The function is free again once its controller let go of it.
+        drop(pci);
+        if let Err(err) = r {
             tracing::warn!(controller = %params.name, "detach failed: {err}");
             return Err(err);
         }
@@ -469,11 +540,12 @@ impl Registry {
         // Released outside the registry lock, like a detach.
         let mut reaped = Vec::new();
         for e in gone {
-            let (params, controller) = e.leave();
+            let (params, controller, pci) = e.leave();
             tracing::warn!(controller = %params.name, "PCI function {} is gone: controller and its bdevs removed", params.traddr);
             if let Err(err) = controller.detach() {
                 tracing::warn!(controller = %params.name, "release after removal: {err}");
             }
+            drop(pci);
             reaped.push(params.name);
         }
         reaped
@@ -561,5 +633,44 @@ fn wrong_type_hint(e: BdevError, params: &AttachParams) -> BdevError {
         asked,
         other,
         traddr: params.traddr.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PackedRing;
+
+    fn pci(name: &str, traddr: &str) -> AttachParams {
+        AttachParams {
+            name: name.into(),
+            trtype: TrType::Pci,
+            traddr: traddr.into(),
+            dev_type: DevType::Blk,
+            vq_count: 1,
+            vq_size: 128,
+            io_timeout: None,
+            reconnect_timeout: None,
+            packed_ring: PackedRing::default(),
+            wwpn: None,
+        }
+    }
+
+    /// A PCI function is held by one controller at a time, whatever the spelling of its
+    /// address, and free again once that claim goes (an RPC attach of a function already
+    /// attached used to open it again, which under uio_pci_generic resets it).
+    #[test]
+    fn a_pci_function_is_held_by_one_controller_at_a_time() {
+        let reg = Registry::new(DmaMemory::new(vireo_virtio::DmaConfig::default()).unwrap());
+        let a = reg.claim_pci(&pci("A", "0000:00:04.0")).unwrap();
+        let e = reg.claim_pci(&pci("B", "0000:00:04.0")).err().unwrap();
+        assert!(
+            matches!(&e, BdevError::PciFunctionInUse { holder, .. } if holder == "A"),
+            "{e}"
+        );
+        assert_eq!(e.kind(), crate::ErrorKind::AlreadyExists);
+        let _c = reg.claim_pci(&pci("C", "0000:00:05.0")).unwrap();
+        drop(a);
+        assert!(reg.claim_pci(&pci("B", "0000:00:04.0")).is_ok());
     }
 }

@@ -159,7 +159,11 @@ impl BlkBdevDriver {
         let q = self.0.queues.take_for(&self.0.name)?;
         BlkChannel::new(self.0.clone(), q).map_err(|e| BdevError::Io {
             name: self.0.name.clone(),
-            what: "allocate request slots".into(),
+            what: if matches!(e, IoError::Removed(_)) {
+                "open a channel".into()
+            } else {
+                "allocate request slots".into()
+            },
             source: e,
         })
     }
@@ -483,6 +487,12 @@ impl BlkController {
     /// I/O channels open on the controller.
     pub fn channels_open(&self) -> u64 {
         self.shared.queues.open_channels()
+    }
+
+    /// From now on no channel opens (the first step of a detach); refused, and nothing
+    /// changed, while channels are open.
+    pub fn stop_opening(&self) -> Result<(), BdevError> {
+        self.shared.queues.check_idle(&self.shared.name)
     }
 
     /// Channels currently open on this controller.

@@ -48,10 +48,21 @@ impl BlkChannel {
         let index = ring.index();
         // The ring's generation and the flag to watch, read together (a ring of an
         // earlier connection gets a raised flag and is swapped for its new one).
+        if !shared.queues.opened() {
+            shared.queues.give(ring);
+            return Err(IoError::Removed(format!(
+                "controller {} is being detached",
+                shared.name
+            )));
+        }
         let (generation, flag) = shared.link.bind(&ring, &shared.health);
-        let rq = RequestQueue::new(&shared.mem, ring, flag)
-            .map_err(|e| IoError::NoMemory(e.to_string()))?;
-        shared.queues.opened();
+        let rq = match RequestQueue::new(&shared.mem, ring, flag) {
+            Ok(rq) => rq,
+            Err(e) => {
+                shared.queues.closed();
+                return Err(IoError::NoMemory(e.to_string()));
+            }
+        };
         Ok(BlkChannel {
             q: BlkQueue {
                 rq,

@@ -637,6 +637,15 @@ impl<H: Borrow<RefCell<ThreadQueue>>> ScsiChannel<H> {
     }
 }
 
+/// No channel opens on a controller that is being detached.
+fn being_detached(shared: &ScsiShared, bdev: &str) -> BdevError {
+    BdevError::Io {
+        name: bdev.to_string(),
+        what: "open a channel".into(),
+        source: IoError::Removed(format!("controller {} is being detached", shared.name)),
+    }
+}
+
 /// Open a channel on `ctx`'s LUN for the calling thread.
 pub(super) fn open_channel(
     shared: &Arc<ScsiShared>,
@@ -647,9 +656,11 @@ pub(super) fn open_channel(
     if shared.health.is_failed() {
         return Err(BdevError::Failed(shared.name.clone()));
     }
-    let tq = thread_queue(shared, bdev)?;
+    if !shared.queues.opened() {
+        return Err(being_detached(shared, bdev));
+    }
+    let tq = thread_queue(shared, bdev).inspect_err(|_| shared.queues.closed())?;
     let id = tq.borrow_mut().q.register(ctx.clone());
-    shared.queues.opened();
     Ok(Box::new(ScsiChannel { tq, id }))
 }
 
@@ -663,9 +674,11 @@ pub(super) fn open_exclusive_channel(
     if shared.health.is_failed() {
         return Err(BdevError::Failed(shared.name.clone()));
     }
-    let mut tq = new_thread_queue(shared, bdev)?;
+    if !shared.queues.opened() {
+        return Err(being_detached(shared, bdev));
+    }
+    let mut tq = new_thread_queue(shared, bdev).inspect_err(|_| shared.queues.closed())?;
     let id = tq.q.register(ctx.clone());
-    shared.queues.opened();
     Ok(Box::new(ScsiChannel {
         tq: RefCell::new(tq),
         id,

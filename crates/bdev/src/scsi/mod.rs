@@ -275,6 +275,12 @@ impl ScsiController {
         self.shared.queues.open_channels()
     }
 
+    /// From now on no channel opens (the first step of a detach); refused, and nothing
+    /// changed, while channels are open.
+    pub fn stop_opening(&self) -> Result<(), BdevError> {
+        self.shared.queues.check_idle(&self.shared.name)
+    }
+
     /// Stop the device. Fails while channels are open.
     pub fn detach(mut self) -> Result<(), BdevError> {
         self.shared.queues.check_idle(&self.shared.name)?;
