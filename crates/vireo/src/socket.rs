@@ -2,8 +2,8 @@
 //! bound only when nobody listens there, private to the owner, removed on the way out.
 //! A leaf: it names no other module of the binary.
 
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
@@ -35,13 +35,45 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
-    let l =
-        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
-    // Whoever connects controls every controller: the owner only, whatever the umask.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot make {} private (mode 0600)", path.display()))?;
-    Ok(l)
+    // Whoever connects controls every controller: the owner only, whatever the umask,
+    // from the first moment. The socket is bound in a directory of mode 0700 beside
+    // `path`, made 0600 there, then renamed into place (a socket bound at `path` itself
+    // would accept connections before its mode is changed).
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let private = dir.join(format!(
+        ".vireo-bind-{}-{}",
+        std::process::id(),
+        BINDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(|| {
+            format!(
+                "cannot listen on {}: cannot create a private directory beside it",
+                path.display()
+            )
+        })?;
+    let tmp = private.join("s");
+    let bound = (|| -> Result<UnixListener> {
+        let l = UnixListener::bind(&tmp)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot make {} private (mode 0600)", path.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&private);
+    bound
 }
+
+/// Private directories made by [`bind`] in this process (their names are unique).
+static BINDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Removes the socket file on drop.
 pub struct SocketFile(pub PathBuf);

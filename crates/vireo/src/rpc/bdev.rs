@@ -353,6 +353,21 @@ mod tests {
         assert_eq!(v["error"]["message"], "No such device");
         let v = call(&r, json!({"id":3,"method":"save_config"}));
         assert_eq!(v["error"]["code"], INVALID_REQUEST);
+        assert_eq!(
+            v["id"], 3,
+            "an invalid request with a readable id gets it back"
+        );
+        let v = call(&r, json!({"jsonrpc":"2.0","id":7,"method":"x","foo":1}));
+        assert_eq!(
+            (v["error"]["code"].clone(), v["id"].clone()),
+            (json!(INVALID_REQUEST), json!(7))
+        );
+        let v = call(&r, json!({"jsonrpc":"2.0","id":[1],"method":"x"}));
+        assert_eq!(
+            v["id"],
+            Value::Null,
+            "an id of the wrong type is not echoed"
+        );
         let v = call(&r, json!([1]));
         assert_eq!(v["error"]["code"], INVALID_REQUEST);
         let v = call(
@@ -367,6 +382,28 @@ mod tests {
         );
         assert_eq!(v["error"]["code"], -19);
         assert!(handle_request(&r, &json!({"jsonrpc":"2.0","method":"save_config"})).is_none());
+    }
+
+    /// A batch past MAX_BATCH gets one error, not a reply per element (a 1 MiB batch
+    /// of zeros made about 800 MB of replies).
+    #[test]
+    fn a_huge_batch_gets_one_small_error() {
+        let r = reg();
+        let batch = format!("[{}0]\n", "0,".repeat(200_000));
+        let mut out = Vec::new();
+        crate::rpc::serve_stream(&r, batch.as_bytes(), &mut out);
+        assert!(out.len() < 4096, "{} bytes of replies", out.len());
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["error"]["code"], INVALID_REQUEST);
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 128"));
+        // A batch within the limit is answered element by element.
+        let mut out = Vec::new();
+        crate::rpc::serve_stream(&r, b"[0,0]\n".as_slice(), &mut out);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v.as_array().map(Vec::len), Some(2));
     }
 
     #[test]

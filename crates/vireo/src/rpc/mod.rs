@@ -244,9 +244,16 @@ pub fn handle_request(methods: &Methods, req: &Value) -> Option<Value> {
         Ok(v) => json!({"jsonrpc": "2.0", "id": id, "result": v}),
         Err(e) => json!({"jsonrpc": "2.0", "id": id, "error": e.to_json()}),
     };
+    // An invalid request is answered with its id when the id itself is readable, so a
+    // client with several requests out can tell which one failed.
+    let readable_id = req
+        .get("id")
+        .filter(|v| matches!(v, Value::Null | Value::String(_) | Value::Number(_)))
+        .cloned()
+        .unwrap_or(Value::Null);
     let invalid = |msg: &str| {
         Some(reply(
-            &Value::Null,
+            &readable_id,
             Err(RpcError::new(
                 INVALID_REQUEST,
                 format!("Invalid request: {msg}"),
@@ -288,6 +295,8 @@ pub fn handle_request(methods: &Methods, req: &Value) -> Option<Value> {
 
 /// Largest request (or batch) a client may send.
 pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
+/// Requests in one batch.
+pub const MAX_BATCH: usize = 128;
 /// Clients served at once; more are turned away.
 pub const MAX_CLIENTS: usize = 64;
 /// A client that sends nothing for this long is dropped.
@@ -297,6 +306,9 @@ pub const CLIENT_IDLE: Duration = Duration::from_secs(60);
 struct Limited<R> {
     inner: R,
     used: std::rc::Rc<std::cell::Cell<u64>>,
+    /// When the request being read began: it must be whole within [`CLIENT_IDLE`] (a
+    /// client that sends a byte now and then cannot hold a client slot for ever).
+    began: Option<std::time::Instant>,
 }
 
 impl<R: std::io::Read> std::io::Read for Limited<R> {
@@ -305,8 +317,20 @@ impl<R: std::io::Read> std::io::Read for Limited<R> {
         if used >= MAX_REQUEST_BYTES {
             return Err(std::io::Error::other("request too large"));
         }
+        if used == 0 {
+            self.began = None;
+        }
+        if self.began.is_some_and(|t| t.elapsed() > CLIENT_IDLE) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request not whole in time",
+            ));
+        }
         let room = (MAX_REQUEST_BYTES - used).min(buf.len() as u64) as usize;
         let n = self.inner.read(&mut buf[..room])?;
+        if n > 0 && self.began.is_none() {
+            self.began = Some(std::time::Instant::now());
+        }
         self.used.set(used + n as u64);
         Ok(n)
     }
@@ -341,6 +365,7 @@ pub fn serve_stream(methods: &Methods, input: impl std::io::Read, out: &mut impl
     let reader = BufReader::new(Limited {
         inner: input,
         used: used.clone(),
+        began: None,
     });
     let mut send = |v: &Value| -> bool {
         let mut s = v.to_string();
@@ -364,6 +389,13 @@ pub fn serve_stream(methods: &Methods, input: impl std::io::Read, out: &mut impl
             }
         }
         let resp = match item {
+            Ok(Value::Array(batch)) if batch.len() > MAX_BATCH => {
+                // Each element could make a reply far larger than itself.
+                Some(json!({"jsonrpc": "2.0", "id": null,
+                    "error": RpcError::new(INVALID_REQUEST, format!(
+                        "Invalid request: a batch of {} requests (at most {MAX_BATCH})",
+                        batch.len())).to_json()}))
+            }
             Ok(Value::Array(batch)) if !batch.is_empty() => {
                 let r: Vec<Value> = batch
                     .iter()
