@@ -197,8 +197,25 @@ pub struct UblkTarget {
     /// `cpus[q % cpus.len()]`, as SPDK spreads its ublk queues over the mask's cores.
     cpus: Vec<usize>,
     disks: Mutex<BTreeMap<u32, Disk>>,
+    /// Ids of devices being started or recovered: the device table is not held across
+    /// their waits (the driver's, up to seconds), so that listing, stopping and saving
+    /// the configuration answer meanwhile.
+    starting: Mutex<std::collections::BTreeSet<u32>>,
     reg: Arc<Registry>,
     watcher_stop: Arc<AtomicBool>,
+}
+
+/// Device `id` reserved while it starts (see `UblkTarget::starting`).
+struct Starting<'a>(&'a UblkTarget, u32);
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
 }
 
 /// The target of `vireo serve`, created and destroyed by RPCs.
@@ -273,6 +290,7 @@ impl UblkTarget {
             cpumask,
             cpus,
             disks: Mutex::new(BTreeMap::new()),
+            starting: Mutex::new(std::collections::BTreeSet::new()),
             reg,
             watcher_stop: Arc::new(AtomicBool::new(false)),
         });
@@ -355,11 +373,7 @@ impl UblkTarget {
                  queue needs its own: num_queues must be at most {vqs}"
             )));
         }
-        let mut disks = self.disks();
-        self.not_shut_down()?;
-        if disks.contains_key(&id) {
-            return Err(UblkError::DiskExists(id));
-        }
+        let _starting = self.reserve(id)?;
         let params = params_of(&b)?;
         let info = DevInfo {
             nr_hw_queues: num_queues,
@@ -387,18 +401,42 @@ impl UblkTarget {
             return Err(cleanup(e));
         }
         tracing::info!("ublk: bdev {} is /dev/ublkb{id}", b.name());
-        disks.insert(id, disk);
+        self.install(disk)?;
         Ok(id)
+    }
+
+    /// Reserve device `id` for a start or a recovery (refused once the target shuts
+    /// down, or when the id is in use or being started).
+    fn reserve(&self, id: u32) -> Result<Starting<'_>, UblkError> {
+        let disks = self.disks();
+        self.not_shut_down()?;
+        let mut starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+        if disks.contains_key(&id) || !starting.insert(id) {
+            return Err(UblkError::DiskExists(id));
+        }
+        Ok(Starting(self, id))
+    }
+
+    /// A started device joins the table, unless the target shut down meanwhile (then
+    /// it is stopped: nothing else would stop it).
+    fn install(&self, disk: Disk) -> Result<(), UblkError> {
+        let mut disks = self.disks();
+        if let Err(e) = self.not_shut_down() {
+            drop(disks);
+            let id = disk.id;
+            if let Err(e2) = self.remove(disk) {
+                tracing::warn!("ublk: stopping device {id} started during the shutdown: {e2}");
+            }
+            return Err(e);
+        }
+        disks.insert(disk.id, disk);
+        Ok(())
     }
 
     /// `ublk_recover_disk`: take back device `id`, whose server died, serving `bdev`.
     pub fn recover_disk(&self, bdev: &str, id: u32) -> Result<u32, UblkError> {
         let b = self.lookup(bdev)?;
-        let mut disks = self.disks();
-        self.not_shut_down()?;
-        if disks.contains_key(&id) {
-            return Err(UblkError::DiskExists(id));
-        }
+        let _starting = self.reserve(id)?;
         // The driver quiesces the device once it has seen the old server go.
         let deadline = Instant::now() + Duration::from_secs(10);
         let info = loop {
@@ -438,7 +476,7 @@ impl UblkTarget {
             return Err(e);
         }
         tracing::info!("ublk: recovered /dev/ublkb{id} on bdev {}", b.name());
-        disks.insert(id, disk);
+        self.install(disk)?;
         Ok(id)
     }
 
@@ -543,8 +581,9 @@ impl UblkTarget {
     }
 
     /// Refuse a new device once `shutdown` began (it sets the flag before it takes the
-    /// device table; callers check under that table's lock): a device started on a
-    /// target that `ublk_destroy_target` took away would run with nothing to stop it.
+    /// device table; `reserve` and `install` check under that table's lock): a device
+    /// started on a target that `ublk_destroy_target` took away would run with nothing
+    /// to stop it.
     fn not_shut_down(&self) -> Result<(), UblkError> {
         if self.watcher_stop.load(Ordering::Acquire) {
             return Err(UblkError::NoTarget);
