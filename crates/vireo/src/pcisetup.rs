@@ -206,6 +206,17 @@ fn write_sysfs(path: &Path, value: &str) -> Result<()> {
         .with_context(|| format!("cannot write {value:?} to {}", path.display()))
 }
 
+/// The kernel driver other than vfio-pci and uio_pci_generic that has the function in
+/// `dir`, if any: `unbind` gives back only what vireo setup bound (a function a kernel
+/// driver has, a guest's virtio-blk root disk say, is left alone whatever `all`
+/// matched).
+fn kernel_owner(dir: &Path) -> Option<String> {
+    match current_driver(dir) {
+        Some(d) if d != "vfio-pci" && d != "uio_pci_generic" => Some(d),
+        _ => None,
+    }
+}
+
 fn current_driver(dir: &Path) -> Option<String> {
     std::fs::read_link(dir.join("driver"))
         .ok()?
@@ -233,6 +244,13 @@ fn rebind(addr: PciAddress, driver: Option<&str>, force: bool) -> Result<String>
         bail!("{addr} is not a virtio function; vireo setup only binds virtio functions");
     }
     let dir = f.sysfs_dir();
+    if driver.is_none() {
+        if let Some(other) = kernel_owner(&dir) {
+            return Ok(format!(
+                "{addr}: bound to {other}, left alone (unbind gives back functions bound to vfio-pci or uio_pci_generic)"
+            ));
+        }
+    }
     if let Some(d) = driver {
         if current_driver(&dir).as_deref() == Some(d) {
             return Ok(format!("{addr}: already bound to {d}"));
@@ -323,6 +341,29 @@ pub fn cmd_setup(a: SetupArgs) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `unbind` never takes a function from a kernel driver (it used to write the
+    /// kernel driver's unbind file: `vireo setup unbind all` in a guest pulled its
+    /// virtio-blk root disk); functions with vireo's drivers, or none, are given back.
+    #[test]
+    fn unbind_gives_back_only_what_vireo_setup_bound() {
+        let root = tempfile::tempdir().unwrap();
+        let dev = root.path().join("0000:00:04.0");
+        std::fs::create_dir_all(&dev).unwrap();
+        assert_eq!(kernel_owner(&dev), None, "unbound");
+        for (driver, owner) in [
+            ("virtio-pci", Some("virtio-pci")),
+            ("nvme", Some("nvme")),
+            ("vfio-pci", None),
+            ("uio_pci_generic", None),
+        ] {
+            let d = root.path().join("drivers").join(driver);
+            std::fs::create_dir_all(&d).unwrap();
+            let _ = std::fs::remove_file(dev.join("driver"));
+            std::os::unix::fs::symlink(&d, dev.join("driver")).unwrap();
+            assert_eq!(kernel_owner(&dev).as_deref(), owner, "{driver}");
+        }
+    }
 
     #[test]
     fn partitions_count_as_uses_of_their_disk() {
