@@ -895,16 +895,12 @@ impl Monitor {
     }
 
     fn run(self) {
+        let mut released = false;
         while !self.stop.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(50));
-            if self.gone.load(Ordering::Acquire) {
-                // (Also raised by the SIGBUS guard of a vanished BAR.)
-                self.broken.store(true, Ordering::Release);
-                continue;
-            }
-            if self.resetting.load(Ordering::Acquire) {
-                continue;
-            }
+            // The kernel's request for the device back (hot-unplug, unbind) is answered
+            // whatever state the device is in: the unbinding thread waits until the
+            // device is released, and asks again only every 10 s.
             let requested = self
                 .vfio
                 .lock()
@@ -912,6 +908,26 @@ impl Monitor {
                 .as_ref()
                 .and_then(|d| d.request.as_ref())
                 .is_some_and(|e| e.read().is_ok());
+            let gone = self.gone.load(Ordering::Acquire);
+            if requested && (gone || self.resetting.load(Ordering::Acquire)) {
+                tracing::error!(transport = %self.name, "the kernel asks for the device back (hot-unplug or unbind); failing its I/O");
+                self.quiesce();
+                self.gone.store(true, Ordering::Release);
+                self.broken.store(true, Ordering::Release);
+                if !released {
+                    released = true;
+                    self.release();
+                }
+                continue;
+            }
+            if gone {
+                // (Also raised by the SIGBUS guard of a vanished BAR.)
+                self.broken.store(true, Ordering::Release);
+                continue;
+            }
+            if self.resetting.load(Ordering::Acquire) {
+                continue;
+            }
             let why = if requested {
                 Some("the kernel asks for the device back (hot-unplug or unbind)".to_string())
             } else {
@@ -939,7 +955,8 @@ impl Monitor {
                 self.quiesce();
                 self.gone.store(true, Ordering::Release);
                 self.broken.store(true, Ordering::Release);
-                if requested {
+                if requested && !released {
+                    released = true;
                     self.release();
                 }
             }
