@@ -12,6 +12,9 @@ use vireo_virtio::ForeignBuf;
 
 use crate::error::{errno_of_io, invalid, Fail, Res};
 
+/// The longest `blkioq_do_io` sleeps on the completion eventfd before it looks again.
+const NAP: Duration = Duration::from_millis(10);
+
 /// `BLKIO_REQ_FUA`.
 pub const REQ_FUA: u32 = 1 << 0;
 /// `BLKIO_REQ_NO_UNMAP`.
@@ -390,7 +393,10 @@ impl Queue {
             }
             match self.ch.arm() {
                 Armed::Ready => {}
-                Armed::Fd(fd) => self.sleep_on(fd, left, wait)?,
+                // At most NAP at a time, whatever the caller's timeout: a back-end that
+                // hangs up, or a request whose deadline passes, signals nothing, and
+                // the next arm is what notices.
+                Armed::Fd(fd) => self.sleep_on(fd, Some(left.map_or(NAP, |l| l.min(NAP))), wait)?,
                 Armed::NoFd => std::thread::sleep(Duration::from_micros(20)),
             }
             self.reap();
@@ -435,8 +441,13 @@ impl Queue {
     /// Ask the device to signal the completion fd when something completes; signal it
     /// now if something already did.
     fn arm_for_caller(&mut self) {
-        if let Armed::Ready = self.ch.arm() {
-            self.signal_caller();
+        match self.ch.arm() {
+            Armed::Ready => self.signal_caller(),
+            // No signal can be asked for (the connection failed, a request failed
+            // before reaching the device): a caller blocked on the fd must still come
+            // back for what is outstanding.
+            Armed::NoFd if self.ch.in_flight() > 0 => self.signal_caller(),
+            _ => {}
         }
     }
 

@@ -4,6 +4,7 @@
 
 use std::ffi::CString;
 use std::ptr::null_mut;
+use std::time::Duration;
 
 use vireo_target::{
     spawn_blk_target, spawn_scsi_target, Backing, BlkTargetConfig, LunConfig, ScsiTargetConfig,
@@ -706,4 +707,70 @@ fn a_region_allocated_before_start_survives_the_start() {
     assert!(buf[65536..65536 + 4096].iter().all(|&x| x == 0x5a));
     drop(b);
     t.stop();
+}
+
+/// `blkioq_do_io` without a timeout returns when the back-end hangs up with a request
+/// in flight (it slept on the completion eventfd for ever: nothing signals it when the
+/// connection goes), and the completion fd of an event-driven caller becomes readable
+/// then too (arming found no fd to ask for and signalled nothing).
+#[test]
+fn a_back_end_that_hangs_up_wakes_do_io_and_the_completion_fd() {
+    for fd_mode in [false, true] {
+        let (_dir, sock, t) = blk_target(16 << 20);
+        let b = B::create("virtio-blk-vhost-user", &sock);
+        b.connect();
+        b.start();
+        // SAFETY: live instance.
+        let q = unsafe { blkio_get_queue(b.0, 0) } as usize;
+        // The read is taken and never completed: the connection drops with it in flight.
+        t.faults().disconnect_after(0);
+        let mut buf = vec![0u8; 4096];
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = buf.as_mut_ptr() as usize;
+        std::thread::spawn(move || {
+            let q = q as *mut blkioq;
+            // SAFETY: the queue lives until the test drops the instance, after this
+            // thread answered; `buf` lives as long.
+            unsafe { blkioq_read(q, 0, p as *mut c_void, 4096, null_mut(), 0) };
+            let mut c = [blkio_completion {
+                user_data: null_mut(),
+                error_msg: std::ptr::null(),
+                ret: 0,
+                reserved_: [0; 12],
+            }];
+            let r = if fd_mode {
+                // SAFETY: live queue.
+                let fd = unsafe { blkioq_get_completion_fd(q) };
+                // SAFETY: live queue; arms the fd for the read.
+                unsafe { blkioq_do_io(q, c.as_mut_ptr(), 0, 1, null_mut()) };
+                let mut v = 0u64;
+                // SAFETY: a blocking read of 8 bytes from the completion eventfd: it
+                // must be signalled.
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                let ready = unsafe { libc::poll(&mut pfd, 1, 20_000) };
+                assert_eq!(ready, 1, "the completion fd was never signalled");
+                // SAFETY: as above.
+                unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+                // SAFETY: live queue.
+                unsafe { blkioq_do_io(q, c.as_mut_ptr(), 1, 1, null_mut()) }
+            } else {
+                // SAFETY: live queue; no timeout.
+                unsafe { blkioq_do_io(q, c.as_mut_ptr(), 1, 1, null_mut()) }
+            };
+            let _ = tx.send((r, c[0].ret));
+        });
+        let (r, ret) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("fd_mode {fd_mode}: do_io never returned"));
+        assert_eq!(r, 1, "fd_mode {fd_mode}");
+        assert!(ret < 0, "fd_mode {fd_mode}: the read failed ({ret})");
+        drop(b);
+        drop(buf);
+        t.stop();
+    }
 }
