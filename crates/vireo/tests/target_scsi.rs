@@ -870,3 +870,53 @@ fn a_command_with_several_data_segments_moves_all_its_data() {
     assert!(c.buf.unwrap().as_slice() == &data[..]);
     assert!(t.stats().max_data_bytes >= len as u64, "{:?}", t.stats());
 }
+
+/// Two LUN channels of one thread share one request queue and its eventfd. B reaps and
+/// disarms while A is still armed: the ring's interrupts stay on and its signal is left
+/// for A, whose completion B's poll put in A's outbox (B's disarm used to turn
+/// interrupts off and consume the signal, and A slept on its fd for ever).
+#[test]
+fn a_sibling_channel_disarming_leaves_the_shared_queue_armed_for_the_other() {
+    let mut luns = BTreeMap::new();
+    luns.insert((0, 0), ram_lun(8));
+    luns.insert((0, 1), ram_lun(8));
+    let (t, _d) = target(ScsiTargetConfig {
+        luns,
+        ..Default::default()
+    });
+    let reg = std::sync::Arc::new(registry());
+    let _bdevs = attach(&reg, &t, 1);
+    let mut a = reg.bdev("St0").unwrap().open_channel().unwrap();
+    let mut b = reg.bdev("St0l1").unwrap().open_channel().unwrap();
+    t.faults().set_completion_delay(Duration::from_millis(200));
+    a.submit(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 1))
+        .unwrap();
+    b.submit(IoRequest::read(0, 1, IoBuf::Heap(vec![0; 512]), 2))
+        .unwrap();
+    let vireo_bdev::Armed::Fd(fd) = a.arm() else {
+        panic!("A: no fd to sleep on");
+    };
+    assert!(matches!(b.arm(), vireo_bdev::Armed::Fd(_)));
+    // B takes its completion (and A's, into A's outbox) and is done.
+    let mut got = Vec::new();
+    let until = Instant::now() + Duration::from_secs(10);
+    while got.is_empty() && Instant::now() < until {
+        b.poll(&mut got);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(got.len(), 1, "B's read completed");
+    // A, asleep on its fd, is woken.
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let r = unsafe { libc::poll(&mut p, 1, 2000) };
+    assert_eq!(r, 1, "A's completion fd was not signalled");
+    let mut out = Vec::new();
+    a.poll(&mut out);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].result.is_ok());
+    t.faults().set_completion_delay(Duration::ZERO);
+}

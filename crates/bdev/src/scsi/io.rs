@@ -15,6 +15,8 @@ struct ChanState {
     /// The channel was dropped with commands still on the device: its id is not reused
     /// (their late completions must not reach another channel) until they are back.
     closed: bool,
+    /// The channel asked for the queue's completion signal (its owner may sleep on it).
+    armed: bool,
 }
 
 /// A virtio-scsi request queue, the commands it holds and the channels they are for.
@@ -41,6 +43,10 @@ struct ScsiRequests {
     retry: Vec<u16>,
     /// The queue's index on the device.
     index: u16,
+    /// Channels armed on the queue: its interrupts stay on, and its signal unconsumed,
+    /// while any is (channels of one thread share the ring and its eventfd; one that
+    /// disarmed used to turn interrupts off under a sibling asleep on the fd).
+    armed: u32,
 }
 
 /// One request queue of a virtio-scsi controller, used by every LUN channel of one
@@ -78,12 +84,27 @@ impl ScsiRequests {
         Some((chan, c))
     }
 
+    /// Channel `chan` no longer waits on the queue's signal; the last one to go turns
+    /// interrupts off.
+    fn unarm(&mut self, chan: u32) {
+        if let Some(Some(st)) = self.chans.get_mut(chan as usize) {
+            if st.armed {
+                st.armed = false;
+                self.armed -= 1;
+                if self.armed == 0 {
+                    self.sq.rq.disarm();
+                }
+            }
+        }
+    }
+
     fn register(&mut self, ctx: Arc<LunCtx>) -> u32 {
         let st = ChanState {
             ctx,
             outbox: Vec::new(),
             in_flight: 0,
             closed: false,
+            armed: false,
         };
         if let Some(i) = self.chans.iter().position(Option::is_none) {
             self.chans[i] = Some(st);
@@ -724,11 +745,19 @@ impl<H: Borrow<RefCell<ThreadQueue>>> ChannelDriver for ScsiChannel<H> {
         let waiting =
             matches!(tq.q.chans.get(self.id as usize), Some(Some(st)) if !st.outbox.is_empty());
         let armed = tq.q.sq.rq.arm()?;
+        let q = &mut tq.q;
+        if let Some(Some(st)) = q.chans.get_mut(self.id as usize) {
+            if !st.armed {
+                st.armed = true;
+                q.armed += 1;
+            }
+        }
         Some((armed.0, armed.1 || waiting))
     }
 
     fn disarm(&mut self) {
-        self.tq().borrow_mut().q.sq.rq.disarm();
+        let mut tq = self.tq().borrow_mut();
+        tq.q.unarm(self.id);
     }
 
     fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
@@ -740,6 +769,7 @@ impl<H: Borrow<RefCell<ThreadQueue>>> Drop for ScsiChannel<H> {
     fn drop(&mut self) {
         let mut tq = self.tq().borrow_mut();
         tq.q.shared.queues.closed();
+        tq.q.unarm(self.id);
         let failed = tq.life.is_failed();
         if let Some(entry) = tq.q.chans.get_mut(self.id as usize) {
             match entry.as_mut() {
@@ -811,6 +841,7 @@ fn new_thread_queue(shared: &Arc<ScsiShared>, bdev: &str) -> Result<ThreadQueue,
             completed: Vec::with_capacity(n),
             retry: Vec::new(),
             index,
+            armed: 0,
         },
         life: QueueLife::new(index, generation),
     })
