@@ -301,6 +301,9 @@ struct Loop {
     next_tick: Instant,
     /// Requests taken (read and dispatched): progress of a pass.
     taken: u64,
+    /// Completion eventfds registered with the poll, and how many channels use each
+    /// (channels of LUNs of one scsi controller share their queue's).
+    fd_users: std::collections::HashMap<std::os::fd::RawFd, usize>,
 }
 
 impl Loop {
@@ -318,6 +321,7 @@ impl Loop {
             bufs: BufCache::default(),
             generation,
             next_tick: Instant::now(),
+            fd_users: std::collections::HashMap::new(),
             taken: 0,
         }
     }
@@ -427,16 +431,14 @@ impl Loop {
                 Armed::Ready => return Some(Duration::ZERO),
                 Armed::Fd(fd) => {
                     if c.fd != Some(fd) {
-                        if let Some(old) = c.fd.take() {
-                            let _ = self.poll.registry().deregister(&mut SourceFd(&old));
+                        let old = c.fd.take();
+                        if let Some(old) = old {
+                            self.unwatch_fd(old);
                         }
-                        if self
-                            .poll
-                            .registry()
-                            .register(&mut SourceFd(&fd), chan_token(k), Interest::READABLE)
-                            .is_ok()
-                        {
-                            c.fd = Some(fd);
+                        if self.watch_fd(fd, k) {
+                            if let Some(c) = self.chans.get_mut(k) {
+                                c.fd = Some(fd);
+                            }
                         } else {
                             nap = true;
                         }
@@ -874,6 +876,37 @@ impl Loop {
         }
     }
 
+    /// Wake this loop when completion eventfd `fd` (of channel `k`) is signalled; one
+    /// registration serves every channel sharing the fd (a second one fails: the loop
+    /// then napped 50 µs at a time instead of sleeping). False when it cannot.
+    fn watch_fd(&mut self, fd: std::os::fd::RawFd, k: usize) -> bool {
+        if let Some(n) = self.fd_users.get_mut(&fd) {
+            *n += 1;
+            return true;
+        }
+        if self
+            .poll
+            .registry()
+            .register(&mut SourceFd(&fd), chan_token(k), Interest::READABLE)
+            .is_err()
+        {
+            return false;
+        }
+        self.fd_users.insert(fd, 1);
+        true
+    }
+
+    /// A channel no longer uses `fd`: the last one takes it off the poll.
+    fn unwatch_fd(&mut self, fd: std::os::fd::RawFd) {
+        if let Some(n) = self.fd_users.get_mut(&fd) {
+            *n -= 1;
+            if *n == 0 {
+                self.fd_users.remove(&fd);
+                let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            }
+        }
+    }
+
     /// Reap every channel; queue the replies.
     fn reap_completions(&mut self) -> bool {
         let mut any = false;
@@ -1179,7 +1212,7 @@ impl Loop {
             // controller can be detached).
             if let Some(chan) = self.chans.remove(c.chan) {
                 if let Some(fd) = chan.fd {
-                    let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+                    self.unwatch_fd(fd);
                 }
                 drop(chan);
             }
