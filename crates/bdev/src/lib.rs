@@ -38,3 +38,29 @@ pub use io::{Completion, IoBuf, IoOp, IoRequest, Rejected};
 pub use registry::{Controller, Registry};
 pub use scsi::{ScsiController, ScsiParams};
 pub use stats::IoStats;
+
+/// The device configuration field tables the drivers read by (virtio-pci reads each
+/// field at its own width) tile their structures: in order, no gap, no overlap, each
+/// field naturally aligned, to the structure's length.
+#[cfg(test)]
+mod config_field_tables {
+    fn check(fields: &[(u32, u8)], len: usize) {
+        let mut at = 0u32;
+        for &(off, w) in fields {
+            assert_eq!(off, at, "field at {off}: a gap or an overlap");
+            assert!(matches!(w, 1 | 2 | 4 | 8), "width {w}");
+            assert_eq!(off % (w.min(4) as u32), 0, "field at {off} misaligned");
+            at = off + w as u32;
+        }
+        assert_eq!(at as usize, len);
+    }
+
+    #[test]
+    fn blk_and_scsi_tables_tile_their_structures() {
+        check(crate::blk::CONFIG_FIELDS, crate::blk::CONFIG_LEN);
+        check(
+            crate::scsi::wire::CONFIG_FIELDS,
+            crate::scsi::wire::CONFIG_LEN,
+        );
+    }
+}

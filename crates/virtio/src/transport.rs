@@ -40,6 +40,18 @@ pub trait Transport: Send {
     /// Read `buf.len()` bytes of the device-specific configuration at `offset`.
     fn read_config(&mut self, offset: u32, buf: &mut [u8]) -> Result<()>;
 
+    /// Read the device-specific configuration structure from its start into `buf`,
+    /// field by field: `fields` are its fields as (offset, width in bytes: 1, 2, 4 or 8),
+    /// in order, within `buf`. Where the transport reads registers (virtio-pci) each
+    /// field is read at its own width (virtio 1.2 4.1.3.1; a 64-bit field as two 32-bit
+    /// reads) under one configuration generation, and fields past the end of the
+    /// device's structure read as zero (a device may expose only the fields of the
+    /// features it has). Elsewhere, one read of the whole structure.
+    fn read_config_fields(&mut self, fields: &[(u32, u8)], buf: &mut [u8]) -> Result<()> {
+        let _ = fields;
+        self.read_config(0, buf)
+    }
+
     /// Hand queue `index` with `layout` to the device; returns its doorbell.
     fn setup_queue(&mut self, index: u16, layout: &RingLayout) -> Result<Notifier>;
 

@@ -25,7 +25,34 @@ use reconnect::BlkReconnect;
 const MAX_RANGE_SEGS: u32 = SLOT_RANGES as u32;
 const SECTOR: u64 = 512;
 /// Bytes of `struct virtio_blk_config` vireo reads (through `write_zeroes_may_unmap`).
-const CONFIG_LEN: usize = 60;
+pub(crate) const CONFIG_LEN: usize = 60;
+/// The fields of `struct virtio_blk_config` up to `write_zeroes_may_unmap` and its
+/// padding, as (offset, width): each is read at its own width (virtio 1.2 4.1.3.1).
+pub(crate) const CONFIG_FIELDS: &[(u32, u8)] = &[
+    (0, 8),  // capacity
+    (8, 4),  // size_max
+    (12, 4), // seg_max
+    (16, 2), // geometry.cylinders
+    (18, 1), // geometry.heads
+    (19, 1), // geometry.sectors
+    (20, 4), // blk_size
+    (24, 1), // topology.physical_block_exp
+    (25, 1), // topology.alignment_offset
+    (26, 2), // topology.min_io_size
+    (28, 4), // topology.opt_io_size
+    (32, 1), // writeback
+    (33, 1), // unused0
+    (34, 2), // num_queues
+    (36, 4), // max_discard_sectors
+    (40, 4), // max_discard_seg
+    (44, 4), // discard_sector_alignment
+    (48, 4), // max_write_zeroes_sectors
+    (52, 4), // max_write_zeroes_seg
+    (56, 1), // write_zeroes_may_unmap
+    (57, 1), // unused1
+    (58, 1),
+    (59, 1),
+];
 
 /// Parsed `struct virtio_blk_config`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -217,7 +244,9 @@ impl BlkController {
                 .map_err(|e| bad(name, e))?;
         let features = negotiate(transport.as_mut(), wanted).map_err(verr)?;
         let mut raw = [0u8; CONFIG_LEN];
-        transport.read_config(0, &mut raw).map_err(verr)?;
+        transport
+            .read_config_fields(CONFIG_FIELDS, &mut raw)
+            .map_err(verr)?;
         let cfg = BlkConfig::parse(&raw).ok_or_else(|| bad(name, "short configuration"))?;
         let has = |f: u64| features & f != 0;
 

@@ -34,7 +34,9 @@ impl ScsiController {
         let features = negotiate(transport.as_mut(), wanted).map_err(verr)?;
         let cfg = if transport.has_config() {
             let mut raw = [0u8; wire::CONFIG_LEN];
-            transport.read_config(0, &mut raw).map_err(verr)?;
+            transport
+                .read_config_fields(wire::CONFIG_FIELDS, &mut raw)
+                .map_err(verr)?;
             ScsiConfig::parse(&raw).ok_or_else(|| bad(name, "short configuration"))?
         } else {
             // No configuration space (SPDK's vhost-scsi, for one): the request queues
@@ -292,7 +294,8 @@ impl crate::reconnect::Reconnect for ScsiReconnect {
         crate::reconnect::renegotiate(t, self.wanted, self.features)?;
         if t.has_config() {
             let mut raw = [0u8; wire::CONFIG_LEN];
-            t.read_config(0, &mut raw).map_err(transient)?;
+            t.read_config_fields(wire::CONFIG_FIELDS, &mut raw)
+                .map_err(transient)?;
             let cfg = ScsiConfig::parse(&raw)
                 .ok_or_else(|| ReconnectError::Transient("short configuration".into()))?;
             let cdb = if cfg.cdb_size == 0 {

@@ -9,6 +9,20 @@ pub use vireo_virtio::wire::scsi::{MAX_SENSE, REQ_HEADER, RESP_HEADER};
 
 /// Bytes of `virtio_scsi_config` vireo reads.
 pub const CONFIG_LEN: usize = 36;
+/// The fields of `struct virtio_scsi_config` as (offset, width): each is read at its
+/// own width (virtio 1.2 4.1.3.1).
+pub const CONFIG_FIELDS: &[(u32, u8)] = &[
+    (0, 4),  // num_queues
+    (4, 4),  // seg_max
+    (8, 4),  // max_sectors
+    (12, 4), // cmd_per_lun
+    (16, 4), // event_info_size
+    (20, 4), // sense_size
+    (24, 4), // cdb_size
+    (28, 2), // max_channel
+    (30, 2), // max_target
+    (32, 4), // max_lun
+];
 
 /// virtio-scsi response codes.
 pub mod response {
