@@ -359,6 +359,10 @@ struct State {
     next_external: u32,
     /// Next free device address of [`Addressing::Linear`].
     next_iova: u64,
+    /// Device address windows (start, length) of external regions that were withdrawn,
+    /// for the next ones: a caller that maps and unmaps regions for ever stays within
+    /// the IOMMU's address width.
+    free_iova: Vec<(u64, u64)>,
     listeners: Vec<Weak<dyn RegionListener>>,
     snapshot: Arc<[DmaRegionInfo]>,
 }
@@ -416,6 +420,7 @@ impl DmaMemory {
                 external: Vec::new(),
                 next_external: EXTERNAL_INDEX_BASE,
                 next_iova,
+                free_iova: Vec::new(),
                 listeners: Vec::new(),
                 snapshot,
             }),
@@ -514,9 +519,18 @@ impl DmaMemory {
             ));
         }
         let index = st.next_external;
+        let window = round_up(len as usize, HUGE_PAGE_SIZE) as u64;
+        // A withdrawn region's window that fits (first fit), else fresh space.
+        let reuse = match self.config.addressing {
+            Addressing::Linear { .. } => st.free_iova.iter().position(|&(_, l)| l >= window),
+            _ => None,
+        };
         let iova = match self.config.addressing {
             Addressing::Virtual => Some(addr),
-            Addressing::Linear { .. } => Some(st.next_iova),
+            Addressing::Linear { .. } => Some(match reuse {
+                Some(i) => st.free_iova[i].0,
+                None => st.next_iova,
+            }),
             Addressing::Physical => None,
         };
         let infos: Vec<DmaRegionInfo> = iova
@@ -548,7 +562,17 @@ impl DmaMemory {
         let mut st = self.lock();
         st.next_external += 1;
         if let Addressing::Linear { .. } = self.config.addressing {
-            st.next_iova += round_up(len as usize, HUGE_PAGE_SIZE) as u64;
+            match reuse {
+                Some(i) => {
+                    let (start, l) = st.free_iova[i];
+                    if l > window {
+                        st.free_iova[i] = (start + window, l - window);
+                    } else {
+                        st.free_iova.remove(i);
+                    }
+                }
+                None => st.next_iova += window,
+            }
         }
         let mut snap: Vec<DmaRegionInfo> = st.snapshot.to_vec();
         snap.extend(infos.iter().copied());
@@ -576,6 +600,12 @@ impl DmaMemory {
             return false;
         };
         let gone = st.external.remove(pos);
+        if let Addressing::Linear { .. } = self.config.addressing {
+            for i in &gone.infos {
+                let window = round_up(i.len as usize, HUGE_PAGE_SIZE) as u64;
+                st.free_iova.push((i.iova, window));
+            }
+        }
         let snap: Vec<DmaRegionInfo> = st
             .snapshot
             .iter()
@@ -1216,6 +1246,43 @@ mod tests {
         assert!(regions
             .iter()
             .all(|r| r.iova >= 1 << 32 && r.iova < (1 << 32) + (8 << 20)));
+    }
+
+    /// A caller that maps and unmaps regions for ever stays within the IOMMU's address
+    /// width: a withdrawn region's window is given to the next one that fits (the
+    /// windows only grew, and past 2^39 every map failed).
+    #[test]
+    fn withdrawn_external_windows_are_reused() {
+        use std::os::fd::AsFd;
+        let mem = DmaMemory::new(DmaConfig {
+            initial_region_size: 1 << 20,
+            hugetlb: false,
+            hugetlb_fallback: false,
+            max_total_size: 8 << 20,
+            addressing: Addressing::Linear { base: 1 << 32 },
+        })
+        .unwrap();
+        let (fd, va) = caller_memory(4 << 20);
+        let iova_of = |mem: &Arc<DmaMemory>, va: u64| mem.translator().translate(va, 4096);
+        mem.add_external(va, 1 << 20, Some(fd.as_fd()), 0).unwrap();
+        let first = iova_of(&mem, va).unwrap();
+        let mut highest = first;
+        for _ in 0..600 {
+            assert!(mem.remove_external(va, 1 << 20));
+            mem.add_external(va, 1 << 20, Some(fd.as_fd()), 0).unwrap();
+            highest = highest.max(iova_of(&mem, va).unwrap());
+        }
+        assert_eq!(
+            highest, first,
+            "the window is reused, not a new one each time"
+        );
+        // A smaller region takes part of a larger withdrawn window; a larger one new space.
+        assert!(mem.remove_external(va, 1 << 20));
+        mem.add_external(va, 4096, Some(fd.as_fd()), 0).unwrap();
+        assert_eq!(iova_of(&mem, va), Some(first));
+        mem.add_external(va + (2 << 20), 2 << 20, Some(fd.as_fd()), 2 << 20)
+            .unwrap();
+        assert!(iova_of(&mem, va + (2 << 20)).unwrap() > first);
     }
 
     #[test]
