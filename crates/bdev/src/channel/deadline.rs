@@ -73,7 +73,10 @@ impl IoChannel {
 
     /// Complete I/O past its deadline with a timeout error (its buffer stays with the
     /// device), then escalate one step per further period while the device still holds
-    /// it.
+    /// it. Out of line: it runs about once a millisecond, and inlined it would grow the
+    /// completion loop it is called from.
+    #[cold]
+    #[inline(never)]
     fn check_timeouts(&mut self, now: u64, out: &mut Vec<Completion>) -> usize {
         let mut n = 0;
         let mut aborts: Vec<u32> = Vec::new();

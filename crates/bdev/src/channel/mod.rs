@@ -9,6 +9,42 @@ mod bounce;
 mod deadline;
 mod slots;
 mod split;
+/// A device request of parent `p` failed with `e` (off the I/O path): the first error
+/// is the parent's. Aborted by a reset vireo forced, or failed with the connection or
+/// the controller: the device may still be alive and using the buffers (its rings are
+/// leaked for the same reason), so they are retired when the parent completes.
+#[cold]
+#[inline(never)]
+fn child_failed(p: &mut slots::Parent, e: IoError) {
+    if matches!(
+        e,
+        IoError::Aborted(_) | IoError::Disconnected | IoError::ControllerFailed(_)
+    ) {
+        p.aborted = true;
+    }
+    if p.error.is_none() {
+        p.error = Some(e);
+    }
+}
+
+/// Mark every DMA buffer of `p` (its buffer, its in-place vectored segments, its bounce
+/// buffer) never to be reused (off the I/O path).
+#[cold]
+#[inline(never)]
+fn retire_buffers(p: &slots::Parent) {
+    if let Some(IoBuf::Dma(b)) = &p.buf {
+        b.retire();
+    }
+    for s in &p.iov {
+        if let IoBuf::Dma(b) = s {
+            b.retire();
+        }
+    }
+    if let Some(b) = &p.bounce {
+        b.retire();
+    }
+}
+
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -603,19 +639,7 @@ impl IoChannel {
             return false;
         };
         if let Err(e) = d.result {
-            let e = *e;
-            // Aborted by a reset vireo forced, or failed with the connection or the
-            // controller: the device may still be alive and using the buffers (its
-            // rings are leaked for the same reason).
-            if matches!(
-                e,
-                IoError::Aborted(_) | IoError::Disconnected | IoError::ControllerFailed(_)
-            ) {
-                p.aborted = true;
-            }
-            if p.error.is_none() {
-                p.error = Some(e);
-            }
+            child_failed(p, *e);
         }
         p.remaining -= 1;
         if p.remaining > 0 {
@@ -625,21 +649,11 @@ impl IoChannel {
         if p.deadline != 0 {
             self.timed -= 1;
         }
-        // Aborted (see above): the old back-end may still write the buffers, which are
-        // never freed or handed back.
+        // Aborted (see `child_failed`): the old back-end may still write the buffers,
+        // which are never freed or handed back.
         let aborted = p.aborted;
         if aborted {
-            if let Some(IoBuf::Dma(b)) = &p.buf {
-                b.retire();
-            }
-            for s in &p.iov {
-                if let IoBuf::Dma(b) = s {
-                    b.retire();
-                }
-            }
-            if let Some(b) = &p.bounce {
-                b.retire();
-            }
+            retire_buffers(p);
         }
         if p.timed_out {
             // The caller already got a timeout error: the device gave the request back
