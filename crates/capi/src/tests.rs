@@ -137,8 +137,8 @@ fn blk_target(
     (dir, sock, t)
 }
 
-fn exercise(b: &B, q: *mut blkioq, fd_mode: bool) {
-    let bs = b.int("request-alignment").unwrap() as usize;
+/// `blkio_alloc_mem_region` of `len` bytes on `b`, which must succeed.
+fn alloc_region(b: &B, len: usize) -> blkio_mem_region {
     let mut region = blkio_mem_region {
         addr: null_mut(),
         len: 0,
@@ -148,8 +148,14 @@ fn exercise(b: &B, q: *mut blkioq, fd_mode: bool) {
         flags: 0,
     };
     // SAFETY: live instance, writable region.
-    let r = unsafe { blkio_alloc_mem_region(b.0, &mut region, 1 << 20) };
+    let r = unsafe { blkio_alloc_mem_region(b.0, &mut region, len) };
     assert_eq!(r, 0, "{}", msg());
+    region
+}
+
+fn exercise(b: &B, q: *mut blkioq, fd_mode: bool) {
+    let bs = b.int("request-alignment").unwrap() as usize;
+    let region = alloc_region(b, 1 << 20);
     // SAFETY: as above.
     let r = unsafe { blkio_map_mem_region(b.0, &region) };
     assert_eq!(r, 0, "{}", msg());
@@ -668,17 +674,7 @@ fn a_region_allocated_before_start_survives_the_start() {
     let (_dir, sock, t) = blk_target(16 << 20);
     let b = B::create("virtio-blk-vhost-user", &sock);
     b.connect();
-    let mut region = blkio_mem_region {
-        addr: null_mut(),
-        len: 0,
-        iova: 0,
-        fd_offset: 0,
-        fd: -1,
-        flags: 0,
-    };
-    // SAFETY: live instance, writable region.
-    let r = unsafe { blkio_alloc_mem_region(b.0, &mut region, 1 << 20) };
-    assert_eq!(r, 0, "{}", msg());
+    let region = alloc_region(&b, 1 << 20);
     b.set_int("queue-size", 64);
     b.start();
     // SAFETY: as above.

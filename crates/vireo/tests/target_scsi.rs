@@ -37,6 +37,14 @@ fn attach(
         .expect("attach")
 }
 
+/// LUNs 0:0 and 0:1, 8 MiB of RAM each.
+fn two_luns() -> BTreeMap<(u8, u16), LunConfig> {
+    let mut luns = BTreeMap::new();
+    luns.insert((0, 0), ram_lun(8));
+    luns.insert((0, 1), ram_lun(8));
+    luns
+}
+
 fn pattern(len: usize, salt: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(7) ^ salt).collect()
 }
@@ -426,11 +434,8 @@ fn luns_hot_added_and_removed_while_io_runs_on_another() {
 /// landed at 8 times the offset); CAPACITY DATA HAS CHANGED updates the capacity.
 #[test]
 fn unit_attentions_alone_make_vireo_rescan_and_a_replaced_lun_a_new_bdev() {
-    let mut luns = BTreeMap::new();
-    luns.insert((0, 0), ram_lun(8));
-    luns.insert((0, 1), ram_lun(8));
     let (t, _d) = target(ScsiTargetConfig {
-        luns,
+        luns: two_luns(),
         hotplug: false,
         change: false,
         num_request_queues: 2,
@@ -623,11 +628,8 @@ fn hot_add_waits_for_a_free_queue_when_channels_hold_them_all() {
 
 #[test]
 fn a_channel_waiting_for_ring_space_freed_by_another_lun_gets_it() {
-    let mut luns = BTreeMap::new();
-    luns.insert((0, 0), ram_lun(8));
-    luns.insert((0, 1), ram_lun(8));
     let (t, _d) = target(ScsiTargetConfig {
-        luns,
+        luns: two_luns(),
         ..Default::default()
     });
     let reg = registry();
@@ -877,11 +879,8 @@ fn a_command_with_several_data_segments_moves_all_its_data() {
 /// interrupts off and consume the signal, and A slept on its fd for ever).
 #[test]
 fn a_sibling_channel_disarming_leaves_the_shared_queue_armed_for_the_other() {
-    let mut luns = BTreeMap::new();
-    luns.insert((0, 0), ram_lun(8));
-    luns.insert((0, 1), ram_lun(8));
     let (t, _d) = target(ScsiTargetConfig {
-        luns,
+        luns: two_luns(),
         ..Default::default()
     });
     let reg = std::sync::Arc::new(registry());

@@ -1123,6 +1123,19 @@ mod tests {
     }
 
     /// Caller memory: a memfd of `len` bytes mapped shared.
+    /// Memory of 8 MiB at most, addressed by IOVA windows from 4 GiB (as behind an
+    /// IOMMU), with a first region of 1 MiB.
+    fn linear_memory() -> Arc<DmaMemory> {
+        DmaMemory::new(DmaConfig {
+            initial_region_size: 1 << 20,
+            hugetlb: false,
+            hugetlb_fallback: false,
+            max_total_size: 8 << 20,
+            addressing: Addressing::Linear { base: 1 << 32 },
+        })
+        .unwrap()
+    }
+
     fn caller_memory(len: usize) -> (OwnedFd, u64) {
         let r = Region::create(len, false, 99).unwrap();
         // Keep the mapping: the region's Drop would unmap it.
@@ -1212,28 +1225,14 @@ mod tests {
             again.as_slice().iter().all(|&b| b == 0),
             "trimmed pages read as zeros"
         );
-        let linear = DmaMemory::new(DmaConfig {
-            initial_region_size: 1 << 20,
-            hugetlb: false,
-            hugetlb_fallback: false,
-            max_total_size: 8 << 20,
-            addressing: Addressing::Linear { base: 1 << 32 },
-        })
-        .unwrap();
+        let linear = linear_memory();
         drop(linear.alloc(4096, 4096).unwrap());
         assert_eq!(linear.trim(), 0);
     }
 
     #[test]
     fn linear_addressing_gives_each_region_a_window_from_the_base() {
-        let mem = DmaMemory::new(DmaConfig {
-            initial_region_size: 1 << 20,
-            hugetlb: false,
-            hugetlb_fallback: false,
-            max_total_size: 8 << 20,
-            addressing: Addressing::Linear { base: 1 << 32 },
-        })
-        .unwrap();
+        let mem = linear_memory();
         let a = mem.alloc(4096, 4096).unwrap();
         assert_eq!(a.iova(), 1 << 32);
         let b = mem.alloc(1 << 20, 4096).unwrap();
@@ -1254,14 +1253,7 @@ mod tests {
     #[test]
     fn withdrawn_external_windows_are_reused() {
         use std::os::fd::AsFd;
-        let mem = DmaMemory::new(DmaConfig {
-            initial_region_size: 1 << 20,
-            hugetlb: false,
-            hugetlb_fallback: false,
-            max_total_size: 8 << 20,
-            addressing: Addressing::Linear { base: 1 << 32 },
-        })
-        .unwrap();
+        let mem = linear_memory();
         let (fd, va) = caller_memory(4 << 20);
         let iova_of = |mem: &Arc<DmaMemory>, va: u64| mem.translator().translate(va, 4096);
         mem.add_external(va, 1 << 20, Some(fd.as_fd()), 0).unwrap();
