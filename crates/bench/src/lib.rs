@@ -335,24 +335,20 @@ pub fn report_target(label: &str, who: &str, ctrl: &str, t: &[PerIo]) {
         t.len(),
         list.join(" ")
     );
-    let mut batches: Vec<f64> = t.iter().filter_map(|p| p.per_busy_poll).collect();
-    if !batches.is_empty() {
-        let list: Vec<String> = batches.iter().map(|x| format!("{x:.1}")).collect();
+    let optional = |what: &str, unit: &str, v: fn(&PerIo) -> Option<f64>| {
+        let mut vals: Vec<f64> = t.iter().filter_map(v).collect();
+        if vals.is_empty() {
+            return;
+        }
+        let list: Vec<String> = vals.iter().map(|x| format!("{x:.1}")).collect();
         println!(
-            "  {label} target's requests per busy poll with {who}: {:.1} (median; in order: {})",
-            median(&mut batches),
+            "  {label} target's {what} with {who}: {:.1}{unit} (median; in order: {})",
+            median(&mut vals),
             list.join(" ")
         );
-    }
-    let mut shares: Vec<f64> = t.iter().filter_map(|p| p.vhost_share).collect();
-    if !shares.is_empty() {
-        let list: Vec<String> = shares.iter().map(|x| format!("{x:.1}")).collect();
-        println!(
-            "  {label} target's vhost share with {who}: {:.1}% (median; in order: {})",
-            median(&mut shares),
-            list.join(" ")
-        );
-    }
+    };
+    optional("requests per busy poll", "", |p| p.per_busy_poll);
+    optional("vhost share", "%", |p| p.vhost_share);
 }
 
 /// SPDK's counters in the middle 40% of a run of about `secs` seconds that starts now,

@@ -462,10 +462,8 @@ impl Blkio {
         vq_count: u16,
         mem: Option<Arc<DmaMemory>>,
     ) -> Result<Conn, vireo_bdev::BdevError> {
-        let mem = |verr: &dyn Fn(vireo_virtio::Error) -> vireo_bdev::BdevError| match &mem {
-            Some(m) => Ok(m.clone()),
-            None => DmaMemory::new(dma_config()).map_err(verr),
-        };
+        // The memory given, else new memory (not for PCI: its transport makes its own).
+        let memory = || mem.clone().map_or_else(|| DmaMemory::new(dma_config()), Ok);
         let name = "blkio";
         let verr = |source| vireo_bdev::BdevError::Virtio {
             name: name.into(),
@@ -482,11 +480,11 @@ impl Blkio {
             Box::new(PciTransport::open(addr, &dma).map_err(verr)?)
         } else if self.driver.vdpa() {
             // The character device, e.g. /dev/vhost-vdpa-0.
-            let mem = mem(&verr)?;
+            let mem = memory().map_err(verr)?;
             let id = if self.driver.scsi() { 8 } else { 2 };
             Box::new(VdpaTransport::open(Path::new(path), mem, id).map_err(verr)?)
         } else {
-            let mem = mem(&verr)?;
+            let mem = memory().map_err(verr)?;
             Box::new(
                 VhostUserTransport::connect_with_options(
                     Path::new(path),

@@ -43,10 +43,6 @@ struct ScsiRequests {
     retry: Vec<u16>,
     /// The queue's index on the device.
     index: u16,
-    /// Channels armed on the queue: its interrupts stay on, and its signal unconsumed,
-    /// while any is (channels of one thread share the ring and its eventfd; one that
-    /// disarmed used to turn interrupts off under a sibling asleep on the fd).
-    armed: u32,
 }
 
 /// One request queue of a virtio-scsi controller, used by every LUN channel of one
@@ -90,8 +86,10 @@ impl ScsiRequests {
         if let Some(Some(st)) = self.chans.get_mut(chan as usize) {
             if st.armed {
                 st.armed = false;
-                self.armed -= 1;
-                if self.armed == 0 {
+                // Interrupts stay on, and the signal unconsumed, while another channel
+                // of the thread is armed (they share the ring and its eventfd; one that
+                // disarmed used to turn interrupts off under a sibling asleep on the fd).
+                if !self.chans.iter().flatten().any(|c| c.armed) {
                     self.sq.rq.disarm();
                 }
             }
@@ -745,12 +743,8 @@ impl<H: Borrow<RefCell<ThreadQueue>>> ChannelDriver for ScsiChannel<H> {
         let waiting =
             matches!(tq.q.chans.get(self.id as usize), Some(Some(st)) if !st.outbox.is_empty());
         let armed = tq.q.sq.rq.arm()?;
-        let q = &mut tq.q;
-        if let Some(Some(st)) = q.chans.get_mut(self.id as usize) {
-            if !st.armed {
-                st.armed = true;
-                q.armed += 1;
-            }
+        if let Some(Some(st)) = tq.q.chans.get_mut(self.id as usize) {
+            st.armed = true;
         }
         Some((armed.0, armed.1 || waiting))
     }
@@ -841,7 +835,6 @@ fn new_thread_queue(shared: &Arc<ScsiShared>, bdev: &str) -> Result<ThreadQueue,
             completed: Vec::with_capacity(n),
             retry: Vec::new(),
             index,
-            armed: 0,
         },
         life: QueueLife::new(index, generation),
     })
