@@ -114,17 +114,18 @@ pub fn cmd_serve(dma: &DmaConfig, a: ServeArgs) -> Result<()> {
     crate::signals::install();
     let opts = a.nbd.options()?;
     // Both sockets are bound before anything serves on either: a start that fails
-    // (a socket in use) leaves neither behind.
+    // (a socket in use) leaves neither behind. The RPC socket comes last: whoever waits
+    // for it to appear finds the NBD socket there already.
+    let nbd_listener = match &a.nbd.nbd {
+        Some(l) => Some(nbd::Listener::bind(l, &opts)?),
+        None => None,
+    };
     let socket = a.socket;
     let listener = crate::socket::bind(&socket)?;
     let _guard = crate::socket::SocketFile(socket.clone());
     listener
         .set_nonblocking(true)
         .context("cannot make the RPC socket non-blocking")?;
-    let nbd_listener = match &a.nbd.nbd {
-        Some(l) => Some(nbd::Listener::bind(l, &opts)?),
-        None => None,
-    };
     let mut nbd_thread = None;
     let mut nbd_server = None;
     if let Some(l) = nbd_listener {
